@@ -9,4 +9,16 @@ from . import _core
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+# Each section re-exports one part of the package; names are part of the public API.
+
+# --- clustering core ---
+
+# --- pooling, whitening, search ---
+
+# --- backbones ---
+
+# --- descriptors ---
+
+# --- datasets and evaluation ---
+
+# --- photo benchmark ---
