@@ -21,10 +21,11 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 from PIL import Image
@@ -388,52 +389,57 @@ class Extractor:
         """Learn the PCA-whitening (and, with ``clustering_pca="dataset"``, the clustering PCA)
         from images that are NOT the ones to be searched (the paper learns it on Oxford5k to
         test on Paris6k and vice versa). Bad images are skipped with a warning."""
-        self.whitening_mean = self.whitening_projection = None
-        vectors: list[np.ndarray] = []
-        local_features: list[np.ndarray] = []
-        rng = np.random.default_rng(self.seed)
         if self.clustering_pca == "dataset":
-            # The clustering PCA first, from a sample of local features of the first images;
-            # the regional vectors depend on it, so they come in a second pass.
-            self.pca_mean = self.pca_basis = None
-            for _, fmap_rgb in self._iter_feature_maps(images[:PCA_IMAGES], progress, "clustering PCA"):
-                if fmap_rgb is not None:
-                    local = fmap_rgb[0].reshape(fmap_rgb[0].shape[0], -1).T
-                    take = rng.choice(local.shape[0], size=min(PCA_LOCATIONS_PER_IMAGE, local.shape[0]), replace=False)
-                    local_features.append(local[take])
-            if not local_features:
-                raise ValueError("fit_whitening: none of the images could be read")
-            self.pca_mean, self.pca_basis = _fit_pca(np.concatenate(local_features), self.pca_dim)
-        source = (fr for _, fr in self._iter_feature_maps(images, progress, "whitening") if fr is not None)
-        for fmap, rgb in source:
-            if self.method in REGIONAL_METHODS:
-                vectors.append(_core.l2_normalize(self.regional_vectors(fmap, rgb)))
-            else:
-                vectors.append(_core.l2_normalize(self.pooled_vector(fmap))[None, :])
+            # The clustering PCA first, from the first images; the regional vectors depend on
+            # it, so they come in a second pass.
+            self.fit_clustering_pca(self._iter_feature_maps(images[:PCA_IMAGES], progress, "clustering PCA"))
+        return self.fit_whitening_from_maps(self._iter_feature_maps(images, progress, "whitening"))
+
+    def fit_clustering_pca(self, maps: Iterable[tuple[np.ndarray, np.ndarray]]) -> "Extractor":
+        """Learn the dataset PCA of the clustering step from (feature map, rgb) pairs."""
+        rng = np.random.default_rng(self.seed)
+        local_features = []
+        for fmap, _ in maps:
+            local = fmap.reshape(fmap.shape[0], -1).T
+            take = rng.choice(local.shape[0], size=min(PCA_LOCATIONS_PER_IMAGE, local.shape[0]), replace=False)
+            local_features.append(np.asarray(local[np.sort(take)], dtype=np.float32))
+        if not local_features:
+            raise ValueError("fit_clustering_pca: no feature maps (none of the images could be read)")
+        self.pca_mean, self.pca_basis = _fit_pca(np.concatenate(local_features), self.pca_dim)
+        return self
+
+    def fit_whitening_from_maps(self, maps: Iterable[tuple[np.ndarray, np.ndarray]]) -> "Extractor":
+        """Learn the PCA-whitening from (feature map, rgb) pairs of a separate image set:
+        on regional vectors for R-MAC/ClusterMAC, on global vectors for the others."""
+        self.whitening_mean = self.whitening_projection = None
+        vectors = [self.training_vectors(fmap, rgb) for fmap, rgb in maps]
         if not vectors:
-            raise ValueError("fit_whitening: none of the images could be read")
+            raise ValueError("fit_whitening: no feature maps (none of the images could be read)")
         stacked = np.ascontiguousarray(np.concatenate(vectors), dtype=np.float32)
         stacked = stacked[np.linalg.norm(stacked, axis=1) > 0]  # empty regions carry nothing
         dim = self.whitening_dim or min(stacked.shape[1], stacked.shape[0] - 1)
         if dim < 1:
-            raise ValueError(f"fit_whitening: need at least 2 training vectors, got {stacked.shape[0]}")
-        self.whitening_mean, self.whitening_projection = _core.fit_pca_whitening(
-            stacked, dim, self.whitening_shrinkage
-        )
+            raise ValueError(f"fit_whitening: need at least 2 non-zero training vectors, got {stacked.shape[0]}")
+        self.whitening_mean, self.whitening_projection = _core.fit_pca_whitening(stacked, dim, self.whitening_shrinkage)
         return self
 
-    def _iter_feature_maps(self, images, progress, description):
-        bar = _progress(len(images), description, progress)
-        for i, image in enumerate(images):
-            try:
-                result = self.feature_map(self.prepare(image))
-            except (ValueError, OSError) as error:
-                import warnings
+    def training_vectors(self, fmap: np.ndarray, rgb: Optional[np.ndarray]) -> np.ndarray:
+        """The l2-normalised vectors of one image that whitening is learned on."""
+        fmap = np.ascontiguousarray(fmap, dtype=np.float32)
+        if self.method in REGIONAL_METHODS:
+            return _core.l2_normalize(self.regional_vectors(fmap, rgb))
+        return _core.l2_normalize(self.pooled_vector(fmap))[None, :]
 
+    def _iter_feature_maps(self, images: Sequence[ImageInput], progress: bool, description: str):
+        """(feature map, rgb) of each readable image; unreadable ones are skipped with a warning."""
+        bar = _progress(len(images), description, progress)
+        for image in images:
+            try:
+                yield self.feature_map(self.prepare(image))
+            except (ValueError, OSError) as error:
                 warnings.warn(f"skipping {_name_of(image)}: {error}")
-                result = None
-            bar.update(1)
-            yield i, result
+            finally:
+                bar.update(1)
         bar.close()
 
     def save_whitening(self, path: Union[str, os.PathLike]) -> None:

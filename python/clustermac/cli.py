@@ -1,0 +1,267 @@
+"""The `clustermac` command line.
+
+    clustermac demo                      the main job: a small real-photo benchmark, end to end
+    clustermac extract DIR --out F.npy   descriptors of a folder (resumable, skips bad files)
+    clustermac fit-whitening DIR --out W.npz
+    clustermac index F.npy --out INDEX   a searchable index from extracted descriptors
+    clustermac search IMAGE --index INDEX [--box x1 y1 x2 y2] [--html page.html]
+    clustermac evaluate --dataset oxford5k --data-root DIR ...
+    clustermac show-clusters IMAGE --out clusters.png
+    clustermac export vgg16 --out vgg16.onnx [--weights FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .descriptors import CROP_MODES, METHODS
+
+
+def _add_backbone_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backbone", default="default",
+                   help="'default' (embedded EfficientNet-Lite0) or a preset name (vgg16, vgg16-caffe, resnet101, "
+                        "resnet101-caffe, efficientnet-lite0) together with --onnx, or a path to an .onnx file")
+    p.add_argument("--onnx", help="ONNX file of the backbone (made by `clustermac export`)")
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads (default: all cores)")
+    p.add_argument("--max-size", type=int, default=None, help="longest image side (default 1024; never upsampled)")
+
+
+def _add_method_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", default="clustermac", choices=METHODS)
+    p.add_argument("--crop", default="image", choices=CROP_MODES,
+                   help="query mode: 'image' = crop I (crop, then extract), 'activations' = crop X")
+    p.add_argument("--pca-dim", type=int, default=None, help="C of the clustering PCA (default: 4 for 512-d maps, 7 otherwise)")
+    p.add_argument("--whitening", help="whitening file (.npz) from `clustermac fit-whitening`")
+
+
+def _backbone(args: argparse.Namespace):
+    from .backbone import Backbone, default_backbone
+
+    spec = args.backbone
+    if spec in ("default", "efficientnet-lite0") and not args.onnx:
+        return default_backbone(n_threads=args.threads)
+    if spec.endswith(".onnx"):
+        return Backbone(spec, preset=None, n_threads=args.threads)
+    if not args.onnx:
+        raise SystemExit(f"clustermac: --backbone {spec} needs --onnx FILE (write one with `clustermac export {spec.split('-')[0]} --out FILE`)")
+    return Backbone(args.onnx, preset=spec, n_threads=args.threads)
+
+
+def _extractor(args: argparse.Namespace, backbone=None):
+    from .descriptors import Extractor
+
+    ex = Extractor(backbone or _backbone(args), args.method, crop=getattr(args, "crop", "image"),
+                   max_size=args.max_size, pca_dim=getattr(args, "pca_dim", None))
+    if getattr(args, "whitening", None):
+        ex.load_whitening(args.whitening)
+    return ex
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    from .descriptor_store import extract_folder
+
+    manifest = extract_folder(_extractor(args), args.folder, args.out, progress=not args.quiet)
+    print(f"{len(manifest['images'])} descriptors of dimension {manifest['settings']['dim']} written to {args.out}")
+    for name, reason in manifest["failed"].items():
+        print(f"skipped {name}: {reason}", file=sys.stderr)
+    return 0
+
+
+def cmd_fit_whitening(args: argparse.Namespace) -> int:
+    from .descriptor_store import list_images
+
+    ex = _extractor(args)
+    names = [str(Path(args.folder) / n) for n in list_images(args.folder)]
+    if not names:
+        raise SystemExit(f"clustermac: no images in {args.folder}")
+    ex.fit_whitening(names, progress=not args.quiet)
+    ex.save_whitening(args.out)
+    print(f"whitening {ex.whitening_projection.shape[1]} → {ex.whitening_projection.shape[0]} learned on {len(names)} images, saved to {args.out}")
+    return 0
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    from .descriptor_store import load_descriptors
+    from .index import Index
+
+    vectors, manifest = load_descriptors(args.descriptors)
+    index = Index(vectors.shape[1])
+    index.add(vectors, manifest["images"])
+    index.save(args.out, metadata={"settings": manifest["settings"], "image_root": str(Path(args.image_root).resolve()) if args.image_root else None})
+    print(f"index of {len(index)} images written to {args.out}")
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from .descriptors import Extractor
+    from .index import Index
+
+    index = Index.load(args.index)
+    settings = index.metadata.get("settings", {})
+    if not args.method_given and settings.get("method"):
+        args.method = settings["method"]
+    ex = _extractor(args)
+    if settings and settings.get("whitened") and not ex.is_whitened:
+        raise SystemExit("clustermac: the index was built from whitened descriptors: pass the same --whitening file")
+    query = ex.extract(args.query, box=args.box)
+    scores, indices = index.search(query[None, :], k=args.k)
+    results = [(index.names[i], float(s)) for i, s in zip(indices[0], scores[0]) if i >= 0]
+    for rank, (name, score) in enumerate(results, 1):
+        print(f"{rank:4d}  {score:.4f}  {name}")
+    if args.html:
+        from .report import write_search_page
+
+        write_search_page(args.html, args.query, args.box, results, index.metadata.get("image_root"))
+        print(f"wrote {args.html}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .datasets import load_dataset, read_distractor_list
+    from .descriptor_store import list_images
+    from .pipeline import MethodSpec, evaluate_methods
+    from .report import format_table
+
+    dataset = load_dataset(args.data_root, name=args.dataset)
+    if args.distractors:
+        names = read_distractor_list(args.distractors)
+        dataset = dataset.with_distractors(names, Path(args.distractors_root or Path(args.distractors).parent))
+    if args.whitening_root:
+        whitening = [str(Path(args.whitening_root) / n) for n in list_images(args.whitening_root)]
+    else:
+        raise SystemExit("clustermac: --whitening-root DIR is needed: whitening is learned on a different image set "
+                         "(the paper learns it on Paris6k to test on Oxford5k and vice versa)")
+    methods = [MethodSpec(m, m) for m in args.methods]
+    result = evaluate_methods(dataset, _backbone(args), whitening, methods, crops=args.crops, query_expansion=args.qe,
+                              rerank=args.rerank, max_size=args.max_size, progress=not args.quiet)
+    columns = ["mAP"] + (["Easy", "Medium", "Hard"] if dataset.has_revisited else [])
+    print(format_table(["Method", *columns], [[r["label"], *(f"{r[c]:.1f}" for c in columns)] for r in result["rows"]]))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    import numpy as np
+
+    np.savez(out / "ranks.npz", **{k.replace(" ", "_").replace(",", ""): v for k, v in result["ranks"].items()})
+    (out / "results.json").write_text(json.dumps({"dataset": dataset.name, "rows": result["rows"], "timings": result["timings"]}, indent=1))
+    print(f"wrote {out / 'results.json'} and {out / 'ranks.npz'}")
+    return 0
+
+
+def cmd_show_clusters(args: argparse.Namespace) -> int:
+    from .figures import cluster_figure_for_file
+
+    ex = _extractor(args)
+    cluster_figure_for_file(ex, args.image, n_clusters=args.clusters, out_png=args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_backbone
+
+    export_backbone(args.arch, args.out, weights=args.weights, convention=args.convention)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(args.out, seed=args.seed, quick=args.quick, threads=args.threads)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="clustermac", description="Particular-object image retrieval with ClusterMAC.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="build a small real-photo benchmark and compare MAC, R-MAC and ClusterMAC on it")
+    p.add_argument("--out", default="clustermac-demo", help="output folder (benchmark, report.html, results.json)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="an even smaller benchmark (for smoke tests)")
+    p.add_argument("--threads", type=int, default=None)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("extract", help="descriptors of every image in a folder")
+    p.add_argument("folder")
+    p.add_argument("--out", required=True, help="output .npy (a .json manifest is written beside it)")
+    p.add_argument("--quiet", action="store_true")
+    _add_backbone_options(p)
+    _add_method_options(p)
+    p.set_defaults(func=cmd_extract)
+
+    p = sub.add_parser("fit-whitening", help="learn PCA-whitening on a folder of images (not the ones you search)")
+    p.add_argument("folder")
+    p.add_argument("--out", required=True)
+    p.add_argument("--quiet", action="store_true")
+    _add_backbone_options(p)
+    _add_method_options(p)
+    p.set_defaults(func=cmd_fit_whitening)
+
+    p = sub.add_parser("index", help="build a search index from `clustermac extract` output")
+    p.add_argument("descriptors", help="the .npy written by `clustermac extract`")
+    p.add_argument("--out", required=True)
+    p.add_argument("--image-root", help="folder the image names are relative to (for thumbnails in --html)")
+    p.set_defaults(func=cmd_index)
+
+    p = sub.add_parser("search", help="rank the indexed images for a query image")
+    p.add_argument("query")
+    p.add_argument("--index", required=True)
+    p.add_argument("--box", type=float, nargs=4, metavar=("X1", "Y1", "X2", "Y2"))
+    p.add_argument("-k", type=int, default=20)
+    p.add_argument("--html", help="write a page of thumbnails")
+    _add_backbone_options(p)
+    _add_method_options(p)
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("evaluate", help="mAP on Oxford5k / Paris6k (classic or revisited) or a folder in that layout")
+    p.add_argument("--dataset", default=None, help="oxford5k, paris6k, roxford5k, rparis6k, or a custom name")
+    p.add_argument("--data-root", required=True, help="the dataset folder (ground truth + jpg/)")
+    p.add_argument("--whitening-root", help="folder of images to learn whitening on (e.g. the other dataset)")
+    p.add_argument("--methods", nargs="+", default=None, choices=METHODS, help="default: --method")
+    p.add_argument("--crops", nargs="+", default=None, choices=CROP_MODES, help="default: --crop")
+    p.add_argument("--qe", action="store_true", help="also report average query expansion (top 5)")
+    p.add_argument("--rerank", action="store_true", help="also report AML re-ranking + QE (R-MAC, ClusterMAC)")
+    p.add_argument("--distractors", help="list of distractor image names (Flickr100k / R1M)")
+    p.add_argument("--distractors-root", help="folder of the distractor images (default: the list's folder)")
+    p.add_argument("--out", default="clustermac-eval")
+    p.add_argument("--quiet", action="store_true")
+    _add_backbone_options(p)
+    _add_method_options(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("show-clusters", help="the paper's Fig. 7 for one image")
+    p.add_argument("image")
+    p.add_argument("--out", required=True, help="output PNG")
+    p.add_argument("--clusters", type=int, default=10)
+    _add_backbone_options(p)
+    _add_method_options(p)
+    p.set_defaults(func=cmd_show_clusters)
+
+    p = sub.add_parser("export", help="write a VGG16 / ResNet101 feature-map ONNX file (needs torch)")
+    p.add_argument("arch", choices=("vgg16", "resnet101"))
+    p.add_argument("--out", required=True)
+    p.add_argument("--weights", help="state dict: torchvision ImageNet, Caffe-converted, or retrievalSfM120k")
+    p.add_argument("--convention", default="torchvision", choices=("torchvision", "caffe"))
+    p.set_defaults(func=cmd_export)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "command", None) == "search":
+        args.method_given = "--method" in (argv if argv is not None else sys.argv)
+    if getattr(args, "command", None) == "evaluate":
+        args.methods = args.methods or [args.method]
+        args.crops = args.crops or [args.crop]
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, OSError, RuntimeError) as error:
+        print(f"clustermac: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""The evaluation pipeline behind `clustermac evaluate`, `clustermac demo` and
+`benchmarks/retrieval.py`: one pass of the backbone over a dataset, then every method on the
+same feature maps.
+
+Feature maps are kept in memory as float16 (and the resized RGB as uint8) so that comparing
+six methods costs one backbone pass, not six.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from . import _core
+from .backbone import Backbone
+from .datasets import RetrievalDataset
+from .descriptors import Extractor, _progress
+from .evaluate import compute_map, revisited_map
+
+FeatureMaps = list  # list of (float16 D×H×W, uint8 H×W×3) or None for an unreadable image
+
+
+@dataclass
+class MethodSpec:
+    """A method to evaluate: a label, the Extractor method name and its keyword settings."""
+
+    label: str
+    method: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+DEFAULT_METHODS = (
+    MethodSpec("MAC", "mac"),
+    MethodSpec("SPoC", "spoc"),
+    MethodSpec("GeM", "gem"),
+    MethodSpec("CroW", "crow"),
+    MethodSpec("R-MAC", "rmac"),
+    MethodSpec("ClusterMAC", "clustermac"),
+)
+
+
+def compute_feature_maps(
+    extractor: Extractor,
+    images: Sequence[str],
+    boxes: Optional[Sequence[Optional[Sequence[float]]]] = None,
+    progress: bool = True,
+    description: str = "features",
+) -> FeatureMaps:
+    """Backbone feature maps of many images, kept compactly (float16 maps, uint8 RGB)."""
+    boxes = list(boxes) if boxes is not None else [None] * len(images)
+    bar = _progress(len(images), description, progress)
+    out: FeatureMaps = []
+    for image, box in zip(images, boxes):
+        try:
+            fmap, rgb = extractor.feature_map(extractor.prepare(image, box))
+            out.append((fmap.astype(np.float16), np.clip(rgb, 0, 255).astype(np.uint8)))
+        except (ValueError, OSError) as error:
+            if bar is not None and hasattr(bar, "write"):
+                bar.write(f"skipped {image}: {error}")
+            out.append(None)
+        bar.update(1)
+    bar.close()
+    return out
+
+
+def descriptors_from_maps(extractor: Extractor, maps: FeatureMaps, progress: bool = False, description: str = "pool") -> np.ndarray:
+    """One descriptor per feature map (a zero row for an unreadable image)."""
+    out = np.zeros((len(maps), extractor.dim), dtype=np.float32)
+    bar = _progress(len(maps), description, progress)
+    for i, item in enumerate(maps):
+        if item is not None:
+            out[i] = extractor.descriptor_from_feature_map(item[0], item[1])
+        bar.update(1)
+    bar.close()
+    return out
+
+
+def full_ranks(database: np.ndarray, queries: np.ndarray, k: Optional[int] = None) -> np.ndarray:
+    """Database indices ranked by cosine similarity, one column per query (the layout of
+    `compute_map`): n_database × n_queries, or the top k rows."""
+    k = database.shape[0] if k is None else min(k, database.shape[0])
+    _, indices = _core.topk_search(np.ascontiguousarray(database), np.ascontiguousarray(queries), k)
+    return np.ascontiguousarray(indices.T)
+
+
+def average_query_expansion(database: np.ndarray, queries: np.ndarray, ranks: np.ndarray, k: int = 5) -> np.ndarray:
+    """Average QE (Chum et al. 2007, as used by Tolias et al.): the query plus its top k
+    database vectors, l2-normalised."""
+    from .query_expansion import average_query_expansion as aqe
+
+    return aqe(queries, database, ranks.T, k=k)
+
+
+def score_ranks(dataset: RetrievalDataset, ranks: np.ndarray) -> dict[str, float]:
+    """mAP in the dataset's protocol(s), in percent: classic always, Easy/Medium/Hard when the
+    ground truth has the revisited split."""
+    result = {"mAP": 100.0 * compute_map(ranks, dataset.classic_gnd())[0]}
+    if dataset.has_revisited:
+        rev = revisited_map(ranks, dataset.revisited_gnd())
+        result.update({name.capitalize(): 100.0 * rev[name]["map"] for name in ("easy", "medium", "hard")})
+    return result
+
+
+def evaluate_methods(
+    dataset: RetrievalDataset,
+    backbone: Backbone,
+    whitening_images: Sequence[str],
+    methods: Sequence[MethodSpec] = DEFAULT_METHODS,
+    crops: Sequence[str] = ("image",),
+    query_expansion: bool = True,
+    qe_k: int = 5,
+    rerank: bool = False,
+    rerank_top: int = 1000,
+    max_size: Optional[int] = None,
+    progress: bool = True,
+    extractor_params: Optional[dict[str, Any]] = None,
+) -> dict[str, Any]:
+    """Evaluate every method on ``dataset`` with whitening learned on ``whitening_images``.
+
+    Returns ``{"rows": [...], "ranks": {row_label: ranks}, "timings": {...}}``; each row holds
+    method, crop, qe, rerank and the scores of :func:`score_ranks`.
+    """
+    extractor_params = dict(extractor_params or {})
+    base = Extractor(backbone, "mac", max_size=max_size, **extractor_params)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    database_maps = compute_feature_maps(base, [str(dataset.image_path(i)) for i in range(len(dataset.images))], progress=progress, description="database")
+    whitening_maps = compute_feature_maps(base, [str(p) for p in whitening_images], progress=progress, description="whitening set")
+    query_maps = {}
+    for crop in crops:
+        ex = Extractor(backbone, "mac", crop=crop, max_size=max_size, **extractor_params)
+        query_maps[crop] = compute_feature_maps(
+            ex, [str(dataset.query_path(i)) for i in range(len(dataset.queries))], dataset.query_boxes, progress=progress, description=f"queries (crop {crop})"
+        )
+    timings["backbone_s"] = time.perf_counter() - t0
+
+    rows: list[dict[str, Any]] = []
+    all_ranks: dict[str, np.ndarray] = {}
+    for spec in methods:
+        t1 = time.perf_counter()
+        params = {**extractor_params, **spec.params}
+        extractor = Extractor(backbone, spec.method, max_size=max_size, **params)
+        usable_whitening = [m for m in whitening_maps if m is not None]
+        if extractor.clustering_pca == "dataset":
+            extractor.fit_clustering_pca(usable_whitening[:100])
+        extractor.fit_whitening_from_maps(usable_whitening)
+        database = descriptors_from_maps(extractor, database_maps, progress, f"{spec.label}: database")
+        for crop in crops:
+            queries = descriptors_from_maps(extractor, query_maps[crop], False)
+            ranks = full_ranks(database, queries)
+            variants = [(False, ranks)]
+            if query_expansion:
+                expanded = average_query_expansion(database, queries, ranks, qe_k)
+                variants.append((True, full_ranks(database, expanded)))
+            if rerank and spec.method in ("rmac", "clustermac"):
+                variants.append(("R+QE", _rerank_then_qe(extractor, database, database_maps, queries, query_maps[crop], ranks, rerank_top, qe_k)))
+            for qe, r in variants:
+                label = f"{spec.label}, crop {'I' if crop == 'image' else 'X'}" + ("" if qe is False else (" + QE" if qe is True else " + R + QE"))
+                rows.append({"label": label, "method": spec.label, "crop": crop, "qe": qe is not False, "rerank": qe == "R+QE", **score_ranks(dataset, r)})
+                all_ranks[label] = r
+        timings[f"{spec.label}_s"] = time.perf_counter() - t1
+    return {"rows": rows, "ranks": all_ranks, "timings": timings}
+
+
+def _rerank_then_qe(extractor, database, database_maps, queries, query_maps, ranks, top, qe_k):
+    """AML re-ranking of the top ``top`` items, then average QE on the re-ranked list."""
+    from .rerank import aml_rerank
+
+    descriptor_in_box = extractor.region_crop_fn()
+    out = ranks.copy()
+    for q in range(queries.shape[0]):
+        if query_maps[q] is None:
+            continue
+        query_mac = _core.l2_normalize(_core.region_mac(np.ascontiguousarray(query_maps[q][0], dtype=np.float32), np.zeros(query_maps[q][0].shape[1:], dtype=np.int32))[0])
+        top_items = ranks[: min(top, ranks.shape[0]), q]
+        maps = [None if database_maps[i] is None else database_maps[i][0] for i in top_items]
+        reordered = aml_rerank(queries[q], query_mac, top_items, maps, descriptor_in_box)
+        out[: len(reordered), q] = reordered
+    expanded = average_query_expansion(database, queries, out, qe_k)
+    new = full_ranks(database, expanded)
+    return new
