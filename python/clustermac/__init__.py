@@ -20,5 +20,7 @@ __version__ = "0.1.0"
 # --- descriptors ---
 
 # --- datasets and evaluation ---
+from . import datasets, evaluate
+from .evaluate import average_precision, compute_map, revisited_map
 
 # --- photo benchmark ---
