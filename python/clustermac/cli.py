@@ -122,7 +122,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .datasets import load_dataset, read_distractor_list
     from .descriptor_store import list_images
-    from .pipeline import MethodSpec, evaluate_methods
+    from .pipeline import MethodSpec, dataset_feature_maps, evaluate_methods
     from .report import format_table
 
     dataset = load_dataset(args.data_root, name=args.dataset)
@@ -134,9 +134,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     else:
         raise SystemExit("clustermac: --whitening-root DIR is needed: whitening is learned on a different image set "
                          "(the paper learns it on Paris6k to test on Oxford5k and vice versa)")
-    methods = [MethodSpec(m, m) for m in args.methods]
-    result = evaluate_methods(dataset, _backbone(args), whitening, methods, crops=args.crops, query_expansion=args.qe,
-                              rerank=args.rerank, max_size=args.max_size, progress=not args.quiet)
+    methods = [MethodSpec(m, m, {"pca_dim": args.pca_dim} if m == "clustermac" and args.pca_dim else {}) for m in args.methods]
+    backbone = _backbone(args)
+    maps = dataset_feature_maps(dataset, backbone, whitening, crops=args.crops, max_size=args.max_size, progress=not args.quiet)
+    result = evaluate_methods(dataset, backbone, maps, methods, query_expansion=args.qe, rerank=args.rerank,
+                              max_size=args.max_size, progress=not args.quiet)
     columns = ["mAP"] + (["Easy", "Medium", "Hard"] if dataset.has_revisited else [])
     print(format_table(["Method", *columns], [[r["label"], *(f"{r[c]:.1f}" for c in columns)] for r in result["rows"]]))
     out = Path(args.out)

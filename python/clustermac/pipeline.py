@@ -103,64 +103,88 @@ def score_ranks(dataset: RetrievalDataset, ranks: np.ndarray) -> dict[str, float
     return result
 
 
-def evaluate_methods(
+@dataclass
+class DatasetFeatureMaps:
+    """Backbone output for a whole evaluation: database, whitening set, queries per crop mode."""
+
+    database: FeatureMaps
+    whitening: FeatureMaps
+    queries: dict[str, FeatureMaps]
+    seconds: float
+
+
+def dataset_feature_maps(
     dataset: RetrievalDataset,
     backbone: Backbone,
     whitening_images: Sequence[str],
-    methods: Sequence[MethodSpec] = DEFAULT_METHODS,
     crops: Sequence[str] = ("image",),
+    max_size: Optional[int] = None,
+    progress: bool = True,
+) -> DatasetFeatureMaps:
+    """One backbone pass over the database, the whitening images and the queries (once per
+    crop mode: crop I runs the network on the cropped query)."""
+    started = time.perf_counter()
+    base = Extractor(backbone, "mac", max_size=max_size)
+    database = compute_feature_maps(base, [str(dataset.image_path(i)) for i in range(len(dataset.images))], progress=progress, description="database")
+    whitening = [m for m in compute_feature_maps(base, [str(p) for p in whitening_images], progress=progress, description="whitening set") if m is not None]
+    if not whitening:
+        raise ValueError("none of the whitening images could be read")
+    queries = {}
+    for crop in crops:
+        ex = Extractor(backbone, "mac", crop=crop, max_size=max_size)
+        paths = [str(dataset.query_path(i)) for i in range(len(dataset.queries))]
+        queries[crop] = compute_feature_maps(ex, paths, dataset.query_boxes, progress=progress, description=f"queries (crop {crop})")
+    return DatasetFeatureMaps(database, whitening, queries, time.perf_counter() - started)
+
+
+def fitted_extractor(backbone: Backbone, spec: MethodSpec, maps: DatasetFeatureMaps, max_size: Optional[int] = None) -> Extractor:
+    """An Extractor for ``spec`` with its whitening (and dataset PCA, if asked) learned on the
+    whitening set's feature maps."""
+    extractor = Extractor(backbone, spec.method, max_size=max_size, **spec.params)
+    if extractor.clustering_pca == "dataset":
+        extractor.fit_clustering_pca(maps.whitening[:100])
+    return extractor.fit_whitening_from_maps(maps.whitening)
+
+
+def evaluate_methods(
+    dataset: RetrievalDataset,
+    backbone: Backbone,
+    maps: DatasetFeatureMaps,
+    methods: Sequence[MethodSpec] = DEFAULT_METHODS,
     query_expansion: bool = True,
     qe_k: int = 5,
     rerank: bool = False,
     rerank_top: int = 1000,
     max_size: Optional[int] = None,
     progress: bool = True,
-    extractor_params: Optional[dict[str, Any]] = None,
 ) -> dict[str, Any]:
-    """Evaluate every method on ``dataset`` with whitening learned on ``whitening_images``.
+    """Evaluate every method on ``dataset`` from feature maps computed once.
 
     Returns ``{"rows": [...], "ranks": {row_label: ranks}, "timings": {...}}``; each row holds
     method, crop, qe, rerank and the scores of :func:`score_ranks`.
     """
-    extractor_params = dict(extractor_params or {})
-    base = Extractor(backbone, "mac", max_size=max_size, **extractor_params)
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-    database_maps = compute_feature_maps(base, [str(dataset.image_path(i)) for i in range(len(dataset.images))], progress=progress, description="database")
-    whitening_maps = compute_feature_maps(base, [str(p) for p in whitening_images], progress=progress, description="whitening set")
-    query_maps = {}
-    for crop in crops:
-        ex = Extractor(backbone, "mac", crop=crop, max_size=max_size, **extractor_params)
-        query_maps[crop] = compute_feature_maps(
-            ex, [str(dataset.query_path(i)) for i in range(len(dataset.queries))], dataset.query_boxes, progress=progress, description=f"queries (crop {crop})"
-        )
-    timings["backbone_s"] = time.perf_counter() - t0
-
+    timings: dict[str, float] = {"backbone_s": maps.seconds}
     rows: list[dict[str, Any]] = []
     all_ranks: dict[str, np.ndarray] = {}
     for spec in methods:
-        t1 = time.perf_counter()
-        params = {**extractor_params, **spec.params}
-        extractor = Extractor(backbone, spec.method, max_size=max_size, **params)
-        usable_whitening = [m for m in whitening_maps if m is not None]
-        if extractor.clustering_pca == "dataset":
-            extractor.fit_clustering_pca(usable_whitening[:100])
-        extractor.fit_whitening_from_maps(usable_whitening)
-        database = descriptors_from_maps(extractor, database_maps, progress, f"{spec.label}: database")
-        for crop in crops:
-            queries = descriptors_from_maps(extractor, query_maps[crop], False)
+        started = time.perf_counter()
+        extractor = fitted_extractor(backbone, spec, maps, max_size)
+        database = descriptors_from_maps(extractor, maps.database, progress, f"{spec.label}: database")
+        for crop, query_maps in maps.queries.items():
+            queries = descriptors_from_maps(extractor, query_maps)
             ranks = full_ranks(database, queries)
-            variants = [(False, ranks)]
+            variants = [("", ranks)]
             if query_expansion:
-                expanded = average_query_expansion(database, queries, ranks, qe_k)
-                variants.append((True, full_ranks(database, expanded)))
+                variants.append((" + QE", full_ranks(database, average_query_expansion(database, queries, ranks, qe_k))))
             if rerank and spec.method in ("rmac", "clustermac"):
-                variants.append(("R+QE", _rerank_then_qe(extractor, database, database_maps, queries, query_maps[crop], ranks, rerank_top, qe_k)))
-            for qe, r in variants:
-                label = f"{spec.label}, crop {'I' if crop == 'image' else 'X'}" + ("" if qe is False else (" + QE" if qe is True else " + R + QE"))
-                rows.append({"label": label, "method": spec.label, "crop": crop, "qe": qe is not False, "rerank": qe == "R+QE", **score_ranks(dataset, r)})
+                reranked = _rerank_then_qe(extractor, database, maps.database, queries, query_maps, ranks, rerank_top, qe_k)
+                variants.append((" + R + QE", reranked))
+            for suffix, r in variants:
+                label = f"{spec.label}, crop {'I' if crop == 'image' else 'X'}{suffix}"
+                rows.append({"label": label, "method": spec.label, "crop": crop, "qe": "QE" in suffix,
+                             "rerank": "R" in suffix.replace("QE", ""), **score_ranks(dataset, r)})
                 all_ranks[label] = r
-        timings[f"{spec.label}_s"] = time.perf_counter() - t1
+        timings[f"{spec.label}_s"] = time.perf_counter() - started
     return {"rows": rows, "ranks": all_ranks, "timings": timings}
 
 
