@@ -12,6 +12,14 @@ __version__ = "0.1.0"
 # Each section re-exports one part of the package; names are part of the public API.
 
 # --- clustering core ---
+from ._core import (  # noqa: E402
+    affinity,
+    cluster_feature_map,
+    cluster_feature_maps,
+    ncut,
+    ncut_embedding,
+    pca_project,
+)
 
 # --- pooling, whitening, search ---
 

@@ -1,0 +1,163 @@
+// Largest eigenpairs of a symmetric operator given only as a block product V -> A V.
+//
+// Used for the Normalized-Cut embedding (paper Sec. 3.2, Shi & Malik 2000) and for the
+// per-image PCA (Sec. 3.1). The method is a restarted block Krylov iteration with
+// Rayleigh-Ritz: each cycle builds the basis [X, A X, A^2 X, ...] of `blocks_per_cycle`
+// blocks from the current Ritz block X, orthonormalised in full, and restarts from the
+// best Ritz vectors. Why blocks: the NCut operator is a dense N x N matrix that does
+// not fit in cache, so a product with a block of b vectors costs little more memory
+// traffic than a product with one vector (one pass over the matrix either way).
+#pragma once
+
+#include <Eigen/Dense>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <random>
+
+#include "clustermac/common.hpp"
+
+namespace clustermac {
+
+struct EigenSolverOptions {
+  int block_size = 0;           // b: 0 -> k + max(3, k / 4)
+  int blocks_per_cycle = 4;     // Krylov basis of blocks_per_cycle * b vectors per restart cycle
+  double tolerance = 1e-4;      // stop when ||A x - theta x|| <= tolerance * max|theta| for the k wanted pairs
+  int max_cycles = 60;          // restart cycles before giving up (the best Ritz pairs are returned)
+  int dense_below = 200;        // operators of this dimension or less are solved densely
+  std::uint64_t seed = 0;       // start block (the solver is deterministic for a given seed)
+};
+
+struct EigenPairs {
+  VectorD values;          // k largest eigenvalues, descending
+  Eigen::MatrixXf vectors;  // n x k orthonormal eigenvectors (column-major)
+  int n_products = 0;      // block products with A (counted in vectors)
+  int n_cycles = 0;
+  bool converged = false;
+  double max_residual = 0.0;
+};
+
+namespace detail {
+
+// Uniform in [-1, 1) from raw mt19937_64 output: identical on every platform, unlike
+// std::uniform_real_distribution.
+inline float uniform_pm1(std::mt19937_64& rng) {
+  return static_cast<float>(static_cast<double>(rng() >> 11) * (2.0 / 9007199254740992.0) - 1.0);
+}
+
+// Orthonormalises column `col` of `basis` against columns [0, col) by classical Gram-Schmidt
+// applied twice (enough for float orthogonality). A column that is (numerically) inside the
+// span of the earlier ones is replaced by a random vector, so the basis never degenerates.
+inline void orthonormalise_column(Eigen::MatrixXf& basis, Eigen::Index col, std::mt19937_64& rng) {
+  const Eigen::Index n = basis.rows();
+  for (int attempt = 0; attempt < 4; ++attempt) {
+    auto v = basis.col(col);
+    const float norm_before = v.norm();
+    for (int pass = 0; pass < 2 && col > 0; ++pass) {
+      Eigen::VectorXf coefficients = basis.leftCols(col).transpose() * v;
+      v.noalias() -= basis.leftCols(col) * coefficients;
+    }
+    const float norm_after = v.norm();
+    if (norm_after > 1e-4f * norm_before && norm_after > 1e-30f) {
+      v /= norm_after;
+      return;
+    }
+    for (Eigen::Index i = 0; i < n; ++i) basis(i, col) = uniform_pm1(rng);
+  }
+  // Only reachable when col >= n (no room left): keep a zero column; its Ritz value is 0.
+  basis.col(col).setZero();
+}
+
+}  // namespace detail
+
+// k largest eigenpairs of the symmetric n x n operator `apply(const MatrixXf& V, MatrixXf& AV)`.
+template <typename Apply>
+EigenPairs top_eigenpairs(Eigen::Index n, int k, Apply&& apply, const EigenSolverOptions& options = {}) {
+  using Eigen::Index;
+  require(n >= 1, "top_eigenpairs: the operator dimension must be at least 1");
+  require(k >= 1 && k <= n, "top_eigenpairs: need 1 <= k <= n, got k = " + std::to_string(k) +
+                                ", n = " + std::to_string(n));
+  EigenPairs result;
+  std::mt19937_64 rng(options.seed ^ 0x9E3779B97F4A7C15ull);
+
+  int block = options.block_size > 0 ? options.block_size : k + std::max(3, k / 4);
+  block = std::max(block, k);
+  const int blocks_per_cycle = std::max(2, options.blocks_per_cycle);
+
+  // Small operators: form the matrix with one product and diagonalise it in double.
+  if (n <= options.dense_below || static_cast<Index>(block) * blocks_per_cycle >= n) {
+    Eigen::MatrixXf identity = Eigen::MatrixXf::Identity(n, n);
+    Eigen::MatrixXf dense(n, n);
+    apply(identity, dense);
+    Eigen::MatrixXd symmetric = dense.cast<double>();
+    symmetric = 0.5 * (symmetric + symmetric.transpose()).eval();
+    Eigen::SelfAdjointEigenSolver<Eigen::MatrixXd> solver(symmetric);
+    result.values = solver.eigenvalues().reverse().head(k);
+    result.vectors = solver.eigenvectors().rowwise().reverse().leftCols(k).cast<float>();
+    result.n_products = static_cast<int>(n);
+    result.converged = true;
+    return result;
+  }
+
+  const Index m = static_cast<Index>(block) * blocks_per_cycle;
+  Eigen::MatrixXf basis(n, m);          // Q: orthonormal Krylov basis
+  Eigen::MatrixXf basis_product(n, m);  // A Q
+  Eigen::MatrixXf block_in(n, block), block_out(n, block);
+
+  // Start block: the all-ones vector (the start vector of Shi's Ncut code) plus random vectors.
+  basis.col(0).setOnes();
+  for (Index j = 1; j < block; ++j)
+    for (Index i = 0; i < n; ++i) basis(i, j) = detail::uniform_pm1(rng);
+  for (Index j = 0; j < block; ++j) detail::orthonormalise_column(basis, j, rng);
+  block_in = basis.leftCols(block);
+  apply(block_in, block_out);
+  result.n_products += block;
+  basis_product.leftCols(block) = block_out;
+
+  Eigen::MatrixXd ritz_vectors_small;
+  Eigen::VectorXd ritz_values;
+  for (int cycle = 0; cycle < options.max_cycles; ++cycle) {
+    result.n_cycles = cycle + 1;
+    // Extend the Krylov basis: next block = A * previous block, orthonormalised against all.
+    for (int j = 1; j < blocks_per_cycle; ++j) {
+      const Index begin = static_cast<Index>(j) * block;
+      basis.middleCols(begin, block) = basis_product.middleCols(begin - block, block);
+      for (Index c = begin; c < begin + block; ++c) detail::orthonormalise_column(basis, c, rng);
+      block_in = basis.middleCols(begin, block);
+      apply(block_in, block_out);
+      result.n_products += block;
+      basis_product.middleCols(begin, block) = block_out;
+    }
+    // Rayleigh-Ritz on the basis (small problem in double).
+    Eigen::MatrixXd projected = (basis.transpose() * basis_product).cast<double>();
+    projected = 0.5 * (projected + projected.transpose()).eval();
+    Eigen::SelfAdjointEigenSolver<Eigen::MatrixXd> solver(projected);
+    ritz_values = solver.eigenvalues().reverse().head(block);
+    ritz_vectors_small = solver.eigenvectors().rowwise().reverse().leftCols(block);
+    Eigen::MatrixXf small_f = ritz_vectors_small.cast<float>();
+    Eigen::MatrixXf ritz = basis * small_f;
+    Eigen::MatrixXf ritz_product = basis_product * small_f;
+
+    double scale = std::max(std::abs(ritz_values(0)), std::abs(ritz_values(block - 1)));
+    scale = std::max(scale, 1e-30);
+    double max_residual = 0.0;
+    for (Index i = 0; i < k; ++i) {
+      const double r = (ritz_product.col(i) - static_cast<float>(ritz_values(i)) * ritz.col(i)).norm();
+      max_residual = std::max(max_residual, r / scale);
+    }
+    result.max_residual = max_residual;
+    result.values = ritz_values.head(k);
+    result.vectors = ritz.leftCols(k);
+    if (max_residual <= options.tolerance) {
+      result.converged = true;
+      break;
+    }
+    // Restart from the Ritz block; its product is already known (A Q y), so no product here.
+    basis.leftCols(block) = ritz;
+    basis_product.leftCols(block) = ritz_product;
+  }
+  return result;
+}
+
+}  // namespace clustermac

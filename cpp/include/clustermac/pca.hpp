@@ -1,0 +1,100 @@
+// Per-image PCA of the N local D-dimensional activations (paper Sec. 3.1): projection of the
+// centred features onto their top C principal directions.
+//
+// D x D covariance eigendecompositions are what makes a naive PCA slow at D = 512..2048, and
+// only C = 4..7 directions are wanted: we run the block Krylov solver of eigensolver.hpp on
+// the implicit operator X^T X (or X X^T when N < D, whichever is smaller), each product being
+// two passes over the data.
+#pragma once
+
+#include <Eigen/Dense>
+
+#include <algorithm>
+#include <string>
+
+#include "clustermac/common.hpp"
+#include "clustermac/eigensolver.hpp"
+
+namespace clustermac {
+
+struct PcaProjection {
+  MatrixRM projection;  // N x C: centred features projected onto the top C principal directions
+  VectorF variances;    // C: variance of each projected column (divisor N - 1; 0 when N = 1), descending
+};
+
+// `centred` is N x D (any Eigen storage order) with column means already removed.
+// Components beyond the rank of the data come out with zero variance and a zero column.
+// Signs are fixed so that the largest-magnitude entry of each projected column is positive.
+template <typename Matrix>
+PcaProjection pca_of_centred(const Matrix& centred, int n_components) {
+  using Eigen::Index;
+  const Index n = centred.rows(), d = centred.cols();
+  require(n >= 1 && d >= 1, "pca_project: features must have at least one row and one column");
+  require(n_components >= 1 && n_components <= d,
+          "pca_project: n_components must be in [1, D = " + std::to_string(d) + "], got " +
+              std::to_string(n_components));
+  PcaProjection out;
+  out.projection = MatrixRM::Zero(n, n_components);
+  out.variances = VectorF::Zero(n_components);
+  const int wanted = static_cast<int>(std::min<Index>(n_components, std::min(n, d)));
+
+  EigenSolverOptions options;
+  options.block_size = wanted + 4;
+  options.blocks_per_cycle = 3;
+  options.tolerance = 1e-5;
+  options.dense_below = 64;
+  const double divisor = n > 1 ? static_cast<double>(n - 1) : 1.0;
+
+  if (d <= n) {
+    // Covariance operator on R^D; eigenvectors are the principal directions.
+    auto apply = [&](const Eigen::MatrixXf& v, Eigen::MatrixXf& av) {
+      Eigen::MatrixXf scores = centred * v;
+      av.noalias() = centred.transpose() * scores;
+    };
+    EigenPairs pairs = top_eigenpairs(d, wanted, apply, options);
+    for (int c = 0; c < wanted; ++c) {
+      const double value = std::max(pairs.values(c), 0.0);
+      if (value <= 0.0) continue;  // beyond the rank: leave the zero column
+      out.projection.col(c) = centred * pairs.vectors.col(c);
+      out.variances(c) = static_cast<float>(value / divisor);
+    }
+  } else {
+    // Gram operator on R^N; the projected column is u * sqrt(lambda).
+    auto apply = [&](const Eigen::MatrixXf& v, Eigen::MatrixXf& av) {
+      Eigen::MatrixXf loadings = centred.transpose() * v;
+      av.noalias() = centred * loadings;
+    };
+    EigenPairs pairs = top_eigenpairs(n, wanted, apply, options);
+    for (int c = 0; c < wanted; ++c) {
+      const double value = std::max(pairs.values(c), 0.0);
+      if (value <= 0.0) continue;
+      out.projection.col(c) = pairs.vectors.col(c) * static_cast<float>(std::sqrt(value));
+      out.variances(c) = static_cast<float>(value / divisor);
+    }
+  }
+  // Zero out numerically-null components (float round-off of rank-deficient data) so that
+  // constant features give an exactly zero projection.
+  const float largest = out.variances.size() ? out.variances(0) : 0.0f;
+  for (int c = 0; c < n_components; ++c) {
+    if (out.variances(c) <= 1e-10f * largest || largest <= 0.0f) {
+      out.variances(c) = 0.0f;
+      out.projection.col(c).setZero();
+      continue;
+    }
+    Index arg = 0;
+    out.projection.col(c).cwiseAbs().maxCoeff(&arg);
+    if (out.projection(arg, c) < 0) out.projection.col(c) *= -1.0f;
+  }
+  return out;
+}
+
+// PCA of N x D row-major features (N locations, D channels), as exposed to Python.
+inline PcaProjection pca_project(const ConstMatrixRef& features, int n_components) {
+  require_finite(features, "features");
+  MatrixRM centred = features;
+  const Eigen::RowVectorXf mean = features.cast<double>().colwise().mean().cast<float>();
+  centred.rowwise() -= mean;
+  return pca_of_centred(centred, n_components);
+}
+
+}  // namespace clustermac
