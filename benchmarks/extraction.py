@@ -1,0 +1,135 @@
+"""Extraction cost: full ClusterMAC (or another method) against the bare backbone (issue 3).
+
+    python benchmarks/extraction.py                        # embedded EfficientNet-Lite0, 1024 px
+    python benchmarks/extraction.py --backbone vgg16       # VGG16 conv5_3 (random weights, exported with torch)
+    python benchmarks/extraction.py --memory 100 500 1000  # peak RSS of `extract_folder` for growing folders
+
+Timing: the same images, in the same run, alternating the two measurements over --repeats rounds;
+"bare" = decode + resize + the network on every image, sequentially; "full" = Extractor.extract_many
+(decode, network and pooling/clustering overlapped). Prints medians and the overhead ratio.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def photos(n: int, size: int, seed: int = 0) -> list[Image.Image]:
+    """n distinct real photographs at least `size` px on the long side (random crops of the
+    installed photos, upsampled where needed, so that the network sees `size`-px inputs)."""
+    from clustermac.photo_benchmark import find_photo_sources
+
+    paths = [p for group in find_photo_sources().values() for p in (group if isinstance(group, (list, tuple)) else [group])]
+    paths = [p for p in paths if isinstance(p, (str, os.PathLike)) and Path(p).is_file()]
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        img = Image.open(paths[i % len(paths)]).convert("RGB")
+        w, h = img.size
+        scale = size / max(w, h) * (1.0 + 0.1 * rng.random())
+        img = img.resize((max(1, int(w * scale)), max(1, int(h * scale))), Image.BILINEAR)
+        out.append(img)
+    return out
+
+
+def make_backbone(name: str, threads: int, onnx: str | None):
+    from clustermac.backbone import Backbone, default_backbone
+
+    if name == "default":
+        return default_backbone(n_threads=threads)
+    if onnx is None:
+        from clustermac.export import export_backbone
+
+        onnx = os.path.join(tempfile.gettempdir(), f"clustermac-bench-{name}-random.onnx")
+        if not os.path.exists(onnx):
+            print(f"exporting {name} with random weights to {onnx}", flush=True)
+            export_backbone(name, onnx, weights=None)
+    return Backbone(onnx, preset=name, n_threads=threads)
+
+
+def time_extraction(args) -> dict:
+    from clustermac.descriptors import Extractor
+
+    backbone = make_backbone(args.backbone, args.threads, args.onnx)
+    images = photos(args.n_images, args.max_size)
+    extractor = Extractor(backbone, args.method, max_size=args.max_size)
+    bare_times, full_times = [], []
+    extractor.extract_many(images[:1], progress=False)  # warm-up (session, caches)
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        for img in images:
+            backbone.features(extractor.prepare(img).image)
+        bare_times.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        extractor.extract_many(images, progress=False)
+        full_times.append(time.perf_counter() - t0)
+    bare, full = statistics.median(bare_times), statistics.median(full_times)
+    return {
+        "backbone": backbone.name, "method": args.method, "max_size": args.max_size, "n_images": len(images),
+        "threads": args.threads, "bare_s_per_image": bare / len(images), "full_s_per_image": full / len(images),
+        "overhead_percent": 100.0 * (full / bare - 1.0), "bare_runs_s": bare_times, "full_runs_s": full_times,
+    }
+
+
+def peak_memory_child(n: int, backbone: str, method: str, max_size: int) -> None:
+    """Run `extract_folder` on a folder of n images and print the peak RSS (MB)."""
+    from clustermac.descriptor_store import extract_folder
+    from clustermac.descriptors import Extractor
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "images"
+        folder.mkdir()
+        base = photos(8, max_size)
+        for i in range(n):
+            base[i % len(base)].save(folder / f"{i:05d}.jpg", quality=85)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        extract_folder(Extractor(make_backbone(backbone, 2, None), method, max_size=max_size), folder, Path(tmp) / "d.npy", progress=False)
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(json.dumps({"n_images": n, "peak_rss_mb": after, "peak_before_extract_mb": before}))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbone", default="default", choices=("default", "vgg16", "resnet101"))
+    parser.add_argument("--onnx", help="use this ONNX file for --backbone vgg16/resnet101 instead of a random export")
+    parser.add_argument("--method", default="clustermac")
+    parser.add_argument("--n-images", type=int, default=12)
+    parser.add_argument("--max-size", type=int, default=1024)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--memory", type=int, nargs="*", help="peak-memory mode: folder sizes to extract")
+    parser.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.memory_child is not None:
+        peak_memory_child(args.memory_child, args.backbone, args.method, args.max_size)
+        return 0
+    if args.memory:
+        rows = []
+        for n in args.memory:
+            cmd = [sys.executable, __file__, "--memory-child", str(n), "--backbone", args.backbone, "--method", args.method,
+                   "--max-size", str(args.max_size)]
+            rows.append(json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]))
+            print(f"{rows[-1]['n_images']:6d} images: peak RSS {rows[-1]['peak_rss_mb']:.0f} MB", flush=True)
+        return 0
+    result = time_extraction(args)
+    print(json.dumps(result, indent=1))
+    print(f"{result['backbone']} at {args.max_size} px, {args.threads} threads, median of {args.repeats}: "
+          f"bare {1000 * result['bare_s_per_image']:.0f} ms/image, full {args.method} {1000 * result['full_s_per_image']:.0f} ms/image, "
+          f"overhead {result['overhead_percent']:+.1f} %")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
