@@ -1,0 +1,249 @@
+// Pooling of a CNN feature map into vectors: per-region MAC (the paper's Eq. 4), the R-MAC
+// grid of Tolias et al. (ICLR 2016), and the global baselines SPoC, GeM and CroW.
+//
+// A feature map is D×H×W float32, row-major (the backbone's layout without the batch axis):
+// channel d, row y, column x lives at data[(d·H + y)·W + x]. All functions return raw pooled
+// vectors; l2-normalisation and whitening are separate steps (whitening.hpp).
+#pragma once
+
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "clustermac/common.hpp"
+#include "clustermac/whitening.hpp"
+
+namespace clustermac {
+
+// A non-owning view of a D×H×W feature map.
+struct FeatureMapView {
+  const float* data;
+  std::ptrdiff_t channels, height, width;
+  std::ptrdiff_t locations() const { return height * width; }
+  const float* channel(std::ptrdiff_t d) const { return data + d * height * width; }
+};
+
+inline void require_feature_map(const FeatureMapView& map, const std::string& name) {
+  require(map.channels >= 1 && map.height >= 1 && map.width >= 1,
+          name + ": expected a non-empty D×H×W feature map, got shape (" + std::to_string(map.channels) + ", " +
+              std::to_string(map.height) + ", " + std::to_string(map.width) + ")");
+  const std::ptrdiff_t total = map.channels * map.locations();
+  for (std::ptrdiff_t i = 0; i < total; ++i)
+    if (!std::isfinite(map.data[i])) fail(name + " contains NaN or Inf values; expected only finite numbers");
+}
+
+// Upper bound on the number of regions a label map may name; guards against allocating a
+// huge K×D output for a stray label value.
+constexpr std::int32_t kMaxRegionLabel = 1 << 20;
+
+// Per-region MAC (Eq. 4): out[k, d] = max over locations with label k of X[d, location].
+// K = max(labels) + 1; locations with a negative label are ignored (masked out). A label
+// that names no location (an empty region) gives a zero row: after ReLU zero is the smallest
+// activation, and aggregate_regions() skips zero rows instead of whitening them into noise.
+inline MatrixRM region_mac(const FeatureMapView& map, const std::int32_t* labels) {
+  const std::ptrdiff_t n = map.locations();
+  std::int32_t max_label = -1;
+  for (std::ptrdiff_t i = 0; i < n; ++i) max_label = std::max(max_label, labels[i]);
+  require(max_label < kMaxRegionLabel, "labels: the largest label is " + std::to_string(max_label) +
+                                           "; expected region labels 0..K-1 with K <= " +
+                                           std::to_string(kMaxRegionLabel));
+  const std::ptrdiff_t k = static_cast<std::ptrdiff_t>(max_label) + 1;
+  MatrixRM out = MatrixRM::Zero(k, map.channels);
+  if (k == 0) return out;
+  std::vector<char> seen(k, 0);
+  for (std::ptrdiff_t i = 0; i < n; ++i)
+    if (labels[i] >= 0) seen[labels[i]] = 1;
+  const float lowest = -std::numeric_limits<float>::infinity();
+  std::vector<float> best(k);
+  // Channel-outer loop: each channel plane is read contiguously once.
+  for (std::ptrdiff_t d = 0; d < map.channels; ++d) {
+    std::fill(best.begin(), best.end(), lowest);
+    const float* plane = map.channel(d);
+    for (std::ptrdiff_t i = 0; i < n; ++i) {
+      const std::int32_t label = labels[i];
+      if (label >= 0 && plane[i] > best[label]) best[label] = plane[i];
+    }
+    for (std::ptrdiff_t r = 0; r < k; ++r) out(r, d) = seen[r] ? best[r] : 0.0f;
+  }
+  return out;
+}
+
+// The R-MAC grid of Tolias, Sicre & Jégou, "Particular object retrieval with integral
+// max-pooling of CNN activations", ICLR 2016, Sec. 3 (their rmac_regions.m): at level
+// l = 1..levels, square regions of side wl = floor(2·min(H,W)/(l+1)); along the long side the
+// number of regions at level 1 is the m in {2..7} whose overlap 1 - (max-min)/((m-1)·min)
+// is closest to 40 %, and level l has (l - 1 + m) of them; the short side has l. Regions
+// are spread uniformly with integer offsets floor(wl2 + i·b) - wl2, wl2 = floor(wl/2 - 1).
+// Rows are [x0, y0, x1, y1), half-open, in feature-map cells. No extra global region.
+inline std::vector<std::array<std::int32_t, 4>> rmac_regions(std::int64_t height, std::int64_t width, int levels) {
+  require(height >= 1 && width >= 1, "rmac_regions: height and width must be >= 1, got height=" +
+                                         std::to_string(height) + ", width=" + std::to_string(width));
+  require(levels >= 1, "rmac_regions: levels must be >= 1, got " + std::to_string(levels));
+  const double overlap = 0.4;
+  const double short_side = static_cast<double>(std::min(height, width));
+  const double long_side = static_cast<double>(std::max(height, width));
+  int best_step = 0;  // index into steps {2..7}
+  double best_error = std::numeric_limits<double>::infinity();
+  for (int i = 0; i < 6; ++i) {
+    const double b = (long_side - short_side) / static_cast<double>(i + 1);  // steps[i] - 1 = i + 1
+    const double error = std::abs((short_side * short_side - short_side * b) / (short_side * short_side) - overlap);
+    if (error < best_error) {  // strict: the first minimum wins, as MATLAB's min
+      best_error = error;
+      best_step = i;
+    }
+  }
+  // Extra regions along the long side (Tolias' Wd / Hd: the 1-based index of the chosen step).
+  const int extra_w = width > height ? best_step + 1 : 0;
+  const int extra_h = height > width ? best_step + 1 : 0;
+  std::vector<std::array<std::int32_t, 4>> regions;
+  for (int l = 1; l <= levels; ++l) {
+    const auto side = static_cast<std::int64_t>(std::floor(2.0 * short_side / (l + 1)));
+    if (side == 0) continue;  // level finer than the map: no region
+    const double half = std::floor(side / 2.0 - 1.0);
+    auto offsets = [&](std::int64_t extent, int extra) {
+      const int count = l + extra;
+      const double b = count > 1 ? static_cast<double>(extent - side) / (count - 1) : 0.0;
+      std::vector<std::int64_t> out;
+      for (int i = 0; i < count; ++i) out.push_back(static_cast<std::int64_t>(std::floor(half + i * b) - half));
+      return out;
+    };
+    for (std::int64_t y0 : offsets(height, extra_h))
+      for (std::int64_t x0 : offsets(width, extra_w))
+        regions.push_back({static_cast<std::int32_t>(x0), static_cast<std::int32_t>(y0),
+                           static_cast<std::int32_t>(x0 + side), static_cast<std::int32_t>(y0 + side)});
+  }
+  return regions;
+}
+
+// MAC over each rectangular region [x0, y0, x1, y1) (R-MAC's regional vectors).
+inline MatrixRM grid_mac(const FeatureMapView& map, const std::int32_t* regions, std::ptrdiff_t n_regions) {
+  for (std::ptrdiff_t r = 0; r < n_regions; ++r) {
+    const std::int32_t* box = regions + 4 * r;
+    if (!(box[0] >= 0 && box[1] >= 0 && box[0] < box[2] && box[1] < box[3] && box[2] <= map.width &&
+          box[3] <= map.height))
+      fail("regions: row " + std::to_string(r) + " = [" + std::to_string(box[0]) + ", " + std::to_string(box[1]) +
+           ", " + std::to_string(box[2]) + ", " + std::to_string(box[3]) +
+           ") is empty or outside the feature map; expected 0 <= x0 < x1 <= " + std::to_string(map.width) +
+           " and 0 <= y0 < y1 <= " + std::to_string(map.height));
+  }
+  MatrixRM out(n_regions, map.channels);
+  for (std::ptrdiff_t d = 0; d < map.channels; ++d) {
+    const float* plane = map.channel(d);
+    for (std::ptrdiff_t r = 0; r < n_regions; ++r) {
+      const std::int32_t* box = regions + 4 * r;
+      float best = -std::numeric_limits<float>::infinity();
+      for (std::int32_t y = box[1]; y < box[3]; ++y) {
+        const float* row = plane + static_cast<std::ptrdiff_t>(y) * map.width;
+        for (std::int32_t x = box[0]; x < box[2]; ++x) best = std::max(best, row[x]);
+      }
+      out(r, d) = best;
+    }
+  }
+  return out;
+}
+
+// SPoC (Babenko & Lempitsky, ICCV 2015): sum pooling weighted by a Gaussian centre prior.
+// Location (x, y) has its centre at (x + 0.5, y + 0.5); the map centre is (W/2, H/2);
+// sigma is one third of the distance from the centre to the closest border, min(H, W)/6.
+inline VectorF spoc_pool(const FeatureMapView& map) {
+  const double sigma = std::min(map.height, map.width) / 6.0;
+  std::vector<double> weight(map.locations());
+  for (std::ptrdiff_t y = 0; y < map.height; ++y)
+    for (std::ptrdiff_t x = 0; x < map.width; ++x) {
+      const double dy = y + 0.5 - map.height / 2.0, dx = x + 0.5 - map.width / 2.0;
+      weight[y * map.width + x] = std::exp(-(dx * dx + dy * dy) / (2.0 * sigma * sigma));
+    }
+  VectorF out(map.channels);
+  for (std::ptrdiff_t d = 0; d < map.channels; ++d) {
+    const float* plane = map.channel(d);
+    double sum = 0.0;
+    for (std::ptrdiff_t i = 0; i < map.locations(); ++i) sum += weight[i] * plane[i];
+    out[d] = static_cast<float>(sum);
+  }
+  return out;
+}
+
+// GeM (Radenović et al., TPAMI 2018): (mean_i max(x_i, eps)^p)^(1/p) per channel, eps = 1e-6
+// as in their code. Computed as m·(mean (x/m)^p)^(1/p) with m the channel maximum, so that a
+// large p cannot overflow.
+inline VectorF gem_pool(const FeatureMapView& map, double p) {
+  require(std::isfinite(p) && p > 0.0, "gem_pool: p must be a finite number > 0, got " + std::to_string(p));
+  const double eps = 1e-6;
+  VectorF out(map.channels);
+  for (std::ptrdiff_t d = 0; d < map.channels; ++d) {
+    const float* plane = map.channel(d);
+    double m = eps;
+    for (std::ptrdiff_t i = 0; i < map.locations(); ++i) m = std::max(m, static_cast<double>(plane[i]));
+    double sum = 0.0;
+    for (std::ptrdiff_t i = 0; i < map.locations(); ++i)
+      sum += std::pow(std::max(static_cast<double>(plane[i]), eps) / m, p);
+    out[d] = static_cast<float>(m * std::pow(sum / map.locations(), 1.0 / p));
+  }
+  return out;
+}
+
+// CroW (Kalantidis, Mellina & Osindero, ECCV Workshops 2016), with their parameters a = 2,
+// b = 2: spatial weights alpha = (S / ||S||_a)^(1/b), S the channel-summed map (negative sums
+// clipped to 0); channel weights beta_k = log(sum_j Q_j / (eps + Q_k)), Q_k the proportion of
+// non-zero locations of channel k, eps = 1e-6 (channels with Q_k = 0 pool to 0 anyway).
+// out_k = beta_k · sum_i alpha_i X_k,i. An all-zero map gives a zero vector.
+inline VectorF crow_pool(const FeatureMapView& map) {
+  const std::ptrdiff_t n = map.locations();
+  std::vector<double> spatial(n, 0.0);
+  for (std::ptrdiff_t d = 0; d < map.channels; ++d) {
+    const float* plane = map.channel(d);
+    for (std::ptrdiff_t i = 0; i < n; ++i) spatial[i] += plane[i];
+  }
+  double norm = 0.0;
+  for (auto& s : spatial) {
+    s = std::max(s, 0.0);
+    norm += s * s;
+  }
+  norm = std::sqrt(norm);
+  for (auto& s : spatial) s = norm > 0.0 ? std::sqrt(s / norm) : 0.0;
+  std::vector<double> nonzero(map.channels);
+  double nonzero_sum = 0.0;
+  for (std::ptrdiff_t d = 0; d < map.channels; ++d) {
+    const float* plane = map.channel(d);
+    std::ptrdiff_t count = 0;
+    for (std::ptrdiff_t i = 0; i < n; ++i) count += plane[i] != 0.0f;
+    nonzero[d] = static_cast<double>(count) / n;
+    nonzero_sum += nonzero[d];
+  }
+  VectorF out(map.channels);
+  for (std::ptrdiff_t d = 0; d < map.channels; ++d) {
+    const float* plane = map.channel(d);
+    double sum = 0.0;
+    for (std::ptrdiff_t i = 0; i < n; ++i) sum += spatial[i] * plane[i];
+    const double channel_weight = nonzero_sum > 0.0 ? std::log(nonzero_sum / (1e-6 + nonzero[d])) : 0.0;
+    out[d] = static_cast<float>(channel_weight * sum);
+  }
+  return out;
+}
+
+// The R-MAC / ClusterMAC aggregation (the paper's Sec. 4.2): each regional vector l2 →
+// PCA-whiten (when a projection is given) → l2; sum → l2. Zero rows (empty regions) are
+// skipped rather than whitened into −mean·Pᵀ noise. All rows zero → a zero vector.
+inline VectorF aggregate_regions(const ConstMatrixRef& region_vectors, const float* mean, const ConstMatrixRef* projection) {
+  const std::ptrdiff_t out_dim = projection ? projection->rows() : region_vectors.cols();
+  VectorD sum = VectorD::Zero(out_dim);
+  for (std::ptrdiff_t r = 0; r < region_vectors.rows(); ++r) {
+    VectorF v = region_vectors.row(r).transpose();
+    if (!l2_normalize_in_place(v.data(), v.size())) continue;  // empty region
+    if (projection) {
+      Eigen::Map<const VectorF> mu(mean, v.size());
+      VectorF w = (*projection) * (v - mu);
+      l2_normalize_in_place(w.data(), w.size());
+      sum += w.cast<double>();
+    } else {
+      sum += v.cast<double>();
+    }
+  }
+  VectorF out = sum.cast<float>();
+  l2_normalize_in_place(out.data(), out.size());
+  return out;
+}
+
+}  // namespace clustermac
