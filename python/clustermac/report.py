@@ -1,0 +1,199 @@
+"""Results for people: a plain-text table for the terminal and one self-contained HTML report.
+
+:func:`format_table` lays a table out like the paper's Table 1 (method names left-aligned,
+numbers right-aligned with one decimal). :func:`write_report` writes a single HTML file with
+the tables, the figures (PIL images as base64 PNG, SVG charts inline) and notes; it needs no
+other file to display and is written atomically, so a failure leaves no partial report.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import math
+import numbers
+import os
+import tempfile
+import xml.etree.ElementTree as ElementTree
+from pathlib import Path
+from typing import Any, Sequence, Union
+
+from PIL import Image
+
+Table = tuple[str, Sequence[str], Sequence[Sequence[Any]]]
+Figure = tuple[str, Union[Image.Image, str]]
+
+MISSING = "-"  # shown for a None cell
+
+
+def _format_cell(value: Any) -> str:
+    if value is None:
+        return MISSING
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, numbers.Integral):
+        return str(int(value))
+    if isinstance(value, numbers.Real):
+        value = float(value)
+        return "n/a" if math.isnan(value) else f"{value:.1f}"
+    return str(value)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _check_table(header: Sequence[str], rows: Sequence[Sequence[Any]], name: str) -> list[list[Any]]:
+    if isinstance(header, str) or len(header) == 0:
+        raise ValueError(f"{name}: expected a non-empty sequence of column names, got {header!r}")
+    checked = []
+    for i, row in enumerate(rows):
+        if isinstance(row, str) or len(row) != len(header):
+            length = "a string" if isinstance(row, str) else f"{len(row)} cells"
+            raise ValueError(f"{name}: row {i} has {length}, expected {len(header)} cells (one per column of {list(header)})")
+        checked.append(list(row))
+    return checked
+
+
+def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A plain-text table laid out like the paper's Table 1: a header line, a rule, one line
+    per row; text cells left-aligned, numbers right-aligned (floats with one decimal, e.g. mAP
+    in percent), None shown as ``-``, NaN as ``n/a``."""
+    rows = _check_table(header, rows, "rows")
+    texts = [[_format_cell(v) for v in row] for row in rows]
+    # A column is numeric (right-aligned) when every non-empty cell in it is a number.
+    numeric = [
+        all(_is_number(row[c]) for row in rows if row[c] is not None) and any(row[c] is not None for row in rows)
+        for c in range(len(header))
+    ]
+    widths = [max([len(str(header[c]))] + [len(t[c]) for t in texts]) for c in range(len(header))]
+
+    def line(cells: Sequence[str]) -> str:
+        out = [cell.rjust(widths[c]) if numeric[c] else cell.ljust(widths[c]) for c, cell in enumerate(cells)]
+        return "  ".join(out).rstrip()
+
+    lines = [line([str(h) for h in header]), "  ".join("-" * w for w in widths)]
+    lines += [line(t) for t in texts]
+    return "\n".join(lines)
+
+
+def _escape(text: Any) -> str:
+    return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
+
+
+def _table_html(caption: str, header: Sequence[str], rows: Sequence[Sequence[Any]], index: int) -> str:
+    rows = _check_table(header, rows, f"tables[{index}]")
+    numeric = [all(_is_number(r[c]) for r in rows if r[c] is not None) for c in range(len(header))]
+    out = ["<table>", f"<caption>{_escape(caption)}</caption>", "<thead><tr>"]
+    out += [f"<th>{_escape(h)}</th>" for h in header]
+    out.append("</tr></thead><tbody>")
+    for row in rows:
+        cells = [
+            f'<td class="num">{_escape(_format_cell(v))}</td>' if numeric[c] else f"<td>{_escape(_format_cell(v))}</td>"
+            for c, v in enumerate(row)
+        ]
+        out.append("<tr>" + "".join(cells) + "</tr>")
+    out.append("</tbody></table>")
+    return "\n".join(out)
+
+
+def _figure_html(caption: str, figure: Union[Image.Image, str], index: int) -> str:
+    if isinstance(figure, Image.Image):
+        buffer = io.BytesIO()
+        figure.save(buffer, format="PNG")
+        data = base64.b64encode(buffer.getvalue()).decode("ascii")
+        body = f'<img alt="{_escape(caption)}" src="data:image/png;base64,{data}">'
+    elif isinstance(figure, str):
+        try:
+            root = ElementTree.fromstring(figure)
+        except ElementTree.ParseError as error:
+            raise ValueError(f"figures[{index}]: the SVG string is not well-formed XML ({error})") from None
+        if root.tag.rsplit("}", 1)[-1] != "svg":
+            raise ValueError(f"figures[{index}]: expected an <svg> document, got root element <{root.tag}>")
+        body = figure[figure.index("<svg") :] if figure.lstrip().startswith("<?xml") else figure
+    else:
+        raise ValueError(
+            f"figures[{index}]: expected a PIL image or an SVG string, got {type(figure).__name__}"
+        )
+    return f'<figure id="figure-{index + 1}">\n{body}\n<figcaption>{_escape(caption)}</figcaption>\n</figure>'
+
+
+_STYLE = """
+body { font-family: sans-serif; max-width: 1200px; margin: 2em auto; padding: 0 1em; color: #222; }
+table { border-collapse: collapse; margin: 1em 0 2em; }
+caption { text-align: left; font-weight: bold; padding-bottom: 0.4em; }
+th, td { border-bottom: 1px solid #ccc; padding: 0.25em 0.8em; text-align: left; }
+thead th { border-bottom: 2px solid #444; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+figure { margin: 1em 0 2em; }
+figure img, figure svg { max-width: 100%; height: auto; }
+figcaption { font-size: 0.9em; color: #444; margin-top: 0.4em; }
+"""
+
+
+def render_report(
+    title: str,
+    tables: Sequence[Table],
+    figures: Sequence[Figure],
+    notes: Sequence[str],
+) -> str:
+    """The HTML text of :func:`write_report` (no file written)."""
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{_escape(title)}</title>",
+        f"<style>{_STYLE}</style>",
+        "</head><body>",
+        f"<h1>{_escape(title)}</h1>",
+    ]
+    if tables:
+        parts.append("<h2>Tables</h2>")
+        for i, table in enumerate(tables):
+            try:
+                caption, header, rows = table
+            except (TypeError, ValueError):
+                raise ValueError(f"tables[{i}]: expected (caption, header, rows), got {type(table).__name__}") from None
+            parts.append(_table_html(caption, header, rows, i))
+    if figures:
+        parts.append("<h2>Figures</h2>")
+        for i, item in enumerate(figures):
+            try:
+                caption, figure = item
+            except (TypeError, ValueError):
+                raise ValueError(f"figures[{i}]: expected (caption, figure), got {type(item).__name__}") from None
+            parts.append(_figure_html(caption, figure, i))
+    if notes:
+        parts.append("<h2>Notes</h2>")
+        parts += [f"<p>{_escape(note)}</p>" for note in notes]
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
+
+
+def write_report(
+    path: Union[str, os.PathLike],
+    title: str,
+    tables: Sequence[Table],
+    figures: Sequence[Figure],
+    notes: Sequence[str],
+) -> None:
+    """Write one self-contained HTML report to ``path``.
+
+    ``tables``: ``(caption, header, rows)`` each (cells as in :func:`format_table`);
+    ``figures``: ``(caption, figure)`` with a PIL image (embedded as base64 PNG) or an SVG
+    string (inlined); ``notes``: paragraphs of plain text. The whole document is built in memory
+    first and then written to a temporary file beside ``path`` and renamed over it, so an error
+    in any figure or table leaves no partial file and an existing report untouched.
+    """
+    html = render_report(title, tables, figures, notes)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(html)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes owner-only files; a report/figure is for sharing
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
