@@ -24,6 +24,8 @@ from ._core import (  # noqa: E402
 # --- pooling, whitening, search ---
 
 # --- backbones ---
+from .backbone import Backbone, default_backbone  # noqa: E402
+from .images import load_image  # noqa: E402
 
 # --- descriptors ---
 
