@@ -195,6 +195,22 @@ def test_load_revisited(revisited_root: Path):
     assert dataset.query_path(1) == revisited_root / "jpg" / "query_b.jpg"
 
 
+def test_load_classic_style_pickle(revisited_root: Path):
+    """Classic ground truth in a pickle ('ok'/'junk', no 'bbx'; names with extensions)."""
+    content = {
+        "imlist": [name + ".jpg" for name in REVISITED_IMAGES],
+        "qimlist": ["query_a.jpg", "query_b"],
+        "gnd": [{"ok": [4, 1], "junk": [2]}, {"ok": [0]}],
+    }
+    path = revisited_root / "gnd_toy5k.pkl"
+    path.write_bytes(pickle.dumps(content))
+    dataset = load_revisited(path, revisited_root / "jpg")
+    assert dataset.name == "toy5k" and not dataset.has_revisited
+    assert dataset.images == REVISITED_IMAGES and dataset.queries == ["query_a", "query_b"]
+    assert dataset.gnd == [{"ok": [1, 4], "junk": [2]}, {"ok": [0], "junk": []}]
+    assert dataset.query_boxes == [None, None]
+
+
 def test_classic_and_revisited_views_give_same_medium_map(revisited_root: Path):
     dataset = load_revisited(revisited_root / "gnd_rtoy.pkl", revisited_root / "jpg")
     ranks = np.stack([np.random.default_rng(q).permutation(len(dataset.images)) for q in range(2)], axis=1)

@@ -612,12 +612,16 @@ def _load_plain_pickle(path: Path) -> Any:
 
 
 def _plain_name_list(value: Any, path: Path, key: str) -> list[str]:
+    """Image names from a pickle; a name given with an image extension is stored without it."""
     if not isinstance(value, (list, tuple)):
         raise ValueError(f"{path}: [{key!r}] is a {type(value).__name__}; expected a list of image names")
+    names = []
     for i, name in enumerate(value):
         if not isinstance(name, str) or not name or name != name.strip():
             raise ValueError(f"{path}: [{key!r}][{i}] = {name!r}; expected an image name (non-empty string)")
-    return list(value)
+        stem, extension = os.path.splitext(name)
+        names.append(stem if stem and extension.lower() in IMAGE_EXTENSIONS else name)
+    return names
 
 
 def load_revisited(pkl_path: PathLike, image_dir: PathLike, *, image_ext: str = ".jpg") -> RetrievalDataset:
@@ -625,6 +629,9 @@ def load_revisited(pkl_path: PathLike, image_dir: PathLike, *, image_ext: str = 
 
     The pickle is read with an unpickler that refuses every class or function reference:
     only plain dicts, lists, tuples, strings, numbers and None load (NumPy arrays do not).
+    Pickles of the classic sets with ``ok``/``junk`` per query (and no ``easy``/``hard``) load
+    as classic datasets; ``bbx`` may be absent (no box). Names given with an image extension
+    are stored without it.
 
     Args:
         pkl_path: the pickle; the dataset's name is taken from ``gnd_<name>.pkl``.
@@ -660,21 +667,26 @@ def load_revisited(pkl_path: PathLike, image_dir: PathLike, *, image_ext: str = 
         where = f"{pkl_path}: ['gnd'][{query}]"
         if not isinstance(entry, dict):
             raise ValueError(f"{where} is a {type(entry).__name__}; expected a dict with 'bbx', 'easy', 'hard', 'junk'")
-        missing = [key for key in ("easy", "hard", "junk") if key not in entry]
+        # The classic sets are also published as pickles with 'ok'/'junk' per query.
+        classic_entry = "ok" in entry and "easy" not in entry and "hard" not in entry
+        keys = ("ok", "junk") if classic_entry else ("easy", "hard", "junk")
+        missing = [key for key in keys if key not in entry and not (classic_entry and key == "junk")]
         if missing:
-            raise ValueError(f"{where} lacks {missing}; expected the keys 'bbx', 'easy', 'hard', 'junk'")
+            raise ValueError(
+                f"{where} lacks {missing}; expected the keys 'bbx', 'easy', 'hard', 'junk' "
+                "(or 'ok', 'junk' for a classic ground truth)"
+            )
         boxes.append(_check_box(entry.get("bbx"), f"{where}['bbx']"))
-        gnd.append(
-            {key: _check_indices(entry[key], len(images), f"{where}[{key!r}]") for key in ("easy", "hard", "junk")}
-        )
+        gnd.append({key: _check_indices(entry.get(key), len(images), f"{where}[{key!r}]") for key in keys})
     found = _scan_images(image_dir)
     absent = [image for image in images + queries if image not in found]
+    name = pkl_path.stem[len("gnd_"):] if pkl_path.stem.startswith("gnd_") else pkl_path.stem
     if absent:
         raise DatasetNotFoundError(
             f"{image_dir}: {len(absent)} image(s) listed in {pkl_path} are missing, e.g. "
-            f"{absent[0]}{image_ext}; expected every database and query image there"
+            f"{absent[0]}{image_ext}; expected every database and query image there. "
+            + (_requirements(name) if name in _DATASET_REQUIREMENTS else "")
         )
-    name = pkl_path.stem[len("gnd_"):] if pkl_path.stem.startswith("gnd_") else pkl_path.stem
     try:
         return RetrievalDataset(
             name=name,
