@@ -176,6 +176,7 @@ def test_compute_map_accepts_revisited_entries_as_medium():
         (np.arange(3.0).reshape(3, 1), [{"ok": [1]}], (1,), "integer"),
         (np.array([[0], [-1]]), [{"ok": [1]}], (1,), "negative"),
         (np.array([[0], [1], [0]]), [{"ok": [1]}], (1,), "more than once"),
+        (np.array([[10**12], [5], [10**12]]), [{"ok": [1]}], (1,), "more than once"),
         (np.array([[0], [1]]), [{"ok": [1]}], (0, 5), "kappas"),
         (np.array([[0], [1]]), [{"positives": [1]}], (1,), "'ok'"),
         (np.array([[0], [1]]), [{"ok": [1], "junk": [1]}], (1,), "both a positive and junk"),

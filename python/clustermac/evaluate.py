@@ -121,18 +121,25 @@ def _check_ranks(ranks: Any, n_queries: int) -> np.ndarray:
             f"ranks: has {array.shape[1]} columns but gnd has {n_queries} queries; expected one "
             "column per query (shape database images x queries; transpose a queries x database array)"
         )
-    array = array.astype(np.int64, copy=False)
+    # No dtype conversion: a full database x queries array can be large (1M x 70 ranks).
     if array.size and array.min() < 0:
         raise ValueError(f"ranks: contains negative index {array.min()}; expected indices >= 0")
-    if array.shape[0] > 1:
-        sorted_columns = np.sort(array, axis=0)
-        repeated = np.nonzero(np.any(sorted_columns[1:] == sorted_columns[:-1], axis=0))[0]
-        if repeated.size:
-            raise ValueError(
-                f"ranks: column {repeated[0]} (query {repeated[0]}) lists an image more than once; "
-                "expected each column to rank distinct images"
-            )
     return array
+
+
+def _check_distinct(column: np.ndarray, query: int) -> None:
+    """A repeated image would be counted twice as a hit; O(n) with a count per index."""
+    if column.size <= 1:
+        return
+    if column.max() < 8 * column.size + 1024:
+        repeated = np.bincount(column).max() > 1
+    else:  # sparse huge indices: sort instead of a count array sized by the largest index
+        repeated = np.unique(column).size != column.size
+    if repeated:
+        raise ValueError(
+            f"ranks: column {query} (query {query}) lists an image more than once; expected each "
+            "column to rank distinct images"
+        )
 
 
 def _query_positives_and_junk(entry: Mapping, query: int) -> tuple[np.ndarray, np.ndarray]:
@@ -197,6 +204,8 @@ def compute_map(
     aps = np.full(n_queries, np.nan)
     precisions = np.full((n_queries, kappa_array.size), np.nan)
     for query, entry in enumerate(gnd_list):
+        column = ranks_array[:, query]
+        _check_distinct(column, query)
         positives, junk = _query_positives_and_junk(entry, query)
         if positives.size == 0:
             continue
@@ -205,7 +214,6 @@ def compute_map(
             raise ValueError(
                 f"gnd[{query}]: index {overlap[0]} is both a positive and junk; expected disjoint lists"
             )
-        column = ranks_array[:, query]
         positive_positions = np.flatnonzero(np.isin(column, positives))
         junk_positions = np.flatnonzero(np.isin(column, junk))
         # Junk does not take a rank: shift each positive up by the junk ranked above it.
