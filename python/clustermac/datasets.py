@@ -29,6 +29,7 @@ import re
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from numbers import Real
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -107,11 +108,13 @@ def _check_name(value: Any, what: str) -> str:
 def _check_box(value: Any, what: str) -> Optional[Box]:
     if value is None:
         return None
+    if hasattr(value, "tolist") and not isinstance(value, (list, tuple)):
+        value = value.tolist()  # a NumPy array built in memory
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != 4:
         raise ValueError(f"{what}: expected None or 4 numbers (x1, y1, x2, y2), received {value!r}")
     numbers = []
     for number in value:
-        if isinstance(number, bool) or not isinstance(number, (int, float)):
+        if isinstance(number, bool) or not isinstance(number, Real):
             raise ValueError(f"{what}: expected 4 numbers (x1, y1, x2, y2), received {value!r}")
         numbers.append(float(number))
     x1, y1, x2, y2 = numbers
