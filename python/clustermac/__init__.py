@@ -34,3 +34,4 @@ from . import datasets, evaluate
 from .evaluate import average_precision, compute_map, revisited_map
 
 # --- photo benchmark ---
+from . import photo_benchmark
