@@ -300,6 +300,7 @@ def test_load_revisited_broken_files(revisited_root: Path):
 def test_load_dataset_detects_layouts(oxford_root: Path, revisited_root: Path, tmp_path: Path):
     assert load_dataset(revisited_root).name == "rtoy"
     assert load_dataset(revisited_root, "rtoy").has_revisited
+    assert load_dataset(revisited_root.parent, "rtoy").name == "rtoy"  # revisitop's parent folder
     classic = load_dataset(oxford_root)
     assert classic.name == "oxford5k" and len(classic.queries) == 4
 
@@ -405,6 +406,7 @@ def test_record_normalises_and_validates(tmp_path: Path):
         return RetrievalDataset(**fields)
 
     assert build().gnd == [{"ok": [0], "junk": [1]}]
+    assert build(query_boxes=[np.array([1, 2, 3, 4], dtype=np.float32)]).query_boxes == [(1.0, 2.0, 3.0, 4.0)]
     for changes, message in [
         (dict(images=["a", "a"]), r"images\[1\]: name 'a' appears more than once"),
         (dict(images=["a", " b"]), r"images\[1\]"),

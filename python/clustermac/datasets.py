@@ -716,6 +716,13 @@ def _requirements(name: Optional[str]) -> str:
     )
 
 
+def _holds_ground_truth(folder: Path) -> bool:
+    return any(folder.glob("gnd_*.pkl")) or any(
+        candidate.is_dir() and any(candidate.glob("*_query.txt"))
+        for candidate in (folder / "gt", folder / "gt_files_170407", folder)
+    )
+
+
 def load_dataset(data_root: PathLike, name: Optional[str] = None) -> RetrievalDataset:
     """Load a dataset folder, detecting its layout.
 
@@ -733,7 +740,10 @@ def load_dataset(data_root: PathLike, name: Optional[str] = None) -> RetrievalDa
     """
     root = Path(data_root)
     if not root.is_dir():
-        raise DatasetNotFoundError(f"data_root: {root} is not a folder. {_requirements(name)}")
+        raise DatasetNotFoundError(f"data_root: {root} is not a folder. {_requirements(name or root.name)}")
+    # revisitop keeps each dataset in DATA_ROOT/<name>/: accept the parent folder too.
+    if name is not None and (root / name).is_dir() and not _holds_ground_truth(root):
+        root = root / name
     pickles = sorted(root.glob("gnd_*.pkl"))
     pickle_path: Optional[Path] = None
     if name is not None and (root / f"gnd_{name}.pkl").is_file():
@@ -776,7 +786,7 @@ def load_dataset(data_root: PathLike, name: Optional[str] = None) -> RetrievalDa
         if image_dir is None:
             lacking.append("the image folder jpg/")
         raise DatasetNotFoundError(
-            f"{root}: no dataset here: missing {' and '.join(lacking)}. {_requirements(name)}"
+            f"{root}: no dataset here: missing {' and '.join(lacking)}. {_requirements(dataset_name)}"
         )
     return load_classic(gt_dir, image_dir, dataset_name)
 
