@@ -334,7 +334,7 @@ def pca_dimensions_figure(
     feature_map: np.ndarray,
     dims: Sequence[int] = (1, 2, 8, 64, 256, 512),
     *,
-    panel_size: int = PANEL_SIZE,
+    panel_size: int = 240,
 ) -> Image.Image:
     """The paper's Fig. 5 for one image: the image, then the value of each selected PCA
     dimension (1-based) of the image's local features as a map, each stretched to its own range.
@@ -370,7 +370,7 @@ def _cluster_with(extractor: "Extractor", feature_map: np.ndarray, n_clusters: i
 
     dataset_pca = extractor.clustering_pca == "dataset" and extractor.pca_basis is not None
     labels = _core.cluster_feature_map(
-        feature_map,
+        np.ascontiguousarray(feature_map, dtype=np.float32),
         rgb=None,
         n_clusters=(int(n_clusters),),
         rgb_clusters=0,

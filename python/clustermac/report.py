@@ -12,6 +12,7 @@ import io
 import math
 import numbers
 import os
+import re
 import tempfile
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
@@ -38,8 +39,20 @@ def _format_cell(value: Any) -> str:
     return str(value)
 
 
+# A text cell that reads as a number (e.g. "66.9", "70.3*", "-1.5%") is aligned like one.
+_NUMBER_TEXT = re.compile(r"^[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?[*%]?$")
+
+
 def _is_number(value: Any) -> bool:
+    if isinstance(value, str):
+        return bool(_NUMBER_TEXT.match(value.strip())) or value.strip() in ("n/a", MISSING)
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _numeric_column(rows: Sequence[Sequence[Any]], column: int) -> bool:
+    """Right-align a column when every filled cell in it is a number (or reads as one)."""
+    filled = [row[column] for row in rows if row[column] is not None]
+    return bool(filled) and all(_is_number(v) for v in filled)
 
 
 def _check_table(header: Sequence[str], rows: Sequence[Sequence[Any]], name: str) -> list[list[Any]]:
@@ -61,10 +74,7 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     rows = _check_table(header, rows, "rows")
     texts = [[_format_cell(v) for v in row] for row in rows]
     # A column is numeric (right-aligned) when every non-empty cell in it is a number.
-    numeric = [
-        all(_is_number(row[c]) for row in rows if row[c] is not None) and any(row[c] is not None for row in rows)
-        for c in range(len(header))
-    ]
+    numeric = [_numeric_column(rows, c) for c in range(len(header))]
     widths = [max([len(str(header[c]))] + [len(t[c]) for t in texts]) for c in range(len(header))]
 
     def line(cells: Sequence[str]) -> str:
@@ -82,7 +92,7 @@ def _escape(text: Any) -> str:
 
 def _table_html(caption: str, header: Sequence[str], rows: Sequence[Sequence[Any]], index: int) -> str:
     rows = _check_table(header, rows, f"tables[{index}]")
-    numeric = [all(_is_number(r[c]) for r in rows if r[c] is not None) for c in range(len(header))]
+    numeric = [_numeric_column(rows, c) for c in range(len(header))]
     out = ["<table>", f"<caption>{_escape(caption)}</caption>", "<thead><tr>"]
     out += [f"<th>{_escape(h)}</th>" for h in header]
     out.append("</tr></thead><tbody>")
