@@ -1,0 +1,212 @@
+// Exact top-k dot-product (cosine, for l2-normalised vectors) search, blocked over database
+// rows so that memory stays bounded whatever the database size (it may be memory-mapped).
+//
+// The scores of a block are computed by a small register-tiled kernel compiled three times
+// (AVX-512, AVX2+FMA, baseline SSE2) and chosen at run time from the CPU's features, so the
+// portable build still uses the wide vector units; the top-k selection is a threshold test
+// against each query's current k-th best followed by a heap update, so it costs about one
+// comparison per score.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "clustermac/common.hpp"
+
+namespace clustermac {
+
+namespace search_detail {
+
+constexpr int kQueryTile = 6;  // queries per register tile
+constexpr std::ptrdiff_t kBlockRows = 256;  // database rows per block (transposed block ~ D KB)
+
+// Scores for a tile of kQueryTile queries × (2·lanes) database columns:
+// out[i][j] = sum_d query[i][d] · block_t[d][j]; block_t is the block transposed (D × width).
+template <typename Vec, int Lanes>
+inline __attribute__((always_inline)) void score_tile(const float* queries, std::ptrdiff_t dim, const float* block_t,
+                                                       std::ptrdiff_t width, float* out, std::ptrdiff_t out_stride) {
+  Vec acc[kQueryTile][2];
+  for (int i = 0; i < kQueryTile; ++i) acc[i][0] = acc[i][1] = Vec{};
+  for (std::ptrdiff_t d = 0; d < dim; ++d) {
+    Vec x0, x1;
+    std::memcpy(&x0, block_t + d * width, sizeof(Vec));
+    std::memcpy(&x1, block_t + d * width + Lanes, sizeof(Vec));
+    for (int i = 0; i < kQueryTile; ++i) {
+      const float q = queries[i * dim + d];
+      acc[i][0] += q * x0;
+      acc[i][1] += q * x1;
+    }
+  }
+  for (int i = 0; i < kQueryTile; ++i) {
+    std::memcpy(out + i * out_stride, &acc[i][0], sizeof(Vec));
+    std::memcpy(out + i * out_stride + Lanes, &acc[i][1], sizeof(Vec));
+  }
+}
+
+// scores (padded_queries × width) = queries (padded_queries × dim) · block_t (dim × width).
+// padded_queries is a multiple of kQueryTile, width a multiple of 2·Lanes.
+template <typename Vec, int Lanes>
+inline __attribute__((always_inline)) void score_block(const float* queries, std::ptrdiff_t padded_queries,
+                                                        std::ptrdiff_t dim, const float* block_t, std::ptrdiff_t width,
+                                                        float* scores) {
+  for (std::ptrdiff_t j = 0; j < width; j += 2 * Lanes)
+    for (std::ptrdiff_t i = 0; i < padded_queries; i += kQueryTile)
+      score_tile<Vec, Lanes>(queries + i * dim, dim, block_t + j, width, scores + i * width + j, width);
+}
+
+typedef float Float4 __attribute__((vector_size(16), aligned(4)));
+typedef float Float8 __attribute__((vector_size(32), aligned(4)));
+typedef float Float16 __attribute__((vector_size(64), aligned(4)));
+
+// Block width must be a multiple of 2·16 so that every kernel variant tiles it exactly.
+constexpr std::ptrdiff_t kWidthMultiple = 32;
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#define CLUSTERMAC_SEARCH_DISPATCH 1
+__attribute__((target("avx512f"))) inline void score_block_avx512(const float* q, std::ptrdiff_t nq, std::ptrdiff_t dim,
+                                                                   const float* bt, std::ptrdiff_t width, float* s) {
+  score_block<Float16, 16>(q, nq, dim, bt, width, s);
+}
+__attribute__((target("avx2,fma"))) inline void score_block_avx2(const float* q, std::ptrdiff_t nq, std::ptrdiff_t dim,
+                                                                  const float* bt, std::ptrdiff_t width, float* s) {
+  score_block<Float8, 8>(q, nq, dim, bt, width, s);
+}
+#endif
+inline void score_block_baseline(const float* q, std::ptrdiff_t nq, std::ptrdiff_t dim, const float* bt,
+                                 std::ptrdiff_t width, float* s) {
+  score_block<Float4, 4>(q, nq, dim, bt, width, s);
+}
+
+using ScoreBlockFn = void (*)(const float*, std::ptrdiff_t, std::ptrdiff_t, const float*, std::ptrdiff_t, float*);
+
+inline ScoreBlockFn pick_score_block() {
+#ifdef CLUSTERMAC_SEARCH_DISPATCH
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f")) return score_block_avx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return score_block_avx2;
+#endif
+  return score_block_baseline;
+}
+
+// A query's current top k as a heap whose front is the worst kept hit (lowest score; among
+// equal scores the larger index, since ties go to the smaller index).
+struct Hit {
+  float score;
+  std::int64_t index;
+};
+inline bool better(const Hit& a, const Hit& b) {
+  return a.score > b.score || (a.score == b.score && a.index < b.index);
+}
+
+struct TopK {
+  std::vector<Hit> heap;  // std heap ordered by `better`: front = worst
+  std::size_t k = 0;
+  void offer(float score, std::int64_t index) {
+    if (heap.size() < k) {
+      heap.push_back({score, index});
+      std::push_heap(heap.begin(), heap.end(), better);
+    } else if (better({score, index}, heap.front())) {
+      std::pop_heap(heap.begin(), heap.end(), better);
+      heap.back() = {score, index};
+      std::push_heap(heap.begin(), heap.end(), better);
+    }
+  }
+  // Scores at or below this cannot enter (only valid once full; equal scores come from later
+  // indices within one scan, which lose the tie).
+  float threshold() const { return heap.size() < k ? -std::numeric_limits<float>::infinity() : heap.front().score; }
+};
+
+}  // namespace search_detail
+
+struct SearchResult {
+  MatrixRM scores;  // Q × k, descending
+  Eigen::Matrix<std::int64_t, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> indices;  // Q × k
+};
+
+// Exact top-k of database · queryᵀ for every query: scores sorted descending, ties broken by
+// the smaller database index. The database (N×D, row-major, possibly memory-mapped) is read
+// in blocks of kBlockRows rows; each of n_threads threads (<= 0: all cores) scans a contiguous
+// share of the rows with its own O(Q·kBlockRows) score buffer and per-query heaps, which are
+// merged at the end. A non-finite database value raises std::invalid_argument naming its row.
+inline SearchResult topk_search(const float* database, std::ptrdiff_t n_database, const float* queries,
+                                std::ptrdiff_t n_queries, std::ptrdiff_t dim, std::ptrdiff_t k, int n_threads) {
+  using namespace search_detail;
+  require(dim >= 1, "topk_search: vectors must have at least one dimension");
+  require(k >= 1 && k <= n_database, "k: expected 1 <= k <= N = " + std::to_string(n_database) + " (database rows), got " +
+                                         std::to_string(k));
+  for (std::ptrdiff_t i = 0; i < n_queries * dim; ++i)
+    if (!std::isfinite(queries[i]))
+      fail("queries: row " + std::to_string(i / dim) + " contains NaN or Inf; expected only finite numbers");
+  const ScoreBlockFn score_block_fn = pick_score_block();
+  const std::ptrdiff_t padded_queries = (n_queries + kQueryTile - 1) / kQueryTile * kQueryTile;
+  std::vector<float> query_buffer(padded_queries * dim, 0.0f);
+  std::copy(queries, queries + n_queries * dim, query_buffer.begin());
+
+  const std::ptrdiff_t n_blocks = (n_database + kBlockRows - 1) / kBlockRows;
+  int hw = static_cast<int>(std::thread::hardware_concurrency());
+  if (n_threads <= 0) n_threads = hw > 0 ? hw : 1;
+  const std::ptrdiff_t n_shares = std::max<std::ptrdiff_t>(1, std::min<std::ptrdiff_t>(n_threads, n_blocks));
+  std::vector<std::vector<TopK>> share_hits(n_shares);
+
+  parallel_for(n_shares, static_cast<int>(n_shares), [&](std::ptrdiff_t share) {
+    std::vector<TopK>& hits = share_hits[share];
+    hits.assign(n_queries, TopK{});
+    for (auto& h : hits) {
+      h.k = static_cast<std::size_t>(k);
+      h.heap.reserve(k);
+    }
+    const std::ptrdiff_t width_max = (kBlockRows + kWidthMultiple - 1) / kWidthMultiple * kWidthMultiple;
+    std::vector<float> block_t(dim * width_max);
+    std::vector<float> scores(padded_queries * width_max);
+    const std::ptrdiff_t first_block = n_blocks * share / n_shares, end_block = n_blocks * (share + 1) / n_shares;
+    for (std::ptrdiff_t b = first_block; b < end_block; ++b) {
+      const std::ptrdiff_t row0 = b * kBlockRows, rows = std::min(kBlockRows, n_database - row0);
+      const std::ptrdiff_t width = (rows + kWidthMultiple - 1) / kWidthMultiple * kWidthMultiple;
+      // Transpose the block (zero-padded to `width` columns) and check it is finite.
+      std::fill(block_t.begin(), block_t.begin() + dim * width, 0.0f);
+      for (std::ptrdiff_t r = 0; r < rows; ++r) {
+        const float* row = database + (row0 + r) * dim;
+        bool finite = true;
+        for (std::ptrdiff_t d = 0; d < dim; ++d) {
+          finite &= std::isfinite(row[d]);
+          block_t[d * width + r] = row[d];
+        }
+        if (!finite)
+          fail("database: row " + std::to_string(row0 + r) + " contains NaN or Inf; expected only finite numbers");
+      }
+      score_block_fn(query_buffer.data(), padded_queries, dim, block_t.data(), width, scores.data());
+      for (std::ptrdiff_t q = 0; q < n_queries; ++q) {
+        const float* s = scores.data() + q * width;
+        TopK& top = hits[q];
+        float threshold = top.threshold();
+        for (std::ptrdiff_t r = 0; r < rows; ++r) {
+          if (s[r] >= threshold) {
+            top.offer(s[r], row0 + r);
+            threshold = top.threshold();
+          }
+        }
+      }
+    }
+  });
+
+  SearchResult result;
+  result.scores.resize(n_queries, k);
+  result.indices.resize(n_queries, k);
+  for (std::ptrdiff_t q = 0; q < n_queries; ++q) {
+    std::vector<Hit> merged;
+    merged.reserve(k * n_shares);
+    for (auto& share : share_hits) merged.insert(merged.end(), share[q].heap.begin(), share[q].heap.end());
+    std::partial_sort(merged.begin(), merged.begin() + k, merged.end(), better);
+    for (std::ptrdiff_t j = 0; j < k; ++j) {
+      result.scores(q, j) = merged[j].score;
+      result.indices(q, j) = merged[j].index;
+    }
+  }
+  return result;
+}
+
+}  // namespace clustermac
