@@ -490,3 +490,28 @@ def test_region_precision_study_on_a_real_photo(extractor, chelsea):
     assert [g.get("data-name") for g in root.iter(SVG_NS + "g") if g.get("class") == "series"] == list(curves)
     with pytest.raises(ValueError, match="query_boxes"):
         figures.region_precision_study(extractor, [chelsea], boxes)
+
+
+def test_write_search_page_embeds_query_and_results(tmp_path):
+    from clustermac.report import write_search_page
+
+    root = tmp_path / "images"
+    root.mkdir()
+    Image.new("RGB", (300, 200), (0, 120, 0)).save(root / "a.jpg")
+    Image.new("RGB", (100, 100), (0, 0, 200)).save(root / "b.png")
+    query = tmp_path / "query.png"
+    Image.new("RGB", (400, 400), (255, 255, 255)).save(query)
+    page = tmp_path / "page.html"
+    write_search_page(page, str(query), (100, 100, 300, 300), [("a.jpg", 0.9), ("b.png", 0.5), ("gone.jpg", 0.1)], root)
+    html = page.read_text(encoding="utf-8")
+    images = re.findall(r'src="data:image/jpeg;base64,([^"]+)"', html)
+    assert len(images) == 3  # query + two readable results
+    query_thumbnail = np.asarray(Image.open(io.BytesIO(base64.b64decode(images[0]))))
+    assert query_thumbnail.shape[:2] == (200, 200)
+    pixels = query_thumbnail.astype(int)
+    red = (pixels[..., 0] - pixels[..., 1] > 100) & (pixels[..., 0] - pixels[..., 2] > 100)
+    assert red[48:53, 60:140].any(axis=0).all()  # the box's top edge: y = 100 px → 50 px
+    assert not red[:40].any() and not red[60:140, 60:140].any()  # white outside the edges
+    assert html.index("a.jpg") < html.index("b.png") < html.index("gone.jpg")
+    assert "no thumbnail" in html and "0.9000" in html
+    assert set(os.listdir(tmp_path)) == {"images", "query.png", "page.html"}  # no temporary file left

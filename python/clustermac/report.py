@@ -4,6 +4,7 @@
 numbers right-aligned with one decimal). :func:`write_report` writes a single HTML file with
 the tables, the figures (PIL images as base64 PNG, SVG charts inline) and notes; it needs no
 other file to display and is written atomically, so a failure leaves no partial report.
+:func:`write_search_page` does the same for the results of ``clustermac search --html``.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import re
 import tempfile
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 from PIL import Image
 
@@ -178,6 +179,23 @@ def render_report(
     return "\n".join(parts) + "\n"
 
 
+def _write_atomically(path: Union[str, os.PathLike], text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path`` and rename it over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes owner-only files; a report is for sharing
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def write_report(
     path: Union[str, os.PathLike],
     title: str,
@@ -193,17 +211,69 @@ def write_report(
     first and then written to a temporary file beside ``path`` and renamed over it, so an error
     in any figure or table leaves no partial file and an existing report untouched.
     """
-    html = render_report(title, tables, figures, notes)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(html)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes owner-only files; a report/figure is for sharing
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    _write_atomically(path, render_report(title, tables, figures, notes))
+
+
+THUMBNAIL_SIZE = 200  # longer side of the thumbnails of the search page, pixels
+
+
+def _thumbnail_html(image: Image.Image, alt: str) -> str:
+    image = image.convert("RGB")
+    image.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE), Image.LANCZOS)
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=85)
+    data = base64.b64encode(buffer.getvalue()).decode("ascii")
+    return f'<img alt="{_escape(alt)}" src="data:image/jpeg;base64,{data}">'
+
+
+def write_search_page(
+    path: Union[str, os.PathLike],
+    query: Union[str, os.PathLike, Image.Image],
+    box: Optional[Sequence[float]],
+    results: Sequence[tuple[str, float]],
+    image_root: Optional[Union[str, os.PathLike]] = None,
+) -> None:
+    """One self-contained HTML page of a search (``clustermac search --html``): the query
+    (its box drawn in red) and the ranked results as embedded thumbnails with their scores.
+
+    ``results`` are ``(image name, score)`` best first; names are looked up under
+    ``image_root`` (or as given); an image that cannot be read is listed by name without a
+    thumbnail. Written atomically.
+    """
+    from PIL import ImageDraw
+
+    from .images import load_image
+
+    query_image = load_image(query)
+    if box is not None:
+        if len(box) != 4:
+            raise ValueError(f"box: expected (x1, y1, x2, y2), got {box!r}")
+        query_image = query_image.copy()
+        width = max(2, round(max(query_image.size) / 150))
+        ImageDraw.Draw(query_image).rectangle([float(v) for v in box], outline=(255, 0, 0), width=width)
+    query_name = str(query) if isinstance(query, (str, os.PathLike)) else "query"
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>clustermac search: {_escape(query_name)}</title>",
+        f"<style>{_STYLE}\n.results {{ display: flex; flex-wrap: wrap; gap: 1em; }}\n"
+        f".results figure {{ margin: 0; width: {THUMBNAIL_SIZE}px; }}</style>",
+        "</head><body>",
+        f"<h1>Query: {_escape(query_name)}</h1>",
+        f"<figure>{_thumbnail_html(query_image, query_name)}<figcaption>query"
+        + (f", box {_escape(tuple(box))}" if box is not None else "")
+        + "</figcaption></figure>",
+        f"<h2>{len(results)} results</h2>",
+        '<div class="results">',
+    ]
+    for rank, (name, score) in enumerate(results, 1):
+        location = Path(image_root) / name if image_root is not None else Path(name)
+        try:
+            picture = _thumbnail_html(load_image(location), str(name))
+        except (OSError, ValueError) as error:
+            picture = f"<p>(no thumbnail: {_escape(error)})</p>"
+        parts.append(
+            f"<figure>{picture}<figcaption>{rank}. {_escape(name)}<br>score {float(score):.4f}</figcaption></figure>"
+        )
+    parts += ["</div>", "</body></html>"]
+    _write_atomically(path, "\n".join(parts) + "\n")
