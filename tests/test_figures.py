@@ -449,6 +449,12 @@ def test_show_clusters_on_a_real_photo_with_the_default_backbone(extractor, chel
     assert 2 <= len(colours) <= 10
     assert colours <= {tuple(c) for c in figures.cluster_palette(10)}
     assert figure.info["captions"][2] == f"{len(colours)} clusters (NCut)"
+    # An image of one stride: one feature-map location, one cluster, no PCA maps.
+    tiny = np.asarray(Image.fromarray(chelsea).resize((32, 32)))
+    one = figures.cluster_figure_for_file(extractor, tiny, n_clusters=10)
+    assert one.info["captions"][2] == "1 cluster (NCut)"
+    prepared = extractor.prepare(tiny)
+    assert figures.pca_dimensions_figure(prepared.image, extractor.feature_map(prepared)[0]).info["captions"] == ["image"]
     again = figures.cluster_figure_for_file(extractor, chelsea, n_clusters=10)
     assert again.tobytes() == figure.tobytes()
 

@@ -269,6 +269,10 @@ def _n_clusters_of(labels: np.ndarray) -> int:
     return int(np.unique(labels[labels >= 0]).size)
 
 
+def _clusters_caption(count: int) -> str:
+    return f"{count} cluster{'' if count == 1 else 's'} (NCut)"
+
+
 # ------------------------------------------------------------------------------ Fig. 7, 6, 5
 def cluster_figure(
     image: ImageLike,
@@ -296,7 +300,7 @@ def cluster_figure(
         [
             (image_panel, "image"),
             (_map_panel(scalar_colours(feature_norm_map(fmap)), size), "feature l2 norm"),
-            (_cluster_panel(labels, image_panel, alpha), f"{_n_clusters_of(labels)} clusters (NCut)"),
+            (_cluster_panel(labels, image_panel, alpha), _clusters_caption(_n_clusters_of(labels))),
         ]
     )
 
