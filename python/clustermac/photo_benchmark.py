@@ -35,17 +35,16 @@ derived from what was measured in the generated image, not from what was intende
   side) and a mild change (strength <= 0.45);
 * ``hard``: every other view that shows the instance.
 
-Query images are separate files showing the instance clearly (fully visible, mild change). As in
-classic Oxford, each query image is ALSO a database image (so both ground-truth formats describe
-the same database: every file in ``jpg/``), but it is listed as junk for its own query, so finding
-the query itself neither helps nor hurts. For any other query it is an ordinary image (it contains
-only its own instance).
+Query images are separate files in ``jpg/`` showing the instance clearly (fully visible, mild
+change) and, as in revisited Oxford, they are NOT database images: ``imlist`` (and the classic
+``gt/<name>_imlist.txt``) lists the database without them, so a query can never find itself.
 
 Output layout of :func:`make_benchmark` (``out_dir``)::
 
-    jpg/<name>.jpg              every database image (queries included)
+    jpg/<name>.jpg              every database image and every query image
     gt/<instance>_1_{good,ok,junk,query}.txt   classic Oxford ground truth
-                                (good = easy, ok = hard, junk = junk; query line "name x1 y1 x2 y2")
+                                (good = easy, ok = hard, junk = junk; query line "name x1 y1 x2 y2"),
+    gt/<name>_imlist.txt        the database order (query images excluded)
     gnd_<dataset name>.pkl      revisited ground truth (imlist, qimlist, gnd[i] = bbx/easy/hard/junk),
                                 plain Python types only
     masks/<name>.png            visible mask of the instance in each image that shows one
@@ -602,14 +601,16 @@ class PhotoBenchmark:
     Attributes:
         name: dataset name (the pickle is ``gnd_<name>.pkl``).
         image_dir: folder of the database images (``out_dir/jpg``).
-        images: database image names without extension (queries included, see module docs).
-        queries: query image names (each also in ``images``).
+        images: database image names without extension (query images are not among them).
+        queries: query image names (files in ``image_dir`` too).
         query_boxes: per query ``(x1, y1, x2, y2)`` in the query image's pixels.
         gnd: per query ``{"bbx", "easy", "hard", "junk"}`` with indices into ``images``.
         image_ext: ``".jpg"``.
         out_dir, gt_dir, pkl_path, metadata_path: where the files are.
         query_tiers: per query ``"multiview"`` or ``"pasted"``.
         query_instances: per query the instance name (classic file prefix).
+        dataset: the same as a ``clustermac.datasets.RetrievalDataset`` (what
+            ``clustermac.datasets.load_dataset(out_dir)`` reads back).
     """
 
     name: str
@@ -625,6 +626,7 @@ class PhotoBenchmark:
     metadata_path: str
     query_tiers: list[str] = field(default_factory=list)
     query_instances: list[str] = field(default_factory=list)
+    dataset: Any = None
 
 
 @dataclass
@@ -1184,43 +1186,38 @@ def _junk_crop(box: np.ndarray, width: int, height: int, rng: np.random.Generato
 
 def _write_ground_truth(staging: Path, out_path: Path, name: str, specs: list[_ImageSpec],
                         names: list[str], query_specs: list[_ImageSpec]) -> PhotoBenchmark:
-    images = sorted(names)
+    """Write gt/ (classic) and gnd_<name>.pkl (revisited) with clustermac.datasets' writers."""
+    from .datasets import RetrievalDataset, write_classic, write_revisited
+
+    query_names = {spec.record["name"] for spec in query_specs}
+    images = sorted(n for n in names if n not in query_names)
     index_of = {image: i for i, image in enumerate(images)}
+    # The classic loader orders queries by landmark (= instance) name: use that order throughout.
+    query_specs = sorted(query_specs, key=lambda spec: spec.instance)
     queries, boxes, gnd, tiers, instances = [], [], [], [], []
     for query_spec in query_specs:
         record = query_spec.record
-        query_name = record["name"]
-        box = record["visible_bbox"]
-        easy, hard, junk = [], [], [index_of[query_name]]
+        box = tuple(float(v) for v in record["visible_bbox"])
+        lists: dict[str, list[int]] = {"easy": [], "hard": [], "junk": []}
         for spec in specs:
-            if spec.instance != query_spec.instance or spec is query_spec:
-                continue
-            label = spec.record["label"]
-            {"easy": easy, "hard": hard, "junk": junk}[label].append(index_of[spec.record["name"]])
-        queries.append(query_name)
-        boxes.append(tuple(float(v) for v in box))
-        gnd.append({"bbx": [float(v) for v in box], "easy": sorted(easy), "hard": sorted(hard),
-                    "junk": sorted(junk)})
+            if spec.instance == query_spec.instance and spec is not query_spec:
+                lists[spec.record["label"]].append(index_of[spec.record["name"]])
+        queries.append(record["name"])
+        boxes.append(box)
+        gnd.append({"bbx": list(box), "easy": sorted(lists["easy"]), "hard": sorted(lists["hard"]),
+                    "junk": sorted(lists["junk"])})
         tiers.append(record["tier"])
         instances.append(query_spec.instance)
-
-    gt_dir = staging / "gt"
-    gt_dir.mkdir()
-    for instance, query_name, box, entry in zip(instances, queries, boxes, gnd):
-        prefix = gt_dir / f"{instance}_1"
-        for suffix, indices in (("good", entry["easy"]), ("ok", entry["hard"]), ("junk", entry["junk"])):
-            lines = "".join(f"{images[i]}\n" for i in indices)
-            (prefix.parent / f"{prefix.name}_{suffix}.txt").write_text(lines)
-        (prefix.parent / f"{prefix.name}_query.txt").write_text(
-            f"{query_name} {box[0]:.1f} {box[1]:.1f} {box[2]:.1f} {box[3]:.1f}\n")
-    revisited = {"imlist": list(images), "qimlist": list(queries), "gnd": gnd}
-    with open(staging / f"gnd_{name}.pkl", "wb") as handle:
-        pickle.dump(revisited, handle, protocol=4)
+    dataset = RetrievalDataset(name=name, image_dir=out_path / "jpg", images=images, queries=queries,
+                               query_boxes=boxes, gnd=gnd, image_ext=".jpg", query_landmarks=instances)
+    write_classic(dataset, staging / "gt")
+    write_revisited(dataset, staging / f"gnd_{name}.pkl")
     return PhotoBenchmark(
         name=name, image_dir=str(out_path / "jpg"), images=list(images), queries=list(queries),
         query_boxes=boxes, gnd=gnd, image_ext=".jpg", out_dir=str(out_path),
         gt_dir=str(out_path / "gt"), pkl_path=str(out_path / f"gnd_{name}.pkl"),
-        metadata_path=str(out_path / "benchmark.json"), query_tiers=tiers, query_instances=instances)
+        metadata_path=str(out_path / "benchmark.json"), query_tiers=tiers, query_instances=instances,
+        dataset=dataset)
 
 
 def _write_metadata(staging: Path, specs: list[_ImageSpec], names: list[str], seed: int,
