@@ -316,6 +316,11 @@ def test_line_plot_svg_parses_and_contains_every_series():
         assert tick in texts  # log2 axis: ticks at the powers of two
     assert "PCA dimension C" in texts and "mAP (%)" in texts and "Fig. 3" in texts
     assert svg == figures.line_plot_svg(series, "PCA dimension C", "mAP (%)", "Fig. 3", log_x=True)
+    # Charts inlined in one HTML page must not share a clip-path id (ids are page-global).
+    other = figures.line_plot_svg({"R-MAC": ([1, 16], [59.0, 58.0])}, "C", "mAP", "other", log_x=True)
+    clip_ids = [re.search(r'clipPath id="([^"]+)"', s).group(1) for s in (svg, other)]
+    assert clip_ids[0] != clip_ids[1]
+    assert all(f"url(#{i})" in s for i, s in zip(clip_ids, (svg, other)))
 
 
 def test_line_plot_svg_places_points_on_linear_axes():

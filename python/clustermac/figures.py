@@ -15,6 +15,7 @@ half-open) and the captions in ``figure.info["captions"]``, so callers and tests
 from __future__ import annotations
 
 import colorsys
+import hashlib
 import math
 import os
 import tempfile
@@ -533,7 +534,6 @@ def region_precision_study(
     mean number of non-empty regions per image.
     """
     from . import _core
-    from .descriptors import _progress
     from .images import load_image, map_box, resize_max
 
     if len(query_images) != len(query_boxes):
@@ -546,7 +546,11 @@ def region_precision_study(
     stride = float(extractor.backbone.stride)
     grid_precisions: list[np.ndarray] = []
     cluster_precisions: list[np.ndarray] = []
-    bar = _progress(len(query_images), "region precision", progress)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(query_images), desc="region precision", unit="img", leave=False)
     for image, box in zip(query_images, query_boxes):
         original = load_image(image)
         resized, scale = resize_max(original, extractor.max_size)
@@ -558,8 +562,10 @@ def region_precision_study(
         for k in n_clusters:
             labels = _cluster_with(extractor, fmap, int(k), 0.0)
             cluster_precisions.append(region_precision(labels, cells))
-        bar.update(1)
-    bar.close()
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
     n_images = len(query_images)
     grid_all = np.concatenate(grid_precisions)
     clusters_all = np.concatenate(cluster_precisions)
@@ -738,11 +744,16 @@ def line_plot_svg(
         f'<text transform="translate(16 {top + plot_h / 2:.1f}) rotate(-90)" text-anchor="middle">{escape(y_label)}</text>'
     )
     # The data, clipped to the plot box.
-    parts.append(f'<clipPath id="plot-area"><rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}"/></clipPath>')
+    # Ids are global in an HTML page holding several inline charts: name the clip path after the
+    # chart's content so that two different charts never share one (and output stays deterministic).
+    fingerprint = hashlib.sha1(repr((title, x_label, y_label, width, height, x_low, x_high, y_low, y_high,
+                                     [(n, xs.tobytes(), ys.tobytes()) for n, xs, ys in prepared])).encode())
+    clip_id = f"plot-area-{fingerprint.hexdigest()[:12]}"
+    parts.append(f'<clipPath id="{clip_id}"><rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}"/></clipPath>')
     for index, (name, xs, ys) in enumerate(prepared):
         colour = _SERIES_COLOURS[index % len(_SERIES_COLOURS)]
         dash = "" if index < len(_SERIES_COLOURS) else ' stroke-dasharray="6 3"'
-        parts.append(f'<g class="series" data-name={quoteattr(name)} clip-path="url(#plot-area)">')
+        parts.append(f'<g class="series" data-name={quoteattr(name)} clip-path="url(#{clip_id})">')
         parts.append(f"<title>{escape(name)}</title>")
         valid = np.isfinite(xs) & np.isfinite(ys)
         run: list[str] = []
