@@ -420,6 +420,12 @@ def test_write_report_failure_leaves_existing_report_untouched(tmp_path, bad):
     assert os.listdir(tmp_path) == ["report.html"]
 
 
+def test_render_report_inlines_svg_without_its_xml_declaration():
+    svg = '<?xml version="1.0" encoding="UTF-8"?>\n<svg xmlns="http://www.w3.org/2000/svg"><circle r="1"/></svg>'
+    html = render_report("t", [], [("chart", svg)], [])
+    assert "<?xml" not in html and '<svg xmlns="http://www.w3.org/2000/svg"><circle r="1"/></svg>' in html
+
+
 def test_render_report_rejects_a_malformed_table():
     with pytest.raises(ValueError, match=r"tables\[0\]"):
         render_report("t", [("caption", ["a", "b"], [[1]])], [], [])
