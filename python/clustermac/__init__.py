@@ -22,6 +22,27 @@ from ._core import (  # noqa: E402
 )
 
 # --- pooling, whitening, search ---
+from ._core import (  # noqa: E402
+    aggregate_regions,
+    aml_localize,
+    apply_whitening,
+    crow_pool,
+    fit_pca_whitening,
+    gem_pool,
+    grid_mac,
+    l2_normalize,
+    region_mac,
+    rmac_regions,
+    spoc_pool,
+    topk_search,
+)
+from .index import Index  # noqa: E402
+from .query_expansion import (  # noqa: E402
+    alpha_query_expansion,
+    average_query_expansion,
+    database_side_augmentation,
+)
+from .rerank import FeatureMapStore, FeatureMapStoreWriter, RerankResult, aml_rerank, quantize_feature_map  # noqa: E402
 
 # --- backbones ---
 from .backbone import Backbone, default_backbone  # noqa: E402
