@@ -57,6 +57,7 @@ same seed and the same installed photos give bit-identical files.
 """
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
@@ -332,15 +333,26 @@ def find_photo_sources(include_debian: bool = True) -> dict[str, list]:
 
 
 class _SourceCache:
-    """Decodes each photograph once, as RGB uint8 with its longer side <= SOURCE_MAX_SIDE."""
+    """Decodes each photograph once per run, as RGB uint8 with its longer side <= SOURCE_MAX_SIDE.
+
+    The most recently used decoded photos are also kept between runs (a small process-wide
+    cache, read-only arrays) because decoding a 5120-px wallpaper takes ~0.4 s.
+    """
 
     def __init__(self) -> None:
         self._images: dict[str, np.ndarray] = {}
 
     def get(self, path: str) -> np.ndarray:
         if path not in self._images:
-            self._images[path] = _load_rgb(path, SOURCE_MAX_SIDE)
+            self._images[path] = _load_rgb_shared(path)
         return self._images[path]
+
+
+@functools.lru_cache(maxsize=24)
+def _load_rgb_shared(path: str) -> np.ndarray:
+    image = _load_rgb(path, SOURCE_MAX_SIDE)
+    image.setflags(write=False)
+    return image
 
 
 def _load_rgb(path: str, max_side: int) -> np.ndarray:
@@ -454,6 +466,10 @@ def _random_crop(source: np.ndarray, width: int, height: int, rng: np.random.Gen
     return np.asarray(crop).copy()
 
 
+_MAX_GRID = 4
+_MAX_CELLS_PER_PHOTO = _MAX_GRID * _MAX_GRID
+
+
 @dataclass
 class _Cutout:
     """A candidate object: a rectangle of a source photo (in SOURCE_MAX_SIDE-scaled pixels)."""
@@ -470,8 +486,8 @@ def _cutout_candidates(source: PhotoSource, image: np.ndarray) -> list[_Cutout]:
     Cells are pixel-disjoint, so two instances from one photo never share content.
     """
     height, width = image.shape[:2]
-    n_cols = int(np.clip(round(width / 200), 1, 4))
-    n_rows = int(np.clip(round(height / 200), 1, 4))
+    n_cols = int(np.clip(round(width / 200), 1, _MAX_GRID))
+    n_rows = int(np.clip(round(height / 200), 1, _MAX_GRID))
     grey = image.astype(np.float32).mean(axis=2)
     cells = []
     for row in range(n_rows):
@@ -748,6 +764,12 @@ def make_benchmark(
         raise ValueError("sources: distractors need background photographs; none found")
     instances: list[_Cutout] = []
     clutter: list[_Cutout] = []
+    if n_pasted > _MAX_CELLS_PER_PHOTO * len(object_sources):
+        # Cheap bound before decoding anything: each photo gives at most 16 cut-outs.
+        _too_many("n_queries", n_queries is not None,
+                  f"{len(object_sources)} object photographs give at most "
+                  f"{_MAX_CELLS_PER_PHOTO * len(object_sources)} pasted instances")
+        n_pasted = _MAX_CELLS_PER_PHOTO * len(object_sources)
     if "pasted" in tiers or sizes["n_distractors"] > 0:
         instances, clutter = _choose_cutouts(object_sources, background_sources, n_pasted, rng, cache)
         if len(instances) < n_pasted:
@@ -1274,8 +1296,9 @@ def make_whitening_set(out_dir: str | os.PathLike, n_images: int, seed: int = 0,
     cache = _SourceCache()
     rng = np.random.default_rng([seed, 0x57])
     pieces: list[_Cutout] = []
-    for source in training:
-        pieces.extend(_cutout_candidates(source, cache.get(source.path)))
+    # Cut-outs from a few training photos are enough clutter; decoding all of them is slow.
+    for index in sorted(rng.permutation(len(training))[:6]):
+        pieces.extend(_cutout_candidates(training[index], cache.get(training[index].path)))
     out_path = Path(out_dir)
     out_path.mkdir(parents=True, exist_ok=True)
     paths = []
