@@ -467,6 +467,10 @@ def _random_crop(source: np.ndarray, width: int, height: int, rng: np.random.Gen
 
 
 _MAX_GRID = 4
+# Instances need texture to be recognisable (interest = grey std + 4 x mean gradient on the
+# half-resolution cell; 80 excludes e.g. the sky cells of skimage's camera); weaker cells are
+# still used as clutter.
+_MIN_INSTANCE_INTEREST = 80.0
 _MAX_CELLS_PER_PHOTO = _MAX_GRID * _MAX_GRID
 
 
@@ -876,16 +880,18 @@ def _choose_cutouts(object_sources: list[PhotoSource], background_sources: list[
             # The most textured cells first (they are the most object-like); ties by position.
             candidates = sorted(candidates, key=lambda c: -c.interest)
             per_source.append(candidates)
-            total += len(candidates)
+            total += sum(c.interest >= _MIN_INSTANCE_INTEREST for c in candidates)
         # Enough for the instances plus a spare third as clutter.
         if total >= n_instances * 1.5 + 12:
             break
+    eligible = [[c for c in candidates if c.interest >= _MIN_INSTANCE_INTEREST] for candidates in per_source]
+    clutter = [c for candidates in per_source for c in candidates if c.interest < _MIN_INSTANCE_INTEREST]
     instances: list[_Cutout] = []
-    while len(instances) < n_instances and any(per_source):
-        for candidates in per_source:
+    while len(instances) < n_instances and any(eligible):
+        for candidates in eligible:
             if candidates and len(instances) < n_instances:
                 instances.append(candidates.pop(0))
-    clutter = [c for candidates in per_source for c in candidates]
+    clutter += [c for candidates in eligible for c in candidates]
     # Pieces of background photos are clutter too (never instances).
     for source in background_sources[: 8]:
         pieces = _cutout_candidates(source, cache.get(source.path))
