@@ -373,7 +373,7 @@ def _load_rgb(path: str, max_side: int) -> np.ndarray:
 
 
 def _resize(array: np.ndarray, width: int, height: int) -> np.ndarray:
-    return np.asarray(Image.fromarray(array).resize((width, height), Image.BILINEAR if min(width, height) > 0 else Image.NEAREST))
+    return np.asarray(Image.fromarray(array).resize((width, height), Image.BILINEAR))
 
 
 def _fit_max_side(array: np.ndarray, max_side: int) -> tuple[np.ndarray, float]:
@@ -764,7 +764,7 @@ def make_benchmark(
     if "pasted" in tiers and not background_sources:
         raise ValueError("sources: no background photographs found; expected at least one "
                          "(scikit-learn's china.jpg / flower.jpg are always installed with scikit-learn)")
-    if n_distractors_needed(sizes) and not background_sources:
+    if sizes["n_distractors"] > 0 and not background_sources:
         raise ValueError("sources: distractors need background photographs; none found")
     instances: list[_Cutout] = []
     clutter: list[_Cutout] = []
@@ -849,10 +849,6 @@ def make_benchmark(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return benchmark
-
-
-def n_distractors_needed(sizes: dict[str, int]) -> bool:
-    return sizes["n_distractors"] > 0
 
 
 def _too_many(argument: str, explicit: bool, reason: str) -> None:
@@ -1005,7 +1001,13 @@ def _render(spec: _ImageSpec, image_size: int, cache: _SourceCache, backgrounds:
                             "background": background, "clutter": clutter_ids, "strength": strength})
         return canvas, None
     if spec.kind == "pasted":
-        return _render_pasted(spec, image_size, cache, backgrounds, clutter, rng)
+        # A junk view pushed entirely out of the frame would not show its instance at all:
+        # draw again (from the same generator, so still deterministic).
+        for _attempt in range(8):
+            canvas, visible = _render_pasted(spec, image_size, cache, backgrounds, clutter, rng)
+            if spec.record["visible_area"] > 0:
+                break
+        return canvas, visible
     return _render_multiview(spec, image_size, cache, rng)
 
 
