@@ -174,6 +174,7 @@ def test_junk_views_are_junk(bench, records):
         for index in entry["junk"]:
             record = records[bench.images[index]]
             assert record["instance"] == records[query]["instance"]
+            assert record["visible_area"] > 0, "a junk view still shows part of its instance"
             assert record["visible_fraction"] < pb.JUNK_VISIBLE_FRACTION \
                 or record["relative_size"] < pb.JUNK_RELATIVE_SIZE
 
