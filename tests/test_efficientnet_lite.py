@@ -254,3 +254,30 @@ def test_failed_write_leaves_nothing_behind(tmp_path, monkeypatch):
 def test_missing_weights_file(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         lite.efficientnet_lite0_onnx_path(weights=tmp_path / "none.pth", directory=tmp_path)
+
+
+def test_unwritable_default_cache_falls_back_with_a_warning(tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("CLUSTERMAC_CACHE", str(blocker / "cache"))
+    monkeypatch.setattr(lite, "_FALLBACK_DIRECTORY", tmp_path / "fallback")
+    with pytest.warns(RuntimeWarning, match="cannot write the EfficientNet-Lite0 model"):
+        path = lite.efficientnet_lite0_onnx_path()
+    assert path.parent == tmp_path / "fallback" and path.is_file()
+    assert Backbone(path).dim == 1280
+    # An explicit directory is not silently replaced.
+    with pytest.raises(OSError, match="cannot write"):
+        lite.efficientnet_lite0_onnx_path(directory=blocker / "cache")
+
+
+def test_damaged_cache_file_is_rebuilt(tmp_path, monkeypatch):
+    from clustermac import backbone as backbone_module
+
+    monkeypatch.setenv("CLUSTERMAC_CACHE", str(tmp_path))
+    monkeypatch.setattr(backbone_module, "_DEFAULT_BACKBONES", {})
+    path = lite.efficientnet_lite0_onnx_path()
+    size = path.stat().st_size
+    path.write_bytes(path.read_bytes()[: size // 3])
+    backbone = backbone_module.default_backbone(n_threads=1)
+    assert backbone.onnx_path == path and path.stat().st_size == size
+    assert backbone.features(np.zeros((64, 64, 3), np.uint8)).shape == (1280, 2, 2)

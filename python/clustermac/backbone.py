@@ -274,7 +274,16 @@ def default_backbone(n_threads: Optional[int] = None, max_size: int = 1024) -> B
     with _DEFAULT_LOCK:
         backbone = _DEFAULT_BACKBONES.get(key)
         if backbone is None:
-            backbone = Backbone(efficientnet_lite0_onnx_path(), preset="efficientnet-lite0",
-                                n_threads=n_threads, max_size=max_size)
+            path = efficientnet_lite0_onnx_path()
+            try:
+                backbone = Backbone(path, preset="efficientnet-lite0", n_threads=n_threads,
+                                    max_size=max_size)
+            except ValueError as error:
+                if "cannot load" not in str(error):
+                    raise
+                # The cached file is damaged (e.g. truncated on disk): build it again, once.
+                backbone = Backbone(efficientnet_lite0_onnx_path(rebuild=True),
+                                    preset="efficientnet-lite0", n_threads=n_threads,
+                                    max_size=max_size)
             _DEFAULT_BACKBONES[key] = backbone
         return backbone

