@@ -390,3 +390,32 @@ def test_crop_box_matches_array_slicing():
 def test_crop_box_refuses_outside():
     with pytest.raises(ValueError, match="outside the image of size 64×48"):
         crop_box(Image.fromarray(pattern()), (0, 0, 70, 10))
+
+
+def _png_rgb16(values: np.ndarray) -> bytes:
+    """A minimal 48-bit RGB PNG (PIL cannot write one): IHDR, one IDAT, IEND."""
+    import struct
+    import zlib
+
+    height, width, _ = values.shape
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data +
+                struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+    header = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)
+    rows = b"".join(b"\0" + values[y].astype(">u2").tobytes() for y in range(height))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) +
+            chunk(b"IEND", b""))
+
+
+def test_sixteen_bit_rgb_png(tmp_path):
+    values = (pattern().astype(np.uint16) * 257)  # 8-bit pattern stretched to 16 bits
+    values[0, 0] = (65535, 0, 32896)
+    path = tmp_path / "rgb16.png"
+    path.write_bytes(_png_rgb16(values))
+    result = np.asarray(load_image(path))
+    expected = pattern()
+    expected[0, 0] = (255, 0, 128)
+    assert result.shape == (48, 64, 3)
+    assert np.abs(result.astype(int) - expected).max() <= 1
