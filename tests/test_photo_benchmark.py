@@ -306,7 +306,8 @@ def test_bad_arguments(tmp_path, sources, arguments, message):
 
 
 def test_presets_meet_their_sizes():
-    demo, large = pb.PRESETS["demo"], pb.PRESETS["large"]
+    demo, large, quick = pb.PRESETS["demo"], pb.PRESETS["large"], pb.PRESETS["quick"]
+    assert quick["n_queries"] < demo["n_queries"] and quick["n_distractors"] < demo["n_distractors"]
     assert 24 <= demo["n_queries"] <= 40
     assert 200 <= demo["n_queries"] * (demo["n_positives"] + demo["n_junk"]) + demo["n_distractors"] <= 300
     assert large["n_queries"] >= 50 and large["n_positives"] >= 6
@@ -330,3 +331,7 @@ def test_whitening_set(tmp_path, sources):
     assert training and not training & {s.name for s in sources["object"] + sources["background"]}
     with pytest.raises(ValueError, match="n_images"):
         pb.make_whitening_set(tmp_path / "d", 0)
+    with pytest.raises(ValueError, match="preset"):
+        pb.make_whitening_set(tmp_path / "d", preset="nope")
+    quick = pb.make_whitening_set(tmp_path / "e", preset="quick", seed=1, sources=sources)
+    assert len(quick) == pb.WHITENING_PRESET_IMAGES["quick"]

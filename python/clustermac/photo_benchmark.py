@@ -80,6 +80,7 @@ __all__ = [
     "MultiviewGroup",
     "PhotoBenchmark",
     "PRESETS",
+    "WHITENING_PRESET_IMAGES",
     "find_photo_sources",
     "make_benchmark",
     "make_whitening_set",
@@ -100,11 +101,15 @@ EASY_RELATIVE_SIZE = 0.20
 EASY_MAX_STRENGTH = 0.45
 
 PRESETS: dict[str, dict[str, int]] = {
+    # Smoke tests (`clustermac demo --quick`): 8 queries, ~56 database images at 384 px.
+    "quick": {"n_queries": 8, "n_positives": 3, "n_junk": 1, "n_distractors": 24, "size": 384},
     # The demo: ~30 queries, ~270 database images at 576 px (well under a minute on one core).
     "demo": {"n_queries": 30, "n_positives": 4, "n_junk": 1, "n_distractors": 120, "size": 576},
     # benchmarks/retrieval.py: >= 50 queries with >= 6 positives, >= 1,000 database images.
     "large": {"n_queries": 60, "n_positives": 8, "n_junk": 1, "n_distractors": 500, "size": 640},
 }
+# Images of the whitening training set per preset (make_whitening_set without n_images).
+WHITENING_PRESET_IMAGES: dict[str, int] = {"quick": 40, "demo": 200, "large": 500}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -707,8 +712,9 @@ def make_benchmark(
 
     Args:
         out_dir: output folder (created; an existing benchmark there is replaced).
-        preset: ``"demo"`` (~30 queries, ~270 images at 576 px) or ``"large"`` (60 queries with
-            8 positives each, >= 1,000 images at 640 px); the arguments below override it.
+        preset: ``"quick"`` (8 queries, ~56 images at 384 px, for smoke tests), ``"demo"``
+            (30 queries, ~270 images at 576 px) or ``"large"`` (60 queries with 8 positives
+            each, ~1,040 images at 640 px); see :data:`PRESETS`. The arguments below override it.
         n_queries: number of queries (one instance each). With both tiers, a quarter (at most
             one per installed multi-view group) are multi-view queries. When the preset asks
             for more than the installed photos allow it is reduced with a warning; an explicit
@@ -1269,26 +1275,34 @@ def _write_metadata(staging: Path, specs: list[_ImageSpec], names: list[str], se
 # ----------------------------------------------------------------------------------------------
 
 
-def make_whitening_set(out_dir: str | os.PathLike, n_images: int, seed: int = 0, *, size: int = 576,
+def make_whitening_set(out_dir: str | os.PathLike, n_images: int | None = None, seed: int = 0, *,
+                       preset: str = "demo", size: int | None = None,
                        sources: dict[str, list] | None = None, progress: bool = False) -> list[str]:
     """Images for learning PCA-whitening, disjoint from every benchmark :func:`make_benchmark` makes.
 
     Each image is a crop of a "training" or "background" photograph with 0-3 cut-outs of other
     "training" photographs pasted in. Training photographs are never object sources of a
-    benchmark, so no benchmark instance appears here (backgrounds are scenery in both, as
-    Oxford and Paris share sky and stone).
+    benchmark (roles are fixed by photo name, not by seed), so no benchmark instance appears
+    here; backgrounds are scenery in both, as Oxford and Paris share sky and stone.
 
     Args:
-        out_dir: output folder; images are written to ``out_dir/train_<k>.jpg``.
-        n_images: number of images (>= 1).
+        out_dir: output folder; images are written to ``out_dir/train_<k>.jpg`` (atomically).
+        n_images: number of images (>= 1); default :data:`WHITENING_PRESET_IMAGES` ``[preset]``.
         seed: determines everything; same seed -> identical files.
-        size: longer side in pixels.
+        preset: ``"quick"``, ``"demo"`` or ``"large"``: the default number of images and size.
+        size: longer side in pixels; default the preset's benchmark image size.
         sources: output of :func:`find_photo_sources` (default: call it).
         progress: show a tqdm progress bar.
 
     Returns:
         The written file paths, in order.
     """
+    if preset not in PRESETS:
+        raise ValueError(f"preset: got {preset!r}; expected one of {sorted(PRESETS)}")
+    if n_images is None:
+        n_images = WHITENING_PRESET_IMAGES[preset]
+    if size is None:
+        size = PRESETS[preset]["size"]
     if isinstance(n_images, bool) or not isinstance(n_images, (int, np.integer)) or n_images < 1:
         raise ValueError(f"n_images: got {n_images!r}; expected an int >= 1")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
