@@ -39,7 +39,7 @@ from typing import Dict, Optional, Tuple, Union
 import numpy as np
 from PIL import Image
 
-from .images import ImageSource, load_image
+from .images import load_image
 
 __all__ = ["Backbone", "Preset", "PRESETS", "default_backbone"]
 
