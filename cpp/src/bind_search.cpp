@@ -49,13 +49,6 @@ py::tuple box_result(const AmlResult& r) {
   return py::make_tuple(box, r.score);
 }
 
-// One reusable integral-image buffer per thread: a VGG16 map needs ~13 MB, and allocating it
-// afresh for each of a thousand re-ranked images costs page faults.
-aml_detail::PowerIntegral& thread_workspace() {
-  thread_local aml_detail::PowerIntegral workspace;
-  return workspace;
-}
-
 }  // namespace
 
 void bind_search(py::module_& m) {
@@ -103,8 +96,7 @@ beyond the inputs is O(threads·Q·256) floats. The GIL is released.)doc");
             if (!std::isfinite(data[i])) fail("feature_map contains NaN or Inf values; expected only finite numbers");
             if (data[i] < 0.0f) fail("feature_map has negative values; AML expects non-negative (post-ReLU) activations");
           }
-          const std::vector<float> powered = power_map(data, count, params.p);
-          result = aml_localize_powered(powered.data(), channels, height, width, query.data(), params, thread_workspace());
+          result = aml_localize(data, channels, height, width, query.data(), params);
         }
         return box_result(result);
       },
@@ -126,28 +118,27 @@ half-open in cells, score float).)doc");
          int refine_iterations, const py::object& query_aspect) {
         if (!py::isinstance<py::array>(codes_obj) ||
             !py::reinterpret_borrow<py::array>(codes_obj).dtype().is(py::dtype::of<std::uint8_t>()))
-          throw py::value_error("codes: expected a uint8 NumPy array of shape (D, H, W) (an 8-bit quantised feature map)");
+          throw py::value_error("codes: expected a uint8 NumPy array of shape (H, W, D) (an 8-bit quantised feature map, channel-last)");
         auto as_array = py::reinterpret_borrow<py::array>(codes_obj);
         if (as_array.ndim() != 3 || !(as_array.flags() & py::array::c_style))
-          throw py::value_error("codes: expected a C-contiguous 3-D array (D, H, W), got " + describe(as_array));
+          throw py::value_error("codes: expected a C-contiguous 3-D array (H, W, D), got " + describe(as_array));
         CodeArray codes = py::reinterpret_borrow<CodeArray>(as_array);
-        const py::ssize_t channels = codes.shape(0), height = codes.shape(1), width = codes.shape(2);
+        const py::ssize_t height = codes.shape(0), width = codes.shape(1), channels = codes.shape(2);
         if (channels < 1 || height < 1 || width < 1)
-          throw py::value_error("codes: expected a non-empty D×H×W array, got " + describe(codes));
+          throw py::value_error("codes: expected a non-empty H×W×D array, got " + describe(codes));
         const AmlParams params = make_params(p, step, aspect_tolerance, query_aspect, refine_iterations);
         const VectorF query = unit_query(query_obj, channels);
         AmlResult result;
         {
           py::gil_scoped_release release;
-          const std::vector<float> powered = power_codes(codes.data(), channels * height * width, params.p);
-          result = aml_localize_powered(powered.data(), channels, height, width, query.data(), params, thread_workspace());
+          result = aml_localize_codes(codes.data(), height, width, channels, query.data(), params);
         }
         return box_result(result);
       },
       py::arg("codes"), py::arg("query_vector"), py::arg("p") = 10.0, py::arg("step") = 3,
       py::arg("aspect_tolerance") = 1.1, py::arg("refine_iterations") = 5, py::arg("query_aspect") = py::none(),
-      "aml_localize on an 8-bit quantised feature map (uint8 D×H×W codes, value = code·scale; the scale cancels "
-      "in the cosine). Used by clustermac.rerank on its compact feature-map store.");
+      "aml_localize on an 8-bit quantised feature map stored channel-last (uint8 H×W×D codes, value = code·scale; "
+      "the scale cancels in the cosine). Used by clustermac.rerank on its compact feature-map store.");
 }
 
 }  // namespace clustermac::bind
