@@ -10,7 +10,8 @@ localised descriptors re-scores the same N images.
 
 This needs the database images' feature maps. :class:`FeatureMapStore` keeps them compactly
 as Tolias does: 8 bits per activation, quantised per map with one scale (max / 255), in a
-single memory-mappable file per collection (about 1.5 MB per VGG16 map at 1024 px).
+single memory-mappable file per collection (about 1.5 MB per VGG16 map at 1024 px). Codes
+are stored channel-last (H×W×D), the layout the localisation kernel reads.
 
 The descriptor computed inside a box is the caller's: pass ``descriptor_fn``, a callable
 mapping a float32 D×h×w feature-map crop to an l2-normalised descriptor (the Extractor
@@ -96,7 +97,7 @@ class FeatureMapStoreWriter:
             raise ValueError(f"feature_map: expected {self._channels} channels like the maps already stored, "
                              f"got shape {codes.shape}")
         offset = self._file.tell()
-        self._file.write(codes.tobytes())
+        self._file.write(np.ascontiguousarray(codes.transpose(1, 2, 0)).tobytes())  # channel-last
         padding = -self._file.tell() % 64
         self._file.write(b"\0" * padding)
         self._rows.append((offset, codes.shape[0], codes.shape[1], codes.shape[2], scale))
@@ -166,9 +167,9 @@ class FeatureMapStore:
         return self._table[index]
 
     def codes(self, index: int) -> np.ndarray:
-        """uint8 D×H×W codes of map ``index`` (a read-only view into the file)."""
+        """uint8 codes of map ``index``, channel-last H×W×D (a read-only view into the file)."""
         row = self._row(index)
-        shape = (int(row["channels"]), int(row["height"]), int(row["width"]))
+        shape = (int(row["height"]), int(row["width"]), int(row["channels"]))
         start = int(row["offset"])
         return self._data[start:start + shape[0] * shape[1] * shape[2]].reshape(shape)
 
@@ -181,8 +182,13 @@ class FeatureMapStore:
         codes = self.codes(index)
         if box is not None:
             x0, y0, x1, y1 = (int(v) for v in box)
-            codes = codes[:, y0:y1, x0:x1]
-        return codes.astype(np.float32) * np.float32(self.scale(index))
+            if not (0 <= x0 < x1 <= codes.shape[1] and 0 <= y0 < y1 <= codes.shape[0]):
+                raise ValueError(f"box: expected 0 <= x0 < x1 <= {codes.shape[1]} and 0 <= y0 < y1 <= "
+                                 f"{codes.shape[0]}, got {tuple(box)}")
+            codes = codes[y0:y1, x0:x1]
+        fmap = np.ascontiguousarray(codes.transpose(2, 0, 1), dtype=np.float32)
+        fmap *= np.float32(self.scale(index))
+        return fmap
 
     def __iter__(self) -> Iterator[np.ndarray]:
         for i in range(len(self)):
