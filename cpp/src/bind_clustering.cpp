@@ -212,6 +212,59 @@ compact: when the discretisation leaves a cluster empty (fewer separable groups 
 n_clusters), the remaining labels are renumbered 0..m-1 with m < n_clusters. n_clusters must be
 in [1, N]; n_clusters = 1 gives all zeros. Same input and seed give the same labels.)doc");
 
+  // Not public API: the eigensolver's settings and statistics, for benchmarks/clustering.py
+  // and the tests of the tolerance.
+  m.def(
+      "_ncut_solver_statistics",
+      [](const py::object& affinity_matrix, int n_vectors, const std::string& normalization, int block_size,
+         int blocks_per_cycle, double tolerance, int max_cycles, int kept_blocks) {
+        auto a = require_array<float>(affinity_matrix, "affinity", 2, "of shape (N, N)");
+        require_nonempty(a, "affinity", "of shape (N, N)");
+        const Normalization norm = parse_normalization(normalization);
+        if (n_vectors < 1 || n_vectors > a.shape(0))
+          throw py::value_error("n_vectors: expected 1 <= n_vectors <= N, got " + std::to_string(n_vectors));
+        EigenSolverOptions options = ncut_solver_options(n_vectors);
+        if (block_size > 0) options.block_size = block_size;
+        if (blocks_per_cycle > 0) options.blocks_per_cycle = blocks_per_cycle;
+        if (tolerance > 0) options.tolerance = tolerance;
+        if (max_cycles > 0) options.max_cycles = max_cycles;
+        if (kept_blocks > 0) options.kept_blocks = kept_blocks;
+        EigenPairs pairs;
+        Eigen::MatrixXd embedding;
+        {
+          py::gil_scoped_release release;
+          embedding = ncut_embedding_of(as_matrix(a), n_vectors, norm, &options, &pairs);
+        }
+        py::dict out;
+        out["embedding"] = to_numpy(MatrixRM(embedding.cast<float>()));
+        out["eigenvalues"] = to_numpy(VectorF(pairs.values.cast<float>()));
+        out["n_products"] = pairs.n_products;
+        out["n_cycles"] = pairs.n_cycles;
+        out["converged"] = pairs.converged;
+        out["max_residual"] = pairs.max_residual;
+        return out;
+      },
+      py::arg("affinity"), py::arg("n_vectors"), py::arg("normalization") = "shi", py::arg("block_size") = 0,
+      py::arg("blocks_per_cycle") = 0, py::arg("tolerance") = 0.0, py::arg("max_cycles") = 0, py::arg("kept_blocks") = 0);
+
+  m.def(
+      "_discretize",
+      [](const py::object& embedding, std::int64_t seed) {
+        auto a = require_array<float>(embedding, "embedding", 2, "of shape (N, K)");
+        require_nonempty(a, "embedding", "of shape (N, K)");
+        check_seed(seed);
+        if (!as_matrix(a).allFinite()) throw py::value_error("embedding contains NaN or Inf values");
+        Eigen::MatrixXd e = as_matrix(a).cast<double>();
+        VectorI labels;
+        {
+          py::gil_scoped_release release;
+          labels = discretize(e, static_cast<std::uint64_t>(seed));
+        }
+        return to_numpy(std::move(labels));
+      },
+      py::arg("embedding"), py::arg("seed") = 0,
+      "Yu & Shi 2003 discretisation of an N x K embedding (not public API; used by the tests).");
+
   m.def(
       "cluster_feature_map",
       [](const py::object& feature_map, const py::object& rgb, const std::vector<int>& n_clusters, int rgb_clusters,

@@ -22,7 +22,8 @@ namespace clustermac {
 
 struct EigenSolverOptions {
   int block_size = 0;           // b: 0 -> k + max(3, k / 4)
-  int blocks_per_cycle = 4;     // Krylov basis of blocks_per_cycle * b vectors per restart cycle
+  int blocks_per_cycle = 4;     // basis of blocks_per_cycle * b vectors at most
+  int kept_blocks = 0;          // Ritz vectors kept at a restart, in blocks (0: half the basis)
   double tolerance = 1e-4;      // stop when ||A x - theta x|| <= tolerance * max|theta| for the k wanted pairs
   int max_cycles = 60;          // restart cycles before giving up (the best Ritz pairs are returned)
   int dense_below = 200;        // operators of this dimension or less are solved densely
@@ -101,7 +102,10 @@ EigenPairs top_eigenpairs(Eigen::Index n, int k, Apply&& apply, const EigenSolve
   }
 
   const Index m = static_cast<Index>(block) * blocks_per_cycle;
-  Eigen::MatrixXf basis(n, m);          // Q: orthonormal Krylov basis
+  // Thick restart: keep this many Ritz vectors (with their known products) across cycles.
+  const Index keep = std::clamp<Index>(options.kept_blocks > 0 ? static_cast<Index>(options.kept_blocks) * block : m / 2,
+                                       block, m - block);
+  Eigen::MatrixXf basis(n, m);          // Q: orthonormal basis
   Eigen::MatrixXf basis_product(n, m);  // A Q
   Eigen::MatrixXf block_in(n, block), block_out(n, block);
 
@@ -114,37 +118,41 @@ EigenPairs top_eigenpairs(Eigen::Index n, int k, Apply&& apply, const EigenSolve
   apply(block_in, block_out);
   result.n_products += block;
   basis_product.leftCols(block) = block_out;
+  Index filled = block;
+  // The block that seeds the next extension: A * (last block) in plain Krylov steps, the
+  // residuals of the wanted Ritz vectors right after a restart (both span the same
+  // direction that the kept Ritz vectors leave the subspace in).
+  Eigen::MatrixXf next_block = basis_product.leftCols(block);
 
-  Eigen::MatrixXd ritz_vectors_small;
-  Eigen::VectorXd ritz_values;
   for (int cycle = 0; cycle < options.max_cycles; ++cycle) {
     result.n_cycles = cycle + 1;
-    // Extend the Krylov basis: next block = A * previous block, orthonormalised against all.
-    for (int j = 1; j < blocks_per_cycle; ++j) {
-      const Index begin = static_cast<Index>(j) * block;
-      basis.middleCols(begin, block) = basis_product.middleCols(begin - block, block);
-      for (Index c = begin; c < begin + block; ++c) detail::orthonormalise_column(basis, c, rng);
-      block_in = basis.middleCols(begin, block);
+    while (filled + block <= m) {
+      basis.middleCols(filled, block) = next_block;
+      for (Index c = filled; c < filled + block; ++c) detail::orthonormalise_column(basis, c, rng);
+      block_in = basis.middleCols(filled, block);
       apply(block_in, block_out);
       result.n_products += block;
-      basis_product.middleCols(begin, block) = block_out;
+      basis_product.middleCols(filled, block) = block_out;
+      next_block = block_out;
+      filled += block;
     }
     // Rayleigh-Ritz on the basis (small problem in double).
-    Eigen::MatrixXd projected = (basis.transpose() * basis_product).cast<double>();
+    Eigen::MatrixXd projected = (basis.leftCols(filled).transpose() * basis_product.leftCols(filled)).cast<double>();
     projected = 0.5 * (projected + projected.transpose()).eval();
     Eigen::SelfAdjointEigenSolver<Eigen::MatrixXd> solver(projected);
-    ritz_values = solver.eigenvalues().reverse().head(block);
-    ritz_vectors_small = solver.eigenvectors().rowwise().reverse().leftCols(block);
-    Eigen::MatrixXf small_f = ritz_vectors_small.cast<float>();
-    Eigen::MatrixXf ritz = basis * small_f;
-    Eigen::MatrixXf ritz_product = basis_product * small_f;
+    const Index kept = std::min<Index>(keep, filled);
+    const Eigen::VectorXd ritz_values = solver.eigenvalues().reverse().head(kept);
+    const Eigen::MatrixXf small = solver.eigenvectors().rowwise().reverse().leftCols(kept).cast<float>();
+    Eigen::MatrixXf ritz = basis.leftCols(filled) * small;
+    Eigen::MatrixXf ritz_product = basis_product.leftCols(filled) * small;
 
-    double scale = std::max(std::abs(ritz_values(0)), std::abs(ritz_values(block - 1)));
+    double scale = std::max(std::abs(ritz_values(0)), std::abs(ritz_values(kept - 1)));
     scale = std::max(scale, 1e-30);
+    Eigen::MatrixXf residual(n, block);
     double max_residual = 0.0;
-    for (Index i = 0; i < k; ++i) {
-      const double r = (ritz_product.col(i) - static_cast<float>(ritz_values(i)) * ritz.col(i)).norm();
-      max_residual = std::max(max_residual, r / scale);
+    for (Index i = 0; i < block; ++i) {
+      residual.col(i) = ritz_product.col(i) - static_cast<float>(ritz_values(i)) * ritz.col(i);
+      if (i < k) max_residual = std::max(max_residual, static_cast<double>(residual.col(i).norm()) / scale);
     }
     result.max_residual = max_residual;
     result.values = ritz_values.head(k);
@@ -153,9 +161,11 @@ EigenPairs top_eigenpairs(Eigen::Index n, int k, Apply&& apply, const EigenSolve
       result.converged = true;
       break;
     }
-    // Restart from the Ritz block; its product is already known (A Q y), so no product here.
-    basis.leftCols(block) = ritz;
-    basis_product.leftCols(block) = ritz_product;
+    // Thick restart: the kept Ritz vectors and their products (A Q y, no new product).
+    basis.leftCols(kept) = ritz;
+    basis_product.leftCols(kept) = ritz_product;
+    filled = kept;
+    next_block = residual;
   }
   return result;
 }

@@ -34,9 +34,11 @@ inline Normalization parse_normalization(const std::string& name) {
 // benchmarks/clustering.py (see the comments there for the measurements).
 inline EigenSolverOptions ncut_solver_options(int n_vectors) {
   EigenSolverOptions options;
-  options.block_size = n_vectors + std::max(3, n_vectors / 4);
-  options.blocks_per_cycle = 4;
-  options.tolerance = 1e-4;
+  options.block_size = n_vectors + 5;
+  options.blocks_per_cycle = 6;
+  options.kept_blocks = 3;
+  options.tolerance = 1e-2;
+  options.max_cycles = 4;
   options.dense_below = 200;
   return options;
 }

@@ -1,0 +1,172 @@
+"""ncut_embedding / ncut against numpy.linalg.eigh and scikit-learn's spectral clustering."""
+import numpy as np
+import pytest
+from sklearn.cluster import spectral_clustering
+from sklearn.cluster._spectral import discretize as sklearn_discretize
+from sklearn.metrics import adjusted_rand_score
+
+import clustermac
+from clustermac import _core
+
+
+def mixture(n, dim, n_groups, spread, seed):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(n_groups, dim)) * 4.0
+    truth = rng.integers(0, n_groups, n)
+    points = centres[truth] + rng.normal(size=(n, dim)) * spread
+    return points.astype(np.float32), truth
+
+
+def reference_embedding(s, k, normalization):
+    s = s.astype(np.float64)
+    if normalization == "shi":
+        degree = s.sum(1) + 1.0
+        p = (s + 0.5 * np.eye(len(s))) / np.sqrt(np.outer(degree, degree))
+    else:
+        s = s - np.diag(np.diag(s))
+        degree = s.sum(1)
+        p = s / np.sqrt(np.outer(degree, degree))
+    values, vectors = np.linalg.eigh(p)
+    return vectors[:, ::-1][:, :k] / np.sqrt(degree)[:, None], values[::-1]
+
+
+def subspace_distance(a, b):
+    qa, _ = np.linalg.qr(a.astype(np.float64))
+    qb, _ = np.linalg.qr(b.astype(np.float64))
+    return np.linalg.norm(qa - qb @ (qb.T @ qa), 2)
+
+
+def ncut_objective(s, labels):
+    """sum_c cut(A_c, V - A_c) / assoc(A_c, V), self-similarities included."""
+    s = s.astype(np.float64)
+    total = 0.0
+    for c in np.unique(labels):
+        inside = labels == c
+        assoc = s[inside].sum()
+        total += (assoc - s[np.ix_(inside, inside)].sum()) / assoc
+    return total
+
+
+@pytest.mark.parametrize("normalization", ["shi", "sym"])
+@pytest.mark.parametrize("n,dim,k", [(150, 4, 4), (450, 4, 5), (420, 7, 6)])
+def test_embedding_spans_the_eigh_subspace(normalization, n, dim, k):
+    features, _ = mixture(n, dim, k, spread=0.7, seed=n)
+    s = clustermac.affinity(features)
+    embedding = clustermac.ncut_embedding(s, k, normalization=normalization)
+    reference, _ = reference_embedding(s, k, normalization)
+    assert embedding.shape == (n, k) and embedding.dtype == np.float32
+    assert subspace_distance(embedding, reference) < 0.02
+    np.testing.assert_allclose(np.linalg.norm(embedding, axis=0), 1.0, rtol=1e-5)
+    for column in embedding.T:
+        assert column[np.argmax(np.abs(column))] > 0
+
+
+def test_embedding_columns_match_eigh_with_clear_gaps():
+    # Groups of very different sizes give well-separated leading eigenvalues.
+    rng = np.random.default_rng(5)
+    centres = np.array([[0, 0, 0, 0], [9, 0, 0, 0], [0, 9, 0, 0]], dtype=np.float64)
+    truth = np.repeat([0, 1, 2], [250, 120, 40])
+    features = (centres[truth] + rng.normal(size=(len(truth), 4))).astype(np.float32)
+    s = clustermac.affinity(features)
+    embedding = _core._ncut_solver_statistics(s, 3, tolerance=1e-5, max_cycles=50)["embedding"]
+    reference, _ = reference_embedding(s, 3, "shi")
+    for k in range(3):
+        ref = reference[:, k] / np.linalg.norm(reference[:, k])
+        assert abs(abs(ref @ embedding[:, k]) - 1.0) < 1e-4
+
+
+def test_eigenvalues_match_eigh():
+    features, _ = mixture(400, 4, 5, spread=1.0, seed=9)
+    s = clustermac.affinity(features)
+    stats = _core._ncut_solver_statistics(s, 8, tolerance=1e-5, max_cycles=60)
+    _, values = reference_embedding(s, 8, "shi")
+    np.testing.assert_allclose(stats["eigenvalues"], values[:8], atol=1e-4)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_discretisation_matches_scikit_learn(seed):
+    features, _ = mixture(400, 4, 6, spread=0.6, seed=seed)
+    s = clustermac.affinity(features)
+    embedding = clustermac.ncut_embedding(s, 6)
+    ours = _core._discretize(embedding, seed=seed)
+    theirs = sklearn_discretize(embedding.astype(np.float64).copy(), random_state=seed)
+    assert adjusted_rand_score(ours, theirs) > 0.98
+    assert ncut_objective(s, ours) <= 1.01 * ncut_objective(s, theirs)
+
+
+@pytest.mark.parametrize("normalization", ["shi", "sym"])
+@pytest.mark.parametrize("dim,k", [(4, 5), (7, 8)])
+def test_objective_no_worse_than_scikit_learn(normalization, dim, k):
+    ours, theirs = [], []
+    for seed in range(4):
+        features, _ = mixture(360, dim, k, spread=1.6, seed=100 + seed)  # overlapping groups
+        s = clustermac.affinity(features)
+        ours.append(ncut_objective(s, clustermac.ncut(s, k, seed=seed, normalization=normalization)))
+        sk = spectral_clustering(s.astype(np.float64), n_clusters=k, assign_labels="discretize", random_state=seed)
+        theirs.append(ncut_objective(s, sk))
+    assert np.mean(ours) <= 1.05 * np.mean(theirs)
+
+
+@pytest.mark.parametrize("normalization", ["shi", "sym"])
+def test_planted_groups_recovered(normalization):
+    features, truth = mixture(300, 4, 4, spread=0.3, seed=11)
+    labels = clustermac.ncut(clustermac.affinity(features), 4, normalization=normalization)
+    assert labels.dtype == np.int32 and labels.shape == (300,)
+    assert adjusted_rand_score(truth, labels) > 0.99
+
+
+def test_deterministic_under_seed():
+    features, _ = mixture(300, 4, 6, spread=1.5, seed=12)
+    s = clustermac.affinity(features)
+    np.testing.assert_array_equal(clustermac.ncut(s, 6, seed=3), clustermac.ncut(s, 6, seed=3))
+
+
+def test_labels_are_compact():
+    # Three real groups asked for eight clusters: whatever is used is numbered 0..m-1.
+    features, _ = mixture(240, 4, 3, spread=0.05, seed=13)
+    labels = clustermac.ncut(clustermac.affinity(features), 8)
+    used = np.unique(labels)
+    np.testing.assert_array_equal(used, np.arange(len(used)))
+    assert 3 <= len(used) <= 8
+
+
+def test_one_cluster_and_k_equal_n():
+    s = clustermac.affinity(np.random.default_rng(0).normal(size=(5, 4)).astype(np.float32))
+    np.testing.assert_array_equal(clustermac.ncut(s, 1), np.zeros(5, np.int32))
+    labels = clustermac.ncut(s, 5)
+    np.testing.assert_array_equal(np.unique(labels), np.arange(len(np.unique(labels))))
+    np.testing.assert_array_equal(clustermac.ncut(np.ones((1, 1), np.float32), 1), [0])
+
+
+def test_all_equal_similarities_do_not_produce_nan():
+    embedding = clustermac.ncut_embedding(np.ones((30, 30), np.float32), 3)
+    assert np.all(np.isfinite(embedding))
+    labels = clustermac.ncut(np.ones((30, 30), np.float32), 3)
+    assert labels.min() >= 0 and labels.max() < 3
+
+
+def _square(n=6):
+    return clustermac.affinity(np.random.default_rng(1).normal(size=(n, 3)).astype(np.float32))
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda: clustermac.ncut(_square(), 0), "n_clusters"),
+        (lambda: clustermac.ncut(_square(), 7), "n_clusters"),
+        (lambda: clustermac.ncut(np.ones((3, 4), np.float32), 2), "square"),
+        (lambda: clustermac.ncut(np.array([[1, 0.5], [0.1, 1]], np.float32), 2), "symmetric"),
+        (lambda: clustermac.ncut(np.array([[1, -0.5], [-0.5, 1]], np.float32), 2), "non-negative"),
+        (lambda: clustermac.ncut(np.array([[1, np.nan], [np.nan, 1]], np.float32), 2), "NaN"),
+        (lambda: clustermac.ncut(_square().astype(np.float64), 2), "dtype float32"),
+        (lambda: clustermac.ncut(np.zeros((0, 0), np.float32), 1), "non-empty"),
+        (lambda: clustermac.ncut(_square(), 2, normalization="rw"), "normalization"),
+        (lambda: clustermac.ncut(_square(), 2, seed=-1), "seed"),
+        (lambda: clustermac.ncut_embedding(_square(), 0), "n_vectors"),
+        (lambda: clustermac.ncut_embedding(_square(), 7), "n_vectors"),
+        (lambda: clustermac.ncut_embedding(_square()[:, :3], 2), "C-contiguous"),
+    ],
+)
+def test_bad_input_raises_value_error(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
