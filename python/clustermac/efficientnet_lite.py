@@ -238,6 +238,8 @@ def _read_zip(path: Path, source: str) -> Any:
             raise ValueError(f"{source}: expected one data.pkl in the torch zip archive, "
                              f"found {len(pickles)}")
         prefix = pickles[0][: -len("data.pkl")]
+        if f"{prefix}byteorder" in names and archive.read(f"{prefix}byteorder").strip() == b"big":
+            raise ValueError(f"{source}: big-endian checkpoints are not supported")
         storages: Dict[str, _StorageRef] = {}
         result = _RestrictedUnpickler(io.BytesIO(archive.read(pickles[0])), source,
                                       storages).load()
