@@ -19,6 +19,8 @@ from typing import Optional, Sequence
 
 from .descriptors import CROP_MODES, METHODS
 
+INDEX_INFO = "clustermac.json"
+
 
 def _add_backbone_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone", default="default",
@@ -87,20 +89,26 @@ def cmd_index(args: argparse.Namespace) -> int:
     from .descriptor_store import load_descriptors
     from .index import Index
 
+    from .descriptor_store import atomic_write_bytes
+
     vectors, manifest = load_descriptors(args.descriptors)
     index = Index(vectors.shape[1])
     index.add(vectors, manifest["images"])
-    index.save(args.out, metadata={"settings": manifest["settings"], "image_root": str(Path(args.image_root).resolve()) if args.image_root else None})
+    index.save(args.out)
+    # The settings the descriptors were made with, so `search` extracts queries the same way.
+    info = {"settings": manifest["settings"], "image_root": str(Path(args.image_root).resolve()) if args.image_root else None}
+    atomic_write_bytes(Path(args.out) / INDEX_INFO, json.dumps(info, indent=1).encode())
     print(f"index of {len(index)} images written to {args.out}")
     return 0
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from .descriptors import Extractor
     from .index import Index
 
     index = Index.load(args.index)
-    settings = index.metadata.get("settings", {})
+    info_file = Path(args.index) / INDEX_INFO
+    info = json.loads(info_file.read_text()) if info_file.is_file() else {}
+    settings = info.get("settings", {})
     if not args.method_given and settings.get("method"):
         args.method = settings["method"]
     ex = _extractor(args)
@@ -114,7 +122,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     if args.html:
         from .report import write_search_page
 
-        write_search_page(args.html, args.query, args.box, results, index.metadata.get("image_root"))
+        write_search_page(args.html, args.query, args.box, results, info.get("image_root"))
         print(f"wrote {args.html}")
     return 0
 
@@ -244,8 +252,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write a VGG16 / ResNet101 feature-map ONNX file (needs torch)")
     p.add_argument("arch", choices=("vgg16", "resnet101"))
     p.add_argument("--out", required=True)
-    p.add_argument("--weights", help="state dict: torchvision ImageNet, Caffe-converted, or retrievalSfM120k")
-    p.add_argument("--convention", default="torchvision", choices=("torchvision", "caffe"))
+    p.add_argument("--weights", help="state dict: torchvision ImageNet, cnnimageretrieval's Caffe-converted "
+                   "(imagenet-caffe-*-features) or retrievalSfM120k networks; default: random weights")
+    p.add_argument("--convention", default="torchvision", choices=("torchvision", "caffe"),
+                   help="input convention baked into the file: 'torchvision' (RGB, ImageNet mean/std; also right for "
+                        "cnnimageretrieval's networks) or 'caffe' (BGR, mean subtraction; weights converted straight from Caffe)")
     p.set_defaults(func=cmd_export)
     return parser
 

@@ -25,7 +25,7 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
+from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 from PIL import Image
@@ -281,8 +281,11 @@ class Extractor:
         return _core.crow_pool(fmap)
 
     def descriptor_from_feature_map(self, fmap: np.ndarray, rgb: Optional[np.ndarray] = None) -> np.ndarray:
-        """The descriptor of a feature map (D×H×W float32); ``rgb`` (H×W×3) is used by the
-        RGB clustering of ClusterMAC only."""
+        """The descriptor of a feature map (D×H×W); ``rgb`` (H×W×3) is used by the RGB
+        clustering of ClusterMAC only (None skips it)."""
+        fmap = np.ascontiguousarray(fmap, dtype=np.float32)
+        if rgb is not None:
+            rgb = np.ascontiguousarray(rgb, dtype=np.float32)
         if self.method in REGIONAL_METHODS:
             vectors = self.regional_vectors(fmap, rgb)
             return _core.aggregate_regions(vectors, self.whitening_mean, self.whitening_projection)
@@ -291,18 +294,6 @@ class Extractor:
             return vector
         whitened = _core.apply_whitening(vector[None, :], self.whitening_mean, self.whitening_projection)
         return _core.l2_normalize(whitened[0])
-
-    def region_crop_fn(self) -> Callable[[np.ndarray, Sequence[int]], np.ndarray]:
-        """A callable (feature_map, box) → descriptor of the locations inside ``box``
-        (``[x0, y0, x1, y1)`` in cells), for AML re-ranking. The RGB clustering is skipped
-        there (no image is at hand for database items)."""
-
-        def descriptor_in_box(fmap: np.ndarray, box: Sequence[int]) -> np.ndarray:
-            x0, y0, x1, y1 = (int(v) for v in box)
-            sub = np.ascontiguousarray(fmap[:, y0:y1, x0:x1], dtype=np.float32)
-            return self.descriptor_from_feature_map(sub, None)
-
-        return descriptor_in_box
 
     # ------------------------------------------------------------------ public API
     def extract(self, image: ImageInput, box: Optional[Box] = None) -> np.ndarray:

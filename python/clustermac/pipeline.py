@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -177,7 +178,8 @@ def evaluate_methods(
             if query_expansion:
                 variants.append((" + QE", full_ranks(database, average_query_expansion(database, queries, ranks, qe_k))))
             if rerank and spec.method in ("rmac", "clustermac"):
-                reranked = _rerank_then_qe(extractor, database, maps.database, queries, query_maps, ranks, rerank_top, qe_k)
+                aspects = [None if b is None else (b[2] - b[0]) / max(b[3] - b[1], 1e-6) for b in dataset.query_boxes]
+                reranked = _rerank_then_qe(extractor, maps, queries, query_maps, aspects, ranks, rerank_top, qe_k)
                 variants.append((" + R + QE", reranked))
             for suffix, r in variants:
                 label = f"{spec.label}, crop {'I' if crop == 'image' else 'X'}{suffix}"
@@ -188,20 +190,33 @@ def evaluate_methods(
     return {"rows": rows, "ranks": all_ranks, "timings": timings}
 
 
-def _rerank_then_qe(extractor, database, database_maps, queries, query_maps, ranks, top, qe_k):
-    """AML re-ranking of the top ``top`` items, then average QE on the re-ranked list."""
-    from .rerank import aml_rerank
+def _rerank_then_qe(extractor, maps: DatasetFeatureMaps, queries: np.ndarray, query_maps: FeatureMaps,
+                    query_boxes_aspect: Sequence[Optional[float]], ranks: np.ndarray, top: int, qe_k: int) -> np.ndarray:
+    """AML re-ranking of the top ``top`` items, then average QE over the top ``qe_k``
+    localised descriptors (Tolias et al. 2016, section 5). Returns new ranks."""
+    import tempfile
 
-    descriptor_in_box = extractor.region_crop_fn()
+    from .rerank import FeatureMapStore, FeatureMapStoreWriter, aml_rerank
+
+    def descriptor_in_box(crop: np.ndarray) -> np.ndarray:
+        # No RGB image is at hand for a database crop: the RGB clustering is skipped here.
+        return extractor.descriptor_from_feature_map(crop, None)
+
     out = ranks.copy()
-    for q in range(queries.shape[0]):
-        if query_maps[q] is None:
-            continue
-        query_mac = _core.l2_normalize(_core.region_mac(np.ascontiguousarray(query_maps[q][0], dtype=np.float32), np.zeros(query_maps[q][0].shape[1:], dtype=np.int32))[0])
-        top_items = ranks[: min(top, ranks.shape[0]), q]
-        maps = [None if database_maps[i] is None else database_maps[i][0] for i in top_items]
-        reordered = aml_rerank(queries[q], query_mac, top_items, maps, descriptor_in_box)
-        out[: len(reordered), q] = reordered
-    expanded = average_query_expansion(database, queries, out, qe_k)
-    new = full_ranks(database, expanded)
-    return new
+    with tempfile.TemporaryDirectory() as tmp:
+        store_path = Path(tmp) / "database.cmfm"
+        with FeatureMapStoreWriter(store_path) as writer:
+            for i, item in enumerate(maps.database):
+                fmap = item[0] if item is not None else np.zeros((extractor.backbone.dim, 1, 1), np.float16)
+                writer.add(np.asarray(fmap, dtype=np.float32), str(i))
+        store = FeatureMapStore(store_path)
+        for q, item in enumerate(query_maps):
+            if item is None:
+                continue
+            fmap = np.ascontiguousarray(item[0], dtype=np.float32)
+            query_mac = _core.region_mac(fmap, np.zeros(fmap.shape[1:], dtype=np.int32))[0]
+            result = aml_rerank(query_mac, queries[q], ranks[:, q], store, descriptor_in_box, top_n=top,
+                                query_aspect=query_boxes_aspect[q], qe_k=qe_k)
+            out[:, q] = result.indices
+        del store
+    return out
