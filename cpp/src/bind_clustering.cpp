@@ -324,7 +324,8 @@ deviation (the ablation of the paper's Fig. 6).)doc");
         inputs.reserve(count);
         for (std::size_t i = 0; i < count; ++i) {
           const std::string where = "[" + std::to_string(i) + "]";
-          inputs.push_back(check_feature_map(feature_maps[i], rgbs.is_none() ? py::none() : rgb_list[i], where));
+          const py::object rgb = rgbs.is_none() ? py::object(py::none()) : py::object(rgb_list[i]);
+          inputs.push_back(check_feature_map(feature_maps[i], rgb, where));
           check_against_map(options, pca, inputs.back().feature_map, where);
         }
         std::vector<std::vector<VectorI>> results(count);
