@@ -90,9 +90,12 @@ inline Whitening fit_pca_whitening(const ConstMatrixRef& vectors, std::ptrdiff_t
     eigenvectors.row(i).cwiseAbs().maxCoeff(&largest);
     if (eigenvectors(i, largest) < 0) eigenvectors.row(i) *= -1.0;
   }
-  eigenvalues = eigenvalues.cwiseMax(0.0);  // round-off can leave tiny negatives
-  const double largest_eigenvalue = eigenvalues[0];
+  const double largest_eigenvalue = std::max(eigenvalues[0], 0.0);
   require(largest_eigenvalue > 0.0, "vectors: all vectors are identical (zero variance); cannot learn a whitening");
+  // Directions with no variance come out as round-off (±1e-16·λmax); call them zero so that
+  // shrinkage = 0 refuses them instead of scaling noise by 1e8.
+  for (std::ptrdiff_t i = 0; i < dim; ++i)
+    if (eigenvalues[i] < 1e-9 * largest_eigenvalue) eigenvalues[i] = 0.0;
   Whitening result;
   result.mean = mean.cast<float>();
   result.projection.resize(dim, d);

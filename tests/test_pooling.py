@@ -1,0 +1,245 @@
+"""Pooling kernels of the C++ core against plain NumPy references on generated feature maps."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+import clustermac as cm
+
+
+def random_map(rng, channels=6, height=5, width=7, sparse=True):
+    fmap = rng.standard_normal((channels, height, width)).astype(np.float32)
+    return np.maximum(fmap, 0.0) if sparse else fmap
+
+
+# --- region MAC (Eq. 4) -------------------------------------------------------------------------
+
+
+def reference_region_mac(fmap, labels):
+    k = labels.max() + 1 if labels.size else 0
+    out = np.zeros((max(k, 0), fmap.shape[0]), dtype=np.float32)
+    for region in range(max(k, 0)):
+        mask = labels == region
+        if mask.any():
+            out[region] = fmap[:, mask].max(axis=1)
+    return out
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_region_mac_matches_numpy(seed):
+    rng = np.random.default_rng(seed)
+    fmap = random_map(rng, sparse=False)
+    labels = rng.integers(-1, 4, size=(5, 7)).astype(np.int32)
+    np.testing.assert_array_equal(cm.region_mac(fmap, labels), reference_region_mac(fmap, labels))
+
+
+def test_region_mac_empty_region_is_zero_and_negative_labels_are_ignored():
+    fmap = np.arange(2 * 2 * 3, dtype=np.float32).reshape(2, 2, 3) - 20.0  # all negative
+    labels = np.array([[0, 0, -1], [3, 3, -5]], dtype=np.int32)  # regions 1 and 2 empty
+    out = cm.region_mac(fmap, labels)
+    assert out.shape == (4, 2)
+    np.testing.assert_array_equal(out[1], 0.0)
+    np.testing.assert_array_equal(out[2], 0.0)
+    np.testing.assert_array_equal(out[0], fmap[:, 0, :2].max(axis=1))  # negative maxima kept
+    np.testing.assert_array_equal(out[3], fmap[:, 1, :2].max(axis=1))
+
+
+def test_region_mac_more_regions_than_locations_and_one_location():
+    fmap = np.array([[[2.0]], [[-1.0]]], dtype=np.float32)  # D=2, one location
+    out = cm.region_mac(fmap, np.array([[4]], dtype=np.int32))
+    assert out.shape == (5, 2)
+    np.testing.assert_array_equal(out[4], [2.0, -1.0])
+    np.testing.assert_array_equal(out[:4], 0.0)
+    assert cm.region_mac(fmap, np.array([[-1]], dtype=np.int32)).shape == (0, 2)
+
+
+def test_region_mac_errors():
+    fmap = np.zeros((2, 3, 4), dtype=np.float32)
+    labels = np.zeros((3, 4), dtype=np.int32)
+    with pytest.raises(ValueError, match="labels.*shape"):
+        cm.region_mac(fmap, np.zeros((4, 3), dtype=np.int32))
+    with pytest.raises(ValueError, match="labels.*int32"):
+        cm.region_mac(fmap, labels.astype(np.int64))
+    with pytest.raises(ValueError, match="feature_map.*float32"):
+        cm.region_mac(fmap.astype(np.float64), labels)
+    with pytest.raises(ValueError, match="feature_map.*3-D"):
+        cm.region_mac(fmap[0], labels)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        cm.region_mac(np.zeros((2, 4, 3), dtype=np.float32).transpose(0, 2, 1), labels)
+    bad = fmap.copy()
+    bad[1, 2, 3] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        cm.region_mac(bad, labels)
+    with pytest.raises(ValueError, match="largest label"):
+        cm.region_mac(fmap, np.full((3, 4), 2**30, dtype=np.int32))
+    with pytest.raises(ValueError, match="non-empty"):
+        cm.region_mac(np.zeros((0, 3, 4), dtype=np.float32), labels)
+
+
+# --- R-MAC grid (Tolias et al. ICLR 2016) -------------------------------------------------------
+
+
+def reference_rmac_regions(height, width, levels=3):
+    """Tolias' rmac_regions.m, transcribed literally with NumPy (1-based step index)."""
+    overlap = 0.4
+    steps = np.array([2, 3, 4, 5, 6, 7], dtype=np.float64)
+    w = min(height, width)
+    b = (max(height, width) - w) / (steps - 1)
+    idx = int(np.argmin(np.abs(((w**2 - w * b) / w**2) - overlap))) + 1
+    wd = idx if height < width else 0
+    hd = idx if height > width else 0
+    regions = []
+    for level in range(1, levels + 1):
+        wl = math.floor(2 * w / (level + 1))
+        wl2 = math.floor(wl / 2 - 1)
+        bw = (width - wl) / (level + wd - 1) if level + wd - 1 > 0 else 0
+        cen_w = np.floor(wl2 + np.arange(level - 1 + wd + 1) * bw) - wl2
+        bh = (height - wl) / (level + hd - 1) if level + hd - 1 > 0 else 0
+        cen_h = np.floor(wl2 + np.arange(level - 1 + hd + 1) * bh) - wl2
+        if wl == 0:
+            continue
+        for y0 in cen_h:
+            for x0 in cen_w:
+                regions.append([int(x0), int(y0), int(x0) + wl, int(y0) + wl])
+    return np.array(regions, dtype=np.int32).reshape(-1, 4)
+
+
+@pytest.mark.parametrize(
+    "height,width,levels",
+    [(48, 64, 3), (64, 48, 3), (32, 32, 3), (24, 32, 3), (30, 40, 4), (7, 30, 3), (1, 1, 3), (2, 9, 3), (3, 100, 2)],
+)
+def test_rmac_regions_match_tolias_formula(height, width, levels):
+    regions = cm.rmac_regions(height, width, levels)
+    assert regions.dtype == np.int32
+    np.testing.assert_array_equal(regions, reference_rmac_regions(height, width, levels))
+    assert (regions[:, 0] >= 0).all() and (regions[:, 1] >= 0).all()
+    assert (regions[:, 2] <= width).all() and (regions[:, 3] <= height).all()
+    sides = regions[:, 2] - regions[:, 0]
+    np.testing.assert_array_equal(sides, regions[:, 3] - regions[:, 1])  # square
+
+
+def test_rmac_regions_vgg_map_has_twenty_regions():
+    # 1024×768 image through VGG16 (stride 16): Tolias' ~20 regions over 3 levels.
+    assert cm.rmac_regions(48, 64).shape == (20, 4)
+
+
+def test_rmac_regions_errors():
+    with pytest.raises(ValueError, match="height and width"):
+        cm.rmac_regions(0, 5)
+    with pytest.raises(ValueError, match="levels"):
+        cm.rmac_regions(5, 5, 0)
+
+
+def test_grid_mac_matches_numpy_and_rejects_bad_regions():
+    rng = np.random.default_rng(4)
+    fmap = random_map(rng, channels=5, height=9, width=12, sparse=False)
+    regions = cm.rmac_regions(9, 12)
+    expected = np.stack([fmap[:, y0:y1, x0:x1].max(axis=(1, 2)) for x0, y0, x1, y1 in regions])
+    np.testing.assert_array_equal(cm.grid_mac(fmap, regions), expected)
+    for bad in ([0, 0, 13, 5], [-1, 0, 3, 3], [4, 0, 4, 3], [0, 5, 3, 10]):
+        with pytest.raises(ValueError, match="outside the feature map"):
+            cm.grid_mac(fmap, np.array([bad], dtype=np.int32))
+    with pytest.raises(ValueError, match=r"\(R, 4\)"):
+        cm.grid_mac(fmap, np.zeros((2, 3), dtype=np.int32))
+
+
+# --- global pooling baselines ---------------------------------------------------------------------
+
+
+def reference_spoc(fmap):
+    _, h, w = fmap.shape
+    ys, xs = np.mgrid[0:h, 0:w] + 0.5
+    sigma = min(h, w) / 6.0
+    weight = np.exp(-((ys - h / 2) ** 2 + (xs - w / 2) ** 2) / (2 * sigma**2))
+    return (fmap.astype(np.float64) * weight).sum(axis=(1, 2))
+
+
+def reference_gem(fmap, p):
+    x = np.maximum(fmap.astype(np.float64), 1e-6)
+    return (x**p).mean(axis=(1, 2)) ** (1.0 / p)
+
+
+def reference_crow(fmap):
+    x = fmap.astype(np.float64)
+    s = np.maximum(x.sum(axis=0), 0)
+    z = np.sqrt((s**2).sum())
+    alpha = np.sqrt(s / z) if z > 0 else np.zeros_like(s)
+    q = (x != 0).mean(axis=(1, 2))
+    beta = np.log(q.sum() / (1e-6 + q)) if q.sum() > 0 else np.zeros_like(q)
+    return beta * (x * alpha).sum(axis=(1, 2))
+
+
+@pytest.mark.parametrize("shape", [(6, 5, 7), (3, 1, 1), (4, 2, 9)])
+def test_global_pooling_matches_numpy(shape):
+    rng = np.random.default_rng(sum(shape))
+    fmap = random_map(rng, *shape)
+    fmap[0] = 0.0  # an all-zero channel
+    np.testing.assert_allclose(cm.spoc_pool(fmap), reference_spoc(fmap), rtol=1e-5, atol=1e-6)
+    for p in (1.0, 3.0, 12.5):
+        np.testing.assert_allclose(cm.gem_pool(fmap, p), reference_gem(fmap, p), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(cm.crow_pool(fmap), reference_crow(fmap), rtol=1e-5, atol=1e-6)
+
+
+def test_global_pooling_constant_and_zero_maps():
+    constant = np.full((3, 4, 5), 2.5, dtype=np.float32)
+    np.testing.assert_allclose(cm.gem_pool(constant, 3.0), 2.5, rtol=1e-6)
+    np.testing.assert_allclose(cm.gem_pool(constant * 1e4, 200.0), 2.5e4, rtol=1e-5)  # no overflow
+    zeros = np.zeros((3, 4, 5), dtype=np.float32)
+    np.testing.assert_array_equal(cm.crow_pool(zeros), 0.0)
+    np.testing.assert_array_equal(cm.spoc_pool(zeros), 0.0)
+    assert np.isfinite(cm.gem_pool(zeros)).all()
+
+
+def test_gem_pool_rejects_bad_p():
+    fmap = np.ones((2, 2, 2), dtype=np.float32)
+    for p in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="p must be"):
+            cm.gem_pool(fmap, p)
+
+
+# --- aggregation (R-MAC / ClusterMAC) -------------------------------------------------------------
+
+
+def reference_aggregate(regions, mean=None, projection=None):
+    total = np.zeros(projection.shape[0] if projection is not None else regions.shape[1])
+    for row in regions.astype(np.float64):
+        norm = np.linalg.norm(row)
+        if norm == 0:
+            continue
+        v = row / norm
+        if projection is not None:
+            v = (v - mean) @ projection.T.astype(np.float64)
+            v = v / np.linalg.norm(v)
+        total += v
+    norm = np.linalg.norm(total)
+    return total / norm if norm > 0 else total
+
+
+def test_aggregate_regions_matches_numpy_and_skips_empty_regions():
+    rng = np.random.default_rng(7)
+    regions = np.abs(rng.standard_normal((6, 8))).astype(np.float32)
+    regions[2] = 0.0  # an empty region
+    mean, projection = cm.fit_pca_whitening(np.abs(rng.standard_normal((40, 8))).astype(np.float32), 5)
+    np.testing.assert_allclose(cm.aggregate_regions(regions), reference_aggregate(regions), atol=1e-6)
+    with_whitening = cm.aggregate_regions(regions, mean, projection)
+    assert with_whitening.shape == (5,)
+    np.testing.assert_allclose(with_whitening, reference_aggregate(regions, mean, projection), atol=1e-5)
+    # The empty row must be skipped, not whitened into −mean·Pᵀ.
+    np.testing.assert_allclose(cm.aggregate_regions(np.delete(regions, 2, axis=0), mean, projection), with_whitening,
+                               atol=1e-6)
+    np.testing.assert_array_equal(cm.aggregate_regions(np.zeros((3, 8), dtype=np.float32)), 0.0)
+
+
+def test_aggregate_regions_errors():
+    regions = np.ones((2, 4), dtype=np.float32)
+    mean, projection = np.zeros(4, np.float32), np.eye(4, dtype=np.float32)
+    with pytest.raises(ValueError, match="both"):
+        cm.aggregate_regions(regions, mean, None)
+    with pytest.raises(ValueError, match="mean"):
+        cm.aggregate_regions(regions, np.zeros(3, np.float32), projection)
+    with pytest.raises(ValueError, match="projection"):
+        cm.aggregate_regions(regions, mean, np.eye(3, dtype=np.float32))
+    with pytest.raises(ValueError, match="NaN"):
+        cm.aggregate_regions(np.full((2, 4), np.nan, dtype=np.float32))
