@@ -248,9 +248,10 @@ class Extractor:
                 "clustering_pca='dataset' needs a PCA learned on a dataset: call fit_whitening() "
                 "or load_whitening() first"
             )
+        use_rgb = rgb is not None and self.rgb_clusters > 0
         return _core.cluster_feature_map(
             fmap,
-            rgb=rgb if self.rgb_clusters > 0 else None,
+            rgb=np.ascontiguousarray(rgb, dtype=np.float32) if use_rgb else None,
             n_clusters=self.n_clusters,
             rgb_clusters=self.rgb_clusters,
             pca_dim=self.pca_dim,
@@ -284,8 +285,6 @@ class Extractor:
         """The descriptor of a feature map (D×H×W); ``rgb`` (H×W×3) is used by the RGB
         clustering of ClusterMAC only (None skips it)."""
         fmap = np.ascontiguousarray(fmap, dtype=np.float32)
-        if rgb is not None:
-            rgb = np.ascontiguousarray(rgb, dtype=np.float32)
         if self.method in REGIONAL_METHODS:
             vectors = self.regional_vectors(fmap, rgb)
             return _core.aggregate_regions(vectors, self.whitening_mean, self.whitening_projection)
