@@ -89,7 +89,7 @@ def cmd_index(args: argparse.Namespace) -> int:
     from .descriptor_store import load_descriptors
     from .index import Index
 
-    from .descriptor_store import atomic_write_bytes
+    from .files import atomic_write_bytes
 
     vectors, manifest = load_descriptors(args.descriptors)
     index = Index(vectors.shape[1])

@@ -18,7 +18,7 @@ import numpy as np
 
 from .backbone import default_backbone
 from .datasets import load_dataset
-from .descriptor_store import atomic_write_bytes
+from .files import atomic_write_bytes
 from .descriptors import Extractor
 from .pipeline import (DatasetFeatureMaps, MethodSpec, dataset_feature_maps, descriptors_from_maps, evaluate_methods,
                        fitted_extractor, full_ranks, score_ranks)

@@ -15,13 +15,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
 from .descriptors import Extractor
+from .files import atomic_save_npy, atomic_write_bytes, temporary_file_beside
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 CHUNK_SIZE = 64
@@ -38,36 +38,6 @@ def list_images(folder: Union[str, os.PathLike]) -> list[str]:
         if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
     ]
     return sorted(names)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    """``np.save`` through a temporary file and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def manifest_path(out: Union[str, os.PathLike]) -> Path:
@@ -161,7 +131,7 @@ def _assemble(parts: Path, out: Path, chunks: list[list[str]], settings: dict[st
     images = [chunk[j] for chunk, keep in zip(chunks, kept) for j in keep]
     failed = {name: reason for info in infos for name, reason in info["failed"].items()}
     dim = int(settings["dim"])
-    fd, tmp = tempfile.mkstemp(dir=out.parent if str(out.parent) else ".", prefix=out.name + ".", suffix=".tmp")
+    fd, tmp = temporary_file_beside(out)
     os.close(fd)
     try:
         matrix = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(images), dim))

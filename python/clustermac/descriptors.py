@@ -18,9 +18,9 @@ vectors.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
-import tempfile
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -32,6 +32,7 @@ from PIL import Image
 
 from . import _core
 from .backbone import Backbone, default_backbone
+from .files import atomic_write_bytes
 from .images import crop_box, load_image, map_box, resize_max
 
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
@@ -441,16 +442,9 @@ class Extractor:
             arrays.update(pca_mean=self.pca_mean, pca_basis=self.pca_basis)
         meta = {"format_version": WHITENING_FORMAT_VERSION, "settings": self._whitening_settings()}
         arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        atomic_write_bytes(Path(path), buffer.getvalue())
 
     def load_whitening(self, path: Union[str, os.PathLike]) -> "Extractor":
         """Load a whitening saved by :meth:`save_whitening`. Refuses one learned with another
