@@ -94,7 +94,7 @@ def _figures(dataset, backbone, maps: DatasetFeatureMaps, figures) -> list:
     image, fmap = examples[0]
     out.append(("Fig. 6: clusters without (paper) and with a spatial term",
                 figures.spatial_ablation_figure(image, fmap, _labels(fmap, 10, ex.pca_dim), _labels(fmap, 10, ex.pca_dim, spatial_weight=1.0))))
-    out.append(("Fig. 5: PCA dimensions 1, 2, 8, 64, 256, 512 of the local features", figures.pca_dimensions_figure(image, fmap)))
+    out.append(("Fig. 5: PCA dimensions 1, 2, 8, 64, 256, 512 of the local features (those the image has enough locations for)", figures.pca_dimensions_figure(image, fmap)))
     curves = figures.region_precision_study(Extractor(backbone, "clustermac", max_size=DEMO_MAX_SIZE), query_paths,
                                             dataset.query_boxes)
     out.append(("Fig. 4: share of regions whose precision (Eq. 1) reaches each threshold, R-MAC grid vs clusters",
