@@ -1,0 +1,275 @@
+"""AML localisation against exhaustive search, the 8-bit feature-map store, and AML re-ranking."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+import clustermac as cm
+from clustermac import _core
+
+
+# --- reference: score every box exactly --------------------------------------------------------
+
+
+def all_box_scores(fmap, query, p=10.0):
+    """Cosine of the query with (sum x^p)^(1/p) for every box [x0, y0, x1, y1), in float64."""
+    d, h, w = fmap.shape
+    v = (fmap.astype(np.float64) / fmap.max()) ** p
+    integral = np.zeros((d, h + 1, w + 1))
+    integral[:, 1:, 1:] = v.cumsum(1).cumsum(2)
+    q = query.astype(np.float64) / np.linalg.norm(query)
+    scores = {}
+    for x0 in range(w):
+        for x1 in range(x0 + 1, w + 1):
+            for y0 in range(h):
+                for y1 in range(y0 + 1, h + 1):
+                    s = integral[:, y1, x1] - integral[:, y0, x1] - integral[:, y1, x0] + integral[:, y0, x0]
+                    f = np.maximum(s, 0.0) ** (1.0 / p)
+                    norm = np.linalg.norm(f)
+                    scores[(x0, y0, x1, y1)] = f @ q / norm if norm > 0 else 0.0
+    return scores
+
+
+def aspect_ok(box, query_aspect, tolerance):
+    x0, y0, x1, y1 = box
+    ratio = (x1 - x0) / (y1 - y0)
+    return query_aspect / tolerance <= ratio <= query_aspect * tolerance
+
+
+def planted_map(rng, channels=24, height=11, width=13, box=(3, 2, 9, 7)):
+    """An 'object' firing the first half of the channels inside `box`, clutter firing the other
+    half everywhere else: the best-matching box for the object's MAC is `box` itself."""
+    half = channels // 2
+    fmap = np.zeros((channels, height, width), np.float32)
+    fmap[half:] = np.maximum(rng.standard_normal((channels - half, height, width)), 0) * 2.0
+    x0, y0, x1, y1 = box
+    fmap[half:, y0:y1, x0:x1] = 0.0
+    pattern = np.maximum(rng.standard_normal((half, y1 - y0, x1 - x0)), 0).astype(np.float32) * 2.0 + 0.1
+    fmap[:half, y0:y1, x0:x1] = pattern
+    query = np.concatenate([pattern.max(axis=(1, 2)), np.zeros(channels - half, np.float32)])
+    return fmap, query
+
+
+def to_codes(fmap):
+    codes, _ = cm.quantize_feature_map(fmap)
+    return np.ascontiguousarray(codes.transpose(1, 2, 0))
+
+
+# --- AML box search ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_aml_step_one_equals_exhaustive_search(seed):
+    rng = np.random.default_rng(seed)
+    fmap = (rng.random((19, 6, 8)) ** 3).astype(np.float32)
+    query = fmap[:, 1:4, 2:6].max(axis=(1, 2)) + 0.05 * rng.random(19).astype(np.float32)
+    scores = all_box_scores(fmap, query)
+    best = max(scores, key=scores.get)
+    box, score = cm.aml_localize(fmap, query, step=1, refine_iterations=0)
+    assert scores[tuple(box)] >= scores[best] - 1e-5
+    assert score == pytest.approx(scores[best], abs=1e-4)
+
+
+@pytest.mark.parametrize("query_aspect", [1.0, 0.5, 1.6])
+def test_aml_aspect_constraint_equals_constrained_exhaustive_search(query_aspect):
+    rng = np.random.default_rng(10)
+    fmap = (rng.random((16, 7, 9)) ** 4).astype(np.float32)
+    query = fmap[:, 0:5, 3:8].max(axis=(1, 2))
+    scores = all_box_scores(fmap, query)
+    allowed = {b: s for b, s in scores.items() if aspect_ok(b, query_aspect, 1.1)}
+    best = max(allowed, key=allowed.get)
+    box, score = cm.aml_localize(fmap, query, step=1, query_aspect=query_aspect, aspect_tolerance=1.1)
+    assert aspect_ok(tuple(box), query_aspect, 1.1)
+    assert allowed[tuple(box)] >= allowed[best] - 1e-5
+    assert score == pytest.approx(allowed[best], abs=1e-4)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_aml_grid_search_then_refinement(seed):
+    rng = np.random.default_rng(20 + seed)
+    fmap, query = planted_map(rng)
+    scores = all_box_scores(fmap, query)
+    # Grid corners: multiples of 3 and the far borders (W = 13, H = 11).
+    grid = {b: s for b, s in scores.items() if b[0] % 3 == 0 and b[1] % 3 == 0 and (b[2] % 3 == 0 or b[2] == 13)
+            and (b[3] % 3 == 0 or b[3] == 11)}
+    grid_best = max(grid.values())
+    box, score = cm.aml_localize(fmap, query, step=3, refine_iterations=0)
+    assert score == pytest.approx(grid_best, abs=1e-4)
+    refined_box, refined = cm.aml_localize(fmap, query, step=3, refine_iterations=5)
+    assert refined >= score - 1e-9
+    assert refined <= max(scores.values()) + 1e-4
+    assert scores[tuple(refined_box)] == pytest.approx(refined, abs=1e-4)
+    # The planted object (off the 3-cell grid) is found exactly by the refinement.
+    np.testing.assert_array_equal(refined_box, [3, 2, 9, 7])
+    assert tuple(box) != (3, 2, 9, 7)
+
+
+def test_aml_codes_agree_with_float_map():
+    rng = np.random.default_rng(30)
+    fmap, query = planted_map(rng, channels=40, height=12, width=16)
+    codes = to_codes(fmap)
+    dequantised = np.ascontiguousarray(codes.transpose(2, 0, 1), dtype=np.float32)
+    for kwargs in ({}, {"query_aspect": 1.2}, {"p": 3.5, "step": 2}, {"p": 7.0}):
+        box_f, score_f = cm.aml_localize(dequantised, query, **kwargs)
+        box_c, score_c = _core.aml_localize_codes(codes, query, **kwargs)
+        np.testing.assert_array_equal(box_f, box_c)
+        # Sums that should be 0 come out of double integral images as ±1e-14·total, which the
+        # 1/p-th root (p = 10) lifts to a few hundredths: cosines agree to ~1e-4, not better.
+        assert score_f == pytest.approx(score_c, abs=2e-4)
+
+
+def test_aml_edge_cases():
+    one = np.ones((5, 1, 1), np.float32)
+    box, score = cm.aml_localize(one, np.ones(5, np.float32))
+    np.testing.assert_array_equal(box, [0, 0, 1, 1])
+    assert score == pytest.approx(1.0, abs=1e-5)
+    zeros = np.zeros((3, 4, 4), np.float32)
+    box, score = cm.aml_localize(zeros, np.ones(3, np.float32))
+    assert score == 0.0 and box[2] > box[0] and box[3] > box[1]
+    # No grid box meets an extreme aspect constraint: the whole map is the start.
+    box, _ = cm.aml_localize(np.ones((2, 3, 3), np.float32), np.ones(2, np.float32), query_aspect=20.0,
+                             refine_iterations=0)
+    np.testing.assert_array_equal(box, [0, 0, 3, 3])
+
+
+def test_aml_errors():
+    fmap = np.ones((3, 4, 5), np.float32)
+    query = np.ones(3, np.float32)
+    with pytest.raises(ValueError, match="query_vector: expected length D = 3"):
+        cm.aml_localize(fmap, np.ones(4, np.float32))
+    with pytest.raises(ValueError, match="all zeros"):
+        cm.aml_localize(fmap, np.zeros(3, np.float32))
+    with pytest.raises(ValueError, match="negative"):
+        cm.aml_localize(-fmap, query)
+    bad = fmap.copy()
+    bad[0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        cm.aml_localize(bad, query)
+    for kwargs, message in (({"p": 0}, "p:"), ({"step": 0}, "step"), ({"aspect_tolerance": 0.9}, "aspect_tolerance"),
+                            ({"refine_iterations": -1}, "refine_iterations"), ({"query_aspect": -2.0}, "query_aspect")):
+        with pytest.raises(ValueError, match=message):
+            cm.aml_localize(fmap, query, **kwargs)
+    with pytest.raises(ValueError, match="uint8"):
+        _core.aml_localize_codes(fmap, query)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        _core.aml_localize_codes(np.ones((5, 4, 3), np.uint8).transpose(1, 0, 2), query)
+
+
+# --- 8-bit feature-map store ----------------------------------------------------------------------
+
+
+def test_quantize_feature_map():
+    rng = np.random.default_rng(40)
+    fmap = np.maximum(rng.standard_normal((6, 4, 5)), 0).astype(np.float32)
+    codes, scale = cm.quantize_feature_map(fmap)
+    assert codes.dtype == np.uint8 and codes.max() == 255
+    assert np.abs(codes * scale - fmap).max() <= scale / 2 + 1e-6
+    codes, scale = cm.quantize_feature_map(np.zeros((2, 2, 2), np.float32))
+    assert scale == 0.0 and codes.max() == 0
+    with pytest.raises(ValueError, match="D×H×W"):
+        cm.quantize_feature_map(np.zeros((2, 2), np.float32))
+    with pytest.raises(ValueError, match="finite"):
+        cm.quantize_feature_map(np.full((1, 1, 1), np.nan, np.float32))
+
+
+def test_store_roundtrip_and_atomic_writer(tmp_path):
+    rng = np.random.default_rng(41)
+    maps = [np.maximum(rng.standard_normal((8, 3 + i, 4 + 2 * i)), 0).astype(np.float32) for i in range(4)]
+    path = tmp_path / "maps.cmfm"
+    with cm.FeatureMapStoreWriter(path) as writer:
+        for i, fmap in enumerate(maps):
+            writer.add(fmap, f"image_{i}")
+    store = cm.FeatureMapStore(path)
+    assert len(store) == 4 and store.names == [f"image_{i}" for i in range(4)]
+    for i, fmap in enumerate(maps):
+        assert store.codes(i).shape == fmap.shape[1:] + (8,)
+        np.testing.assert_allclose(store.feature_map(i), fmap, atol=store.scale(i) / 2 + 1e-6)
+    np.testing.assert_allclose(store.feature_map(3, (1, 2, 5, 4)), maps[3][:, 2:4, 1:5], atol=store.scale(3) / 2 + 1e-6)
+    with pytest.raises(ValueError, match="box"):
+        store.feature_map(0, (0, 0, 99, 1))
+    with pytest.raises(IndexError):
+        store.codes(4)
+    # An exception inside the writer leaves neither the target nor a temporary behind.
+    with pytest.raises(RuntimeError):
+        with cm.FeatureMapStoreWriter(tmp_path / "broken.cmfm") as writer:
+            writer.add(maps[0], "a")
+            raise RuntimeError("interrupted")
+    assert sorted(os.listdir(tmp_path)) == ["maps.cmfm"]
+    with cm.FeatureMapStoreWriter(tmp_path / "other.cmfm") as writer:
+        writer.add(maps[0], "a")
+        with pytest.raises(ValueError, match="8 channels"):
+            writer.add(np.zeros((3, 2, 2), np.float32), "b")
+    # Corrupt files are refused with a clear error.
+    (tmp_path / "junk.cmfm").write_bytes(b"not a store" * 10)
+    with pytest.raises(ValueError, match="not a clustermac feature-map store"):
+        cm.FeatureMapStore(tmp_path / "junk.cmfm")
+    truncated = path.read_bytes()[:200]
+    (tmp_path / "truncated.cmfm").write_bytes(truncated)
+    with pytest.raises(ValueError, match="truncated"):
+        cm.FeatureMapStore(tmp_path / "truncated.cmfm")
+
+
+# --- re-ranking -------------------------------------------------------------------------------------
+
+
+def mac_descriptor(crop):
+    return cm.l2_normalize(np.ascontiguousarray(crop.max(axis=(1, 2)), dtype=np.float32))
+
+
+def test_aml_rerank_promotes_images_containing_the_query_object(tmp_path):
+    rng = np.random.default_rng(50)
+    channels = 32
+    object_pattern = np.maximum(rng.standard_normal((channels, 4, 5)), 0).astype(np.float32) * 3.0
+    maps, relevant = [], []
+    for i in range(12):
+        fmap = np.maximum(rng.standard_normal((channels, 10, 14)), 0).astype(np.float32)  # clutter
+        if i % 3 == 0:  # the object, pasted at a random place
+            y, x = rng.integers(0, 6), rng.integers(0, 9)
+            fmap[:, y:y + 4, x:x + 5] = np.maximum(fmap[:, y:y + 4, x:x + 5], object_pattern)
+            relevant.append(i)
+        maps.append(fmap)
+    path = tmp_path / "db.cmfm"
+    with cm.FeatureMapStoreWriter(path) as writer:
+        for i, fmap in enumerate(maps):
+            writer.add(fmap, f"im{i}")
+    store = cm.FeatureMapStore(path)
+    query_mac = object_pattern.max(axis=(1, 2))
+    query_descriptor = mac_descriptor(object_pattern)
+    initial = np.arange(12)[::-1].copy()  # a poor initial ranking
+    result = cm.aml_rerank(query_mac, query_descriptor, initial, store, mac_descriptor, top_n=10, qe_k=0,
+                           query_aspect=5 / 4)
+    # Only the top 10 are re-ranked; the last two keep their order.
+    np.testing.assert_array_equal(result.indices[10:], initial[10:])
+    assert sorted(result.indices[:10]) == sorted(initial[:10])
+    head_relevant = [i for i in relevant if i in initial[:10]]
+    assert set(result.indices[:len(head_relevant)]) == set(head_relevant)
+    # Scores are the query descriptor against the descriptor inside each box, sorted.
+    for index, box, score in zip(result.indices, result.boxes, result.scores):
+        expected = mac_descriptor(store.feature_map(int(index), box)) @ query_descriptor
+        assert score == pytest.approx(expected, abs=1e-5)
+    assert (np.diff(result.scores) <= 1e-7).all()
+    # With QE, the expanded query is the l2-normalised sum of the query and the top-2 descriptors.
+    with_qe = cm.aml_rerank(query_mac, query_descriptor, initial, store, mac_descriptor, top_n=10, qe_k=2,
+                            query_aspect=5 / 4)
+    top_two = [mac_descriptor(store.feature_map(int(i), b)) for i, b in zip(result.indices[:2], result.boxes[:2])]
+    expected_query = query_descriptor + top_two[0] + top_two[1]
+    np.testing.assert_allclose(with_qe.expanded_query, expected_query / np.linalg.norm(expected_query), atol=1e-5)
+    assert set(with_qe.indices[:len(head_relevant)]) == set(head_relevant)
+
+
+def test_aml_rerank_errors(tmp_path):
+    path = tmp_path / "db.cmfm"
+    with cm.FeatureMapStoreWriter(path) as writer:
+        writer.add(np.ones((4, 3, 3), np.float32), "a")
+    store = cm.FeatureMapStore(path)
+    q = np.ones(4, np.float32)
+    with pytest.raises(ValueError, match="candidates"):
+        cm.aml_rerank(q, q / 2, [1], store, mac_descriptor)
+    with pytest.raises(ValueError, match="descriptor_fn"):
+        cm.aml_rerank(q, np.ones(3, np.float32), [0], store, mac_descriptor)
+    with pytest.raises(ValueError, match="top_n"):
+        cm.aml_rerank(q, q / 2, [0], store, mac_descriptor, top_n=0)
+    with pytest.raises(ValueError, match="query_vector"):
+        cm.aml_rerank(np.ones(5, np.float32), q / 2, [0], store, mac_descriptor)
