@@ -223,7 +223,7 @@ in [1, N]; n_clusters = 1 gives all zeros. Same input and seed give the same lab
         const Normalization norm = parse_normalization(normalization);
         if (n_vectors < 1 || n_vectors > a.shape(0))
           throw py::value_error("n_vectors: expected 1 <= n_vectors <= N, got " + std::to_string(n_vectors));
-        EigenSolverOptions options = ncut_solver_options(n_vectors);
+        EigenSolverOptions options = ncut_solver_options(n_vectors, norm);
         if (block_size > 0) options.block_size = block_size;
         if (blocks_per_cycle > 0) options.blocks_per_cycle = blocks_per_cycle;
         if (tolerance > 0) options.tolerance = tolerance;

@@ -1,0 +1,186 @@
+"""Per-image clustering with the paper's settings: clustermac's C++ core against the same
+pipeline written with NumPy + scikit-learn, single-threaded, in one run.
+
+Paper settings (Sec. 4.1): PCA to C dims, Eq. (2)-(3) similarity with z = 0.05 max d, NCut into
+5 and 20 clusters on the features and 5 on the RGB values resized to H x W.
+The reference does what a user would: sklearn PCA, NumPy distances, one
+``spectral_clustering(affinity, k, assign_labels="discretize")`` call per partition.
+
+Feature maps: EfficientNet-Lite0 activations (the package's default backbone, real ImageNet
+weights) of scikit-image's bundled photos, the input resized so the map is exactly H x W; with
+``--synthetic`` (or when the backbone cannot be built) maps with planted regions instead.
+
+Prints, per map size: medians of ``--repeats`` runs, the speed ratio, the mean NCut objective
+sum_c cut(A_c, V - A_c) / assoc(A_c, V) of each partition (both evaluated on the reference
+similarity matrix), the eigensolver's products, and the peak resident memory of a process
+that only runs clustermac on one map.
+
+    python benchmarks/clustering.py                      # N = 3072 (64 x 48, C = 4), N = 768 (32 x 24, C = 7)
+    python benchmarks/clustering.py --sizes 48x64 --repeats 7 --images 3
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+from threadpoolctl import threadpool_limits  # noqa: E402
+
+import clustermac  # noqa: E402
+from clustermac import _core  # noqa: E402
+
+PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry"]
+
+
+def load_maps(height: int, width: int, count: int, synthetic: bool, seed: int = 0):
+    """`count` (feature_map D x H x W, rgb H x W x 3) pairs."""
+    if not synthetic:
+        try:
+            from PIL import Image
+            from skimage import data
+
+            from clustermac.backbone import default_backbone
+
+            backbone = default_backbone(n_threads=2, max_size=32 * max(height, width))
+            out = []
+            for name in PHOTOS[:count]:
+                image = Image.fromarray(getattr(data, name)()[..., :3])
+                stride = backbone.stride
+                resized = image.resize((stride * width, stride * height), Image.BILINEAR)
+                features = backbone.features(resized)
+                assert features.shape[1:] == (height, width), features.shape
+                rgb = np.asarray(image.resize((width, height), Image.BILINEAR), dtype=np.float32) / 255.0
+                out.append((np.ascontiguousarray(features, np.float32), np.ascontiguousarray(rgb)))
+            return out, f"EfficientNet-Lite0 features of skimage photos (D = {out[0][0].shape[0]})"
+        except Exception as error:  # noqa: BLE001 - fall back to synthetic maps, say so
+            print(f"(backbone unavailable: {error}; using synthetic maps)")
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(count):
+        d = 512
+        yy, xx = np.mgrid[:height, :width]
+        truth = np.zeros((height, width), np.int64)
+        for label in range(1, 7):
+            cy, cx, r = rng.uniform(0, height), rng.uniform(0, width), rng.uniform(3, height / 3)
+            truth[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = label
+        patterns = np.maximum(rng.normal(size=(7, d)), 0) * rng.uniform(0.5, 3, size=(7, 1))
+        features = patterns[truth].transpose(2, 0, 1) * rng.gamma(2.0, 0.5, size=(1, height, width))
+        features = np.maximum(features + 0.3 * rng.normal(size=features.shape), 0)
+        rgb = rng.random((7, 3))[truth] + 0.05 * rng.normal(size=(height, width, 3))
+        out.append((np.ascontiguousarray(features, np.float32), np.ascontiguousarray(rgb, np.float32)))
+    return out, "synthetic maps with planted regions (D = 512)"
+
+
+def reference_similarity(features: np.ndarray, z_ratio: float = 0.05) -> np.ndarray:
+    from scipy.spatial.distance import cdist
+
+    variance = features.var(axis=0)
+    weights = variance / variance.sum() if variance.sum() > 0 else np.full(features.shape[1], 1 / features.shape[1])
+    d = cdist(features, features, metric="minkowski", p=2, w=weights)
+    return np.exp(-d / (z_ratio * d.max())) ** 2
+
+
+def reference_pipeline(feature_map, rgb, pca_dim, seed=0):
+    """NumPy + scikit-learn, one spectral_clustering call per partition."""
+    from sklearn.cluster import spectral_clustering
+    from sklearn.decomposition import PCA
+
+    d, h, w = feature_map.shape
+    projected = PCA(n_components=pca_dim, random_state=seed).fit_transform(feature_map.reshape(d, -1).T)
+    s = reference_similarity(projected)
+    labels = [spectral_clustering(s, n_clusters=k, assign_labels="discretize", random_state=seed) for k in (5, 20)]
+    s_rgb = reference_similarity(rgb.reshape(-1, 3).astype(np.float64))
+    labels.append(spectral_clustering(s_rgb, n_clusters=5, assign_labels="discretize", random_state=seed))
+    return labels, s, s_rgb
+
+
+def ncut_objective(s: np.ndarray, labels: np.ndarray) -> float:
+    total = 0.0
+    for c in np.unique(labels):
+        inside = labels == c
+        assoc = s[inside].sum()
+        total += (assoc - s[np.ix_(inside, inside)].sum()) / assoc
+    return total
+
+
+def peak_memory_mb(feature_map, rgb, pca_dim) -> tuple[float, float]:
+    """(peak RSS of a process running one cluster_feature_map call, same process before the call)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        np.save(os.path.join(tmp, "f.npy"), feature_map)
+        np.save(os.path.join(tmp, "rgb.npy"), rgb)
+        code = (
+            "import resource, numpy as np, clustermac\n"
+            f"f = np.load({os.path.join(tmp, 'f.npy')!r}); rgb = np.load({os.path.join(tmp, 'rgb.npy')!r})\n"
+            "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            f"clustermac.cluster_feature_map(f, rgb, pca_dim={pca_dim})\n"
+            "print(before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+        )
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    return float(out[1]) / 1024, float(out[0]) / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="48x64:4,24x32:7", help="HxW:C list (default: %(default)s)")
+    parser.add_argument("--images", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--reference-repeats", type=int, default=1)
+    parser.add_argument("--synthetic", action="store_true")
+    parser.add_argument("--normalization", default="shi", choices=["shi", "sym"])
+    args = parser.parse_args()
+
+    with threadpool_limits(1):
+        for spec in args.sizes.split(","):
+            size, pca_dim = spec.split(":")
+            height, width = (int(v) for v in size.split("x"))
+            pca_dim = int(pca_dim)
+            maps, source = load_maps(height, width, args.images, args.synthetic)
+            n = height * width
+            print(f"\n== N = {n} ({height} x {width}), C = {pca_dim}: {source}, {len(maps)} maps")
+            ours_t, ref_t, objectives = [], [], []
+            for index, (feature_map, rgb) in enumerate(maps):
+                times = []
+                for _ in range(args.repeats):
+                    start = time.perf_counter()
+                    ours = clustermac.cluster_feature_map(feature_map, rgb, pca_dim=pca_dim,
+                                                          normalization=args.normalization)
+                    times.append(time.perf_counter() - start)
+                ours_t.append(np.median(times))
+                times = []
+                for _ in range(args.reference_repeats):
+                    start = time.perf_counter()
+                    theirs, s, s_rgb = reference_pipeline(feature_map, rgb, pca_dim)
+                    times.append(time.perf_counter() - start)
+                ref_t.append(np.median(times))
+                row = []
+                for name, a, b, sim in zip(("K=5", "K=20", "RGB K=5"), ours, theirs, (s, s, s_rgb)):
+                    row.append((ncut_objective(sim, a.ravel()), ncut_objective(sim, b)))
+                objectives.append(row)
+                stats = _core._ncut_solver_statistics(_core.affinity(
+                    clustermac.pca_project(np.ascontiguousarray(feature_map.reshape(feature_map.shape[0], -1).T),
+                                           pca_dim)[0]), 20, args.normalization)
+                print(f"  map {index}: ours {ours_t[-1] * 1e3:7.1f} ms, reference {ref_t[-1] * 1e3:7.1f} ms; "
+                      f"K=20 solve: {stats['n_products']} vector products, residual {stats['max_residual']:.1e}; "
+                      "objective ours/ref " + ", ".join(f"{k} {o:.3f}/{r:.3f}" for k, (o, r) in
+                                                        zip(("K=5", "K=20", "RGB"), row)))
+            objectives = np.array(objectives)
+            ours_median, ref_median = np.median(ours_t), np.median(ref_t)
+            print(f"  median per image: clustermac {ours_median * 1e3:.1f} ms, NumPy + scikit-learn "
+                  f"{ref_median * 1e3:.1f} ms, ratio {ref_median / ours_median:.1f}x")
+            for j, name in enumerate(("K=5 features", "K=20 features", "K=5 RGB")):
+                print(f"  mean NCut objective {name}: clustermac {objectives[:, j, 0].mean():.3f}, "
+                      f"scikit-learn {objectives[:, j, 1].mean():.3f}")
+            peak, before = peak_memory_mb(*maps[0], pca_dim)
+            print(f"  peak RSS of one cluster_feature_map call: {peak:.0f} MB (process before the call: {before:.0f} MB)")
+
+
+if __name__ == "__main__":
+    main()
