@@ -52,18 +52,23 @@ inline MatrixRM region_mac(const FeatureMapView& map, const std::int32_t* labels
   const std::ptrdiff_t k = static_cast<std::ptrdiff_t>(max_label) + 1;
   MatrixRM out = MatrixRM::Zero(k, map.channels);
   if (k == 0) return out;
-  std::vector<char> seen(k, 0);
-  for (std::ptrdiff_t i = 0; i < n; ++i)
-    if (labels[i] >= 0) seen[labels[i]] = 1;
+  // Masked-out locations go to an extra slot k that is dropped, so the inner loop has no
+  // branch (labels are typically unpredictable from one location to the next).
+  std::vector<std::int32_t> slot(n);
+  std::vector<char> seen(k + 1, 0);
+  for (std::ptrdiff_t i = 0; i < n; ++i) {
+    slot[i] = labels[i] >= 0 ? labels[i] : static_cast<std::int32_t>(k);
+    seen[slot[i]] = 1;
+  }
   const float lowest = -std::numeric_limits<float>::infinity();
-  std::vector<float> best(k);
+  std::vector<float> best(k + 1);
   // Channel-outer loop: each channel plane is read contiguously once.
   for (std::ptrdiff_t d = 0; d < map.channels; ++d) {
     std::fill(best.begin(), best.end(), lowest);
     const float* plane = map.channel(d);
     for (std::ptrdiff_t i = 0; i < n; ++i) {
-      const std::int32_t label = labels[i];
-      if (label >= 0 && plane[i] > best[label]) best[label] = plane[i];
+      float& b = best[slot[i]];
+      b = std::max(b, plane[i]);
     }
     for (std::ptrdiff_t r = 0; r < k; ++r) out(r, d) = seen[r] ? best[r] : 0.0f;
   }
@@ -129,15 +134,23 @@ inline MatrixRM grid_mac(const FeatureMapView& map, const std::int32_t* regions,
            " and 0 <= y0 < y1 <= " + std::to_string(map.height));
   }
   MatrixRM out(n_regions, map.channels);
+  std::vector<float> column_max(map.width);
   for (std::ptrdiff_t d = 0; d < map.channels; ++d) {
     const float* plane = map.channel(d);
     for (std::ptrdiff_t r = 0; r < n_regions; ++r) {
       const std::int32_t* box = regions + 4 * r;
-      float best = -std::numeric_limits<float>::infinity();
-      for (std::int32_t y = box[1]; y < box[3]; ++y) {
-        const float* row = plane + static_cast<std::ptrdiff_t>(y) * map.width;
-        for (std::int32_t x = box[0]; x < box[2]; ++x) best = std::max(best, row[x]);
+      // Element-wise maxima down the rows (vectorises; a running scalar max would not), then
+      // one short reduction across the columns.
+      float* cm = column_max.data() + box[0];
+      const std::ptrdiff_t span = box[2] - box[0];
+      std::copy(plane + static_cast<std::ptrdiff_t>(box[1]) * map.width + box[0],
+                plane + static_cast<std::ptrdiff_t>(box[1]) * map.width + box[2], cm);
+      for (std::int32_t y = box[1] + 1; y < box[3]; ++y) {
+        const float* row = plane + static_cast<std::ptrdiff_t>(y) * map.width + box[0];
+        for (std::ptrdiff_t x = 0; x < span; ++x) cm[x] = std::max(cm[x], row[x]);
       }
+      float best = cm[0];
+      for (std::ptrdiff_t x = 1; x < span; ++x) best = std::max(best, cm[x]);
       out(r, d) = best;
     }
   }
