@@ -240,23 +240,28 @@ inline VectorF crow_pool(const FeatureMapView& map) {
 // PCA-whiten (when a projection is given) → l2; sum → l2. Zero rows (empty regions) are
 // skipped rather than whitened into −mean·Pᵀ noise. All rows zero → a zero vector.
 inline VectorF aggregate_regions(const ConstMatrixRef& region_vectors, const float* mean, const ConstMatrixRef* projection) {
-  const std::ptrdiff_t out_dim = projection ? projection->rows() : region_vectors.cols();
-  VectorD sum = VectorD::Zero(out_dim);
+  const std::ptrdiff_t dim = region_vectors.cols();
+  const std::ptrdiff_t out_dim = projection ? projection->rows() : dim;
+  MatrixRM kept(region_vectors.rows(), dim);
+  std::ptrdiff_t count = 0;
   for (std::ptrdiff_t r = 0; r < region_vectors.rows(); ++r) {
-    VectorF v = region_vectors.row(r).transpose();
-    if (!l2_normalize_in_place(v.data(), v.size())) continue;  // empty region
-    if (projection) {
-      Eigen::Map<const VectorF> mu(mean, v.size());
-      VectorF w = (*projection) * (v - mu);
-      l2_normalize_in_place(w.data(), w.size());
-      sum += w.cast<double>();
-    } else {
-      sum += v.cast<double>();
-    }
+    kept.row(count) = region_vectors.row(r);
+    if (l2_normalize_in_place(kept.row(count).data(), dim)) ++count;  // zero row: empty region, skipped
   }
-  VectorF out = sum.cast<float>();
-  l2_normalize_in_place(out.data(), out.size());
-  return out;
+  MatrixRM rows;
+  if (projection) {
+    // All regions whitened by one matrix product (the projection is read once, not per region).
+    Eigen::Map<const VectorF> mu(mean, dim);
+    rows = (kept.topRows(count).rowwise() - mu.transpose()) * projection->transpose();
+    for (std::ptrdiff_t r = 0; r < count; ++r) l2_normalize_in_place(rows.row(r).data(), out_dim);
+  } else {
+    rows = kept.topRows(count);
+  }
+  VectorD sum = VectorD::Zero(out_dim);
+  for (std::ptrdiff_t r = 0; r < count; ++r) sum += rows.row(r).transpose().cast<double>();
+  const double norm = sum.norm();
+  if (norm > 0.0) sum /= norm;
+  return sum.cast<float>();
 }
 
 }  // namespace clustermac
