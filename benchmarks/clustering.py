@@ -134,7 +134,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--reference-repeats", type=int, default=1)
     parser.add_argument("--synthetic", action="store_true")
-    parser.add_argument("--normalization", default="shi", choices=["shi", "sym"])
+    parser.add_argument("--normalization", default="sym", choices=["shi", "sym"])
     args = parser.parse_args()
 
     with threadpool_limits(1):

@@ -27,7 +27,7 @@ struct FeatureClusteringOptions {
   float z_ratio = 0.05f;
   float spatial_weight = 0.0f;
   std::uint64_t seed = 0;
-  Normalization normalization = Normalization::shi;
+  Normalization normalization = Normalization::sym;  // see ncut.hpp for why
   const float* pca_mean = nullptr;   // D, or null for the per-image PCA
   const float* pca_basis = nullptr;  // D x pca_basis_columns row-major, or null
   int pca_basis_columns = 0;
