@@ -61,9 +61,11 @@ def test_embedding_spans_the_eigh_subspace(normalization, n, dim, k):
         assert column[np.argmax(np.abs(column))] > 0
 
 
-@pytest.mark.parametrize("normalization", ["shi", "sym"])
-def test_embedding_columns_match_eigh_with_clear_gaps(normalization):
-    # Groups of very different sizes give well-separated leading eigenvalues.
+def test_embedding_columns_match_eigh_with_clear_gaps():
+    # Groups of very different sizes give well-separated leading eigenvalues with Shi's offset
+    # (without it, "sym", near-disconnected groups all have eigenvalues ~1: only the subspace
+    # is defined, which test_embedding_spans_the_eigh_subspace checks).
+    normalization = "shi"
     rng = np.random.default_rng(5)
     centres = np.array([[0, 0, 0, 0], [9, 0, 0, 0], [0, 9, 0, 0]], dtype=np.float64)
     truth = np.repeat([0, 1, 2], [250, 120, 40])
