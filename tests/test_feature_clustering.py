@@ -145,3 +145,42 @@ F = np.random.default_rng(0).random((6, 4, 5), dtype=np.float32)
 def test_bad_input_raises_value_error(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_portable_path_agrees_with_the_avx2_path():
+    """CLUSTERMAC_NO_AVX2 forces the SSE2/Eigen code; both paths must give the same results."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import numpy as np, clustermac, sys\n"
+        "rng = np.random.default_rng(0)\n"
+        "groups = rng.integers(0, 6, size=(17, 23))\n"
+        "f = (np.maximum(rng.normal(size=(6, 32)), 0)[groups].transpose(2, 0, 1)\n"
+        "     + 0.3 * rng.normal(size=(32, 17, 23))).astype(np.float32)\n"
+        "p, _ = clustermac.pca_project(np.ascontiguousarray(f.reshape(32, -1).T), 4)\n"
+        "s = clustermac.affinity(p)\n"
+        "labels = clustermac.cluster_feature_map(f, n_clusters=(5, 20))\n"
+        "np.savez(sys.argv[1], s=s, e=clustermac.ncut_embedding(s, 6), l5=labels[0], l20=labels[1])\n"
+    )
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        results = []
+        for flag in (None, "1"):
+            env = dict(os.environ)
+            env.pop("CLUSTERMAC_NO_AVX2", None)
+            if flag:
+                env["CLUSTERMAC_NO_AVX2"] = flag
+            path = os.path.join(tmp, f"r{len(results)}.npz")
+            subprocess.run([sys.executable, "-c", code, path], env=env, check=True)
+            results.append(np.load(path))
+        fast, portable = results
+        np.testing.assert_array_equal(portable["s"], portable["s"].T)
+        np.testing.assert_allclose(fast["s"], portable["s"], rtol=1e-5, atol=1e-7)
+        q_fast, _ = np.linalg.qr(fast["e"].astype(np.float64))
+        q_portable, _ = np.linalg.qr(portable["e"].astype(np.float64))
+        assert np.linalg.norm(q_fast - q_portable @ (q_portable.T @ q_fast), 2) < 1e-2
+        assert adjusted_rand_score(fast["l5"].ravel(), portable["l5"].ravel()) > 0.95
+        assert adjusted_rand_score(fast["l20"].ravel(), portable["l20"].ravel()) > 0.9

@@ -9,11 +9,98 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <string>
 
 #include "clustermac/common.hpp"
 
+#if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
+#include <immintrin.h>
+#define CLUSTERMAC_X86_DISPATCH 1
+#endif
+
 namespace clustermac {
+
+namespace detail {
+#ifdef CLUSTERMAC_X86_DISPATCH
+// The package is built for portable x86-64 (SSE2); the two hot loops of the clustering (this
+// file's exp and the similarity products in ncut.hpp) have AVX2 + FMA versions, compiled with
+// a target attribute and used only when the CPU reports both features.
+// Setting the environment variable CLUSTERMAC_NO_AVX2 forces the portable path (the tests use
+// it to check that both paths agree).
+inline bool cpu_has_avx2_fma() {
+  static const bool has = [] {
+    if (std::getenv("CLUSTERMAC_NO_AVX2")) return false;
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
+  return has;
+}
+
+// exp(x) for x <= 0 (clamped at -87, where it is ~1e-38): x = n ln2 + r with |r| <= ln2 / 2,
+// exp(r) by its Taylor series to degree 7 (relative error < 1e-8 before float rounding).
+__attribute__((target("avx2,fma"))) inline __m256 exp_nonpositive_avx2(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);  // ln2 split in two
+  const __m256 rr = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), r);
+  __m256 p = _mm256_set1_ps(1.0f / 5040.0f);
+  p = _mm256_fmadd_ps(p, rr, _mm256_set1_ps(1.0f / 720.0f));
+  p = _mm256_fmadd_ps(p, rr, _mm256_set1_ps(1.0f / 120.0f));
+  p = _mm256_fmadd_ps(p, rr, _mm256_set1_ps(1.0f / 24.0f));
+  p = _mm256_fmadd_ps(p, rr, _mm256_set1_ps(1.0f / 6.0f));
+  p = _mm256_fmadd_ps(p, rr, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, rr, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, rr, _mm256_set1_ps(1.0f));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+}
+
+// Squared distances from location i to locations j..j+7 (g is C x stride, dimension-major).
+__attribute__((target("avx2,fma"))) inline __m256 distance2_avx2(const float* g, Eigen::Index c, Eigen::Index stride,
+                                                                   Eigen::Index i, Eigen::Index j) {
+  __m256 acc = _mm256_setzero_ps();
+  for (Eigen::Index k = 0; k < c; ++k) {
+    const __m256 diff = _mm256_sub_ps(_mm256_loadu_ps(g + k * stride + j), _mm256_set1_ps(g[k * stride + i]));
+    acc = _mm256_fmadd_ps(diff, diff, acc);
+  }
+  return acc;
+}
+
+// g is C x stride with stride a multiple of 8 and columns [n, stride) copies of column n - 1.
+__attribute__((target("avx2,fma"))) inline float max_distance2_avx2(const float* g, Eigen::Index c, Eigen::Index n,
+                                                                      Eigen::Index stride) {
+  __m256 best = _mm256_setzero_ps();
+  for (Eigen::Index i = 0; i < n; ++i)
+    for (Eigen::Index j = i / 8 * 8; j < stride; j += 8) best = _mm256_max_ps(best, distance2_avx2(g, c, stride, i, j));
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, best);
+  return *std::max_element(lanes, lanes + 8);
+}
+
+// All of Eq. (3), row by row: out[i * n + j] = exp(scale * d_ij). Computing both triangles
+// costs less than mirroring one (the strided copy dominated), and stays exactly symmetric:
+// d_ij and d_ji are the same float operations on the same values.
+__attribute__((target("avx2,fma"))) inline void similarity_avx2(const float* g, Eigen::Index c, Eigen::Index n,
+                                                                  Eigen::Index stride, float scale, float* out) {
+  const __m256 scale8 = _mm256_set1_ps(scale);
+  alignas(32) float tail[8];
+  for (Eigen::Index i = 0; i < n; ++i) {
+    float* row = out + i * n;
+    for (Eigen::Index j = 0; j < stride; j += 8) {
+      const __m256 value = exp_nonpositive_avx2(_mm256_mul_ps(_mm256_sqrt_ps(distance2_avx2(g, c, stride, i, j)), scale8));
+      if (j + 8 <= n) {
+        _mm256_storeu_ps(row + j, value);
+      } else {
+        _mm256_store_ps(tail, value);
+        std::copy(tail, tail + (n - j), row + j);
+      }
+    }
+  }
+}
+#endif
+}  // namespace detail
 
 // w_k = var_k / sum var (Eq. 2) from the columns of `features`. All-zero variance -> equal weights
 // (they are irrelevant then: every distance is 0).
@@ -29,8 +116,8 @@ inline VectorF variance_weights(const ConstMatrixRef& features) {
 
 namespace detail {
 
-// Writes the upper triangle (j >= i) of the squared weighted distances into `out` row by row,
-// scaled features being stored dimension-major so each inner loop is one vectorised sweep.
+// Largest squared distance between columns of g (C x N, dimension-major so each inner loop is
+// one vectorised sweep over a row of g).
 inline float scaled_columns_max_distance2(const Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>& g) {
   const Eigen::Index c = g.rows(), n = g.cols();
   float best = 0.0f;
@@ -51,7 +138,7 @@ inline float scaled_columns_max_distance2(const Eigen::Matrix<float, Eigen::Dyna
 }  // namespace detail
 
 // Fills the N x N row-major buffer `out` with S of Eq. (3) for `features` (N x C) and weights
-// `weights` (C, non-negative). Only the upper triangle is computed; it is then mirrored.
+// `weights` (C, non-negative). Portable path: the upper triangle, then mirrored.
 inline void affinity_into(const ConstMatrixRef& features, const VectorF& weights, float z_ratio, float* out) {
   using Eigen::Index;
   const Index n = features.rows(), c = features.cols();
@@ -63,13 +150,36 @@ inline void affinity_into(const ConstMatrixRef& features, const VectorF& weights
     const float root_weight = std::sqrt(weights(k));
     g.row(k) = (features.col(k).transpose().array() - mean(k)) * root_weight;
   }
-  const float max_distance = std::sqrt(detail::scaled_columns_max_distance2(g));
+#ifdef CLUSTERMAC_X86_DISPATCH
+  const bool use_avx2 = detail::cpu_has_avx2_fma();
+  // Padded to whole 8-lane vectors with copies of the last location.
+  const Index stride = (n + 7) / 8 * 8;
+  Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> padded(c, stride);
+  if (use_avx2) {
+    padded.leftCols(n) = g;
+    for (Index j = n; j < stride; ++j) padded.col(j) = g.col(n - 1);
+  }
+#else
+  const bool use_avx2 = false;
+#endif
+  float max_distance2 = 0.0f;
+#ifdef CLUSTERMAC_X86_DISPATCH
+  if (use_avx2) max_distance2 = detail::max_distance2_avx2(padded.data(), c, n, stride);
+#endif
+  if (!use_avx2) max_distance2 = detail::scaled_columns_max_distance2(g);
+  const float max_distance = std::sqrt(max_distance2);
   if (!(max_distance > 0.0f)) {
     s.setOnes();
     return;
   }
   // exp(-2 d / z) with z = z_ratio * max d (Eq. 3).
   const float scale = -2.0f / (z_ratio * max_distance);
+#ifdef CLUSTERMAC_X86_DISPATCH
+  if (use_avx2) {
+    detail::similarity_avx2(padded.data(), c, n, stride, scale, out);
+    return;
+  }
+#endif
   for (Index i = 0; i < n; ++i) {
     const Index len = n - i;
     Eigen::Map<Eigen::ArrayXf> row(out + i * n + i, len);

@@ -25,12 +25,8 @@
 
 #include "clustermac/common.hpp"
 #include "clustermac/discretize.hpp"
+#include "clustermac/affinity.hpp"  // CLUSTERMAC_X86_DISPATCH, detail::cpu_has_avx2_fma
 #include "clustermac/eigensolver.hpp"
-
-#if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
-#include <immintrin.h>
-#define CLUSTERMAC_X86_DISPATCH 1
-#endif
 
 namespace clustermac {
 
@@ -85,13 +81,6 @@ __attribute__((target("avx2,fma"))) inline void dense_times_block_avx2(const flo
   }
 }
 
-inline bool cpu_has_avx2_fma() {
-  static const bool has = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  }();
-  return has;
-}
 #endif
 
 // result (n x b, column-major) = s (n x n row-major, symmetric) * (scale .* v).
