@@ -33,6 +33,16 @@ def test_topk_search_identical_to_brute_force_with_ties(n, q, d, k, threads):
     np.testing.assert_array_equal(scores, ref_scores.astype(np.float32))
 
 
+def test_topk_search_more_queries_than_one_chunk():
+    # Queries are processed 4096 at a time; rows of later chunks must land in the right place.
+    rng = np.random.default_rng(9)
+    database, queries = integer_vectors(rng, 700, 6), integer_vectors(rng, 9000, 6)
+    scores, indices = cm.topk_search(database, queries, 5, 2)
+    ref_scores, ref_indices = brute_force(database, queries, 5)
+    np.testing.assert_array_equal(indices, ref_indices)
+    np.testing.assert_array_equal(scores, ref_scores.astype(np.float32))
+
+
 def test_topk_search_real_valued_and_memmap(tmp_path):
     rng = np.random.default_rng(1)
     database = cm.l2_normalize(rng.standard_normal((3000, 24)).astype(np.float32))

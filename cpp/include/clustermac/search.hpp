@@ -19,6 +19,11 @@
 
 namespace clustermac {
 
+struct SearchResult {
+  MatrixRM scores;  // Q × k, descending
+  Eigen::Matrix<std::int64_t, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> indices;  // Q × k
+};
+
 namespace search_detail {
 
 constexpr int kQueryTile = 6;  // queries per register tile
@@ -122,25 +127,12 @@ struct TopK {
 
 }  // namespace search_detail
 
-struct SearchResult {
-  MatrixRM scores;  // Q × k, descending
-  Eigen::Matrix<std::int64_t, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> indices;  // Q × k
-};
+namespace search_detail {
 
-// Exact top-k of database · queryᵀ for every query: scores sorted descending, ties broken by
-// the smaller database index. The database (N×D, row-major, possibly memory-mapped) is read
-// in blocks of kBlockRows rows; each of n_threads threads (<= 0: all cores) scans a contiguous
-// share of the rows with its own O(Q·kBlockRows) score buffer and per-query heaps, which are
-// merged at the end. A non-finite database value raises std::invalid_argument naming its row.
-inline SearchResult topk_search(const float* database, std::ptrdiff_t n_database, const float* queries,
-                                std::ptrdiff_t n_queries, std::ptrdiff_t dim, std::ptrdiff_t k, int n_threads) {
-  using namespace search_detail;
-  require(dim >= 1, "topk_search: vectors must have at least one dimension");
-  require(k >= 1 && k <= n_database, "k: expected 1 <= k <= N = " + std::to_string(n_database) + " (database rows), got " +
-                                         std::to_string(k));
-  for (std::ptrdiff_t i = 0; i < n_queries * dim; ++i)
-    if (!std::isfinite(queries[i]))
-      fail("queries: row " + std::to_string(i / dim) + " contains NaN or Inf; expected only finite numbers");
+// One chunk of queries against the whole database; results go to rows first_row.. of `result`.
+inline void topk_search_chunk(const float* database, std::ptrdiff_t n_database, const float* queries,
+                              std::ptrdiff_t n_queries, std::ptrdiff_t dim, std::ptrdiff_t k, int n_threads,
+                              SearchResult& result, std::ptrdiff_t first_row) {
   const ScoreBlockFn score_block_fn = pick_score_block();
   const std::ptrdiff_t padded_queries = (n_queries + kQueryTile - 1) / kQueryTile * kQueryTile;
   std::vector<float> query_buffer(padded_queries * dim, 0.0f);
@@ -193,19 +185,44 @@ inline SearchResult topk_search(const float* database, std::ptrdiff_t n_database
     }
   });
 
-  SearchResult result;
-  result.scores.resize(n_queries, k);
-  result.indices.resize(n_queries, k);
   for (std::ptrdiff_t q = 0; q < n_queries; ++q) {
     std::vector<Hit> merged;
     merged.reserve(k * n_shares);
     for (auto& share : share_hits) merged.insert(merged.end(), share[q].heap.begin(), share[q].heap.end());
     std::partial_sort(merged.begin(), merged.begin() + k, merged.end(), better);
     for (std::ptrdiff_t j = 0; j < k; ++j) {
-      result.scores(q, j) = merged[j].score;
-      result.indices(q, j) = merged[j].index;
+      result.scores(first_row + q, j) = merged[j].score;
+      result.indices(first_row + q, j) = merged[j].index;
     }
   }
+}
+
+// Queries are searched in chunks of this many, so that the per-thread score buffers and heaps
+// stay bounded (~4 MB and ~k·64 KB) however many queries are given at once.
+constexpr std::ptrdiff_t kQueryChunk = 4096;
+
+}  // namespace search_detail
+
+// Exact top-k of database · queryᵀ for every query: scores sorted descending, ties broken by
+// the smaller database index. The database (N×D, row-major, possibly memory-mapped) is read
+// in blocks of kBlockRows rows; each of n_threads threads (<= 0: all cores) scans a contiguous
+// share of the rows with its own O(min(Q, kQueryChunk)·kBlockRows) score buffer and per-query heaps, which are
+// merged at the end. A non-finite database value raises std::invalid_argument naming its row.
+inline SearchResult topk_search(const float* database, std::ptrdiff_t n_database, const float* queries,
+                                std::ptrdiff_t n_queries, std::ptrdiff_t dim, std::ptrdiff_t k, int n_threads) {
+  using namespace search_detail;
+  require(dim >= 1, "topk_search: vectors must have at least one dimension");
+  require(k >= 1 && k <= n_database, "k: expected 1 <= k <= N = " + std::to_string(n_database) + " (database rows), got " +
+                                         std::to_string(k));
+  for (std::ptrdiff_t i = 0; i < n_queries * dim; ++i)
+    if (!std::isfinite(queries[i]))
+      fail("queries: row " + std::to_string(i / dim) + " contains NaN or Inf; expected only finite numbers");
+  SearchResult result;
+  result.scores.resize(n_queries, k);
+  result.indices.resize(n_queries, k);
+  for (std::ptrdiff_t first = 0; first < n_queries; first += kQueryChunk)
+    topk_search_chunk(database, n_database, queries + first * dim, std::min(kQueryChunk, n_queries - first), dim, k,
+                      n_threads, result, first);
   return result;
 }
 
