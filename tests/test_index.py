@@ -123,6 +123,9 @@ def test_index_save_load_roundtrip_mmap_and_overwrite(tmp_path):
     path = tmp_path / "index"
     index.save(path)
     assert sorted(os.listdir(tmp_path)) == ["index"]  # no temporary left behind
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(path).st_mode & 0o777 == 0o777 & ~umask  # a plain mkdir's permissions
     loaded = Index.load(path)  # mmap
     assert isinstance(loaded._chunks[0], np.memmap)
     assert loaded.names == index.names

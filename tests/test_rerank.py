@@ -182,6 +182,9 @@ def test_store_roundtrip_and_atomic_writer(tmp_path):
         for i, fmap in enumerate(maps):
             writer.add(fmap, f"image_{i}")
     store = cm.FeatureMapStore(path)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask  # a plain open's permissions
     assert len(store) == 4 and store.names == [f"image_{i}" for i in range(4)]
     for i, fmap in enumerate(maps):
         assert store.codes(i).shape == fmap.shape[1:] + (8,)

@@ -243,6 +243,9 @@ class Index:
             raise ValueError(f"path: {target} exists and is not a clustermac index directory; refusing to overwrite it")
         target.parent.mkdir(parents=True, exist_ok=True)
         temporary = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o777 & ~umask)  # the permissions of a plain mkdir, not mkdtemp's 0700
         try:
             meta = {
                 "format": _FORMAT,

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
@@ -30,6 +29,7 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from . import _core
+from .files import temporary_file_beside
 
 __all__ = [
     "quantize_feature_map",
@@ -77,8 +77,7 @@ class FeatureMapStoreWriter:
 
     def __init__(self, path: PathLike) -> None:
         self._path = Path(path)
-        self._path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=f".{self._path.name}.tmp-", dir=self._path.parent)
+        handle, temporary = temporary_file_beside(self._path)  # plain-open permissions, not mkstemp's 0600
         self._temporary = Path(temporary)
         self._file = os.fdopen(handle, "wb")
         self._file.write(b"\0" * _PAYLOAD_START)
