@@ -178,16 +178,8 @@ class FeatureMapStore:
 
     def feature_map(self, index: int, box: Optional[Sequence[int]] = None) -> np.ndarray:
         """Dequantised float32 D×H×W map ``index``, or its crop [x0, y0, x1, y1) in cells."""
-        codes = self.codes(index)
-        if box is not None:
-            x0, y0, x1, y1 = (int(v) for v in box)
-            if not (0 <= x0 < x1 <= codes.shape[1] and 0 <= y0 < y1 <= codes.shape[0]):
-                raise ValueError(f"box: expected 0 <= x0 < x1 <= {codes.shape[1]} and 0 <= y0 < y1 <= "
-                                 f"{codes.shape[0]}, got {tuple(box)}")
-            codes = codes[y0:y1, x0:x1]
-        fmap = np.ascontiguousarray(codes.transpose(2, 0, 1), dtype=np.float32)
-        fmap *= np.float32(self.scale(index))
-        return fmap
+        box_values = None if box is None else [int(v) for v in box]
+        return _core.dequantize_codes(self.codes(index), box_values, self.scale(index))
 
     def __iter__(self) -> Iterator[np.ndarray]:
         for i in range(len(self)):

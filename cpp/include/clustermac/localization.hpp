@@ -380,4 +380,22 @@ inline AmlResult aml_localize_codes(const std::uint8_t* codes, std::ptrdiff_t he
   return aml_detail::localize_dispatch(cells, unit_query, params);
 }
 
+// Dequantises the box [x0, y0, x1, y1) of channel-last 8-bit codes (H×W×D) into a float D×h×w
+// map (value = code·scale), the layout the pooling functions take. Cells are handled 16 at a
+// time so that each channel plane receives a contiguous run of writes.
+inline void dequantize_codes(const std::uint8_t* codes, std::ptrdiff_t width, std::ptrdiff_t channels,
+                             const std::array<std::int32_t, 4>& box, float scale, float* out) {
+  const std::ptrdiff_t box_width = box[2] - box[0], box_height = box[3] - box[1];
+  const std::ptrdiff_t plane = box_width * box_height;
+  constexpr std::ptrdiff_t kTile = 16;
+  for (std::ptrdiff_t y = 0; y < box_height; ++y)
+    for (std::ptrdiff_t x0 = 0; x0 < box_width; x0 += kTile) {
+      const std::ptrdiff_t count = std::min(kTile, box_width - x0);
+      const std::uint8_t* source = codes + ((box[1] + y) * width + box[0] + x0) * channels;
+      float* target = out + y * box_width + x0;
+      for (std::ptrdiff_t d = 0; d < channels; ++d)
+        for (std::ptrdiff_t j = 0; j < count; ++j) target[d * plane + j] = static_cast<float>(source[j * channels + d]) * scale;
+    }
+}
+
 }  // namespace clustermac
