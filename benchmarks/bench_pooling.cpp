@@ -3,7 +3,8 @@
 // (ResNet101 at 1024 px: D = 2048, 32×24 = 768 locations; VGG16: D = 512, 64×48 = 3072).
 //
 //   cmake -S . -B build/bench -DCLUSTERMAC_BENCHMARKS=ON -DCMAKE_BUILD_TYPE=Release \
-//         -DCMAKE_PREFIX_PATH="$(python -m cmeel cmake)" && cmake --build build/bench --target bench_pooling
+//         -DCMAKE_PREFIX_PATH="$(python -m cmeel cmake);$(python -c 'import pybind11; print(pybind11.get_cmake_dir())')"
+//   cmake --build build/bench --target bench_pooling
 //   build/bench/bench_pooling --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
 #include <benchmark/benchmark.h>
 
