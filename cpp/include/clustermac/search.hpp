@@ -197,9 +197,12 @@ inline void topk_search_chunk(const float* database, std::ptrdiff_t n_database, 
   }
 }
 
-// Queries are searched in chunks of this many, so that the per-thread score buffers and heaps
-// stay bounded (~4 MB and ~k·64 KB) however many queries are given at once.
+// Queries are searched in chunks of at most this many, so that the per-thread score buffers
+// and heaps stay bounded however many queries are given at once; with a large k (a full
+// ranking asks for k = N) the chunk shrinks so that a thread's heaps hold at most
+// kHitsPerChunk hits (128 MB).
 constexpr std::ptrdiff_t kQueryChunk = 4096;
+constexpr std::ptrdiff_t kHitsPerChunk = std::ptrdiff_t(1) << 23;
 
 }  // namespace search_detail
 
@@ -220,9 +223,10 @@ inline SearchResult topk_search(const float* database, std::ptrdiff_t n_database
   SearchResult result;
   result.scores.resize(n_queries, k);
   result.indices.resize(n_queries, k);
-  for (std::ptrdiff_t first = 0; first < n_queries; first += kQueryChunk)
-    topk_search_chunk(database, n_database, queries + first * dim, std::min(kQueryChunk, n_queries - first), dim, k,
-                      n_threads, result, first);
+  const std::ptrdiff_t chunk = std::max<std::ptrdiff_t>(kQueryTile, std::min(kQueryChunk, kHitsPerChunk / k));
+  for (std::ptrdiff_t first = 0; first < n_queries; first += chunk)
+    topk_search_chunk(database, n_database, queries + first * dim, std::min(chunk, n_queries - first), dim, k, n_threads,
+                      result, first);
   return result;
 }
 
