@@ -153,6 +153,10 @@ EigenPairs top_eigenpairs(Eigen::Index n, int k, Apply&& apply, const EigenSolve
   // direction that the kept Ritz vectors leave the subspace in).
   Eigen::MatrixXf next_block = basis_product.leftCols(block);
 
+  // H = Q^T A Q, kept across restarts: after one, its kept block is diag(Ritz values), so only
+  // the columns of new blocks are computed (the projections are a visible share of the cost).
+  Eigen::MatrixXd projected = Eigen::MatrixXd::Zero(m, m);
+  Index known = 0;  // columns [0, known) of `projected` are up to date
   for (int cycle = 0; cycle < options.max_cycles; ++cycle) {
     result.n_cycles = cycle + 1;
     while (filled + block <= m) {
@@ -166,14 +170,20 @@ EigenPairs top_eigenpairs(Eigen::Index n, int k, Apply&& apply, const EigenSolve
       filled += block;
     }
     // Rayleigh-Ritz on the basis (small problem in double).
-    Eigen::MatrixXd projected = (basis.leftCols(filled).transpose() * basis_product.leftCols(filled)).cast<double>();
-    projected = 0.5 * (projected + projected.transpose()).eval();
-    Eigen::SelfAdjointEigenSolver<Eigen::MatrixXd> solver(projected);
+    const Eigen::MatrixXd fresh =
+        (basis.leftCols(filled).transpose() * basis_product.middleCols(known, filled - known)).cast<double>();
+    projected.block(0, known, filled, filled - known) = fresh;
+    projected.block(known, 0, filled - known, filled) = fresh.transpose();
+    Eigen::MatrixXd h = projected.topLeftCorner(filled, filled);
+    h = 0.5 * (h + h.transpose()).eval();
+    Eigen::SelfAdjointEigenSolver<Eigen::MatrixXd> solver(h);
     const Index kept = std::min<Index>(keep, filled);
     const Eigen::VectorXd ritz_values = solver.eigenvalues().reverse().head(kept);
     const Eigen::MatrixXf small = solver.eigenvectors().rowwise().reverse().leftCols(kept).cast<float>();
-    Eigen::MatrixXf ritz = basis.leftCols(filled) * small;
-    Eigen::MatrixXf ritz_product = basis_product.leftCols(filled) * small;
+    // The wanted block first: enough to test convergence; the rest only when restarting.
+    Eigen::MatrixXf ritz(n, kept), ritz_product(n, kept);
+    ritz.leftCols(block).noalias() = basis.leftCols(filled) * small.leftCols(block);
+    ritz_product.leftCols(block).noalias() = basis_product.leftCols(filled) * small.leftCols(block);
 
     double scale = std::max(std::abs(ritz_values(0)), std::abs(ritz_values(kept - 1)));
     scale = std::max(scale, 1e-30);
@@ -190,10 +200,17 @@ EigenPairs top_eigenpairs(Eigen::Index n, int k, Apply&& apply, const EigenSolve
       result.converged = true;
       break;
     }
+    if (cycle + 1 == options.max_cycles) break;
     // Thick restart: the kept Ritz vectors and their products (A Q y, no new product).
+    if (kept > block) {
+      ritz.rightCols(kept - block).noalias() = basis.leftCols(filled) * small.rightCols(kept - block);
+      ritz_product.rightCols(kept - block).noalias() = basis_product.leftCols(filled) * small.rightCols(kept - block);
+    }
     basis.leftCols(kept) = ritz;
     basis_product.leftCols(kept) = ritz_product;
+    projected.topLeftCorner(kept, kept) = ritz_values.asDiagonal();
     filled = kept;
+    known = kept;
     next_block = residual;
   }
   return result;
