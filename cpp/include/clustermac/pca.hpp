@@ -79,11 +79,12 @@ PcaProjection pca_of_centred(const Matrix& centred, int n_components) {
       out.variances(c) = static_cast<float>(value / divisor);
     }
   }
-  // Zero out numerically-null components (float round-off of rank-deficient data) so that
-  // constant features give an exactly zero projection.
+  // Zero out numerically-null components so that constant or rank-deficient features give
+  // exact zeros: float products leave eigenvalue noise of ~1e-7 * lambda_max * sqrt(N), so
+  // variances below 1e-6 of the largest are treated as zero.
   const float largest = out.variances.size() ? out.variances(0) : 0.0f;
   for (int c = 0; c < n_components; ++c) {
-    if (out.variances(c) <= 1e-10f * largest || largest <= 0.0f) {
+    if (out.variances(c) <= 1e-6f * largest || largest <= 0.0f) {
       out.variances(c) = 0.0f;
       out.projection.col(c).setZero();
       continue;
