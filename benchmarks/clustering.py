@@ -112,16 +112,31 @@ def ncut_objective(s: np.ndarray, labels: np.ndarray) -> float:
 
 
 def peak_memory_mb(feature_map, rgb, pca_dim) -> tuple[float, float]:
-    """(peak RSS of a process running one cluster_feature_map call, same process before the call)."""
+    """(peak RSS of a process running one cluster_feature_map call, same process before the call).
+
+    The child loads only the compiled module (not the clustermac package, whose other parts
+    import heavy libraries), so the figure is the clustering's own footprint plus NumPy."""
+    import importlib.util
+
+    locations = importlib.util.find_spec("clustermac").submodule_search_locations
+    core_path = next(
+        os.path.join(d, f) for d in locations if os.path.isdir(d) for f in sorted(os.listdir(d))
+        if f.startswith("_core.") and f.endswith((".so", ".pyd"))
+    )
     with tempfile.TemporaryDirectory() as tmp:
         np.save(os.path.join(tmp, "f.npy"), feature_map)
         np.save(os.path.join(tmp, "rgb.npy"), rgb)
         code = (
-            "import resource, numpy as np, clustermac\n"
+            "import importlib.util, numpy as np\n"
+            f"spec = importlib.util.spec_from_file_location('clustermac._core', {core_path!r})\n"
+            "core = importlib.util.module_from_spec(spec); spec.loader.exec_module(core)\n"
             f"f = np.load({os.path.join(tmp, 'f.npy')!r}); rgb = np.load({os.path.join(tmp, 'rgb.npy')!r})\n"
-            "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-            f"clustermac.cluster_feature_map(f, rgb, pca_dim={pca_dim})\n"
-            "print(before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+            # VmHWM (peak RSS of this process image): ru_maxrss would carry the parent's peak
+            # across fork + exec.
+            "hwm = lambda: next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM'))\n"
+            "before = hwm()\n"
+            f"core.cluster_feature_map(f, rgb, pca_dim={pca_dim})\n"
+            "print(before, hwm())\n"
         )
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     return float(out[1]) / 1024, float(out[0]) / 1024
@@ -138,6 +153,11 @@ def main() -> None:
     args = parser.parse_args()
 
     with threadpool_limits(1):
+        # Warm-up (imports, first-call set-up) so that neither side is timed cold.
+        warm_map = np.random.default_rng(0).random((16, 8, 8), dtype=np.float32)
+        warm_rgb = np.random.default_rng(1).random((8, 8, 3), dtype=np.float32)
+        reference_pipeline(warm_map, warm_rgb, 4)
+        clustermac.cluster_feature_map(warm_map, warm_rgb)
         for spec in args.sizes.split(","):
             size, pca_dim = spec.split(":")
             height, width = (int(v) for v in size.split("x"))
@@ -145,7 +165,7 @@ def main() -> None:
             maps, source = load_maps(height, width, args.images, args.synthetic)
             n = height * width
             print(f"\n== N = {n} ({height} x {width}), C = {pca_dim}: {source}, {len(maps)} maps")
-            ours_t, ref_t, objectives = [], [], []
+            ours_t, ref_t, objectives, given_pca_t = [], [], [], []
             for index, (feature_map, rgb) in enumerate(maps):
                 times = []
                 for _ in range(args.repeats):
@@ -154,6 +174,19 @@ def main() -> None:
                                                           normalization=args.normalization)
                     times.append(time.perf_counter() - start)
                 ours_t.append(np.median(times))
+                # The same with a given PCA (as with a dataset-learned one): clustering alone.
+                d = feature_map.shape[0]
+                flat = np.ascontiguousarray(feature_map.reshape(d, -1).T)
+                mean = flat.mean(axis=0)
+                _, _, vt = np.linalg.svd(flat[:: max(1, len(flat) // 512)] - mean, full_matrices=False)
+                basis = np.ascontiguousarray(vt[:pca_dim].T, np.float32)
+                times = []
+                for _ in range(args.repeats):
+                    start = time.perf_counter()
+                    clustermac.cluster_feature_map(feature_map, rgb, pca_mean=mean, pca_basis=basis,
+                                                   normalization=args.normalization)
+                    times.append(time.perf_counter() - start)
+                given_pca_t.append(np.median(times))
                 times = []
                 for _ in range(args.reference_repeats):
                     start = time.perf_counter()
@@ -167,14 +200,15 @@ def main() -> None:
                 stats = _core._ncut_solver_statistics(_core.affinity(
                     clustermac.pca_project(np.ascontiguousarray(feature_map.reshape(feature_map.shape[0], -1).T),
                                            pca_dim)[0]), 20, args.normalization)
-                print(f"  map {index}: ours {ours_t[-1] * 1e3:7.1f} ms, reference {ref_t[-1] * 1e3:7.1f} ms; "
+                print(f"  map {index}: ours {ours_t[-1] * 1e3:7.1f} ms ({given_pca_t[-1] * 1e3:.1f} ms with a given PCA), reference {ref_t[-1] * 1e3:7.1f} ms; "
                       f"K=20 solve: {stats['n_products']} vector products, residual {stats['max_residual']:.1e}; "
                       "objective ours/ref " + ", ".join(f"{k} {o:.3f}/{r:.3f}" for k, (o, r) in
                                                         zip(("K=5", "K=20", "RGB"), row)))
             objectives = np.array(objectives)
             ours_median, ref_median = np.median(ours_t), np.median(ref_t)
             print(f"  median per image: clustermac {ours_median * 1e3:.1f} ms, NumPy + scikit-learn "
-                  f"{ref_median * 1e3:.1f} ms, ratio {ref_median / ours_median:.1f}x")
+                  f"{ref_median * 1e3:.1f} ms, ratio {ref_median / ours_median:.1f}x; clustermac with a given "
+                  f"PCA (clustering only) {np.median(given_pca_t) * 1e3:.1f} ms")
             for j, name in enumerate(("K=5 features", "K=20 features", "K=5 RGB")):
                 print(f"  mean NCut objective {name}: clustermac {objectives[:, j, 0].mean():.3f}, "
                       f"scikit-learn {objectives[:, j, 1].mean():.3f}")
