@@ -79,11 +79,15 @@ def load_maps(height: int, width: int, count: int, synthetic: bool, seed: int = 
     return out, "synthetic maps with planted regions (D = 512)"
 
 
-def reference_similarity(features: np.ndarray, z_ratio: float = 0.05) -> np.ndarray:
+def reference_similarity(features: np.ndarray, z_ratio: float = 0.05, equal_weights: bool = False) -> np.ndarray:
+    """Eq. (2)-(3); variance weights (Eq. 2) or, for RGB as clustermac does, equal weights."""
     from scipy.spatial.distance import cdist
 
     variance = features.var(axis=0)
-    weights = variance / variance.sum() if variance.sum() > 0 else np.full(features.shape[1], 1 / features.shape[1])
+    if equal_weights or not variance.sum() > 0:
+        weights = np.full(features.shape[1], 1 / features.shape[1])
+    else:
+        weights = variance / variance.sum()
     d = cdist(features, features, metric="minkowski", p=2, w=weights)
     return np.exp(-d / (z_ratio * d.max())) ** 2
 
@@ -97,7 +101,7 @@ def reference_pipeline(feature_map, rgb, pca_dim, seed=0):
     projected = PCA(n_components=pca_dim, random_state=seed).fit_transform(feature_map.reshape(d, -1).T)
     s = reference_similarity(projected)
     labels = [spectral_clustering(s, n_clusters=k, assign_labels="discretize", random_state=seed) for k in (5, 20)]
-    s_rgb = reference_similarity(rgb.reshape(-1, 3).astype(np.float64))
+    s_rgb = reference_similarity(rgb.reshape(-1, 3).astype(np.float64), equal_weights=True)
     labels.append(spectral_clustering(s_rgb, n_clusters=5, assign_labels="discretize", random_state=seed))
     return labels, s, s_rgb
 

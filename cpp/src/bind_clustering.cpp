@@ -302,7 +302,9 @@ Returns one map per entry of n_clusters, then the RGB map. A K larger than the n
 distinct locations is lowered to it (a 1 x 1 map, or constant features, give one region);
 labels are compact 0..m-1. spatial_weight > 0 appends the pixel position, scaled so that
 spatial_weight = 1 makes crossing the whole map cost about one weighted feature standard
-deviation (the ablation of the paper's Fig. 6).)doc");
+deviation (the ablation of the paper's Fig. 6). normalization: "sym" (default) or "shi", see
+ncut_embedding. The N x N similarity workspace (38 MB at N = 3072) is kept per thread between
+calls when N <= 4096, to avoid page-faulting a fresh one for every image.)doc");
 
   m.def(
       "cluster_feature_maps",
