@@ -123,13 +123,21 @@ inline void similarity_times_block(const Eigen::Ref<const MatrixRM>& s, const Ei
 // up to 8 % worse than converged; 225 products matched). "shi" converges more slowly (its K = 5
 // partition needed ~3-4 cycles for the same) and gets 4 cycles. Block sizes are multiples of 8
 // (the width of the AVX2 product kernel).
+// For few vectors (K <= 5; blocks of 8, whose products cost one pass over S): on the feature
+// maps of twelve photos, K = 5 alone needed 3 cycles of 8 blocks (128 products) to match the
+// converged partitions' NCut objective (64 products: up to 9x worse, 96: up to 3x). RGB
+// similarities converge within the first cycle (64 products), where the tolerance stops it.
 inline EigenSolverOptions ncut_solver_options(int n_vectors, Normalization normalization) {
   EigenSolverOptions options;
   options.block_size = (n_vectors + 3 + 7) / 8 * 8;
-  options.blocks_per_cycle = 6;
-  options.kept_blocks = 3;
+  const bool few = options.block_size <= 8;
+  options.blocks_per_cycle = few ? 8 : 6;
+  options.kept_blocks = few ? 4 : 3;
   options.tolerance = 1e-2;
-  options.max_cycles = normalization == Normalization::sym ? 2 : 4;
+  if (normalization == Normalization::sym)
+    options.max_cycles = few ? 3 : 2;
+  else
+    options.max_cycles = 4;
   options.dense_below = 200;
   return options;
 }
