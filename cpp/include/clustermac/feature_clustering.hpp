@@ -113,7 +113,10 @@ inline std::vector<VectorI> partitions_of(const MatrixRM& weighted, const std::v
   }
   buffer.resize(n, n);
   affinity_into(weighted, VectorF::Ones(weighted.cols()), z_ratio, buffer.data());
-  const Eigen::MatrixXd embedding = ncut_embedding_of(buffer, most, normalization);
+  // "sym" drops self-loops: zero the workspace's diagonal rather than copy it (see ncut.hpp).
+  const bool zero_diagonal = normalization == Normalization::sym;
+  if (zero_diagonal) buffer.diagonal().setZero();
+  const Eigen::MatrixXd embedding = ncut_embedding_of(buffer, most, normalization, nullptr, nullptr, zero_diagonal);
   for (int k : effective) {
     if (k <= 1)
       out.push_back(VectorI::Zero(n));

@@ -145,28 +145,39 @@ inline EigenSolverOptions ncut_solver_options(int n_vectors, Normalization norma
 // Top `n_vectors` generalised eigenvectors D^-1/2 u of the NCut problem for the N x N
 // symmetric non-negative similarity `s` (row-major, not checked here). Columns have unit
 // l2 norm; the sign of each column makes its largest-magnitude entry positive.
+//
+// "sym" needs S without its diagonal, and it must be removed from the matrix, not subtracted
+// after the product: an isolated location (all similarities ~1e-7 but S_ii = 1) has a tiny
+// degree, and subtracting its self term in float afterwards cancels catastrophically (the
+// solver then stalled at residual 2e-2 with Ritz values above the true eigenvalues). With
+// `diagonal_is_zero` false the function works on a copy with the diagonal zeroed (the bindings'
+// case, whose S belongs to the caller); cluster_feature_map zeroes its own workspace instead.
 inline Eigen::MatrixXd ncut_embedding_of(const Eigen::Ref<const MatrixRM>& s, int n_vectors,
                                          Normalization normalization,
                                          const EigenSolverOptions* options_override = nullptr,
-                                         EigenPairs* diagnostics = nullptr) {
+                                         EigenPairs* diagnostics = nullptr, bool diagonal_is_zero = false) {
   using Eigen::Index;
   const Index n = s.rows();
+  if (normalization == Normalization::sym && !diagonal_is_zero && s.diagonal().cwiseAbs().maxCoeff() > 0.0f) {
+    MatrixRM without_self = s;
+    without_self.diagonal().setZero();
+    return ncut_embedding_of(without_self, n_vectors, normalization, options_override, diagnostics, true);
+  }
   // Float row sums (vectorised, one pass over S): relative error ~1e-7 * sqrt(N), far below the
-  // solver tolerance.
+  // solver tolerance. For "sym" the diagonal is zero here, so this is rowsum(S - diag S).
   const Eigen::VectorXd degree = s.rowwise().sum().cast<double>();
-  Eigen::VectorXf inv_sqrt_degree(n), diagonal_term(n);
+  Eigen::VectorXf inv_sqrt_degree(n), diagonal_term = Eigen::VectorXf::Zero(n);
   for (Index i = 0; i < n; ++i) {
-    const double self = s(i, i);
-    const double d = normalization == Normalization::shi ? degree(i) + 1.0 : degree(i) - self;
+    const double d = normalization == Normalization::shi ? degree(i) + 1.0 : degree(i);
     const double inv = d > 0 ? 1.0 / std::sqrt(d) : 0.0;
     inv_sqrt_degree(i) = static_cast<float>(inv);
-    // Shi: + 0.5 D^-1 (the offset on the diagonal); sym: - S_ii D^-1 (self-loop removed).
-    diagonal_term(i) = static_cast<float>((normalization == Normalization::shi ? 0.5 : -self) * inv * inv);
+    // Shi: + 0.5 D^-1, the offset on the diagonal (D >= 1 there, so no cancellation).
+    if (normalization == Normalization::shi) diagonal_term(i) = static_cast<float>(0.5 * inv * inv);
   }
   auto apply = [&](const Eigen::MatrixXf& v, Eigen::MatrixXf& pv) {
     detail::similarity_times_block(s, inv_sqrt_degree, v, pv);
     pv = inv_sqrt_degree.asDiagonal() * pv;
-    pv += diagonal_term.asDiagonal() * v;
+    if (normalization == Normalization::shi) pv += diagonal_term.asDiagonal() * v;
   };
   const EigenSolverOptions options = options_override ? *options_override : ncut_solver_options(n_vectors, normalization);
   EigenPairs pairs = top_eigenpairs(n, n_vectors, apply, options);
