@@ -33,7 +33,7 @@ ABLATIONS = (
     MethodSpec("ClusterMAC 5+15", "clustermac", {"n_clusters": (5, 15), "rgb_clusters": 0}),
     MethodSpec("ClusterMAC 1+5+20", "clustermac", {"n_clusters": (1, 5, 20)}),
     MethodSpec("ClusterMAC dataset PCA", "clustermac", {"clustering_pca": "dataset"}),
-    MethodSpec("ClusterMAC sym. normalisation", "clustermac", {"normalization": "sym"}),
+    MethodSpec("ClusterMAC Shi normalisation", "clustermac", {"normalization": "shi"}),
 )
 
 

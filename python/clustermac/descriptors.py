@@ -108,7 +108,9 @@ class Extractor:
     spatial_weight:
         Weight of a spatial-distance term in the affinity (0 in the paper; Fig. 6 ablation).
     normalization:
-        NCut graph normalisation passed to :func:`clustermac.cluster_feature_map`.
+        NCut graph normalisation passed to :func:`clustermac.cluster_feature_map`: ``"sym"``
+        (default; no self-loops, as scikit-learn) or ``"shi"`` (Shi's released Ncut code, which
+        the paper ran). See the C++ core's ncut.hpp for the measurements behind the default.
     clustering_pca:
         ``"image"`` (the paper: PCA per image) or ``"dataset"`` (learned by
         :meth:`fit_whitening` on the whitening images).
@@ -138,7 +140,7 @@ class Extractor:
         rgb_clusters: int = 5,
         z_ratio: float = 0.05,
         spatial_weight: float = 0.0,
-        normalization: str = "shi",
+        normalization: str = "sym",
         clustering_pca: str = "image",
         rmac_levels: int = 3,
         gem_p: float = 3.0,
