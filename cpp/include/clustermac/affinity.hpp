@@ -14,7 +14,8 @@
 
 #include "clustermac/common.hpp"
 
-#if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
+#if !defined(CLUSTERMAC_NO_SIMD_DISPATCH) && (defined(__GNUC__) || defined(__clang__)) && \
+    (defined(__x86_64__) || defined(__i386__))
 #include <immintrin.h>
 #define CLUSTERMAC_X86_DISPATCH 1
 #endif

@@ -96,8 +96,8 @@ __attribute__((target("avx2,fma"))) inline void dense_times_block_avx2(const flo
 // result (n x b, column-major) = s (n x n row-major, symmetric) * (scale .* v).
 inline void similarity_times_block(const Eigen::Ref<const MatrixRM>& s, const Eigen::VectorXf& scale,
                                    const Eigen::MatrixXf& v, Eigen::MatrixXf& result) {
-  const Eigen::Index n = s.rows(), b = v.cols();
 #ifdef CLUSTERMAC_X86_DISPATCH
+  const Eigen::Index n = s.rows(), b = v.cols();
   if (cpu_has_avx2_fma() && s.outerStride() == n) {
     const Eigen::Index width = (b + 7) / 8 * 8;
     MatrixRM packed = MatrixRM::Zero(n, width);
