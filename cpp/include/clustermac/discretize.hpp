@@ -38,8 +38,9 @@ inline VectorI discretize(const Eigen::MatrixXd& embedding, std::uint64_t seed) 
   VectorI labels = VectorI::Zero(n);
   if (n == 0 || k <= 1) return labels;
 
-  // Columns to equal norm, then rows to unit length (zero rows stay zero).
-  Eigen::MatrixXd v = embedding;
+  // Columns to equal norm, then rows to unit length (zero rows stay zero). Row-major: every
+  // step below works row by row.
+  MatrixRMd v = embedding;
   for (Index c = 0; c < k; ++c) {
     const double norm = v.col(c).norm();
     if (norm > 0) v.col(c) /= norm;
@@ -64,7 +65,7 @@ inline VectorI discretize(const Eigen::MatrixXd& embedding, std::uint64_t seed) 
   double last_objective = 0.0;
   const int max_iterations = 20;
   for (int iteration = 0;; ++iteration) {
-    Eigen::MatrixXd rotated = v * rotation;
+    const MatrixRMd rotated = v * rotation;
     for (Index i = 0; i < n; ++i) {
       Index arg = 0;
       rotated.row(i).maxCoeff(&arg);
