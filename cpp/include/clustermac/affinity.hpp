@@ -14,30 +14,12 @@
 
 #include "clustermac/common.hpp"
 
-#if !defined(CLUSTERMAC_NO_SIMD_DISPATCH) && (defined(__GNUC__) || defined(__clang__)) && \
-    (defined(__x86_64__) || defined(__i386__))
-#include <immintrin.h>
-#define CLUSTERMAC_X86_DISPATCH 1
-#endif
+#include "clustermac/dense_kernels.hpp"  // CLUSTERMAC_X86_DISPATCH, detail::cpu_has_avx2_fma
 
 namespace clustermac {
 
 namespace detail {
 #ifdef CLUSTERMAC_X86_DISPATCH
-// The package is built for portable x86-64 (SSE2); the two hot loops of the clustering (this
-// file's exp and the similarity products in ncut.hpp) have AVX2 + FMA versions, compiled with
-// a target attribute and used only when the CPU reports both features.
-// Setting the environment variable CLUSTERMAC_NO_AVX2 forces the portable path (the tests use
-// it to check that both paths agree).
-inline bool cpu_has_avx2_fma() {
-  static const bool has = [] {
-    if (std::getenv("CLUSTERMAC_NO_AVX2")) return false;
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  }();
-  return has;
-}
-
 // exp(x) for x <= 0 (clamped at -87, where it is ~1e-38): x = n ln2 + r with |r| <= ln2 / 2,
 // exp(r) by its Taylor series to degree 7 (relative error < 1e-8 before float rounding).
 __attribute__((target("avx2,fma"))) inline __m256 exp_nonpositive_avx2(__m256 x) {

@@ -151,7 +151,8 @@ inline std::vector<VectorI> cluster_feature_map(const float* feature_map, Eigen:
     Eigen::MatrixXf centred = activations;
     const Eigen::RowVectorXf mean = activations.cast<double>().colwise().mean().cast<float>();
     centred.rowwise() -= mean;
-    projected = pca_of_centred(centred, options.pca_dim).projection;
+    // Column-major N x D is the D x N row-major layout of the feature map.
+    projected = pca_of_centred(centred.data(), n, channels, false, options.pca_dim).projection;
   }
 
   // The N x N similarity workspace is kept per thread between calls up to 64 MB (N <= 4096):

@@ -25,7 +25,7 @@
 
 #include "clustermac/common.hpp"
 #include "clustermac/discretize.hpp"
-#include "clustermac/affinity.hpp"  // CLUSTERMAC_X86_DISPATCH, detail::cpu_has_avx2_fma
+#include "clustermac/dense_kernels.hpp"
 #include "clustermac/eigensolver.hpp"
 
 namespace clustermac {
@@ -40,119 +40,6 @@ inline Normalization parse_normalization(const std::string& name) {
 
 namespace detail {
 
-#ifdef CLUSTERMAC_X86_DISPATCH
-// out (n x width, row-major) = a (n x n, row-major) * v (n x width, row-major), width a multiple
-// of 8. Why a hand-written kernel: the product with the dense similarity is the eigensolver's
-// whole cost, and the package is built for portable x86-64 (SSE2), where Eigen's GEMM runs at
-// about half the speed of AVX2 + FMA. This kernel is compiled for AVX2 + FMA only and used
-// only when the CPU has them (checked at run time), so the wheel stays portable.
-// Register tiles of 12 accumulators: 4 rows x 24 columns, 6 x 16, or 8 x 8 (the last is
-// memory-bound anyway). Written out with named accumulators: with an array, GCC kept the
-// accumulators on the stack and stored them every iteration (half the kernel's time).
-#define CLUSTERMAC_FMA(acc, w, x) acc = _mm256_fmadd_ps(w, x, acc)
-
-__attribute__((target("avx2,fma"))) inline void dense_times_block_tile_4x24(const float* a, Eigen::Index n,
-                                                                              const float* v, Eigen::Index width,
-                                                                              Eigen::Index column, Eigen::Index row,
-                                                                              Eigen::Index row_count, float* out) {
-  const float* r0 = a + row * n;
-  const float* r1 = a + (row + std::min<Eigen::Index>(1, row_count - 1)) * n;
-  const float* r2 = a + (row + std::min<Eigen::Index>(2, row_count - 1)) * n;
-  const float* r3 = a + (row + std::min<Eigen::Index>(3, row_count - 1)) * n;
-  __m256 c00 = _mm256_setzero_ps(), c01 = c00, c02 = c00, c10 = c00, c11 = c00, c12 = c00;
-  __m256 c20 = c00, c21 = c00, c22 = c00, c30 = c00, c31 = c00, c32 = c00;
-  const float* vj = v + column;
-  for (Eigen::Index j = 0; j < n; ++j, vj += width) {
-    const __m256 x0 = _mm256_loadu_ps(vj), x1 = _mm256_loadu_ps(vj + 8), x2 = _mm256_loadu_ps(vj + 16);
-    __m256 w = _mm256_broadcast_ss(r0 + j);
-    CLUSTERMAC_FMA(c00, w, x0); CLUSTERMAC_FMA(c01, w, x1); CLUSTERMAC_FMA(c02, w, x2);
-    w = _mm256_broadcast_ss(r1 + j);
-    CLUSTERMAC_FMA(c10, w, x0); CLUSTERMAC_FMA(c11, w, x1); CLUSTERMAC_FMA(c12, w, x2);
-    w = _mm256_broadcast_ss(r2 + j);
-    CLUSTERMAC_FMA(c20, w, x0); CLUSTERMAC_FMA(c21, w, x1); CLUSTERMAC_FMA(c22, w, x2);
-    w = _mm256_broadcast_ss(r3 + j);
-    CLUSTERMAC_FMA(c30, w, x0); CLUSTERMAC_FMA(c31, w, x1); CLUSTERMAC_FMA(c32, w, x2);
-  }
-  const __m256 results[4][3] = {{c00, c01, c02}, {c10, c11, c12}, {c20, c21, c22}, {c30, c31, c32}};
-  for (Eigen::Index r = 0; r < row_count; ++r)
-    for (int q = 0; q < 3; ++q) _mm256_storeu_ps(out + (row + r) * width + column + 8 * q, results[r][q]);
-}
-
-__attribute__((target("avx2,fma"))) inline void dense_times_block_tile_6x16(const float* a, Eigen::Index n,
-                                                                              const float* v, Eigen::Index width,
-                                                                              Eigen::Index column, Eigen::Index row,
-                                                                              Eigen::Index row_count, float* out) {
-  const float* r0 = a + row * n;
-  const float* r1 = a + (row + std::min<Eigen::Index>(1, row_count - 1)) * n;
-  const float* r2 = a + (row + std::min<Eigen::Index>(2, row_count - 1)) * n;
-  const float* r3 = a + (row + std::min<Eigen::Index>(3, row_count - 1)) * n;
-  const float* r4 = a + (row + std::min<Eigen::Index>(4, row_count - 1)) * n;
-  const float* r5 = a + (row + std::min<Eigen::Index>(5, row_count - 1)) * n;
-  __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
-  __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
-  const float* vj = v + column;
-  for (Eigen::Index j = 0; j < n; ++j, vj += width) {
-    const __m256 x0 = _mm256_loadu_ps(vj), x1 = _mm256_loadu_ps(vj + 8);
-    __m256 w = _mm256_broadcast_ss(r0 + j);
-    CLUSTERMAC_FMA(c00, w, x0); CLUSTERMAC_FMA(c01, w, x1);
-    w = _mm256_broadcast_ss(r1 + j);
-    CLUSTERMAC_FMA(c10, w, x0); CLUSTERMAC_FMA(c11, w, x1);
-    w = _mm256_broadcast_ss(r2 + j);
-    CLUSTERMAC_FMA(c20, w, x0); CLUSTERMAC_FMA(c21, w, x1);
-    w = _mm256_broadcast_ss(r3 + j);
-    CLUSTERMAC_FMA(c30, w, x0); CLUSTERMAC_FMA(c31, w, x1);
-    w = _mm256_broadcast_ss(r4 + j);
-    CLUSTERMAC_FMA(c40, w, x0); CLUSTERMAC_FMA(c41, w, x1);
-    w = _mm256_broadcast_ss(r5 + j);
-    CLUSTERMAC_FMA(c50, w, x0); CLUSTERMAC_FMA(c51, w, x1);
-  }
-  const __m256 results[6][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
-  for (Eigen::Index r = 0; r < row_count; ++r)
-    for (int q = 0; q < 2; ++q) _mm256_storeu_ps(out + (row + r) * width + column + 8 * q, results[r][q]);
-}
-
-__attribute__((target("avx2,fma"))) inline void dense_times_block_tile_8x8(const float* a, Eigen::Index n,
-                                                                             const float* v, Eigen::Index width,
-                                                                             Eigen::Index column, Eigen::Index row,
-                                                                             Eigen::Index row_count, float* out) {
-  const float* r[8];
-  for (int i = 0; i < 8; ++i) r[i] = a + (row + std::min<Eigen::Index>(i, row_count - 1)) * n;
-  const float *r0 = r[0], *r1 = r[1], *r2 = r[2], *r3 = r[3], *r4 = r[4], *r5 = r[5], *r6 = r[6], *r7 = r[7];
-  __m256 c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0, c6 = c0, c7 = c0;
-  const float* vj = v + column;
-  for (Eigen::Index j = 0; j < n; ++j, vj += width) {
-    const __m256 x = _mm256_loadu_ps(vj);
-    CLUSTERMAC_FMA(c0, _mm256_broadcast_ss(r0 + j), x);
-    CLUSTERMAC_FMA(c1, _mm256_broadcast_ss(r1 + j), x);
-    CLUSTERMAC_FMA(c2, _mm256_broadcast_ss(r2 + j), x);
-    CLUSTERMAC_FMA(c3, _mm256_broadcast_ss(r3 + j), x);
-    CLUSTERMAC_FMA(c4, _mm256_broadcast_ss(r4 + j), x);
-    CLUSTERMAC_FMA(c5, _mm256_broadcast_ss(r5 + j), x);
-    CLUSTERMAC_FMA(c6, _mm256_broadcast_ss(r6 + j), x);
-    CLUSTERMAC_FMA(c7, _mm256_broadcast_ss(r7 + j), x);
-  }
-  const __m256 results[8] = {c0, c1, c2, c3, c4, c5, c6, c7};
-  for (Eigen::Index i = 0; i < row_count; ++i) _mm256_storeu_ps(out + (row + i) * width + column, results[i]);
-}
-#undef CLUSTERMAC_FMA
-
-__attribute__((target("avx2,fma"))) inline void dense_times_block_avx2(const float* a, Eigen::Index n, const float* v,
-                                                                         Eigen::Index width, float* out) {
-  Eigen::Index column = 0;
-  for (; column + 24 <= width; column += 24)
-    for (Eigen::Index row = 0; row < n; row += 4)
-      dense_times_block_tile_4x24(a, n, v, width, column, row, std::min<Eigen::Index>(4, n - row), out);
-  if (column + 16 <= width) {
-    for (Eigen::Index row = 0; row < n; row += 6)
-      dense_times_block_tile_6x16(a, n, v, width, column, row, std::min<Eigen::Index>(6, n - row), out);
-    column += 16;
-  }
-  if (column < width)
-    for (Eigen::Index row = 0; row < n; row += 8)
-      dense_times_block_tile_8x8(a, n, v, width, column, row, std::min<Eigen::Index>(8, n - row), out);
-}
-
-#endif
 
 // result (n x b, column-major) = s (n x n row-major, symmetric) * (scale .* v).
 inline void similarity_times_block(const Eigen::Ref<const MatrixRM>& s, const Eigen::VectorXf& scale,
@@ -164,7 +51,7 @@ inline void similarity_times_block(const Eigen::Ref<const MatrixRM>& s, const Ei
     MatrixRM packed = MatrixRM::Zero(n, width);
     packed.leftCols(b) = scale.asDiagonal() * v;
     MatrixRM product(n, width);
-    dense_times_block_avx2(s.data(), n, packed.data(), width, product.data());
+    dense_times_block_avx2(s.data(), n, n, packed.data(), width, width, product.data());
     result = product.leftCols(b);
     return;
   }

@@ -13,6 +13,7 @@
 #include <string>
 
 #include "clustermac/common.hpp"
+#include "clustermac/dense_kernels.hpp"
 #include "clustermac/eigensolver.hpp"
 
 namespace clustermac {
@@ -22,17 +23,30 @@ struct PcaProjection {
   VectorF variances;    // C: variance of each projected column (divisor N - 1; 0 when N = 1), descending
 };
 
-// `centred` is N x D (any Eigen storage order) with column means already removed.
+// The centred features (column means removed) are a row-major array `data`, either N x D
+// (`locations_are_rows`, as pca_project gets them) or D x N (a feature map's own layout).
 // Components beyond the rank of the data come out with zero variance and a zero column.
 // Signs are fixed so that the largest-magnitude entry of each projected column is positive.
-template <typename Matrix>
-PcaProjection pca_of_centred(const Matrix& centred, int n_components) {
+inline PcaProjection pca_of_centred(const float* data, Eigen::Index n, Eigen::Index d, bool locations_are_rows,
+                                    int n_components) {
   using Eigen::Index;
-  const Index n = centred.rows(), d = centred.cols();
   require(n >= 1 && d >= 1, "pca_project: features must have at least one row and one column");
   require(n_components >= 1 && n_components <= d,
           "pca_project: n_components must be in [1, D = " + std::to_string(d) + "], got " +
               std::to_string(n_components));
+  // X v (N x b) and X^T y (D x b) for X the N x D centred features.
+  auto times = [&](const Eigen::MatrixXf& v, Eigen::MatrixXf& out) {
+    if (locations_are_rows)
+      detail::rowmajor_times(data, n, d, v, out);
+    else
+      detail::rowmajor_transpose_times(data, d, n, v, out);
+  };
+  auto transpose_times = [&](const Eigen::MatrixXf& y, Eigen::MatrixXf& out) {
+    if (locations_are_rows)
+      detail::rowmajor_transpose_times(data, n, d, y, out);
+    else
+      detail::rowmajor_times(data, d, n, y, out);
+  };
   PcaProjection out;
   out.projection = MatrixRM::Zero(n, n_components);
   out.variances = VectorF::Zero(n_components);
@@ -55,21 +69,25 @@ PcaProjection pca_of_centred(const Matrix& centred, int n_components) {
   if (d <= n) {
     // Covariance operator on R^D; eigenvectors are the principal directions.
     auto apply = [&](const Eigen::MatrixXf& v, Eigen::MatrixXf& av) {
-      Eigen::MatrixXf scores = centred * v;
-      av.noalias() = centred.transpose() * scores;
+      Eigen::MatrixXf scores;
+      times(v, scores);
+      transpose_times(scores, av);
     };
     EigenPairs pairs = top_eigenpairs(d, wanted, apply, options);
+    Eigen::MatrixXf projected;
+    times(pairs.vectors, projected);
     for (int c = 0; c < wanted; ++c) {
       const double value = std::max(pairs.values(c), 0.0);
       if (value <= 0.0) continue;  // beyond the rank: leave the zero column
-      out.projection.col(c) = centred * pairs.vectors.col(c);
+      out.projection.col(c) = projected.col(c);
       out.variances(c) = static_cast<float>(value / divisor);
     }
   } else {
     // Gram operator on R^N; the projected column is u * sqrt(lambda).
     auto apply = [&](const Eigen::MatrixXf& v, Eigen::MatrixXf& av) {
-      Eigen::MatrixXf loadings = centred.transpose() * v;
-      av.noalias() = centred * loadings;
+      Eigen::MatrixXf loadings;
+      transpose_times(v, loadings);
+      times(loadings, av);
     };
     EigenPairs pairs = top_eigenpairs(n, wanted, apply, options);
     for (int c = 0; c < wanted; ++c) {
@@ -102,7 +120,7 @@ inline PcaProjection pca_project(const ConstMatrixRef& features, int n_component
   MatrixRM centred = features;
   const Eigen::RowVectorXf mean = features.cast<double>().colwise().mean().cast<float>();
   centred.rowwise() -= mean;
-  return pca_of_centred(centred, n_components);
+  return pca_of_centred(centred.data(), centred.rows(), centred.cols(), true, n_components);
 }
 
 }  // namespace clustermac
