@@ -49,6 +49,8 @@ from .backbone import Backbone, default_backbone  # noqa: E402
 from .images import load_image  # noqa: E402
 
 # --- descriptors ---
+from .descriptors import METHODS, Extractor  # noqa: E402
+from .descriptor_store import extract_folder, load_descriptors  # noqa: E402
 
 # --- datasets and evaluation ---
 from . import datasets, evaluate
