@@ -17,6 +17,7 @@
 #include <random>
 
 #include "clustermac/common.hpp"
+#include "clustermac/dense_kernels.hpp"
 
 namespace clustermac {
 
@@ -79,10 +80,14 @@ inline void orthonormalise_block(Eigen::MatrixXf& basis, Eigen::Index begin, Eig
   auto block = basis.middleCols(begin, count);
   const Eigen::VectorXf norms_before = block.colwise().norm().transpose();
   if (begin > 0) {
-    const auto earlier = basis.leftCols(begin);
+    // The first `begin` columns (column-major, n x begin) are a row-major begin x n array.
+    const Eigen::Index n = basis.rows();
+    Eigen::MatrixXf current, coefficients, projection;
     for (int pass = 0; pass < 2; ++pass) {
-      Eigen::MatrixXf coefficients = earlier.transpose() * block;
-      block.noalias() -= earlier * coefficients;
+      current = block;
+      rowmajor_times(basis.data(), begin, n, current, coefficients);             // Q^T B
+      rowmajor_transpose_times(basis.data(), begin, n, coefficients, projection);  // Q (Q^T B)
+      block -= projection;
     }
   }
   for (Eigen::Index c = 0; c < count; ++c) {
@@ -170,8 +175,11 @@ EigenPairs top_eigenpairs(Eigen::Index n, int k, Apply&& apply, const EigenSolve
       filled += block;
     }
     // Rayleigh-Ritz on the basis.
-    const Eigen::MatrixXd fresh =
-        (basis.leftCols(filled).transpose() * basis_product.middleCols(known, filled - known)).cast<double>();
+    // Column-major n x filled basis == row-major filled x n array: Q^T (A Q_new) and Q y below
+    // go through the same dense kernel as the operator.
+    Eigen::MatrixXf new_products = basis_product.middleCols(known, filled - known), fresh_f;
+    detail::rowmajor_times(basis.data(), filled, n, new_products, fresh_f);
+    const Eigen::MatrixXd fresh = fresh_f.cast<double>();
     projected.block(0, known, filled, filled - known) = fresh;
     projected.block(known, 0, filled - known, filled) = fresh.transpose();
     // Diagonalised in float when the tolerance allows it: half the time of double (at N = 768
@@ -192,9 +200,12 @@ EigenPairs top_eigenpairs(Eigen::Index n, int k, Apply&& apply, const EigenSolve
       small = solver.eigenvectors().rowwise().reverse().leftCols(kept).cast<float>();
     }
     // The wanted block first: enough to test convergence; the rest only when restarting.
-    Eigen::MatrixXf ritz(n, kept), ritz_product(n, kept);
-    ritz.leftCols(block).noalias() = basis.leftCols(filled) * small.leftCols(block);
-    ritz_product.leftCols(block).noalias() = basis_product.leftCols(filled) * small.leftCols(block);
+    Eigen::MatrixXf ritz(n, kept), ritz_product(n, kept), part;
+    const Eigen::MatrixXf wanted_small = small.leftCols(block);
+    detail::rowmajor_transpose_times(basis.data(), filled, n, wanted_small, part);
+    ritz.leftCols(block) = part;
+    detail::rowmajor_transpose_times(basis_product.data(), filled, n, wanted_small, part);
+    ritz_product.leftCols(block) = part;
 
     double scale = std::max(std::abs(ritz_values(0)), std::abs(ritz_values(kept - 1)));
     scale = std::max(scale, 1e-30);
@@ -214,8 +225,11 @@ EigenPairs top_eigenpairs(Eigen::Index n, int k, Apply&& apply, const EigenSolve
     if (cycle + 1 == options.max_cycles) break;
     // Thick restart: the kept Ritz vectors and their products (A Q y, no new product).
     if (kept > block) {
-      ritz.rightCols(kept - block).noalias() = basis.leftCols(filled) * small.rightCols(kept - block);
-      ritz_product.rightCols(kept - block).noalias() = basis_product.leftCols(filled) * small.rightCols(kept - block);
+      const Eigen::MatrixXf rest_small = small.rightCols(kept - block);
+      detail::rowmajor_transpose_times(basis.data(), filled, n, rest_small, part);
+      ritz.rightCols(kept - block) = part;
+      detail::rowmajor_transpose_times(basis_product.data(), filled, n, rest_small, part);
+      ritz_product.rightCols(kept - block) = part;
     }
     basis.leftCols(kept) = ritz;
     basis_product.leftCols(kept) = ritz_product;
