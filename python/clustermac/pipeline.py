@@ -82,7 +82,7 @@ def full_ranks(database: np.ndarray, queries: np.ndarray, k: Optional[int] = Non
     """Database indices ranked by cosine similarity, one column per query (the layout of
     `compute_map`): n_database × n_queries, or the top k rows."""
     k = database.shape[0] if k is None else min(k, database.shape[0])
-    _, indices = _core.topk_search(np.ascontiguousarray(database), np.ascontiguousarray(queries), k)
+    _, indices = _core.topk_search(np.ascontiguousarray(database, dtype=np.float32), np.ascontiguousarray(queries, dtype=np.float32), k)
     return np.ascontiguousarray(indices.T)
 
 
