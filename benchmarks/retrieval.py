@@ -25,6 +25,7 @@ from clustermac.pipeline import DEFAULT_METHODS, MethodSpec, dataset_feature_map
 from clustermac.report import format_table
 
 ABLATIONS = (
+    MethodSpec("ClusterMAC + grid regions", "clustermac", {"add_grid_regions": True}),
     MethodSpec("ClusterMAC C=4", "clustermac", {"pca_dim": 4}),
     MethodSpec("ClusterMAC C=16", "clustermac", {"pca_dim": 16}),
     MethodSpec("ClusterMAC z=0.1", "clustermac", {"z_ratio": 0.1}),

@@ -101,6 +101,18 @@ def test_clustermac_matches_core_functions():
     np.testing.assert_allclose(ex.extract(img), expected, rtol=1e-4, atol=1e-5)
 
 
+def test_clustermac_with_grid_regions_adds_the_rmac_squares():
+    bb = BlockBackbone()
+    img = scene(3)
+    fmap = bb.features(Image.fromarray(img))
+    plain = Extractor(bb, "clustermac")
+    both = Extractor(bb, "clustermac", add_grid_regions=True)
+    regions = _core.rmac_regions(fmap.shape[1], fmap.shape[2], 3)
+    grid = np.stack([fmap[:, y0:y1, x0:x1].reshape(bb.dim, -1).max(axis=1) for x0, y0, x1, y1 in regions])
+    np.testing.assert_array_equal(both.regional_vectors(fmap, None), np.concatenate([grid, plain.regional_vectors(fmap, None)]))
+    assert both.settings()["add_grid_regions"] and not plain.settings()["add_grid_regions"]
+
+
 def test_crop_modes_on_a_planted_box():
     bb = BlockBackbone()
     img = scene(4)

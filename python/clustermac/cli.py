@@ -37,6 +37,8 @@ def _add_method_options(p: argparse.ArgumentParser) -> None:
                    help="query mode: 'image' = crop I (crop, then extract), 'activations' = crop X")
     p.add_argument("--pca-dim", type=int, default=None, help="C of the clustering PCA (default: 4 for 512-d maps, 7 otherwise)")
     p.add_argument("--whitening", help="whitening file (.npz) from `clustermac fit-whitening`")
+    p.add_argument("--grid-regions", action="store_true",
+                   help="ClusterMAC: add R-MAC's square regions to the clusters (our variant, not the paper's)")
 
 
 def _backbone(args: argparse.Namespace):
@@ -56,7 +58,8 @@ def _extractor(args: argparse.Namespace, backbone=None):
     from .descriptors import Extractor
 
     ex = Extractor(backbone or _backbone(args), args.method, crop=getattr(args, "crop", "image"),
-                   max_size=args.max_size, pca_dim=getattr(args, "pca_dim", None))
+                   max_size=args.max_size, pca_dim=getattr(args, "pca_dim", None),
+                   add_grid_regions=getattr(args, "grid_regions", False) and args.method == "clustermac")
     if getattr(args, "whitening", None):
         ex.load_whitening(args.whitening)
     return ex
@@ -142,7 +145,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     else:
         raise SystemExit("clustermac: --whitening-root DIR is needed: whitening is learned on a different image set "
                          "(the paper learns it on Paris6k to test on Oxford5k and vice versa)")
-    methods = [MethodSpec(m, m, {"pca_dim": args.pca_dim} if m == "clustermac" and args.pca_dim else {}) for m in args.methods]
+    clustermac_params = {"add_grid_regions": args.grid_regions, **({"pca_dim": args.pca_dim} if args.pca_dim else {})}
+    methods = [MethodSpec(m, m, clustermac_params if m == "clustermac" else {}) for m in args.methods]
     backbone = _backbone(args)
     maps = dataset_feature_maps(dataset, backbone, whitening, crops=args.crops, max_size=args.max_size, progress=not args.quiet)
     result = evaluate_methods(dataset, backbone, maps, methods, query_expansion=args.qe, rerank=args.rerank,
