@@ -1,0 +1,109 @@
+"""The command line end to end, on the embedded backbone and small real photographs."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from clustermac.cli import main
+
+
+def _photos(folder, n=5, size=160):
+    """Crops of scikit-image's bundled photographs."""
+    from skimage import data
+
+    folder.mkdir(parents=True, exist_ok=True)
+    sources = [data.astronaut(), data.chelsea(), data.coffee(), data.rocket(), data.stereo_motorcycle()[0]]
+    names = []
+    for i in range(n):
+        img = Image.fromarray(sources[i % len(sources)]).convert("RGB")
+        img.thumbnail((size + 16 * i, size + 16 * i))
+        names.append(f"photo{i}.jpg")
+        img.save(folder / names[-1], quality=90)
+    return names
+
+
+def test_extract_reports_a_corrupt_file_and_is_reproducible(tmp_path, capsys):
+    folder = tmp_path / "photos"
+    names = _photos(folder)
+    (folder / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"\x00" * 64)
+    out = tmp_path / "desc.npy"
+    assert main(["extract", str(folder), "--out", str(out), "--quiet", "--method", "rmac", "--max-size", "256"]) == 0
+    err = capsys.readouterr().err
+    assert "corrupt.jpg" in err
+    manifest = json.loads((tmp_path / "desc.json").read_text())
+    assert manifest["images"] == sorted(names) and "corrupt.jpg" in manifest["failed"]
+    first = np.load(out)
+    assert first.shape == (len(names), 1280)
+    np.testing.assert_allclose(np.linalg.norm(first, axis=1), 1.0, rtol=1e-5)
+    assert main(["extract", str(folder), "--out", str(out), "--quiet", "--method", "rmac", "--max-size", "256"]) == 0
+    np.testing.assert_array_equal(np.load(out), first)
+
+
+def test_whitening_index_and_search(tmp_path, capsys):
+    train, photos = tmp_path / "train", tmp_path / "photos"
+    _photos(train, n=5, size=200)
+    names = _photos(photos, n=4, size=176)
+    whitening = tmp_path / "w.npz"
+    common = ["--max-size", "256", "--method", "clustermac"]
+    assert main(["fit-whitening", str(train), "--out", str(whitening), "--quiet", *common]) == 0
+    assert main(["extract", str(photos), "--out", str(tmp_path / "d.npy"), "--quiet", "--whitening", str(whitening), *common]) == 0
+    assert main(["index", str(tmp_path / "d.npy"), "--out", str(tmp_path / "idx"), "--image-root", str(photos)]) == 0
+    capsys.readouterr()
+    html = tmp_path / "result.html"
+    query = photos / names[1]
+    assert main(["search", str(query), "--index", str(tmp_path / "idx"), "-k", "3", "--html", str(html),
+                 "--whitening", str(whitening), *common]) == 0
+    lines = [line.split() for line in capsys.readouterr().out.splitlines() if line.strip() and line.split()[0].isdigit()]
+    assert len(lines) == 3
+    assert lines[0][2] == names[1]  # the query itself comes first
+    assert float(lines[0][1]) == pytest.approx(1.0, abs=1e-4)
+    assert html.read_text().count("<img") >= 4
+
+
+def test_search_refuses_an_index_of_whitened_descriptors_without_whitening(tmp_path, capsys):
+    train, photos = tmp_path / "train", tmp_path / "photos"
+    _photos(train, n=5)
+    names = _photos(photos, n=3)
+    w = tmp_path / "w.npz"
+    assert main(["fit-whitening", str(train), "--out", str(w), "--quiet", "--method", "mac", "--max-size", "192"]) == 0
+    assert main(["extract", str(photos), "--out", str(tmp_path / "d.npy"), "--quiet", "--method", "mac", "--max-size", "192", "--whitening", str(w)]) == 0
+    assert main(["index", str(tmp_path / "d.npy"), "--out", str(tmp_path / "idx")]) == 0
+    with pytest.raises(SystemExit, match="whitening"):
+        main(["search", str(photos / names[0]), "--index", str(tmp_path / "idx"), "--max-size", "192"])
+
+
+def test_show_clusters_writes_a_png(tmp_path):
+    names = _photos(tmp_path, n=1, size=256)
+    out = tmp_path / "clusters.png"
+    assert main(["show-clusters", str(tmp_path / names[0]), "--out", str(out), "--clusters", "6"]) == 0
+    with Image.open(out) as img:
+        assert img.width > 2 * img.height  # three panels side by side
+
+
+def test_evaluate_on_a_generated_benchmark(tmp_path, capsys):
+    from clustermac import photo_benchmark
+
+    photo_benchmark.make_benchmark(tmp_path / "bench", preset="quick", seed=3, n_distractors=8, progress=False)
+    whitening = photo_benchmark.make_whitening_set(tmp_path / "white", n_images=12, preset="quick", seed=4)
+    out = tmp_path / "eval"
+    code = main(["evaluate", "--data-root", str(tmp_path / "bench"), "--whitening-root", str(tmp_path / "white"),
+                 "--methods", "mac", "rmac", "--qe", "--max-size", "256", "--out", str(out), "--quiet"])
+    assert code == 0 and len(whitening) == 12
+    table = capsys.readouterr().out
+    assert "mac, crop I + QE" in table and "Hard" in table
+    results = json.loads((out / "results.json").read_text())
+    labels = [r["label"] for r in results["rows"]]
+    assert labels == ["mac, crop I", "mac, crop I + QE", "rmac, crop I", "rmac, crop I + QE"]
+    for row in results["rows"]:
+        assert 0.0 <= row["mAP"] <= 100.0 and {"Easy", "Medium", "Hard"} <= set(row)
+    ranks = np.load(out / "ranks.npz")
+    assert len(ranks.files) == 4
+
+
+def test_evaluate_names_the_missing_files(tmp_path, capsys):
+    assert main(["evaluate", "--dataset", "oxford5k", "--data-root", str(tmp_path / "nothing"), "--whitening-root", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "oxbuildings" in err or "robots.ox.ac.uk" in err
