@@ -30,8 +30,8 @@ def photos(n: int, size: int, seed: int = 0) -> list[Image.Image]:
     installed photos, upsampled where needed, so that the network sees `size`-px inputs)."""
     from clustermac.photo_benchmark import find_photo_sources
 
-    paths = [p for group in find_photo_sources().values() for p in (group if isinstance(group, (list, tuple)) else [group])]
-    paths = [p for p in paths if isinstance(p, (str, os.PathLike)) and Path(p).is_file()]
+    sources = find_photo_sources()
+    paths = [s.path for role in ("background", "object", "training") for s in sources[role]]
     rng = np.random.default_rng(seed)
     out = []
     for i in range(n):

@@ -50,6 +50,8 @@ def main(argv=None) -> int:
     parser.add_argument("--rerank", action="store_true", help="also AML re-ranking + QE for R-MAC and ClusterMAC")
     parser.add_argument("--ablations", action="store_true", help="also ClusterMAC variants")
     parser.add_argument("--crops", nargs="+", default=["image", "activations"])
+    parser.add_argument("--methods", nargs="+", default=None, help="only these methods (labels, e.g. R-MAC ClusterMAC)")
+    parser.add_argument("--rerank-top", type=int, default=1000, help="how many items AML re-ranks (Tolias: 1000)")
     args = parser.parse_args(argv)
 
     out = Path(args.out)
@@ -67,7 +69,10 @@ def main(argv=None) -> int:
     backbone = Backbone(args.onnx, preset=args.preset_backbone, n_threads=args.threads) if args.onnx else default_backbone(n_threads=args.threads)
     maps = dataset_feature_maps(dataset, backbone, whitening_images, crops=args.crops, max_size=args.max_size)
     methods = list(DEFAULT_METHODS) + (list(ABLATIONS) if args.ablations else [])
-    result = evaluate_methods(dataset, backbone, maps, methods, query_expansion=True, rerank=args.rerank, max_size=args.max_size)
+    if args.methods:
+        methods = [m for m in methods if m.label in args.methods]
+    result = evaluate_methods(dataset, backbone, maps, methods, query_expansion=True, rerank=args.rerank,
+                              rerank_top=args.rerank_top, max_size=args.max_size)
 
     columns = ["mAP"] + (["Easy", "Medium", "Hard"] if dataset.has_revisited else [])
     print(format_table(["Method", *columns], [[r["label"], *(f"{r[c]:.1f}" for c in columns)] for r in result["rows"]]))
@@ -78,6 +83,7 @@ def main(argv=None) -> int:
         "n_database": len(dataset.images),
         "backbone": backbone.name,
         "max_size": args.max_size,
+        "rerank_top": args.rerank_top if args.rerank else None,
         "rows": result["rows"],
         "timings": result["timings"],
         "seconds": time.perf_counter() - started,

@@ -26,12 +26,13 @@ import math
 import os
 import pickle
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from numbers import Real
 from pathlib import Path
 from typing import Any, Optional, Union
+
+from .files import atomic_write_bytes
 
 __all__ = [
     "DatasetNotFoundError",
@@ -796,23 +797,6 @@ def load_dataset(data_root: PathLike, name: Optional[str] = None) -> RetrievalDa
 # ----------------------------------------------------------------------------------------------
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside ``path``, then rename: readers never see half a file."""
-    handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
-    try:
-        with handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(handle.name, path)
-    except BaseException:
-        try:
-            os.unlink(handle.name)
-        except OSError:
-            pass
-        raise
-
-
 def _format_number(value: float) -> str:
     return repr(int(value)) if float(value).is_integer() else repr(float(value))
 
@@ -869,7 +853,7 @@ def write_classic(dataset: RetrievalDataset, gt_dir: PathLike) -> None:
             f"{', ...' if len(stale) > 3 else ''}) that the loader would mix in; write to an empty folder"
         )
     for file_name, text in contents.items():
-        _write_atomically(gt_dir / file_name, text.encode("utf-8"))
+        atomic_write_bytes(gt_dir / file_name, text.encode("utf-8"))
 
 
 def write_revisited(dataset: RetrievalDataset, pkl_path: PathLike) -> None:
@@ -893,4 +877,4 @@ def write_revisited(dataset: RetrievalDataset, pkl_path: PathLike) -> None:
     ]
     content = {"imlist": list(dataset.images), "qimlist": list(dataset.queries), "gnd": gnd}
     pkl_path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomically(pkl_path, pickle.dumps(content, protocol=4))
+    atomic_write_bytes(pkl_path, pickle.dumps(content, protocol=4))

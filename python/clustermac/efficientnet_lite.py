@@ -38,6 +38,8 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
+from .files import atomic_write_bytes
+
 __all__ = [
     "read_torch_state_dict",
     "efficientnet_lite0_weights_path",
@@ -494,23 +496,6 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        try:
-            os.unlink(temp_name)
-        except OSError:
-            pass
-        raise
-
-
 _FALLBACK_DIRECTORY: Optional[Path] = None
 
 
@@ -547,7 +532,7 @@ def efficientnet_lite0_onnx_path(weights: Optional[PathLike] = None, classifier:
     model = build_efficientnet_lite0(read_torch_state_dict(weights_path), classifier=classifier,
                                      source=str(weights_path), weights_id=digest[:12])
     try:
-        _write_atomically(path, model)
+        atomic_write_bytes(path, model)
     except OSError as error:
         if directory is not None:
             raise OSError(f"cannot write the EfficientNet-Lite0 model to {path}: {error}") from error
@@ -555,6 +540,6 @@ def efficientnet_lite0_onnx_path(weights: Optional[PathLike] = None, classifier:
         warnings.warn(f"cannot write the EfficientNet-Lite0 model to the cache {path} ({error}); "
                       f"using {fallback} for this process. Set CLUSTERMAC_CACHE to a writable "
                       "directory to keep it.", RuntimeWarning, stacklevel=2)
-        _write_atomically(fallback, model)
+        atomic_write_bytes(fallback, model)
         return fallback
     return path

@@ -32,12 +32,13 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Union
 
 import numpy as np
+
+from .files import atomic_write_bytes
 
 __all__ = ["export_backbone", "build_torch_backbone", "load_backbone_weights", "ARCHITECTURES",
            "CONVENTIONS"]
@@ -266,27 +267,6 @@ def _to_onnx_bytes(model, example) -> bytes:
     return buffer.getvalue()
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        # mkstemp creates 0600; give the file the permissions a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temp_name, 0o666 & ~umask)
-        os.replace(temp_name, path)
-    except BaseException:
-        try:
-            os.unlink(temp_name)
-        except OSError:
-            pass
-        raise
-
-
 def export_backbone(arch: str, out_path: PathLike, weights: Optional[PathLike] = None,
                     convention: str = "torchvision", seed: int = 0, stride_in_1x1: bool = False,
                     verify: bool = True) -> Path:
@@ -349,7 +329,7 @@ def export_backbone(arch: str, out_path: PathLike, weights: Optional[PathLike] =
     data = proto.SerializeToString()
     if verify:
         _verify(model, data, arch)
-    _write_atomically(out, data)
+    atomic_write_bytes(out, data)
     return out
 
 

@@ -16,15 +16,17 @@ from __future__ import annotations
 
 import colorsys
 import hashlib
+import io
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Optional, Sequence, Union
 from xml.sax.saxutils import escape, quoteattr
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from .files import atomic_write_bytes
 
 if TYPE_CHECKING:  # imported for annotations only; the figures need no backbone
     from .descriptors import Extractor
@@ -236,17 +238,9 @@ def stack_figures(figures: Sequence[Image.Image]) -> Image.Image:
 def save_png(figure: Image.Image, path: Union[str, os.PathLike]) -> None:
     """Write ``figure`` as a PNG, atomically (temporary file in the same folder, then rename),
     so an interrupted write never leaves a broken file at ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            figure.save(f, format="PNG")
-        os.chmod(tmp, 0o644)  # mkstemp makes owner-only files; a report/figure is for sharing
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    buffer = io.BytesIO()
+    figure.save(buffer, format="PNG")
+    atomic_write_bytes(Path(path), buffer.getvalue())
 
 
 def _image_panel(image: Image.Image, size: tuple[int, int]) -> Image.Image:
@@ -348,7 +342,9 @@ def pca_dimensions_figure(
     H·W local D-vectors). Dimensions beyond the rank of the centred features, min(D, H·W − 1),
     carry no information and are dropped.
     """
-    from . import _core  # the compiled core; imported here so the drawing code needs no build
+    from . import (
+        _core,  # the compiled core; imported here so the drawing code needs no build
+    )
 
     picture = _as_rgb_image(image)
     fmap = _check_feature_map(feature_map)

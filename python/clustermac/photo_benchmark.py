@@ -62,7 +62,6 @@ import io
 import json
 import math
 import os
-import pickle
 import re
 import shutil
 import tempfile

@@ -14,7 +14,7 @@ All inputs are float32 (or convertible) arrays; every returned vector is l2-norm
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional
 
 import numpy as np
 

@@ -14,12 +14,13 @@ import math
 import numbers
 import os
 import re
-import tempfile
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 from PIL import Image
+
+from .files import atomic_write_bytes
 
 Table = tuple[str, Sequence[str], Sequence[Sequence[Any]]]
 Figure = tuple[str, Union[Image.Image, str]]
@@ -179,23 +180,6 @@ def render_report(
     return "\n".join(parts) + "\n"
 
 
-def _write_atomically(path: Union[str, os.PathLike], text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path`` and rename it over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes owner-only files; a report is for sharing
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_report(
     path: Union[str, os.PathLike],
     title: str,
@@ -211,7 +195,7 @@ def write_report(
     first and then written to a temporary file beside ``path`` and renamed over it, so an error
     in any figure or table leaves no partial file and an existing report untouched.
     """
-    _write_atomically(path, render_report(title, tables, figures, notes))
+    atomic_write_bytes(Path(path), render_report(title, tables, figures, notes).encode("utf-8"))
 
 
 THUMBNAIL_SIZE = 200  # longer side of the thumbnails of the search page, pixels
@@ -276,4 +260,4 @@ def write_search_page(
             f"<figure>{picture}<figcaption>{rank}. {_escape(name)}<br>score {float(score):.4f}</figcaption></figure>"
         )
     parts += ["</div>", "</body></html>"]
-    _write_atomically(path, "\n".join(parts) + "\n")
+    atomic_write_bytes(Path(path), ("\n".join(parts) + "\n").encode("utf-8"))
