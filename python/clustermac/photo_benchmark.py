@@ -253,8 +253,14 @@ def find_photo_sources(include_debian: bool = True) -> dict[str, list]:
         "multiview": [MultiviewGroup]}``, each list sorted by name. A photograph appears in
         exactly one list. Missing files are skipped silently.
     """
-    import skimage.data
-    import sklearn.datasets
+    try:
+        import skimage.data
+        import sklearn.datasets
+    except ImportError as error:
+        raise RuntimeError(
+            f"the benchmark's photographs come from scikit-image and scikit-learn ({error}); "
+            'install them with: pip install "clustermac[demo]"'
+        ) from error
 
     sources: list[PhotoSource] = []
     groups: list[MultiviewGroup] = []
