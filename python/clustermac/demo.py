@@ -126,4 +126,4 @@ def _map_against_pca_dim(dataset, backbone, maps: DatasetFeatureMaps, figures) -
         ranks = full_ranks(descriptors_from_maps(ex, maps.database), descriptors_from_maps(ex, maps.queries["image"]))
         xs.append(c)
         ys.append(score_ranks(dataset, ranks)["mAP"])
-    return figures.line_plot_svg({"ClusterMAC, crop I": (xs, ys)}, "PCA dimension C", "mAP (%)", "mAP against C")
+    return figures.line_plot_svg({"ClusterMAC, crop I": (xs, ys)}, "PCA dimension C", "mAP (%)", "mAP against C", log_x=True)
