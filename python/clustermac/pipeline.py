@@ -19,6 +19,7 @@ from .backbone import Backbone
 from .datasets import RetrievalDataset
 from .descriptors import Extractor, _progress
 from .evaluate import compute_map, revisited_map
+from .query_expansion import average_query_expansion
 
 FeatureMaps = list  # list of (float16 D×H×W, uint8 H×W×3) or None for an unreadable image
 
@@ -56,7 +57,9 @@ def compute_feature_maps(
     for image, box in zip(images, boxes):
         try:
             fmap, rgb = extractor.feature_map(extractor.prepare(image, box))
-            out.append((fmap.astype(np.float16), np.clip(rgb, 0, 255).astype(np.uint8)))
+            # float16 halves the memory; activations beyond its range (rare) stay float32.
+            compact = fmap.astype(np.float16) if float(fmap.max(initial=0.0)) < 6.0e4 else fmap
+            out.append((compact, np.clip(rgb, 0, 255).astype(np.uint8)))
         except (ValueError, OSError) as error:
             if bar is not None and hasattr(bar, "write"):
                 bar.write(f"skipped {image}: {error}")
@@ -84,14 +87,6 @@ def full_ranks(database: np.ndarray, queries: np.ndarray, k: Optional[int] = Non
     k = database.shape[0] if k is None else min(k, database.shape[0])
     _, indices = _core.topk_search(np.ascontiguousarray(database, dtype=np.float32), np.ascontiguousarray(queries, dtype=np.float32), k)
     return np.ascontiguousarray(indices.T)
-
-
-def average_query_expansion(database: np.ndarray, queries: np.ndarray, ranks: np.ndarray, k: int = 5) -> np.ndarray:
-    """Average QE (Chum et al. 2007, as used by Tolias et al.): the query plus its top k
-    database vectors, l2-normalised."""
-    from .query_expansion import average_query_expansion as aqe
-
-    return aqe(queries, database, ranks.T, k=k)
 
 
 def score_ranks(dataset: RetrievalDataset, ranks: np.ndarray) -> dict[str, float]:
@@ -176,7 +171,7 @@ def evaluate_methods(
             ranks = full_ranks(database, queries)
             variants = [("", ranks)]
             if query_expansion:
-                variants.append((" + QE", full_ranks(database, average_query_expansion(database, queries, ranks, qe_k))))
+                variants.append((" + QE", full_ranks(database, average_query_expansion(queries, database, ranks.T, k=qe_k))))
             if rerank and spec.method in ("rmac", "clustermac"):
                 aspects = [None if b is None else (b[2] - b[0]) / max(b[3] - b[1], 1e-6) for b in dataset.query_boxes]
                 reranked = _rerank_then_qe(extractor, maps, queries, query_maps, aspects, ranks, rerank_top, qe_k)
