@@ -118,7 +118,11 @@ inline PcaProjection pca_of_centred(const float* data, Eigen::Index n, Eigen::In
 inline PcaProjection pca_project(const ConstMatrixRef& features, int n_components) {
   require_finite(features, "features");
   MatrixRM centred = features;
-  const Eigen::RowVectorXf mean = features.cast<double>().colwise().mean().cast<float>();
+  // Row by row in double: a column-wise reduction over the row-major array strides through
+  // memory (it was ~60 % of this function's time at N = 3072, D = 512).
+  Eigen::RowVectorXd sum = Eigen::RowVectorXd::Zero(features.cols());
+  for (Eigen::Index i = 0; i < features.rows(); ++i) sum += features.row(i).cast<double>();
+  const Eigen::RowVectorXf mean = (sum / static_cast<double>(features.rows())).cast<float>();
   centred.rowwise() -= mean;
   return pca_of_centred(centred.data(), centred.rows(), centred.cols(), true, n_components);
 }
