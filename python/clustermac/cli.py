@@ -112,8 +112,14 @@ def cmd_search(args: argparse.Namespace) -> int:
     info_file = Path(args.index) / INDEX_INFO
     info = json.loads(info_file.read_text()) if info_file.is_file() else {}
     settings = info.get("settings", {})
+    # Queries are extracted with the settings the indexed descriptors were made with, unless given.
     if not args.method_given and settings.get("method"):
         args.method = settings["method"]
+    if args.max_size is None:
+        args.max_size = settings.get("max_size")
+    if args.pca_dim is None:
+        args.pca_dim = settings.get("pca_dim")
+    args.grid_regions = args.grid_regions or bool(settings.get("add_grid_regions"))
     ex = _extractor(args)
     if settings and settings.get("whitened") and not ex.is_whitened:
         raise SystemExit("clustermac: the index was built from whitened descriptors: pass the same --whitening file")
