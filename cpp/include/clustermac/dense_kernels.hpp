@@ -49,13 +49,21 @@ inline bool cpu_has_avx2_fma() {
 __attribute__((target("avx2,fma"))) inline void dense_times_block_tile_4x24(const float* a, Eigen::Index cols,
                                                                               const float* v, Eigen::Index width,
                                                                               Eigen::Index column, Eigen::Index row,
-                                                                              Eigen::Index row_count, float* out) {
+                                                                              Eigen::Index row_count, float* out,
+    bool accumulate) {
   const float* r0 = a + row * cols;
   const float* r1 = a + (row + std::min<Eigen::Index>(1, row_count - 1)) * cols;
   const float* r2 = a + (row + std::min<Eigen::Index>(2, row_count - 1)) * cols;
   const float* r3 = a + (row + std::min<Eigen::Index>(3, row_count - 1)) * cols;
   __m256 c00 = _mm256_setzero_ps(), c01 = c00, c02 = c00, c10 = c00, c11 = c00, c12 = c00;
   __m256 c20 = c00, c21 = c00, c22 = c00, c30 = c00, c31 = c00, c32 = c00;
+  if (accumulate) {
+#define CLUSTERMAC_LOAD(r, q) _mm256_loadu_ps(out + (row + std::min<Eigen::Index>(r, row_count - 1)) * width + column + 8 * q)
+    c00 = CLUSTERMAC_LOAD(0, 0); c01 = CLUSTERMAC_LOAD(0, 1); c02 = CLUSTERMAC_LOAD(0, 2);
+    c10 = CLUSTERMAC_LOAD(1, 0); c11 = CLUSTERMAC_LOAD(1, 1); c12 = CLUSTERMAC_LOAD(1, 2);
+    c20 = CLUSTERMAC_LOAD(2, 0); c21 = CLUSTERMAC_LOAD(2, 1); c22 = CLUSTERMAC_LOAD(2, 2);
+    c30 = CLUSTERMAC_LOAD(3, 0); c31 = CLUSTERMAC_LOAD(3, 1); c32 = CLUSTERMAC_LOAD(3, 2);
+  }
   const float* vj = v + column;
   for (Eigen::Index j = 0; j < cols; ++j, vj += width) {
     const __m256 x0 = _mm256_loadu_ps(vj), x1 = _mm256_loadu_ps(vj + 8), x2 = _mm256_loadu_ps(vj + 16);
@@ -76,7 +84,8 @@ __attribute__((target("avx2,fma"))) inline void dense_times_block_tile_4x24(cons
 __attribute__((target("avx2,fma"))) inline void dense_times_block_tile_6x16(const float* a, Eigen::Index cols,
                                                                               const float* v, Eigen::Index width,
                                                                               Eigen::Index column, Eigen::Index row,
-                                                                              Eigen::Index row_count, float* out) {
+                                                                              Eigen::Index row_count, float* out,
+    bool accumulate) {
   const float* r0 = a + row * cols;
   const float* r1 = a + (row + std::min<Eigen::Index>(1, row_count - 1)) * cols;
   const float* r2 = a + (row + std::min<Eigen::Index>(2, row_count - 1)) * cols;
@@ -85,6 +94,11 @@ __attribute__((target("avx2,fma"))) inline void dense_times_block_tile_6x16(cons
   const float* r5 = a + (row + std::min<Eigen::Index>(5, row_count - 1)) * cols;
   __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
   __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+  if (accumulate) {
+    c00 = CLUSTERMAC_LOAD(0, 0); c01 = CLUSTERMAC_LOAD(0, 1); c10 = CLUSTERMAC_LOAD(1, 0); c11 = CLUSTERMAC_LOAD(1, 1);
+    c20 = CLUSTERMAC_LOAD(2, 0); c21 = CLUSTERMAC_LOAD(2, 1); c30 = CLUSTERMAC_LOAD(3, 0); c31 = CLUSTERMAC_LOAD(3, 1);
+    c40 = CLUSTERMAC_LOAD(4, 0); c41 = CLUSTERMAC_LOAD(4, 1); c50 = CLUSTERMAC_LOAD(5, 0); c51 = CLUSTERMAC_LOAD(5, 1);
+  }
   const float* vj = v + column;
   for (Eigen::Index j = 0; j < cols; ++j, vj += width) {
     const __m256 x0 = _mm256_loadu_ps(vj), x1 = _mm256_loadu_ps(vj + 8);
@@ -109,11 +123,16 @@ __attribute__((target("avx2,fma"))) inline void dense_times_block_tile_6x16(cons
 __attribute__((target("avx2,fma"))) inline void dense_times_block_tile_8x8(const float* a, Eigen::Index cols,
                                                                              const float* v, Eigen::Index width,
                                                                              Eigen::Index column, Eigen::Index row,
-                                                                             Eigen::Index row_count, float* out) {
+                                                                             Eigen::Index row_count, float* out,
+    bool accumulate) {
   const float* r[8];
   for (int i = 0; i < 8; ++i) r[i] = a + (row + std::min<Eigen::Index>(i, row_count - 1)) * cols;
   const float *r0 = r[0], *r1 = r[1], *r2 = r[2], *r3 = r[3], *r4 = r[4], *r5 = r[5], *r6 = r[6], *r7 = r[7];
   __m256 c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0, c6 = c0, c7 = c0;
+  if (accumulate) {
+    c0 = CLUSTERMAC_LOAD(0, 0); c1 = CLUSTERMAC_LOAD(1, 0); c2 = CLUSTERMAC_LOAD(2, 0); c3 = CLUSTERMAC_LOAD(3, 0);
+    c4 = CLUSTERMAC_LOAD(4, 0); c5 = CLUSTERMAC_LOAD(5, 0); c6 = CLUSTERMAC_LOAD(6, 0); c7 = CLUSTERMAC_LOAD(7, 0);
+  }
   const float* vj = v + column;
   for (Eigen::Index j = 0; j < cols; ++j, vj += width) {
     const __m256 x = _mm256_loadu_ps(vj);
@@ -130,25 +149,28 @@ __attribute__((target("avx2,fma"))) inline void dense_times_block_tile_8x8(const
   for (Eigen::Index i = 0; i < row_count; ++i) _mm256_storeu_ps(out + (row + i) * width + column, results[i]);
 }
 #undef CLUSTERMAC_FMA
+#undef CLUSTERMAC_LOAD
 
 // out (rows x stride, row-major) columns [0, width) = a (rows x cols, row-major) * v (cols x stride,
-// row-major) columns [0, width); width a multiple of 8, stride >= width.
+// row-major) columns [0, width); width a multiple of 8, stride >= width. With `accumulate`, adds
+// to out instead (the accumulators start from out: the same sums, in the same order, as one call
+// over the concatenated columns of a / rows of v).
 __attribute__((target("avx2,fma"))) inline void dense_times_block_avx2(const float* a, Eigen::Index rows,
                                                                          Eigen::Index cols, const float* v,
                                                                          Eigen::Index width, Eigen::Index stride,
-                                                                         float* out) {
+                                                                         float* out, bool accumulate = false) {
   Eigen::Index column = 0;
   for (; column + 24 <= width; column += 24)
     for (Eigen::Index row = 0; row < rows; row += 4)
-      dense_times_block_tile_4x24(a, cols, v, stride, column, row, std::min<Eigen::Index>(4, rows - row), out);
+      dense_times_block_tile_4x24(a, cols, v, stride, column, row, std::min<Eigen::Index>(4, rows - row), out, accumulate);
   if (column + 16 <= width) {
     for (Eigen::Index row = 0; row < rows; row += 6)
-      dense_times_block_tile_6x16(a, cols, v, stride, column, row, std::min<Eigen::Index>(6, rows - row), out);
+      dense_times_block_tile_6x16(a, cols, v, stride, column, row, std::min<Eigen::Index>(6, rows - row), out, accumulate);
     column += 16;
   }
   if (column < width)
     for (Eigen::Index row = 0; row < rows; row += 8)
-      dense_times_block_tile_8x8(a, cols, v, stride, column, row, std::min<Eigen::Index>(8, rows - row), out);
+      dense_times_block_tile_8x8(a, cols, v, stride, column, row, std::min<Eigen::Index>(8, rows - row), out, accumulate);
 }
 #endif
 
@@ -180,7 +202,18 @@ inline void rowmajor_transpose_times(const float* m, Eigen::Index rows, Eigen::I
     result.resize(cols, b);
     const Eigen::Index width = cols / 8 * 8;
     // result's column-major storage is result^T row-major with stride cols.
-    if (width > 0) dense_times_block_avx2(b_in.data(), b, rows, m, width, cols, result.data());
+    // The kernel sweeps m in strips of 24 columns, one row at a time: with many rows (the
+    // activations in the PCA, N = 3072 rows of D = 1280) each strip strides through the whole
+    // array and the hardware prefetchers lose track. Blocks of 128 rows stay in the L2 cache
+    // across the strips: 1.9 -> 1.0 ms at 3072 x 1280, b = 8. The kernel accumulates block after
+    // block in the same order as one sweep, so the result is bit-identical to the unblocked one
+    // (and to rowmajor_times on the transposed layout, which keeps both PCA layouts identical).
+    constexpr Eigen::Index row_block = 128;
+    for (Eigen::Index first = 0; width > 0 && first < rows; first += row_block) {
+      const Eigen::Index count = std::min(row_block, rows - first);
+      const MatrixRM packed = b_in.middleRows(first, count).transpose();  // b x count, contiguous
+      dense_times_block_avx2(packed.data(), b, count, m + first * cols, width, cols, result.data(), first > 0);
+    }
     if (width < cols)
       result.bottomRows(cols - width).noalias() =
           Eigen::Map<const MatrixRM>(m, rows, cols).rightCols(cols - width).transpose() * b_in;
