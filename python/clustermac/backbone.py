@@ -29,7 +29,6 @@ padding would silently describe the padding rather than the image.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from typing import Dict, Optional, Tuple, Union
 import numpy as np
 from PIL import Image
 
+from .files import file_sha256
 from .images import load_image
 
 __all__ = ["Backbone", "Preset", "PRESETS", "default_backbone"]
@@ -103,14 +103,6 @@ def _check_threads(n_threads: Optional[int]) -> int:
         raise ValueError(f"n_threads must be a positive integer or None (all cores), "
                          f"got {n_threads!r}")
     return int(n_threads)
-
-
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for chunk in iter(lambda: file.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()[:12]
 
 
 class Backbone:
@@ -212,7 +204,7 @@ class Backbone:
             raise ValueError(f"onnx_path {str(path)!r} gives {dim} channels but preset "
                              f"{preset!r} is for {self.preset.dim}: wrong preset or model")
         self.dim = dim
-        weights_id = metadata.get(METADATA_WEIGHTS) or _file_digest(path)
+        weights_id = metadata.get(METADATA_WEIGHTS) or file_sha256(path)[:12]
         self.name = f"{preset}-{weights_id}"
 
     def __repr__(self) -> str:

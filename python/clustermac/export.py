@@ -29,7 +29,6 @@ self-contained ONNX model (opset 17, weights inside), input ``image`` 1×3×H×W
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import warnings
@@ -38,7 +37,7 @@ from typing import Any, Dict, List, Mapping, Optional, Union
 
 import numpy as np
 
-from .files import atomic_write_bytes
+from .files import atomic_write_bytes, file_sha256
 
 __all__ = ["export_backbone", "build_torch_backbone", "load_backbone_weights", "ARCHITECTURES",
            "CONVENTIONS"]
@@ -239,14 +238,6 @@ def _randomise(model, seed: int) -> None:
                 module.running_var.copy_(0.5 + torch.rand(n, generator=generator))
 
 
-def _weights_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for chunk in iter(lambda: file.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()[:12]
-
-
 def _to_onnx_bytes(model, example) -> bytes:
     torch = _require_torch()
     buffer = io.BytesIO()
@@ -305,7 +296,7 @@ def export_backbone(arch: str, out_path: PathLike, weights: Optional[PathLike] =
     model = build_torch_backbone(arch, stride_in_1x1=stride_in_1x1)
     if weights is not None:
         load_backbone_weights(model, arch, weights)  # classifier/pooling/whitening keys ignored
-        weights_id = _weights_digest(Path(weights))
+        weights_id = file_sha256(Path(weights))[:12]
     else:
         weights_id = _torchvision_imagenet(model, arch)
         if weights_id is None:
@@ -345,7 +336,7 @@ def _torchvision_imagenet(model, arch: str) -> Optional[str]:
     if not cached.is_file():
         return None
     load_backbone_weights(model, arch, cached)
-    return _weights_digest(cached)
+    return file_sha256(cached)[:12]
 
 
 def _verify(model, data: bytes, arch: str) -> None:
