@@ -311,4 +311,112 @@ inline VectorF aggregate_regions(const ConstMatrixRef& region_vectors, const flo
   return sum.cast<float>();
 }
 
+// --- R-MAC regional maxima straight from 8-bit codes (AML re-ranking) --------------------------
+// Re-ranking (Tolias et al. ICLR 2016, Sec. 5) computes R-MAC inside the AML box of each of the
+// top 1000 database maps, which are stored as channel-last 8-bit codes with value = code·scale,
+// scale >= 0. Rounding the product by a non-negative float is monotone, so the regional max of
+// Eq. 4, max_i(code_i·scale), equals (max_i code_i)·scale exactly: the max runs on the bytes (no
+// dequantised crop is written) and only the K×D result is converted to float. The result is
+// bit-identical to grid_mac() on dequantize_codes()' crop.
+
+// A non-owning view of channel-last 8-bit codes: cell (y, x), channel d at data[(y·W + x)·D + d].
+struct CodesView {
+  const std::uint8_t* data;
+  std::ptrdiff_t height, width, channels;
+};
+
+namespace pooling_detail {
+
+// best[d] = max(best[d], cell[d]) for d < n. Its own function so that __restrict applies (the
+// vectoriser otherwise adds an aliasing check), and written without std::max, whose
+// reference-returning form GCC 12 leaves scalar at the baseline ISA.
+inline __attribute__((always_inline)) void max_into(std::uint8_t* __restrict best, const std::uint8_t* __restrict cell,
+                                                    std::ptrdiff_t n) {
+  for (std::ptrdiff_t d = 0; d < n; ++d) {
+    const std::uint8_t a = best[d], b = cell[d];
+    best[d] = a > b ? a : b;
+  }
+}
+
+// out(r, ·) = scale · max over the cells of region r (relative to `box`) of their D codes. The
+// running max is a contiguous D-byte row updated with one byte-wise max per cell, the shape GCC
+// vectorises (16/32/64 channels per instruction); codes >= 0, so 0 is a neutral start.
+inline __attribute__((always_inline)) void grid_mac_codes_kernel(const CodesView& codes,
+                                                                 const std::array<std::int32_t, 4>& box,
+                                                                 const std::int32_t* regions, std::ptrdiff_t n_regions,
+                                                                 float scale, float* out) {
+  const std::ptrdiff_t channels = codes.channels;
+  std::vector<std::uint8_t> running(channels);
+  std::uint8_t* best = running.data();
+  for (std::ptrdiff_t r = 0; r < n_regions; ++r) {
+    const std::int32_t* region = regions + 4 * r;
+    const std::ptrdiff_t x0 = box[0] + region[0], y0 = box[1] + region[1];
+    const std::ptrdiff_t x1 = box[0] + region[2], y1 = box[1] + region[3];
+    std::fill(best, best + channels, std::uint8_t{0});
+    for (std::ptrdiff_t y = y0; y < y1; ++y) {
+      // The cells of one region row are contiguous: (x1 - x0)·D bytes.
+      const std::uint8_t* cell = codes.data + (y * codes.width + x0) * channels;
+      for (std::ptrdiff_t x = x0; x < x1; ++x, cell += channels) max_into(best, cell, channels);
+    }
+    float* row = out + r * channels;
+    for (std::ptrdiff_t d = 0; d < channels; ++d) row[d] = static_cast<float>(best[d]) * scale;
+  }
+}
+
+// AVX2 only: on the R-MAC grid of a whole 64×48×512 map, measured here (AMD EPYC, Zen 4) with a
+// standalone loop, the baseline SSE2 build took 174 µs, AVX2 150 µs and AVX-512BW 191 µs (a
+// 512-byte row is 8 zmm vectors, and Zen 4 splits them in two), so no AVX-512 variant.
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+__attribute__((target("avx2"))) inline void grid_mac_codes_avx2(const CodesView& codes,
+                                                                const std::array<std::int32_t, 4>& box,
+                                                                const std::int32_t* regions, std::ptrdiff_t n,
+                                                                float scale, float* out) {
+  grid_mac_codes_kernel(codes, box, regions, n, scale, out);
+}
+#endif
+
+inline void grid_mac_codes_dispatch(const CodesView& codes, const std::array<std::int32_t, 4>& box,
+                                    const std::int32_t* regions, std::ptrdiff_t n, float scale, float* out) {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx2")) return grid_mac_codes_avx2(codes, box, regions, n, scale, out);
+#endif
+  grid_mac_codes_kernel(codes, box, regions, n, scale, out);
+}
+
+inline std::string corners_text(const std::int32_t* b) {
+  return "[" + std::to_string(b[0]) + ", " + std::to_string(b[1]) + ", " + std::to_string(b[2]) + ", " +
+         std::to_string(b[3]) + ")";
+}
+
+}  // namespace pooling_detail
+
+// grid_mac(dequantize_codes(codes, box, scale), regions), bit for bit, without the crop:
+// regions are [x0, y0, x1, y1) relative to `box` (as rmac_regions(box height, box width) gives
+// them). Returns float32 n_regions × D.
+inline MatrixRM grid_mac_codes(const CodesView& codes, const std::array<std::int32_t, 4>& box,
+                               const std::int32_t* regions, std::ptrdiff_t n_regions, float scale) {
+  require(codes.height >= 1 && codes.width >= 1 && codes.channels >= 1,
+          "codes: expected a non-empty H×W×D array, got shape (" + std::to_string(codes.height) + ", " +
+              std::to_string(codes.width) + ", " + std::to_string(codes.channels) + ")");
+  require(box[0] >= 0 && box[1] >= 0 && box[0] < box[2] && box[1] < box[3] && box[2] <= codes.width &&
+              box[3] <= codes.height,
+          "box: " + pooling_detail::corners_text(box.data()) + " is empty or outside the map; expected 0 <= x0 < x1 <= " +
+              std::to_string(codes.width) + " and 0 <= y0 < y1 <= " + std::to_string(codes.height));
+  require(std::isfinite(scale) && scale >= 0.0f && std::isfinite(255.0f * scale),
+          "scale: expected a finite number >= 0 (with 255·scale finite in float32), got " + std::to_string(scale));
+  const std::int32_t box_width = box[2] - box[0], box_height = box[3] - box[1];
+  for (std::ptrdiff_t r = 0; r < n_regions; ++r) {
+    const std::int32_t* region = regions + 4 * r;
+    if (!(region[0] >= 0 && region[1] >= 0 && region[0] < region[2] && region[1] < region[3] &&
+          region[2] <= box_width && region[3] <= box_height))
+      fail("regions: row " + std::to_string(r) + " = " + pooling_detail::corners_text(region) +
+           " is empty or outside the box; expected 0 <= x0 < x1 <= " + std::to_string(box_width) +
+           " and 0 <= y0 < y1 <= " + std::to_string(box_height) + " (coordinates relative to the box)");
+  }
+  MatrixRM out(n_regions, codes.channels);
+  pooling_detail::grid_mac_codes_dispatch(codes, box, regions, n_regions, scale, out.data());
+  return out;
+}
+
 }  // namespace clustermac
