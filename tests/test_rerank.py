@@ -276,3 +276,221 @@ def test_aml_rerank_errors(tmp_path):
         cm.aml_rerank(q, q / 2, [0], store, mac_descriptor, top_n=0)
     with pytest.raises(ValueError, match="query_vector"):
         cm.aml_rerank(np.ones(5, np.float32), q / 2, [0], store, mac_descriptor)
+
+
+# --- R-MAC inside a box straight from the 8-bit codes ------------------------------------------
+
+
+def grid_mac_codes_reference(codes, box, regions, scale):
+    """Dequantise (code · scale in float32), go to D×H×W, crop to the box, max per region."""
+    fmap = (codes.astype(np.float32) * np.float32(scale)).transpose(2, 0, 1)
+    if box is not None:
+        x0, y0, x1, y1 = box
+        fmap = fmap[:, y0:y1, x0:x1]
+    out = np.zeros((len(regions), codes.shape[2]), np.float32)
+    for r, (x0, y0, x1, y1) in enumerate(regions):
+        out[r] = fmap[:, y0:y1, x0:x1].max(axis=(1, 2))
+    return out
+
+
+def random_codes(rng, height, width, channels):
+    codes = rng.integers(0, 256, (height, width, channels), dtype=np.uint8)
+    codes[rng.random(codes.shape) < 0.8] = 0  # sparse, like post-ReLU activations
+    return codes
+
+
+@pytest.mark.parametrize("channels", [1, 37, 64, 100])
+def test_grid_mac_codes_equals_numpy_reference(channels):
+    rng = np.random.default_rng(channels)
+    height, width = 13, 17
+    codes = random_codes(rng, height, width, channels)
+    scale = 0.0371
+    boxes = [None, (0, 0, width, height), (3, 2, 15, 11), (6, 4, 7, 5), (0, 9, 17, 13), (16, 12, 17, 13)]
+    for box in boxes:
+        x0, y0, x1, y1 = box if box is not None else (0, 0, width, height)
+        h, w = y1 - y0, x1 - x0
+        region_sets = [
+            _core.rmac_regions(h, w),
+            _core.rmac_regions(h, w, 1),
+            np.array([[0, 0, 1, 1]], np.int32),  # one cell
+            np.array([[0, 0, w, h]], np.int32),  # the whole box
+            np.array([[w - 1, h - 1, w, h], [0, h - 1, w, h]], np.int32),
+            np.zeros((0, 4), np.int32),  # no region at all
+        ]
+        for regions in region_sets:
+            got = _core.grid_mac_codes(codes, box, regions, scale)
+            assert got.dtype == np.float32 and got.shape == (len(regions), channels)
+            np.testing.assert_array_equal(got, grid_mac_codes_reference(codes, box, regions, scale))
+            if len(regions):
+                # Bit for bit the float path: grid_mac on dequantize_codes' crop.
+                crop = _core.dequantize_codes(codes, box, scale)
+                np.testing.assert_array_equal(got, _core.grid_mac(crop, regions))
+
+
+def test_grid_mac_codes_edge_values():
+    rng = np.random.default_rng(3)
+    codes = random_codes(rng, 5, 4, 33)
+    regions = _core.rmac_regions(5, 4)
+    # Zero scale (an all-zero map is stored with scale 0): everything is 0.
+    np.testing.assert_array_equal(_core.grid_mac_codes(codes, None, regions, 0.0), np.zeros((len(regions), 33)))
+    # All codes 255 and a scale that is not exactly representable: the same float as the dequantised map.
+    full = np.full((5, 4, 33), 255, np.uint8)
+    got = _core.grid_mac_codes(full, (1, 1, 3, 4), np.array([[0, 0, 2, 3]], np.int32), 0.1)
+    np.testing.assert_array_equal(got, np.full((1, 33), np.float32(255) * np.float32(0.1)))
+    # A map of one location, and integer-like box values from NumPy.
+    one = rng.integers(0, 256, (1, 1, 7), dtype=np.uint8)
+    box = np.array([0, 0, 1, 1], np.int32)
+    got = _core.grid_mac_codes(one, box, np.array([[0, 0, 1, 1]], np.int32), 2.5)
+    np.testing.assert_array_equal(got[0], one[0, 0].astype(np.float32) * np.float32(2.5))
+    # Constant codes: every region gives the constant.
+    constant = np.full((6, 6, 5), 9, np.uint8)
+    np.testing.assert_array_equal(_core.grid_mac_codes(constant, None, _core.rmac_regions(6, 6), 1.0),
+                                  np.full((len(_core.rmac_regions(6, 6)), 5), 9.0, np.float32))
+    # A read-only memory-mapped-like view (what FeatureMapStore.codes returns) is accepted.
+    readonly = codes.copy()
+    readonly.setflags(write=False)
+    np.testing.assert_array_equal(_core.grid_mac_codes(readonly, None, regions, 0.5),
+                                  grid_mac_codes_reference(codes, None, regions, 0.5))
+
+
+def test_grid_mac_codes_errors():
+    codes = np.zeros((6, 8, 4), np.uint8)
+    regions = np.array([[0, 0, 2, 2]], np.int32)
+    cases = [
+        ((codes, (0, 0, 9, 6), regions, 1.0), r"box.*0 <= x0 < x1 <= 8"),  # outside the map
+        ((codes, (-1, 0, 2, 2), regions, 1.0), r"box.*got \[-1, 0, 2, 2\)"),
+        ((codes, (0, 0, 8, 7), regions, 1.0), r"box.*0 <= y0 < y1 <= 6"),
+        ((codes, (3, 1, 3, 4), regions, 1.0), r"box.*x0 < x1"),  # empty
+        ((codes, (0, 2, 4, 2), regions, 1.0), r"box.*y0 < y1"),
+        ((codes, (0, 0, 4), regions, 1.0), r"box: expected 4 values"),
+        ((codes, (0.0, 0.5, 4.0, 4.0), regions, 1.0), r"box: expected 4 integers"),
+        ((codes, "0044", regions, 1.0), r"box"),
+        ((codes, (0, 0, 2, 2), np.array([[0, 0, 3, 2]], np.int32), 1.0), r"regions: row 0 = \[0, 0, 3, 2\).*outside the box"),
+        ((codes, (0, 0, 2, 2), np.array([[0, 0, 2, 2], [1, 1, 1, 2]], np.int32), 1.0), r"regions: row 1.*empty"),
+        ((codes, None, np.array([[0, -1, 2, 2]], np.int32), 1.0), r"regions: row 0"),
+        ((codes, None, regions.astype(np.int64), 1.0), r"regions: expected dtype int32"),
+        ((codes, None, np.array([0, 0, 2, 2], np.int32), 1.0), r"regions: expected a 2-D array"),
+        ((codes, None, np.zeros((1, 3), np.int32), 1.0), r"regions: expected shape \(R, 4\)"),
+        ((codes.astype(np.uint16), None, regions, 1.0), r"codes: expected dtype uint8.*uint16"),
+        ((codes.astype(np.float32), None, regions, 1.0), r"codes: expected dtype uint8.*float32"),
+        ((codes.tolist(), None, regions, 1.0), r"codes: expected a uint8 NumPy array.*list"),
+        ((np.zeros((6, 8), np.uint8), None, regions, 1.0), r"codes: expected a 3-D array.*\(6, 8\)"),
+        ((np.zeros((6, 16, 4), np.uint8)[:, ::2], None, regions, 1.0), r"codes: expected a C-contiguous"),
+        ((np.zeros((0, 8, 4), np.uint8), None, regions, 1.0), r"codes: expected a non-empty"),
+        ((codes, None, regions, -1.0), r"scale: expected a finite number >= 0, got -1"),
+        ((codes, None, regions, float("nan")), r"scale: expected a finite number >= 0"),
+        ((codes, None, regions, float("inf")), r"scale: expected a finite number >= 0"),
+        ((codes, None, regions, 1e38), r"scale: .*255·scale finite"),  # 255 · scale overflows float32
+    ]
+    for arguments, message in cases:
+        with pytest.raises(ValueError, match=message):
+            _core.grid_mac_codes(*arguments)
+
+
+def test_rmac_in_box_from_codes_equals_float_crop():
+    rng = np.random.default_rng(11)
+    channels = 48
+    codes = random_codes(rng, 20, 15, channels)
+    scale = 0.013
+    mean, projection = cm.fit_pca_whitening(np.abs(rng.standard_normal((200, channels))).astype(np.float32),
+                                            dim=32, shrinkage=1e-2)
+    for rmac in [cm.RMACInBox(), cm.RMACInBox(mean, projection), cm.RMACInBox(mean, projection, levels=1)]:
+        for box in [None, (2, 3, 13, 19), (4, 4, 5, 5), (0, 0, 15, 20), (0, 10, 15, 11)]:
+            crop = _core.dequantize_codes(codes, box, scale)
+            expected = rmac(crop)
+            got = rmac.from_codes(codes, box, scale)
+            assert got.dtype == np.float32 and got.shape == expected.shape
+            np.testing.assert_array_equal(got, expected)
+            # The generic path is R-MAC: grid regions → MAC → aggregate (l2, whiten, l2, sum, l2).
+            regions = _core.rmac_regions(crop.shape[1], crop.shape[2], rmac.levels)
+            np.testing.assert_array_equal(expected, cm.aggregate_regions(
+                grid_mac_codes_reference(codes, box, regions, scale), rmac.whitening_mean, rmac.whitening_projection))
+    # The Extractor's R-MAC (the descriptor the index holds) is the same function.
+    from types import SimpleNamespace
+
+    extractor = cm.Extractor(SimpleNamespace(max_size=1024, dim=channels), "rmac", rmac_levels=2)
+    extractor.whitening_mean, extractor.whitening_projection = mean, projection
+    rmac = cm.RMACInBox(extractor.whitening_mean, extractor.whitening_projection, extractor.rmac_levels)
+    np.testing.assert_array_equal(rmac.from_codes(codes, (1, 2, 12, 17), scale),
+                                  extractor.descriptor_from_feature_map(_core.dequantize_codes(codes, (1, 2, 12, 17), scale)))
+    # An all-zero map (scale 0) gives a zero descriptor either way.
+    zeros = np.zeros((4, 4, channels), np.uint8)
+    np.testing.assert_array_equal(cm.RMACInBox().from_codes(zeros, None, 0.0), np.zeros(channels, np.float32))
+
+
+def test_rmac_in_box_errors():
+    codes = np.zeros((6, 8, 4), np.uint8)
+    with pytest.raises(ValueError, match="whitening_mean and whitening_projection"):
+        cm.RMACInBox(np.zeros(4, np.float32))
+    with pytest.raises(ValueError, match="levels"):
+        cm.RMACInBox(levels=0)
+    with pytest.raises(ValueError, match=r"box: expected \[x0, y0, x1, y1\) with x0 < x1"):
+        cm.RMACInBox().from_codes(codes, (3, 0, 3, 4), 1.0)
+    with pytest.raises(ValueError, match="box: expected 0 <= x0 < x1 <= 8"):
+        cm.RMACInBox().from_codes(codes, (0, 0, 9, 4), 1.0)
+    with pytest.raises(ValueError, match="codes: expected a uint8 array of shape"):
+        cm.RMACInBox().from_codes(np.zeros((6, 8), np.uint8), None, 1.0)
+    with pytest.raises(ValueError, match="scale"):
+        cm.RMACInBox().from_codes(codes, None, float("nan"))
+    with pytest.raises(ValueError, match="crop"):
+        cm.RMACInBox()(np.zeros((6, 8), np.float32))
+
+
+def test_aml_rerank_with_rmac_in_box_equals_float_crop_path(tmp_path):
+    rng = np.random.default_rng(21)
+    channels = 40
+    pattern = np.maximum(rng.standard_normal((channels, 4, 5)), 0).astype(np.float32) * 3.0
+    path = tmp_path / "db.cmfm"
+    with cm.FeatureMapStoreWriter(path) as writer:
+        for i in range(9):
+            fmap = np.maximum(rng.standard_normal((channels, 11, 14)), 0).astype(np.float32)
+            if i % 2 == 0:
+                y, x = rng.integers(0, 7), rng.integers(0, 9)
+                fmap[:, y:y + 4, x:x + 5] = np.maximum(fmap[:, y:y + 4, x:x + 5], pattern)
+            writer.add(fmap, f"im{i}")
+        writer.add(np.zeros((channels, 3, 4), np.float32), "blank")  # scale 0
+    store = cm.FeatureMapStore(path)
+    mean, projection = cm.fit_pca_whitening(np.abs(rng.standard_normal((100, channels))).astype(np.float32),
+                                            shrinkage=1e-2)
+    used = {"from_codes": 0, "crop": 0}
+
+    class CountingRMACInBox(cm.RMACInBox):
+        def __call__(self, crop):
+            used["crop"] += 1
+            return super().__call__(crop)
+
+        def from_codes(self, codes, box, scale):
+            used["from_codes"] += 1
+            return super().from_codes(codes, box, scale)
+
+    rmac = CountingRMACInBox(mean, projection)
+    calls = []
+
+    def float_path(crop):
+        calls.append(crop.shape)
+        regions = cm.rmac_regions(crop.shape[1], crop.shape[2])
+        return cm.aggregate_regions(cm.grid_mac(crop, regions), mean, projection)
+
+    query_mac = pattern.max(axis=(1, 2))
+    query_descriptor = float_path(pattern)
+    calls.clear()
+    candidates = rng.permutation(len(store))
+    results = {}
+    for qe_k in (0, 3):
+        expected = cm.aml_rerank(query_mac, query_descriptor, candidates, store, float_path, top_n=8, qe_k=qe_k,
+                                 query_aspect=5 / 4)
+        got = cm.aml_rerank(query_mac, query_descriptor, candidates, store, rmac, top_n=8, qe_k=qe_k,
+                            query_aspect=5 / 4)
+        np.testing.assert_array_equal(got.indices, expected.indices)
+        np.testing.assert_array_equal(got.scores, expected.scores)
+        np.testing.assert_array_equal(got.boxes, expected.boxes)
+        np.testing.assert_array_equal(got.expanded_query, expected.expanded_query)
+        results[qe_k] = expected
+    assert len(calls) == 16 and used == {"from_codes": 16, "crop": 0}  # RMACInBox never made a float crop
+    # A callable whose from_codes attribute is not callable is used as a plain callable.
+    float_path.from_codes = None
+    plain = cm.aml_rerank(query_mac, query_descriptor, candidates, store, float_path, top_n=8, qe_k=0,
+                          query_aspect=5 / 4)
+    assert len(calls) == 24
+    np.testing.assert_array_equal(plain.indices, results[0].indices)
+    np.testing.assert_array_equal(plain.scores, results[0].scores)

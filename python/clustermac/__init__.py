@@ -42,7 +42,7 @@ from .query_expansion import (  # noqa: E402
     average_query_expansion,
     database_side_augmentation,
 )
-from .rerank import FeatureMapStore, FeatureMapStoreWriter, RerankResult, aml_rerank, quantize_feature_map  # noqa: E402
+from .rerank import FeatureMapStore, FeatureMapStoreWriter, RerankResult, RMACInBox, aml_rerank, quantize_feature_map  # noqa: E402
 
 # --- backbones ---
 from .backbone import Backbone, default_backbone  # noqa: E402

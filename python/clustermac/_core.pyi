@@ -7,7 +7,7 @@ import collections.abc
 import numpy
 import numpy.typing
 import typing
-__all__: list[str] = ['affinity', 'aggregate_regions', 'aml_localize', 'aml_localize_codes', 'apply_whitening', 'cluster_feature_map', 'cluster_feature_maps', 'crow_pool', 'dequantize_codes', 'fit_pca_whitening', 'gem_pool', 'grid_mac', 'l2_normalize', 'ncut', 'ncut_embedding', 'pca_project', 'region_mac', 'rmac_regions', 'spoc_pool', 'topk_search']
+__all__: list[str] = ['affinity', 'aggregate_regions', 'aml_localize', 'aml_localize_codes', 'apply_whitening', 'cluster_feature_map', 'cluster_feature_maps', 'crow_pool', 'dequantize_codes', 'fit_pca_whitening', 'gem_pool', 'grid_mac', 'grid_mac_codes', 'l2_normalize', 'ncut', 'ncut_embedding', 'pca_project', 'region_mac', 'rmac_regions', 'spoc_pool', 'topk_search']
 def _discretize(embedding: numpy.ndarray, seed: typing.SupportsInt | typing.SupportsIndex = 0) -> numpy.typing.NDArray[numpy.int32]:
     """
     Yu & Shi 2003 discretisation of an N x K embedding (not public API; used by the tests).
@@ -102,6 +102,10 @@ def gem_pool(feature_map: numpy.ndarray, p: typing.SupportsFloat | typing.Suppor
 def grid_mac(feature_map: numpy.ndarray, regions: numpy.ndarray) -> numpy.typing.NDArray[numpy.float32]:
     """
     MAC over each region [x0, y0, x1, y1) of a D×H×W feature map → float32 R×D. A region that is empty or outside the map raises ValueError.
+    """
+def grid_mac_codes(codes: numpy.ndarray, box: typing.Sequence[typing.SupportsIndex] | None, regions: numpy.ndarray, scale: typing.SupportsFloat | typing.SupportsIndex) -> numpy.typing.NDArray[numpy.float32]:
+    """
+    R-MAC's regional MAC inside a box of uint8 H×W×D channel-last codes (value = code·scale); regions int32 R×4 relative to the box. Equals grid_mac(dequantize_codes(codes, box, scale), regions) bit for bit.
     """
 def l2_normalize(vectors: numpy.ndarray) -> numpy.ndarray:
     """

@@ -191,11 +191,16 @@ def _rerank_then_qe(extractor, maps: DatasetFeatureMaps, queries: np.ndarray, qu
     localised descriptors (Tolias et al. 2016, section 5). Returns new ranks."""
     import tempfile
 
-    from .rerank import FeatureMapStore, FeatureMapStoreWriter, aml_rerank
+    from .rerank import FeatureMapStore, FeatureMapStoreWriter, RMACInBox, aml_rerank
 
     def descriptor_in_box(crop: np.ndarray) -> np.ndarray:
         # No RGB image is at hand for a database crop: the RGB clustering is skipped here.
         return extractor.descriptor_from_feature_map(crop, None)
+
+    # Plain R-MAC: the same descriptor computed on the stored 8-bit codes, without a float crop.
+    descriptor_fn = descriptor_in_box
+    if extractor.method == "rmac" and not extractor.add_grid_regions:
+        descriptor_fn = RMACInBox(extractor.whitening_mean, extractor.whitening_projection, extractor.rmac_levels)
 
     out = ranks.copy()
     with tempfile.TemporaryDirectory() as tmp:
@@ -210,7 +215,7 @@ def _rerank_then_qe(extractor, maps: DatasetFeatureMaps, queries: np.ndarray, qu
                 continue
             fmap = np.ascontiguousarray(item[0], dtype=np.float32)
             query_mac = _core.region_mac(fmap, np.zeros(fmap.shape[1:], dtype=np.int32))[0]
-            result = aml_rerank(query_mac, queries[q], ranks[:, q], store, descriptor_in_box, top_n=top,
+            result = aml_rerank(query_mac, queries[q], ranks[:, q], store, descriptor_fn, top_n=top,
                                 query_aspect=query_boxes_aspect[q], qe_k=qe_k)
             out[:, q] = result.indices
         del store

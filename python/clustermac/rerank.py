@@ -15,7 +15,8 @@ are stored channel-last (H×W×D), the layout the localisation kernel reads.
 
 The descriptor computed inside a box is the caller's: pass ``descriptor_fn``, a callable
 mapping a float32 D×h×w feature-map crop to an l2-normalised descriptor (the Extractor
-supplies it for R-MAC or ClusterMAC).
+supplies it for R-MAC or ClusterMAC). For R-MAC, :class:`RMACInBox` also computes it straight
+from the 8-bit codes (:func:`clustermac._core.grid_mac_codes`: no dequantised crop, same bits).
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ __all__ = [
     "FeatureMapStore",
     "FeatureMapStoreWriter",
     "RerankResult",
+    "RMACInBox",
     "aml_rerank",
 ]
 
@@ -186,6 +188,58 @@ class FeatureMapStore:
             yield self.feature_map(i)
 
 
+class RMACInBox:
+    """The R-MAC descriptor of a feature map or of a box of one, for :func:`aml_rerank`.
+
+    Tolias' grid (:func:`clustermac.rmac_regions` with ``levels``) → regional MAC → l2 →
+    PCA-whitening (when ``whitening_mean`` and ``whitening_projection`` from
+    :func:`clustermac.fit_pca_whitening` are given) → l2 → sum → l2; the same as
+    :meth:`clustermac.Extractor.descriptor_from_feature_map` with method ``"rmac"``.
+
+    Call it on a float32 D×h×w crop (the generic ``descriptor_fn`` interface), or use
+    :meth:`from_codes` on a box of 8-bit codes: the regional max is then taken on the codes
+    themselves, which gives the same descriptor bit for bit without writing a dequantised crop.
+    """
+
+    def __init__(self, whitening_mean: Optional[np.ndarray] = None, whitening_projection: Optional[np.ndarray] = None,
+                 levels: int = 3) -> None:
+        if (whitening_mean is None) != (whitening_projection is None):
+            raise ValueError("whitening_mean and whitening_projection: give both (from fit_pca_whitening) or neither, "
+                             f"got only {'whitening_mean' if whitening_projection is None else 'whitening_projection'}")
+        if not isinstance(levels, (int, np.integer)) or isinstance(levels, bool) or levels < 1:
+            raise ValueError(f"levels: expected an integer >= 1, got {levels!r}")
+        self.whitening_mean = whitening_mean
+        self.whitening_projection = whitening_projection
+        self.levels = int(levels)
+
+    def __call__(self, crop: np.ndarray) -> np.ndarray:
+        """The float32 descriptor of a float32 D×h×w feature map (or crop of one)."""
+        crop = np.ascontiguousarray(crop, dtype=np.float32)
+        if crop.ndim != 3:
+            raise ValueError(f"crop: expected a D×h×w feature map, got shape {crop.shape}")
+        regions = _core.rmac_regions(crop.shape[1], crop.shape[2], self.levels)
+        return _core.aggregate_regions(_core.grid_mac(crop, regions), self.whitening_mean, self.whitening_projection)
+
+    def from_codes(self, codes: np.ndarray, box: Optional[Sequence[int]], scale: float) -> np.ndarray:
+        """The descriptor of the box [x0, y0, x1, y1) (cells; None: the whole map) of uint8
+        channel-last H×W×D codes with value = code · scale, e.g. ``store.codes(i)`` and
+        ``store.scale(i)`` of a :class:`FeatureMapStore`. Equal bit for bit to
+        ``self(store.feature_map(i, box))``."""
+        if box is None:
+            shape = np.shape(codes)
+            if len(shape) != 3:
+                raise ValueError(f"codes: expected a uint8 array of shape (H, W, D), got shape {shape}")
+            height, width = shape[0], shape[1]
+        else:
+            corners = [int(v) for v in box]
+            if len(corners) != 4 or corners[2] <= corners[0] or corners[3] <= corners[1]:
+                raise ValueError(f"box: expected [x0, y0, x1, y1) with x0 < x1 and y0 < y1, got {corners}")
+            height, width = corners[3] - corners[1], corners[2] - corners[0]
+        regions = _core.rmac_regions(height, width, self.levels)
+        vectors = _core.grid_mac_codes(codes, box, regions, scale)
+        return _core.aggregate_regions(vectors, self.whitening_mean, self.whitening_projection)
+
+
 @dataclass
 class RerankResult:
     """Outcome of :func:`aml_rerank`.
@@ -237,6 +291,10 @@ def aml_rerank(
     descriptor_fn:
         ``descriptor_fn(crop) -> vector``: computes the l2-normalised descriptor (length D')
         of a float32 D×h×w feature-map crop, the dequantised activations inside the AML box.
+        If it also has a method ``from_codes(codes, box, scale) -> vector`` (as
+        :class:`RMACInBox` does), that is called instead with the stored uint8 H×W×D codes,
+        the AML box and the map's scale, and no dequantised crop is made; it must return
+        what ``descriptor_fn(store.feature_map(index, box))`` would.
     top_n:
         How many of the leading candidates to localise and re-score (Tolias: 1000).
     query_aspect:
@@ -264,6 +322,9 @@ def aml_rerank(
     if not isinstance(qe_k, (int, np.integer)) or qe_k < 0:
         raise ValueError(f"qe_k: expected an integer >= 0, got {qe_k!r}")
     head = order[:top_n]
+    from_codes = getattr(descriptor_fn, "from_codes", None)
+    if from_codes is not None and not callable(from_codes):
+        from_codes = None
     boxes = np.zeros((head.size, 4), dtype=np.int32)
     descriptors = np.zeros((head.size, query_descriptor.size), dtype=np.float32)
     for row, index in enumerate(head):
@@ -272,7 +333,11 @@ def aml_rerank(
             refine_iterations=refine_iterations, query_aspect=query_aspect,
         )
         boxes[row] = box
-        descriptor = np.asarray(descriptor_fn(store.feature_map(int(index), box)), dtype=np.float32).reshape(-1)
+        if from_codes is not None:
+            raw = from_codes(store.codes(int(index)), box, store.scale(int(index)))
+        else:
+            raw = descriptor_fn(store.feature_map(int(index), box))
+        descriptor = np.asarray(raw, dtype=np.float32).reshape(-1)
         if descriptor.shape != query_descriptor.shape:
             raise ValueError(f"descriptor_fn: returned a vector of shape {descriptor.shape}, expected "
                              f"{query_descriptor.shape} like query_descriptor")
