@@ -494,3 +494,37 @@ def test_aml_rerank_with_rmac_in_box_equals_float_crop_path(tmp_path):
     assert len(calls) == 24
     np.testing.assert_array_equal(plain.indices, results[0].indices)
     np.testing.assert_array_equal(plain.scores, results[0].scores)
+
+
+def test_pipeline_rerank_of_rmac_uses_the_codes_and_matches_the_float_path(monkeypatch):
+    from types import SimpleNamespace
+
+    from clustermac import pipeline, rerank
+
+    rng = np.random.default_rng(31)
+    channels = 24
+    database = [(np.maximum(rng.standard_normal((channels, 9, 12)), 0).astype(np.float16), None) for _ in range(7)]
+    query_maps = [(np.maximum(rng.standard_normal((channels, 4, 5)), 0).astype(np.float16), None) for _ in range(2)]
+    maps = pipeline.DatasetFeatureMaps(database=database, whitening=[], queries={}, seconds=0.0)
+    extractor = cm.Extractor(SimpleNamespace(max_size=1024, dim=channels), "rmac")
+    extractor.whitening_mean, extractor.whitening_projection = cm.fit_pca_whitening(
+        np.abs(rng.standard_normal((80, channels))).astype(np.float32), shrinkage=1e-2)
+    queries = np.stack([extractor.descriptor_from_feature_map(q.astype(np.float32)) for q, _ in query_maps])
+    ranks = np.stack([rng.permutation(7) for _ in range(2)], axis=1)
+    descriptor_kinds = []
+    original = rerank.aml_rerank
+
+    def recording_aml_rerank(*args, **kwargs):
+        descriptor_kinds.append(type(args[4]).__name__)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(rerank, "aml_rerank", recording_aml_rerank)
+    from_codes = pipeline._rerank_then_qe(extractor, maps, queries, query_maps, [1.25, None], ranks, 5, 2)
+    assert descriptor_kinds == ["RMACInBox", "RMACInBox"]
+    # The same re-ranking with the generic float-crop path (what any other method uses).
+    extractor.add_grid_regions = True  # R-MAC ignores it, but it routes _rerank_then_qe to the float path
+    descriptor_kinds.clear()
+    float_path = pipeline._rerank_then_qe(extractor, maps, queries, query_maps, [1.25, None], ranks, 5, 2)
+    assert descriptor_kinds == ["function", "function"]
+    np.testing.assert_array_equal(from_codes, float_path)
+    assert not np.array_equal(from_codes, ranks)  # re-ranking changed something
