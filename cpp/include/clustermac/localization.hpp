@@ -2,26 +2,31 @@
 // retrieval with integral max-pooling of CNN activations", ICLR 2016, Sec. 4.
 //
 // The MAC vector of a box R is approximated channel-wise by the generalised mean
-// f_R,d = (sum_{x in R} X_d(x)^p)^(1/p) (p = 10), whose inner sums come from integral images
-// in four look-ups per channel. A box is scored by the cosine between f_R and the query's MAC
-// vector. The search evaluates every box whose corners lie on a grid of `step` cells (plus
-// the map's far borders) and whose aspect ratio is within a factor `aspect_tolerance` of the
-// query's, then refines the best box by moving one edge at a time by 1..step cells, keeping
-// the best improving move, for at most `refine_iterations` rounds.
+// f_R,d = (sum_{x in R} X_d(x)^p)^(1/p) (p = 10). A box is scored by the cosine between f_R
+// and the query's MAC vector. The search evaluates every box whose corners lie on a grid of
+// `step` cells (plus the map's far borders) and whose aspect ratio is within a factor
+// `aspect_tolerance` of the query's, then refines the best box by moving one edge at a time
+// by 1..step cells, keeping the best improving move, for at most `refine_iterations` rounds.
 //
 // Cost: re-ranking scans ~1000 maps per query, so the work per map is kept near one pass
-// over its activations. The integral image is built only at grid corners (from per-block
-// sums), and refinement moves are scored as the current box plus or minus the strips of
-// cells an edge move adds or removes, so no full-resolution integral is ever written. All
-// sums are in double: the powered values span ~25 orders of magnitude at p = 10, and the
-// differences of float prefix sums would lose the small sums of boxes near large
-// activations (even in double, a sum that should be 0 comes out as ±1e-14 of the channel's
-// total, which the 1/p-th root lifts to a few hundredths: scores are good to ~1e-4). The
-// cosine is scale-invariant, so values are divided by the map's maximum (x/max ≤ 1: no
-// overflow). S^(1/p) uses a vectorised log2/exp2 approximation (relative error ~1e-5), and
-// the hot loops are compiled for AVX-512, AVX2 and the baseline ISA and chosen at run time.
+// over its activations plus one 1/p-th root per channel and box:
+//  - The map is summed once into blocks of step×step cells (the grid's cells).
+//  - Box sums are running sums of block sums: for a pair of grid rows the band of blocks
+//    between them grows by one block row at a time, and along a band a box grows by one
+//    block at a time. Only additions of non-negative values, in float: a channel that is 0
+//    in a box sums to exactly 0, and the relative error stays ~1e-7. (Integral images, as in
+//    Tolias' code, subtract large prefix sums; the residue of a sum that should be 0, lifted
+//    by the 1/p-th root, becomes a few percent of the channel's value.)
+//  - Refinement scores a move as the current box's sums plus or minus the strip of cells the
+//    edge move adds or removes. Removing a strip is the one subtraction: its residue is
+//    clamped at 0.
+//  - S^(1/p) = exp2(log2(S)/p) by exponent bits and two short polynomials (relative error
+//    ~4e-6; Tolias' code rounds the root to an integer code, i.e. ~1/255).
+// The cosine is scale-invariant, so values are divided by the map's maximum (x/max <= 1). The
+// hot loops are compiled for AVX-512, AVX2 and the baseline ISA and chosen at run time.
 #pragma once
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <cstdint>
@@ -60,107 +65,115 @@ namespace aml_detail {
 
 #define CLUSTERMAC_ALWAYS_INLINE inline __attribute__((always_inline))
 
-// Powered activations of a map, produced on demand for runs of cells in channel-last order.
-// Either 8-bit codes H×W×D (value = code·scale; (code/255)^p, exact repeated multiplication
-// for small integer p, else a 256-entry table) or a float map already powered (H×W×D).
-struct PoweredCells {
-  std::ptrdiff_t channels = 0, height = 0, width = 0;
-  const std::uint8_t* codes = nullptr;
-  const float* powered = nullptr;
-  int integer_power = 0;  // 1..15: multiply; 0: table
-  std::array<float, 256> table{};
-
-  // Powered values of cells (y, x) .. (y, x + count - 1), channel-last: a pointer into the
-  // powered map, or into `scratch` (count·D floats) for codes.
-  CLUSTERMAC_ALWAYS_INLINE const float* cells(std::ptrdiff_t y, std::ptrdiff_t x, std::ptrdiff_t count, float* scratch) const {
-    const std::ptrdiff_t first = (y * width + x) * channels, n = count * channels;
-    if (powered) return powered + first;
-    const std::uint8_t* c = codes + first;
-    if (integer_power == 10) {  // Tolias' p: x^10 = ((x^2)^2)^2 · x^2
-      for (std::ptrdiff_t i = 0; i < n; ++i) {
-        const float v = static_cast<float>(c[i]) * (1.0f / 255.0f);
-        const float v2 = v * v, v4 = v2 * v2, v8 = v4 * v4;
-        scratch[i] = v8 * v2;
-      }
-    } else if (integer_power > 0) {
-      for (std::ptrdiff_t i = 0; i < n; ++i) scratch[i] = static_cast<float>(c[i]) * (1.0f / 255.0f);
-      std::vector<float> base(scratch, scratch + n);
-      for (std::ptrdiff_t i = 0; i < n; ++i) scratch[i] = 1.0f;
-      for (int e = integer_power; e > 0; e >>= 1) {
-        if (e & 1)
-          for (std::ptrdiff_t i = 0; i < n; ++i) scratch[i] *= base[i];
-        for (std::ptrdiff_t i = 0; i < n; ++i) base[i] *= base[i];
-      }
-    } else {
-      for (std::ptrdiff_t i = 0; i < n; ++i) scratch[i] = table[c[i]];
-    }
-    return scratch;
-  }
-};
-
-CLUSTERMAC_ALWAYS_INLINE void accumulate(double* acc, const float* values, std::ptrdiff_t n) {
-  for (std::ptrdiff_t i = 0; i < n; ++i) acc[i] += static_cast<double>(values[i]);
-}
-
 typedef float Float4 __attribute__((vector_size(16), aligned(4)));
 typedef float Float8 __attribute__((vector_size(32), aligned(4)));
 typedef float Float16 __attribute__((vector_size(64), aligned(4)));
 typedef std::int32_t Int4 __attribute__((vector_size(16), aligned(4)));
 typedef std::int32_t Int8 __attribute__((vector_size(32), aligned(4)));
 typedef std::int32_t Int16 __attribute__((vector_size(64), aligned(4)));
+typedef double Double4 __attribute__((vector_size(32), aligned(8)));
+typedef double Double8 __attribute__((vector_size(64), aligned(8)));
+typedef double Double16 __attribute__((vector_size(128), aligned(8)));
 
-// s^(1/p) for s >= 0 (0 for s == 0): exp2(log2(s)/p). log2 from the exponent bits plus the
-// series 2/ln2·(z + z^3/3 + z^5/5), z = (m-1)/(m+1), with the mantissa m reduced to
-// [sqrt(1/2), sqrt(2)) so |z| < 0.172; exp2 of y as 2^round(y)·e^(t), |t| <= ln2/2, by the
-// Taylor series to degree 5. Relative error ~1e-5: plenty to rank boxes.
-template <typename VecF, typename VecI>
-CLUSTERMAC_ALWAYS_INLINE VecF root(VecF s, float inverse_p) {
-  const VecF tiny = VecF{} + 1e-37f;
-  const VecF x = s > tiny ? s : tiny;
-  const VecI bits = reinterpret_cast<const VecI&>(x);
-  VecI exponent = (bits >> 23) - 127;
-  VecI mantissa_bits = (bits & 0x007FFFFF) | 0x3F800000;
-  VecF m = reinterpret_cast<const VecF&>(mantissa_bits);
-  const auto high = m > 1.41421356f;
-  m = high ? m * 0.5f : m;
-  exponent = high ? exponent + 1 : exponent;
-  // 1/(m+1) for m+1 in [1.707, 2.415): linear first guess (error < 2 %), two Newton steps
-  // (error < 1e-7), cheaper than a vector division.
-  const VecF denominator = m + 1.0f;
-  VecF reciprocal = 0.9927f - 0.24264f * denominator;
-  reciprocal = reciprocal * (2.0f - denominator * reciprocal);
-  reciprocal = reciprocal * (2.0f - denominator * reciprocal);
-  const VecF z = (m - 1.0f) * reciprocal, z2 = z * z;
-  const VecF series = z * (1.0f + z2 * (1.0f / 3 + z2 * (1.0f / 5)));
-  const VecF y = (__builtin_convertvector(exponent, VecF) + 2.8853900817779268f * series) * inverse_p;  // 2/ln 2
-  // 2^y = 2^n · e^(t), n = round(y), t = (y - n)·ln 2
-  const VecF shifted = y + (VecF{} + 0.5f);
-  VecI n = __builtin_convertvector(shifted, VecI);  // truncation toward zero ...
-  n = __builtin_convertvector(n, VecF) > shifted ? n - 1 : n;  // ... made floor: n = floor(y + 1/2)
-  const VecF t = (y - __builtin_convertvector(n, VecF)) * 0.69314718055994531f;
-  const VecF e = 1.0f + t * (1.0f + t * (0.5f + t * (1.0f / 6 + t * (1.0f / 24 + t * (1.0f / 120)))));
-  VecI scale_bits = (n + 127) << 23;
-  scale_bits = n < -126 ? VecI{} : scale_bits;  // below the float range: 0
-  const VecF result = e * reinterpret_cast<const VecF&>(scale_bits);
-  return s > 0.0f ? result : VecF{};
+// The vector types of one instruction set: Lanes floats, int32s and doubles.
+template <int Lanes> struct Vectors;
+template <> struct Vectors<4> { typedef Float4 F; typedef Int4 I; typedef Double4 D; };
+template <> struct Vectors<8> { typedef Float8 F; typedef Int8 I; typedef Double8 D; };
+template <> struct Vectors<16> { typedef Float16 F; typedef Int16 I; typedef Double16 D; };
+
+template <typename V, typename T>
+CLUSTERMAC_ALWAYS_INLINE V load(const T* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+template <typename V, typename T>
+CLUSTERMAC_ALWAYS_INLINE void store(T* p, const V& v) {
+  std::memcpy(p, &v, sizeof(V));
+}
+template <typename To, typename From>
+CLUSTERMAC_ALWAYS_INLINE To bit_cast(const From& v) {
+  To out;
+  std::memcpy(&out, &v, sizeof(To));
+  return out;
 }
 
-// Cosine between the unit query and f = S^(1/p), S = a - b given in double; `scratch` holds
-// D floats.
-template <typename VecF, typename VecI, int Lanes>
-CLUSTERMAC_ALWAYS_INLINE double box_cosine(const double* __restrict a, const double* __restrict b,
-                                           const float* __restrict query, std::ptrdiff_t n, float inverse_p,
-                                           float* __restrict scratch) {
-  for (std::ptrdiff_t i = 0; i < n; ++i) scratch[i] = static_cast<float>(a[i] - b[i]);
+// s^(1/p) for s >= 0 (0 for s == 0): exp2(log2(s)/p). log2(s) = e + log2(m) from the exponent
+// bits e and the mantissa m in [1, 2), log2(m) by a degree-5 polynomial in m - 1 (error
+// 1.5e-5, divided by p on the way); exp2(y) = 2^n·2^f, n = round(y), f in [-1/2, 1/2], 2^f by
+// a degree-4 polynomial (relative error 3.6e-6), 2^n added to the exponent bits.
+// Coefficients: least squares at 200 Chebyshev nodes. Denormal s (< 1.2e-38) come out within
+// a factor 2^(1/p) of their root.
+template <int Lanes>
+CLUSTERMAC_ALWAYS_INLINE typename Vectors<Lanes>::F root(typename Vectors<Lanes>::F s, float inverse_p) {
+  typedef typename Vectors<Lanes>::F VecF;
+  typedef typename Vectors<Lanes>::I VecI;
+  const VecI bits = bit_cast<VecI>(s);
+  const VecF exponent = __builtin_convertvector(bits >> 23, VecF);  // biased by 127, sign bit 0
+  const VecF t = bit_cast<VecF>((bits & 0x007FFFFF) | 0x3F800000) - 1.0f;
+  const VecF log2_mantissa =
+      (1.439093e-05f - 127.0f) +
+      t * (1.44159208f + t * (-0.707253434f + t * (0.411561482f + t * (-0.189832447f + t * 0.0439286278f))));
+  VecF y = (exponent + log2_mantissa) * inverse_p;
+  y = y > -125.0f ? y : VecF{} - 125.0f;  // keeps 2^n a normal float
+  // Adding 1.5·2^23 rounds y to an integer n held in the low mantissa bits.
+  const VecF shifted = y + 12582912.0f;
+  const VecF f = y - (shifted - 12582912.0f);
+  const VecF power_f = 1.00000008f + f * (0.693121034f + f * (0.240221074f + f * (0.0559220356f + f * 0.0096760371f)));
+  const VecI result = bit_cast<VecI>(power_f) + (bit_cast<VecI>(shifted) << 23);  // the low bits of shifted are n
+  return s > 0.0f ? bit_cast<VecF>(result) : VecF{};
+}
+
+// s^(1/10) for s >= 0 (0 for s == 0), Tolias' p, in fewer operations than root(): with the
+// biased exponent e = 10q + r (r in 0..9) and the mantissa m in [1, 2),
+// s^(1/10) = 2^q · 2^(r/10 - 12.7) · m^(1/10): a 10-entry table looked up by a register
+// permutation, a degree-4 polynomial for m^(1/10) (relative error 5.8e-6, coefficients by
+// least squares at 400 Chebyshev nodes), and q added to the exponent bits.
+template <int Lanes>
+CLUSTERMAC_ALWAYS_INLINE typename Vectors<Lanes>::F tenth_root(typename Vectors<Lanes>::F s) {
+  typedef typename Vectors<Lanes>::F VecF;
+  typedef typename Vectors<Lanes>::I VecI;
+  constexpr float kTable[16] = {0.000150286183f, 0.000161072743f, 0.000172633492f, 0.000185023995f, 0.000198303808f,
+                                0.000212536759f, 0.000227791258f, 0.000244140625f, 0.000261663443f, 0.000280443934f};
+  const VecI bits = bit_cast<VecI>(s);
+  const VecI e = bits >> 23;            // 0..255 (sign bit 0)
+  const VecI q = (e * 205) >> 11;       // floor(e / 10) for e < 1029
+  const VecI r = e - q * 10;
+  const VecF t = bit_cast<VecF>((bits & 0x007FFFFF) | 0x3F800000) - 1.0f;
+  const VecF root_m = 1.00000578f + t * (0.0996895091f + t * (-0.0422198273f + t * (0.0190421548f + t * -0.00474850794f)));
+  VecF table_r;
+  if constexpr (Lanes == 16) {
+    table_r = __builtin_shuffle(load<VecF>(kTable), r);
+  } else {
+    const VecF low = load<VecF>(kTable), high = load<VecF>(kTable + Lanes);
+    table_r = Lanes == 8 ? __builtin_shuffle(low, high, r) : VecF{};
+    if constexpr (Lanes == 4)
+      for (int l = 0; l < Lanes; ++l) table_r[l] = kTable[r[l]];
+  }
+  const VecI result = bit_cast<VecI>(root_m * table_r) + (q << 23);
+  return s > 0.0f ? bit_cast<VecF>(result) : VecF{};
+}
+
+// Cosine between the unit query and f = S^(1/p), S[i] = sums(i) for i = 0 .. n-1: `sums(i)`
+// gives Lanes values from i on (a vector), `sum(i)` one value.
+template <int Lanes, typename VectorSums, typename ScalarSum>
+CLUSTERMAC_ALWAYS_INLINE double cosine_of_roots(VectorSums sums, ScalarSum sum, const float* __restrict query, std::ptrdiff_t n,
+                                                float inverse_p) {
+  typedef typename Vectors<Lanes>::F VecF;
   VecF dot{}, squares{};
   std::ptrdiff_t i = 0;
-  for (; i + Lanes <= n; i += Lanes) {
-    VecF s, q;
-    std::memcpy(&s, scratch + i, sizeof(VecF));
-    std::memcpy(&q, query + i, sizeof(VecF));
-    const VecF f = root<VecF, VecI>(s, inverse_p);
-    dot += f * q;
-    squares += f * f;
+  if (inverse_p == 0.1f) {
+    for (; i + Lanes <= n; i += Lanes) {
+      const VecF f = tenth_root<Lanes>(sums(i));
+      dot += f * load<VecF>(query + i);
+      squares += f * f;
+    }
+  } else {
+    for (; i + Lanes <= n; i += Lanes) {
+      const VecF f = root<Lanes>(sums(i), inverse_p);
+      dot += f * load<VecF>(query + i);
+      squares += f * f;
+    }
   }
   double total_dot = 0.0, total_squares = 0.0;
   for (int l = 0; l < Lanes; ++l) {
@@ -168,12 +181,89 @@ CLUSTERMAC_ALWAYS_INLINE double box_cosine(const double* __restrict a, const dou
     total_squares += squares[l];
   }
   for (; i < n; ++i) {
-    const double f = scratch[i] > 0.0f ? std::pow(static_cast<double>(scratch[i]), static_cast<double>(inverse_p)) : 0.0;
+    const double s = sum(i);
+    const double f = s > 0.0 ? std::pow(s, static_cast<double>(inverse_p)) : 0.0;
     total_dot += f * query[i];
     total_squares += f * f;
   }
   return total_squares > 0.0 ? total_dot / std::sqrt(total_squares) : 0.0;
 }
+
+// The cosine of a box whose sums are given in float.
+template <int Lanes>
+CLUSTERMAC_ALWAYS_INLINE double box_cosine(const float* __restrict sums, const float* __restrict query, std::ptrdiff_t n,
+                                           float inverse_p) {
+  typedef typename Vectors<Lanes>::F VecF;
+  return cosine_of_roots<Lanes>([&](std::ptrdiff_t i) { return load<VecF>(sums + i); },
+                                [&](std::ptrdiff_t i) { return static_cast<double>(sums[i]); }, query, n, inverse_p);
+}
+
+// The cosine of a box whose sums are a - b, in double.
+template <int Lanes>
+CLUSTERMAC_ALWAYS_INLINE double box_cosine(const double* __restrict a, const double* __restrict b, const float* __restrict query,
+                                           std::ptrdiff_t n, float inverse_p) {
+  typedef typename Vectors<Lanes>::F VecF;
+  typedef typename Vectors<Lanes>::D VecD;
+  return cosine_of_roots<Lanes>(
+      [&](std::ptrdiff_t i) { return __builtin_convertvector(load<VecD>(a + i) - load<VecD>(b + i), VecF); },
+      [&](std::ptrdiff_t i) { return static_cast<double>(static_cast<float>(a[i] - b[i])); }, query, n, inverse_p);
+}
+
+template <int Lanes>
+CLUSTERMAC_ALWAYS_INLINE void add_into(float* __restrict acc, const float* __restrict values, std::ptrdiff_t n) {
+  typedef typename Vectors<Lanes>::F VecF;
+  std::ptrdiff_t i = 0;
+  for (; i + Lanes <= n; i += Lanes) store(acc + i, load<VecF>(acc + i) + load<VecF>(values + i));
+  for (; i < n; ++i) acc[i] += values[i];
+}
+
+// prefix[(i + 1)·D + d] = sum of values[k·D + d] for k <= i, in double; prefix[d] = 0.
+CLUSTERMAC_ALWAYS_INLINE void prefix_sums(const float* __restrict values, std::ptrdiff_t count, std::ptrdiff_t channels, double* __restrict prefix) {
+  std::fill(prefix, prefix + channels, 0.0);
+  for (std::ptrdiff_t k = 0; k < count; ++k)
+    for (std::ptrdiff_t d = 0; d < channels; ++d)
+      prefix[(k + 1) * channels + d] = prefix[k * channels + d] + static_cast<double>(values[k * channels + d]);
+}
+
+// out = float(a - b), computed in double.
+CLUSTERMAC_ALWAYS_INLINE void difference(const double* __restrict a, const double* __restrict b, std::ptrdiff_t n,
+                                         float* __restrict out) {
+  for (std::ptrdiff_t i = 0; i < n; ++i) out[i] = static_cast<float>(a[i] - b[i]);
+}
+
+// Powered activations of a map, channel-last: either 8-bit codes H×W×D (value = code·scale;
+// (code/255)^p by multiplication for Tolias' p = 10, else a 256-entry table) or a float map
+// already powered (H×W×D).
+struct PoweredCells {
+  std::ptrdiff_t channels = 0, height = 0, width = 0;
+  const std::uint8_t* codes = nullptr;
+  const float* powered = nullptr;
+  bool power_ten = false;
+  std::array<float, 256> table{};
+
+  // acc[d] += sum of the powered values of channel d over cells (y, x) .. (y, x + count - 1).
+  // Plain loops: GCC vectorises the byte-to-float conversion in these, not in vector-extension
+  // code.
+  CLUSTERMAC_ALWAYS_INLINE void add_cells(float* __restrict acc, std::ptrdiff_t y, std::ptrdiff_t x, std::ptrdiff_t count) const {
+    const std::ptrdiff_t first = (y * width + x) * channels;
+    for (std::ptrdiff_t c = 0; c < count; ++c) {
+      if (powered) {
+        const float* __restrict values = powered + first + c * channels;
+        for (std::ptrdiff_t d = 0; d < channels; ++d) acc[d] += values[d];
+      } else if (power_ten) {  // Tolias' p: code^10 = ((c^2)^2)^2 · c^2 <= 1.2e24; sums of 12k cells fit a float
+        const std::uint8_t* __restrict cell = codes + first + c * channels;
+        for (std::ptrdiff_t d = 0; d < channels; ++d) {
+          const float v = static_cast<float>(cell[d]);
+          const float v2 = v * v, v4 = v2 * v2, v8 = v4 * v4;
+          acc[d] += v8 * v2;
+        }
+      } else {
+        const std::uint8_t* __restrict cell = codes + first + c * channels;
+        for (std::ptrdiff_t d = 0; d < channels; ++d) acc[d] += table[cell[d]];
+      }
+    }
+  }
+};
 
 inline std::vector<std::ptrdiff_t> grid_positions(std::ptrdiff_t extent, int step) {
   std::vector<std::ptrdiff_t> positions;
@@ -182,103 +272,81 @@ inline std::vector<std::ptrdiff_t> grid_positions(std::ptrdiff_t extent, int ste
   return positions;
 }
 
-template <typename VecF, typename VecI, int Lanes>
+template <int Lanes>
 CLUSTERMAC_ALWAYS_INLINE AmlResult localize(const PoweredCells& cells, const float* unit_query, const AmlParams& params) {
   const std::ptrdiff_t channels = cells.channels, height = cells.height, width = cells.width;
   const float inverse_p = static_cast<float>(1.0 / params.p);
   const auto xs = grid_positions(width, params.step), ys = grid_positions(height, params.step);
-  const std::ptrdiff_t gw = static_cast<std::ptrdiff_t>(xs.size()), gh = static_cast<std::ptrdiff_t>(ys.size());
-  std::vector<float> scratch(std::max(width, height) * channels), score_scratch(channels);
+  const std::ptrdiff_t blocks_x = static_cast<std::ptrdiff_t>(xs.size()) - 1, blocks_y = static_cast<std::ptrdiff_t>(ys.size()) - 1;
 
-  // Integral image at grid corners: grid[(j·gw + i)·D + d] = sum of cells x < xs[i], y < ys[j].
-  // Built from per-block sums, one pass over the cells, row by row.
-  std::vector<double> grid(gw * gh * channels, 0.0), band((gw - 1) * channels);
-  for (std::ptrdiff_t j = 0; j + 1 < gh; ++j) {
-    std::fill(band.begin(), band.end(), 0.0);
-    for (std::ptrdiff_t y = ys[j]; y < ys[j + 1]; ++y) {
-      const float* row = cells.cells(y, 0, width, scratch.data());
-      for (std::ptrdiff_t i = 0; i + 1 < gw; ++i)
-        for (std::ptrdiff_t x = xs[i]; x < xs[i + 1]; ++x) accumulate(band.data() + i * channels, row + x * channels, channels);
-    }
-    // grid row j+1 = grid row j + running sum of this band's blocks.
-    const double* above = grid.data() + j * gw * channels;
-    double* here = grid.data() + (j + 1) * gw * channels;
-    for (std::ptrdiff_t d = 0; d < channels; ++d) here[d] = 0.0;
-    for (std::ptrdiff_t i = 1; i < gw; ++i) {
-      const double* left = here + (i - 1) * channels;
-      const double* block = band.data() + (i - 1) * channels;
-      double* out = here + i * channels;
-      for (std::ptrdiff_t d = 0; d < channels; ++d) out[d] = left[d] + block[d];
-    }
-    for (std::ptrdiff_t k = 0; k < gw * channels; ++k) here[k] += above[k];
-  }
-  auto corner = [&](std::ptrdiff_t i, std::ptrdiff_t j) { return grid.data() + (j * gw + i) * channels; };
+  // Block sums: blocks[(by·blocks_x + bx)·D + d] = sum of channel d over the cells of block
+  // (bx, by), [xs[bx], xs[bx+1]) × [ys[by], ys[by+1]).
+  std::vector<float> blocks(blocks_y * blocks_x * channels, 0.0f);
+  for (std::ptrdiff_t by = 0; by < blocks_y; ++by)
+    for (std::ptrdiff_t y = ys[by]; y < ys[by + 1]; ++y)
+      for (std::ptrdiff_t bx = 0; bx < blocks_x; ++bx)
+        cells.add_cells(blocks.data() + (by * blocks_x + bx) * channels, y, xs[bx], xs[bx + 1] - xs[bx]);
 
-  // Aspect constraint query_aspect/t <= w/h <= query_aspect·t, tested by multiplication (it is
-  // checked for every one of the ~35k grid boxes of a VGG16 map).
+  // Aspect constraint query_aspect/t <= w/h <= query_aspect·t, tested by multiplication.
   const bool constrained = params.query_aspect > 0.0;
   const double widest = params.query_aspect * params.aspect_tolerance * (1.0 + 1e-12);
   const double narrowest = params.query_aspect / params.aspect_tolerance * (1.0 - 1e-12);
-  auto aspect_ok = [&](std::ptrdiff_t w, std::ptrdiff_t h) {
-    return !constrained || (w <= widest * h && w >= narrowest * h);
-  };
+  auto too_narrow = [&](std::ptrdiff_t w, std::ptrdiff_t h) { return constrained && w < narrowest * h; };
+  auto too_wide = [&](std::ptrdiff_t w, std::ptrdiff_t h) { return constrained && w > widest * h; };
 
   AmlResult best{{0, 0, static_cast<std::int32_t>(width), static_cast<std::int32_t>(height)}, -2.0};
+  std::vector<float> best_sums(channels, 0.0f), band(blocks_x * channels), sums(channels);
   bool found = false;
-  // For each pair of grid rows (j0, j1), the band sums band[i] = grid(i, j1) - grid(i, j0) are
-  // formed once; every box between those rows is then band[i1] - band[i0]: two loads per
-  // channel instead of four, from a band that stays in cache.
-  std::vector<double> band_sums(gw * channels);
-  for (std::ptrdiff_t j0 = 0; j0 < gh; ++j0)
-    for (std::ptrdiff_t j1 = j0 + 1; j1 < gh; ++j1) {
-      bool band_ready = false;
-      for (std::ptrdiff_t i0 = 0; i0 < gw; ++i0)
-        for (std::ptrdiff_t i1 = i0 + 1; i1 < gw; ++i1) {
-          if (!aspect_ok(xs[i1] - xs[i0], ys[j1] - ys[j0])) continue;
-          if (!band_ready) {
-            const double* top = corner(0, j0);
-            const double* bottom = corner(0, j1);
-            for (std::ptrdiff_t k = 0; k < gw * channels; ++k) band_sums[k] = bottom[k] - top[k];
-            band_ready = true;
+  // Boxes [xs[i0], xs[i1]) × [ys[j0], ys[j1]). band[bx] = sum of blocks (bx, j0 .. j1 - 1), a
+  // running sum over j1; prefix[i] = sum of band[0 .. i - 1] in double, and a box's sums are
+  // prefix[i1] - prefix[i0]. A channel that is 0 in the box adds exact zeros to the prefix,
+  // so its difference is exactly 0.
+  std::vector<double> prefix((blocks_x + 1) * channels);
+  for (std::ptrdiff_t j0 = 0; j0 < blocks_y; ++j0) {
+    std::fill(band.begin(), band.end(), 0.0f);
+    for (std::ptrdiff_t j1 = j0 + 1; j1 <= blocks_y; ++j1) {
+      add_into<Lanes>(band.data(), blocks.data() + (j1 - 1) * blocks_x * channels, blocks_x * channels);
+      const std::ptrdiff_t h = ys[j1] - ys[j0];
+      if (too_narrow(width, h)) continue;
+      bool prefix_ready = false;
+      for (std::ptrdiff_t i0 = 0; i0 < blocks_x; ++i0)
+        for (std::ptrdiff_t i1 = i0 + 1; i1 <= blocks_x && !too_wide(xs[i1] - xs[i0], h); ++i1) {
+          if (too_narrow(xs[i1] - xs[i0], h)) continue;
+          if (!prefix_ready) {
+            prefix_sums(band.data(), blocks_x, channels, prefix.data());
+            prefix_ready = true;
           }
-          const double s = box_cosine<VecF, VecI, Lanes>(band_sums.data() + i1 * channels, band_sums.data() + i0 * channels,
-                                                         unit_query, channels, inverse_p, score_scratch.data());
+          const double* right = prefix.data() + i1 * channels;
+          const double* left = prefix.data() + i0 * channels;
+          const double s = box_cosine<Lanes>(right, left, unit_query, channels, inverse_p);
           if (s > best.score) {
             best = {{static_cast<std::int32_t>(xs[i0]), static_cast<std::int32_t>(ys[j0]), static_cast<std::int32_t>(xs[i1]),
                      static_cast<std::int32_t>(ys[j1])},
                     s};
+            difference(right, left, channels, best_sums.data());
             found = true;
           }
         }
     }
-  // The sums S of the best box (whole map when no grid box meets the aspect constraint).
-  std::vector<double> best_sums(channels), zero(channels, 0.0);
-  {
-    std::array<std::ptrdiff_t, 4> at{0, 0, gw - 1, gh - 1};
-    if (found) {
-      at[0] = std::find(xs.begin(), xs.end(), best.box[0]) - xs.begin();
-      at[1] = std::find(ys.begin(), ys.end(), best.box[1]) - ys.begin();
-      at[2] = std::find(xs.begin(), xs.end(), best.box[2]) - xs.begin();
-      at[3] = std::find(ys.begin(), ys.end(), best.box[3]) - ys.begin();
-    }
-    const double *a = corner(at[2], at[3]), *b = corner(at[0], at[3]), *c = corner(at[2], at[1]), *e = corner(at[0], at[1]);
-    for (std::ptrdiff_t d = 0; d < channels; ++d) best_sums[d] = (a[d] - b[d]) - (c[d] - e[d]);
-    if (!found)
-      best.score = box_cosine<VecF, VecI, Lanes>(best_sums.data(), zero.data(), unit_query, channels, inverse_p,
-                                                 score_scratch.data());
+  }
+  if (!found) {  // no grid box meets the aspect constraint: start from the whole map
+    std::fill(best_sums.begin(), best_sums.end(), 0.0f);
+    for (std::ptrdiff_t k = 0; k < blocks_y * blocks_x; ++k) add_into<Lanes>(best_sums.data(), blocks.data() + k * channels, channels);
+    best.score = box_cosine<Lanes>(best_sums.data(), unit_query, channels, inverse_p);
   }
 
   // Refinement: a move of one edge by delta adds (or removes) |delta| whole columns or rows of
   // the current box's extent; their sums, accumulated line by line, give every candidate.
   const int step = params.step;
-  std::vector<double> strip(channels), candidate_sums(channels), best_candidate_sums(channels);
+  auto aspect_ok = [&](std::ptrdiff_t w, std::ptrdiff_t h) { return !too_narrow(w, h) && !too_wide(w, h); };
+  std::vector<float> strip(channels), candidate_sums(channels), best_candidate_sums(channels);
   for (int iteration = 0; iteration < params.refine_iterations; ++iteration) {
     AmlResult candidate = best;
     const std::array<std::int32_t, 4> box = best.box;
     for (int edge = 0; edge < 4; ++edge) {
       const bool vertical = edge == 0 || edge == 2;  // x0 or x1: moving it adds/removes columns
       for (int direction = -1; direction <= 1; direction += 2) {
-        std::fill(strip.begin(), strip.end(), 0.0);
+        std::fill(strip.begin(), strip.end(), 0.0f);
         for (int delta = 1; delta <= step; ++delta) {
           std::array<std::int32_t, 4> moved = box;
           moved[edge] += direction * delta;
@@ -291,17 +359,14 @@ CLUSTERMAC_ALWAYS_INLINE AmlResult localize(const PoweredCells& cells, const flo
           const std::int32_t line = edge < 2 ? (grows ? box[edge] - delta : box[edge] + delta - 1)
                                              : (grows ? box[edge] + delta - 1 : box[edge] - delta);
           if (vertical) {
-            for (std::int32_t y = box[1]; y < box[3]; ++y)
-              accumulate(strip.data(), cells.cells(y, line, 1, scratch.data()), channels);
+            for (std::int32_t y = box[1]; y < box[3]; ++y) cells.add_cells(strip.data(), y, line, 1);
           } else {
-            const float* row = cells.cells(line, box[0], box[2] - box[0], scratch.data());
-            for (std::int32_t x = 0; x < box[2] - box[0]; ++x) accumulate(strip.data(), row + x * channels, channels);
+            cells.add_cells(strip.data(), line, box[0], box[2] - box[0]);
           }
           if (!aspect_ok(moved[2] - moved[0], moved[3] - moved[1])) continue;
           for (std::ptrdiff_t d = 0; d < channels; ++d)
-            candidate_sums[d] = grows ? best_sums[d] + strip[d] : best_sums[d] - strip[d];
-          const double s = box_cosine<VecF, VecI, Lanes>(candidate_sums.data(), zero.data(), unit_query, channels, inverse_p,
-                                                         score_scratch.data());
+            candidate_sums[d] = grows ? best_sums[d] + strip[d] : std::max(0.0f, best_sums[d] - strip[d]);
+          const double s = box_cosine<Lanes>(candidate_sums.data(), unit_query, channels, inverse_p);
           if (s > candidate.score) {
             candidate = {moved, s};
             best_candidate_sums = candidate_sums;
@@ -319,15 +384,13 @@ CLUSTERMAC_ALWAYS_INLINE AmlResult localize(const PoweredCells& cells, const flo
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #define CLUSTERMAC_AML_DISPATCH 1
 __attribute__((target("avx512f"))) inline AmlResult localize_avx512(const PoweredCells& c, const float* q, const AmlParams& p) {
-  return localize<Float16, Int16, 16>(c, q, p);
+  return localize<16>(c, q, p);
 }
 __attribute__((target("avx2,fma"))) inline AmlResult localize_avx2(const PoweredCells& c, const float* q, const AmlParams& p) {
-  return localize<Float8, Int8, 8>(c, q, p);
+  return localize<8>(c, q, p);
 }
 #endif
-inline AmlResult localize_baseline(const PoweredCells& c, const float* q, const AmlParams& p) {
-  return localize<Float4, Int4, 4>(c, q, p);
-}
+inline AmlResult localize_baseline(const PoweredCells& c, const float* q, const AmlParams& p) { return localize<4>(c, q, p); }
 
 inline AmlResult localize_dispatch(const PoweredCells& cells, const float* unit_query, const AmlParams& params) {
 #ifdef CLUSTERMAC_AML_DISPATCH
@@ -372,12 +435,9 @@ inline AmlResult aml_localize_codes(const std::uint8_t* codes, std::ptrdiff_t he
   cells.height = height;
   cells.width = width;
   cells.codes = codes;
-  const double rounded = std::round(params.p);
-  if (rounded == params.p && rounded >= 1.0 && rounded <= 15.0) {
-    cells.integer_power = static_cast<int>(rounded);  // (1/255)^15 is still a normal float
-  } else {
+  cells.power_ten = params.p == 10.0;
+  if (!cells.power_ten)
     for (int c = 0; c < 256; ++c) cells.table[c] = static_cast<float>(std::pow(c / 255.0, params.p));
-  }
   return aml_detail::localize_dispatch(cells, unit_query, params);
 }
 
