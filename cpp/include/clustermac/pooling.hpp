@@ -298,8 +298,7 @@ inline VectorF aggregate_regions(const ConstMatrixRef& region_vectors, const flo
   MatrixRM rows;
   if (projection) {
     // All regions whitened by one matrix product (the projection is read once, not per region).
-    Eigen::Map<const VectorF> mu(mean, dim);
-    rows = (kept.topRows(count).rowwise() - mu.transpose()) * projection->transpose();
+    rows = whiten(kept.topRows(count), mean, *projection);
     for (std::ptrdiff_t r = 0; r < count; ++r) l2_normalize_in_place(rows.row(r).data(), out_dim);
   } else {
     rows = kept.topRows(count);
