@@ -120,6 +120,35 @@ def test_aml_codes_agree_with_float_map():
         assert score_f == pytest.approx(score_c, abs=2e-4)
 
 
+def test_aml_channel_absent_from_the_box_counts_exactly_zero():
+    # Channel 0 fires hard only in the left columns; the best box lies to their right. Its sum
+    # there must be exactly 0 (a rounding residue of subtracted sums would be lifted by the
+    # 10th root to a few percent of the channel's maximum and change the score).
+    rng = np.random.default_rng(40)
+    fmap = np.zeros((8, 9, 12), np.float32)
+    fmap[0, :, :3] = 40.0 + 10.0 * rng.random((9, 3)).astype(np.float32)
+    fmap[1:, 3:9, 6:12] = rng.random((7, 6, 6)).astype(np.float32) + 0.5
+    query = np.concatenate([[0.0], fmap[1:, 3:9, 6:12].max(axis=(1, 2))]).astype(np.float32)
+    scores = all_box_scores(fmap, query)
+    box, score = cm.aml_localize(fmap, query, step=3, refine_iterations=0)
+    assert box[0] >= 3  # channel 0 stays out
+    assert score == pytest.approx(scores[tuple(box)], abs=2e-6)
+    box_c, score_c = _core.aml_localize_codes(to_codes(fmap), query, step=3, refine_iterations=0)
+    np.testing.assert_array_equal(box_c, box)
+
+
+def test_aml_tenth_root_path_agrees_with_the_general_root():
+    # p = 10 takes the dedicated 10th root; p = 10.0001 the general exp2(log2(S)/p).
+    rng = np.random.default_rng(41)
+    fmap, query = planted_map(rng, channels=48, height=14, width=17)
+    codes = to_codes(fmap)
+    for kwargs in ({}, {"query_aspect": 1.2}, {"step": 2, "refine_iterations": 0}):
+        box_ten, score_ten = _core.aml_localize_codes(codes, query, p=10.0, **kwargs)
+        box_general, score_general = _core.aml_localize_codes(codes, query, p=10.0001, **kwargs)
+        np.testing.assert_array_equal(box_ten, box_general)
+        assert score_ten == pytest.approx(score_general, abs=1e-4)
+
+
 def test_aml_edge_cases():
     one = np.ones((5, 1, 1), np.float32)
     box, score = cm.aml_localize(one, np.ones(5, np.float32))
