@@ -289,6 +289,13 @@ def test_aml_rerank_promotes_images_containing_the_query_object(tmp_path):
     expected_query = query_descriptor + top_two[0] + top_two[1]
     np.testing.assert_allclose(with_qe.expanded_query, expected_query / np.linalg.norm(expected_query), atol=1e-5)
     assert set(with_qe.indices[:len(head_relevant)]) == set(head_relevant)
+    # Candidates on threads: the same result as one thread.
+    for n_threads in (1, 3, 0):
+        threaded = cm.aml_rerank(query_mac, query_descriptor, initial, store, mac_descriptor, top_n=10, qe_k=2,
+                                 query_aspect=5 / 4, n_threads=n_threads)
+        np.testing.assert_array_equal(threaded.indices, with_qe.indices)
+        np.testing.assert_array_equal(threaded.boxes, with_qe.boxes)
+        np.testing.assert_array_equal(threaded.scores, with_qe.scores)
 
 
 def test_aml_rerank_errors(tmp_path):
@@ -305,6 +312,8 @@ def test_aml_rerank_errors(tmp_path):
         cm.aml_rerank(q, q / 2, [0], store, mac_descriptor, top_n=0)
     with pytest.raises(ValueError, match="query_vector"):
         cm.aml_rerank(np.ones(5, np.float32), q / 2, [0], store, mac_descriptor)
+    with pytest.raises(ValueError, match="n_threads"):
+        cm.aml_rerank(q, q / 2, [0], store, mac_descriptor, n_threads="all")
 
 
 # --- R-MAC inside a box straight from the 8-bit codes ------------------------------------------

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
@@ -272,6 +273,7 @@ def aml_rerank(
     aspect_tolerance: float = 1.1,
     refine_iterations: int = 5,
     qe_k: int = 5,
+    n_threads: int = 0,
 ) -> RerankResult:
     """Re-rank the top ``top_n`` candidates by AML localisation, then query expansion.
 
@@ -305,6 +307,9 @@ def aml_rerank(
     qe_k:
         Average query expansion: the query descriptor plus the localised descriptors of the
         top ``qe_k`` re-ranked images, l2-normalised, re-scores the top N (0: no QE).
+    n_threads:
+        Threads over the candidates (``<= 0``: every core; 1: none). Results do not depend on it;
+        ``descriptor_fn`` is then called from several threads at once.
 
     Returns
     -------
@@ -325,22 +330,34 @@ def aml_rerank(
     from_codes = getattr(descriptor_fn, "from_codes", None)
     if from_codes is not None and not callable(from_codes):
         from_codes = None
+    if isinstance(n_threads, bool) or not isinstance(n_threads, (int, np.integer)):
+        raise ValueError(f"n_threads: expected an integer (<= 0: every core), got {n_threads!r}")
+    workers = (os.cpu_count() or 1) if n_threads <= 0 else int(n_threads)
+
+    def localise_and_describe(index: int) -> Tuple[np.ndarray, np.ndarray]:
+        codes = store.codes(index)
+        box, _ = _core.aml_localize_codes(codes, query_mac, p=p, step=step, aspect_tolerance=aspect_tolerance,
+                                          refine_iterations=refine_iterations, query_aspect=query_aspect)
+        if from_codes is not None:
+            raw = from_codes(codes, box, store.scale(index))
+        else:
+            raw = descriptor_fn(store.feature_map(index, box))
+        return box, np.asarray(raw, dtype=np.float32).reshape(-1)
+
+    # The C++ steps release the GIL, so candidates are processed on a thread pool.
+    candidates_head = [int(index) for index in head]
+    if workers > 1 and len(candidates_head) > 1:
+        with ThreadPoolExecutor(max_workers=min(workers, len(candidates_head))) as pool:
+            outcomes = list(pool.map(localise_and_describe, candidates_head))
+    else:
+        outcomes = [localise_and_describe(index) for index in candidates_head]
     boxes = np.zeros((head.size, 4), dtype=np.int32)
     descriptors = np.zeros((head.size, query_descriptor.size), dtype=np.float32)
-    for row, index in enumerate(head):
-        box, _ = _core.aml_localize_codes(
-            store.codes(int(index)), query_mac, p=p, step=step, aspect_tolerance=aspect_tolerance,
-            refine_iterations=refine_iterations, query_aspect=query_aspect,
-        )
-        boxes[row] = box
-        if from_codes is not None:
-            raw = from_codes(store.codes(int(index)), box, store.scale(int(index)))
-        else:
-            raw = descriptor_fn(store.feature_map(int(index), box))
-        descriptor = np.asarray(raw, dtype=np.float32).reshape(-1)
+    for row, (box, descriptor) in enumerate(outcomes):
         if descriptor.shape != query_descriptor.shape:
             raise ValueError(f"descriptor_fn: returned a vector of shape {descriptor.shape}, expected "
                              f"{query_descriptor.shape} like query_descriptor")
+        boxes[row] = box
         descriptors[row] = descriptor
     scores = descriptors @ query_descriptor
     ranking = np.lexsort((np.arange(head.size), -scores))  # stable: ties keep the initial order
