@@ -47,6 +47,46 @@ OptionalWhitening checked_whitening(const py::object& mean_obj, const py::object
   return w;
 }
 
+// Channel-last uint8 codes (H, W, D), C-contiguous, returned without copying.
+py::array_t<std::uint8_t, py::array::c_style> checked_codes(const py::object& codes_obj) {
+  if (!py::isinstance<py::array>(codes_obj))
+    throw py::value_error("codes: expected a uint8 NumPy array of shape (H, W, D) (channel-last 8-bit codes), got " +
+                          std::string(py::str(py::type::of(codes_obj).attr("__name__"))));
+  auto as_array = py::reinterpret_borrow<py::array>(codes_obj);
+  if (!as_array.dtype().is(py::dtype::of<std::uint8_t>()))
+    throw py::value_error("codes: expected dtype uint8 of shape (H, W, D) (channel-last 8-bit codes), got " +
+                          describe(as_array));
+  if (as_array.ndim() != 3)
+    throw py::value_error("codes: expected a 3-D array of shape (H, W, D), got " + describe(as_array));
+  if (!(as_array.flags() & py::array::c_style))
+    throw py::value_error("codes: expected a C-contiguous array, got a strided view (" + describe(as_array) +
+                          "); pass np.ascontiguousarray(...)");
+  return py::reinterpret_borrow<py::array_t<std::uint8_t, py::array::c_style>>(as_array);
+}
+
+// A box [x0, y0, x1, y1) inside a width × height map, or the whole map for None.
+std::array<std::int32_t, 4> checked_box(const py::object& box_obj, py::ssize_t width, py::ssize_t height) {
+  std::array<std::int32_t, 4> box{0, 0, static_cast<std::int32_t>(width), static_cast<std::int32_t>(height)};
+  if (box_obj.is_none()) return box;
+  std::vector<std::int64_t> values;
+  try {
+    values = box_obj.cast<std::vector<std::int64_t>>();
+  } catch (const py::cast_error&) {
+    throw py::value_error("box: expected 4 integers [x0, y0, x1, y1) or None, got " +
+                          std::string(py::str(py::repr(box_obj))));
+  }
+  if (values.size() != 4)
+    throw py::value_error("box: expected 4 values [x0, y0, x1, y1), got " + std::to_string(values.size()));
+  if (!(0 <= values[0] && values[0] < values[2] && values[2] <= width && 0 <= values[1] && values[1] < values[3] &&
+        values[3] <= height))
+    throw py::value_error("box: expected 0 <= x0 < x1 <= " + std::to_string(width) + " and 0 <= y0 < y1 <= " +
+                          std::to_string(height) + ", got [" + std::to_string(values[0]) + ", " +
+                          std::to_string(values[1]) + ", " + std::to_string(values[2]) + ", " +
+                          std::to_string(values[3]) + ")");
+  for (int i = 0; i < 4; ++i) box[i] = static_cast<std::int32_t>(values[i]);
+  return box;
+}
+
 }  // namespace
 
 void bind_pooling(py::module_& m) {
@@ -164,6 +204,37 @@ them). box: [x0, y0, x1, y1) in cells, or None for the whole map. regions: int32
 >= 0. Returns float32 R×D equal bit for bit to
 grid_mac(dequantize_codes(codes, box, scale), regions): the max is taken on the codes (scaling
 by scale >= 0 is monotone) and only the result is converted to float.)doc");
+
+  m.def(
+      "region_mac_codes",
+      [](const py::object& codes_obj, const py::object& labels_obj, const py::object& box_obj, double scale) {
+        auto codes = checked_codes(codes_obj);
+        const CodesView view{codes.data(), codes.shape(0), codes.shape(1), codes.shape(2)};
+        auto labels = require_array<std::int32_t>(labels_obj, "labels", 2, "of shape (H, W)");
+        if (labels.shape(0) != view.height || labels.shape(1) != view.width)
+          throw py::value_error("labels: expected shape (" + std::to_string(view.height) + ", " +
+                                std::to_string(view.width) + ") to match the codes' (H, W) (the whole map's labels), got " +
+                                describe(labels));
+        const std::array<std::int32_t, 4> box = checked_box(box_obj, view.width, view.height);
+        if (!std::isfinite(scale) || scale < 0.0)
+          throw py::value_error("scale: expected a finite number >= 0, got " + std::to_string(scale));
+        MatrixRM out;
+        {
+          py::gil_scoped_release release;
+          out = region_mac_codes(view, labels.data(), box, static_cast<float>(scale));
+        }
+        return to_numpy(std::move(out));
+      },
+      py::arg("codes"), py::arg("labels"), py::arg("box"), py::arg("scale"),
+      R"doc(ClusterMAC's per-cluster MAC inside a box, computed on 8-bit codes.
+
+codes: uint8 H×W×D, channel-last, C-contiguous (value = code·scale, as FeatureMapStore keeps
+them). labels: int32 H×W, the WHOLE map's cluster labels 0..K-1 (negative = masked out).
+box: [x0, y0, x1, y1) in cells, or None for the whole map. scale: finite, >= 0. Returns float32
+K×D with K = labels.max() + 1 over the whole map (0 rows if every label is negative): row k is
+the max of code·scale over the box's cells labelled k, a zero row if cluster k has no cell in the
+box. Equal bit for bit to region_mac(dequantize_codes(codes, box, scale), labels[y0:y1, x0:x1])
+padded with zero rows up to K.)doc");
 
   m.def(
       "spoc_pool",

@@ -7,7 +7,7 @@ import collections.abc
 import numpy
 import numpy.typing
 import typing
-__all__: list[str] = ['affinity', 'aggregate_regions', 'aml_localize', 'aml_localize_codes', 'apply_whitening', 'cluster_feature_map', 'cluster_feature_maps', 'crow_pool', 'dequantize_codes', 'fit_pca_whitening', 'gem_pool', 'grid_mac', 'grid_mac_codes', 'l2_normalize', 'ncut', 'ncut_embedding', 'pca_project', 'region_mac', 'rmac_regions', 'spoc_pool', 'topk_search']
+__all__: list[str] = ['affinity', 'aggregate_regions', 'aml_localize', 'aml_localize_codes', 'apply_whitening', 'cluster_feature_map', 'cluster_feature_maps', 'crow_pool', 'dequantize_codes', 'fit_pca_whitening', 'gem_pool', 'grid_mac', 'grid_mac_codes', 'l2_normalize', 'ncut', 'ncut_embedding', 'pca_project', 'region_mac', 'region_mac_codes', 'rmac_regions', 'spoc_pool', 'topk_search']
 def _discretize(embedding: numpy.ndarray, seed: typing.SupportsInt | typing.SupportsIndex = 0) -> numpy.typing.NDArray[numpy.int32]:
     """
     Yu & Shi 2003 discretisation of an N x K embedding (not public API; used by the tests).
@@ -156,6 +156,10 @@ def region_mac(feature_map: numpy.ndarray, labels: numpy.ndarray) -> numpy.typin
     feature_map: float32 D×H×W. labels: int32 H×W, region ids 0..K-1; negative labels are
     ignored (masked out). Returns float32 K×D with K = labels.max() + 1 (0 rows if every label
     is negative). A region id that names no location gives a zero row.
+    """
+def region_mac_codes(codes: numpy.ndarray, labels: numpy.ndarray, box: typing.Sequence[typing.SupportsIndex] | None, scale: typing.SupportsFloat | typing.SupportsIndex) -> numpy.typing.NDArray[numpy.float32]:
+    """
+    ClusterMAC's per-cluster MAC inside a box of uint8 H×W×D channel-last codes (value = code·scale); labels int32 H×W of the whole map (negative = masked out). Returns float32 K×D, K = labels.max() + 1 over the whole map; a cluster with no cell in the box gives a zero row. Equals region_mac(dequantize_codes(codes, box, scale), labels[y0:y1, x0:x1]) padded with zero rows to K, bit for bit.
     """
 def rmac_regions(height: typing.SupportsInt | typing.SupportsIndex, width: typing.SupportsInt | typing.SupportsIndex, levels: typing.SupportsInt | typing.SupportsIndex = 3) -> numpy.typing.NDArray[numpy.int32]:
     """

@@ -418,4 +418,91 @@ inline MatrixRM grid_mac_codes(const CodesView& codes, const std::array<std::int
   return out;
 }
 
+// --- ClusterMAC regional maxima straight from 8-bit codes (AML re-ranking) ---------------------
+// Re-ranking with ClusterMAC re-scores each top database image with the descriptor computed inside
+// its AML box. The image's clusters come from Normalized Cut on the whole map (computed once and
+// stored beside the codes), so inside the box region k is cluster k ∩ box, and its MAC (Eq. 4) is
+// the max of code·scale over those cells. As for grid_mac_codes, scaling by scale >= 0 is monotone:
+// the max runs on the bytes, into a K×D uint8 scratch, and only that is converted to float, which
+// is bit-identical to region_mac() on dequantize_codes()' crop with the cropped labels.
+
+namespace pooling_detail {
+
+// running(l, ·) = max over the box's cells labelled l of their D codes, then out = running·scale.
+// The cells of one box row are contiguous, and each update is one contiguous D-byte max (the shape
+// max_into vectorises). Neighbouring cells usually share a cluster, so consecutive updates hit the
+// same scratch row, which stays in L1. running starts at 0: codes >= 0, and a cluster with no cell
+// in the box must give a zero row, as region_mac gives an empty region.
+inline __attribute__((always_inline)) void region_mac_codes_kernel(const CodesView& codes, const std::int32_t* labels,
+                                                                   const std::array<std::int32_t, 4>& box,
+                                                                   std::ptrdiff_t n_labels, float scale,
+                                                                   std::uint8_t* running, float* out) {
+  const std::ptrdiff_t channels = codes.channels;
+  for (std::ptrdiff_t y = box[1]; y < box[3]; ++y) {
+    const std::uint8_t* cell = codes.data + (y * codes.width + box[0]) * channels;
+    const std::int32_t* label_row = labels + y * codes.width;
+    for (std::ptrdiff_t x = box[0]; x < box[2]; ++x, cell += channels) {
+      const std::int32_t label = label_row[x];
+      if (label >= 0) max_into(running + label * channels, cell, channels);  // negative: masked out
+    }
+  }
+  const std::ptrdiff_t n = n_labels * channels;
+  for (std::ptrdiff_t i = 0; i < n; ++i) out[i] = static_cast<float>(running[i]) * scale;
+}
+
+// AVX2 for the same reason as grid_mac_codes_avx2 (the byte max is the whole cost).
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+__attribute__((target("avx2"))) inline void region_mac_codes_avx2(const CodesView& codes, const std::int32_t* labels,
+                                                                  const std::array<std::int32_t, 4>& box,
+                                                                  std::ptrdiff_t n_labels, float scale,
+                                                                  std::uint8_t* running, float* out) {
+  region_mac_codes_kernel(codes, labels, box, n_labels, scale, running, out);
+}
+#endif
+
+inline void region_mac_codes_dispatch(const CodesView& codes, const std::int32_t* labels,
+                                      const std::array<std::int32_t, 4>& box, std::ptrdiff_t n_labels, float scale,
+                                      std::uint8_t* running, float* out) {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx2"))
+    return region_mac_codes_avx2(codes, labels, box, n_labels, scale, running, out);
+#endif
+  region_mac_codes_kernel(codes, labels, box, n_labels, scale, running, out);
+}
+
+}  // namespace pooling_detail
+
+// Per-cluster MAC inside `box` from 8-bit codes: labels is the WHOLE H×W label map (clusters
+// 0..K-1, negative = masked out), box [x0, y0, x1, y1) in cells. Returns float32 K×D with
+// K = max(labels over the whole map) + 1, so every box of one image gives the same rows; row k is
+// the max of code·scale over the box's cells labelled k, or zero if cluster k has no cell in the
+// box. Equal bit for bit to region_mac(dequantize_codes(codes, box, scale), the labels' crop)
+// padded with zero rows up to K.
+inline MatrixRM region_mac_codes(const CodesView& codes, const std::int32_t* labels,
+                                 const std::array<std::int32_t, 4>& box, float scale) {
+  require(codes.height >= 1 && codes.width >= 1 && codes.channels >= 1,
+          "codes: expected a non-empty H×W×D array, got shape (" + std::to_string(codes.height) + ", " +
+              std::to_string(codes.width) + ", " + std::to_string(codes.channels) + ")");
+  require(box[0] >= 0 && box[1] >= 0 && box[0] < box[2] && box[1] < box[3] && box[2] <= codes.width &&
+              box[3] <= codes.height,
+          "box: " + pooling_detail::corners_text(box.data()) + " is empty or outside the map; expected 0 <= x0 < x1 <= " +
+              std::to_string(codes.width) + " and 0 <= y0 < y1 <= " + std::to_string(codes.height));
+  require(std::isfinite(scale) && scale >= 0.0f && std::isfinite(255.0f * scale),
+          "scale: expected a finite number >= 0 (with 255·scale finite in float32), got " + std::to_string(scale));
+  // K comes from the whole map, not the box: the rows of every box of one image line up.
+  const std::ptrdiff_t n_cells = codes.height * codes.width;
+  std::int32_t max_label = -1;
+  for (std::ptrdiff_t i = 0; i < n_cells; ++i) max_label = std::max(max_label, labels[i]);
+  require(max_label < kMaxRegionLabel, "labels: the largest label is " + std::to_string(max_label) +
+                                           "; expected region labels 0..K-1 with K <= " +
+                                           std::to_string(kMaxRegionLabel));
+  const std::ptrdiff_t n_labels = static_cast<std::ptrdiff_t>(max_label) + 1;
+  MatrixRM out(n_labels, codes.channels);
+  if (n_labels == 0) return out;
+  std::vector<std::uint8_t> running(static_cast<std::size_t>(n_labels * codes.channels), 0);
+  pooling_detail::region_mac_codes_dispatch(codes, labels, box, n_labels, scale, running.data(), out.data());
+  return out;
+}
+
 }  // namespace clustermac
