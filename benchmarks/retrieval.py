@@ -52,6 +52,8 @@ def main(argv=None) -> int:
     parser.add_argument("--crops", nargs="+", default=["image", "activations"])
     parser.add_argument("--methods", nargs="+", default=None, help="only these methods (labels, e.g. R-MAC ClusterMAC)")
     parser.add_argument("--rerank-top", type=int, default=1000, help="how many items AML re-ranks (Tolias: 1000)")
+    parser.add_argument("--rerank-clusters", choices=["stored", "box"], default="stored",
+                        help="ClusterMAC inside an AML box: the image's own clusters (stored) or re-clustered per box")
     args = parser.parse_args(argv)
 
     out = Path(args.out)
@@ -72,7 +74,7 @@ def main(argv=None) -> int:
     if args.methods:
         methods = [m for m in methods if m.label in args.methods]
     result = evaluate_methods(dataset, backbone, maps, methods, query_expansion=True, rerank=args.rerank,
-                              rerank_top=args.rerank_top, max_size=args.max_size)
+                              rerank_top=args.rerank_top, rerank_clusters=args.rerank_clusters, max_size=args.max_size)
 
     columns = ["mAP"] + (["Easy", "Medium", "Hard"] if dataset.has_revisited else [])
     print(format_table(["Method", *columns], [[r["label"], *(f"{r[c]:.1f}" for c in columns)] for r in result["rows"]]))

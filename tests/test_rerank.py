@@ -1,7 +1,9 @@
 """AML localisation against exhaustive search, the 8-bit feature-map store, and AML re-ranking."""
 from __future__ import annotations
 
+import json
 import os
+import struct
 
 import numpy as np
 import pytest
@@ -241,6 +243,44 @@ def test_store_roundtrip_and_atomic_writer(tmp_path):
     (tmp_path / "truncated.cmfm").write_bytes(truncated)
     with pytest.raises(ValueError, match="truncated"):
         cm.FeatureMapStore(tmp_path / "truncated.cmfm")
+
+
+def test_store_keeps_cluster_labels_and_reads_version_1_files(tmp_path):
+    rng = np.random.default_rng(42)
+    maps = [np.maximum(rng.standard_normal((5, 4, 6)), 0).astype(np.float32) for _ in range(3)]
+    labels = [rng.integers(-1, 20, (4, 6)), rng.integers(0, 5, (4, 6)).astype(np.int8)]
+    path = tmp_path / "labelled.cmfm"
+    with cm.FeatureMapStoreWriter(path) as writer:
+        writer.add(maps[0], "with", labels=labels)
+        writer.add(maps[1], "without")
+        writer.add(maps[2], "one", labels=[np.full((4, 6), 32767)])
+    store = cm.FeatureMapStore(path)
+    got = store.labels(0)
+    assert len(got) == 2 and all(g.dtype == np.int32 and g.flags.c_contiguous for g in got)
+    for g, expected in zip(got, labels):
+        np.testing.assert_array_equal(g, expected)
+    assert store.labels(1) == []
+    np.testing.assert_array_equal(store.labels(2)[0], np.full((4, 6), 32767))
+    for i, fmap in enumerate(maps):  # codes unaffected by the labels around them
+        np.testing.assert_allclose(store.feature_map(i), fmap, atol=store.scale(i) / 2 + 1e-6)
+    with cm.FeatureMapStoreWriter(tmp_path / "bad.cmfm") as writer:
+        for bad, message in (([np.zeros((4, 5), np.int32)], "shape"), ([np.zeros((4, 6), np.float32)], "integer"),
+                             ([np.full((4, 6), -2)], r"\[-1, 32767\]"), ([np.full((4, 6), 40000)], r"\[-1, 32767\]")):
+            with pytest.raises(ValueError, match=message):
+                writer.add(maps[0], "x", labels=bad)
+    # A version-1 file (no labels: magic CMACFM01, 24-byte table rows) is still read.
+    codes, scale = cm.quantize_feature_map(maps[0])
+    payload = np.ascontiguousarray(codes.transpose(1, 2, 0)).tobytes()
+    table = np.array([(64, 5, 4, 6, scale)], dtype=[("offset", "<u8"), ("channels", "<u4"), ("height", "<u4"),
+                                                     ("width", "<u4"), ("scale", "<f4")])
+    names = json.dumps(["old"]).encode()
+    table_offset = 64 + len(payload)
+    blob = (struct.pack("<8sQQ", b"CMACFM01", table_offset, 1).ljust(64, b"\0") + payload + table.tobytes()
+            + struct.pack("<Q", len(names)) + names)
+    (tmp_path / "v1.cmfm").write_bytes(blob)
+    old = cm.FeatureMapStore(tmp_path / "v1.cmfm")
+    assert old.names == ["old"] and old.labels(0) == []
+    np.testing.assert_array_equal(old.codes(0), store.codes(0))
 
 
 # --- re-ranking -------------------------------------------------------------------------------------
@@ -525,8 +565,8 @@ def test_aml_rerank_with_rmac_in_box_equals_float_crop_path(tmp_path):
         np.testing.assert_array_equal(got.expanded_query, expected.expanded_query)
         results[qe_k] = expected
     assert len(calls) == 16 and used == {"from_codes": 16, "crop": 0}  # RMACInBox never made a float crop
-    # A callable whose from_codes attribute is not callable is used as a plain callable.
-    float_path.from_codes = None
+    # A callable whose from_store attribute is not callable is used as a plain callable.
+    float_path.from_store = None
     plain = cm.aml_rerank(query_mac, query_descriptor, candidates, store, float_path, top_n=8, qe_k=0,
                           query_aspect=5 / 4)
     assert len(calls) == 24
@@ -560,9 +600,103 @@ def test_pipeline_rerank_of_rmac_uses_the_codes_and_matches_the_float_path(monke
     from_codes = pipeline._rerank_then_qe(extractor, maps, queries, query_maps, [1.25, None], ranks, 5, 2)
     assert descriptor_kinds == ["RMACInBox", "RMACInBox"]
     # The same re-ranking with the generic float-crop path (what any other method uses).
-    extractor.add_grid_regions = True  # R-MAC ignores it, but it routes _rerank_then_qe to the float path
+    monkeypatch.setattr(extractor, "box_descriptor", lambda: extractor.descriptor_from_feature_map)
     descriptor_kinds.clear()
     float_path = pipeline._rerank_then_qe(extractor, maps, queries, query_maps, [1.25, None], ranks, 5, 2)
-    assert descriptor_kinds == ["function", "function"]
+    assert descriptor_kinds == ["method", "method"]
     np.testing.assert_array_equal(from_codes, float_path)
     assert not np.array_equal(from_codes, ranks)  # re-ranking changed something
+
+
+# --- ClusterMAC inside a box from the stored codes and cluster labels -----------------------------
+
+
+def clustermac_reference(store, index, box, mean, projection, grid):
+    """The float path: dequantised crop, the image's labels cropped to the box, region_mac per
+    partition (after R-MAC's grid when asked), aggregate_regions."""
+    crop = store.feature_map(index, box)
+    x0, y0, x1, y1 = box if box is not None else (0, 0, crop.shape[2], crop.shape[1])
+    blocks = [cm.grid_mac(crop, cm.rmac_regions(crop.shape[1], crop.shape[2]))] if grid else []
+    blocks += [cm.region_mac(crop, np.ascontiguousarray(lab[y0:y1, x0:x1])) for lab in store.labels(index)]
+    return cm.aggregate_regions(np.concatenate(blocks), mean, projection)
+
+
+def test_clustermac_in_box_equals_the_float_path(tmp_path):
+    rng = np.random.default_rng(60)
+    channels = 24
+    path = tmp_path / "db.cmfm"
+    with cm.FeatureMapStoreWriter(path) as writer:
+        for i in range(3):
+            fmap = np.maximum(rng.standard_normal((channels, 9, 12)), 0).astype(np.float32)
+            labels = cm.cluster_feature_map(fmap, rgb=rng.random((9, 12, 3)).astype(np.float32), pca_dim=4)
+            writer.add(fmap, f"im{i}", labels=labels)
+        writer.add(np.ones((channels, 9, 12), np.float32), "unlabelled")
+    store = cm.FeatureMapStore(path)
+    assert len(store.labels(0)) == 3  # 5 + 20 feature clusters, 5 RGB clusters
+    mean, projection = cm.fit_pca_whitening(np.abs(rng.standard_normal((90, channels))).astype(np.float32),
+                                            shrinkage=1e-2)
+    for whitening in ((None, None), (mean, projection)):
+        for grid in (False, True):
+            in_box = cm.ClusterMACInBox(*whitening, add_grid_regions=grid)
+            for index in range(3):
+                for box in (None, (0, 0, 12, 9), (2, 1, 9, 7), (5, 4, 6, 5)):
+                    got = in_box.from_store(store, index, box)
+                    np.testing.assert_array_equal(got, clustermac_reference(store, index, box, *whitening, grid))
+    with pytest.raises(ValueError, match="no cluster labels"):
+        cm.ClusterMACInBox().from_store(store, 3, None)
+    # Re-ranking with it: every candidate described from the codes, never from a float crop.
+    query = store.feature_map(0, (2, 1, 9, 7))
+    query_mac = query.max(axis=(1, 2))
+    in_box = cm.ClusterMACInBox(mean, projection)
+    query_descriptor = in_box.from_store(store, 0, (2, 1, 9, 7))
+    result = cm.aml_rerank(query_mac, query_descriptor, [2, 1, 0], store, in_box, top_n=3, qe_k=0,
+                           query_aspect=7 / 6)
+    for index, box, score in zip(result.indices, result.boxes, result.scores):
+        expected = clustermac_reference(store, int(index), tuple(box), mean, projection, False) @ query_descriptor
+        assert score == pytest.approx(expected, abs=1e-6)
+    assert result.indices[0] == 0
+    with pytest.raises(ValueError, match="descriptor_fn"):
+        cm.aml_rerank(query_mac, query_descriptor, [0], store, object())
+
+
+def test_extractor_box_descriptor_kinds():
+    from types import SimpleNamespace
+
+    backbone = SimpleNamespace(max_size=1024, dim=8)
+    assert isinstance(cm.Extractor(backbone, "rmac").box_descriptor(), cm.RMACInBox)
+    clustermac_in_box = cm.Extractor(backbone, "clustermac", add_grid_regions=True).box_descriptor()
+    assert isinstance(clustermac_in_box, cm.ClusterMACInBox) and clustermac_in_box.add_grid_regions
+    mac = cm.Extractor(backbone, "mac")
+    assert mac.box_descriptor() == mac.descriptor_from_feature_map
+
+
+def test_pipeline_rerank_of_clustermac_stored_or_reclustered(monkeypatch):
+    from types import SimpleNamespace
+
+    from clustermac import pipeline, rerank
+
+    rng = np.random.default_rng(61)
+    channels = 16
+    database = [(np.maximum(rng.standard_normal((channels, 8, 10)), 0).astype(np.float16),
+                 rng.random((8, 10, 3)).astype(np.float32)) for _ in range(6)]
+    query_maps = [(np.maximum(rng.standard_normal((channels, 4, 5)), 0).astype(np.float16), None)]
+    maps = pipeline.DatasetFeatureMaps(database=database, whitening=[], queries={}, seconds=0.0)
+    extractor = cm.Extractor(SimpleNamespace(max_size=1024, dim=channels), "clustermac", pca_dim=4)
+    queries = np.stack([extractor.descriptor_from_feature_map(q.astype(np.float32)) for q, _ in query_maps])
+    ranks = rng.permutation(6)[:, None]
+    seen = []
+    original = rerank.aml_rerank
+
+    def recording_aml_rerank(query_mac, query_descriptor, candidates, store, descriptor_fn, **kwargs):
+        seen.append((type(descriptor_fn).__name__, [len(store.labels(i)) for i in range(len(store))]))
+        return original(query_mac, query_descriptor, candidates, store, descriptor_fn, **kwargs)
+
+    monkeypatch.setattr(rerank, "aml_rerank", recording_aml_rerank)
+    stored = pipeline._rerank_then_qe(extractor, maps, queries, query_maps, [1.25], ranks, 4, 2)
+    assert seen == [("ClusterMACInBox", [3] * 6)]  # the database's own clusters, RGB partition included
+    reclustered = pipeline._rerank_then_qe(extractor, maps, queries, query_maps, [1.25], ranks, 4, 2, "box")
+    assert seen[1] == ("function", [0] * 6)
+    for result in (stored, reclustered):
+        assert sorted(result[:4, 0]) == sorted(ranks[:4, 0]) and np.array_equal(result[4:], ranks[4:])
+    with pytest.raises(ValueError, match="rerank_clusters"):
+        pipeline._rerank_then_qe(extractor, maps, queries, query_maps, [1.25], ranks, 4, 2, "both")

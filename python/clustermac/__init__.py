@@ -42,7 +42,15 @@ from .query_expansion import (  # noqa: E402
     average_query_expansion,
     database_side_augmentation,
 )
-from .rerank import FeatureMapStore, FeatureMapStoreWriter, RerankResult, RMACInBox, aml_rerank, quantize_feature_map  # noqa: E402
+from .rerank import (  # noqa: E402
+    ClusterMACInBox,
+    FeatureMapStore,
+    FeatureMapStoreWriter,
+    RerankResult,
+    RMACInBox,
+    aml_rerank,
+    quantize_feature_map,
+)
 
 # --- backbones ---
 from .backbone import Backbone, default_backbone  # noqa: E402

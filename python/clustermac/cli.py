@@ -156,7 +156,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     backbone = _backbone(args)
     maps = dataset_feature_maps(dataset, backbone, whitening, crops=args.crops, max_size=args.max_size, progress=not args.quiet)
     result = evaluate_methods(dataset, backbone, maps, methods, query_expansion=args.qe, rerank=args.rerank,
-                              max_size=args.max_size, progress=not args.quiet)
+                              rerank_clusters=args.rerank_clusters, max_size=args.max_size, progress=not args.quiet)
     columns = ["mAP"] + (["Easy", "Medium", "Hard"] if dataset.has_revisited else [])
     print(format_table(["Method", *columns], [[r["label"], *(f"{r[c]:.1f}" for c in columns)] for r in result["rows"]]))
     out = Path(args.out)
@@ -243,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crops", nargs="+", default=None, choices=CROP_MODES, help="default: --crop")
     p.add_argument("--qe", action="store_true", help="also report average query expansion (top 5)")
     p.add_argument("--rerank", action="store_true", help="also report AML re-ranking + QE (R-MAC, ClusterMAC)")
+    p.add_argument("--rerank-clusters", choices=["stored", "box"], default="stored",
+                   help="ClusterMAC inside an AML box: the database image's own clusters (default, fast) or "
+                        "re-clustered inside every box")
     p.add_argument("--distractors", help="list of distractor image names (Flickr100k / R1M)")
     p.add_argument("--distractors-root", help="folder of the distractor images (default: the list's folder)")
     p.add_argument("--out", default="clustermac-eval")

@@ -308,6 +308,20 @@ class Extractor:
         whitened = _core.apply_whitening(vector[None, :], self.whitening_mean, self.whitening_projection)
         return _core.l2_normalize(whitened[0])
 
+    def box_descriptor(self) -> Any:
+        """The ``descriptor_fn`` for :func:`clustermac.aml_rerank`: the descriptor inside an
+        AML box, computed on a :class:`clustermac.FeatureMapStore`'s 8-bit codes for R-MAC
+        (:class:`clustermac.RMACInBox`) and ClusterMAC (:class:`clustermac.ClusterMACInBox`,
+        which needs the database's cluster labels in the store: :meth:`cluster_labels`), else
+        on the dequantised crop."""
+        from .rerank import ClusterMACInBox, RMACInBox
+
+        if self.method == "rmac":
+            return RMACInBox(self.whitening_mean, self.whitening_projection, self.rmac_levels)
+        if self.method == "clustermac":
+            return ClusterMACInBox(self.whitening_mean, self.whitening_projection, self.add_grid_regions, self.rmac_levels)
+        return self.descriptor_from_feature_map
+
     # ------------------------------------------------------------------ public API
     def extract(self, image: ImageInput, box: Optional[Box] = None) -> np.ndarray:
         """The descriptor of one image (a path, PIL image or H×W×3 uint8 array).
