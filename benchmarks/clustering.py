@@ -16,7 +16,7 @@ similarity matrix), the eigensolver's products, and the peak resident memory of 
 that only runs clustermac on one map.
 
     python benchmarks/clustering.py                      # N = 3072 (64 x 48, C = 4), N = 768 (32 x 24, C = 7)
-    python benchmarks/clustering.py --sizes 48x64 --repeats 7 --images 3
+    python benchmarks/clustering.py --sizes 48x64:4 --repeats 7 --images 3
 """
 from __future__ import annotations
 
