@@ -150,39 +150,9 @@ the long side follows Tolias' rule. No extra global region.)doc");
   m.def(
       "grid_mac_codes",
       [](const py::object& codes_obj, const py::object& box_obj, const py::object& regions_obj, double scale) {
-        if (!py::isinstance<py::array>(codes_obj))
-          throw py::value_error("codes: expected a uint8 NumPy array of shape (H, W, D) (channel-last 8-bit codes), got " +
-                                std::string(py::str(py::type::of(codes_obj).attr("__name__"))));
-        auto as_array = py::reinterpret_borrow<py::array>(codes_obj);
-        if (!as_array.dtype().is(py::dtype::of<std::uint8_t>()))
-          throw py::value_error("codes: expected dtype uint8 of shape (H, W, D) (channel-last 8-bit codes), got " +
-                                describe(as_array));
-        if (as_array.ndim() != 3)
-          throw py::value_error("codes: expected a 3-D array of shape (H, W, D), got " + describe(as_array));
-        if (!(as_array.flags() & py::array::c_style))
-          throw py::value_error("codes: expected a C-contiguous array, got a strided view (" + describe(as_array) +
-                                "); pass np.ascontiguousarray(...)");
-        auto codes = py::reinterpret_borrow<py::array_t<std::uint8_t, py::array::c_style>>(as_array);
+        auto codes = checked_codes(codes_obj);
         const CodesView view{codes.data(), codes.shape(0), codes.shape(1), codes.shape(2)};
-        std::array<std::int32_t, 4> box{0, 0, static_cast<std::int32_t>(view.width), static_cast<std::int32_t>(view.height)};
-        if (!box_obj.is_none()) {
-          std::vector<std::int64_t> values;
-          try {
-            values = box_obj.cast<std::vector<std::int64_t>>();
-          } catch (const py::cast_error&) {
-            throw py::value_error("box: expected 4 integers [x0, y0, x1, y1) or None, got " +
-                                  std::string(py::str(py::repr(box_obj))));
-          }
-          if (values.size() != 4)
-            throw py::value_error("box: expected 4 values [x0, y0, x1, y1), got " + std::to_string(values.size()));
-          if (!(0 <= values[0] && values[0] < values[2] && values[2] <= view.width && 0 <= values[1] &&
-                values[1] < values[3] && values[3] <= view.height))
-            throw py::value_error("box: expected 0 <= x0 < x1 <= " + std::to_string(view.width) +
-                                  " and 0 <= y0 < y1 <= " + std::to_string(view.height) + ", got [" +
-                                  std::to_string(values[0]) + ", " + std::to_string(values[1]) + ", " +
-                                  std::to_string(values[2]) + ", " + std::to_string(values[3]) + ")");
-          for (int i = 0; i < 4; ++i) box[i] = static_cast<std::int32_t>(values[i]);
-        }
+        const std::array<std::int32_t, 4> box = checked_box(box_obj, view.width, view.height);
         auto regions = require_array<std::int32_t>(regions_obj, "regions", 2, "of shape (R, 4)");
         if (regions.shape(1) != 4)
           throw py::value_error("regions: expected shape (R, 4) with rows [x0, y0, x1, y1), got " + describe(regions));
