@@ -700,3 +700,15 @@ def test_pipeline_rerank_of_clustermac_stored_or_reclustered(monkeypatch):
         assert sorted(result[:4, 0]) == sorted(ranks[:4, 0]) and np.array_equal(result[4:], ranks[4:])
     with pytest.raises(ValueError, match="rerank_clusters"):
         pipeline._rerank_then_qe(extractor, maps, queries, query_maps, [1.25], ranks, 4, 2, "both")
+    # Labels kept from computing the database descriptors: the same descriptors and re-ranking,
+    # and no clustering of the database a second time.
+    labels = []
+    with_labels = pipeline.descriptors_from_maps(extractor, database, labels_out=labels)
+    np.testing.assert_array_equal(with_labels, pipeline.descriptors_from_maps(extractor, database))
+    assert len(labels) == 6 and all(len(partitions) == 3 for partitions in labels)
+    calls = []
+    original_labels = extractor.cluster_labels
+    monkeypatch.setattr(extractor, "cluster_labels", lambda *a: calls.append(1) or original_labels(*a))
+    reused = pipeline._rerank_then_qe(extractor, maps, queries, query_maps, [1.25], ranks, 4, 2, "stored", labels)
+    assert calls == []
+    np.testing.assert_array_equal(reused, stored)

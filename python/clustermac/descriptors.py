@@ -275,14 +275,17 @@ class Extractor:
             pca_basis=self.pca_basis if self.clustering_pca == "dataset" else None,
         )
 
-    def regional_vectors(self, fmap: np.ndarray, rgb: Optional[np.ndarray]) -> np.ndarray:
-        """Un-normalised regional MAC vectors (R-MAC grid, clusters, or both), K×D."""
+    def regional_vectors(self, fmap: np.ndarray, rgb: Optional[np.ndarray],
+                         labels: Optional[Sequence[np.ndarray]] = None) -> np.ndarray:
+        """Un-normalised regional MAC vectors (R-MAC grid, clusters, or both), K×D. ClusterMAC
+        uses ``labels`` (from :meth:`cluster_labels`) when given instead of clustering again."""
         blocks = []
         if self.method == "rmac" or self.add_grid_regions:
             regions = _core.rmac_regions(fmap.shape[1], fmap.shape[2], self.rmac_levels)
             blocks.append(_core.grid_mac(fmap, regions))
         if self.method == "clustermac":
-            blocks.extend(_core.region_mac(fmap, lab) for lab in self.cluster_labels(fmap, rgb))
+            partitions = self.cluster_labels(fmap, rgb) if labels is None else labels
+            blocks.extend(_core.region_mac(fmap, np.ascontiguousarray(lab, dtype=np.int32)) for lab in partitions)
         return np.concatenate(blocks, axis=0)
 
     def pooled_vector(self, fmap: np.ndarray) -> np.ndarray:
@@ -295,12 +298,14 @@ class Extractor:
             return _core.gem_pool(fmap, self.gem_p)
         return _core.crow_pool(fmap)
 
-    def descriptor_from_feature_map(self, fmap: np.ndarray, rgb: Optional[np.ndarray] = None) -> np.ndarray:
+    def descriptor_from_feature_map(self, fmap: np.ndarray, rgb: Optional[np.ndarray] = None,
+                                    labels: Optional[Sequence[np.ndarray]] = None) -> np.ndarray:
         """The descriptor of a feature map (D×H×W); ``rgb`` (H×W×3) is used by the RGB
-        clustering of ClusterMAC only (None skips it)."""
+        clustering of ClusterMAC only (None skips it); ClusterMAC's ``labels``, when given
+        (:meth:`cluster_labels` of this map), are used instead of clustering again."""
         fmap = np.ascontiguousarray(fmap, dtype=np.float32)
         if self.method in REGIONAL_METHODS:
-            vectors = self.regional_vectors(fmap, rgb)
+            vectors = self.regional_vectors(fmap, rgb, labels)
             return _core.aggregate_regions(vectors, self.whitening_mean, self.whitening_projection)
         vector = _core.l2_normalize(self.pooled_vector(fmap))
         if self.whitening_projection is None:

@@ -69,13 +69,21 @@ def compute_feature_maps(
     return out
 
 
-def descriptors_from_maps(extractor: Extractor, maps: FeatureMaps, progress: bool = False, description: str = "pool") -> np.ndarray:
-    """One descriptor per feature map (a zero row for an unreadable image)."""
+def descriptors_from_maps(extractor: Extractor, maps: FeatureMaps, progress: bool = False, description: str = "pool",
+                          labels_out: Optional[list] = None) -> np.ndarray:
+    """One descriptor per feature map (a zero row for an unreadable image). For ClusterMAC,
+    ``labels_out`` (a list) receives each map's cluster labels (None for an unreadable image),
+    so that re-ranking need not cluster the database again."""
     out = np.zeros((len(maps), extractor.dim), dtype=np.float32)
     bar = _progress(len(maps), description, progress)
     for i, item in enumerate(maps):
+        labels = None
         if item is not None:
-            out[i] = extractor.descriptor_from_feature_map(item[0], item[1])
+            if labels_out is not None and extractor.method == "clustermac":
+                labels = extractor.cluster_labels(np.ascontiguousarray(item[0], dtype=np.float32), item[1])
+            out[i] = extractor.descriptor_from_feature_map(item[0], item[1], labels)
+        if labels_out is not None:
+            labels_out.append(labels)
         bar.update(1)
     bar.close()
     return out
@@ -168,7 +176,8 @@ def evaluate_methods(
     for spec in methods:
         started = time.perf_counter()
         extractor = fitted_extractor(backbone, spec, maps, max_size)
-        database = descriptors_from_maps(extractor, maps.database, progress, f"{spec.label}: database")
+        database_labels: Optional[list] = [] if rerank and rerank_clusters == "stored" else None
+        database = descriptors_from_maps(extractor, maps.database, progress, f"{spec.label}: database", database_labels)
         for crop, query_maps in maps.queries.items():
             queries = descriptors_from_maps(extractor, query_maps)
             ranks = full_ranks(database, queries)
@@ -178,7 +187,7 @@ def evaluate_methods(
             if rerank and spec.method in ("rmac", "clustermac"):
                 aspects = [None if b is None else (b[2] - b[0]) / max(b[3] - b[1], 1e-6) for b in dataset.query_boxes]
                 reranked = _rerank_then_qe(extractor, maps, queries, query_maps, aspects, ranks, rerank_top, qe_k,
-                                           rerank_clusters)
+                                           rerank_clusters, database_labels)
                 variants.append((" + R + QE", reranked))
             for suffix, r in variants:
                 label = f"{spec.label}, crop {'I' if crop == 'image' else 'X'}{suffix}"
@@ -191,14 +200,15 @@ def evaluate_methods(
 
 def _rerank_then_qe(extractor, maps: DatasetFeatureMaps, queries: np.ndarray, query_maps: FeatureMaps,
                     query_boxes_aspect: Sequence[Optional[float]], ranks: np.ndarray, top: int, qe_k: int,
-                    rerank_clusters: str = "stored") -> np.ndarray:
+                    rerank_clusters: str = "stored", database_labels: Optional[Sequence] = None) -> np.ndarray:
     """AML re-ranking of the top ``top`` items, then average QE over the top ``qe_k``
     localised descriptors (Tolias et al. 2016, section 5). Returns new ranks.
 
     The descriptor inside a box is computed on the stored 8-bit codes for R-MAC and, with
     ``rerank_clusters="stored"``, for ClusterMAC from the database images' own clusters
     (:class:`clustermac.ClusterMACInBox`); ``"box"`` re-clusters the activations inside every
-    box instead (no RGB clusters; ~0.1 s per VGG16-sized map)."""
+    box instead (no RGB clusters; ~0.1 s per VGG16-sized map). ``database_labels`` (from
+    :func:`descriptors_from_maps`) saves clustering the database again."""
     import tempfile
 
     from .rerank import FeatureMapStore, FeatureMapStoreWriter, aml_rerank
@@ -222,7 +232,11 @@ def _rerank_then_qe(extractor, maps: DatasetFeatureMaps, queries: np.ndarray, qu
                 fmap = item[0] if item is not None else np.zeros((extractor.backbone.dim, 1, 1), np.float16)
                 fmap = np.ascontiguousarray(fmap, dtype=np.float32)
                 rgb = item[1] if item is not None else None
-                writer.add(fmap, str(i), labels=extractor.cluster_labels(fmap, rgb) if store_labels else ())
+                labels = ()
+                if store_labels:
+                    known = database_labels[i] if database_labels is not None else None
+                    labels = known if known is not None else extractor.cluster_labels(fmap, rgb)
+                writer.add(fmap, str(i), labels=labels)
         store = FeatureMapStore(store_path)
         for q, item in enumerate(query_maps):
             if item is None:
