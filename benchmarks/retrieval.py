@@ -43,6 +43,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="retrieval-benchmark")
     parser.add_argument("--preset", default="large", help="benchmark size preset of clustermac.photo_benchmark")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--size", type=int, default=None, help="long side of the benchmark's images (default: the preset's)")
     parser.add_argument("--max-size", type=int, default=640)
     parser.add_argument("--onnx", help="another backbone (.onnx) instead of the embedded EfficientNet-Lite0")
     parser.add_argument("--preset-backbone", default=None, help="preprocessing preset for --onnx (vgg16, resnet101, ...)")
@@ -62,8 +63,9 @@ def main(argv=None) -> int:
     bench_dir, whitening_dir = out / "benchmark", out / "whitening"
     if not (bench_dir / "jpg").is_dir():
         print(f"building the {args.preset} benchmark in {bench_dir}", flush=True)
-        photo_benchmark.make_benchmark(bench_dir, preset=args.preset, seed=args.seed)
-    whitening_images = photo_benchmark.make_whitening_set(whitening_dir, preset=args.preset, seed=args.seed + 1)
+        photo_benchmark.make_benchmark(bench_dir, preset=args.preset, size=args.size, seed=args.seed)
+    whitening_images = photo_benchmark.make_whitening_set(whitening_dir, preset=args.preset, size=args.size,
+                                                          seed=args.seed + 1)
     dataset = load_dataset(bench_dir)
     print(f"{dataset.name}: {len(dataset.queries)} queries, {len(dataset.images)} database images, "
           f"{len(whitening_images)} whitening images", flush=True)
