@@ -233,8 +233,9 @@ class RMACInBox:
     :meth:`clustermac.Extractor.descriptor_from_feature_map` with method ``"rmac"``.
 
     Call it on a float32 D×h×w crop (the generic ``descriptor_fn`` interface), or use
-    :meth:`from_codes` on a box of 8-bit codes: the regional max is then taken on the codes
-    themselves, which gives the same descriptor bit for bit without writing a dequantised crop.
+    :meth:`from_codes` (:meth:`from_store`, which :func:`aml_rerank` calls) on a box of 8-bit
+    codes: the regional max is then taken on the codes themselves, which gives the same
+    descriptor bit for bit without writing a dequantised crop.
     """
 
     def __init__(self, whitening_mean: Optional[np.ndarray] = None, whitening_projection: Optional[np.ndarray] = None,
@@ -261,6 +262,11 @@ class RMACInBox:
         channel-last H×W×D codes with value = code · scale, e.g. ``store.codes(i)`` and
         ``store.scale(i)`` of a :class:`FeatureMapStore`. Equal bit for bit to
         ``self(store.feature_map(i, box))``."""
+        return _core.aggregate_regions(self.regional_vectors_from_codes(codes, box, scale), self.whitening_mean,
+                                       self.whitening_projection)
+
+    def regional_vectors_from_codes(self, codes: np.ndarray, box: Optional[Sequence[int]], scale: float) -> np.ndarray:
+        """The un-normalised regional MAC vectors (R×D) of the grid of the box, from the codes."""
         if box is None:
             shape = np.shape(codes)
             if len(shape) != 3:
@@ -271,9 +277,7 @@ class RMACInBox:
             if len(corners) != 4 or corners[2] <= corners[0] or corners[3] <= corners[1]:
                 raise ValueError(f"box: expected [x0, y0, x1, y1) with x0 < x1 and y0 < y1, got {corners}")
             height, width = corners[3] - corners[1], corners[2] - corners[0]
-        regions = _core.rmac_regions(height, width, self.levels)
-        vectors = _core.grid_mac_codes(codes, box, regions, scale)
-        return _core.aggregate_regions(vectors, self.whitening_mean, self.whitening_projection)
+        return _core.grid_mac_codes(codes, box, _core.rmac_regions(height, width, self.levels), scale)
 
     def from_store(self, store: "FeatureMapStore", index: int, box: Optional[Sequence[int]]) -> np.ndarray:
         """The descriptor of the box of map ``index`` of ``store`` (what :func:`aml_rerank` calls)."""
@@ -308,10 +312,7 @@ class ClusterMACInBox:
             raise ValueError(f"{store.path}: map {index} ({store.names[index]!r}) has no cluster labels; write them "
                              "with FeatureMapStoreWriter.add(fmap, name, labels=extractor.cluster_labels(fmap, rgb))")
         codes, scale = store.codes(index), store.scale(index)
-        blocks = []
-        if self.add_grid_regions:
-            height, width = (codes.shape[0], codes.shape[1]) if box is None else (box[3] - box[1], box[2] - box[0])
-            blocks.append(_core.grid_mac_codes(codes, box, _core.rmac_regions(height, width, self._grid.levels), scale))
+        blocks = [self._grid.regional_vectors_from_codes(codes, box, scale)] if self.add_grid_regions else []
         blocks.extend(_core.region_mac_codes(codes, partition, box, scale) for partition in labels)
         return _core.aggregate_regions(np.concatenate(blocks, axis=0), self._grid.whitening_mean,
                                        self._grid.whitening_projection)
