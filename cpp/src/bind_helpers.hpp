@@ -4,8 +4,12 @@
 
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
+#include <array>
+#include <cstdint>
 #include <string>
+#include <vector>
 
 #include "clustermac/common.hpp"
 
@@ -62,6 +66,46 @@ py::array_t<typename Mat::Scalar> to_numpy(Mat&& m) {
   static_assert(Plain::IsVectorAtCompileTime || Plain::IsRowMajor, "matrices must be row-major");
   return py::array_t<typename Mat::Scalar>({static_cast<py::ssize_t>(owned->rows()), static_cast<py::ssize_t>(owned->cols())},
                                            owned->data(), free_when_done);
+}
+
+// Channel-last uint8 codes (H, W, D), C-contiguous, returned without copying.
+inline py::array_t<std::uint8_t, py::array::c_style> checked_codes(const py::object& codes_obj) {
+  if (!py::isinstance<py::array>(codes_obj))
+    throw py::value_error("codes: expected a uint8 NumPy array of shape (H, W, D) (channel-last 8-bit codes), got " +
+                          std::string(py::str(py::type::of(codes_obj).attr("__name__"))));
+  auto as_array = py::reinterpret_borrow<py::array>(codes_obj);
+  if (!as_array.dtype().is(py::dtype::of<std::uint8_t>()))
+    throw py::value_error("codes: expected dtype uint8 of shape (H, W, D) (channel-last 8-bit codes), got " +
+                          describe(as_array));
+  if (as_array.ndim() != 3)
+    throw py::value_error("codes: expected a 3-D array of shape (H, W, D), got " + describe(as_array));
+  if (!(as_array.flags() & py::array::c_style))
+    throw py::value_error("codes: expected a C-contiguous array, got a strided view (" + describe(as_array) +
+                          "); pass np.ascontiguousarray(...)");
+  return py::reinterpret_borrow<py::array_t<std::uint8_t, py::array::c_style>>(as_array);
+}
+
+// A box [x0, y0, x1, y1) inside a width × height map, or the whole map for None.
+inline std::array<std::int32_t, 4> checked_box(const py::object& box_obj, py::ssize_t width, py::ssize_t height) {
+  std::array<std::int32_t, 4> box{0, 0, static_cast<std::int32_t>(width), static_cast<std::int32_t>(height)};
+  if (box_obj.is_none()) return box;
+  std::vector<std::int64_t> values;
+  try {
+    values = box_obj.cast<std::vector<std::int64_t>>();
+  } catch (const py::cast_error&) {
+    throw py::value_error("box: expected 4 integers [x0, y0, x1, y1) or None, got " +
+                          std::string(py::str(py::repr(box_obj))));
+  }
+  if (values.size() != 4)
+    throw py::value_error("box: expected 4 values [x0, y0, x1, y1), got " + std::to_string(values.size()));
+  if (!(0 <= values[0] && values[0] < values[2] && values[2] <= width && 0 <= values[1] && values[1] < values[3] &&
+        values[3] <= height))
+    throw py::value_error("box: expected 0 <= x0 < x1 <= " + std::to_string(width) + " and 0 <= y0 < y1 <= " +
+                          std::to_string(height) + ", got [" + std::to_string(values[0]) + ", " +
+                          std::to_string(values[1]) + ", " + std::to_string(values[2]) + ", " +
+                          std::to_string(values[3]) + ")");
+  for (int i = 0; i < 4; ++i) box[i] = static_cast<std::int32_t>(values[i]);
+  return box;
 }
 
 }  // namespace clustermac::bind

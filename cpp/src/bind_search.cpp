@@ -12,7 +12,6 @@ namespace clustermac::bind {
 namespace {
 
 using FloatArray = py::array_t<float, py::array::c_style>;
-using CodeArray = py::array_t<std::uint8_t, py::array::c_style>;
 
 AmlParams make_params(double p, int step, double aspect_tolerance, const py::object& query_aspect, int refine_iterations) {
   AmlParams params;
@@ -116,13 +115,7 @@ half-open in cells, score float).)doc");
       "aml_localize_codes",
       [](const py::object& codes_obj, const py::object& query_obj, double p, int step, double aspect_tolerance,
          int refine_iterations, const py::object& query_aspect) {
-        if (!py::isinstance<py::array>(codes_obj) ||
-            !py::reinterpret_borrow<py::array>(codes_obj).dtype().is(py::dtype::of<std::uint8_t>()))
-          throw py::value_error("codes: expected a uint8 NumPy array of shape (H, W, D) (an 8-bit quantised feature map, channel-last)");
-        auto as_array = py::reinterpret_borrow<py::array>(codes_obj);
-        if (as_array.ndim() != 3 || !(as_array.flags() & py::array::c_style))
-          throw py::value_error("codes: expected a C-contiguous 3-D array (H, W, D), got " + describe(as_array));
-        CodeArray codes = py::reinterpret_borrow<CodeArray>(as_array);
+        auto codes = checked_codes(codes_obj);
         const py::ssize_t height = codes.shape(0), width = codes.shape(1), channels = codes.shape(2);
         if (channels < 1 || height < 1 || width < 1)
           throw py::value_error("codes: expected a non-empty H×W×D array, got " + describe(codes));
@@ -143,27 +136,9 @@ half-open in cells, score float).)doc");
   m.def(
       "dequantize_codes",
       [](const py::object& codes_obj, const py::object& box_obj, double scale) {
-        if (!py::isinstance<py::array>(codes_obj) ||
-            !py::reinterpret_borrow<py::array>(codes_obj).dtype().is(py::dtype::of<std::uint8_t>()))
-          throw py::value_error("codes: expected a uint8 NumPy array of shape (H, W, D) (channel-last 8-bit codes)");
-        auto as_array = py::reinterpret_borrow<py::array>(codes_obj);
-        if (as_array.ndim() != 3 || !(as_array.flags() & py::array::c_style))
-          throw py::value_error("codes: expected a C-contiguous 3-D array (H, W, D), got " + describe(as_array));
-        CodeArray codes = py::reinterpret_borrow<CodeArray>(as_array);
+        auto codes = checked_codes(codes_obj);
         const py::ssize_t height = codes.shape(0), width = codes.shape(1), channels = codes.shape(2);
-        std::array<std::int32_t, 4> box{0, 0, static_cast<std::int32_t>(width), static_cast<std::int32_t>(height)};
-        if (!box_obj.is_none()) {
-          auto values = box_obj.cast<std::vector<std::int64_t>>();
-          if (values.size() != 4)
-            throw py::value_error("box: expected 4 values [x0, y0, x1, y1), got " + std::to_string(values.size()));
-          for (int i = 0; i < 4; ++i) box[i] = static_cast<std::int32_t>(values[i]);
-          if (!(0 <= values[0] && values[0] < values[2] && values[2] <= width && 0 <= values[1] && values[1] < values[3] &&
-                values[3] <= height))
-            throw py::value_error("box: expected 0 <= x0 < x1 <= " + std::to_string(width) + " and 0 <= y0 < y1 <= " +
-                                  std::to_string(height) + ", got [" + std::to_string(values[0]) + ", " +
-                                  std::to_string(values[1]) + ", " + std::to_string(values[2]) + ", " +
-                                  std::to_string(values[3]) + ")");
-        }
+        const std::array<std::int32_t, 4> box = checked_box(box_obj, width, height);
         if (!std::isfinite(scale) || scale < 0.0)
           throw py::value_error("scale: expected a finite number >= 0, got " + std::to_string(scale));
         py::array_t<float> out({channels, static_cast<py::ssize_t>(box[3] - box[1]), static_cast<py::ssize_t>(box[2] - box[0])});

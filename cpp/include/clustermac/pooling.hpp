@@ -388,13 +388,9 @@ inline std::string corners_text(const std::int32_t* b) {
          std::to_string(b[3]) + ")";
 }
 
-}  // namespace pooling_detail
-
-// grid_mac(dequantize_codes(codes, box, scale), regions), bit for bit, without the crop:
-// regions are [x0, y0, x1, y1) relative to `box` (as rmac_regions(box height, box width) gives
-// them). Returns float32 n_regions × D.
-inline MatrixRM grid_mac_codes(const CodesView& codes, const std::array<std::int32_t, 4>& box,
-                               const std::int32_t* regions, std::ptrdiff_t n_regions, float scale) {
+// The checks shared by the kernels on 8-bit codes: a non-empty map, a non-empty box inside it,
+// a scale that keeps 255·scale a finite float.
+inline void check_codes_box_scale(const CodesView& codes, const std::array<std::int32_t, 4>& box, float scale) {
   require(codes.height >= 1 && codes.width >= 1 && codes.channels >= 1,
           "codes: expected a non-empty H×W×D array, got shape (" + std::to_string(codes.height) + ", " +
               std::to_string(codes.width) + ", " + std::to_string(codes.channels) + ")");
@@ -404,6 +400,16 @@ inline MatrixRM grid_mac_codes(const CodesView& codes, const std::array<std::int
               std::to_string(codes.width) + " and 0 <= y0 < y1 <= " + std::to_string(codes.height));
   require(std::isfinite(scale) && scale >= 0.0f && std::isfinite(255.0f * scale),
           "scale: expected a finite number >= 0 (with 255·scale finite in float32), got " + std::to_string(scale));
+}
+
+}  // namespace pooling_detail
+
+// grid_mac(dequantize_codes(codes, box, scale), regions), bit for bit, without the crop:
+// regions are [x0, y0, x1, y1) relative to `box` (as rmac_regions(box height, box width) gives
+// them). Returns float32 n_regions × D.
+inline MatrixRM grid_mac_codes(const CodesView& codes, const std::array<std::int32_t, 4>& box,
+                               const std::int32_t* regions, std::ptrdiff_t n_regions, float scale) {
+  pooling_detail::check_codes_box_scale(codes, box, scale);
   const std::int32_t box_width = box[2] - box[0], box_height = box[3] - box[1];
   for (std::ptrdiff_t r = 0; r < n_regions; ++r) {
     const std::int32_t* region = regions + 4 * r;
@@ -483,15 +489,7 @@ inline void region_mac_codes_dispatch(const CodesView& codes, const std::int32_t
 // padded with zero rows up to K.
 inline MatrixRM region_mac_codes(const CodesView& codes, const std::int32_t* labels,
                                  const std::array<std::int32_t, 4>& box, float scale) {
-  require(codes.height >= 1 && codes.width >= 1 && codes.channels >= 1,
-          "codes: expected a non-empty H×W×D array, got shape (" + std::to_string(codes.height) + ", " +
-              std::to_string(codes.width) + ", " + std::to_string(codes.channels) + ")");
-  require(box[0] >= 0 && box[1] >= 0 && box[0] < box[2] && box[1] < box[3] && box[2] <= codes.width &&
-              box[3] <= codes.height,
-          "box: " + pooling_detail::corners_text(box.data()) + " is empty or outside the map; expected 0 <= x0 < x1 <= " +
-              std::to_string(codes.width) + " and 0 <= y0 < y1 <= " + std::to_string(codes.height));
-  require(std::isfinite(scale) && scale >= 0.0f && std::isfinite(255.0f * scale),
-          "scale: expected a finite number >= 0 (with 255·scale finite in float32), got " + std::to_string(scale));
+  pooling_detail::check_codes_box_scale(codes, box, scale);
   // K comes from the whole map, not the box: the rows of every box of one image line up.
   const std::ptrdiff_t n_cells = codes.height * codes.width;
   std::int32_t max_label = -1;
