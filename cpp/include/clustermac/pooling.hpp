@@ -51,18 +51,23 @@ inline void require_feature_map(const FeatureMapView& map, const std::string& na
 // huge K×D output for a stray label value.
 constexpr std::int32_t kMaxRegionLabel = 1 << 20;
 
+// K = the largest of n region labels + 1 (negative labels are masked out; 0 if all are).
+inline std::ptrdiff_t count_regions(const std::int32_t* labels, std::ptrdiff_t n) {
+  std::int32_t max_label = -1;
+  for (std::ptrdiff_t i = 0; i < n; ++i) max_label = std::max(max_label, labels[i]);
+  require(max_label < kMaxRegionLabel, "labels: the largest label is " + std::to_string(max_label) +
+                                           "; expected region labels 0..K-1 with K <= " +
+                                           std::to_string(kMaxRegionLabel));
+  return static_cast<std::ptrdiff_t>(max_label) + 1;
+}
+
 // Per-region MAC (Eq. 4): out[k, d] = max over locations with label k of X[d, location].
 // K = max(labels) + 1; locations with a negative label are ignored (masked out). A label
 // that names no location (an empty region) gives a zero row: after ReLU zero is the smallest
 // activation, and aggregate_regions() skips zero rows instead of whitening them into noise.
 inline MatrixRM region_mac(const FeatureMapView& map, const std::int32_t* labels) {
   const std::ptrdiff_t n = map.locations();
-  std::int32_t max_label = -1;
-  for (std::ptrdiff_t i = 0; i < n; ++i) max_label = std::max(max_label, labels[i]);
-  require(max_label < kMaxRegionLabel, "labels: the largest label is " + std::to_string(max_label) +
-                                           "; expected region labels 0..K-1 with K <= " +
-                                           std::to_string(kMaxRegionLabel));
-  const std::ptrdiff_t k = static_cast<std::ptrdiff_t>(max_label) + 1;
+  const std::ptrdiff_t k = count_regions(labels, n);
   MatrixRM out = MatrixRM::Zero(k, map.channels);
   if (k == 0) return out;
   // Masked-out locations go to an extra slot k that is dropped. The update is a branch, not a
@@ -491,13 +496,7 @@ inline MatrixRM region_mac_codes(const CodesView& codes, const std::int32_t* lab
                                  const std::array<std::int32_t, 4>& box, float scale) {
   pooling_detail::check_codes_box_scale(codes, box, scale);
   // K comes from the whole map, not the box: the rows of every box of one image line up.
-  const std::ptrdiff_t n_cells = codes.height * codes.width;
-  std::int32_t max_label = -1;
-  for (std::ptrdiff_t i = 0; i < n_cells; ++i) max_label = std::max(max_label, labels[i]);
-  require(max_label < kMaxRegionLabel, "labels: the largest label is " + std::to_string(max_label) +
-                                           "; expected region labels 0..K-1 with K <= " +
-                                           std::to_string(kMaxRegionLabel));
-  const std::ptrdiff_t n_labels = static_cast<std::ptrdiff_t>(max_label) + 1;
+  const std::ptrdiff_t n_labels = count_regions(labels, codes.height * codes.width);
   MatrixRM out(n_labels, codes.channels);
   if (n_labels == 0) return out;
   std::vector<std::uint8_t> running(static_cast<std::size_t>(n_labels * codes.channels), 0);
