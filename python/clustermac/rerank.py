@@ -2,8 +2,8 @@
 
 Tolias, Sicre & Jégou (ICLR 2016, Sec. 4–5) re-rank the top N (1000) images of the initial
 ranking: in each one, AML finds the box whose approximate MAC vector best matches the
-query's MAC vector (:func:`clustermac.aml_localize`: integral images of x^p, p = 10, box
-search on a 3-cell grid with aspect ratio within ×1.1 of the query's, 5 refinement rounds);
+query's MAC vector (:func:`clustermac.aml_localize`: sums of x^p, p = 10, over the boxes of a
+3-cell grid with aspect ratio within ×1.1 of the query's, 5 refinement rounds);
 the image is re-scored by the similarity of the query descriptor to the descriptor (R-MAC or
 ClusterMAC) computed inside that box; finally average query expansion with the top 5
 localised descriptors re-scores the same N images.
@@ -11,7 +11,8 @@ localised descriptors re-scores the same N images.
 This needs the database images' feature maps. :class:`FeatureMapStore` keeps them compactly
 as Tolias does: 8 bits per activation, quantised per map with one scale (max / 255), in a
 single memory-mappable file per collection (about 1.5 MB per VGG16 map at 1024 px). Codes
-are stored channel-last (H×W×D), the layout the localisation kernel reads.
+are stored channel-last (H×W×D), the layout the localisation kernel reads; for ClusterMAC each
+map can carry its image's cluster label maps (int16, a few KB).
 
 The descriptor computed inside a box is the caller's: pass ``descriptor_fn``, a callable
 mapping a float32 D×h×w feature-map crop to an l2-normalised descriptor (the Extractor
