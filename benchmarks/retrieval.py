@@ -35,6 +35,9 @@ ABLATIONS = (
     MethodSpec("ClusterMAC 1+5+20", "clustermac", {"n_clusters": (1, 5, 20)}),
     MethodSpec("ClusterMAC dataset PCA", "clustermac", {"clustering_pca": "dataset"}),
     MethodSpec("ClusterMAC Shi normalisation", "clustermac", {"normalization": "shi"}),
+    MethodSpec("ClusterMAC spatial 0.5", "clustermac", {"spatial_weight": 0.5}),  # the paper's Fig. 6 term
+    MethodSpec("ClusterMAC spatial 2", "clustermac", {"spatial_weight": 2.0}),
+    MethodSpec("ClusterMAC spatial 5", "clustermac", {"spatial_weight": 5.0}),
 )
 
 
