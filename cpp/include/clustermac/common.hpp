@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
 #include <exception>
 #include <mutex>
 #include <sstream>
@@ -26,6 +27,28 @@ using VectorD = Eigen::VectorXd;
 using VectorI = Eigen::Matrix<std::int32_t, Eigen::Dynamic, 1>;
 using ConstMatrixRef = Eigen::Ref<const MatrixRM>;
 using ConstVectorRef = Eigen::Ref<const VectorF>;
+
+// The vector instruction set the hand-vectorised kernels use, chosen once at run time (the
+// package is built for portable x86-64; each kernel is also compiled for AVX2 and AVX-512):
+// 2 = AVX-512F, 1 = AVX2 + FMA, 0 = the baseline. The environment variables
+// CLUSTERMAC_NO_AVX512 (at most AVX2) and CLUSTERMAC_NO_AVX2 (baseline) cap it, so that the
+// tests can check that every path gives the same results.
+enum SimdLevel { kSimdBaseline = 0, kSimdAvx2 = 1, kSimdAvx512 = 2 };
+
+inline SimdLevel simd_level() {
+  static const SimdLevel level = [] {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+    if (std::getenv("CLUSTERMAC_NO_AVX2")) return kSimdBaseline;
+    __builtin_cpu_init();
+    if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma")) return kSimdBaseline;
+    if (std::getenv("CLUSTERMAC_NO_AVX512") || !__builtin_cpu_supports("avx512f")) return kSimdAvx2;
+    return kSimdAvx512;
+#else
+    return kSimdBaseline;
+#endif
+  }();
+  return level;
+}
 
 // Invalid arguments are std::invalid_argument (pybind11 turns it into ValueError).
 [[noreturn]] inline void fail(const std::string& message) { throw std::invalid_argument(message); }

@@ -27,14 +27,7 @@ namespace detail {
 #ifdef CLUSTERMAC_X86_DISPATCH
 // Setting the environment variable CLUSTERMAC_NO_AVX2 forces the portable path (the tests use
 // it to check that both paths agree).
-inline bool cpu_has_avx2_fma() {
-  static const bool has = [] {
-    if (std::getenv("CLUSTERMAC_NO_AVX2")) return false;
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  }();
-  return has;
-}
+inline bool cpu_has_avx2_fma() { return simd_level() >= kSimdAvx2; }
 
 // out (n x width, row-major) = a (n x n, row-major) * v (n x width, row-major), width a multiple
 // of 8. Why a hand-written kernel: the product with the dense similarity is the eigensolver's

@@ -398,9 +398,8 @@ inline AmlResult localize_baseline(const PoweredCells& c, const float* q, const 
 
 inline AmlResult localize_dispatch(const PoweredCells& cells, const float* unit_query, const AmlParams& params) {
 #ifdef CLUSTERMAC_AML_DISPATCH
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f")) return localize_avx512(cells, unit_query, params);
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return localize_avx2(cells, unit_query, params);
+  if (simd_level() >= kSimdAvx512) return localize_avx512(cells, unit_query, params);
+  if (simd_level() >= kSimdAvx2) return localize_avx2(cells, unit_query, params);
 #endif
   return localize_baseline(cells, unit_query, params);
 }

@@ -184,9 +184,8 @@ __attribute__((target("avx2"))) inline void grid_mac_avx2(const FeatureMapView& 
 
 inline void grid_mac_dispatch(const FeatureMapView& map, const std::int32_t* regions, std::ptrdiff_t n, MatrixRM& out) {
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f")) return grid_mac_avx512(map, regions, n, out);
-  if (__builtin_cpu_supports("avx2")) return grid_mac_avx2(map, regions, n, out);
+  if (simd_level() >= kSimdAvx512) return grid_mac_avx512(map, regions, n, out);
+  if (simd_level() >= kSimdAvx2) return grid_mac_avx2(map, regions, n, out);
 #endif
   grid_mac_channels(map, regions, n, out);
 }
@@ -382,8 +381,7 @@ __attribute__((target("avx2"))) inline void grid_mac_codes_avx2(const CodesView&
 inline void grid_mac_codes_dispatch(const CodesView& codes, const std::array<std::int32_t, 4>& box,
                                     const std::int32_t* regions, std::ptrdiff_t n, float scale, float* out) {
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx2")) return grid_mac_codes_avx2(codes, box, regions, n, scale, out);
+  if (simd_level() >= kSimdAvx2) return grid_mac_codes_avx2(codes, box, regions, n, scale, out);
 #endif
   grid_mac_codes_kernel(codes, box, regions, n, scale, out);
 }
@@ -477,9 +475,7 @@ inline void region_mac_codes_dispatch(const CodesView& codes, const std::int32_t
                                       const std::array<std::int32_t, 4>& box, std::ptrdiff_t n_labels, float scale,
                                       std::uint8_t* running, float* out) {
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx2"))
-    return region_mac_codes_avx2(codes, labels, box, n_labels, scale, running, out);
+  if (simd_level() >= kSimdAvx2) return region_mac_codes_avx2(codes, labels, box, n_labels, scale, running, out);
 #endif
   region_mac_codes_kernel(codes, labels, box, n_labels, scale, running, out);
 }

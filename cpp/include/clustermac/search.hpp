@@ -90,9 +90,8 @@ using ScoreBlockFn = void (*)(const float*, std::ptrdiff_t, std::ptrdiff_t, cons
 
 inline ScoreBlockFn pick_score_block() {
 #ifdef CLUSTERMAC_SEARCH_DISPATCH
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f")) return score_block_avx512;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return score_block_avx2;
+  if (simd_level() >= kSimdAvx512) return score_block_avx512;
+  if (simd_level() >= kSimdAvx2) return score_block_avx2;
 #endif
   return score_block_baseline;
 }
