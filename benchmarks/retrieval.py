@@ -38,6 +38,11 @@ ABLATIONS = (
     MethodSpec("ClusterMAC spatial 0.5", "clustermac", {"spatial_weight": 0.5}),  # the paper's Fig. 6 term
     MethodSpec("ClusterMAC spatial 2", "clustermac", {"spatial_weight": 2.0}),
     MethodSpec("ClusterMAC spatial 5", "clustermac", {"spatial_weight": 5.0}),
+    # Our variant: each cluster max-pooled over its bounding box (cluster_pooling="box").
+    MethodSpec("ClusterMAC box", "clustermac", {"cluster_pooling": "box"}),
+    MethodSpec("ClusterMAC box + grid", "clustermac", {"cluster_pooling": "box", "add_grid_regions": True}),
+    MethodSpec("ClusterMAC box 20 + grid", "clustermac",
+               {"cluster_pooling": "box", "add_grid_regions": True, "n_clusters": (20,)}),
 )
 
 

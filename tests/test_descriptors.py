@@ -154,6 +154,18 @@ def test_whitening_save_load_and_refusal(tmp_path):
         Extractor(BlockBackbone(name="other"), "clustermac", pca_dim=3).load_whitening(path)
     with pytest.raises(ValueError, match="pca_dim"):
         Extractor(bb, "clustermac", pca_dim=4).load_whitening(path)
+    with pytest.raises(ValueError, match="cluster_pooling"):
+        Extractor(bb, "clustermac", pca_dim=3, cluster_pooling="box").load_whitening(path)
+    # A file written before cluster_pooling was saved holds the paper's "mask" pooling.
+    with np.load(path) as data:
+        arrays = dict(data)
+    meta = json.loads(bytes(arrays["meta"]).decode())
+    del meta["settings"]["cluster_pooling"]
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    np.savez(tmp_path / "older.npz", **arrays)
+    Extractor(bb, "clustermac", pca_dim=3).load_whitening(tmp_path / "older.npz")
+    with pytest.raises(ValueError, match="cluster_pooling"):
+        Extractor(bb, "clustermac", pca_dim=3, cluster_pooling="box").load_whitening(tmp_path / "older.npz")
     (tmp_path / "junk.npz").write_bytes(b"not a whitening")
     with pytest.raises(ValueError, match="junk.npz"):
         Extractor(bb, "clustermac").load_whitening(tmp_path / "junk.npz")

@@ -78,6 +78,57 @@ def test_region_mac_errors():
         cm.region_mac(np.zeros((0, 3, 4), dtype=np.float32), labels)
 
 
+# --- bounding boxes of regions (ClusterMAC's "box" pooling) --------------------------------------
+
+
+def reference_region_boxes(labels):
+    boxes = np.zeros((labels.max() + 1 if labels.size and labels.max() >= 0 else 0, 4), np.int32)
+    for k in range(len(boxes)):
+        ys, xs = np.nonzero(labels == k)
+        if len(ys):
+            boxes[k] = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+    return boxes
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_region_boxes_match_numpy(seed):
+    rng = np.random.default_rng(seed)
+    height, width = rng.integers(1, 12, size=2)
+    labels = rng.integers(-1, 6, size=(height, width)).astype(np.int32)
+    np.testing.assert_array_equal(cm.region_boxes(labels), reference_region_boxes(labels))
+
+
+def test_region_boxes_edge_cases():
+    # Absent label 1 and the masked-out cells; one location; every label negative.
+    labels = np.array([[0, 0, -1], [2, -1, -1]], np.int32)
+    np.testing.assert_array_equal(cm.region_boxes(labels), [[0, 0, 2, 1], [0, 0, 0, 0], [0, 1, 1, 2]])
+    np.testing.assert_array_equal(cm.region_boxes(np.zeros((1, 1), np.int32)), [[0, 0, 1, 1]])
+    assert cm.region_boxes(np.full((2, 3), -1, np.int32)).shape == (0, 4)
+    with pytest.raises(ValueError, match="labels.*int32"):
+        cm.region_boxes(labels.astype(np.int64))
+    with pytest.raises(ValueError, match="labels.*2-D"):
+        cm.region_boxes(labels[0])
+    with pytest.raises(ValueError, match="largest label"):
+        cm.region_boxes(np.full((2, 2), 2**30, np.int32))
+
+
+def test_box_pooling_is_the_mac_of_each_cluster_bounding_box():
+    from types import SimpleNamespace
+
+    rng = np.random.default_rng(3)
+    fmap = random_map(rng, channels=5, height=6, width=8)
+    labels = [rng.integers(0, 4, size=(6, 8)).astype(np.int32), np.array([[0] * 8] * 5 + [[2] * 8], np.int32)]
+    backbone = SimpleNamespace(max_size=1024, dim=5)
+    box = cm.Extractor(backbone, "clustermac", cluster_pooling="box").regional_vectors(fmap, None, labels)
+    expected = [fmap[:, y0:y1, x0:x1].max(axis=(1, 2)) for lab in labels for x0, y0, x1, y1 in
+                reference_region_boxes(lab) if x1 > x0]  # label 1 of the second map is absent: no region
+    np.testing.assert_array_equal(box, np.array(expected))
+    mask = cm.Extractor(backbone, "clustermac").regional_vectors(fmap, None, labels)
+    np.testing.assert_array_equal(mask[:4], cm.region_mac(fmap, labels[0]))  # the paper's pooling stays the default
+    with pytest.raises(ValueError, match="cluster_pooling"):
+        cm.Extractor(backbone, "clustermac", cluster_pooling="bbox")
+
+
 # --- R-MAC grid (Tolias et al. ICLR 2016) -------------------------------------------------------
 
 

@@ -611,13 +611,22 @@ def test_pipeline_rerank_of_rmac_uses_the_codes_and_matches_the_float_path(monke
 # --- ClusterMAC inside a box from the stored codes and cluster labels -----------------------------
 
 
-def clustermac_reference(store, index, box, mean, projection, grid):
+def clustermac_reference(store, index, box, mean, projection, grid, pooling="mask"):
     """The float path: dequantised crop, the image's labels cropped to the box, region_mac per
-    partition (after R-MAC's grid when asked), aggregate_regions."""
+    partition, or the MAC of each cluster's bounding box within the crop for "box" pooling
+    (after R-MAC's grid when asked), aggregate_regions."""
     crop = store.feature_map(index, box)
     x0, y0, x1, y1 = box if box is not None else (0, 0, crop.shape[2], crop.shape[1])
     blocks = [cm.grid_mac(crop, cm.rmac_regions(crop.shape[1], crop.shape[2]))] if grid else []
-    blocks += [cm.region_mac(crop, np.ascontiguousarray(lab[y0:y1, x0:x1])) for lab in store.labels(index)]
+    for lab in store.labels(index):
+        inside = np.ascontiguousarray(lab[y0:y1, x0:x1])
+        if pooling == "box":
+            present = [k for k in range(inside.max() + 1) if (inside == k).any()]
+            boxes = [(np.nonzero((inside == k).any(0))[0][[0, -1]], np.nonzero((inside == k).any(1))[0][[0, -1]])
+                     for k in present]
+            blocks.append(np.array([crop[:, ys[0]:ys[1] + 1, xs[0]:xs[1] + 1].max(axis=(1, 2)) for xs, ys in boxes]))
+        else:
+            blocks.append(cm.region_mac(crop, inside))
     return cm.aggregate_regions(np.concatenate(blocks), mean, projection)
 
 
@@ -636,12 +645,15 @@ def test_clustermac_in_box_equals_the_float_path(tmp_path):
     mean, projection = cm.fit_pca_whitening(np.abs(rng.standard_normal((90, channels))).astype(np.float32),
                                             shrinkage=1e-2)
     for whitening in ((None, None), (mean, projection)):
-        for grid in (False, True):
-            in_box = cm.ClusterMACInBox(*whitening, add_grid_regions=grid)
+        for grid, pooling in ((False, "mask"), (True, "mask"), (False, "box"), (True, "box")):
+            in_box = cm.ClusterMACInBox(*whitening, add_grid_regions=grid, cluster_pooling=pooling)
             for index in range(3):
                 for box in (None, (0, 0, 12, 9), (2, 1, 9, 7), (5, 4, 6, 5)):
                     got = in_box.from_store(store, index, box)
-                    np.testing.assert_array_equal(got, clustermac_reference(store, index, box, *whitening, grid))
+                    expected = clustermac_reference(store, index, box, *whitening, grid, pooling)
+                    np.testing.assert_array_equal(got, expected)
+    with pytest.raises(ValueError, match="cluster_pooling"):
+        cm.ClusterMACInBox(cluster_pooling="boxes")
     with pytest.raises(ValueError, match="no cluster labels"):
         cm.ClusterMACInBox().from_store(store, 3, None)
     # Re-ranking with it: every candidate described from the codes, never from a float crop.
@@ -664,8 +676,9 @@ def test_extractor_box_descriptor_kinds():
 
     backbone = SimpleNamespace(max_size=1024, dim=8)
     assert isinstance(cm.Extractor(backbone, "rmac").box_descriptor(), cm.RMACInBox)
-    clustermac_in_box = cm.Extractor(backbone, "clustermac", add_grid_regions=True).box_descriptor()
+    clustermac_in_box = cm.Extractor(backbone, "clustermac", add_grid_regions=True, cluster_pooling="box").box_descriptor()
     assert isinstance(clustermac_in_box, cm.ClusterMACInBox) and clustermac_in_box.add_grid_regions
+    assert clustermac_in_box.cluster_pooling == "box"
     mac = cm.Extractor(backbone, "mac")
     assert mac.box_descriptor() == mac.descriptor_from_feature_map
 

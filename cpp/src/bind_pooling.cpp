@@ -22,6 +22,15 @@ FloatArray checked_feature_map(const py::handle& obj) {
   return a;
 }
 
+// int32 R×4 rows [x0, y0, x1, y1).
+py::array_t<std::int32_t> boxes_to_numpy(const std::vector<std::array<std::int32_t, 4>>& boxes) {
+  py::array_t<std::int32_t> out({static_cast<py::ssize_t>(boxes.size()), py::ssize_t(4)});
+  auto view = out.mutable_unchecked<2>();
+  for (std::size_t r = 0; r < boxes.size(); ++r)
+    for (int c = 0; c < 4; ++c) view(r, c) = boxes[r][c];
+  return out;
+}
+
 // (mean, projection) both given or both None; shapes consistent with `dim` input columns.
 struct OptionalWhitening {
   FloatArray mean, projection;
@@ -73,15 +82,26 @@ ignored (masked out). Returns float32 K×D with K = labels.max() + 1 (0 rows if 
 is negative). A region id that names no location gives a zero row.)doc");
 
   m.def(
-      "rmac_regions",
-      [](std::int64_t height, std::int64_t width, int levels) {
-        auto regions = rmac_regions(height, width, levels);
-        py::array_t<std::int32_t> out({static_cast<py::ssize_t>(regions.size()), py::ssize_t(4)});
-        auto view = out.mutable_unchecked<2>();
-        for (std::size_t r = 0; r < regions.size(); ++r)
-          for (int c = 0; c < 4; ++c) view(r, c) = regions[r][c];
-        return out;
+      "region_boxes",
+      [](const py::object& labels_obj) {
+        auto labels = require_array<std::int32_t>(labels_obj, "labels", 2, "of shape (H, W)");
+        std::vector<std::array<std::int32_t, 4>> boxes;
+        {
+          py::gil_scoped_release release;
+          boxes = region_boxes(labels.data(), labels.shape(0), labels.shape(1));
+        }
+        return boxes_to_numpy(boxes);
       },
+      py::arg("labels"),
+      R"doc(Bounding box of each labelled region, for ClusterMAC's "box" pooling (not in the paper).
+
+labels: int32 H×W, region ids 0..K-1; negative labels are ignored. Returns int32 K×4 rows
+[x0, y0, x1, y1) (half-open, cells) with K = labels.max() + 1, the smallest rectangle holding
+every location of region k; a region id that names no location gets [0, 0, 0, 0].)doc");
+
+  m.def(
+      "rmac_regions",
+      [](std::int64_t height, std::int64_t width, int levels) { return boxes_to_numpy(rmac_regions(height, width, levels)); },
       py::arg("height"), py::arg("width"), py::arg("levels") = 3,
       R"doc(The R-MAC grid of Tolias et al. (ICLR 2016) for an H×W feature map.
 

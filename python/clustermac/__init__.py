@@ -31,6 +31,7 @@ from ._core import (  # noqa: E402
     gem_pool,
     grid_mac,
     l2_normalize,
+    region_boxes,
     region_mac,
     rmac_regions,
     spoc_pool,

@@ -7,7 +7,7 @@ import collections.abc
 import numpy
 import numpy.typing
 import typing
-__all__: list[str] = ['affinity', 'aggregate_regions', 'aml_localize', 'aml_localize_codes', 'apply_whitening', 'cluster_feature_map', 'cluster_feature_maps', 'crow_pool', 'dequantize_codes', 'fit_pca_whitening', 'gem_pool', 'grid_mac', 'grid_mac_codes', 'l2_normalize', 'ncut', 'ncut_embedding', 'pca_project', 'region_mac', 'region_mac_codes', 'rmac_regions', 'spoc_pool', 'topk_search']
+__all__: list[str] = ['affinity', 'aggregate_regions', 'aml_localize', 'aml_localize_codes', 'apply_whitening', 'cluster_feature_map', 'cluster_feature_maps', 'crow_pool', 'dequantize_codes', 'fit_pca_whitening', 'gem_pool', 'grid_mac', 'grid_mac_codes', 'l2_normalize', 'ncut', 'ncut_embedding', 'pca_project', 'region_boxes', 'region_mac', 'region_mac_codes', 'rmac_regions', 'spoc_pool', 'topk_search']
 def _discretize(embedding: numpy.ndarray, seed: typing.SupportsInt | typing.SupportsIndex = 0) -> numpy.typing.NDArray[numpy.int32]:
     """
     Yu & Shi 2003 discretisation of an N x K embedding (not public API; used by the tests).
@@ -148,6 +148,14 @@ def pca_project(features: numpy.ndarray, n_components: typing.SupportsInt | typi
     covariance (or Gram) operator with a fixed budget of passes over the data, so no D x D
     eigendecomposition is formed: accurate for leading components separated by clear variance gaps
     (as in CNN activations); within a flat part of the spectrum the directions are approximate.
+    """
+def region_boxes(labels: numpy.ndarray) -> numpy.typing.NDArray[numpy.int32]:
+    """
+    Bounding box of each labelled region, for ClusterMAC's "box" pooling (not in the paper).
+    
+    labels: int32 H×W, region ids 0..K-1; negative labels are ignored. Returns int32 K×4 rows
+    [x0, y0, x1, y1) (half-open, cells) with K = labels.max() + 1, the smallest rectangle holding
+    every location of region k; a region id that names no location gets [0, 0, 0, 0].
     """
 def region_mac(feature_map: numpy.ndarray, labels: numpy.ndarray) -> numpy.typing.NDArray[numpy.float32]:
     """

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .descriptors import CROP_MODES, METHODS
+from .descriptors import CLUSTER_POOLINGS, CROP_MODES, METHODS
 
 INDEX_INFO = "clustermac.json"
 
@@ -39,6 +39,9 @@ def _add_method_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--whitening", help="whitening file (.npz) from `clustermac fit-whitening`")
     p.add_argument("--grid-regions", action="store_true",
                    help="ClusterMAC: add R-MAC's square regions to the clusters (our variant, not the paper's)")
+    p.add_argument("--cluster-pooling", default=None, choices=CLUSTER_POOLINGS,
+                   help="ClusterMAC: max-pool each cluster over its own cells ('mask', the paper's, default) or over "
+                        "its bounding box ('box', our variant)")
 
 
 def _backbone(args: argparse.Namespace):
@@ -59,7 +62,8 @@ def _extractor(args: argparse.Namespace, backbone=None):
 
     ex = Extractor(backbone or _backbone(args), args.method, crop=getattr(args, "crop", "image"),
                    max_size=args.max_size, pca_dim=getattr(args, "pca_dim", None),
-                   add_grid_regions=getattr(args, "grid_regions", False) and args.method == "clustermac")
+                   add_grid_regions=getattr(args, "grid_regions", False) and args.method == "clustermac",
+                   cluster_pooling=getattr(args, "cluster_pooling", None) or "mask")
     if getattr(args, "whitening", None):
         ex.load_whitening(args.whitening)
     return ex
@@ -120,6 +124,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     if args.pca_dim is None:
         args.pca_dim = settings.get("pca_dim")
     args.grid_regions = args.grid_regions or bool(settings.get("add_grid_regions"))
+    if args.cluster_pooling is None:
+        args.cluster_pooling = settings.get("cluster_pooling")
     ex = _extractor(args)
     if settings and settings.get("whitened") and not ex.is_whitened:
         raise SystemExit("clustermac: the index was built from whitened descriptors: pass the same --whitening file")
@@ -151,7 +157,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     else:
         raise SystemExit("clustermac: --whitening-root DIR is needed: whitening is learned on a different image set "
                          "(the paper learns it on Paris6k to test on Oxford5k and vice versa)")
-    clustermac_params = {"add_grid_regions": args.grid_regions, **({"pca_dim": args.pca_dim} if args.pca_dim else {})}
+    clustermac_params = {"add_grid_regions": args.grid_regions, "cluster_pooling": args.cluster_pooling or "mask",
+                         **({"pca_dim": args.pca_dim} if args.pca_dim else {})}
     methods = [MethodSpec(m, m, clustermac_params if m == "clustermac" else {}) for m in args.methods]
     backbone = _backbone(args)
     maps = dataset_feature_maps(dataset, backbone, whitening, crops=args.crops, max_size=args.max_size, progress=not args.quiet)

@@ -41,6 +41,9 @@ Box = Sequence[float]
 METHODS = ("mac", "spoc", "gem", "crow", "rmac", "clustermac")
 REGIONAL_METHODS = ("rmac", "clustermac")
 CROP_MODES = ("image", "activations")
+CLUSTER_POOLINGS = ("mask", "box")
+# Settings added after whitening files were first written, with the value older files imply.
+SETTINGS_BEFORE_THEY_WERE_SAVED = {"cluster_pooling": "mask"}
 WHITENING_FORMAT_VERSION = 1
 # Dataset-learned clustering PCA: how many images and local features per image it sees.
 PCA_IMAGES = 100
@@ -116,6 +119,11 @@ class Extractor:
         :meth:`fit_whitening` on the whitening images).
     rmac_levels:
         Number of scales of the R-MAC grid (Tolias et al.: 3).
+    cluster_pooling:
+        ClusterMAC only. ``"mask"`` (the paper's Eq. 4): each cluster's MAC over its own
+        locations. ``"box"`` (our variant, not in the paper): over the bounding box of the cluster
+        (:func:`clustermac.region_boxes`), so each region keeps the context around its cluster
+        as R-MAC's rectangles do. See the README for what it measures.
     add_grid_regions:
         ClusterMAC only, not in the paper: add the R-MAC grid's square regions to the clusters
         before aggregation (off by default). On our real-photo benchmark (benchmarks/retrieval.py)
@@ -148,6 +156,7 @@ class Extractor:
         clustering_pca: str = "image",
         rmac_levels: int = 3,
         add_grid_regions: bool = False,
+        cluster_pooling: str = "mask",
         gem_p: float = 3.0,
         whitening_dim: Optional[int] = None,
         whitening_shrinkage: float = 1e-3,
@@ -157,6 +166,8 @@ class Extractor:
             raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
         if crop not in CROP_MODES:
             raise ValueError(f"crop: expected one of {CROP_MODES}, got {crop!r}")
+        if cluster_pooling not in CLUSTER_POOLINGS:
+            raise ValueError(f"cluster_pooling: expected one of {CLUSTER_POOLINGS}, got {cluster_pooling!r}")
         if clustering_pca not in ("image", "dataset"):
             raise ValueError(f"clustering_pca: expected 'image' or 'dataset', got {clustering_pca!r}")
         n_clusters = tuple(int(k) for k in n_clusters)
@@ -177,6 +188,7 @@ class Extractor:
         self.clustering_pca = clustering_pca
         self.rmac_levels = int(rmac_levels)
         self.add_grid_regions = bool(add_grid_regions)
+        self.cluster_pooling = cluster_pooling
         self.gem_p = float(gem_p)
         self.whitening_dim = whitening_dim
         self.whitening_shrinkage = float(whitening_shrinkage)
@@ -208,6 +220,7 @@ class Extractor:
                 clustering_pca=self.clustering_pca,
                 seed=self.seed,
                 add_grid_regions=self.add_grid_regions,
+                cluster_pooling=self.cluster_pooling,
             )
             if self.add_grid_regions:
                 s.update(rmac_levels=self.rmac_levels)
@@ -285,7 +298,12 @@ class Extractor:
             blocks.append(_core.grid_mac(fmap, regions))
         if self.method == "clustermac":
             partitions = self.cluster_labels(fmap, rgb) if labels is None else labels
-            blocks.extend(_core.region_mac(fmap, np.ascontiguousarray(lab, dtype=np.int32)) for lab in partitions)
+            for lab in partitions:
+                lab = np.ascontiguousarray(lab, dtype=np.int32)
+                if self.cluster_pooling == "box":
+                    blocks.append(_core.grid_mac(fmap, cluster_boxes(lab)))
+                else:
+                    blocks.append(_core.region_mac(fmap, lab))
         return np.concatenate(blocks, axis=0)
 
     def pooled_vector(self, fmap: np.ndarray) -> np.ndarray:
@@ -324,7 +342,8 @@ class Extractor:
         if self.method == "rmac":
             return RMACInBox(self.whitening_mean, self.whitening_projection, self.rmac_levels)
         if self.method == "clustermac":
-            return ClusterMACInBox(self.whitening_mean, self.whitening_projection, self.add_grid_regions, self.rmac_levels)
+            return ClusterMACInBox(self.whitening_mean, self.whitening_projection, self.add_grid_regions, self.rmac_levels,
+                                   self.cluster_pooling)
         return self.descriptor_from_feature_map
 
     # ------------------------------------------------------------------ public API
@@ -489,6 +508,7 @@ class Extractor:
             raise ValueError(f"{path}: not a clustermac whitening file ({error})") from error
         saved = meta.get("settings", {})
         mine = self._whitening_settings()
+        saved = {**SETTINGS_BEFORE_THEY_WERE_SAVED, **saved}
         different = {k: (saved.get(k), v) for k, v in mine.items() if saved.get(k) != v}
         if different:
             detail = ", ".join(f"{k}: file has {a!r}, extractor has {b!r}" for k, (a, b) in different.items())
@@ -506,6 +526,13 @@ class Extractor:
 
 
 # ---------------------------------------------------------------------- helpers
+def cluster_boxes(labels: np.ndarray) -> np.ndarray:
+    """int32 R×4 bounding boxes [x0, y0, x1, y1) of the regions present in an int32 label map
+    (:func:`clustermac.region_boxes` without the empty boxes of absent labels)."""
+    boxes = _core.region_boxes(labels)
+    return np.ascontiguousarray(boxes[boxes[:, 2] > boxes[:, 0]])
+
+
 def _fit_pca(features: np.ndarray, n_components: int) -> tuple[np.ndarray, np.ndarray]:
     """Mean and D×C basis of the top principal components (dataset-learned clustering PCA)."""
     features = np.ascontiguousarray(features, dtype=np.float32)

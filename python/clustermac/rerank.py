@@ -33,6 +33,7 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from . import _core
+from .descriptors import cluster_boxes
 from .files import temporary_file_beside
 
 __all__ = [
@@ -291,7 +292,7 @@ class ClusterMACInBox:
     The clusters are those of the whole database image, stored with its codes
     (``FeatureMapStoreWriter.add(fmap, name, labels=extractor.cluster_labels(fmap, rgb))``):
     each cluster's MAC over its cells inside the box (:func:`clustermac._core.region_mac_codes`,
-    on the 8-bit codes), optionally with R-MAC's grid of the box first (``add_grid_regions``),
+    on the 8-bit codes; with ``cluster_pooling="box"`` over the bounding box of those cells), optionally with R-MAC's grid of the box first (``add_grid_regions``),
     then l2 → PCA-whitening → l2, sum, l2 as in :meth:`clustermac.Extractor.descriptor_from_feature_map`.
     Clusters with no cell in the box drop out.
 
@@ -302,9 +303,12 @@ class ClusterMACInBox:
     """
 
     def __init__(self, whitening_mean: Optional[np.ndarray] = None, whitening_projection: Optional[np.ndarray] = None,
-                 add_grid_regions: bool = False, levels: int = 3) -> None:
+                 add_grid_regions: bool = False, levels: int = 3, cluster_pooling: str = "mask") -> None:
+        if cluster_pooling not in ("mask", "box"):
+            raise ValueError(f"cluster_pooling: expected 'mask' or 'box', got {cluster_pooling!r}")
         self._grid = RMACInBox(whitening_mean, whitening_projection, levels)
         self.add_grid_regions = bool(add_grid_regions)
+        self.cluster_pooling = cluster_pooling
 
     def from_store(self, store: "FeatureMapStore", index: int, box: Optional[Sequence[int]]) -> np.ndarray:
         """The descriptor of the box [x0, y0, x1, y1) (cells; None: the whole map) of map ``index``."""
@@ -314,7 +318,12 @@ class ClusterMACInBox:
                              "with FeatureMapStoreWriter.add(fmap, name, labels=extractor.cluster_labels(fmap, rgb))")
         codes, scale = store.codes(index), store.scale(index)
         blocks = [self._grid.regional_vectors_from_codes(codes, box, scale)] if self.add_grid_regions else []
-        blocks.extend(_core.region_mac_codes(codes, partition, box, scale) for partition in labels)
+        for partition in labels:
+            if self.cluster_pooling == "box":  # the boxes of the clusters' cells inside the box
+                inside = partition if box is None else partition[box[1]:box[3], box[0]:box[2]]
+                blocks.append(_core.grid_mac_codes(codes, box, cluster_boxes(np.ascontiguousarray(inside)), scale))
+            else:
+                blocks.append(_core.region_mac_codes(codes, partition, box, scale))
         return _core.aggregate_regions(np.concatenate(blocks, axis=0), self._grid.whitening_mean,
                                        self._grid.whitening_projection)
 

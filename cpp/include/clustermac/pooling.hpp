@@ -95,6 +95,28 @@ inline MatrixRM region_mac(const FeatureMapView& map, const std::int32_t* labels
   return out;
 }
 
+// Bounding box [x0, y0, x1, y1) (half-open, cells) of each region of an H×W label map, for
+// ClusterMAC's "box" pooling (our variant, not the paper's: each cluster's MAC is taken over the
+// rectangle that encloses it rather than over its own cells). K = max(labels) + 1; negative
+// labels are ignored; a label that names no location gets the empty box [0, 0, 0, 0].
+inline std::vector<std::array<std::int32_t, 4>> region_boxes(const std::int32_t* labels, std::ptrdiff_t height,
+                                                             std::ptrdiff_t width) {
+  const std::ptrdiff_t k = count_regions(labels, height * width);
+  const std::int32_t none = std::numeric_limits<std::int32_t>::max();
+  std::vector<std::array<std::int32_t, 4>> boxes(k, {none, none, -1, -1});
+  for (std::ptrdiff_t y = 0; y < height; ++y)
+    for (std::ptrdiff_t x = 0; x < width; ++x) {
+      const std::int32_t label = labels[y * width + x];
+      if (label < 0) continue;
+      auto& b = boxes[label];
+      b = {std::min(b[0], static_cast<std::int32_t>(x)), std::min(b[1], static_cast<std::int32_t>(y)),
+           std::max(b[2], static_cast<std::int32_t>(x + 1)), std::max(b[3], static_cast<std::int32_t>(y + 1))};
+    }
+  for (auto& b : boxes)
+    if (b[2] < 0) b = {0, 0, 0, 0};
+  return boxes;
+}
+
 // The R-MAC grid of Tolias, Sicre & Jégou, "Particular object retrieval with integral
 // max-pooling of CNN activations", ICLR 2016, Sec. 3 (their rmac_regions.m): at level
 // l = 1..levels, square regions of side wl = floor(2·min(H,W)/(l+1)); along the long side the
