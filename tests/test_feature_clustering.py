@@ -31,6 +31,14 @@ def test_planted_regions_recovered_by_features_and_rgb():
         assert adjusted_rand_score(truth.ravel(), labels.ravel()) > 0.99
 
 
+def test_finite_activations_too_large_for_float_sums_are_refused():
+    features, _, _ = planted_map()
+    huge = (features * np.float32(2.0**120)).astype(np.float32)  # ~1e36: a channel's float sum overflows
+    assert np.isfinite(huge).all()
+    with pytest.raises(ValueError, match="too large"):
+        clustermac.cluster_feature_map(huge, n_clusters=(4,), rgb_clusters=0)
+
+
 def test_paper_settings_shapes_and_compact_labels():
     features, rgb, _ = planted_map(h=24, w=32, noise=0.6, seed=1)
     maps = clustermac.cluster_feature_map(features, rgb)  # (5, 20) on features + 5 on RGB
@@ -138,6 +146,8 @@ F = np.random.default_rng(0).random((6, 4, 5), dtype=np.float32)
         (lambda: clustermac.cluster_feature_map(F, pca_mean=np.zeros(5, np.float32),
                                                 pca_basis=np.zeros((5, 2), np.float32)), "pca_mean"),
         (lambda: clustermac.cluster_feature_map(np.where(F > 0.5, np.nan, F).astype(np.float32)), "NaN"),
+        (lambda: clustermac.cluster_feature_map(np.where(F > 0.5, np.inf, F).astype(np.float32)), "Inf"),
+        (lambda: clustermac.cluster_feature_map(np.where(F > 0.5, -np.inf, F).astype(np.float32)), "Inf"),
         (lambda: clustermac.cluster_feature_maps([F, F[:, :, :2].copy(), "x"]), r"feature_map\[2\]"),
         (lambda: clustermac.cluster_feature_maps([F], [None, None]), "rgbs"),
     ],

@@ -7,6 +7,7 @@
 #include <Eigen/Dense>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <numeric>
 #include <string>
@@ -140,10 +141,13 @@ inline std::vector<VectorI> cluster_feature_map(const float* feature_map, Eigen:
   check_feature_clustering_options(options, channels);
   // Activations as an N x D column-major matrix == the D x N row-major feature map, no copy.
   Eigen::Map<const Eigen::MatrixXf> activations(feature_map, n, channels);
-  require(activations.allFinite(), "feature_map contains NaN or Inf values; expected only finite numbers");
+  auto require_finite_map = [&] {
+    require(activations.allFinite(), "feature_map contains NaN or Inf values; expected only finite numbers");
+  };
 
   MatrixRM projected;
   if (options.pca_basis) {
+    require_finite_map();
     Eigen::Map<const MatrixRM> basis(options.pca_basis, channels, options.pca_basis_columns);
     Eigen::Map<const Eigen::RowVectorXf> mean(options.pca_mean, channels);
     projected = (activations.rowwise() - mean) * basis;
@@ -151,10 +155,20 @@ inline std::vector<VectorI> cluster_feature_map(const float* feature_map, Eigen:
     // Centred into a per-thread buffer kept between calls (a fresh 4-8 MB array costs its page
     // faults on every image), each channel's mean from a vectorised float sum of its N
     // contiguous values (a double cast here was ~5 % of the whole call at N = 768, D = 1280).
+    // A NaN or Inf makes its channel's float sum non-finite, so the finiteness check needs no
+    // pass of its own. A finite map whose sum overflows (values ~1e35) is refused too: the
+    // PCA's float products would overflow on it.
     thread_local Eigen::MatrixXf centred;
     centred.resize(n, channels);
-    for (Index d = 0; d < channels; ++d)
-      centred.col(d) = activations.col(d).array() - activations.col(d).sum() / static_cast<float>(n);
+    for (Index d = 0; d < channels; ++d) {
+      const float mean = activations.col(d).sum() / static_cast<float>(n);
+      if (!std::isfinite(mean)) {
+        require_finite_map();
+        fail("feature_map: channel " + std::to_string(d) + " has values too large for float32 sums (they overflow); "
+             "scale the activations down");
+      }
+      centred.col(d) = activations.col(d).array() - mean;
+    }
     // Column-major N x D is the D x N row-major layout of the feature map.
     projected = pca_of_centred(centred.data(), n, channels, false, options.pca_dim).projection;
     if (centred.size() > Index{4} * 1024 * 1024) centred.resize(0, 0);  // keep at most 16 MB
