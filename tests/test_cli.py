@@ -63,15 +63,18 @@ def test_whitening_index_and_search(tmp_path, capsys):
     assert html.read_text().count("<img") >= 4
 
 
-def test_search_takes_the_cluster_pooling_of_the_index(tmp_path, capsys):
+def test_search_takes_the_cluster_settings_of_the_index(tmp_path, capsys):
     photos = tmp_path / "photos"
     names = _photos(photos, n=3, size=176)
     common = ["--max-size", "256", "--method", "clustermac"]
-    assert main(["extract", str(photos), "--out", str(tmp_path / "d.npy"), "--quiet", "--cluster-pooling", "box", *common]) == 0
-    assert json.loads((tmp_path / "d.json").read_text())["settings"]["cluster_pooling"] == "box"
+    assert main(["extract", str(photos), "--out", str(tmp_path / "d.npy"), "--quiet", "--cluster-pooling", "box",
+                 "--n-clusters", "20", *common]) == 0
+    settings = json.loads((tmp_path / "d.json").read_text())["settings"]
+    assert settings["cluster_pooling"] == "box" and settings["n_clusters"] == [20]
     assert main(["index", str(tmp_path / "d.npy"), "--out", str(tmp_path / "idx")]) == 0
     capsys.readouterr()
-    # No --cluster-pooling: the query is described as the index was, so it finds itself at score 1.
+    # No --cluster-pooling / --n-clusters: the query is described as the index was, so it finds
+    # itself at score 1.
     assert main(["search", str(photos / names[2]), "--index", str(tmp_path / "idx"), "-k", "1", *common]) == 0
     rank, score, name = capsys.readouterr().out.split()[:3]
     assert name == names[2] and float(score) == pytest.approx(1.0, abs=1e-5)

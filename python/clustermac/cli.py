@@ -39,6 +39,8 @@ def _add_method_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--whitening", help="whitening file (.npz) from `clustermac fit-whitening`")
     p.add_argument("--grid-regions", action="store_true",
                    help="ClusterMAC: add R-MAC's square regions to the clusters (our variant, not the paper's)")
+    p.add_argument("--n-clusters", type=int, nargs="+", default=None, metavar="K",
+                   help="ClusterMAC: cluster counts of the feature partitions (default: 5 20, the paper's)")
     p.add_argument("--cluster-pooling", default=None, choices=CLUSTER_POOLINGS,
                    help="ClusterMAC: max-pool each cluster over its own cells ('mask', the paper's, default) or over "
                         "its bounding box ('box', our variant)")
@@ -63,7 +65,8 @@ def _extractor(args: argparse.Namespace, backbone=None):
     ex = Extractor(backbone or _backbone(args), args.method, crop=getattr(args, "crop", "image"),
                    max_size=args.max_size, pca_dim=getattr(args, "pca_dim", None),
                    add_grid_regions=getattr(args, "grid_regions", False) and args.method == "clustermac",
-                   cluster_pooling=getattr(args, "cluster_pooling", None) or "mask")
+                   cluster_pooling=getattr(args, "cluster_pooling", None) or "mask",
+                   n_clusters=getattr(args, "n_clusters", None) or (5, 20))
     if getattr(args, "whitening", None):
         ex.load_whitening(args.whitening)
     return ex
@@ -126,6 +129,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     args.grid_regions = args.grid_regions or bool(settings.get("add_grid_regions"))
     if args.cluster_pooling is None:
         args.cluster_pooling = settings.get("cluster_pooling")
+    if args.n_clusters is None:
+        args.n_clusters = settings.get("n_clusters")
     ex = _extractor(args)
     if settings and settings.get("whitened") and not ex.is_whitened:
         raise SystemExit("clustermac: the index was built from whitened descriptors: pass the same --whitening file")
@@ -158,6 +163,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise SystemExit("clustermac: --whitening-root DIR is needed: whitening is learned on a different image set "
                          "(the paper learns it on Paris6k to test on Oxford5k and vice versa)")
     clustermac_params = {"add_grid_regions": args.grid_regions, "cluster_pooling": args.cluster_pooling or "mask",
+                         "n_clusters": tuple(args.n_clusters or (5, 20)),
                          **({"pca_dim": args.pca_dim} if args.pca_dim else {})}
     methods = [MethodSpec(m, m, clustermac_params if m == "clustermac" else {}) for m in args.methods]
     backbone = _backbone(args)
