@@ -506,9 +506,8 @@ class Extractor:
                 arrays = {k: np.ascontiguousarray(data[k]) for k in data.files if k != "meta"}
         except (OSError, KeyError, ValueError) as error:
             raise ValueError(f"{path}: not a clustermac whitening file ({error})") from error
-        saved = meta.get("settings", {})
+        saved = {**SETTINGS_BEFORE_THEY_WERE_SAVED, **meta.get("settings", {})}
         mine = self._whitening_settings()
-        saved = {**SETTINGS_BEFORE_THEY_WERE_SAVED, **saved}
         different = {k: (saved.get(k), v) for k, v in mine.items() if saved.get(k) != v}
         if different:
             detail = ", ".join(f"{k}: file has {a!r}, extractor has {b!r}" for k, (a, b) in different.items())

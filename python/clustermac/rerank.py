@@ -33,7 +33,7 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from . import _core
-from .descriptors import cluster_boxes
+from .descriptors import CLUSTER_POOLINGS, cluster_boxes
 from .files import temporary_file_beside
 
 __all__ = [
@@ -292,8 +292,9 @@ class ClusterMACInBox:
     The clusters are those of the whole database image, stored with its codes
     (``FeatureMapStoreWriter.add(fmap, name, labels=extractor.cluster_labels(fmap, rgb))``):
     each cluster's MAC over its cells inside the box (:func:`clustermac._core.region_mac_codes`,
-    on the 8-bit codes; with ``cluster_pooling="box"`` over the bounding box of those cells), optionally with R-MAC's grid of the box first (``add_grid_regions``),
-    then l2 → PCA-whitening → l2, sum, l2 as in :meth:`clustermac.Extractor.descriptor_from_feature_map`.
+    on the 8-bit codes; with ``cluster_pooling="box"`` over the bounding box of those cells),
+    optionally with R-MAC's grid of the box first (``add_grid_regions``), then
+    l2 → PCA-whitening → l2, sum, l2 as in :meth:`clustermac.Extractor.descriptor_from_feature_map`.
     Clusters with no cell in the box drop out.
 
     This is our choice for re-ranking, not the paper's text (which does not say how the
@@ -304,8 +305,8 @@ class ClusterMACInBox:
 
     def __init__(self, whitening_mean: Optional[np.ndarray] = None, whitening_projection: Optional[np.ndarray] = None,
                  add_grid_regions: bool = False, levels: int = 3, cluster_pooling: str = "mask") -> None:
-        if cluster_pooling not in ("mask", "box"):
-            raise ValueError(f"cluster_pooling: expected 'mask' or 'box', got {cluster_pooling!r}")
+        if cluster_pooling not in CLUSTER_POOLINGS:
+            raise ValueError(f"cluster_pooling: expected one of {CLUSTER_POOLINGS}, got {cluster_pooling!r}")
         self._grid = RMACInBox(whitening_mean, whitening_projection, levels)
         self.add_grid_regions = bool(add_grid_regions)
         self.cluster_pooling = cluster_pooling
