@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstdlib>
 #include <string>
 
@@ -69,11 +70,18 @@ __attribute__((target("avx2,fma"))) inline void similarity_avx2(const float* g, 
                                                                   Eigen::Index stride, float scale, float* out) {
   const __m256 scale8 = _mm256_set1_ps(scale);
   alignas(32) float tail[8];
+  // A matrix far larger than the caches is written with non-temporal stores (16-byte aligned
+  // halves): ordinary stores first read every line they write.
+  const bool stream = n * n * sizeof(float) >= (std::size_t{16} << 20) && n % 4 == 0 &&
+                      reinterpret_cast<std::uintptr_t>(out) % 16 == 0;
   for (Eigen::Index i = 0; i < n; ++i) {
     float* row = out + i * n;
     for (Eigen::Index j = 0; j < stride; j += 8) {
       const __m256 value = exp_nonpositive_avx2(_mm256_mul_ps(_mm256_sqrt_ps(distance2_avx2(g, c, stride, i, j)), scale8));
-      if (j + 8 <= n) {
+      if (stream && j + 8 <= n) {
+        _mm_stream_ps(row + j, _mm256_castps256_ps128(value));
+        _mm_stream_ps(row + j + 4, _mm256_extractf128_ps(value, 1));
+      } else if (j + 8 <= n) {
         _mm256_storeu_ps(row + j, value);
       } else {
         _mm256_store_ps(tail, value);
@@ -81,6 +89,7 @@ __attribute__((target("avx2,fma"))) inline void similarity_avx2(const float* g, 
       }
     }
   }
+  if (stream) _mm_sfence();
 }
 #endif
 }  // namespace detail
