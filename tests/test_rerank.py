@@ -377,6 +377,21 @@ def random_codes(rng, height, width, channels):
     return codes
 
 
+def random_regions_sharing_columns(rng, height, width, count=12):
+    """Regions in random order over a few column ranges, with disjoint, overlapping and nested rows
+    (the kernel takes the rows' maxima once per column range)."""
+    columns = []
+    for _ in range(3):
+        x0 = int(rng.integers(0, width))
+        columns.append((x0, int(rng.integers(x0 + 1, width + 1))))
+    regions = []
+    for _ in range(count):
+        x0, x1 = columns[int(rng.integers(0, len(columns)))]
+        y0 = int(rng.integers(0, height))
+        regions.append((x0, y0, x1, int(rng.integers(y0 + 1, height + 1))))
+    return np.array(regions, np.int32)
+
+
 @pytest.mark.parametrize("channels", [1, 37, 64, 100])
 def test_grid_mac_codes_equals_numpy_reference(channels):
     rng = np.random.default_rng(channels)
@@ -394,6 +409,7 @@ def test_grid_mac_codes_equals_numpy_reference(channels):
             np.array([[0, 0, w, h]], np.int32),  # the whole box
             np.array([[w - 1, h - 1, w, h], [0, h - 1, w, h]], np.int32),
             np.zeros((0, 4), np.int32),  # no region at all
+            random_regions_sharing_columns(rng, h, w),
         ]
         for regions in region_sets:
             got = _core.grid_mac_codes(codes, box, regions, scale)

@@ -366,6 +366,9 @@ inline __attribute__((always_inline)) void max_into(std::uint8_t* __restrict bes
 // out(r, ·) = scale · max over the cells of region r (relative to `box`) of their D codes. The
 // running max is a contiguous D-byte row updated with one byte-wise max per cell, the shape GCC
 // vectorises (16/32/64 channels per instruction); codes >= 0, so 0 is a neutral start.
+// Regions that share their columns [x0, x1) (R-MAC's grid: the regions of one grid column) share
+// the work: each row's max over those columns is taken once, then each region takes the max of
+// its rows' maxima (on a 60×48 box, 11.6k instead of 17.7k cell visits).
 inline __attribute__((always_inline)) void grid_mac_codes_kernel(const CodesView& codes,
                                                                  const std::array<std::int32_t, 4>& box,
                                                                  const std::int32_t* regions, std::ptrdiff_t n_regions,
@@ -373,18 +376,35 @@ inline __attribute__((always_inline)) void grid_mac_codes_kernel(const CodesView
   const std::ptrdiff_t channels = codes.channels;
   std::vector<std::uint8_t> running(channels);
   std::uint8_t* best = running.data();
+  std::vector<std::uint8_t> row_maxima;  // (y - first_row)·D: the max of row y over the shared columns
+  std::vector<char> done(n_regions, 0);
   for (std::ptrdiff_t r = 0; r < n_regions; ++r) {
+    if (done[r]) continue;
     const std::int32_t* region = regions + 4 * r;
-    const std::ptrdiff_t x0 = box[0] + region[0], y0 = box[1] + region[1];
-    const std::ptrdiff_t x1 = box[0] + region[2], y1 = box[1] + region[3];
-    std::fill(best, best + channels, std::uint8_t{0});
-    for (std::ptrdiff_t y = y0; y < y1; ++y) {
+    const std::ptrdiff_t x0 = box[0] + region[0], x1 = box[0] + region[2];
+    // The rows spanned by every region with these columns.
+    std::ptrdiff_t first_row = region[1], end_row = region[3];
+    for (std::ptrdiff_t s = r; s < n_regions; ++s)
+      if (regions[4 * s] == region[0] && regions[4 * s + 2] == region[2]) {
+        first_row = std::min<std::ptrdiff_t>(first_row, regions[4 * s + 1]);
+        end_row = std::max<std::ptrdiff_t>(end_row, regions[4 * s + 3]);
+      }
+    row_maxima.assign((end_row - first_row) * channels, std::uint8_t{0});
+    for (std::ptrdiff_t y = first_row; y < end_row; ++y) {
       // The cells of one region row are contiguous: (x1 - x0)·D bytes.
-      const std::uint8_t* cell = codes.data + (y * codes.width + x0) * channels;
-      for (std::ptrdiff_t x = x0; x < x1; ++x, cell += channels) max_into(best, cell, channels);
+      std::uint8_t* row_best = row_maxima.data() + (y - first_row) * channels;
+      const std::uint8_t* cell = codes.data + ((box[1] + y) * codes.width + x0) * channels;
+      for (std::ptrdiff_t x = x0; x < x1; ++x, cell += channels) max_into(row_best, cell, channels);
     }
-    float* row = out + r * channels;
-    for (std::ptrdiff_t d = 0; d < channels; ++d) row[d] = static_cast<float>(best[d]) * scale;
+    for (std::ptrdiff_t s = r; s < n_regions; ++s) {
+      const std::int32_t* other = regions + 4 * s;
+      if (other[0] != region[0] || other[2] != region[2]) continue;
+      std::fill(best, best + channels, std::uint8_t{0});
+      for (std::ptrdiff_t y = other[1]; y < other[3]; ++y) max_into(best, row_maxima.data() + (y - first_row) * channels, channels);
+      float* row = out + s * channels;
+      for (std::ptrdiff_t d = 0; d < channels; ++d) row[d] = static_cast<float>(best[d]) * scale;
+      done[s] = 1;
+    }
   }
 }
 
