@@ -37,28 +37,41 @@ inline bool cpu_has_avx2_fma() { return simd_level() >= kSimdAvx2; }
 // Register tiles of 12 accumulators: 4 rows x 24 columns, 6 x 16, or 8 x 8 (the last is
 // memory-bound anyway). Written out with named accumulators: with an array, GCC kept the
 // accumulators on the stack and stored them every iteration (half the kernel's time).
+// out = a * v (or out += a * v with `accumulate`): a is rows x cols, v cols x width, out
+// rows x width, each row-major with its rows lda / ldv / ldo floats apart.
+struct ProductOperands {
+  const float* a;
+  Eigen::Index lda, cols;
+  const float* v;
+  Eigen::Index ldv;
+  float* out;
+  Eigen::Index ldo;
+  bool accumulate;
+};
+
 #define CLUSTERMAC_FMA(acc, w, x) acc = _mm256_fmadd_ps(w, x, acc)
 
-__attribute__((target("avx2,fma"))) inline void dense_times_block_tile_4x24(const float* a, Eigen::Index cols,
-                                                                              const float* v, Eigen::Index width,
-                                                                              Eigen::Index column, Eigen::Index row,
-                                                                              Eigen::Index row_count, float* out,
-    bool accumulate) {
-  const float* r0 = a + row * cols;
-  const float* r1 = a + (row + std::min<Eigen::Index>(1, row_count - 1)) * cols;
-  const float* r2 = a + (row + std::min<Eigen::Index>(2, row_count - 1)) * cols;
-  const float* r3 = a + (row + std::min<Eigen::Index>(3, row_count - 1)) * cols;
+__attribute__((target("avx2,fma"))) inline void dense_times_block_tile_4x24(const ProductOperands& p, Eigen::Index column,
+                                                                              Eigen::Index row, Eigen::Index row_count) {
+  const float* const a = p.a;
+  const float* const v = p.v;
+  float* const out = p.out;
+  const Eigen::Index cols = p.cols, lda = p.lda, ldv = p.ldv, ldo = p.ldo;
+  const float* r0 = a + row * lda;
+  const float* r1 = a + (row + std::min<Eigen::Index>(1, row_count - 1)) * lda;
+  const float* r2 = a + (row + std::min<Eigen::Index>(2, row_count - 1)) * lda;
+  const float* r3 = a + (row + std::min<Eigen::Index>(3, row_count - 1)) * lda;
   __m256 c00 = _mm256_setzero_ps(), c01 = c00, c02 = c00, c10 = c00, c11 = c00, c12 = c00;
   __m256 c20 = c00, c21 = c00, c22 = c00, c30 = c00, c31 = c00, c32 = c00;
-  if (accumulate) {
-#define CLUSTERMAC_LOAD(r, q) _mm256_loadu_ps(out + (row + std::min<Eigen::Index>(r, row_count - 1)) * width + column + 8 * q)
+  if (p.accumulate) {
+#define CLUSTERMAC_LOAD(r, q) _mm256_loadu_ps(out + (row + std::min<Eigen::Index>(r, row_count - 1)) * ldo + column + 8 * q)
     c00 = CLUSTERMAC_LOAD(0, 0); c01 = CLUSTERMAC_LOAD(0, 1); c02 = CLUSTERMAC_LOAD(0, 2);
     c10 = CLUSTERMAC_LOAD(1, 0); c11 = CLUSTERMAC_LOAD(1, 1); c12 = CLUSTERMAC_LOAD(1, 2);
     c20 = CLUSTERMAC_LOAD(2, 0); c21 = CLUSTERMAC_LOAD(2, 1); c22 = CLUSTERMAC_LOAD(2, 2);
     c30 = CLUSTERMAC_LOAD(3, 0); c31 = CLUSTERMAC_LOAD(3, 1); c32 = CLUSTERMAC_LOAD(3, 2);
   }
   const float* vj = v + column;
-  for (Eigen::Index j = 0; j < cols; ++j, vj += width) {
+  for (Eigen::Index j = 0; j < cols; ++j, vj += ldv) {
     const __m256 x0 = _mm256_loadu_ps(vj), x1 = _mm256_loadu_ps(vj + 8), x2 = _mm256_loadu_ps(vj + 16);
     __m256 w = _mm256_broadcast_ss(r0 + j);
     CLUSTERMAC_FMA(c00, w, x0); CLUSTERMAC_FMA(c01, w, x1); CLUSTERMAC_FMA(c02, w, x2);
@@ -71,29 +84,30 @@ __attribute__((target("avx2,fma"))) inline void dense_times_block_tile_4x24(cons
   }
   const __m256 results[4][3] = {{c00, c01, c02}, {c10, c11, c12}, {c20, c21, c22}, {c30, c31, c32}};
   for (Eigen::Index r = 0; r < row_count; ++r)
-    for (int q = 0; q < 3; ++q) _mm256_storeu_ps(out + (row + r) * width + column + 8 * q, results[r][q]);
+    for (int q = 0; q < 3; ++q) _mm256_storeu_ps(out + (row + r) * ldo + column + 8 * q, results[r][q]);
 }
 
-__attribute__((target("avx2,fma"))) inline void dense_times_block_tile_6x16(const float* a, Eigen::Index cols,
-                                                                              const float* v, Eigen::Index width,
-                                                                              Eigen::Index column, Eigen::Index row,
-                                                                              Eigen::Index row_count, float* out,
-    bool accumulate) {
-  const float* r0 = a + row * cols;
-  const float* r1 = a + (row + std::min<Eigen::Index>(1, row_count - 1)) * cols;
-  const float* r2 = a + (row + std::min<Eigen::Index>(2, row_count - 1)) * cols;
-  const float* r3 = a + (row + std::min<Eigen::Index>(3, row_count - 1)) * cols;
-  const float* r4 = a + (row + std::min<Eigen::Index>(4, row_count - 1)) * cols;
-  const float* r5 = a + (row + std::min<Eigen::Index>(5, row_count - 1)) * cols;
+__attribute__((target("avx2,fma"))) inline void dense_times_block_tile_6x16(const ProductOperands& p, Eigen::Index column,
+                                                                              Eigen::Index row, Eigen::Index row_count) {
+  const float* const a = p.a;
+  const float* const v = p.v;
+  float* const out = p.out;
+  const Eigen::Index cols = p.cols, lda = p.lda, ldv = p.ldv, ldo = p.ldo;
+  const float* r0 = a + row * lda;
+  const float* r1 = a + (row + std::min<Eigen::Index>(1, row_count - 1)) * lda;
+  const float* r2 = a + (row + std::min<Eigen::Index>(2, row_count - 1)) * lda;
+  const float* r3 = a + (row + std::min<Eigen::Index>(3, row_count - 1)) * lda;
+  const float* r4 = a + (row + std::min<Eigen::Index>(4, row_count - 1)) * lda;
+  const float* r5 = a + (row + std::min<Eigen::Index>(5, row_count - 1)) * lda;
   __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
   __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
-  if (accumulate) {
+  if (p.accumulate) {
     c00 = CLUSTERMAC_LOAD(0, 0); c01 = CLUSTERMAC_LOAD(0, 1); c10 = CLUSTERMAC_LOAD(1, 0); c11 = CLUSTERMAC_LOAD(1, 1);
     c20 = CLUSTERMAC_LOAD(2, 0); c21 = CLUSTERMAC_LOAD(2, 1); c30 = CLUSTERMAC_LOAD(3, 0); c31 = CLUSTERMAC_LOAD(3, 1);
     c40 = CLUSTERMAC_LOAD(4, 0); c41 = CLUSTERMAC_LOAD(4, 1); c50 = CLUSTERMAC_LOAD(5, 0); c51 = CLUSTERMAC_LOAD(5, 1);
   }
   const float* vj = v + column;
-  for (Eigen::Index j = 0; j < cols; ++j, vj += width) {
+  for (Eigen::Index j = 0; j < cols; ++j, vj += ldv) {
     const __m256 x0 = _mm256_loadu_ps(vj), x1 = _mm256_loadu_ps(vj + 8);
     __m256 w = _mm256_broadcast_ss(r0 + j);
     CLUSTERMAC_FMA(c00, w, x0); CLUSTERMAC_FMA(c01, w, x1);
@@ -110,24 +124,25 @@ __attribute__((target("avx2,fma"))) inline void dense_times_block_tile_6x16(cons
   }
   const __m256 results[6][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
   for (Eigen::Index r = 0; r < row_count; ++r)
-    for (int q = 0; q < 2; ++q) _mm256_storeu_ps(out + (row + r) * width + column + 8 * q, results[r][q]);
+    for (int q = 0; q < 2; ++q) _mm256_storeu_ps(out + (row + r) * ldo + column + 8 * q, results[r][q]);
 }
 
-__attribute__((target("avx2,fma"))) inline void dense_times_block_tile_8x8(const float* a, Eigen::Index cols,
-                                                                             const float* v, Eigen::Index width,
-                                                                             Eigen::Index column, Eigen::Index row,
-                                                                             Eigen::Index row_count, float* out,
-    bool accumulate) {
+__attribute__((target("avx2,fma"))) inline void dense_times_block_tile_8x8(const ProductOperands& p, Eigen::Index column,
+                                                                              Eigen::Index row, Eigen::Index row_count) {
+  const float* const a = p.a;
+  const float* const v = p.v;
+  float* const out = p.out;
+  const Eigen::Index cols = p.cols, lda = p.lda, ldv = p.ldv, ldo = p.ldo;
   const float* r[8];
-  for (int i = 0; i < 8; ++i) r[i] = a + (row + std::min<Eigen::Index>(i, row_count - 1)) * cols;
+  for (int i = 0; i < 8; ++i) r[i] = a + (row + std::min<Eigen::Index>(i, row_count - 1)) * lda;
   const float *r0 = r[0], *r1 = r[1], *r2 = r[2], *r3 = r[3], *r4 = r[4], *r5 = r[5], *r6 = r[6], *r7 = r[7];
   __m256 c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0, c6 = c0, c7 = c0;
-  if (accumulate) {
+  if (p.accumulate) {
     c0 = CLUSTERMAC_LOAD(0, 0); c1 = CLUSTERMAC_LOAD(1, 0); c2 = CLUSTERMAC_LOAD(2, 0); c3 = CLUSTERMAC_LOAD(3, 0);
     c4 = CLUSTERMAC_LOAD(4, 0); c5 = CLUSTERMAC_LOAD(5, 0); c6 = CLUSTERMAC_LOAD(6, 0); c7 = CLUSTERMAC_LOAD(7, 0);
   }
   const float* vj = v + column;
-  for (Eigen::Index j = 0; j < cols; ++j, vj += width) {
+  for (Eigen::Index j = 0; j < cols; ++j, vj += ldv) {
     const __m256 x = _mm256_loadu_ps(vj);
     CLUSTERMAC_FMA(c0, _mm256_broadcast_ss(r0 + j), x);
     CLUSTERMAC_FMA(c1, _mm256_broadcast_ss(r1 + j), x);
@@ -139,37 +154,61 @@ __attribute__((target("avx2,fma"))) inline void dense_times_block_tile_8x8(const
     CLUSTERMAC_FMA(c7, _mm256_broadcast_ss(r7 + j), x);
   }
   const __m256 results[8] = {c0, c1, c2, c3, c4, c5, c6, c7};
-  for (Eigen::Index i = 0; i < row_count; ++i) _mm256_storeu_ps(out + (row + i) * width + column, results[i]);
+  for (Eigen::Index i = 0; i < row_count; ++i) _mm256_storeu_ps(out + (row + i) * ldo + column, results[i]);
 }
 #undef CLUSTERMAC_FMA
 #undef CLUSTERMAC_LOAD
 
-// out (rows x stride, row-major) columns [0, width) = a (rows x cols, row-major) * v (cols x stride,
-// row-major) columns [0, width); width a multiple of 8, stride >= width. With `accumulate`, adds
-// to out instead (the accumulators start from out: the same sums, in the same order, as one call
-// over the concatenated columns of a / rows of v).
-__attribute__((target("avx2,fma"))) inline void dense_times_block_avx2(const float* a, Eigen::Index rows,
-                                                                         Eigen::Index cols, const float* v,
-                                                                         Eigen::Index width, Eigen::Index stride,
-                                                                         float* out, bool accumulate = false) {
+// out (rows x width) = a * v (or += with p.accumulate), width a multiple of 8. With
+// `accumulate` the accumulators start from out: the same sums, in the same order, as one call
+// over the concatenated columns of a / rows of v.
+__attribute__((target("avx2,fma"))) inline void dense_times_block_avx2(const ProductOperands& p, Eigen::Index rows,
+                                                                         Eigen::Index width) {
   Eigen::Index column = 0;
   for (; column + 24 <= width; column += 24)
     for (Eigen::Index row = 0; row < rows; row += 4)
-      dense_times_block_tile_4x24(a, cols, v, stride, column, row, std::min<Eigen::Index>(4, rows - row), out, accumulate);
+      dense_times_block_tile_4x24(p, column, row, std::min<Eigen::Index>(4, rows - row));
   if (column + 16 <= width) {
     for (Eigen::Index row = 0; row < rows; row += 6)
-      dense_times_block_tile_6x16(a, cols, v, stride, column, row, std::min<Eigen::Index>(6, rows - row), out, accumulate);
+      dense_times_block_tile_6x16(p, column, row, std::min<Eigen::Index>(6, rows - row));
     column += 16;
   }
   if (column < width)
     for (Eigen::Index row = 0; row < rows; row += 8)
-      dense_times_block_tile_8x8(a, cols, v, stride, column, row, std::min<Eigen::Index>(8, rows - row), out, accumulate);
+      dense_times_block_tile_8x8(p, column, row, std::min<Eigen::Index>(8, rows - row));
+}
+
+// The common case: a (rows x cols), v (cols x stride) and out (rows x stride) with contiguous
+// rows, v's and out's rows `stride` floats apart.
+__attribute__((target("avx2,fma"))) inline void dense_times_block_avx2(const float* a, Eigen::Index rows,
+                                                                         Eigen::Index cols, const float* v,
+                                                                         Eigen::Index width, Eigen::Index stride,
+                                                                         float* out, bool accumulate = false) {
+  dense_times_block_avx2(ProductOperands{a, cols, cols, v, stride, out, stride, accumulate}, rows, width);
 }
 #endif
 
-// result (rows x b, column-major) = m * b_in, m a rows x cols row-major array, b_in cols x b.
+// A leading dimension (distance between rows, in floats) for rows of n floats that avoids
+// cache-set conflicts: n rounded up to a 64-byte line, plus 64 floats when that is a multiple
+// of 1 KB. rowmajor_transpose_times walks down the rows of its array; with rows 12 KB apart
+// (N = 3072) every row maps to the same L1 sets: 47 GFLOP/s against 77 with 3136-float rows
+// (b = 24, D = 1280).
+inline Eigen::Index padded_leading_dimension(Eigen::Index n) {
+  const Eigen::Index lines = (n + 15) / 16 * 16;
+  return lines % 256 == 0 ? lines + 64 : lines;
+}
+
+// A rows x cols row-major array whose rows are lda floats apart, for Eigen.
+inline Eigen::Map<const MatrixRM, 0, Eigen::OuterStride<>> strided_rows(const float* m, Eigen::Index rows,
+                                                                        Eigen::Index cols, Eigen::Index lda) {
+  return {m, rows, cols, Eigen::OuterStride<>(lda)};
+}
+
+// result (rows x b, column-major) = m * b_in, m a rows x cols row-major array (rows lda floats
+// apart; lda < 0: cols), b_in cols x b.
 inline void rowmajor_times(const float* m, Eigen::Index rows, Eigen::Index cols, const Eigen::MatrixXf& b_in,
-                           Eigen::MatrixXf& result) {
+                           Eigen::MatrixXf& result, Eigen::Index lda = -1) {
+  if (lda < 0) lda = cols;
 #ifdef CLUSTERMAC_X86_DISPATCH
   if (cpu_has_avx2_fma()) {
     const Eigen::Index b = b_in.cols();
@@ -177,18 +216,20 @@ inline void rowmajor_times(const float* m, Eigen::Index rows, Eigen::Index cols,
     MatrixRM packed = MatrixRM::Zero(cols, width);
     packed.leftCols(b) = b_in;
     MatrixRM product(rows, width);
-    dense_times_block_avx2(m, rows, cols, packed.data(), width, width, product.data());
+    dense_times_block_avx2(ProductOperands{m, lda, cols, packed.data(), width, product.data(), width, false}, rows, width);
     result = product.leftCols(b);
     return;
   }
 #endif
-  result.noalias() = Eigen::Map<const MatrixRM>(m, rows, cols) * b_in;
+  result.noalias() = strided_rows(m, rows, cols, lda) * b_in;
 }
 
-// result (cols x b, column-major) = m^T * b_in, m a rows x cols row-major array, b_in rows x b.
+// result (cols x b, column-major) = m^T * b_in, m a rows x cols row-major array (rows lda floats
+// apart; lda < 0: cols), b_in rows x b.
 // As result^T (b x cols, row-major) = b_in^T (b x rows: b_in's column-major storage) * m.
 inline void rowmajor_transpose_times(const float* m, Eigen::Index rows, Eigen::Index cols,
-                                     const Eigen::MatrixXf& b_in, Eigen::MatrixXf& result) {
+                                     const Eigen::MatrixXf& b_in, Eigen::MatrixXf& result, Eigen::Index lda = -1) {
+  if (lda < 0) lda = cols;
 #ifdef CLUSTERMAC_X86_DISPATCH
   if (cpu_has_avx2_fma()) {
     const Eigen::Index b = b_in.cols();
@@ -205,15 +246,15 @@ inline void rowmajor_transpose_times(const float* m, Eigen::Index rows, Eigen::I
     for (Eigen::Index first = 0; width > 0 && first < rows; first += row_block) {
       const Eigen::Index count = std::min(row_block, rows - first);
       const MatrixRM packed = b_in.middleRows(first, count).transpose();  // b x count, contiguous
-      dense_times_block_avx2(packed.data(), b, count, m + first * cols, width, cols, result.data(), first > 0);
+      dense_times_block_avx2(ProductOperands{packed.data(), count, count, m + first * lda, lda, result.data(), cols, first > 0},
+                             b, width);
     }
     if (width < cols)
-      result.bottomRows(cols - width).noalias() =
-          Eigen::Map<const MatrixRM>(m, rows, cols).rightCols(cols - width).transpose() * b_in;
+      result.bottomRows(cols - width).noalias() = strided_rows(m, rows, cols, lda).rightCols(cols - width).transpose() * b_in;
     return;
   }
 #endif
-  result.noalias() = Eigen::Map<const MatrixRM>(m, rows, cols).transpose() * b_in;
+  result.noalias() = strided_rows(m, rows, cols, lda).transpose() * b_in;
 }
 
 }  // namespace detail

@@ -51,7 +51,7 @@ inline float uniform_pm1(std::mt19937_64& rng) {
 // Orthonormalises column `col` of `basis` against columns [0, col) by classical Gram-Schmidt
 // applied twice (enough for float orthogonality). A column that is (numerically) inside the
 // span of the earlier ones is replaced by a random vector, so the basis never degenerates.
-inline void orthonormalise_column(Eigen::MatrixXf& basis, Eigen::Index col, std::mt19937_64& rng) {
+inline void orthonormalise_column(Eigen::Ref<Eigen::MatrixXf> basis, Eigen::Index col, std::mt19937_64& rng) {
   const Eigen::Index n = basis.rows();
   for (int attempt = 0; attempt < 4; ++attempt) {
     auto v = basis.col(col);
@@ -75,18 +75,19 @@ inline void orthonormalise_column(Eigen::MatrixXf& basis, Eigen::Index col, std:
 // among themselves. The projection against the earlier columns is done as two block
 // products (classical Gram-Schmidt twice, as GEMMs: the column-by-column version made this
 // the solver's bottleneck); the few columns within the block go one by one.
-inline void orthonormalise_block(Eigen::MatrixXf& basis, Eigen::Index begin, Eigen::Index count,
+inline void orthonormalise_block(Eigen::Ref<Eigen::MatrixXf> basis, Eigen::Index begin, Eigen::Index count,
                                  std::mt19937_64& rng) {
   auto block = basis.middleCols(begin, count);
   const Eigen::VectorXf norms_before = block.colwise().norm().transpose();
   if (begin > 0) {
-    // The first `begin` columns (column-major, n x begin) are a row-major begin x n array.
-    const Eigen::Index n = basis.rows();
+    // The first `begin` columns (column-major, n x begin) are a row-major begin x n array with
+    // rows basis.outerStride() floats apart.
+    const Eigen::Index n = basis.rows(), ld = basis.outerStride();
     Eigen::MatrixXf current, coefficients, projection;
     for (int pass = 0; pass < 2; ++pass) {
       current = block;
-      rowmajor_times(basis.data(), begin, n, current, coefficients);             // Q^T B
-      rowmajor_transpose_times(basis.data(), begin, n, coefficients, projection);  // Q (Q^T B)
+      rowmajor_times(basis.data(), begin, n, current, coefficients, ld);             // Q^T B
+      rowmajor_transpose_times(basis.data(), begin, n, coefficients, projection, ld);  // Q (Q^T B)
       block -= projection;
     }
   }
@@ -139,8 +140,12 @@ EigenPairs top_eigenpairs(Eigen::Index n, int k, Apply&& apply, const EigenSolve
   // Thick restart: keep this many Ritz vectors (with their known products) across cycles.
   const Index keep = std::clamp<Index>(options.kept_blocks > 0 ? static_cast<Index>(options.kept_blocks) * block : m / 2,
                                        block, m - block);
-  Eigen::MatrixXf basis(n, m);          // Q: orthonormal basis
-  Eigen::MatrixXf basis_product(n, m);  // A Q
+  // Q (orthonormal basis) and A Q, n x m column-major with a padded leading dimension (see
+  // detail::padded_leading_dimension: Q y and (A Q) y walk down their columns).
+  const Index ld = detail::padded_leading_dimension(n);
+  Eigen::MatrixXf basis_storage(ld, m), basis_product_storage(ld, m);
+  auto basis = basis_storage.topRows(n);
+  auto basis_product = basis_product_storage.topRows(n);
   Eigen::MatrixXf block_in(n, block), block_out(n, block);
 
   // Start block: the all-ones vector (the start vector of Shi's Ncut code) plus random vectors.
@@ -175,10 +180,10 @@ EigenPairs top_eigenpairs(Eigen::Index n, int k, Apply&& apply, const EigenSolve
       filled += block;
     }
     // Rayleigh-Ritz on the basis.
-    // Column-major n x filled basis == row-major filled x n array: Q^T (A Q_new) and Q y below
+    // Column-major n x filled basis == row-major filled x n array (rows ld floats apart): Q^T (A Q_new) and Q y below
     // go through the same dense kernel as the operator.
     Eigen::MatrixXf new_products = basis_product.middleCols(known, filled - known), fresh_f;
-    detail::rowmajor_times(basis.data(), filled, n, new_products, fresh_f);
+    detail::rowmajor_times(basis.data(), filled, n, new_products, fresh_f, ld);
     const Eigen::MatrixXd fresh = fresh_f.cast<double>();
     projected.block(0, known, filled, filled - known) = fresh;
     projected.block(known, 0, filled - known, filled) = fresh.transpose();
@@ -202,9 +207,9 @@ EigenPairs top_eigenpairs(Eigen::Index n, int k, Apply&& apply, const EigenSolve
     // The wanted block first: enough to test convergence; the rest only when restarting.
     Eigen::MatrixXf ritz(n, kept), ritz_product(n, kept), part;
     const Eigen::MatrixXf wanted_small = small.leftCols(block);
-    detail::rowmajor_transpose_times(basis.data(), filled, n, wanted_small, part);
+    detail::rowmajor_transpose_times(basis.data(), filled, n, wanted_small, part, ld);
     ritz.leftCols(block) = part;
-    detail::rowmajor_transpose_times(basis_product.data(), filled, n, wanted_small, part);
+    detail::rowmajor_transpose_times(basis_product.data(), filled, n, wanted_small, part, ld);
     ritz_product.leftCols(block) = part;
 
     double scale = std::max(std::abs(ritz_values(0)), std::abs(ritz_values(kept - 1)));
@@ -226,9 +231,9 @@ EigenPairs top_eigenpairs(Eigen::Index n, int k, Apply&& apply, const EigenSolve
     // Thick restart: the kept Ritz vectors and their products (A Q y, no new product).
     if (kept > block) {
       const Eigen::MatrixXf rest_small = small.rightCols(kept - block);
-      detail::rowmajor_transpose_times(basis.data(), filled, n, rest_small, part);
+      detail::rowmajor_transpose_times(basis.data(), filled, n, rest_small, part, ld);
       ritz.rightCols(kept - block) = part;
-      detail::rowmajor_transpose_times(basis_product.data(), filled, n, rest_small, part);
+      detail::rowmajor_transpose_times(basis_product.data(), filled, n, rest_small, part, ld);
       ritz_product.rightCols(kept - block) = part;
     }
     basis.leftCols(kept) = ritz;

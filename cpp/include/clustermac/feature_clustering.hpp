@@ -158,8 +158,12 @@ inline std::vector<VectorI> cluster_feature_map(const float* feature_map, Eigen:
     // A NaN or Inf makes its channel's float sum non-finite, so the finiteness check needs no
     // pass of its own. A finite map whose sum overflows (values ~1e35) is refused too: the
     // PCA's float products would overflow on it.
-    thread_local Eigen::MatrixXf centred;
-    centred.resize(n, channels);
+    // Each channel's N values are padded to a leading dimension that keeps the PCA's products
+    // clear of cache-set conflicts (detail::padded_leading_dimension).
+    thread_local Eigen::MatrixXf centred_storage;
+    const Index ld = detail::padded_leading_dimension(n);
+    centred_storage.resize(ld, channels);
+    auto centred = centred_storage.topRows(n);
     for (Index d = 0; d < channels; ++d) {
       const float mean = activations.col(d).sum() / static_cast<float>(n);
       if (!std::isfinite(mean)) {
@@ -170,8 +174,8 @@ inline std::vector<VectorI> cluster_feature_map(const float* feature_map, Eigen:
       centred.col(d) = activations.col(d).array() - mean;
     }
     // Column-major N x D is the D x N row-major layout of the feature map.
-    projected = pca_of_centred(centred.data(), n, channels, false, options.pca_dim).projection;
-    if (centred.size() > Index{4} * 1024 * 1024) centred.resize(0, 0);  // keep at most 16 MB
+    projected = pca_of_centred(centred.data(), n, channels, false, options.pca_dim, ld).projection;
+    if (centred_storage.size() > Index{4} * 1024 * 1024) centred_storage.resize(0, 0);  // keep at most 16 MB
   }
 
   // The N x N similarity workspace is kept per thread between calls up to 64 MB (N <= 4096):

@@ -24,11 +24,12 @@ struct PcaProjection {
 };
 
 // The centred features (column means removed) are a row-major array `data`, either N x D
-// (`locations_are_rows`, as pca_project gets them) or D x N (a feature map's own layout).
+// (`locations_are_rows`, as pca_project gets them) or D x N (a feature map's own layout), its
+// rows `stride` floats apart (stride < 0: contiguous rows).
 // Components beyond the rank of the data come out with zero variance and a zero column.
 // Signs are fixed so that the largest-magnitude entry of each projected column is positive.
 inline PcaProjection pca_of_centred(const float* data, Eigen::Index n, Eigen::Index d, bool locations_are_rows,
-                                    int n_components) {
+                                    int n_components, Eigen::Index stride = -1) {
   using Eigen::Index;
   require(n >= 1 && d >= 1, "pca_project: features must have at least one row and one column");
   require(n_components >= 1 && n_components <= d,
@@ -37,15 +38,15 @@ inline PcaProjection pca_of_centred(const float* data, Eigen::Index n, Eigen::In
   // X v (N x b) and X^T y (D x b) for X the N x D centred features.
   auto times = [&](const Eigen::MatrixXf& v, Eigen::MatrixXf& out) {
     if (locations_are_rows)
-      detail::rowmajor_times(data, n, d, v, out);
+      detail::rowmajor_times(data, n, d, v, out, stride);
     else
-      detail::rowmajor_transpose_times(data, d, n, v, out);
+      detail::rowmajor_transpose_times(data, d, n, v, out, stride);
   };
   auto transpose_times = [&](const Eigen::MatrixXf& y, Eigen::MatrixXf& out) {
     if (locations_are_rows)
-      detail::rowmajor_transpose_times(data, n, d, y, out);
+      detail::rowmajor_transpose_times(data, n, d, y, out, stride);
     else
-      detail::rowmajor_times(data, d, n, y, out);
+      detail::rowmajor_times(data, d, n, y, out, stride);
   };
   PcaProjection out;
   out.projection = MatrixRM::Zero(n, n_components);
