@@ -194,3 +194,51 @@ def test_portable_path_agrees_with_the_avx2_path():
         assert np.linalg.norm(q_fast - q_portable @ (q_portable.T @ q_fast), 2) < 1e-2
         assert adjusted_rand_score(fast["l5"].ravel(), portable["l5"].ravel()) > 0.95
         assert adjusted_rand_score(fast["l6"].ravel(), portable["l6"].ravel()) > 0.95
+
+
+def _cpu_has_bf16():
+    try:
+        clustermac.cluster_feature_map(planted_map()[0], n_clusters=(2,), similarity_precision="bfloat16")
+        return True
+    except ValueError:
+        return False
+
+
+@pytest.mark.skipif(not _cpu_has_bf16(), reason="the CPU lacks AVX512-BF16")
+def test_bf16_similarity_recovers_planted_regions_and_is_the_default_for_large_maps():
+    features, rgb, truth = planted_map(h=48, w=48, noise=0.3, seed=3)  # N = 2304 >= 2048
+    maps = {p: clustermac.cluster_feature_map(features, rgb, n_clusters=(4,), rgb_clusters=4, similarity_precision=p)
+            for p in ("auto", "bfloat16", "float32")}
+    for precision, labels in maps.items():
+        for partition in labels:
+            assert adjusted_rand_score(truth.ravel(), partition.ravel()) > 0.99, precision
+    for auto, bf16 in zip(maps["auto"], maps["bfloat16"]):
+        np.testing.assert_array_equal(auto, bf16)
+    small, small_rgb, _ = planted_map()  # N = 560: "auto" keeps float32
+    for auto, f32 in zip(clustermac.cluster_feature_map(small, small_rgb),
+                         clustermac.cluster_feature_map(small, small_rgb, similarity_precision="float32")):
+        np.testing.assert_array_equal(auto, f32)
+
+
+def test_turning_bf16_off_makes_auto_float32_and_refuses_bfloat16():
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import numpy as np, clustermac\n"
+        "rng = np.random.default_rng(0)\n"
+        "f = rng.random((8, 48, 45), dtype=np.float32)\n"
+        "a = clustermac.cluster_feature_map(f, n_clusters=(3,))[0]\n"
+        "b = clustermac.cluster_feature_map(f, n_clusters=(3,), similarity_precision='float32')[0]\n"
+        "print('same' if np.array_equal(a, b) else 'different')\n"
+        "try:\n"
+        "    clustermac.cluster_feature_map(f, n_clusters=(3,), similarity_precision='bfloat16')\n"
+        "except ValueError as error:\n"
+        "    print(error)\n"
+    )
+    env = dict(os.environ, CLUSTERMAC_NO_BF16="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True).stdout
+    assert out.startswith("same") and "AVX512-BF16" in out
+    with pytest.raises(ValueError, match="similarity_precision"):
+        clustermac.cluster_feature_map(planted_map()[0], similarity_precision="fp16")

@@ -189,3 +189,64 @@ def test_objective_on_continuous_data_no_worse_than_scikit_learn(k):
         sk = spectral_clustering(s.astype(np.float64), n_clusters=k, assign_labels="discretize", random_state=seed)
         theirs.append(ncut_objective(s, sk))
     assert np.mean(ours) <= 1.05 * np.mean(theirs)
+
+
+def _cpu_has_bf16():
+    try:
+        clustermac.ncut_embedding(np.eye(3, dtype=np.float32) + 0.5, 1, similarity_precision="bfloat16")
+        return True
+    except ValueError:
+        return False
+
+
+needs_bf16 = pytest.mark.skipif(not _cpu_has_bf16(), reason="the CPU lacks AVX512-BF16")
+
+
+@needs_bf16
+@pytest.mark.parametrize("normalization", ["shi", "sym"])
+@pytest.mark.parametrize("n,dim,k", [(450, 4, 5), (2051, 4, 20)])
+def test_bf16_embedding_spans_the_eigh_subspace(normalization, n, dim, k):
+    # The affinity rounded to bf16 (8 significant bits) and the eigensolver's products by
+    # VDPBF16PS: the same subspace as float64 eigh within the float test's bound. n = 2051 is odd
+    # (the last bf16 pair ends in a padding column) and its 24-vector blocks use every tile shape.
+    features, _ = mixture(n, dim, k, spread=0.7, seed=n)
+    s = clustermac.affinity(features)
+    embedding = clustermac.ncut_embedding(s, k, normalization=normalization, similarity_precision="bfloat16")
+    reference, _ = reference_embedding(s, k, normalization)
+    assert embedding.shape == (n, k) and embedding.dtype == np.float32
+    assert subspace_distance(embedding, reference) < 0.02
+    np.testing.assert_allclose(np.linalg.norm(embedding, axis=0), 1.0, rtol=1e-5)
+
+
+@needs_bf16
+def test_bf16_partitions_recover_planted_groups_and_match_the_float_objective():
+    ratios = []
+    for seed in range(3):
+        features, truth = mixture(600, 4, 6, spread=0.8, seed=seed)
+        s = clustermac.affinity(features)
+        labels = {}
+        for precision in ("float32", "bfloat16"):
+            embedding = clustermac.ncut_embedding(s, 6, similarity_precision=precision)
+            labels[precision] = _core._discretize(embedding, seed=0)
+        assert adjusted_rand_score(truth, labels["bfloat16"]) > 0.95
+        ratios.append(ncut_objective(s, labels["bfloat16"]) / ncut_objective(s, labels["float32"]))
+    assert np.mean(ratios) < 1.03
+
+
+def test_bf16_is_refused_when_turned_off_and_bad_precision_names_are_refused():
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import numpy as np, clustermac\n"
+        "try:\n"
+        "    clustermac.ncut_embedding(np.eye(3, dtype=np.float32) + 0.5, 1, similarity_precision='bfloat16')\n"
+        "except ValueError as error:\n"
+        "    print(error)\n"
+    )
+    env = dict(os.environ, CLUSTERMAC_NO_BF16="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True).stdout
+    assert "AVX512-BF16" in out and "float32" in out
+    with pytest.raises(ValueError, match="similarity_precision"):
+        clustermac.ncut_embedding(np.eye(3, dtype=np.float32) + 0.5, 1, similarity_precision="half")

@@ -17,6 +17,7 @@
 #include "clustermac/common.hpp"
 
 #include "clustermac/dense_kernels.hpp"  // CLUSTERMAC_X86_DISPATCH, detail::cpu_has_avx2_fma
+#include "clustermac/similarity_bf16.hpp"
 
 namespace clustermac {
 
@@ -80,6 +81,20 @@ __attribute__((target("avx2,fma"))) inline void store8(float* p, __m256 value, b
   }
 }
 
+// Writes 8 values at p rounded to bf16 (16 bytes; non-temporal when `stream`).
+__attribute__((target("avx2,fma"))) inline void store8(std::uint16_t* p, __m256 value, bool stream) {
+  const __m128i halves = bf16_from_floats_avx2(value);
+  if (stream)
+    _mm_stream_si128(reinterpret_cast<__m128i*>(p), halves);
+  else
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), halves);
+}
+
+inline void store_values(float* out, const float* values, Eigen::Index count) { std::copy(values, values + count, out); }
+inline void store_values(std::uint16_t* out, const float* values, Eigen::Index count) {
+  for (Eigen::Index i = 0; i < count; ++i) out[i] = bf16_from_float(values[i]);
+}
+
 // r[a] lane b <- r[b] lane a: the transpose of the 8 x 8 block held in r[0..7].
 __attribute__((target("avx2,fma"))) inline void transpose8x8(__m256 r[8]) {
   __m256 t[8], u[8];
@@ -109,13 +124,16 @@ __attribute__((target("avx2,fma"))) inline void transpose8x8(__m256 r[8]) {
 // are the same float operations on the same values ((a - b)^2 == (b - a)^2), so the matrix is
 // bit-identical to a row-by-row sweep. affinity_into, one thread: N = 3072, C = 4: 8.15 ->
 // 6.65 ms; N = 768, C = 7: 0.70 -> 0.46 ms.
+// `out` holds floats or bf16 values (std::uint16_t), its rows ldo values apart.
+template <typename T>
 __attribute__((target("avx2,fma"))) inline void similarity_avx2(const float* g, Eigen::Index c, Eigen::Index n,
-                                                                  Eigen::Index stride, float scale, float* out) {
+                                                                  Eigen::Index stride, float scale, T* out,
+                                                                  Eigen::Index ldo) {
   using Eigen::Index;
   const __m256 scale8 = _mm256_set1_ps(scale);
   // A matrix far larger than the caches is written with non-temporal stores (16-byte aligned
-  // halves): ordinary stores first read every line they write.
-  const bool stream = n * n * sizeof(float) >= (std::size_t{16} << 20) && n % 4 == 0 &&
+  // pieces): ordinary stores first read every line they write.
+  const bool stream = n * ldo * sizeof(T) >= (std::size_t{16} << 20) && (ldo * sizeof(T)) % 16 == 0 &&
                       reinterpret_cast<std::uintptr_t>(out) % 16 == 0;
   // Panel height: long mirrored runs pay off when the matrix streams to memory (N = 3072: 5.5 ms
   // with 128 rows, 6.0 with 64, 6.5 with 32); a smaller panel stays in L2 otherwise (N = 768:
@@ -128,10 +146,10 @@ __attribute__((target("avx2,fma"))) inline void similarity_avx2(const float* g, 
     for (Index a = 0; a < rows; ++a) {
       float* values = panel.data() + a * cols;
       for (Index j = ib; j < stride; j += 8) _mm256_storeu_ps(values + j - ib, similarity8_avx2(g, c, stride, ib + a, j, scale8));
-      float* row = out + (ib + a) * n + ib;
+      T* row = out + (ib + a) * ldo + ib;
       Index j = 0;
       for (; j + 8 <= n - ib; j += 8) store8(row + j, _mm256_loadu_ps(values + j), stream);
-      std::copy(values + j, values + (n - ib), row + j);
+      store_values(row + j, values + j, n - ib - j);
     }
     // Below the panel (only when it is a whole panel_rows rows, so blocks of 8 rows fit): row jb + b,
     // columns ib + ab .. ib + ab + 7 are the panel's rows ab .. ab + 7 at column jb + b.
@@ -144,7 +162,7 @@ __attribute__((target("avx2,fma"))) inline void similarity_avx2(const float* g, 
         for (int b = 0; b < 8; ++b) _mm256_store_ps(mirrored[b] + ab, block[b]);
       }
       for (Index b = 0; b < 8 && jb + b < n; ++b)
-        for (Index ab = 0; ab < rows; ab += 8) store8(out + (jb + b) * n + ib + ab, _mm256_load_ps(mirrored[b] + ab), stream);
+        for (Index ab = 0; ab < rows; ab += 8) store8(out + (jb + b) * ldo + ib + ab, _mm256_load_ps(mirrored[b] + ab), stream);
     }
   }
   if (stream) _mm_sfence();
@@ -187,58 +205,66 @@ inline float scaled_columns_max_distance2(const Eigen::Matrix<float, Eigen::Dyna
 
 }  // namespace detail
 
+namespace detail {
+
+// What the kernels of Eq. (3) need: g(k, j) = sqrt(w_k) * (f_jk - mean_k), dimension-major so
+// rows of g are contiguous, with `stride` >= N columns (for the AVX2 kernels a whole number of
+// 8-lane vectors, the extra columns copies of the last location); and the exponent's scale
+// -2 / (z_ratio * max d), 0 when every distance is 0 (S = all ones).
+struct SimilarityInputs {
+  Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> g;
+  Eigen::Index stride = 0;
+  float scale = 0.0f;
+};
+
+inline SimilarityInputs similarity_inputs(const ConstMatrixRef& features, const VectorF& weights, float z_ratio,
+                                          bool vector_padding) {
+  using Eigen::Index;
+  const Index n = features.rows(), c = features.cols();
+  SimilarityInputs in;
+  in.stride = vector_padding ? (n + 7) / 8 * 8 : n;
+  in.g.resize(c, in.stride);
+  const Eigen::RowVectorXf mean = features.cast<double>().colwise().mean().cast<float>();
+  for (Index k = 0; k < c; ++k) {
+    const float root_weight = std::sqrt(weights(k));
+    in.g.row(k).head(n) = (features.col(k).transpose().array() - mean(k)) * root_weight;
+    for (Index j = n; j < in.stride; ++j) in.g(k, j) = in.g(k, n - 1);
+  }
+  float max_distance2 = 0.0f;
+#ifdef CLUSTERMAC_X86_DISPATCH
+  if (vector_padding) max_distance2 = max_distance2_avx2(in.g.data(), c, n, in.stride);
+#endif
+  if (!vector_padding) max_distance2 = scaled_columns_max_distance2(in.g);
+  const float max_distance = std::sqrt(max_distance2);
+  // exp(-2 d / z) with z = z_ratio * max d (Eq. 3).
+  in.scale = max_distance > 0.0f ? -2.0f / (z_ratio * max_distance) : 0.0f;
+  return in;
+}
+
+}  // namespace detail
+
 // Fills the N x N row-major buffer `out` with S of Eq. (3) for `features` (N x C) and weights
 // `weights` (C, non-negative). Portable path: the upper triangle, then mirrored.
 inline void affinity_into(const ConstMatrixRef& features, const VectorF& weights, float z_ratio, float* out) {
   using Eigen::Index;
   const Index n = features.rows(), c = features.cols();
-  Eigen::Map<MatrixRM> s(out, n, n);
-  // g(k, j) = sqrt(w_k) * (f_jk - mean_k): dimension-major so rows of g are contiguous.
-  Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> g(c, n);
-  const Eigen::RowVectorXf mean = features.cast<double>().colwise().mean().cast<float>();
-  for (Index k = 0; k < c; ++k) {
-    const float root_weight = std::sqrt(weights(k));
-    g.row(k) = (features.col(k).transpose().array() - mean(k)) * root_weight;
-  }
 #ifdef CLUSTERMAC_X86_DISPATCH
-  const bool use_avx2 = detail::cpu_has_avx2_fma();
-  // Padded to whole 8-lane vectors with copies of the last location.
-  const Index stride = (n + 7) / 8 * 8;
-  Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> padded(c, stride);
-  if (use_avx2) {
-    padded.leftCols(n) = g;
-    for (Index j = n; j < stride; ++j) padded.col(j) = g.col(n - 1);
-  }
-#else
-  const bool use_avx2 = false;
-#endif
-  float max_distance2 = 0.0f;
-#ifdef CLUSTERMAC_X86_DISPATCH
-  if (use_avx2) max_distance2 = detail::max_distance2_avx2(padded.data(), c, n, stride);
-#endif
-  if (!use_avx2) max_distance2 = detail::scaled_columns_max_distance2(g);
-  const float max_distance = std::sqrt(max_distance2);
-  if (!(max_distance > 0.0f)) {
-    s.setOnes();
-    return;
-  }
-  // exp(-2 d / z) with z = z_ratio * max d (Eq. 3).
-  const float scale = -2.0f / (z_ratio * max_distance);
-#ifdef CLUSTERMAC_X86_DISPATCH
-  if (use_avx2) {
-    detail::similarity_avx2(padded.data(), c, n, stride, scale, out);
+  if (detail::cpu_has_avx2_fma()) {
+    const detail::SimilarityInputs in = detail::similarity_inputs(features, weights, z_ratio, true);
+    detail::similarity_avx2(in.g.data(), c, n, in.stride, in.scale, out, n);
     return;
   }
 #endif
+  const detail::SimilarityInputs in = detail::similarity_inputs(features, weights, z_ratio, false);
   for (Index i = 0; i < n; ++i) {
     const Index len = n - i;
     Eigen::Map<Eigen::ArrayXf> row(out + i * n + i, len);
     row.setZero();
     for (Index k = 0; k < c; ++k) {
-      auto grow = g.row(k).segment(i, len).array();
-      row += (grow - g(k, i)).square();
+      auto grow = in.g.row(k).segment(i, len).array();
+      row += (grow - in.g(k, i)).square();
     }
-    row = (row.sqrt() * scale).exp();
+    row = (row.sqrt() * in.scale).exp();
   }
   // Mirror the upper triangle in cache-sized tiles.
   constexpr Index tile = 64;
@@ -248,6 +274,19 @@ inline void affinity_into(const ConstMatrixRef& features, const VectorF& weights
       for (Index i = ib; i < i_end; ++i)
         for (Index j = jb; j < std::min(j_end, i); ++j) out[i * n + j] = out[j * n + i];
     }
+}
+
+// S of Eq. (3) in bfloat16 (see similarity_bf16.hpp), for CPUs with AVX2 (the caller checks
+// cpu_has_avx512_bf16(), which implies it).
+inline void affinity_into(const ConstMatrixRef& features, const VectorF& weights, float z_ratio, SimilarityBf16& out) {
+  out.resize(features.rows());
+#ifdef CLUSTERMAC_X86_DISPATCH
+  require(detail::cpu_has_avx2_fma(), "bf16 similarity: the CPU lacks AVX2");
+  const detail::SimilarityInputs in = detail::similarity_inputs(features, weights, z_ratio, true);
+  detail::similarity_avx2(in.g.data(), features.cols(), out.n, in.stride, in.scale, out.values.data(), out.ld);
+#else
+  fail("bf16 similarity: needs an x86-64 CPU with AVX2");
+#endif
 }
 
 inline MatrixRM affinity(const ConstMatrixRef& features, float z_ratio, const VectorF* weights) {

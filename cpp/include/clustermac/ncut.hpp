@@ -27,6 +27,7 @@
 #include "clustermac/discretize.hpp"
 #include "clustermac/dense_kernels.hpp"
 #include "clustermac/eigensolver.hpp"
+#include "clustermac/similarity_bf16.hpp"
 
 namespace clustermac {
 
@@ -90,30 +91,16 @@ inline EigenSolverOptions ncut_solver_options(int n_vectors, Normalization norma
   return options;
 }
 
-// Top `n_vectors` generalised eigenvectors D^-1/2 u of the NCut problem for the N x N
-// symmetric non-negative similarity `s` (row-major, not checked here). Columns have unit
-// l2 norm; the sign of each column makes its largest-magnitude entry positive.
-//
-// "sym" needs S without its diagonal, and it must be removed from the matrix, not subtracted
-// after the product: an isolated location (all similarities ~1e-7 but S_ii = 1) has a tiny
-// degree, and subtracting its self term in float afterwards cancels catastrophically (the
-// solver then stalled at residual 2e-2 with Ritz values above the true eigenvalues). With
-// `diagonal_is_zero` false the function works on a copy with the diagonal zeroed (the bindings'
-// case, whose S belongs to the caller); cluster_feature_map zeroes its own workspace instead.
-inline Eigen::MatrixXd ncut_embedding_of(const Eigen::Ref<const MatrixRM>& s, int n_vectors,
-                                         Normalization normalization,
-                                         const EigenSolverOptions* options_override = nullptr,
-                                         EigenPairs* diagnostics = nullptr, bool diagonal_is_zero = false) {
+namespace detail {
+
+// The NCut embedding of a similarity given by its row sums `degree` and its product
+// `multiply(scale, V, out)`: out = S (scale .* V). See ncut_embedding_of.
+template <typename Multiply>
+Eigen::MatrixXd ncut_embedding_from(const Eigen::VectorXd& degree, Multiply&& multiply, int n_vectors,
+                                    Normalization normalization, const EigenSolverOptions* options_override,
+                                    EigenPairs* diagnostics) {
   using Eigen::Index;
-  const Index n = s.rows();
-  if (normalization == Normalization::sym && !diagonal_is_zero && s.diagonal().cwiseAbs().maxCoeff() > 0.0f) {
-    MatrixRM without_self = s;
-    without_self.diagonal().setZero();
-    return ncut_embedding_of(without_self, n_vectors, normalization, options_override, diagnostics, true);
-  }
-  // Float row sums (vectorised, one pass over S): relative error ~1e-7 * sqrt(N), far below the
-  // solver tolerance. For "sym" the diagonal is zero here, so this is rowsum(S - diag S).
-  const Eigen::VectorXd degree = s.rowwise().sum().cast<double>();
+  const Index n = degree.size();
   Eigen::VectorXf inv_sqrt_degree(n), diagonal_term = Eigen::VectorXf::Zero(n);
   for (Index i = 0; i < n; ++i) {
     const double d = normalization == Normalization::shi ? degree(i) + 1.0 : degree(i);
@@ -123,7 +110,7 @@ inline Eigen::MatrixXd ncut_embedding_of(const Eigen::Ref<const MatrixRM>& s, in
     if (normalization == Normalization::shi) diagonal_term(i) = static_cast<float>(0.5 * inv * inv);
   }
   auto apply = [&](const Eigen::MatrixXf& v, Eigen::MatrixXf& pv) {
-    detail::similarity_times_block(s, inv_sqrt_degree, v, pv);
+    multiply(inv_sqrt_degree, v, pv);
     pv = inv_sqrt_degree.asDiagonal() * pv;
     if (normalization == Normalization::shi) pv += diagonal_term.asDiagonal() * v;
   };
@@ -139,6 +126,45 @@ inline Eigen::MatrixXd ncut_embedding_of(const Eigen::Ref<const MatrixRM>& s, in
   }
   if (diagnostics) *diagnostics = std::move(pairs);
   return embedding;
+}
+
+}  // namespace detail
+
+// Top `n_vectors` generalised eigenvectors D^-1/2 u of the NCut problem for the N x N
+// symmetric non-negative similarity `s` (row-major, not checked here). Columns have unit
+// l2 norm; the sign of each column makes its largest-magnitude entry positive.
+//
+// "sym" needs S without its diagonal, and it must be removed from the matrix, not subtracted
+// after the product: an isolated location (all similarities ~1e-7 but S_ii = 1) has a tiny
+// degree, and subtracting its self term in float afterwards cancels catastrophically (the
+// solver then stalled at residual 2e-2 with Ritz values above the true eigenvalues). With
+// `diagonal_is_zero` false the function works on a copy with the diagonal zeroed (the bindings'
+// case, whose S belongs to the caller); cluster_feature_map zeroes its own workspace instead.
+inline Eigen::MatrixXd ncut_embedding_of(const Eigen::Ref<const MatrixRM>& s, int n_vectors,
+                                         Normalization normalization,
+                                         const EigenSolverOptions* options_override = nullptr,
+                                         EigenPairs* diagnostics = nullptr, bool diagonal_is_zero = false) {
+  if (normalization == Normalization::sym && !diagonal_is_zero && s.diagonal().cwiseAbs().maxCoeff() > 0.0f) {
+    MatrixRM without_self = s;
+    without_self.diagonal().setZero();
+    return ncut_embedding_of(without_self, n_vectors, normalization, options_override, diagnostics, true);
+  }
+  // Float row sums (vectorised, one pass over S): relative error ~1e-7 * sqrt(N), far below the
+  // solver tolerance. For "sym" the diagonal is zero here, so this is rowsum(S - diag S).
+  const Eigen::VectorXd degree = s.rowwise().sum().cast<double>();
+  auto multiply = [&](const Eigen::VectorXf& scale, const Eigen::MatrixXf& v, Eigen::MatrixXf& out) {
+    detail::similarity_times_block(s, scale, v, out);
+  };
+  return detail::ncut_embedding_from(degree, multiply, n_vectors, normalization, options_override, diagnostics);
+}
+
+// The same for a similarity stored in bf16 (similarity_bf16.hpp), whose diagonal the caller has
+// already zeroed for "sym".
+inline Eigen::MatrixXd ncut_embedding_of(const SimilarityBf16& s, int n_vectors, Normalization normalization) {
+  auto multiply = [&](const Eigen::VectorXf& scale, const Eigen::MatrixXf& v, Eigen::MatrixXf& out) {
+    bf16_similarity_times_block(s, scale, v, out);
+  };
+  return detail::ncut_embedding_from(bf16_row_sums(s), multiply, n_vectors, normalization, nullptr, nullptr);
 }
 
 // Checks that `s` is a usable similarity matrix (square, finite, non-negative, symmetric).
