@@ -79,6 +79,16 @@ def load_maps(height: int, width: int, count: int, synthetic: bool, seed: int = 
     return out, "synthetic maps with planted regions (D = 512)"
 
 
+def bf16_available() -> bool:
+    """Whether similarity_precision="bfloat16" runs here (a CPU with AVX512-BF16)."""
+    try:
+        clustermac.cluster_feature_map(np.random.default_rng(0).random((4, 6, 6), dtype=np.float32),
+                                       n_clusters=(2,), similarity_precision="bfloat16")
+        return True
+    except ValueError:
+        return False
+
+
 def reference_similarity(features: np.ndarray, z_ratio: float = 0.05, equal_weights: bool = False) -> np.ndarray:
     """Eq. (2)-(3); variance weights (Eq. 2) or, for RGB as clustermac does, equal weights."""
     from scipy.spatial.distance import cdist
@@ -154,7 +164,12 @@ def main() -> None:
     parser.add_argument("--reference-repeats", type=int, default=1)
     parser.add_argument("--synthetic", action="store_true")
     parser.add_argument("--normalization", default="sym", choices=["shi", "sym"])
+    parser.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16"],
+                        help="similarity_precision of cluster_feature_map (default: %(default)s)")
     args = parser.parse_args()
+    bf16 = bf16_available()
+    print(f"similarity_precision={args.precision}; this CPU {'has' if bf16 else 'lacks'} AVX512-BF16 "
+          "(\"auto\" stores the similarity in bfloat16 for N >= 2048 when it has)")
 
     with threadpool_limits(1):
         # Warm-up (imports, first-call set-up) so that neither side is timed cold.
@@ -169,15 +184,27 @@ def main() -> None:
             maps, source = load_maps(height, width, args.images, args.synthetic)
             n = height * width
             print(f"\n== N = {n} ({height} x {width}), C = {pca_dim}: {source}, {len(maps)} maps")
-            ours_t, ref_t, objectives, given_pca_t = [], [], [], []
+            ours_t, ref_t, objectives, given_pca_t, float32_t = [], [], [], [], []
             for index, (feature_map, rgb) in enumerate(maps):
                 times = []
                 for _ in range(args.repeats):
                     start = time.perf_counter()
                     ours = clustermac.cluster_feature_map(feature_map, rgb, pca_dim=pca_dim,
-                                                          normalization=args.normalization)
+                                                          normalization=args.normalization,
+                                                          similarity_precision=args.precision)
                     times.append(time.perf_counter() - start)
                 ours_t.append(np.median(times))
+                # The float32 similarity too, when the chosen precision may be bfloat16.
+                float_note = ""
+                if bf16 and args.precision != "float32":
+                    times = []
+                    for _ in range(args.repeats):
+                        start = time.perf_counter()
+                        clustermac.cluster_feature_map(feature_map, rgb, pca_dim=pca_dim,
+                                                       normalization=args.normalization, similarity_precision="float32")
+                        times.append(time.perf_counter() - start)
+                    float32_t.append(np.median(times))
+                    float_note = f", float32 similarity {float32_t[-1] * 1e3:.1f} ms"
                 # The same with a given PCA (as with a dataset-learned one): clustering alone.
                 d = feature_map.shape[0]
                 flat = np.ascontiguousarray(feature_map.reshape(d, -1).T)
@@ -188,7 +215,8 @@ def main() -> None:
                 for _ in range(args.repeats):
                     start = time.perf_counter()
                     clustermac.cluster_feature_map(feature_map, rgb, pca_mean=mean, pca_basis=basis,
-                                                   normalization=args.normalization)
+                                                   normalization=args.normalization,
+                                                   similarity_precision=args.precision)
                     times.append(time.perf_counter() - start)
                 given_pca_t.append(np.median(times))
                 times = []
@@ -204,7 +232,7 @@ def main() -> None:
                 stats = _core._ncut_solver_statistics(_core.affinity(
                     clustermac.pca_project(np.ascontiguousarray(feature_map.reshape(feature_map.shape[0], -1).T),
                                            pca_dim)[0]), 20, args.normalization)
-                print(f"  map {index}: ours {ours_t[-1] * 1e3:7.1f} ms ({given_pca_t[-1] * 1e3:.1f} ms with a given PCA), reference {ref_t[-1] * 1e3:7.1f} ms; "
+                print(f"  map {index}: ours {ours_t[-1] * 1e3:7.1f} ms ({given_pca_t[-1] * 1e3:.1f} ms with a given PCA{float_note}), reference {ref_t[-1] * 1e3:7.1f} ms; "
                       f"K=20 solve: {stats['n_products']} vector products, residual {stats['max_residual']:.1e}; "
                       "objective ours/ref " + ", ".join(f"{k} {o:.3f}/{r:.3f}" for k, (o, r) in
                                                         zip(("K=5", "K=20", "RGB"), row)))
@@ -212,7 +240,8 @@ def main() -> None:
             ours_median, ref_median = np.median(ours_t), np.median(ref_t)
             print(f"  median per image: clustermac {ours_median * 1e3:.1f} ms, NumPy + scikit-learn "
                   f"{ref_median * 1e3:.1f} ms, ratio {ref_median / ours_median:.1f}x; clustermac with a given "
-                  f"PCA (clustering only) {np.median(given_pca_t) * 1e3:.1f} ms")
+                  f"PCA (clustering only) {np.median(given_pca_t) * 1e3:.1f} ms"
+                  + (f"; with a float32 similarity {np.median(float32_t) * 1e3:.1f} ms" if float32_t else ""))
             for j, name in enumerate(("K=5 features", "K=20 features", "K=5 RGB")):
                 print(f"  mean NCut objective {name}: clustermac {objectives[:, j, 0].mean():.3f}, "
                       f"scikit-learn {objectives[:, j, 1].mean():.3f}")
