@@ -123,7 +123,8 @@ inline MatrixRM weighted_features(const MatrixRM& features, Eigen::Index height,
 }
 
 // The N x N similarity workspace, reused across calls: float, or bf16 on CPUs with AVX512-BF16
-// (similarity_bf16.hpp: the eigensolver's products at half the cost).
+// (similarity_bf16.hpp: the eigensolver's products at half the cost); only the one in use is
+// kept.
 struct SimilarityWorkspace {
   bool use_bf16 = false;
   MatrixRM dense;
@@ -157,11 +158,13 @@ inline std::vector<VectorI> partitions_of(const MatrixRM& weighted, const std::v
   const bool zero_diagonal = normalization == Normalization::sym;
   Eigen::MatrixXd embedding;
   if (buffer.use_bf16) {
+    buffer.dense.resize(0, 0);
     affinity_into(weighted, VectorF::Ones(weighted.cols()), z_ratio, buffer.bf16);
     if (zero_diagonal)
       for (Eigen::Index i = 0; i < n; ++i) buffer.bf16.row(i)[i] = 0;
     embedding = ncut_embedding_of(buffer.bf16, most, normalization);
   } else {
+    buffer.bf16 = SimilarityBf16{};
     buffer.dense.resize(n, n);
     affinity_into(weighted, VectorF::Ones(weighted.cols()), z_ratio, buffer.dense.data());
     if (zero_diagonal) buffer.dense.diagonal().setZero();
