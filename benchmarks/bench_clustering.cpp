@@ -88,6 +88,39 @@ void BM_SimilarityTimesBlock(benchmark::State& state) {
                                                 benchmark::Counter::kIs1000);
 }
 
+// The same product with the similarity stored in bfloat16 (AVX512-BF16; skipped without it).
+void BM_SimilarityTimesBlockBf16(benchmark::State& state) {
+  if (!clustermac::cpu_has_avx512_bf16()) {
+    state.SkipWithError("the CPU lacks AVX512-BF16");
+    return;
+  }
+  const Eigen::Index n = state.range(0), b = state.range(1);
+  const clustermac::SimilarityBf16 s =
+      clustermac::bf16_similarity(clustermac::affinity(mixture_points(n, 4), 0.05f, nullptr), false);
+  const Eigen::MatrixXf v = Eigen::MatrixXf::Random(n, b);
+  const Eigen::VectorXf scale = Eigen::VectorXf::Ones(n);
+  Eigen::MatrixXf out(n, b);
+  for (auto _ : state) {
+    clustermac::bf16_similarity_times_block(s, scale, v, out);
+    benchmark::DoNotOptimize(out.data());
+  }
+  state.counters["GFLOPs"] = benchmark::Counter(2.0 * n * n * b, benchmark::Counter::kIsIterationInvariantRate,
+                                                benchmark::Counter::kIs1000);
+}
+
+void BM_NcutEigensolveBf16(benchmark::State& state) {
+  if (!clustermac::cpu_has_avx512_bf16()) {
+    state.SkipWithError("the CPU lacks AVX512-BF16");
+    return;
+  }
+  const Eigen::Index n = state.range(0);
+  const int k = static_cast<int>(state.range(1));
+  const clustermac::SimilarityBf16 s =
+      clustermac::bf16_similarity(clustermac::affinity(mixture_points(n, dims_for(n)), 0.05f, nullptr), true);
+  for (auto _ : state)
+    benchmark::DoNotOptimize(clustermac::ncut_embedding_of(s, k, clustermac::Normalization::sym));
+}
+
 void BM_Discretize(benchmark::State& state) {
   const Eigen::Index n = state.range(0);
   const int k = static_cast<int>(state.range(1));
@@ -132,4 +165,6 @@ BENCHMARK(BM_NcutEigensolve)
     ->Args({3072, 5, 0})
     ->Args({3072, 20, 1})
     ->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_SimilarityTimesBlockBf16)->Args({3072, 8})->Args({3072, 24})->Args({768, 24})->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_NcutEigensolveBf16)->Args({3072, 20})->Args({3072, 5})->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_Discretize)->Args({768, 20})->Args({3072, 5})->Args({3072, 20})->Unit(benchmark::kMillisecond);
