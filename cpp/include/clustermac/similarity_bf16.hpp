@@ -145,12 +145,17 @@ inline void bf16_similarity_times_block(const SimilarityBf16& s, const Eigen::Ve
   std::vector<std::uint32_t> pairs;
   std::vector<float> product;
   for (Index first = 0; first < b; first += 24) {
-    const Index group = std::min<Index>(24, (b - first + 7) / 8 * 8);
-    pairs.assign(static_cast<std::size_t>(pair_count * group), 0u);
-    for (Index c = 0; c < group && first + c < b; ++c)
-      for (Index j = 0; j < n; ++j)
-        pairs[static_cast<std::size_t>((j / 2) * group + c)] |= static_cast<std::uint32_t>(bf16_from_float(scale(j) * v(j, first + c)))
-                                                                << (16 * (j % 2));
+    const Index group = std::min<Index>(24, (b - first + 7) / 8 * 8), used = std::min(group, b - first);
+    // scale .* v for this group, row-major and padded with zero rows and columns, so that each
+    // pair of rows becomes `group` contiguous pairs.
+    MatrixRM scaled = MatrixRM::Zero(2 * pair_count, group);
+    scaled.topLeftCorner(n, used) = scale.asDiagonal() * v.middleCols(first, used);
+    pairs.resize(static_cast<std::size_t>(pair_count * group));
+    for (Index jp = 0; jp < pair_count; ++jp)
+      for (Index c = 0; c < group; ++c)
+        pairs[static_cast<std::size_t>(jp * group + c)] =
+            static_cast<std::uint32_t>(bf16_from_float(scaled(2 * jp, c))) |
+            (static_cast<std::uint32_t>(bf16_from_float(scaled(2 * jp + 1, c))) << 16);
     product.resize(static_cast<std::size_t>(n * group));
     if (group == 24)
       detail::bf16_times_pairs<8, 1, 1>(s, pairs.data(), product.data());
@@ -158,7 +163,6 @@ inline void bf16_similarity_times_block(const SimilarityBf16& s, const Eigen::Ve
       detail::bf16_times_pairs<12, 1, 0>(s, pairs.data(), product.data());
     else
       detail::bf16_times_pairs<12, 0, 1>(s, pairs.data(), product.data());
-    const Index used = std::min(group, b - first);
     result.middleCols(first, used) = Eigen::Map<const MatrixRM>(product.data(), n, group).leftCols(used);
   }
 #else
