@@ -7,10 +7,10 @@
 // vectors (memory-bound in float) 2.30 ms against 0.81 ms.
 // Precision: bf16 keeps 8 significant bits (relative rounding <= 2^-9 per entry); a product has a
 // relative error of ~2e-3, below the eigensolver's stopping residual of 1e-2 (ncut.hpp). The
-// partitions' NCut objectives, measured on the float similarity, are given in ncut.hpp.
-// Used only where the similarity is built internally (cluster_feature_map), on CPUs with
-// AVX512-BF16 and AVX512-VL; the environment variable CLUSTERMAC_NO_BF16 turns it off. ncut and
-// ncut_embedding on a caller's float matrix stay in float.
+// partitions' NCut objectives against float's are given with SimilarityPrecision
+// (feature_clustering.hpp). Used by cluster_feature_map (by default for N >= 2048) and by
+// ncut_embedding when asked, on CPUs with AVX512-BF16 and AVX512-VL; the environment variable
+// CLUSTERMAC_NO_BF16 turns it off.
 #pragma once
 
 #include <Eigen/Dense>
