@@ -18,27 +18,30 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from pathlib import Path
-from typing import Sequence, Tuple, Union
+from typing import Any, Tuple, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ._typing import Box, ImageInput, PathLike
+
 __all__ = [
     "ImageLoadError",
-    "ImageSource",
+    "ImageInput",
     "Box",
     "load_image",
     "resize_max",
     "map_box",
     "crop_box",
     "BOX_TOLERANCE",
+    "IMAGE_EXTENSIONS",
+    "list_images",
 ]
 
-#: Anything ``load_image`` accepts: a path, a PIL image, or an H×W×3 / H×W uint8 array.
-ImageSource = Union[str, "os.PathLike[str]", Image.Image, np.ndarray]
-#: A box (x1, y1, x2, y2) in pixels.
-Box = Tuple[float, float, float, float]
+#: File extensions taken for images when a folder is scanned (compared case-insensitively).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 #: How far (in original pixels) a query box may reach outside the image before it is refused:
 #: annotations are often rounded outwards by a pixel. Within the tolerance the box is clipped.
@@ -50,12 +53,6 @@ _BACKGROUND = (255, 255, 255)
 
 class ImageLoadError(ValueError):
     """An image could not be read: missing, unreadable, truncated, or not an image."""
-
-
-def _describe(source: object) -> str:
-    if isinstance(source, (str, os.PathLike)):
-        return str(source)
-    return f"<{type(source).__name__}>"
 
 
 def _sixteen_bit_to_rgb(image: Image.Image) -> Image.Image:
@@ -120,7 +117,7 @@ def _from_array(array: np.ndarray) -> Image.Image:
     return Image.fromarray(array, "RGB")
 
 
-def load_image(source: ImageSource) -> Image.Image:
+def load_image(source: ImageInput) -> Image.Image:
     """Decode ``source`` into an 8-bit RGB PIL image with EXIF orientation applied.
 
     ``source`` is a file path (JPEG, PNG, GIF, TIFF, WebP, BMP … anything PIL reads; gray,
@@ -205,7 +202,7 @@ def resize_max(image: Union[Image.Image, np.ndarray], max_size: int = 1024
     return image.resize(new_size, Image.BICUBIC, reducing_gap=3.0), scale
 
 
-def _parse_box(box: Sequence[float], name: str = "box") -> Box:
+def _parse_box(box: Box, name: str = "box") -> Tuple[float, float, float, float]:
     try:
         values = [float(v) for v in np.asarray(box, dtype=np.float64).reshape(-1)]
     except (TypeError, ValueError) as error:
@@ -220,7 +217,8 @@ def _parse_box(box: Sequence[float], name: str = "box") -> Box:
     return x1, y1, x2, y2
 
 
-def _check_inside(box: Box, width: float, height: float, tolerance: float, name: str) -> Box:
+def _check_inside(box: Tuple[float, float, float, float], width: float, height: float, tolerance: float,
+                  name: str) -> Tuple[float, float, float, float]:
     x1, y1, x2, y2 = box
     if x1 < -tolerance or y1 < -tolerance or x2 > width + tolerance or y2 > height + tolerance:
         raise ValueError(
@@ -233,7 +231,7 @@ def _check_inside(box: Box, width: float, height: float, tolerance: float, name:
     return clipped
 
 
-def map_box(box: Sequence[float], scale: float, image_size: Tuple[int, int]) -> Box:
+def map_box(box: Box, scale: float, image_size: Tuple[int, int]) -> Tuple[float, float, float, float]:
     """Map a query box from original-image pixels to the resized image.
 
     ``image_size`` is the ORIGINAL image's ``(width, height)``; ``scale`` is what
@@ -254,7 +252,7 @@ def map_box(box: Sequence[float], scale: float, image_size: Tuple[int, int]) -> 
     return (x1 * scale, y1 * scale, x2 * scale, y2 * scale)
 
 
-def crop_box(image: Image.Image, box: Sequence[float]) -> Image.Image:
+def crop_box(image: Image.Image, box: Box) -> Image.Image:
     """Crop ``image`` to ``box`` (pixels of this image), keeping every pixel the box touches.
 
     Fractional coordinates (e.g. from :func:`map_box`) are widened to whole pixels:
@@ -268,3 +266,26 @@ def crop_box(image: Image.Image, box: Sequence[float]) -> Image.Image:
     left, top = int(math.floor(x1)), int(math.floor(y1))
     right, bottom = int(math.ceil(x2)), int(math.ceil(y2))
     return image.crop((left, top, max(right, left + 1), max(bottom, top + 1)))
+
+
+def list_images(folder: PathLike) -> list[str]:
+    """Image files under ``folder`` (recursively, by :data:`IMAGE_EXTENSIONS`), as sorted paths
+    relative to it."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise ValueError(f"{root}: not a directory")
+    names = [
+        str(p.relative_to(root))
+        for p in root.rglob("*")
+        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+    ]
+    return sorted(names)
+
+
+def __getattr__(name: str) -> Any:
+    # The old name of ImageInput.
+    if name == "ImageSource":
+        warnings.warn("clustermac.images.ImageSource is deprecated: use clustermac.images.ImageInput",
+                      DeprecationWarning, stacklevel=2)
+        return ImageInput
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
