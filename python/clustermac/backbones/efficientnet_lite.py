@@ -33,11 +33,12 @@ import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from .files import atomic_write_bytes, file_sha256
+from .._typing import PathLike
+from ..files import atomic_write_bytes, file_sha256
 
 __all__ = [
     "read_torch_state_dict",
@@ -49,7 +50,6 @@ __all__ = [
     "STRIDE",
 ]
 
-PathLike = Union[str, "os.PathLike[str]"]
 
 #: Channels of the feature map (the head convolution; not scaled in the Lite variants).
 FEATURE_DIM = 1280
