@@ -18,7 +18,7 @@ from typing import Optional
 
 import numpy as np
 
-from . import _core
+from .. import _core
 
 __all__ = ["average_query_expansion", "alpha_query_expansion", "database_side_augmentation"]
 

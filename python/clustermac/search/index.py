@@ -20,11 +20,11 @@ from typing import Any, List, Sequence, Tuple, Union
 
 import numpy as np
 
-from . import _core
+from .. import _core
+from .._typing import PathLike
 
 __all__ = ["Index"]
 
-PathLike = Union[str, "os.PathLike[str]"]
 
 _FORMAT = "clustermac-index"
 _FORMAT_VERSION = 1
