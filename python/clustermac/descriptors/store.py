@@ -16,35 +16,27 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from .descriptors import Extractor
-from .files import atomic_save_npy, atomic_write_bytes, temporary_file_beside
+from .._typing import PathLike
+from ..files import atomic_save_npy, atomic_write_bytes, temporary_file_beside
+from ..images import list_images
+from .extractor import Extractor
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+__all__ = ["extract_folder", "load_descriptors", "manifest_path", "CHUNK_SIZE"]
+
+# Images per chunk written to the parts folder (the unit of resumption).
 CHUNK_SIZE = 64
 
 
-def list_images(folder: Union[str, os.PathLike]) -> list[str]:
-    """Image files under ``folder`` (recursively), as sorted paths relative to it."""
-    root = Path(folder)
-    if not root.is_dir():
-        raise ValueError(f"{root}: not a directory")
-    names = [
-        str(p.relative_to(root))
-        for p in root.rglob("*")
-        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-    ]
-    return sorted(names)
-
-
-def manifest_path(out: Union[str, os.PathLike]) -> Path:
+def manifest_path(out: PathLike) -> Path:
+    """The manifest file beside a descriptor file."""
     return Path(out).with_suffix(".json")
 
 
-def load_descriptors(out: Union[str, os.PathLike], mmap: bool = True) -> tuple[np.ndarray, dict[str, Any]]:
+def load_descriptors(out: PathLike, mmap: bool = True) -> tuple[np.ndarray, dict[str, Any]]:
     """The descriptors (memory-mapped by default) and the manifest written by :func:`extract_folder`."""
     out = Path(out)
     manifest_file = manifest_path(out)
@@ -59,8 +51,8 @@ def load_descriptors(out: Union[str, os.PathLike], mmap: bool = True) -> tuple[n
 
 def extract_folder(
     extractor: Extractor,
-    folder: Union[str, os.PathLike],
-    out: Union[str, os.PathLike],
+    folder: PathLike,
+    out: PathLike,
     progress: bool = True,
     names: Optional[Sequence[str]] = None,
 ) -> dict[str, Any]:

@@ -1,0 +1,30 @@
+"""The one registry of descriptor methods: name -> class. A new method is a class and a line here."""
+from __future__ import annotations
+
+from .base import DescriptorMethod
+from .clustermac import ClusterMAC
+from .global_pooling import MAC, CroW, GeM, SPoC
+from .rmac import RMAC
+
+__all__ = ["METHOD_CLASSES", "METHODS", "REGIONAL_METHODS", "method_class"]
+
+METHOD_CLASSES: dict[str, type[DescriptorMethod]] = {
+    "mac": MAC,
+    "spoc": SPoC,
+    "gem": GeM,
+    "crow": CroW,
+    "rmac": RMAC,
+    "clustermac": ClusterMAC,
+}
+#: Every method's name, in the registry's order.
+METHODS = tuple(METHOD_CLASSES)
+#: The methods that aggregate regional vectors (the others pool one global vector).
+REGIONAL_METHODS = tuple(name for name, cls in METHOD_CLASSES.items() if cls.regional)
+
+
+def method_class(name: str) -> type[DescriptorMethod]:
+    """The class of method ``name``; ValueError naming the choices for an unknown one."""
+    try:
+        return METHOD_CLASSES[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"method: expected one of {METHODS}, got {name!r}") from None
