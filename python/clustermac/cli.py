@@ -47,7 +47,7 @@ def _add_method_options(p: argparse.ArgumentParser) -> None:
 
 
 def _backbone(args: argparse.Namespace):
-    from .backbone import Backbone, default_backbone
+    from .backbones import Backbone, default_backbone
 
     spec = args.backbone
     if spec in ("default", "efficientnet-lite0") and not args.onnx:
@@ -73,7 +73,7 @@ def _extractor(args: argparse.Namespace, backbone=None):
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
-    from .descriptor_store import extract_folder
+    from .descriptors import extract_folder
 
     manifest = extract_folder(_extractor(args), args.folder, args.out, progress=not args.quiet)
     print(f"{len(manifest['images'])} descriptors of dimension {manifest['settings']['dim']} written to {args.out}")
@@ -83,7 +83,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 
 def cmd_fit_whitening(args: argparse.Namespace) -> int:
-    from .descriptor_store import list_images
+    from .images import list_images
 
     ex = _extractor(args)
     names = [str(Path(args.folder) / n) for n in list_images(args.folder)]
@@ -96,10 +96,9 @@ def cmd_fit_whitening(args: argparse.Namespace) -> int:
 
 
 def cmd_index(args: argparse.Namespace) -> int:
-    from .descriptor_store import load_descriptors
-    from .index import Index
-
+    from .descriptors import load_descriptors
     from .files import atomic_write_bytes
+    from .search import Index
 
     vectors, manifest = load_descriptors(args.descriptors)
     index = Index(vectors.shape[1])
@@ -113,7 +112,7 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from .index import Index
+    from .search import Index
 
     index = Index.load(args.index)
     info_file = Path(args.index) / INDEX_INFO
@@ -140,7 +139,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     for rank, (name, score) in enumerate(results, 1):
         print(f"{rank:4d}  {score:.4f}  {name}")
     if args.html:
-        from .report import write_search_page
+        from .bench.report import write_search_page
 
         write_search_page(args.html, args.query, args.box, results, info.get("image_root"))
         print(f"wrote {args.html}")
@@ -148,10 +147,10 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .datasets import load_dataset, read_distractor_list
-    from .descriptor_store import list_images
-    from .pipeline import MethodSpec, dataset_feature_maps, evaluate_methods
-    from .report import format_table
+    from .bench.datasets import load_dataset, read_distractor_list
+    from .bench.pipeline import MethodSpec, dataset_feature_maps, evaluate_methods
+    from .bench.report import format_table
+    from .images import list_images
 
     dataset = load_dataset(args.data_root, name=args.dataset)
     if args.distractors:
@@ -183,7 +182,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_show_clusters(args: argparse.Namespace) -> int:
-    from .figures import cluster_figure_for_file
+    from .bench.figures import cluster_figure_for_file
 
     ex = _extractor(args)
     cluster_figure_for_file(ex, args.image, n_clusters=args.clusters, out_png=args.out)
@@ -192,7 +191,7 @@ def cmd_show_clusters(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import export_backbone
+    from .backbones.export import export_backbone
 
     export_backbone(args.arch, args.out, weights=args.weights, convention=args.convention)
     print(f"wrote {args.out}")
@@ -200,7 +199,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .bench.demo import run_demo
 
     return run_demo(args.out, seed=args.seed, quick=args.quick, threads=args.threads)
 

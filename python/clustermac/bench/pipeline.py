@@ -14,12 +14,15 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from . import _core
-from .backbone import Backbone
+from .. import _core
+from ..backbones import Backbone
+from ..descriptors import Extractor
+from ..descriptors.pipeline import progress_bar
+from ..search import rerank
+from ..search.feature_map_store import FeatureMapStore, FeatureMapStoreWriter
+from ..search.query_expansion import average_query_expansion
 from .datasets import RetrievalDataset
-from .descriptors import Extractor, _progress
 from .evaluate import compute_map, revisited_map
-from .query_expansion import average_query_expansion
 
 FeatureMaps = list  # list of (float16 D×H×W, uint8 H×W×3) or None for an unreadable image
 
@@ -52,7 +55,7 @@ def compute_feature_maps(
 ) -> FeatureMaps:
     """Backbone feature maps of many images, kept compactly (float16 maps, uint8 RGB)."""
     boxes = list(boxes) if boxes is not None else [None] * len(images)
-    bar = _progress(len(images), description, progress)
+    bar = progress_bar(len(images), description, progress)
     out: FeatureMaps = []
     for image, box in zip(images, boxes):
         try:
@@ -75,7 +78,7 @@ def descriptors_from_maps(extractor: Extractor, maps: FeatureMaps, progress: boo
     ``labels_out`` (a list) receives each map's cluster labels (None for an unreadable image),
     so that re-ranking need not cluster the database again."""
     out = np.zeros((len(maps), extractor.dim), dtype=np.float32)
-    bar = _progress(len(maps), description, progress)
+    bar = progress_bar(len(maps), description, progress)
     for i, item in enumerate(maps):
         labels = None
         if item is not None:
@@ -211,8 +214,6 @@ def _rerank_then_qe(extractor, maps: DatasetFeatureMaps, queries: np.ndarray, qu
     :func:`descriptors_from_maps`) saves clustering the database again."""
     import tempfile
 
-    from .rerank import FeatureMapStore, FeatureMapStoreWriter, aml_rerank
-
     if rerank_clusters not in ("stored", "box"):
         raise ValueError(f"rerank_clusters: expected 'stored' or 'box', got {rerank_clusters!r}")
     reclustering = extractor.method == "clustermac" and rerank_clusters == "box"
@@ -243,7 +244,7 @@ def _rerank_then_qe(extractor, maps: DatasetFeatureMaps, queries: np.ndarray, qu
                 continue
             fmap = np.ascontiguousarray(item[0], dtype=np.float32)
             query_mac = _core.region_mac(fmap, np.zeros(fmap.shape[1:], dtype=np.int32))[0]
-            result = aml_rerank(query_mac, queries[q], ranks[:, q], store, descriptor_fn, top_n=top,
+            result = rerank.aml_rerank(query_mac, queries[q], ranks[:, q], store, descriptor_fn, top_n=top,
                                 query_aspect=query_boxes_aspect[q], qe_k=qe_k)
             out[:, q] = result.indices
         del store

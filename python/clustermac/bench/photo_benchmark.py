@@ -74,6 +74,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from .._typing import PathLike
+
 __all__ = [
     "PhotoSource",
     "MultiviewGroup",
@@ -698,7 +700,7 @@ def _check_choices(argument: str, values: Sequence[str], allowed: Sequence[str])
 
 
 def make_benchmark(
-    out_dir: str | os.PathLike,
+    out_dir: PathLike,
     *,
     preset: str = "demo",
     n_queries: int | None = None,
@@ -1280,7 +1282,7 @@ def _write_metadata(staging: Path, specs: list[_ImageSpec], names: list[str], se
 # ----------------------------------------------------------------------------------------------
 
 
-def make_whitening_set(out_dir: str | os.PathLike, n_images: int | None = None, seed: int = 0, *,
+def make_whitening_set(out_dir: PathLike, n_images: int | None = None, seed: int = 0, *,
                        preset: str = "demo", size: int | None = None,
                        sources: dict[str, list] | None = None, progress: bool = False) -> list[str]:
     """Images for learning PCA-whitening, disjoint from every benchmark :func:`make_benchmark` makes.

@@ -18,7 +18,6 @@ import colorsys
 import hashlib
 import io
 import math
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Optional, Sequence, Union
 from xml.sax.saxutils import escape, quoteattr
@@ -26,12 +25,12 @@ from xml.sax.saxutils import escape, quoteattr
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .files import atomic_write_bytes
+from .._typing import ImageInput, PathLike
+from ..files import atomic_write_bytes
 
 if TYPE_CHECKING:  # imported for annotations only; the figures need no backbone
-    from .descriptors import Extractor
+    from ..descriptors import Extractor
 
-ImageLike = Union[Image.Image, np.ndarray]
 Curve = tuple[np.ndarray, np.ndarray]
 
 PANEL_SIZE = 320  # longer side of each picture panel, pixels
@@ -83,7 +82,7 @@ def _check_labels(labels: np.ndarray, shape: tuple[int, int], name: str = "label
     return labels.astype(np.int64)
 
 
-def _as_rgb_image(image: ImageLike, name: str = "image") -> Image.Image:
+def _as_rgb_image(image: Union[Image.Image, np.ndarray], name: str = "image") -> Image.Image:
     if isinstance(image, Image.Image):
         return image.convert("RGB")
     if isinstance(image, np.ndarray):
@@ -235,7 +234,7 @@ def stack_figures(figures: Sequence[Image.Image]) -> Image.Image:
     return stacked
 
 
-def save_png(figure: Image.Image, path: Union[str, os.PathLike]) -> None:
+def save_png(figure: Image.Image, path: PathLike) -> None:
     """Write ``figure`` as a PNG, atomically (temporary file in the same folder, then rename),
     so an interrupted write never leaves a broken file at ``path``."""
     buffer = io.BytesIO()
@@ -270,7 +269,7 @@ def _clusters_caption(count: int) -> str:
 
 # ------------------------------------------------------------------------------ Fig. 7, 6, 5
 def cluster_figure(
-    image: ImageLike,
+    image: Union[Image.Image, np.ndarray],
     feature_map: np.ndarray,
     labels: np.ndarray,
     *,
@@ -301,7 +300,7 @@ def cluster_figure(
 
 
 def spatial_ablation_figure(
-    image: ImageLike,
+    image: Union[Image.Image, np.ndarray],
     feature_map: np.ndarray,
     labels_feature_only: np.ndarray,
     labels_with_spatial: np.ndarray,
@@ -329,7 +328,7 @@ def spatial_ablation_figure(
 
 
 def pca_dimensions_figure(
-    image: ImageLike,
+    image: Union[Image.Image, np.ndarray],
     feature_map: np.ndarray,
     dims: Sequence[int] = (1, 2, 8, 64, 256, 512),
     *,
@@ -342,9 +341,7 @@ def pca_dimensions_figure(
     H·W local D-vectors). Dimensions beyond the rank of the centred features, min(D, H·W − 1),
     carry no information and are dropped.
     """
-    from . import (
-        _core,  # the compiled core; imported here so the drawing code needs no build
-    )
+    from .. import _core  # imported here so the drawing code needs no build
 
     picture = _as_rgb_image(image)
     fmap = _check_feature_map(feature_map)
@@ -367,26 +364,14 @@ def pca_dimensions_figure(
 
 def _cluster_with(extractor: "Extractor", feature_map: np.ndarray, n_clusters: int, spatial_weight: float) -> np.ndarray:
     """One NCut partition of a feature map with the extractor's clustering settings."""
-    from . import _core
+    from ..descriptors.clustermac import cluster_labels
 
-    dataset_pca = extractor.clustering_pca == "dataset" and extractor.pca_basis is not None
-    labels = _core.cluster_feature_map(
-        np.ascontiguousarray(feature_map, dtype=np.float32),
-        rgb=None,
-        n_clusters=(int(n_clusters),),
-        rgb_clusters=0,
-        pca_dim=extractor.pca_dim,
-        z_ratio=extractor.z_ratio,
-        spatial_weight=float(spatial_weight),
-        seed=extractor.seed,
-        normalization=extractor.normalization,
-        pca_mean=extractor.pca_mean if dataset_pca else None,
-        pca_basis=extractor.pca_basis if dataset_pca else None,
-    )
+    labels = cluster_labels(extractor, np.ascontiguousarray(feature_map, dtype=np.float32), None,
+                            n_clusters=(int(n_clusters),), rgb_clusters=0, spatial_weight=spatial_weight)
     return np.asarray(labels[0])
 
 
-def _image_and_features(extractor: "Extractor", path: Union[str, os.PathLike, Image.Image, np.ndarray]):
+def _image_and_features(extractor: "Extractor", path: ImageInput):
     prepared = extractor.prepare(path)
     fmap, _ = extractor.feature_map(prepared)
     return prepared.image, fmap
@@ -394,9 +379,9 @@ def _image_and_features(extractor: "Extractor", path: Union[str, os.PathLike, Im
 
 def cluster_figure_for_file(
     extractor: "Extractor",
-    path: Union[str, os.PathLike, Image.Image, np.ndarray],
+    path: ImageInput,
     n_clusters: int = 10,
-    out_png: Optional[Union[str, os.PathLike]] = None,
+    out_png: Optional[PathLike] = None,
     *,
     panel_size: int = PANEL_SIZE,
     overlay_alpha: float = 1.0,
@@ -417,10 +402,10 @@ def cluster_figure_for_file(
 
 def spatial_ablation_figure_for_file(
     extractor: "Extractor",
-    path: Union[str, os.PathLike, Image.Image, np.ndarray],
+    path: ImageInput,
     n_clusters: int = 10,
     spatial_weight: float = 1.0,
-    out_png: Optional[Union[str, os.PathLike]] = None,
+    out_png: Optional[PathLike] = None,
     *,
     panel_size: int = PANEL_SIZE,
 ) -> Image.Image:
@@ -511,7 +496,7 @@ def box_to_cells(box_pixels: Sequence[float], stride: float) -> tuple[float, flo
 
 def region_precision_study(
     extractor: "Extractor",
-    query_images: Sequence[Union[str, os.PathLike, Image.Image, np.ndarray]],
+    query_images: Sequence[ImageInput],
     query_boxes: Sequence[Sequence[float]],
     *,
     rmac_levels: int = 3,
@@ -529,8 +514,8 @@ def region_precision_study(
     share of all regions of all queries reaching each precision threshold; the keys say the
     mean number of non-empty regions per image.
     """
-    from . import _core
-    from .images import load_image, map_box, resize_max
+    from .. import _core
+    from ..images import load_image, map_box, resize_max
 
     if len(query_images) != len(query_boxes):
         raise ValueError(

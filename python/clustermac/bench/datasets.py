@@ -30,9 +30,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from numbers import Real
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
-from .files import atomic_write_bytes
+from .._typing import PathLike
+from ..files import atomic_write_bytes
+from ..images import IMAGE_EXTENSIONS
 
 __all__ = [
     "DatasetNotFoundError",
@@ -46,10 +48,6 @@ __all__ = [
 ]
 
 Box = tuple[float, float, float, float]
-PathLike = Union[str, "os.PathLike[str]"]
-
-#: File extensions recognised as images when a folder is scanned (compared case-insensitively).
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".tif", ".tiff")
 
 _OXFORD_QUERY_PREFIX = "oxc1_"
 _GROUND_TRUTH_FILE = re.compile(r"^(?P<stem>(?P<landmark>.+)_(?P<number>\d+))_(?P<kind>good|ok|junk|query)\.txt$")

@@ -20,7 +20,8 @@ from typing import Any, Optional, Sequence, Union
 
 from PIL import Image
 
-from .files import atomic_write_bytes
+from .._typing import ImageInput, PathLike
+from ..files import atomic_write_bytes
 
 Table = tuple[str, Sequence[str], Sequence[Sequence[Any]]]
 Figure = tuple[str, Union[Image.Image, str]]
@@ -181,7 +182,7 @@ def render_report(
 
 
 def write_report(
-    path: Union[str, os.PathLike],
+    path: PathLike,
     title: str,
     tables: Sequence[Table],
     figures: Sequence[Figure],
@@ -211,11 +212,11 @@ def _thumbnail_html(image: Image.Image, alt: str) -> str:
 
 
 def write_search_page(
-    path: Union[str, os.PathLike],
-    query: Union[str, os.PathLike, Image.Image],
+    path: PathLike,
+    query: ImageInput,
     box: Optional[Sequence[float]],
     results: Sequence[tuple[str, float]],
-    image_root: Optional[Union[str, os.PathLike]] = None,
+    image_root: Optional[PathLike] = None,
 ) -> None:
     """One self-contained HTML page of a search (``clustermac search --html``): the query
     (its box drawn in red) and the ranked results as embedded thumbnails with their scores.
@@ -226,7 +227,7 @@ def write_search_page(
     """
     from PIL import ImageDraw
 
-    from .images import load_image
+    from ..images import load_image
 
     query_image = load_image(query)
     if box is not None:

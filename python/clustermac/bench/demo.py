@@ -16,10 +16,11 @@ from typing import Optional, Union
 
 import numpy as np
 
-from .backbone import default_backbone
+from ..backbones import default_backbone
+from ..descriptors import Extractor
+from ..descriptors.clustermac import cluster_labels
+from ..files import atomic_write_bytes
 from .datasets import load_dataset
-from .files import atomic_write_bytes
-from .descriptors import Extractor
 from .pipeline import (DatasetFeatureMaps, MethodSpec, dataset_feature_maps, descriptors_from_maps, evaluate_methods,
                        fitted_extractor, full_ranks, score_ranks)
 
@@ -99,11 +100,11 @@ def _figures(dataset, backbone, maps: DatasetFeatureMaps, figures) -> list:
         prepared = ex.prepare(path)
         fmap, _ = ex.feature_map(prepared)
         examples.append((prepared.image, fmap))
-        labels = _labels(fmap, 10, ex.pca_dim)
+        labels = _labels(ex, fmap, 10)
         out.append((f"Fig. 7: {Path(path).name} — image, l2 norm of the features, 10 NCut clusters", figures.cluster_figure(prepared.image, fmap, labels)))
     image, fmap = examples[0]
     out.append(("Fig. 6: clusters without (paper) and with a spatial term",
-                figures.spatial_ablation_figure(image, fmap, _labels(fmap, 10, ex.pca_dim), _labels(fmap, 10, ex.pca_dim, spatial_weight=1.0))))
+                figures.spatial_ablation_figure(image, fmap, _labels(ex, fmap, 10), _labels(ex, fmap, 10, spatial_weight=1.0))))
     out.append(("Fig. 5: PCA dimensions 1, 2, 8, 64, 256, 512 of the local features (those the image has enough locations for)", figures.pca_dimensions_figure(image, fmap)))
     curves = figures.region_precision_study(Extractor(backbone, "clustermac", max_size=DEMO_MAX_SIZE), query_paths,
                                             dataset.query_boxes)
@@ -113,11 +114,10 @@ def _figures(dataset, backbone, maps: DatasetFeatureMaps, figures) -> list:
     return out
 
 
-def _labels(fmap: np.ndarray, n_clusters: int, pca_dim: int, spatial_weight: float = 0.0) -> np.ndarray:
-    from . import _core
-
-    return _core.cluster_feature_map(np.ascontiguousarray(fmap, dtype=np.float32), None, n_clusters=(n_clusters,),
-                                     rgb_clusters=0, pca_dim=pca_dim, spatial_weight=spatial_weight)[0]
+def _labels(ex: Extractor, fmap: np.ndarray, n_clusters: int, spatial_weight: float = 0.0) -> np.ndarray:
+    """One NCut partition into ``n_clusters`` with the extractor's settings, no RGB clusters."""
+    return cluster_labels(ex, np.ascontiguousarray(fmap, dtype=np.float32), None, n_clusters=(n_clusters,),
+                          rgb_clusters=0, spatial_weight=spatial_weight)[0]
 
 
 def _map_against_pca_dim(dataset, backbone, maps: DatasetFeatureMaps, figures) -> str:
