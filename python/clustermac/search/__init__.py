@@ -12,12 +12,18 @@ from ..descriptors.clustermac import ClusterMACInBox
 from ..descriptors.rmac import RMACInBox
 from .feature_map_store import FeatureMapStore, FeatureMapStoreWriter, quantize_feature_map
 from .index import Index
-from .query_expansion import alpha_query_expansion, average_query_expansion, database_side_augmentation
+from .query_expansion import (
+    alpha_query_expansion,
+    average_of_neighbours,
+    average_query_expansion,
+    database_side_augmentation,
+)
 from .rerank import RerankResult, aml_rerank
 
 __all__ = [
     "Index",
     "average_query_expansion",
+    "average_of_neighbours",
     "alpha_query_expansion",
     "database_side_augmentation",
     "quantize_feature_map",

@@ -20,7 +20,7 @@ import numpy as np
 
 from .. import _core
 
-__all__ = ["average_query_expansion", "alpha_query_expansion", "database_side_augmentation"]
+__all__ = ["average_query_expansion", "average_of_neighbours", "alpha_query_expansion", "database_side_augmentation"]
 
 
 def _matrix(array: np.ndarray, name: str, dim: Optional[int] = None) -> np.ndarray:
@@ -117,6 +117,18 @@ def average_query_expansion(
     base = _matrix(database, "database", queries.shape[1])
     top = _top_indices(ranks_or_indices, queries.shape[0], base.shape[0], _check_k(k))
     return _expand(queries, base, top, None)
+
+
+def average_of_neighbours(query_vector: np.ndarray, neighbours: np.ndarray) -> np.ndarray:
+    """Average query expansion with the top-k vectors already at hand (e.g. the localised
+    descriptors of re-ranking): l2(q + Σ rows of ``neighbours``), float32 D.
+
+    Summed in float32, as :func:`clustermac.aml_rerank` has always done; it can differ from
+    :func:`average_query_expansion` (which sums in float64) in the last bit.
+    """
+    query = np.asarray(query_vector, dtype=np.float32)
+    rows = np.asarray(neighbours, dtype=np.float32)
+    return _core.l2_normalize(np.ascontiguousarray(query + rows.sum(axis=0)))
 
 
 def alpha_query_expansion(

@@ -24,7 +24,7 @@ import numpy as np
 
 from .. import _core
 from .feature_map_store import FeatureMapStore
-from .query_expansion import average_query_expansion
+from .query_expansion import average_of_neighbours
 
 __all__ = ["RerankResult", "aml_rerank"]
 
@@ -153,7 +153,7 @@ def aml_rerank(
     ranking = np.lexsort((np.arange(head.size), -scores))  # stable: ties keep the initial order
     expanded = query_descriptor
     if qe_k > 0 and head.size:
-        expanded = average_query_expansion(query_descriptor, descriptors, ranking[None, :qe_k], k=min(qe_k, head.size))[0]
+        expanded = average_of_neighbours(query_descriptor, descriptors[ranking[:qe_k]])
         scores = descriptors @ expanded
         ranking = np.lexsort((np.arange(head.size), -scores))
     reordered = np.concatenate([head[ranking], order[top_n:]])
