@@ -36,6 +36,7 @@ from threadpoolctl import threadpool_limits  # noqa: E402
 
 import clustermac  # noqa: E402
 from clustermac import _core  # noqa: E402
+from clustermac.bench.reference import ncut_objective  # noqa: E402
 
 PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry"]
 
@@ -47,7 +48,7 @@ def load_maps(height: int, width: int, count: int, synthetic: bool, seed: int = 
             from PIL import Image
             from skimage import data
 
-            from clustermac.backbone import default_backbone
+            from clustermac.backbones import default_backbone
 
             backbone = default_backbone(n_threads=2, max_size=32 * max(height, width))
             out = []
@@ -114,15 +115,6 @@ def reference_pipeline(feature_map, rgb, pca_dim, seed=0):
     s_rgb = reference_similarity(rgb.reshape(-1, 3).astype(np.float64), equal_weights=True)
     labels.append(spectral_clustering(s_rgb, n_clusters=5, assign_labels="discretize", random_state=seed))
     return labels, s, s_rgb
-
-
-def ncut_objective(s: np.ndarray, labels: np.ndarray) -> float:
-    total = 0.0
-    for c in np.unique(labels):
-        inside = labels == c
-        assoc = s[inside].sum()
-        total += (assoc - s[np.ix_(inside, inside)].sum()) / assoc
-    return total
 
 
 def peak_memory_mb(feature_map, rgb, pca_dim) -> tuple[float, float]:

@@ -1,4 +1,4 @@
-"""Extraction cost: full ClusterMAC (or another method) against the bare backbone (issue 3).
+"""Extraction cost: full ClusterMAC (or another method) against the bare backbone.
 
     python benchmarks/extraction.py                        # embedded EfficientNet-Lite0, 1024 px
     python benchmarks/extraction.py --backbone vgg16       # VGG16 conv5_3 (random weights, exported with torch)
@@ -28,7 +28,7 @@ from PIL import Image
 def photos(n: int, size: int, seed: int = 0) -> list[Image.Image]:
     """n distinct real photographs at least `size` px on the long side (random crops of the
     installed photos, upsampled where needed, so that the network sees `size`-px inputs)."""
-    from clustermac.photo_benchmark import find_photo_sources
+    from clustermac.bench.photo_benchmark import find_photo_sources
 
     sources = find_photo_sources()
     paths = [s.path for role in ("background", "object", "training") for s in sources[role]]
@@ -44,12 +44,12 @@ def photos(n: int, size: int, seed: int = 0) -> list[Image.Image]:
 
 
 def make_backbone(name: str, threads: int, onnx: str | None):
-    from clustermac.backbone import Backbone, default_backbone
+    from clustermac.backbones import Backbone, default_backbone
 
     if name == "default":
         return default_backbone(n_threads=threads)
     if onnx is None:
-        from clustermac.export import export_backbone
+        from clustermac.backbones.export import export_backbone
 
         onnx = os.path.join(tempfile.gettempdir(), f"clustermac-bench-{name}-random.onnx")
         if not os.path.exists(onnx):
@@ -84,8 +84,7 @@ def time_extraction(args) -> dict:
 
 def peak_memory_child(n: int, backbone: str, method: str, max_size: int) -> None:
     """Run `extract_folder` on a folder of n images and print the peak RSS (MB)."""
-    from clustermac.descriptor_store import extract_folder
-    from clustermac.descriptors import Extractor
+    from clustermac.descriptors import Extractor, extract_folder
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "images"

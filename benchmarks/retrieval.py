@@ -1,4 +1,4 @@
-"""The full retrieval comparison on a large real-photo benchmark (issue 5, item 4).
+"""The full retrieval comparison on a large real-photo benchmark.
 
     python benchmarks/retrieval.py --out /tmp/cm-retrieval [--rerank] [--ablations]
 
@@ -18,11 +18,11 @@ import sys
 import time
 from pathlib import Path
 
-from clustermac import photo_benchmark
-from clustermac.backbone import Backbone, default_backbone
-from clustermac.datasets import load_dataset
-from clustermac.pipeline import DEFAULT_METHODS, MethodSpec, dataset_feature_maps, evaluate_methods
-from clustermac.report import format_table
+from clustermac.backbones import Backbone, default_backbone
+from clustermac.bench import photo_benchmark
+from clustermac.bench.datasets import load_dataset
+from clustermac.bench.pipeline import DEFAULT_METHODS, MethodSpec, dataset_feature_maps, evaluate_methods
+from clustermac.bench.report import format_table
 
 ABLATIONS = (
     MethodSpec("ClusterMAC + grid regions", "clustermac", {"add_grid_regions": True}),
@@ -49,7 +49,7 @@ ABLATIONS = (
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="retrieval-benchmark")
-    parser.add_argument("--preset", default="large", help="benchmark size preset of clustermac.photo_benchmark")
+    parser.add_argument("--preset", default="large", help="benchmark size preset of clustermac.bench.photo_benchmark")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", type=int, default=None, help="long side of the benchmark's images (default: the preset's)")
     parser.add_argument("--max-size", type=int, default=640)
