@@ -156,7 +156,7 @@ def load_image(source: ImageInput) -> Image.Image:
     try:
         with Image.open(path) as image:
             image.load()  # decode now so that truncation is reported here, naming the file
-            # In place: the decoded image is ours, and a copy of a 24-Mpx photo costs 72 MB.
+            # In place: the decoded image is ours, and a copy of a large photo is costly.
             ImageOps.exif_transpose(image, in_place=True)
             return _to_rgb(image, name)
     except UnidentifiedImageError as error:

@@ -83,8 +83,8 @@ PRESETS: Dict[str, Preset] = {
                "VGG16 conv5_3 + ReLU, Caffe convention"),
         Preset("resnet101-caffe", "BGR", 1.0, _RESNET_CAFFE_MEAN_BGR, (1.0, 1.0, 1.0), 32, 2048,
                "ResNet101 res5c + ReLU, Caffe convention"),
-        # ImageNet mean/std rather than the (x − 127)/128 of the TF-Lite release: measured here,
-        # +6–8 mAP for retrieval features with every method (DESIGN.md, "Findings").
+        # ImageNet mean/std rather than the (x − 127)/128 of the TF-Lite release: better retrieval
+        # features with every method (DESIGN.md, "Findings").
         Preset("efficientnet-lite0", "RGB", 1 / 255, _IMAGENET_MEAN, _IMAGENET_STD, 32, 1280,
                "EfficientNet-Lite0 head conv (1280) + BN + ReLU6"),
     )
@@ -184,8 +184,8 @@ class Backbone:
         self.n_threads = n_threads
         self.max_size = int(max_size)
         self.stride = int(self.preset.stride)
-        # The preset's normalisation as a 256-entry table per network input channel: a gather
-        # is 3× faster than float arithmetic on a 1024×768 image, with identical float32 values.
+        # The preset's normalisation as a 256-entry table per network input channel: a gather is
+        # faster than float arithmetic, with identical float32 values.
         scale = (self.preset.pixel_scale / np.asarray(self.preset.std, np.float64)).astype(np.float32)
         offset = (np.asarray(self.preset.mean, np.float64) /
                   np.asarray(self.preset.std, np.float64)).astype(np.float32)

@@ -348,7 +348,7 @@ class _SourceCache:
     """Decodes each photograph once per run, as RGB uint8 with its longer side <= SOURCE_MAX_SIDE.
 
     The most recently used decoded photos are also kept between runs (a small process-wide
-    cache, read-only arrays) because decoding a 5120-px wallpaper takes ~0.4 s.
+    cache, read-only arrays) because decoding a large wallpaper is slow.
     """
 
     def __init__(self) -> None:

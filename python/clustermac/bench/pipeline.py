@@ -210,7 +210,7 @@ def _rerank_then_qe(extractor, maps: DatasetFeatureMaps, queries: np.ndarray, qu
     The descriptor inside a box is computed on the stored 8-bit codes for R-MAC and, with
     ``rerank_clusters="stored"``, for ClusterMAC from the database images' own clusters
     (:class:`clustermac.ClusterMACInBox`); ``"box"`` re-clusters the activations inside every
-    box instead (no RGB clusters; ~0.1 s per VGG16-sized map). ``database_labels`` (from
+    box instead (no RGB clusters; a full NCut per candidate). ``database_labels`` (from
     :func:`descriptors_from_maps`) saves clustering the database again."""
     import tempfile
 

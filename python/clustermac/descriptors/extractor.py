@@ -88,7 +88,7 @@ class Extractor:
     normalization:
         NCut graph normalisation passed to :func:`clustermac.cluster_feature_map`: ``"sym"``
         (default; no self-loops, as scikit-learn) or ``"shi"`` (Shi's released Ncut code, which
-        the paper ran). See the C++ core's ncut.hpp for the measurements behind the default.
+        the paper ran).
     clustering_pca:
         ``"image"`` (the paper: PCA per image) or ``"dataset"`` (learned by
         :meth:`fit_whitening` on the whitening images).
@@ -98,11 +98,10 @@ class Extractor:
         ClusterMAC only. ``"mask"`` (the paper's Eq. 4): each cluster's MAC over its own
         locations. ``"box"`` (our variant, not in the paper): over the bounding box of the cluster
         (:func:`clustermac.region_boxes`), so each region keeps the context around its cluster
-        as R-MAC's rectangles do. See the README for what it measures.
+        as R-MAC's rectangles do. The README reports what it changes.
     add_grid_regions:
         ClusterMAC only, not in the paper: add the R-MAC grid's square regions to the clusters
-        before aggregation (off by default). On our real-photo benchmark (benchmarks/retrieval.py)
-        it lifted ClusterMAC to R-MAC's mAP with a higher Hard score; see the README.
+        before aggregation (off by default; the README reports what it changes).
     gem_p:
         GeM exponent (3).
     whitening_dim:
