@@ -15,7 +15,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from .descriptors import CLUSTER_POOLINGS, CROP_MODES, METHODS
 
@@ -59,14 +59,23 @@ def _backbone(args: argparse.Namespace):
     return Backbone(args.onnx, preset=spec, n_threads=args.threads)
 
 
+def _method_options(args: argparse.Namespace, method: str) -> dict[str, Any]:
+    """The Extractor keywords of the method options (see _add_method_options) for ``method``."""
+    options: dict[str, Any] = {
+        "add_grid_regions": bool(getattr(args, "grid_regions", False)) and method == "clustermac",
+        "cluster_pooling": getattr(args, "cluster_pooling", None) or "mask",
+        "n_clusters": tuple(getattr(args, "n_clusters", None) or (5, 20)),
+    }
+    if getattr(args, "pca_dim", None) is not None:
+        options["pca_dim"] = args.pca_dim
+    return options
+
+
 def _extractor(args: argparse.Namespace, backbone=None):
     from .descriptors import Extractor
 
     ex = Extractor(backbone or _backbone(args), args.method, crop=getattr(args, "crop", "image"),
-                   max_size=args.max_size, pca_dim=getattr(args, "pca_dim", None),
-                   add_grid_regions=getattr(args, "grid_regions", False) and args.method == "clustermac",
-                   cluster_pooling=getattr(args, "cluster_pooling", None) or "mask",
-                   n_clusters=getattr(args, "n_clusters", None) or (5, 20))
+                   max_size=args.max_size, **_method_options(args, args.method))
     if getattr(args, "whitening", None):
         ex.load_whitening(args.whitening)
     return ex
@@ -121,15 +130,10 @@ def cmd_search(args: argparse.Namespace) -> int:
     # Queries are extracted with the settings the indexed descriptors were made with, unless given.
     if not args.method_given and settings.get("method"):
         args.method = settings["method"]
-    if args.max_size is None:
-        args.max_size = settings.get("max_size")
-    if args.pca_dim is None:
-        args.pca_dim = settings.get("pca_dim")
+    for option in ("max_size", "pca_dim", "cluster_pooling", "n_clusters"):
+        if getattr(args, option) is None:
+            setattr(args, option, settings.get(option))
     args.grid_regions = args.grid_regions or bool(settings.get("add_grid_regions"))
-    if args.cluster_pooling is None:
-        args.cluster_pooling = settings.get("cluster_pooling")
-    if args.n_clusters is None:
-        args.n_clusters = settings.get("n_clusters")
     ex = _extractor(args)
     if settings and settings.get("whitened") and not ex.is_whitened:
         raise SystemExit("clustermac: the index was built from whitened descriptors: pass the same --whitening file")
@@ -161,10 +165,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     else:
         raise SystemExit("clustermac: --whitening-root DIR is needed: whitening is learned on a different image set "
                          "(the paper learns it on Paris6k to test on Oxford5k and vice versa)")
-    clustermac_params = {"add_grid_regions": args.grid_regions, "cluster_pooling": args.cluster_pooling or "mask",
-                         "n_clusters": tuple(args.n_clusters or (5, 20)),
-                         **({"pca_dim": args.pca_dim} if args.pca_dim else {})}
-    methods = [MethodSpec(m, m, clustermac_params if m == "clustermac" else {}) for m in args.methods]
+    methods = [MethodSpec(m, m, _method_options(args, m) if m == "clustermac" else {}) for m in args.methods]
     backbone = _backbone(args)
     maps = dataset_feature_maps(dataset, backbone, whitening, crops=args.crops, max_size=args.max_size, progress=not args.quiet)
     result = evaluate_methods(dataset, backbone, maps, methods, query_expansion=args.qe, rerank=args.rerank,
