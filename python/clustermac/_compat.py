@@ -8,7 +8,6 @@ path still reaches the code), and warns ``DeprecationWarning`` naming the new pa
 from __future__ import annotations
 
 import importlib
-import importlib.abc
 import importlib.machinery
 import os
 import sys
@@ -111,8 +110,8 @@ class _MovedModule(types.ModuleType):
         return sorted({name for module in self._modules() for name in dir(module)})
 
 
-class _MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Finds and loads the old module paths of :data:`MOVED`."""
+class _MovedModuleFinder:
+    """Finds and loads the old module paths of :data:`MOVED` (a meta-path finder and its loader)."""
 
     def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Optional[importlib.machinery.ModuleSpec]:
         if fullname not in MOVED:

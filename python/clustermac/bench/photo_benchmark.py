@@ -628,7 +628,7 @@ def _bbox(mask: np.ndarray) -> list[float] | None:
 
 @dataclass
 class PhotoBenchmark:
-    """What :func:`make_benchmark` wrote (field names as in ``clustermac.datasets.RetrievalDataset``).
+    """What :func:`make_benchmark` wrote (field names as in ``clustermac.bench.datasets.RetrievalDataset``).
 
     Attributes:
         name: dataset name (the pickle is ``gnd_<name>.pkl``).
@@ -641,8 +641,8 @@ class PhotoBenchmark:
         out_dir, gt_dir, pkl_path, metadata_path: where the files are.
         query_tiers: per query ``"multiview"`` or ``"pasted"``.
         query_instances: per query the instance name (classic file prefix).
-        dataset: the same as a ``clustermac.datasets.RetrievalDataset`` (what
-            ``clustermac.datasets.load_dataset(out_dir)`` reads back).
+        dataset: the same as a ``clustermac.bench.datasets.RetrievalDataset`` (what
+            ``clustermac.bench.datasets.load_dataset(out_dir)`` reads back).
     """
 
     name: str
@@ -1229,7 +1229,7 @@ def _junk_crop(box: np.ndarray, width: int, height: int, rng: np.random.Generato
 
 def _write_ground_truth(staging: Path, out_path: Path, name: str, specs: list[_ImageSpec],
                         names: list[str], query_specs: list[_ImageSpec]) -> PhotoBenchmark:
-    """Write gt/ (classic) and gnd_<name>.pkl (revisited) with clustermac.datasets' writers."""
+    """Write gt/ (classic) and gnd_<name>.pkl (revisited) with clustermac.bench.datasets' writers."""
     from .datasets import RetrievalDataset, write_classic, write_revisited
 
     query_names = {spec.record["name"] for spec in query_specs}

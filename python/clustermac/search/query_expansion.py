@@ -40,7 +40,7 @@ def _matrix(array: np.ndarray, name: str, dim: Optional[int] = None) -> np.ndarr
 
 def _top_indices(ranks_or_indices: np.ndarray, n_queries: int, n_database: int, k: int) -> np.ndarray:
     """Q × k database indices from a Q × m array (rows = queries) or an m × Q array (the
-    database × queries ``ranks`` layout of clustermac.evaluate), m >= k."""
+    database × queries ``ranks`` layout of clustermac.bench.evaluate), m >= k."""
     ranks = np.asarray(ranks_or_indices)
     if ranks.ndim == 1 and n_queries == 1:
         ranks = ranks[None, :]
