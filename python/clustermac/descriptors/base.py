@@ -10,6 +10,7 @@ A method (MAC, SPoC, GeM, CroW, R-MAC, ClusterMAC) is a small class bound to an
 """
 from __future__ import annotations
 
+import weakref
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional, Sequence, Union
 
 import numpy as np
@@ -36,7 +37,8 @@ class DescriptorMethod:
     regional: ClassVar[bool] = False
 
     def __init__(self, extractor: "Extractor") -> None:
-        self.extractor = extractor
+        # A weak proxy: the extractor owns its method, and no reference cycle keeps it alive.
+        self.extractor: "Extractor" = weakref.proxy(extractor)
 
     def settings(self) -> dict[str, Any]:
         """The settings of this method beyond the extractor's common ones, in a fixed order."""

@@ -152,4 +152,4 @@ class ClusterMACInBox:
         feature_map = CodedMap(store.codes(index), box, store.scale(index))
         grid_levels = self._grid.levels if self.add_grid_regions else None
         vectors = cluster_region_vectors(feature_map, labels, self.cluster_pooling, grid_levels)
-        return self._grid._aggregate(vectors)
+        return _core.aggregate_regions(vectors, self._grid.whitening_mean, self._grid.whitening_projection)
