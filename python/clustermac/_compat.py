@@ -113,7 +113,8 @@ class _MovedModule(types.ModuleType):
 class _MovedModuleFinder:
     """Finds and loads the old module paths of :data:`MOVED` (a meta-path finder and its loader)."""
 
-    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Optional[importlib.machinery.ModuleSpec]:
+    def find_spec(self, fullname: str, path: Any = None,
+                  target: Any = None) -> Optional[importlib.machinery.ModuleSpec]:
         if fullname not in MOVED:
             return None
         return importlib.machinery.ModuleSpec(fullname, self, origin=f"moved to {MOVED[fullname][0]}")

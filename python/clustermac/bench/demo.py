@@ -12,10 +12,11 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional
 
 import numpy as np
 
+from .._typing import PathLike
 from ..backbones import default_backbone
 from ..descriptors import Extractor
 from ..descriptors.clustermac import cluster_labels
@@ -40,7 +41,7 @@ def _say(message: str) -> None:
     print(f"[clustermac demo] {message}", flush=True)
 
 
-def run_demo(out: Union[str, Path] = "clustermac-demo", seed: int = 0, quick: bool = False, threads: Optional[int] = None) -> int:
+def run_demo(out: PathLike = "clustermac-demo", seed: int = 0, quick: bool = False, threads: Optional[int] = None) -> int:
     """Run the demo; writes ``out/report.html`` and ``out/results.json``. Returns 0."""
     from . import figures, photo_benchmark
     from .report import format_table, write_report

@@ -34,7 +34,8 @@ def iter_descriptors(
     GIL released).
     """
     if boxes is not None and len(boxes) != len(images):
-        raise ValueError(f"boxes: expected one box (or None) per image, got {len(boxes)} boxes for {len(images)} images")
+        raise ValueError(f"boxes: expected one box (or None) per image, got {len(boxes)} boxes "
+                         f"for {len(images)} images")
     boxes = list(boxes) if boxes is not None else [None] * len(images)
     bar = progress_bar(len(images), description, progress)
 
