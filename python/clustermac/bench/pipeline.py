@@ -16,7 +16,7 @@ import numpy as np
 
 from .. import _core
 from ..backbones import Backbone
-from ..descriptors import Extractor
+from ..descriptors import REGIONAL_METHODS, Extractor
 from ..descriptors.pipeline import progress_bar
 from ..search import rerank
 from ..search.feature_map_store import FeatureMapStore, FeatureMapStoreWriter
@@ -187,7 +187,7 @@ def evaluate_methods(
             variants = [("", ranks)]
             if query_expansion:
                 variants.append((" + QE", full_ranks(database, average_query_expansion(queries, database, ranks.T, k=qe_k))))
-            if rerank and spec.method in ("rmac", "clustermac"):
+            if rerank and spec.method in REGIONAL_METHODS:
                 aspects = [None if b is None else (b[2] - b[0]) / max(b[3] - b[1], 1e-6) for b in dataset.query_boxes]
                 reranked = _rerank_then_qe(extractor, maps, queries, query_maps, aspects, ranks, rerank_top, qe_k,
                                            rerank_clusters, database_labels)
@@ -217,7 +217,7 @@ def _rerank_then_qe(extractor, maps: DatasetFeatureMaps, queries: np.ndarray, qu
     if rerank_clusters not in ("stored", "box"):
         raise ValueError(f"rerank_clusters: expected 'stored' or 'box', got {rerank_clusters!r}")
     reclustering = extractor.method == "clustermac" and rerank_clusters == "box"
-    if reclustering or extractor.method not in ("rmac", "clustermac"):
+    if reclustering or extractor.method not in REGIONAL_METHODS:
         def descriptor_fn(crop: np.ndarray) -> np.ndarray:
             # No RGB image is at hand for a database crop: the RGB clustering is skipped here.
             return extractor.descriptor_from_feature_map(crop, None)
