@@ -1,8 +1,7 @@
 // Google Benchmark microbenchmarks of the clustering core at the paper's map sizes:
 // N = 3072 (VGG16, 64 x 48, C = 4) and N = 768 (ResNet101, 32 x 24, C = 7).
 //
-//   cmake -S . -B build/bench -DCLUSTERMAC_BENCHMARKS=ON -DCMAKE_BUILD_TYPE=Release \
-//         -Dpybind11_DIR=$(python -m pybind11 --cmakedir)
+//   cmake -S . -B build/bench -DCLUSTERMAC_BENCHMARKS=ON
 //   cmake --build build/bench --target bench_clustering && build/bench/bench_clustering
 //
 // Data: a Gaussian mixture with heavy-tailed (gamma-scaled) points in C dims, which gives
@@ -11,11 +10,11 @@
 
 #include <random>
 
-#include "clustermac/affinity.hpp"
-#include "clustermac/discretize.hpp"
-#include "clustermac/feature_clustering.hpp"
-#include "clustermac/ncut.hpp"
-#include "clustermac/pca.hpp"
+#include "clustermac/clustering/affinity.hpp"
+#include "clustermac/clustering/discretize.hpp"
+#include "clustermac/clustering/feature_clustering.hpp"
+#include "clustermac/clustering/ncut.hpp"
+#include "clustermac/linalg/pca.hpp"
 
 namespace {
 
@@ -90,7 +89,7 @@ void BM_SimilarityTimesBlock(benchmark::State& state) {
 
 // The same product with the similarity stored in bfloat16 (AVX512-BF16; skipped without it).
 void BM_SimilarityTimesBlockBf16(benchmark::State& state) {
-  if (!clustermac::cpu_has_avx512_bf16()) {
+  if (!clustermac::simd_has_avx512_bf16()) {
     state.SkipWithError("the CPU lacks AVX512-BF16");
     return;
   }
@@ -109,7 +108,7 @@ void BM_SimilarityTimesBlockBf16(benchmark::State& state) {
 }
 
 void BM_NcutEigensolveBf16(benchmark::State& state) {
-  if (!clustermac::cpu_has_avx512_bf16()) {
+  if (!clustermac::simd_has_avx512_bf16()) {
     state.SkipWithError("the CPU lacks AVX512-BF16");
     return;
   }

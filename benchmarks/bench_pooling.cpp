@@ -2,8 +2,7 @@
 // grid_mac over the R-MAC grid, at the map sizes of the paper's backbones
 // (ResNet101 at 1024 px: D = 2048, 32×24 = 768 locations; VGG16: D = 512, 64×48 = 3072).
 //
-//   cmake -S . -B build/bench -DCLUSTERMAC_BENCHMARKS=ON -DCMAKE_BUILD_TYPE=Release \
-//         -DCMAKE_PREFIX_PATH="$(python -m cmeel cmake);$(python -c 'import pybind11; print(pybind11.get_cmake_dir())')"
+//   cmake -S . -B build/bench -DCLUSTERMAC_BENCHMARKS=ON
 //   cmake --build build/bench --target bench_pooling
 //   build/bench/bench_pooling --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
 #include <benchmark/benchmark.h>
@@ -11,7 +10,7 @@
 #include <random>
 #include <vector>
 
-#include "clustermac/pooling.hpp"
+#include "clustermac/pooling/pooling.hpp"
 
 namespace {
 

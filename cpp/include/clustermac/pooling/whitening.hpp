@@ -9,7 +9,7 @@
 #include <Eigen/Eigenvalues>
 
 #include "clustermac/common.hpp"
-#include "clustermac/dense_kernels.hpp"
+#include "clustermac/linalg/dense_kernels.hpp"
 
 namespace clustermac {
 
@@ -38,8 +38,7 @@ struct Whitening {
 // PCA-whitening learned from N×D vectors: centre, eigen-decompose the covariance, keep the
 // top `dim` eigenvectors and scale each by (λ + shrinkage·λmax)^(-1/2). The shrinkage term
 // regularises the small eigenvalues: whitening learned from a few hundred images is badly
-// conditioned and, unregularised, divides noise directions by ~0 (measured here: −25 mAP for
-// R-MAC). Computed in double; for N < D via the N×N Gram matrix, which has the same non-zero
+// conditioned and, unregularised, divides noise directions by ~0. Computed in double; for N < D via the N×N Gram matrix, which has the same non-zero
 // spectrum. Each eigenvector's sign is fixed so that its largest-magnitude entry is positive.
 inline Whitening fit_pca_whitening(const ConstMatrixRef& vectors, std::ptrdiff_t dim, double shrinkage) {
   const std::ptrdiff_t n = vectors.rows(), d = vectors.cols();
@@ -111,8 +110,7 @@ inline Whitening fit_pca_whitening(const ConstMatrixRef& vectors, std::ptrdiff_t
 
 // (x − mean)·Pᵀ for each row of x (n × D; P is dim × D); no normalisation (the caller
 // l2-normalises). The product is the AVX2 + FMA kernel of dense_kernels.hpp when the CPU has it:
-// whitening ~20 regional vectors per AML box is most of R-MAC's cost in re-ranking, and Eigen's
-// portable (SSE2) product is ~4x slower.
+// whitening the regional vectors of each AML box is most of R-MAC's cost in re-ranking.
 inline MatrixRM whiten(const ConstMatrixRef& vectors, const float* mean, const ConstMatrixRef& projection) {
   const Eigen::Index n = vectors.rows(), d = vectors.cols(), dim = projection.rows();
   // centred^T (D × n, column-major): the right-hand side of P · centred^T.

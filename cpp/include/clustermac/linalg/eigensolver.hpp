@@ -17,7 +17,7 @@
 #include <random>
 
 #include "clustermac/common.hpp"
-#include "clustermac/dense_kernels.hpp"
+#include "clustermac/linalg/dense_kernels.hpp"
 
 namespace clustermac {
 
@@ -73,8 +73,7 @@ inline void orthonormalise_column(Eigen::Ref<Eigen::MatrixXf> basis, Eigen::Inde
 
 // Orthonormalises columns [begin, begin + count) of `basis` against columns [0, begin) and
 // among themselves. The projection against the earlier columns is done as two block
-// products (classical Gram-Schmidt twice, as GEMMs: the column-by-column version made this
-// the solver's bottleneck); the few columns within the block go one by one.
+// products (classical Gram-Schmidt twice, as GEMMs); the few columns within the block go one by one.
 inline void orthonormalise_block(Eigen::Ref<Eigen::MatrixXf> basis, Eigen::Index begin, Eigen::Index count,
                                  std::mt19937_64& rng) {
   auto block = basis.middleCols(begin, count);
@@ -164,7 +163,7 @@ EigenPairs top_eigenpairs(Eigen::Index n, int k, Apply&& apply, const EigenSolve
   Eigen::MatrixXf next_block = basis_product.leftCols(block);
 
   // H = Q^T A Q, kept across restarts: after one, its kept block is diag(Ritz values), so only
-  // the columns of new blocks are computed (the projections are a visible share of the cost).
+  // the columns of new blocks are computed.
   Eigen::MatrixXd projected = Eigen::MatrixXd::Zero(m, m);
   Index known = 0;  // columns [0, known) of `projected` are up to date
   for (int cycle = 0; cycle < options.max_cycles; ++cycle) {
@@ -187,9 +186,8 @@ EigenPairs top_eigenpairs(Eigen::Index n, int k, Apply&& apply, const EigenSolve
     const Eigen::MatrixXd fresh = fresh_f.cast<double>();
     projected.block(0, known, filled, filled - known) = fresh;
     projected.block(known, 0, filled - known, filled) = fresh.transpose();
-    // Diagonalised in float when the tolerance allows it: half the time of double (at N = 768
-    // this small problem was a third of the solve); float round-off limits the attainable
-    // residual to ~1e-4 with clustered eigenvalues, so tight tolerances use double.
+    // Diagonalised in float when the tolerance allows it (faster); float round-off limits the
+    // attainable residual to ~1e-4 with clustered eigenvalues, so tight tolerances use double.
     Eigen::MatrixXd h = projected.topLeftCorner(filled, filled);
     h = 0.5 * (h + h.transpose()).eval();
     const Index kept = std::min<Index>(keep, filled);
