@@ -4,6 +4,8 @@
 #include <tuple>
 #include <vector>
 
+#include <pybind11/typing.h>
+
 #include "bind_helpers.hpp"
 #include "clustermac/clustering/affinity.hpp"
 #include "clustermac/clustering/discretize.hpp"
@@ -100,17 +102,19 @@ auto clustering_keywords() {
                          py::arg("pca_basis") = py::none());
 }
 
+using LabelMaps = py::typing::List<py::array_t<std::int32_t>>;
+
 // Clusters converted maps (GIL released) and returns one list of H x W label maps per map.
-py::list cluster_maps(const std::vector<FeatureMapArrays>& arrays, const std::vector<FeatureMapInput>& inputs,
+py::typing::List<LabelMaps> cluster_maps(const std::vector<FeatureMapArrays>& arrays, const std::vector<FeatureMapInput>& inputs,
                       const FeatureClusteringOptions& options, int n_threads) {
   std::vector<std::vector<VectorI>> results;
   {
     py::gil_scoped_release release;
     results = cluster_feature_maps(inputs, options, n_threads);
   }
-  py::list out;
+  py::typing::List<LabelMaps> out;
   for (std::size_t i = 0; i < results.size(); ++i) {
-    py::list maps;
+    LabelMaps maps;
     for (auto& labels : results[i])
       maps.append(to_numpy(std::move(labels)).reshape({arrays[i].feature_map.shape(1), arrays[i].feature_map.shape(2)}));
     out.append(maps);
@@ -265,7 +269,7 @@ in [1, N]; n_clusters = 1 gives all zeros. Same input and seed give the same lab
                                              normalization, pca_mean, pca_basis, similarity_precision);
               const std::vector<FeatureMapArrays> arrays{convert_feature_map(feature_map, rgb, "")};
               const std::vector<FeatureMapInput> inputs{args.input(arrays[0], "")};
-              return py::list(cluster_maps(arrays, inputs, args.options, 1)[0]);
+              return LabelMaps(cluster_maps(arrays, inputs, args.options, 1)[0]);
             },
             py::arg("feature_map"), py::arg("rgb") = py::none(), keywords...,
             py::arg("similarity_precision") = "auto",
@@ -291,7 +295,7 @@ float32 otherwise. The environment variable CLUSTERMAC_NO_BF16 makes "auto" alwa
 
         m.def(
             "cluster_feature_maps",
-            [](const py::list& feature_maps, const Typed<RgbListHint>& rgbs_arg, const std::vector<int>& n_clusters,
+            [](const py::typing::List<FloatArrayArg>& feature_maps, const Typed<RgbListHint>& rgbs_arg, const std::vector<int>& n_clusters,
                int rgb_clusters, int pca_dim, float z_ratio, float spatial_weight, std::int64_t seed,
                const std::string& normalization, const OptionalFloatArrayArg& pca_mean,
                const OptionalFloatArrayArg& pca_basis, int n_threads, const std::string& similarity_precision) {

@@ -31,8 +31,8 @@ struct ProductOperands {
 // clang-format off: the register tiles are laid out by hand, one row of accumulators a line.
 #define CLUSTERMAC_FMA(acc, w, x) acc = _mm256_fmadd_ps(w, x, acc)
 
-CLUSTERMAC_TARGET_AVX2 inline void dense_times_block_tile_4x24(const ProductOperands& p, Eigen::Index column,
-                                                                              Eigen::Index row, Eigen::Index row_count) {
+CLUSTERMAC_TARGET_AVX2 inline void dense_times_block_tile_4x24(const ProductOperands& p, Eigen::Index column, Eigen::Index row,
+                                                               Eigen::Index row_count) {
   const float* const a = p.a;
   const float* const v = p.v;
   float* const out = p.out;
@@ -67,8 +67,8 @@ CLUSTERMAC_TARGET_AVX2 inline void dense_times_block_tile_4x24(const ProductOper
     for (int q = 0; q < 3; ++q) _mm256_storeu_ps(out + (row + r) * ldo + column + 8 * q, results[r][q]);
 }
 
-CLUSTERMAC_TARGET_AVX2 inline void dense_times_block_tile_6x16(const ProductOperands& p, Eigen::Index column,
-                                                                              Eigen::Index row, Eigen::Index row_count) {
+CLUSTERMAC_TARGET_AVX2 inline void dense_times_block_tile_6x16(const ProductOperands& p, Eigen::Index column, Eigen::Index row,
+                                                               Eigen::Index row_count) {
   const float* const a = p.a;
   const float* const v = p.v;
   float* const out = p.out;
@@ -107,8 +107,8 @@ CLUSTERMAC_TARGET_AVX2 inline void dense_times_block_tile_6x16(const ProductOper
     for (int q = 0; q < 2; ++q) _mm256_storeu_ps(out + (row + r) * ldo + column + 8 * q, results[r][q]);
 }
 
-CLUSTERMAC_TARGET_AVX2 inline void dense_times_block_tile_8x8(const ProductOperands& p, Eigen::Index column,
-                                                                              Eigen::Index row, Eigen::Index row_count) {
+CLUSTERMAC_TARGET_AVX2 inline void dense_times_block_tile_8x8(const ProductOperands& p, Eigen::Index column, Eigen::Index row,
+                                                              Eigen::Index row_count) {
   const float* const a = p.a;
   const float* const v = p.v;
   float* const out = p.out;
