@@ -83,8 +83,8 @@ void BM_SimilarityTimesBlock(benchmark::State& state) {
     clustermac::detail::similarity_times_block(s, scale, v, out);
     benchmark::DoNotOptimize(out.data());
   }
-  state.counters["GFLOPs"] = benchmark::Counter(2.0 * n * n * b, benchmark::Counter::kIsIterationInvariantRate,
-                                                benchmark::Counter::kIs1000);
+  state.counters["GFLOPs"] =
+      benchmark::Counter(2.0 * n * n * b, benchmark::Counter::kIsIterationInvariantRate, benchmark::Counter::kIs1000);
 }
 
 // The same product with the similarity stored in bfloat16 (AVX512-BF16; skipped without it).
@@ -103,8 +103,8 @@ void BM_SimilarityTimesBlockBf16(benchmark::State& state) {
     clustermac::bf16_similarity_times_block(s, scale, v, out);
     benchmark::DoNotOptimize(out.data());
   }
-  state.counters["GFLOPs"] = benchmark::Counter(2.0 * n * n * b, benchmark::Counter::kIsIterationInvariantRate,
-                                                benchmark::Counter::kIs1000);
+  state.counters["GFLOPs"] =
+      benchmark::Counter(2.0 * n * n * b, benchmark::Counter::kIsIterationInvariantRate, benchmark::Counter::kIs1000);
 }
 
 void BM_NcutEigensolveBf16(benchmark::State& state) {
@@ -116,8 +116,7 @@ void BM_NcutEigensolveBf16(benchmark::State& state) {
   const int k = static_cast<int>(state.range(1));
   const clustermac::SimilarityBf16 s =
       clustermac::bf16_similarity(clustermac::affinity(mixture_points(n, dims_for(n)), 0.05f, nullptr), true);
-  for (auto _ : state)
-    benchmark::DoNotOptimize(clustermac::ncut_embedding_of(s, k, clustermac::Normalization::sym));
+  for (auto _ : state) benchmark::DoNotOptimize(clustermac::ncut_embedding_of(s, k, clustermac::Normalization::sym));
 }
 
 void BM_Discretize(benchmark::State& state) {
@@ -143,7 +142,8 @@ void BM_ClusterFeatureMap(benchmark::State& state) {
       for (Eigen::Index c = 0; c < d; ++c)
         map[static_cast<std::size_t>((c * h + y) * w + x)] = std::max(0.0f, patterns(region, c) + 0.5f * normal(rng));
       for (int c = 0; c < 3; ++c)
-        rgb[static_cast<std::size_t>((y * w + x) * 3 + c)] = 0.1f * static_cast<float>(region + c) + 0.05f * normal(rng);
+        rgb[static_cast<std::size_t>((y * w + x) * 3 + c)] =
+            0.1f * static_cast<float>(region + c) + 0.05f * normal(rng);
     }
   clustermac::FeatureClusteringOptions options;
   options.pca_dim = h * w >= 3072 ? 4 : 7;
@@ -156,7 +156,12 @@ void BM_ClusterFeatureMap(benchmark::State& state) {
 BENCHMARK(BM_ClusterFeatureMap)->Args({512, 48, 64})->Args({2048, 24, 32})->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_Affinity)->Arg(768)->Arg(3072)->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_PcaProject)->Args({768, 2048})->Args({3072, 512})->Unit(benchmark::kMillisecond);
-BENCHMARK(BM_SimilarityTimesBlock)->Args({3072, 1})->Args({3072, 8})->Args({3072, 24})->Args({768, 24})->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_SimilarityTimesBlock)
+    ->Args({3072, 1})
+    ->Args({3072, 8})
+    ->Args({3072, 24})
+    ->Args({768, 24})
+    ->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_NcutEigensolve)
     ->Args({768, 20, 0})
     ->Args({768, 5, 0})
@@ -164,6 +169,10 @@ BENCHMARK(BM_NcutEigensolve)
     ->Args({3072, 5, 0})
     ->Args({3072, 20, 1})
     ->Unit(benchmark::kMillisecond);
-BENCHMARK(BM_SimilarityTimesBlockBf16)->Args({3072, 8})->Args({3072, 24})->Args({768, 24})->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_SimilarityTimesBlockBf16)
+    ->Args({3072, 8})
+    ->Args({3072, 24})
+    ->Args({768, 24})
+    ->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_NcutEigensolveBf16)->Args({3072, 20})->Args({3072, 5})->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_Discretize)->Args({768, 20})->Args({3072, 5})->Args({3072, 20})->Unit(benchmark::kMillisecond);

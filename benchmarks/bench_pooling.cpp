@@ -56,7 +56,8 @@ void BM_grid_mac(benchmark::State& state) {
   const auto regions = clustermac::rmac_regions(s.height, s.width, 3);
   const clustermac::FeatureMapView map{data.data(), s.channels, s.height, s.width};
   for (auto _ : state)
-    benchmark::DoNotOptimize(clustermac::grid_mac(map, regions.front().data(), static_cast<std::ptrdiff_t>(regions.size())));
+    benchmark::DoNotOptimize(
+        clustermac::grid_mac(map, regions.front().data(), static_cast<std::ptrdiff_t>(regions.size())));
   state.counters["regions"] = static_cast<double>(regions.size());
 }
 BENCHMARK(BM_grid_mac)->Arg(768)->Arg(3072)->Unit(benchmark::kMicrosecond);

@@ -37,7 +37,8 @@ FeatureMapArrays convert_feature_map(const py::handle& feature_map, const py::ha
   const std::string fm_name = "feature_map" + where, rgb_name = "rgb" + where;
   FeatureMapArrays input{require_array<float>(feature_map, fm_name.c_str(), 3, "of shape (D, H, W)"), std::nullopt};
   if (input.feature_map.size() == 0)
-    throw py::value_error(fm_name + ": expected a non-empty array of shape (D, H, W), got " + describe(input.feature_map));
+    throw py::value_error(fm_name + ": expected a non-empty array of shape (D, H, W), got " +
+                          describe(input.feature_map));
   if (!rgb.is_none()) {
     auto colours = require_array<float>(rgb, rgb_name.c_str(), 3, "of shape (H, W, 3)");
     const auto h = input.feature_map.shape(1), w = input.feature_map.shape(2);
@@ -87,8 +88,8 @@ struct ClusteringArguments {
   FeatureMapInput input(const FeatureMapArrays& arrays, const std::string& where) const {
     const auto d = arrays.feature_map.shape(0);
     if (pca_mean && pca_mean->shape(0) != d)
-      throw py::value_error("pca_mean: expected length D = " + std::to_string(d) + " (channels of feature_map" +
-                            where + "), got " + describe(*pca_mean));
+      throw py::value_error("pca_mean: expected length D = " + std::to_string(d) + " (channels of feature_map" + where +
+                            "), got " + describe(*pca_mean));
     return {arrays.feature_map.data(), d, arrays.feature_map.shape(1), arrays.feature_map.shape(2),
             arrays.rgb ? arrays.rgb->data() : nullptr};
   }
@@ -105,8 +106,9 @@ auto clustering_keywords() {
 using LabelMaps = py::typing::List<py::array_t<std::int32_t>>;
 
 // Clusters converted maps (GIL released) and returns one list of H x W label maps per map.
-py::typing::List<LabelMaps> cluster_maps(const std::vector<FeatureMapArrays>& arrays, const std::vector<FeatureMapInput>& inputs,
-                      const FeatureClusteringOptions& options, int n_threads) {
+py::typing::List<LabelMaps> cluster_maps(const std::vector<FeatureMapArrays>& arrays,
+                                         const std::vector<FeatureMapInput>& inputs,
+                                         const FeatureClusteringOptions& options, int n_threads) {
   std::vector<std::vector<VectorI>> results;
   {
     py::gil_scoped_release release;
@@ -116,7 +118,8 @@ py::typing::List<LabelMaps> cluster_maps(const std::vector<FeatureMapArrays>& ar
   for (std::size_t i = 0; i < results.size(); ++i) {
     LabelMaps maps;
     for (auto& labels : results[i])
-      maps.append(to_numpy(std::move(labels)).reshape({arrays[i].feature_map.shape(1), arrays[i].feature_map.shape(2)}));
+      maps.append(
+          to_numpy(std::move(labels)).reshape({arrays[i].feature_map.shape(1), arrays[i].feature_map.shape(2)}));
     out.append(maps);
   }
   return out;
@@ -236,7 +239,8 @@ in [1, N]; n_clusters = 1 gives all zeros. Same input and seed give the same lab
         return out;
       },
       py::arg("affinity"), py::arg("n_vectors"), py::arg("normalization") = "sym", py::arg("block_size") = 0,
-      py::arg("blocks_per_cycle") = 0, py::arg("tolerance") = 0.0, py::arg("max_cycles") = 0, py::arg("kept_blocks") = 0,
+      py::arg("blocks_per_cycle") = 0, py::arg("tolerance") = 0.0, py::arg("max_cycles") = 0,
+      py::arg("kept_blocks") = 0,
       "NCut eigensolver statistics with overridden settings (not public API; for benchmarks and tests).");
 
   m.def(
@@ -271,8 +275,7 @@ in [1, N]; n_clusters = 1 gives all zeros. Same input and seed give the same lab
               const std::vector<FeatureMapInput> inputs{args.input(arrays[0], "")};
               return LabelMaps(cluster_maps(arrays, inputs, args.options, 1)[0]);
             },
-            py::arg("feature_map"), py::arg("rgb") = py::none(), keywords...,
-            py::arg("similarity_precision") = "auto",
+            py::arg("feature_map"), py::arg("rgb") = py::none(), keywords..., py::arg("similarity_precision") = "auto",
             R"doc(The paper's per-image clustering: list of int32 H x W label maps.
 
 feature_map: float32 D x H x W activations; rgb: float32 H x W x 3 image resized to H x W, or None.
@@ -295,9 +298,9 @@ float32 otherwise. The environment variable CLUSTERMAC_NO_BF16 makes "auto" alwa
 
         m.def(
             "cluster_feature_maps",
-            [](const py::typing::List<FloatArrayArg>& feature_maps, const Typed<RgbListHint>& rgbs_arg, const std::vector<int>& n_clusters,
-               int rgb_clusters, int pca_dim, float z_ratio, float spatial_weight, std::int64_t seed,
-               const std::string& normalization, const OptionalFloatArrayArg& pca_mean,
+            [](const py::typing::List<FloatArrayArg>& feature_maps, const Typed<RgbListHint>& rgbs_arg,
+               const std::vector<int>& n_clusters, int rgb_clusters, int pca_dim, float z_ratio, float spatial_weight,
+               std::int64_t seed, const std::string& normalization, const OptionalFloatArrayArg& pca_mean,
                const OptionalFloatArrayArg& pca_basis, int n_threads, const std::string& similarity_precision) {
               const py::object& rgbs = rgbs_arg;
               const std::size_t count = feature_maps.size();

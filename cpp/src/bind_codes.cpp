@@ -48,8 +48,8 @@ by scale >= 0 is monotone) and only the result is converted to float.)doc");
         auto labels = require_array<std::int32_t>(labels_obj, "labels", 2, "of shape (H, W)");
         if (labels.shape(0) != view.height || labels.shape(1) != view.width)
           throw py::value_error("labels: expected shape (" + std::to_string(view.height) + ", " +
-                                std::to_string(view.width) + ") to match the codes' (H, W) (the whole map's labels), got " +
-                                describe(labels));
+                                std::to_string(view.width) +
+                                ") to match the codes' (H, W) (the whole map's labels), got " + describe(labels));
         const std::array<std::int32_t, 4> box = box_or_whole_map(box_obj, view.width, view.height);
         MatrixRM out;
         {
@@ -81,7 +81,8 @@ padded with zero rows up to K.)doc");
           out = dequantize_codes(view, box ? &*box : nullptr, scale);
         }
         const std::array<std::int32_t, 4> extent = box_or_whole_map(box_obj, view.width, view.height);
-        return to_numpy(std::move(out), {view.channels, py::ssize_t(extent[3] - extent[1]), py::ssize_t(extent[2] - extent[0])});
+        return to_numpy(std::move(out),
+                        {view.channels, py::ssize_t(extent[3] - extent[1]), py::ssize_t(extent[2] - extent[0])});
       },
       py::arg("codes"), py::arg("box") = py::none(), py::arg("scale") = 1.0,
       "Dequantise channel-last uint8 codes (H×W×D) inside box [x0, y0, x1, y1) (None: everything) to a float32 "

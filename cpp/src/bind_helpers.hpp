@@ -8,14 +8,13 @@
 
 #include <algorithm>
 #include <array>
+#include <cstdint>
 #include <limits>
 #include <optional>
-#include <cstdint>
 #include <string>
 #include <vector>
 
 #include "clustermac/common.hpp"
-
 
 namespace clustermac::bind {
 
@@ -79,14 +78,14 @@ py::array_t<T, py::array::c_style> require_array(const py::handle& obj, const ch
   auto a = py::reinterpret_borrow<py::array>(obj);
   const char* dtype_name = std::is_same<T, float>::value ? "float32" : "int32";
   if (!a.dtype().is(py::dtype::of<T>()))
-    throw py::value_error(std::string(name) + ": expected dtype " + dtype_name + " " + expected_shape +
-                          ", got " + describe(a) + " (convert with .astype(np." + dtype_name + "))");
+    throw py::value_error(std::string(name) + ": expected dtype " + dtype_name + " " + expected_shape + ", got " +
+                          describe(a) + " (convert with .astype(np." + dtype_name + "))");
   if (a.ndim() != ndim)
-    throw py::value_error(std::string(name) + ": expected a " + std::to_string(ndim) + "-D array " +
-                          expected_shape + ", got " + describe(a));
+    throw py::value_error(std::string(name) + ": expected a " + std::to_string(ndim) + "-D array " + expected_shape +
+                          ", got " + describe(a));
   if (!(a.flags() & py::array::c_style))
-    throw py::value_error(std::string(name) + ": expected a C-contiguous array, got a strided view " +
-                          "(" + describe(a) + "); pass np.ascontiguousarray(...)");
+    throw py::value_error(std::string(name) + ": expected a C-contiguous array, got a strided view " + "(" +
+                          describe(a) + "); pass np.ascontiguousarray(...)");
   return py::reinterpret_borrow<py::array_t<T, py::array::c_style>>(a);
 }
 
@@ -104,11 +103,11 @@ py::array_t<typename Mat::Scalar> to_numpy(Mat&& m) {
   auto* owned = new Plain(std::forward<Mat>(m));
   py::capsule free_when_done(owned, [](void* p) { delete static_cast<Plain*>(p); });
   if constexpr (Plain::IsVectorAtCompileTime)
-    return py::array_t<typename Mat::Scalar>({static_cast<py::ssize_t>(owned->size())}, owned->data(),
-                                             free_when_done);
+    return py::array_t<typename Mat::Scalar>({static_cast<py::ssize_t>(owned->size())}, owned->data(), free_when_done);
   static_assert(Plain::IsVectorAtCompileTime || Plain::IsRowMajor, "matrices must be row-major");
-  return py::array_t<typename Mat::Scalar>({static_cast<py::ssize_t>(owned->rows()), static_cast<py::ssize_t>(owned->cols())},
-                                           owned->data(), free_when_done);
+  return py::array_t<typename Mat::Scalar>(
+      {static_cast<py::ssize_t>(owned->rows()), static_cast<py::ssize_t>(owned->cols())}, owned->data(),
+      free_when_done);
 }
 
 // A new NumPy array of the given shape that takes over a vector's storage.
@@ -158,7 +157,8 @@ inline std::optional<std::array<std::int32_t, 4>> optional_box(const py::object&
 // The box, or the whole width × height map for None.
 inline std::array<std::int32_t, 4> box_or_whole_map(const py::object& box_obj, py::ssize_t width, py::ssize_t height) {
   const auto box = optional_box(box_obj);
-  return box ? *box : std::array<std::int32_t, 4>{0, 0, static_cast<std::int32_t>(width), static_cast<std::int32_t>(height)};
+  return box ? *box
+             : std::array<std::int32_t, 4>{0, 0, static_cast<std::int32_t>(width), static_cast<std::int32_t>(height)};
 }
 
 }  // namespace clustermac::bind

@@ -64,7 +64,8 @@ OptionalWhitening checked_whitening(const py::object& mean_obj, const py::object
     throw py::value_error("mean: expected length D = " + std::to_string(dim) + " (the vectors' dimension), got " +
                           describe(w.mean));
   if (w.projection.shape(1) != dim || w.projection.shape(0) < 1)
-    throw py::value_error("projection: expected shape (dim, " + std::to_string(dim) + "), got " + describe(w.projection));
+    throw py::value_error("projection: expected shape (dim, " + std::to_string(dim) + "), got " +
+                          describe(w.projection));
   require_finite(Eigen::Map<const MatrixRM>(w.mean.data(), 1, dim), "mean");
   require_finite(as_matrix(w.projection), "projection");
   w.present = true;
@@ -116,7 +117,9 @@ every location of region k; a region id that names no location gets [0, 0, 0, 0]
 
   m.def(
       "rmac_regions",
-      [](std::int64_t height, std::int64_t width, int levels) { return boxes_to_numpy(rmac_regions(height, width, levels)); },
+      [](std::int64_t height, std::int64_t width, int levels) {
+        return boxes_to_numpy(rmac_regions(height, width, levels));
+      },
       py::arg("height"), py::arg("width"), py::arg("levels") = 3,
       R"doc(The R-MAC grid of Tolias et al. (ICLR 2016) for an H×W feature map.
 
@@ -145,13 +148,14 @@ the long side follows Tolias' rule. No extra global region.)doc");
   def_global_pool(m, "spoc_pool", spoc_pool,
                   "SPoC (Babenko & Lempitsky 2015): sum pooling with a Gaussian centre prior (sigma = min(H, W)/6, one "
                   "third of the centre-to-closest-border distance). Returns the raw float32 D vector.");
-  def_global_pool(m, "crow_pool", crow_pool,
-                  "CroW (Kalantidis et al. 2016, a = b = 2): spatial weights (S/||S||_2)^(1/2) from the channel sum S, "
-                  "channel weights log(sum Q / (1e-6 + Q_k)) from the non-zero proportions Q. Returns the raw float32 D "
-                  "vector.");
   def_global_pool(
-      m, "gem_pool", gem_pool, "GeM pooling: (mean max(x, 1e-6)^p)^(1/p) per channel. Returns the raw float32 D vector.",
-      py::arg("p") = 3.0);
+      m, "crow_pool", crow_pool,
+      "CroW (Kalantidis et al. 2016, a = b = 2): spatial weights (S/||S||_2)^(1/2) from the channel sum S, "
+      "channel weights log(sum Q / (1e-6 + Q_k)) from the non-zero proportions Q. Returns the raw float32 D "
+      "vector.");
+  def_global_pool(m, "gem_pool", gem_pool,
+                  "GeM pooling: (mean max(x, 1e-6)^p)^(1/p) per channel. Returns the raw float32 D vector.",
+                  py::arg("p") = 3.0);
 
   m.def(
       "l2_normalize",
@@ -209,7 +213,8 @@ that. Returns (mean float32 D, projection float32 dim×D). dim > min(N, D) → V
       [](const FloatArrayArg& vectors_obj, const FloatArrayArg& mean_obj, const FloatArrayArg& projection_obj) {
         auto vectors = require_array<float>(vectors_obj, "vectors", 2, "of shape (N, D)");
         auto w = checked_whitening(mean_obj, projection_obj, vectors.shape(1));
-        if (!w.present) throw py::value_error("mean and projection: expected the arrays from fit_pca_whitening, got None");
+        if (!w.present)
+          throw py::value_error("mean and projection: expected the arrays from fit_pca_whitening, got None");
         MatrixRM out;
         {
           py::gil_scoped_release release;
@@ -223,7 +228,8 @@ that. Returns (mean float32 D, projection float32 dim×D). dim > min(N, D) → V
 
   m.def(
       "aggregate_regions",
-      [](const FloatArrayArg& region_obj, const OptionalFloatArrayArg& mean_obj, const OptionalFloatArrayArg& projection_obj) {
+      [](const FloatArrayArg& region_obj, const OptionalFloatArrayArg& mean_obj,
+         const OptionalFloatArrayArg& projection_obj) {
         auto regions = require_array<float>(region_obj, "region_vectors", 2, "of shape (K, D)");
         auto w = checked_whitening(mean_obj, projection_obj, regions.shape(1));
         VectorF out;

@@ -26,7 +26,8 @@ void def_aml(py::module_& m, const char* name, const char* map_name, Convert con
   m.def(
       name,
       [convert, channels, localize](const Map& map_obj, const FloatArrayArg& query_obj, double p, int step,
-                                    double aspect_tolerance, int refine_iterations, const FloatOrNoneArg& query_aspect) {
+                                    double aspect_tolerance, int refine_iterations,
+                                    const FloatOrNoneArg& query_aspect) {
         const auto map = convert(map_obj);
         const FloatArray query = checked_query(query_obj, channels(map));
         AmlParams params;
@@ -59,12 +60,13 @@ void bind_search(py::module_& m) {
         if (queries.shape(1) != database.shape(1))
           throw py::value_error("queries: expected D = " + std::to_string(database.shape(1)) +
                                 " columns (the database's), got " + describe(queries));
-        if (database.shape(0) < 1) throw py::value_error("database: expected at least one row, got " + describe(database));
+        if (database.shape(0) < 1)
+          throw py::value_error("database: expected at least one row, got " + describe(database));
         SearchResult result;
         {
           py::gil_scoped_release release;
-          result = topk_search(database.data(), database.shape(0), queries.data(), queries.shape(0), database.shape(1), k,
-                               n_threads);
+          result = topk_search(database.data(), database.shape(0), queries.data(), queries.shape(0), database.shape(1),
+                               k, n_threads);
         }
         return std::make_tuple(to_numpy(std::move(result.scores)), to_numpy(std::move(result.indices)));
       },
@@ -97,7 +99,8 @@ half-open in cells, score float).)doc");
       m, "aml_localize_codes", "codes", [](const CodesArg& obj) { return checked_codes(obj); },
       [](const py::array_t<std::uint8_t, py::array::c_style>& codes) { return codes.shape(2); },
       [](const py::array_t<std::uint8_t, py::array::c_style>& codes, const float* query, const AmlParams& params) {
-        return aml_localize_codes(CodesView{codes.data(), codes.shape(0), codes.shape(1), codes.shape(2)}, query, params);
+        return aml_localize_codes(CodesView{codes.data(), codes.shape(0), codes.shape(1), codes.shape(2)}, query,
+                                  params);
       },
       "aml_localize on an 8-bit quantised feature map stored channel-last (uint8 H×W×D codes, value = code·scale; "
       "the scale cancels in the cosine). Used by clustermac.rerank on its compact feature-map store.");

@@ -52,12 +52,12 @@ inline std::string describe_array(const char* dtype, std::initializer_list<std::
 inline void require_non_empty(const char* name, const char* expected, std::initializer_list<std::ptrdiff_t> shape) {
   for (std::ptrdiff_t extent : shape)
     if (extent == 0)
-      fail(std::string(name) + ": expected a non-empty array " + expected + ", got " + describe_array("float32", shape));
+      fail(std::string(name) + ": expected a non-empty array " + expected + ", got " +
+           describe_array("float32", shape));
 }
 
 inline void require_finite(const ConstMatrixRef& m, const std::string& name) {
-  if (!m.allFinite())
-    fail(name + " contains NaN or Inf values; expected only finite numbers");
+  if (!m.allFinite()) fail(name + " contains NaN or Inf values; expected only finite numbers");
 }
 
 // Runs fn(i) for i in [0, n) on up to n_threads threads (n_threads <= 0: hardware

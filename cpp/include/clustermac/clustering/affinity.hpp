@@ -43,8 +43,8 @@ CLUSTERMAC_TARGET_AVX2 inline __m256 exp_nonpositive_avx2(__m256 x) {
 }
 
 // Squared distances from location i to locations j..j+7 (g is C x stride, dimension-major).
-CLUSTERMAC_TARGET_AVX2 inline __m256 distance2_avx2(const float* g, Eigen::Index c, Eigen::Index stride,
-                                                                   Eigen::Index i, Eigen::Index j) {
+CLUSTERMAC_TARGET_AVX2 inline __m256 distance2_avx2(const float* g, Eigen::Index c, Eigen::Index stride, Eigen::Index i,
+                                                    Eigen::Index j) {
   __m256 acc = _mm256_setzero_ps();
   for (Eigen::Index k = 0; k < c; ++k) {
     const __m256 diff = _mm256_sub_ps(_mm256_loadu_ps(g + k * stride + j), _mm256_set1_ps(g[k * stride + i]));
@@ -55,7 +55,7 @@ CLUSTERMAC_TARGET_AVX2 inline __m256 distance2_avx2(const float* g, Eigen::Index
 
 // g is C x stride with stride a multiple of 8 and columns [n, stride) copies of column n - 1.
 CLUSTERMAC_TARGET_AVX2 inline float max_distance2_avx2(const float* g, Eigen::Index c, Eigen::Index n,
-                                                                      Eigen::Index stride) {
+                                                       Eigen::Index stride) {
   __m256 best = _mm256_setzero_ps();
   for (Eigen::Index i = 0; i < n; ++i)
     for (Eigen::Index j = i / 8 * 8; j < stride; j += 8) best = _mm256_max_ps(best, distance2_avx2(g, c, stride, i, j));
@@ -66,7 +66,7 @@ CLUSTERMAC_TARGET_AVX2 inline float max_distance2_avx2(const float* g, Eigen::In
 
 // exp(scale * d) for the distances from location i to locations j..j+7.
 CLUSTERMAC_TARGET_AVX2 inline __m256 similarity8_avx2(const float* g, Eigen::Index c, Eigen::Index stride,
-                                                                     Eigen::Index i, Eigen::Index j, __m256 scale8) {
+                                                      Eigen::Index i, Eigen::Index j, __m256 scale8) {
   return exp_nonpositive_avx2(_mm256_mul_ps(_mm256_sqrt_ps(distance2_avx2(g, c, stride, i, j)), scale8));
 }
 
@@ -89,7 +89,9 @@ CLUSTERMAC_TARGET_AVX2 inline void store8(std::uint16_t* p, __m256 value, bool s
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p), halves);
 }
 
-inline void store_values(float* out, const float* values, Eigen::Index count) { std::copy(values, values + count, out); }
+inline void store_values(float* out, const float* values, Eigen::Index count) {
+  std::copy(values, values + count, out);
+}
 inline void store_values(std::uint16_t* out, const float* values, Eigen::Index count) {
   for (Eigen::Index i = 0; i < count; ++i) out[i] = bf16_from_float(values[i]);
 }
@@ -122,9 +124,8 @@ CLUSTERMAC_TARGET_AVX2 inline void transpose8x8(__m256 r[8]) {
 // so the matrix is bit-identical to a row-by-row sweep.
 // `out` holds floats or bf16 values (std::uint16_t), its rows ldo values apart.
 template <typename T>
-CLUSTERMAC_TARGET_AVX2 inline void similarity_avx2(const float* g, Eigen::Index c, Eigen::Index n,
-                                                                  Eigen::Index stride, float scale, T* out,
-                                                                  Eigen::Index ldo) {
+CLUSTERMAC_TARGET_AVX2 inline void similarity_avx2(const float* g, Eigen::Index c, Eigen::Index n, Eigen::Index stride,
+                                                   float scale, T* out, Eigen::Index ldo) {
   using Eigen::Index;
   const __m256 scale8 = _mm256_set1_ps(scale);
   // A matrix far larger than the caches is written with non-temporal stores (16-byte aligned
@@ -140,7 +141,8 @@ CLUSTERMAC_TARGET_AVX2 inline void similarity_avx2(const float* g, Eigen::Index 
     const Index rows = std::min(panel_rows, n - ib), cols = stride - ib;  // columns ib .. stride - 1
     for (Index a = 0; a < rows; ++a) {
       float* values = panel.data() + a * cols;
-      for (Index j = ib; j < stride; j += 8) _mm256_storeu_ps(values + j - ib, similarity8_avx2(g, c, stride, ib + a, j, scale8));
+      for (Index j = ib; j < stride; j += 8)
+        _mm256_storeu_ps(values + j - ib, similarity8_avx2(g, c, stride, ib + a, j, scale8));
       T* row = out + (ib + a) * ldo + ib;
       Index j = 0;
       for (; j + 8 <= n - ib; j += 8) store8(row + j, _mm256_loadu_ps(values + j), stream);
@@ -157,7 +159,8 @@ CLUSTERMAC_TARGET_AVX2 inline void similarity_avx2(const float* g, Eigen::Index 
         for (int b = 0; b < 8; ++b) _mm256_store_ps(mirrored[b] + ab, block[b]);
       }
       for (Index b = 0; b < 8 && jb + b < n; ++b)
-        for (Index ab = 0; ab < rows; ab += 8) store8(out + (jb + b) * ldo + ib + ab, _mm256_load_ps(mirrored[b] + ab), stream);
+        for (Index ab = 0; ab < rows; ab += 8)
+          store8(out + (jb + b) * ldo + ib + ab, _mm256_load_ps(mirrored[b] + ab), stream);
     }
   }
   if (stream) _mm_sfence();
@@ -181,7 +184,8 @@ namespace detail {
 
 // Largest squared distance between columns of g (C x N, dimension-major so each inner loop is
 // one vectorised sweep over a row of g).
-inline float scaled_columns_max_distance2(const Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>& g) {
+inline float scaled_columns_max_distance2(
+    const Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>& g) {
   const Eigen::Index c = g.rows(), n = g.cols();
   float best = 0.0f;
   Eigen::ArrayXf d2(n);
@@ -296,8 +300,7 @@ inline MatrixRM affinity(const ConstMatrixRef& features, float z_ratio, const Ve
     require(weights->size() == features.cols(), "weights: expected " + std::to_string(features.cols()) +
                                                     " values (one per feature column), got " +
                                                     std::to_string(weights->size()));
-    require(weights->allFinite() && weights->minCoeff() >= 0.0f,
-            "weights: expected finite non-negative values");
+    require(weights->allFinite() && weights->minCoeff() >= 0.0f, "weights: expected finite non-negative values");
     w = *weights;
   } else {
     w = variance_weights(features);

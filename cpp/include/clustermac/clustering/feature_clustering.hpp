@@ -14,9 +14,9 @@
 #include <vector>
 
 #include "clustermac/clustering/affinity.hpp"
-#include "clustermac/common.hpp"
 #include "clustermac/clustering/discretize.hpp"
 #include "clustermac/clustering/ncut.hpp"
+#include "clustermac/common.hpp"
 #include "clustermac/linalg/pca.hpp"
 
 namespace clustermac {
@@ -38,14 +38,12 @@ struct FeatureClusteringOptions {
 // Validation shared by the single and batched entry points (no data access).
 inline void check_feature_clustering_options(const FeatureClusteringOptions& o, Eigen::Index channels) {
   require(!o.n_clusters.empty(), "n_clusters: expected at least one number of clusters, got an empty tuple");
-  for (int k : o.n_clusters)
-    require(k >= 1, "n_clusters: every entry must be >= 1, got " + std::to_string(k));
-  require(o.rgb_clusters >= 0, "rgb_clusters: expected >= 0 (0 disables the RGB partition), got " +
-                                   std::to_string(o.rgb_clusters));
+  for (int k : o.n_clusters) require(k >= 1, "n_clusters: every entry must be >= 1, got " + std::to_string(k));
+  require(o.rgb_clusters >= 0,
+          "rgb_clusters: expected >= 0 (0 disables the RGB partition), got " + std::to_string(o.rgb_clusters));
   if (!o.pca_basis)
     require(o.pca_dim >= 1 && o.pca_dim <= channels,
-            "pca_dim: expected 1 <= pca_dim <= D = " + std::to_string(channels) + ", got " +
-                std::to_string(o.pca_dim));
+            "pca_dim: expected 1 <= pca_dim <= D = " + std::to_string(channels) + ", got " + std::to_string(o.pca_dim));
   require(std::isfinite(o.z_ratio) && o.z_ratio > 0.0f,
           "z_ratio: expected a finite number > 0, got " + std::to_string(o.z_ratio));
   require(std::isfinite(o.spatial_weight) && o.spatial_weight >= 0.0f,
@@ -120,8 +118,8 @@ struct SimilarityWorkspace {
 
 // NCut partitions of `weighted` (already scaled, so weights are all ones) into each of
 // `n_clusters`, sharing one eigensolve.
-inline std::vector<VectorI> partitions_of(const MatrixRM& weighted, const std::vector<int>& n_clusters,
-                                          float z_ratio, std::uint64_t seed, Normalization normalization,
+inline std::vector<VectorI> partitions_of(const MatrixRM& weighted, const std::vector<int>& n_clusters, float z_ratio,
+                                          std::uint64_t seed, Normalization normalization,
                                           SimilarityWorkspace& buffer) {
   const Eigen::Index n = weighted.rows();
   const Eigen::Index distinct = count_distinct_rows(weighted, n);
@@ -190,10 +188,10 @@ inline std::vector<VectorI> cluster_checked_feature_map(const float* feature_map
   } else {
     // Centred into a per-thread buffer kept between calls (no page faults for every image), each
     // channel's mean from a vectorised float sum of its N contiguous values. A NaN or Inf makes
-    // its channel's float sum non-finite, so the finiteness check needs no pass of its own. A finite map whose sum overflows (values ~1e35) is refused too: the
-    // PCA's float products would overflow on it.
-    // Each channel's N values are padded to a leading dimension that keeps the PCA's products
-    // clear of cache-set conflicts (detail::padded_leading_dimension).
+    // its channel's float sum non-finite, so the finiteness check needs no pass of its own. A finite map whose sum
+    // overflows (values ~1e35) is refused too: the PCA's float products would overflow on it. Each channel's N values
+    // are padded to a leading dimension that keeps the PCA's products clear of cache-set conflicts
+    // (detail::padded_leading_dimension).
     thread_local Eigen::MatrixXf centred_storage;
     const Index ld = detail::padded_leading_dimension(n);
     centred_storage.resize(ld, channels);
@@ -202,7 +200,8 @@ inline std::vector<VectorI> cluster_checked_feature_map(const float* feature_map
       const float mean = activations.col(d).sum() / static_cast<float>(n);
       if (!std::isfinite(mean)) {
         require_finite_map();
-        fail("feature_map: channel " + std::to_string(d) + " has values too large for float32 sums (they overflow); "
+        fail("feature_map: channel " + std::to_string(d) +
+             " has values too large for float32 sums (they overflow); "
              "scale the activations down");
       }
       centred.col(d) = activations.col(d).array() - mean;
@@ -237,8 +236,8 @@ inline std::vector<VectorI> cluster_checked_feature_map(const float* feature_map
 
 }  // namespace detail
 
-inline std::vector<VectorI> cluster_feature_map(const float* feature_map, Eigen::Index channels,
-                                                Eigen::Index height, Eigen::Index width, const float* rgb,
+inline std::vector<VectorI> cluster_feature_map(const float* feature_map, Eigen::Index channels, Eigen::Index height,
+                                                Eigen::Index width, const float* rgb,
                                                 const FeatureClusteringOptions& options) {
   check_feature_clustering_options(options, channels);
   return detail::cluster_checked_feature_map(feature_map, channels, height, width, rgb, options);

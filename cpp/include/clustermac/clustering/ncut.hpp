@@ -19,11 +19,11 @@
 #include <cmath>
 #include <string>
 
-#include "clustermac/common.hpp"
 #include "clustermac/clustering/discretize.hpp"
+#include "clustermac/clustering/similarity_bf16.hpp"
+#include "clustermac/common.hpp"
 #include "clustermac/linalg/dense_kernels.hpp"
 #include "clustermac/linalg/eigensolver.hpp"
-#include "clustermac/clustering/similarity_bf16.hpp"
 
 namespace clustermac {
 
@@ -101,7 +101,8 @@ Eigen::MatrixXd ncut_embedding_from(const Eigen::VectorXd& degree, Multiply&& mu
     pv = inv_sqrt_degree.asDiagonal() * pv;
     if (normalization == Normalization::shi) pv += diagonal_term.asDiagonal() * v;
   };
-  const EigenSolverOptions options = options_override ? *options_override : ncut_solver_options(n_vectors, normalization);
+  const EigenSolverOptions options =
+      options_override ? *options_override : ncut_solver_options(n_vectors, normalization);
   EigenPairs pairs = top_eigenpairs(n, n_vectors, apply, options);
   Eigen::MatrixXd embedding = inv_sqrt_degree.cast<double>().asDiagonal() * pairs.vectors.cast<double>();
   for (Index c = 0; c < embedding.cols(); ++c) {
@@ -160,8 +161,8 @@ inline void check_similarity(const Eigen::Ref<const MatrixRM>& s) {
   require(n >= 1 && s.cols() == n, "affinity: expected a square N x N matrix with N >= 1, got " +
                                        std::to_string(s.rows()) + " x " + std::to_string(s.cols()));
   require_finite(s, "affinity");
-  require(s.minCoeff() >= 0.0f, "affinity: expected non-negative similarities, got a minimum of " +
-                                    std::to_string(s.minCoeff()));
+  require(s.minCoeff() >= 0.0f,
+          "affinity: expected non-negative similarities, got a minimum of " + std::to_string(s.minCoeff()));
   const float tolerance = 1e-5f * std::max(s.maxCoeff(), 1e-30f);
   constexpr Index tile = 64;
   for (Index ib = 0; ib < n; ib += tile)
@@ -169,9 +170,9 @@ inline void check_similarity(const Eigen::Ref<const MatrixRM>& s) {
       for (Index i = ib; i < std::min(ib + tile, n); ++i)
         for (Index j = jb; j < std::min(std::min(jb + tile, n), i); ++j)
           if (std::abs(s(i, j) - s(j, i)) > tolerance)
-            fail("affinity: expected a symmetric matrix, but affinity[" + std::to_string(i) + ", " +
-                 std::to_string(j) + "] = " + std::to_string(s(i, j)) + " differs from affinity[" +
-                 std::to_string(j) + ", " + std::to_string(i) + "] = " + std::to_string(s(j, i)));
+            fail("affinity: expected a symmetric matrix, but affinity[" + std::to_string(i) + ", " + std::to_string(j) +
+                 "] = " + std::to_string(s(i, j)) + " differs from affinity[" + std::to_string(j) + ", " +
+                 std::to_string(i) + "] = " + std::to_string(s(j, i)));
 }
 
 // The NCut embedding as exposed to Python: checks the arguments, then ncut_embedding_of on the

@@ -85,10 +85,8 @@ CLUSTERMAC_TARGET_AVX2 inline __m128i bf16_from_floats_avx2(__m256 x) {
 // V[j + 1][c] (high half), so that VDPBF16PS against a broadcast of S[i][j], S[i][j + 1] adds
 // both terms. R rows at a time, R (Z + Y) accumulators.
 template <int R, int Z, int Y>
-CLUSTERMAC_TARGET_AVX512_BF16 inline void bf16_tile(const SimilarityBf16& s,
-                                                                             const std::uint32_t* pairs,
-                                                                             Eigen::Index row, Eigen::Index row_count,
-                                                                             float* out) {
+CLUSTERMAC_TARGET_AVX512_BF16 inline void bf16_tile(const SimilarityBf16& s, const std::uint32_t* pairs,
+                                                    Eigen::Index row, Eigen::Index row_count, float* out) {
   constexpr int W = 16 * Z + 8 * Y;
   __m512 wide[R][Z > 0 ? Z : 1];
   __m256 narrow[R];
@@ -110,8 +108,7 @@ CLUSTERMAC_TARGET_AVX512_BF16 inline void bf16_tile(const SimilarityBf16& s,
       std::memcpy(&pair, rows[r] + 2 * jp, 4);
       const __m512i a = _mm512_set1_epi32(static_cast<int>(pair));
       for (int z = 0; z < Z; ++z) wide[r][z] = _mm512_dpbf16_ps(wide[r][z], reinterpret_cast<__m512bh>(a), v_wide[z]);
-      if (Y)
-        narrow[r] = _mm256_dpbf16_ps(narrow[r], reinterpret_cast<__m256bh>(_mm512_castsi512_si256(a)), v_narrow);
+      if (Y) narrow[r] = _mm256_dpbf16_ps(narrow[r], reinterpret_cast<__m256bh>(_mm512_castsi512_si256(a)), v_narrow);
     }
   }
   for (int r = 0; r < R && r < row_count; ++r) {
@@ -122,7 +119,8 @@ CLUSTERMAC_TARGET_AVX512_BF16 inline void bf16_tile(const SimilarityBf16& s,
 
 template <int R, int Z, int Y>
 inline void bf16_times_pairs(const SimilarityBf16& s, const std::uint32_t* pairs, float* out) {
-  for (Eigen::Index row = 0; row < s.n; row += R) bf16_tile<R, Z, Y>(s, pairs, row, std::min<Eigen::Index>(R, s.n - row), out);
+  for (Eigen::Index row = 0; row < s.n; row += R)
+    bf16_tile<R, Z, Y>(s, pairs, row, std::min<Eigen::Index>(R, s.n - row), out);
 }
 #endif
 

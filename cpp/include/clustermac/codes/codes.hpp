@@ -60,10 +60,10 @@ inline void check_codes_box_scale(const CodesView& codes, const std::array<std::
 // Cells are handled 16 at a time so that each channel plane receives a contiguous run of writes.
 inline VectorF dequantize_codes(const CodesView& view, const std::array<std::int32_t, 4>* whole_or_box,
                                 double scale_in) {
-  const std::array<std::int32_t, 4> box =
-      whole_or_box ? *whole_or_box
-                   : std::array<std::int32_t, 4>{0, 0, static_cast<std::int32_t>(view.width),
-                                                 static_cast<std::int32_t>(view.height)};
+  const std::array<std::int32_t, 4> box = whole_or_box
+                                              ? *whole_or_box
+                                              : std::array<std::int32_t, 4>{0, 0, static_cast<std::int32_t>(view.width),
+                                                                            static_cast<std::int32_t>(view.height)};
   if (whole_or_box) detail::check_box(box, view.width, view.height);
   detail::check_scale(scale_in);
   const std::uint8_t* codes = view.data;
@@ -80,7 +80,8 @@ inline VectorF dequantize_codes(const CodesView& view, const std::array<std::int
       const std::uint8_t* source = codes + ((box[1] + y) * width + box[0] + x0) * channels;
       float* target = out + y * box_width + x0;
       for (std::ptrdiff_t d = 0; d < channels; ++d)
-        for (std::ptrdiff_t j = 0; j < count; ++j) target[d * plane + j] = static_cast<float>(source[j * channels + d]) * scale;
+        for (std::ptrdiff_t j = 0; j < count; ++j)
+          target[d * plane + j] = static_cast<float>(source[j * channels + d]) * scale;
     }
   return result;
 }

@@ -24,7 +24,7 @@ namespace detail {
 // vectoriser otherwise adds an aliasing check), and written without std::max, whose
 // reference-returning form GCC 12 leaves scalar at the baseline ISA.
 CLUSTERMAC_ALWAYS_INLINE void max_into(std::uint8_t* __restrict best, const std::uint8_t* __restrict cell,
-                                                    std::ptrdiff_t n) {
+                                       std::ptrdiff_t n) {
   for (std::ptrdiff_t d = 0; d < n; ++d) {
     const std::uint8_t a = best[d], b = cell[d];
     best[d] = a > b ? a : b;
@@ -43,40 +43,41 @@ struct GridMacCodesKernel {
   static CLUSTERMAC_ALWAYS_INLINE void run(const CodesView& codes, const std::array<std::int32_t, 4>& box,
                                            const std::int32_t* regions, std::ptrdiff_t n_regions, float scale,
                                            float* out) {
-  const std::ptrdiff_t channels = codes.channels;
-  std::vector<std::uint8_t> running(channels);
-  std::uint8_t* best = running.data();
-  std::vector<std::uint8_t> row_maxima;  // (y - first_row)·D: the max of row y over the shared columns
-  std::vector<char> done(n_regions, 0);
-  for (std::ptrdiff_t r = 0; r < n_regions; ++r) {
-    if (done[r]) continue;
-    const std::int32_t* region = regions + 4 * r;
-    const std::ptrdiff_t x0 = box[0] + region[0], x1 = box[0] + region[2];
-    // The rows spanned by every region with these columns.
-    std::ptrdiff_t first_row = region[1], end_row = region[3];
-    for (std::ptrdiff_t s = r; s < n_regions; ++s)
-      if (regions[4 * s] == region[0] && regions[4 * s + 2] == region[2]) {
-        first_row = std::min<std::ptrdiff_t>(first_row, regions[4 * s + 1]);
-        end_row = std::max<std::ptrdiff_t>(end_row, regions[4 * s + 3]);
+    const std::ptrdiff_t channels = codes.channels;
+    std::vector<std::uint8_t> running(channels);
+    std::uint8_t* best = running.data();
+    std::vector<std::uint8_t> row_maxima;  // (y - first_row)·D: the max of row y over the shared columns
+    std::vector<char> done(n_regions, 0);
+    for (std::ptrdiff_t r = 0; r < n_regions; ++r) {
+      if (done[r]) continue;
+      const std::int32_t* region = regions + 4 * r;
+      const std::ptrdiff_t x0 = box[0] + region[0], x1 = box[0] + region[2];
+      // The rows spanned by every region with these columns.
+      std::ptrdiff_t first_row = region[1], end_row = region[3];
+      for (std::ptrdiff_t s = r; s < n_regions; ++s)
+        if (regions[4 * s] == region[0] && regions[4 * s + 2] == region[2]) {
+          first_row = std::min<std::ptrdiff_t>(first_row, regions[4 * s + 1]);
+          end_row = std::max<std::ptrdiff_t>(end_row, regions[4 * s + 3]);
+        }
+      row_maxima.assign((end_row - first_row) * channels, std::uint8_t{0});
+      for (std::ptrdiff_t y = first_row; y < end_row; ++y) {
+        // The cells of one region row are contiguous: (x1 - x0)·D bytes.
+        std::uint8_t* row_best = row_maxima.data() + (y - first_row) * channels;
+        const std::uint8_t* cell = codes.data + ((box[1] + y) * codes.width + x0) * channels;
+        for (std::ptrdiff_t x = x0; x < x1; ++x, cell += channels) max_into(row_best, cell, channels);
       }
-    row_maxima.assign((end_row - first_row) * channels, std::uint8_t{0});
-    for (std::ptrdiff_t y = first_row; y < end_row; ++y) {
-      // The cells of one region row are contiguous: (x1 - x0)·D bytes.
-      std::uint8_t* row_best = row_maxima.data() + (y - first_row) * channels;
-      const std::uint8_t* cell = codes.data + ((box[1] + y) * codes.width + x0) * channels;
-      for (std::ptrdiff_t x = x0; x < x1; ++x, cell += channels) max_into(row_best, cell, channels);
-    }
-    for (std::ptrdiff_t s = r; s < n_regions; ++s) {
-      const std::int32_t* other = regions + 4 * s;
-      if (other[0] != region[0] || other[2] != region[2]) continue;
-      std::fill(best, best + channels, std::uint8_t{0});
-      for (std::ptrdiff_t y = other[1]; y < other[3]; ++y) max_into(best, row_maxima.data() + (y - first_row) * channels, channels);
-      float* row = out + s * channels;
-      for (std::ptrdiff_t d = 0; d < channels; ++d) row[d] = static_cast<float>(best[d]) * scale;
-      done[s] = 1;
+      for (std::ptrdiff_t s = r; s < n_regions; ++s) {
+        const std::int32_t* other = regions + 4 * s;
+        if (other[0] != region[0] || other[2] != region[2]) continue;
+        std::fill(best, best + channels, std::uint8_t{0});
+        for (std::ptrdiff_t y = other[1]; y < other[3]; ++y)
+          max_into(best, row_maxima.data() + (y - first_row) * channels, channels);
+        float* row = out + s * channels;
+        for (std::ptrdiff_t d = 0; d < channels; ++d) row[d] = static_cast<float>(best[d]) * scale;
+        done[s] = 1;
+      }
     }
   }
-}
 };
 
 // running(l, ·) = max over the box's cells labelled l of their D codes, then out = running·scale.
@@ -88,20 +89,20 @@ struct RegionMacCodesKernel {
   static constexpr SimdLevel widest = kSimdAvx2;  // as GridMacCodesKernel
   template <SimdLevel>
   static CLUSTERMAC_ALWAYS_INLINE void run(const CodesView& codes, const std::int32_t* labels,
-                                           const std::array<std::int32_t, 4>& box, std::ptrdiff_t n_labels,
-                                           float scale, std::uint8_t* running, float* out) {
-  const std::ptrdiff_t channels = codes.channels;
-  for (std::ptrdiff_t y = box[1]; y < box[3]; ++y) {
-    const std::uint8_t* cell = codes.data + (y * codes.width + box[0]) * channels;
-    const std::int32_t* label_row = labels + y * codes.width;
-    for (std::ptrdiff_t x = box[0]; x < box[2]; ++x, cell += channels) {
-      const std::int32_t label = label_row[x];
-      if (label >= 0) max_into(running + label * channels, cell, channels);  // negative: masked out
+                                           const std::array<std::int32_t, 4>& box, std::ptrdiff_t n_labels, float scale,
+                                           std::uint8_t* running, float* out) {
+    const std::ptrdiff_t channels = codes.channels;
+    for (std::ptrdiff_t y = box[1]; y < box[3]; ++y) {
+      const std::uint8_t* cell = codes.data + (y * codes.width + box[0]) * channels;
+      const std::int32_t* label_row = labels + y * codes.width;
+      for (std::ptrdiff_t x = box[0]; x < box[2]; ++x, cell += channels) {
+        const std::int32_t label = label_row[x];
+        if (label >= 0) max_into(running + label * channels, cell, channels);  // negative: masked out
+      }
     }
+    const std::ptrdiff_t n = n_labels * channels;
+    for (std::ptrdiff_t i = 0; i < n; ++i) out[i] = static_cast<float>(running[i]) * scale;
   }
-  const std::ptrdiff_t n = n_labels * channels;
-  for (std::ptrdiff_t i = 0; i < n; ++i) out[i] = static_cast<float>(running[i]) * scale;
-}
 };
 
 }  // namespace detail

@@ -144,7 +144,7 @@ CLUSTERMAC_TARGET_AVX2 inline void dense_times_block_tile_8x8(const ProductOpera
 // `accumulate` the accumulators start from out: the same sums, in the same order, as one call
 // over the concatenated columns of a / rows of v.
 CLUSTERMAC_TARGET_AVX2 inline void dense_times_block_avx2(const ProductOperands& p, Eigen::Index rows,
-                                                                         Eigen::Index width) {
+                                                          Eigen::Index width) {
   Eigen::Index column = 0;
   for (; column + 24 <= width; column += 24)
     for (Eigen::Index row = 0; row < rows; row += 4)
@@ -161,10 +161,9 @@ CLUSTERMAC_TARGET_AVX2 inline void dense_times_block_avx2(const ProductOperands&
 
 // The common case: a (rows x cols), v (cols x stride) and out (rows x stride) with contiguous
 // rows, v's and out's rows `stride` floats apart.
-CLUSTERMAC_TARGET_AVX2 inline void dense_times_block_avx2(const float* a, Eigen::Index rows,
-                                                                         Eigen::Index cols, const float* v,
-                                                                         Eigen::Index width, Eigen::Index stride,
-                                                                         float* out, bool accumulate = false) {
+CLUSTERMAC_TARGET_AVX2 inline void dense_times_block_avx2(const float* a, Eigen::Index rows, Eigen::Index cols,
+                                                          const float* v, Eigen::Index width, Eigen::Index stride,
+                                                          float* out, bool accumulate = false) {
   dense_times_block_avx2(ProductOperands{a, cols, cols, v, stride, out, stride, accumulate}, rows, width);
 }
 #endif
@@ -195,7 +194,8 @@ inline void rowmajor_times(const float* m, Eigen::Index rows, Eigen::Index cols,
     MatrixRM packed = MatrixRM::Zero(cols, width);
     packed.leftCols(b) = b_in;
     MatrixRM product(rows, width);
-    dense_times_block_avx2(ProductOperands{m, lda, cols, packed.data(), width, product.data(), width, false}, rows, width);
+    dense_times_block_avx2(ProductOperands{m, lda, cols, packed.data(), width, product.data(), width, false}, rows,
+                           width);
     result = product.leftCols(b);
     return;
   }
@@ -206,8 +206,8 @@ inline void rowmajor_times(const float* m, Eigen::Index rows, Eigen::Index cols,
 // result (cols x b, column-major) = m^T * b_in, m a rows x cols row-major array (rows lda floats
 // apart; lda < 0: cols), b_in rows x b.
 // As result^T (b x cols, row-major) = b_in^T (b x rows: b_in's column-major storage) * m.
-inline void rowmajor_transpose_times(const float* m, Eigen::Index rows, Eigen::Index cols,
-                                     const Eigen::MatrixXf& b_in, Eigen::MatrixXf& result, Eigen::Index lda = -1) {
+inline void rowmajor_transpose_times(const float* m, Eigen::Index rows, Eigen::Index cols, const Eigen::MatrixXf& b_in,
+                                     Eigen::MatrixXf& result, Eigen::Index lda = -1) {
   if (lda < 0) lda = cols;
 #ifdef CLUSTERMAC_SIMD_X86
   if (simd_at_least(kSimdAvx2)) {
@@ -222,11 +222,12 @@ inline void rowmajor_transpose_times(const float* m, Eigen::Index rows, Eigen::I
     for (Eigen::Index first = 0; width > 0 && first < rows; first += row_block) {
       const Eigen::Index count = std::min(row_block, rows - first);
       const MatrixRM packed = b_in.middleRows(first, count).transpose();  // b x count, contiguous
-      dense_times_block_avx2(ProductOperands{packed.data(), count, count, m + first * lda, lda, result.data(), cols, first > 0},
-                             b, width);
+      dense_times_block_avx2(
+          ProductOperands{packed.data(), count, count, m + first * lda, lda, result.data(), cols, first > 0}, b, width);
     }
     if (width < cols)
-      result.bottomRows(cols - width).noalias() = strided_rows(m, rows, cols, lda).rightCols(cols - width).transpose() * b_in;
+      result.bottomRows(cols - width).noalias() =
+          strided_rows(m, rows, cols, lda).rightCols(cols - width).transpose() * b_in;
     return;
   }
 #endif

@@ -22,19 +22,19 @@
 namespace clustermac {
 
 struct EigenSolverOptions {
-  int block_size = 0;           // b: 0 -> k + max(3, k / 4)
-  int blocks_per_cycle = 4;     // basis of blocks_per_cycle * b vectors at most
-  int kept_blocks = 0;          // Ritz vectors kept at a restart, in blocks (0: half the basis)
-  double tolerance = 1e-4;      // stop when ||A x - theta x|| <= tolerance * max|theta| for the k wanted pairs
-  int max_cycles = 60;          // restart cycles before giving up (the best Ritz pairs are returned)
-  int dense_below = 200;        // operators of this dimension or less are solved densely
-  std::uint64_t seed = 0;       // start block (the solver is deterministic for a given seed)
+  int block_size = 0;        // b: 0 -> k + max(3, k / 4)
+  int blocks_per_cycle = 4;  // basis of blocks_per_cycle * b vectors at most
+  int kept_blocks = 0;       // Ritz vectors kept at a restart, in blocks (0: half the basis)
+  double tolerance = 1e-4;   // stop when ||A x - theta x|| <= tolerance * max|theta| for the k wanted pairs
+  int max_cycles = 60;       // restart cycles before giving up (the best Ritz pairs are returned)
+  int dense_below = 200;     // operators of this dimension or less are solved densely
+  std::uint64_t seed = 0;    // start block (the solver is deterministic for a given seed)
 };
 
 struct EigenPairs {
-  VectorD values;          // k largest eigenvalues, descending
+  VectorD values;           // k largest eigenvalues, descending
   Eigen::MatrixXf vectors;  // n x k orthonormal eigenvectors (column-major)
-  int n_products = 0;      // block products with A (counted in vectors)
+  int n_products = 0;       // block products with A (counted in vectors)
   int n_cycles = 0;
   bool converged = false;
   double max_residual = 0.0;
@@ -85,7 +85,7 @@ inline void orthonormalise_block(Eigen::Ref<Eigen::MatrixXf> basis, Eigen::Index
     Eigen::MatrixXf current, coefficients, projection;
     for (int pass = 0; pass < 2; ++pass) {
       current = block;
-      rowmajor_times(basis.data(), begin, n, current, coefficients, ld);             // Q^T B
+      rowmajor_times(basis.data(), begin, n, current, coefficients, ld);               // Q^T B
       rowmajor_transpose_times(basis.data(), begin, n, coefficients, projection, ld);  // Q (Q^T B)
       block -= projection;
     }
@@ -111,8 +111,8 @@ template <typename Apply>
 EigenPairs top_eigenpairs(Eigen::Index n, int k, Apply&& apply, const EigenSolverOptions& options = {}) {
   using Eigen::Index;
   require(n >= 1, "top_eigenpairs: the operator dimension must be at least 1");
-  require(k >= 1 && k <= n, "top_eigenpairs: need 1 <= k <= n, got k = " + std::to_string(k) +
-                                ", n = " + std::to_string(n));
+  require(k >= 1 && k <= n,
+          "top_eigenpairs: need 1 <= k <= n, got k = " + std::to_string(k) + ", n = " + std::to_string(n));
   EigenPairs result;
   std::mt19937_64 rng(options.seed ^ 0x9E3779B97F4A7C15ull);
 
@@ -137,8 +137,8 @@ EigenPairs top_eigenpairs(Eigen::Index n, int k, Apply&& apply, const EigenSolve
 
   const Index m = static_cast<Index>(block) * blocks_per_cycle;
   // Thick restart: keep this many Ritz vectors (with their known products) across cycles.
-  const Index keep = std::clamp<Index>(options.kept_blocks > 0 ? static_cast<Index>(options.kept_blocks) * block : m / 2,
-                                       block, m - block);
+  const Index keep = std::clamp<Index>(
+      options.kept_blocks > 0 ? static_cast<Index>(options.kept_blocks) * block : m / 2, block, m - block);
   // Q (orthonormal basis) and A Q, n x m column-major with a padded leading dimension (see
   // detail::padded_leading_dimension: Q y and (A Q) y walk down their columns).
   const Index ld = detail::padded_leading_dimension(n);

@@ -31,9 +31,8 @@ inline PcaProjection pca_of_centred(const float* data, Eigen::Index n, Eigen::In
                                     int n_components, Eigen::Index stride = -1) {
   using Eigen::Index;
   require(n >= 1 && d >= 1, "pca_project: features must have at least one row and one column");
-  require(n_components >= 1 && n_components <= d,
-          "pca_project: n_components must be in [1, D = " + std::to_string(d) + "], got " +
-              std::to_string(n_components));
+  require(n_components >= 1 && n_components <= d, "pca_project: n_components must be in [1, D = " + std::to_string(d) +
+                                                      "], got " + std::to_string(n_components));
   // X v (N x b) and X^T y (D x b) for X the N x D centred features.
   auto times = [&](const Eigen::MatrixXf& v, Eigen::MatrixXf& out) {
     if (locations_are_rows)

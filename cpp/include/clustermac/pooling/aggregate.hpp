@@ -9,7 +9,8 @@ namespace clustermac {
 // The R-MAC / ClusterMAC aggregation (the paper's Sec. 4.2): each regional vector l2 →
 // PCA-whiten (when a projection is given) → l2; sum → l2. Zero rows (empty regions) are
 // skipped rather than whitened into −mean·Pᵀ noise. All rows zero → a zero vector.
-inline VectorF aggregate_regions(const ConstMatrixRef& region_vectors, const float* mean, const ConstMatrixRef* projection) {
+inline VectorF aggregate_regions(const ConstMatrixRef& region_vectors, const float* mean,
+                                 const ConstMatrixRef* projection) {
   const std::ptrdiff_t dim = region_vectors.cols();
   require(dim >= 1, "region_vectors: expected D >= 1 columns, got " +
                         describe_array("float32", {region_vectors.rows(), region_vectors.cols()}));

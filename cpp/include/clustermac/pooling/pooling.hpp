@@ -95,25 +95,25 @@ struct GridMacKernel {
   template <SimdLevel>
   static CLUSTERMAC_ALWAYS_INLINE void run(const FeatureMapView& map, const std::int32_t* regions,
                                            std::ptrdiff_t n_regions, MatrixRM& out) {
-  std::vector<float> column_max(map.width);
-  for (std::ptrdiff_t d = 0; d < map.channels; ++d) {
-    const float* plane = map.channel(d);
-    for (std::ptrdiff_t r = 0; r < n_regions; ++r) {
-      const std::int32_t* box = regions + 4 * r;
-      float* cm = column_max.data();
-      const std::ptrdiff_t span = box[2] - box[0];
-      const float* first_row = plane + static_cast<std::ptrdiff_t>(box[1]) * map.width + box[0];
-      for (std::ptrdiff_t x = 0; x < span; ++x) cm[x] = first_row[x];
-      for (std::int32_t y = box[1] + 1; y < box[3]; ++y) {
-        const float* row = plane + static_cast<std::ptrdiff_t>(y) * map.width + box[0];
-        for (std::ptrdiff_t x = 0; x < span; ++x) cm[x] = std::max(cm[x], row[x]);
+    std::vector<float> column_max(map.width);
+    for (std::ptrdiff_t d = 0; d < map.channels; ++d) {
+      const float* plane = map.channel(d);
+      for (std::ptrdiff_t r = 0; r < n_regions; ++r) {
+        const std::int32_t* box = regions + 4 * r;
+        float* cm = column_max.data();
+        const std::ptrdiff_t span = box[2] - box[0];
+        const float* first_row = plane + static_cast<std::ptrdiff_t>(box[1]) * map.width + box[0];
+        for (std::ptrdiff_t x = 0; x < span; ++x) cm[x] = first_row[x];
+        for (std::int32_t y = box[1] + 1; y < box[3]; ++y) {
+          const float* row = plane + static_cast<std::ptrdiff_t>(y) * map.width + box[0];
+          for (std::ptrdiff_t x = 0; x < span; ++x) cm[x] = std::max(cm[x], row[x]);
+        }
+        float best = cm[0];
+        for (std::ptrdiff_t x = 1; x < span; ++x) best = std::max(best, cm[x]);
+        out(r, d) = best;
       }
-      float best = cm[0];
-      for (std::ptrdiff_t x = 1; x < span; ++x) best = std::max(best, cm[x]);
-      out(r, d) = best;
     }
   }
-}
 };
 
 }  // namespace detail

@@ -22,9 +22,9 @@ constexpr std::int32_t kMaxRegionLabel = 1 << 20;
 inline std::ptrdiff_t count_regions(const std::int32_t* labels, std::ptrdiff_t n) {
   std::int32_t max_label = -1;
   for (std::ptrdiff_t i = 0; i < n; ++i) max_label = std::max(max_label, labels[i]);
-  require(max_label < kMaxRegionLabel, "labels: the largest label is " + std::to_string(max_label) +
-                                           "; expected region labels 0..K-1 with K <= " +
-                                           std::to_string(kMaxRegionLabel));
+  require(max_label < kMaxRegionLabel,
+          "labels: the largest label is " + std::to_string(max_label) +
+              "; expected region labels 0..K-1 with K <= " + std::to_string(kMaxRegionLabel));
   return static_cast<std::ptrdiff_t>(max_label) + 1;
 }
 

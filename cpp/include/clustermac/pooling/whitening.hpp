@@ -38,17 +38,19 @@ struct Whitening {
 // PCA-whitening learned from N×D vectors: centre, eigen-decompose the covariance, keep the
 // top `dim` eigenvectors and scale each by (λ + shrinkage·λmax)^(-1/2). The shrinkage term
 // regularises the small eigenvalues: whitening learned from a few hundred images is badly
-// conditioned and, unregularised, divides noise directions by ~0. Computed in double; for N < D via the N×N Gram matrix, which has the same non-zero
-// spectrum. Each eigenvector's sign is fixed so that its largest-magnitude entry is positive.
+// conditioned and, unregularised, divides noise directions by ~0. Computed in double; for N < D via the N×N Gram
+// matrix, which has the same non-zero spectrum. Each eigenvector's sign is fixed so that its largest-magnitude entry is
+// positive.
 inline Whitening fit_pca_whitening(const ConstMatrixRef& vectors, std::ptrdiff_t dim, double shrinkage) {
   const std::ptrdiff_t n = vectors.rows(), d = vectors.cols();
-  require(n >= 1 && d >= 1, "vectors: expected a non-empty N×D array, got " + std::to_string(n) + "×" + std::to_string(d));
+  require(n >= 1 && d >= 1,
+          "vectors: expected a non-empty N×D array, got " + std::to_string(n) + "×" + std::to_string(d));
   require_finite(vectors, "vectors");
   require(std::isfinite(shrinkage) && shrinkage >= 0.0,
           "shrinkage: expected a finite number >= 0, got " + std::to_string(shrinkage));
-  require(dim >= 1 && dim <= std::min(n, d),
-          "dim: expected 1 <= dim <= min(N, D) = " + std::to_string(std::min(n, d)) + " (N=" + std::to_string(n) +
-              " vectors of D=" + std::to_string(d) + "), got " + std::to_string(dim));
+  require(dim >= 1 && dim <= std::min(n, d), "dim: expected 1 <= dim <= min(N, D) = " + std::to_string(std::min(n, d)) +
+                                                 " (N=" + std::to_string(n) + " vectors of D=" + std::to_string(d) +
+                                                 "), got " + std::to_string(dim));
   MatrixRMd centred = vectors.cast<double>();
   const VectorD mean = centred.colwise().mean().transpose();
   centred.rowwise() -= mean.transpose();
@@ -78,7 +80,8 @@ inline Whitening fit_pca_whitening(const ConstMatrixRef& vectors, std::ptrdiff_t
         v.setZero();
         for (std::ptrdiff_t j = 0; j < d && v.norm() == 0.0; ++j) {
           VectorD candidate = VectorD::Unit(d, j);
-          for (std::ptrdiff_t k = 0; k < i; ++k) candidate -= eigenvectors.row(k).dot(candidate) * eigenvectors.row(k).transpose();
+          for (std::ptrdiff_t k = 0; k < i; ++k)
+            candidate -= eigenvectors.row(k).dot(candidate) * eigenvectors.row(k).transpose();
           if (candidate.norm() > 1e-6) v = candidate / candidate.norm();
         }
       }
@@ -122,7 +125,8 @@ inline MatrixRM whiten(const ConstMatrixRef& vectors, const float* mean, const C
   return Eigen::Map<const MatrixRM>(product.data(), n, dim);
 }
 
-inline MatrixRM apply_whitening(const ConstMatrixRef& vectors, const ConstVectorRef& mean, const ConstMatrixRef& projection) {
+inline MatrixRM apply_whitening(const ConstMatrixRef& vectors, const ConstVectorRef& mean,
+                                const ConstMatrixRef& projection) {
   return whiten(vectors, mean.data(), projection);
 }
 

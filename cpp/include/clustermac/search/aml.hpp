@@ -57,7 +57,8 @@ struct AmlResult {
 };
 
 inline void check_aml_params(const AmlParams& params) {
-  require(std::isfinite(params.p) && params.p > 0.0, "p: expected a finite number > 0, got " + std::to_string(params.p));
+  require(std::isfinite(params.p) && params.p > 0.0,
+          "p: expected a finite number > 0, got " + std::to_string(params.p));
   require(params.step >= 1, "step: expected an integer >= 1, got " + std::to_string(params.step));
   require(std::isfinite(params.aspect_tolerance) && params.aspect_tolerance >= 1.0,
           "aspect_tolerance: expected a finite number >= 1, got " + std::to_string(params.aspect_tolerance));
@@ -108,11 +109,12 @@ CLUSTERMAC_ALWAYS_INLINE typename Vectors<Lanes>::F tenth_root(typename Vectors<
   constexpr float kTable[16] = {0.000150286183f, 0.000161072743f, 0.000172633492f, 0.000185023995f, 0.000198303808f,
                                 0.000212536759f, 0.000227791258f, 0.000244140625f, 0.000261663443f, 0.000280443934f};
   const VecI bits = bit_cast<VecI>(s);
-  const VecI e = bits >> 23;            // 0..255 (sign bit 0)
-  const VecI q = (e * 205) >> 11;       // floor(e / 10) for e < 1029
+  const VecI e = bits >> 23;       // 0..255 (sign bit 0)
+  const VecI q = (e * 205) >> 11;  // floor(e / 10) for e < 1029
   const VecI r = e - q * 10;
   const VecF t = bit_cast<VecF>((bits & 0x007FFFFF) | 0x3F800000) - 1.0f;
-  const VecF root_m = 1.00000578f + t * (0.0996895091f + t * (-0.0422198273f + t * (0.0190421548f + t * -0.00474850794f)));
+  const VecF root_m =
+      1.00000578f + t * (0.0996895091f + t * (-0.0422198273f + t * (0.0190421548f + t * -0.00474850794f)));
   VecF table_r;
   if constexpr (Lanes == 16) {
     table_r = __builtin_shuffle(load<VecF>(kTable), r);
@@ -129,8 +131,8 @@ CLUSTERMAC_ALWAYS_INLINE typename Vectors<Lanes>::F tenth_root(typename Vectors<
 // Cosine between the unit query and f = S^(1/p), S[i] = sums(i) for i = 0 .. n-1: `sums(i)`
 // gives Lanes values from i on (a vector), `sum(i)` one value.
 template <int Lanes, typename VectorSums, typename ScalarSum>
-CLUSTERMAC_ALWAYS_INLINE double cosine_of_roots(VectorSums sums, ScalarSum sum, const float* __restrict query, std::ptrdiff_t n,
-                                                float inverse_p) {
+CLUSTERMAC_ALWAYS_INLINE double cosine_of_roots(VectorSums sums, ScalarSum sum, const float* __restrict query,
+                                                std::ptrdiff_t n, float inverse_p) {
   typedef typename Vectors<Lanes>::F VecF;
   VecF dot{}, squares{};
   std::ptrdiff_t i = 0;
@@ -163,8 +165,8 @@ CLUSTERMAC_ALWAYS_INLINE double cosine_of_roots(VectorSums sums, ScalarSum sum, 
 
 // The cosine of a box whose sums are given in float.
 template <int Lanes>
-CLUSTERMAC_ALWAYS_INLINE double box_cosine(const float* __restrict sums, const float* __restrict query, std::ptrdiff_t n,
-                                           float inverse_p) {
+CLUSTERMAC_ALWAYS_INLINE double box_cosine(const float* __restrict sums, const float* __restrict query,
+                                           std::ptrdiff_t n, float inverse_p) {
   typedef typename Vectors<Lanes>::F VecF;
   return cosine_of_roots<Lanes>([&](std::ptrdiff_t i) { return load<VecF>(sums + i); },
                                 [&](std::ptrdiff_t i) { return static_cast<double>(sums[i]); }, query, n, inverse_p);
@@ -172,8 +174,8 @@ CLUSTERMAC_ALWAYS_INLINE double box_cosine(const float* __restrict sums, const f
 
 // The cosine of a box whose sums are a - b, in double.
 template <int Lanes>
-CLUSTERMAC_ALWAYS_INLINE double box_cosine(const double* __restrict a, const double* __restrict b, const float* __restrict query,
-                                           std::ptrdiff_t n, float inverse_p) {
+CLUSTERMAC_ALWAYS_INLINE double box_cosine(const double* __restrict a, const double* __restrict b,
+                                           const float* __restrict query, std::ptrdiff_t n, float inverse_p) {
   typedef typename Vectors<Lanes>::F VecF;
   typedef typename Vectors<Lanes>::D VecD;
   return cosine_of_roots<Lanes>(
@@ -190,7 +192,8 @@ CLUSTERMAC_ALWAYS_INLINE void add_into(float* __restrict acc, const float* __res
 }
 
 // prefix[(i + 1)·D + d] = sum of values[k·D + d] for k <= i, in double; prefix[d] = 0.
-CLUSTERMAC_ALWAYS_INLINE void prefix_sums(const float* __restrict values, std::ptrdiff_t count, std::ptrdiff_t channels, double* __restrict prefix) {
+CLUSTERMAC_ALWAYS_INLINE void prefix_sums(const float* __restrict values, std::ptrdiff_t count, std::ptrdiff_t channels,
+                                          double* __restrict prefix) {
   std::fill(prefix, prefix + channels, 0.0);
   for (std::ptrdiff_t k = 0; k < count; ++k)
     for (std::ptrdiff_t d = 0; d < channels; ++d)
@@ -216,7 +219,8 @@ struct PoweredCells {
   // acc[d] += sum of the powered values of channel d over cells (y, x) .. (y, x + count - 1).
   // Plain loops: GCC vectorises the byte-to-float conversion in these, not in vector-extension
   // code.
-  CLUSTERMAC_ALWAYS_INLINE void add_cells(float* __restrict acc, std::ptrdiff_t y, std::ptrdiff_t x, std::ptrdiff_t count) const {
+  CLUSTERMAC_ALWAYS_INLINE void add_cells(float* __restrict acc, std::ptrdiff_t y, std::ptrdiff_t x,
+                                          std::ptrdiff_t count) const {
     const std::ptrdiff_t first = (y * width + x) * channels;
     for (std::ptrdiff_t c = 0; c < count; ++c) {
       if (powered) {
@@ -245,11 +249,13 @@ inline std::vector<std::ptrdiff_t> grid_positions(std::ptrdiff_t extent, int ste
 }
 
 template <int Lanes>
-CLUSTERMAC_ALWAYS_INLINE AmlResult localize(const PoweredCells& cells, const float* unit_query, const AmlParams& params) {
+CLUSTERMAC_ALWAYS_INLINE AmlResult localize(const PoweredCells& cells, const float* unit_query,
+                                            const AmlParams& params) {
   const std::ptrdiff_t channels = cells.channels, height = cells.height, width = cells.width;
   const float inverse_p = static_cast<float>(1.0 / params.p);
   const auto xs = grid_positions(width, params.step), ys = grid_positions(height, params.step);
-  const std::ptrdiff_t blocks_x = static_cast<std::ptrdiff_t>(xs.size()) - 1, blocks_y = static_cast<std::ptrdiff_t>(ys.size()) - 1;
+  const std::ptrdiff_t blocks_x = static_cast<std::ptrdiff_t>(xs.size()) - 1,
+                       blocks_y = static_cast<std::ptrdiff_t>(ys.size()) - 1;
 
   // Block sums: blocks[(by·blocks_x + bx)·D + d] = sum of channel d over the cells of block
   // (bx, by), [xs[bx], xs[bx+1]) × [ys[by], ys[by+1]).
@@ -293,8 +299,8 @@ CLUSTERMAC_ALWAYS_INLINE AmlResult localize(const PoweredCells& cells, const flo
           const double* left = prefix.data() + i0 * channels;
           const double s = box_cosine<Lanes>(right, left, unit_query, channels, inverse_p);
           if (s > best.score) {
-            best = {{static_cast<std::int32_t>(xs[i0]), static_cast<std::int32_t>(ys[j0]), static_cast<std::int32_t>(xs[i1]),
-                     static_cast<std::int32_t>(ys[j1])},
+            best = {{static_cast<std::int32_t>(xs[i0]), static_cast<std::int32_t>(ys[j0]),
+                     static_cast<std::int32_t>(xs[i1]), static_cast<std::int32_t>(ys[j1])},
                     s};
             difference(right, left, channels, best_sums.data());
             found = true;
@@ -304,7 +310,8 @@ CLUSTERMAC_ALWAYS_INLINE AmlResult localize(const PoweredCells& cells, const flo
   }
   if (!found) {  // no grid box meets the aspect constraint: start from the whole map
     std::fill(best_sums.begin(), best_sums.end(), 0.0f);
-    for (std::ptrdiff_t k = 0; k < blocks_y * blocks_x; ++k) add_into<Lanes>(best_sums.data(), blocks.data() + k * channels, channels);
+    for (std::ptrdiff_t k = 0; k < blocks_y * blocks_x; ++k)
+      add_into<Lanes>(best_sums.data(), blocks.data() + k * channels, channels);
     best.score = box_cosine<Lanes>(best_sums.data(), unit_query, channels, inverse_p);
   }
 
@@ -371,7 +378,8 @@ namespace detail {
 inline VectorF unit_query(const float* query, std::ptrdiff_t channels) {
   VectorF q = Eigen::Map<const VectorF>(query, channels);
   require(q.allFinite(), "query_vector contains NaN or Inf values; expected only finite numbers");
-  require(l2_normalize_in_place(q.data(), q.size()), "query_vector is all zeros; expected the query's (non-zero) MAC vector");
+  require(l2_normalize_in_place(q.data(), q.size()),
+          "query_vector is all zeros; expected the query's (non-zero) MAC vector");
   return q;
 }
 

@@ -20,13 +20,13 @@
 namespace clustermac {
 
 struct SearchResult {
-  MatrixRM scores;  // Q × k, descending
+  MatrixRM scores;                                                                       // Q × k, descending
   Eigen::Matrix<std::int64_t, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> indices;  // Q × k
 };
 
 namespace detail {
 
-constexpr int kQueryTile = 6;  // queries per register tile
+constexpr int kQueryTile = 6;               // queries per register tile
 constexpr std::ptrdiff_t kBlockRows = 256;  // database rows per block (transposed block ~ D KB)
 
 // Scores for a tile of kQueryTile queries × (2·lanes) database columns:
@@ -183,8 +183,8 @@ inline SearchResult topk_search(const float* database, std::ptrdiff_t n_database
                                 std::ptrdiff_t n_queries, std::ptrdiff_t dim, std::ptrdiff_t k, int n_threads) {
   using namespace detail;
   require(dim >= 1, "topk_search: vectors must have at least one dimension");
-  require(k >= 1 && k <= n_database, "k: expected 1 <= k <= N = " + std::to_string(n_database) + " (database rows), got " +
-                                         std::to_string(k));
+  require(k >= 1 && k <= n_database,
+          "k: expected 1 <= k <= N = " + std::to_string(n_database) + " (database rows), got " + std::to_string(k));
   for (std::ptrdiff_t i = 0; i < n_queries * dim; ++i)
     if (!std::isfinite(queries[i]))
       fail("queries: row " + std::to_string(i / dim) + " contains NaN or Inf; expected only finite numbers");
@@ -193,8 +193,8 @@ inline SearchResult topk_search(const float* database, std::ptrdiff_t n_database
   result.indices.resize(n_queries, k);
   const std::ptrdiff_t chunk = std::max<std::ptrdiff_t>(kQueryTile, std::min(kQueryChunk, kHitsPerChunk / k));
   for (std::ptrdiff_t first = 0; first < n_queries; first += chunk)
-    topk_search_chunk(database, n_database, queries + first * dim, std::min(chunk, n_queries - first), dim, k, n_threads,
-                      result, first);
+    topk_search_chunk(database, n_database, queries + first * dim, std::min(chunk, n_queries - first), dim, k,
+                      n_threads, result, first);
   return result;
 }
 
