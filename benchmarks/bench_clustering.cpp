@@ -1,8 +1,7 @@
 // Google Benchmark microbenchmarks of the clustering core at the paper's map sizes:
 // N = 3072 (VGG16, 64 x 48, C = 4) and N = 768 (ResNet101, 32 x 24, C = 7).
 //
-//   cmake -S . -B build/bench -DCLUSTERMAC_BENCHMARKS=ON -DCMAKE_BUILD_TYPE=Release \
-//         -Dpybind11_DIR=$(python -m pybind11 --cmakedir)
+//   cmake -S . -B build/bench -DCLUSTERMAC_BENCHMARKS=ON
 //   cmake --build build/bench --target bench_clustering && build/bench/bench_clustering
 //
 // Data: a Gaussian mixture with heavy-tailed (gamma-scaled) points in C dims, which gives
@@ -11,11 +10,11 @@
 
 #include <random>
 
-#include "clustermac/affinity.hpp"
-#include "clustermac/discretize.hpp"
-#include "clustermac/feature_clustering.hpp"
-#include "clustermac/ncut.hpp"
-#include "clustermac/pca.hpp"
+#include "clustermac/clustering/affinity.hpp"
+#include "clustermac/clustering/discretize.hpp"
+#include "clustermac/clustering/feature_clustering.hpp"
+#include "clustermac/clustering/ncut.hpp"
+#include "clustermac/linalg/pca.hpp"
 
 namespace {
 
@@ -84,13 +83,13 @@ void BM_SimilarityTimesBlock(benchmark::State& state) {
     clustermac::detail::similarity_times_block(s, scale, v, out);
     benchmark::DoNotOptimize(out.data());
   }
-  state.counters["GFLOPs"] = benchmark::Counter(2.0 * n * n * b, benchmark::Counter::kIsIterationInvariantRate,
-                                                benchmark::Counter::kIs1000);
+  state.counters["GFLOPs"] =
+      benchmark::Counter(2.0 * n * n * b, benchmark::Counter::kIsIterationInvariantRate, benchmark::Counter::kIs1000);
 }
 
 // The same product with the similarity stored in bfloat16 (AVX512-BF16; skipped without it).
 void BM_SimilarityTimesBlockBf16(benchmark::State& state) {
-  if (!clustermac::cpu_has_avx512_bf16()) {
+  if (!clustermac::simd_has_avx512_bf16()) {
     state.SkipWithError("the CPU lacks AVX512-BF16");
     return;
   }
@@ -104,12 +103,12 @@ void BM_SimilarityTimesBlockBf16(benchmark::State& state) {
     clustermac::bf16_similarity_times_block(s, scale, v, out);
     benchmark::DoNotOptimize(out.data());
   }
-  state.counters["GFLOPs"] = benchmark::Counter(2.0 * n * n * b, benchmark::Counter::kIsIterationInvariantRate,
-                                                benchmark::Counter::kIs1000);
+  state.counters["GFLOPs"] =
+      benchmark::Counter(2.0 * n * n * b, benchmark::Counter::kIsIterationInvariantRate, benchmark::Counter::kIs1000);
 }
 
 void BM_NcutEigensolveBf16(benchmark::State& state) {
-  if (!clustermac::cpu_has_avx512_bf16()) {
+  if (!clustermac::simd_has_avx512_bf16()) {
     state.SkipWithError("the CPU lacks AVX512-BF16");
     return;
   }
@@ -117,8 +116,7 @@ void BM_NcutEigensolveBf16(benchmark::State& state) {
   const int k = static_cast<int>(state.range(1));
   const clustermac::SimilarityBf16 s =
       clustermac::bf16_similarity(clustermac::affinity(mixture_points(n, dims_for(n)), 0.05f, nullptr), true);
-  for (auto _ : state)
-    benchmark::DoNotOptimize(clustermac::ncut_embedding_of(s, k, clustermac::Normalization::sym));
+  for (auto _ : state) benchmark::DoNotOptimize(clustermac::ncut_embedding_of(s, k, clustermac::Normalization::sym));
 }
 
 void BM_Discretize(benchmark::State& state) {
@@ -144,7 +142,8 @@ void BM_ClusterFeatureMap(benchmark::State& state) {
       for (Eigen::Index c = 0; c < d; ++c)
         map[static_cast<std::size_t>((c * h + y) * w + x)] = std::max(0.0f, patterns(region, c) + 0.5f * normal(rng));
       for (int c = 0; c < 3; ++c)
-        rgb[static_cast<std::size_t>((y * w + x) * 3 + c)] = 0.1f * static_cast<float>(region + c) + 0.05f * normal(rng);
+        rgb[static_cast<std::size_t>((y * w + x) * 3 + c)] =
+            0.1f * static_cast<float>(region + c) + 0.05f * normal(rng);
     }
   clustermac::FeatureClusteringOptions options;
   options.pca_dim = h * w >= 3072 ? 4 : 7;
@@ -157,7 +156,12 @@ void BM_ClusterFeatureMap(benchmark::State& state) {
 BENCHMARK(BM_ClusterFeatureMap)->Args({512, 48, 64})->Args({2048, 24, 32})->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_Affinity)->Arg(768)->Arg(3072)->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_PcaProject)->Args({768, 2048})->Args({3072, 512})->Unit(benchmark::kMillisecond);
-BENCHMARK(BM_SimilarityTimesBlock)->Args({3072, 1})->Args({3072, 8})->Args({3072, 24})->Args({768, 24})->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_SimilarityTimesBlock)
+    ->Args({3072, 1})
+    ->Args({3072, 8})
+    ->Args({3072, 24})
+    ->Args({768, 24})
+    ->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_NcutEigensolve)
     ->Args({768, 20, 0})
     ->Args({768, 5, 0})
@@ -165,6 +169,10 @@ BENCHMARK(BM_NcutEigensolve)
     ->Args({3072, 5, 0})
     ->Args({3072, 20, 1})
     ->Unit(benchmark::kMillisecond);
-BENCHMARK(BM_SimilarityTimesBlockBf16)->Args({3072, 8})->Args({3072, 24})->Args({768, 24})->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_SimilarityTimesBlockBf16)
+    ->Args({3072, 8})
+    ->Args({3072, 24})
+    ->Args({768, 24})
+    ->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_NcutEigensolveBf16)->Args({3072, 20})->Args({3072, 5})->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_Discretize)->Args({768, 20})->Args({3072, 5})->Args({3072, 20})->Unit(benchmark::kMillisecond);

@@ -2,8 +2,7 @@
 // grid_mac over the R-MAC grid, at the map sizes of the paper's backbones
 // (ResNet101 at 1024 px: D = 2048, 32×24 = 768 locations; VGG16: D = 512, 64×48 = 3072).
 //
-//   cmake -S . -B build/bench -DCLUSTERMAC_BENCHMARKS=ON -DCMAKE_BUILD_TYPE=Release \
-//         -DCMAKE_PREFIX_PATH="$(python -m cmeel cmake);$(python -c 'import pybind11; print(pybind11.get_cmake_dir())')"
+//   cmake -S . -B build/bench -DCLUSTERMAC_BENCHMARKS=ON
 //   cmake --build build/bench --target bench_pooling
 //   build/bench/bench_pooling --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
 #include <benchmark/benchmark.h>
@@ -11,7 +10,7 @@
 #include <random>
 #include <vector>
 
-#include "clustermac/pooling.hpp"
+#include "clustermac/pooling/pooling.hpp"
 
 namespace {
 
@@ -57,7 +56,8 @@ void BM_grid_mac(benchmark::State& state) {
   const auto regions = clustermac::rmac_regions(s.height, s.width, 3);
   const clustermac::FeatureMapView map{data.data(), s.channels, s.height, s.width};
   for (auto _ : state)
-    benchmark::DoNotOptimize(clustermac::grid_mac(map, regions.front().data(), static_cast<std::ptrdiff_t>(regions.size())));
+    benchmark::DoNotOptimize(
+        clustermac::grid_mac(map, regions.front().data(), static_cast<std::ptrdiff_t>(regions.size())));
   state.counters["regions"] = static_cast<double>(regions.size());
 }
 BENCHMARK(BM_grid_mac)->Arg(768)->Arg(3072)->Unit(benchmark::kMicrosecond);

@@ -1,25 +1,40 @@
-// Bindings of pooling.hpp and whitening.hpp: check and convert, release the GIL, call the core.
-#include <pybind11/stl.h>
+// Bindings of pooling/: float pooling, region geometry, aggregation and whitening.
+#include <tuple>
 
 #include "bind_helpers.hpp"
-#include "clustermac/pooling.hpp"
-#include "clustermac/whitening.hpp"
+#include "clustermac/pooling/aggregate.hpp"
+#include "clustermac/pooling/pooling.hpp"
+#include "clustermac/pooling/regions.hpp"
+#include "clustermac/pooling/whitening.hpp"
 
 namespace clustermac::bind {
 
 namespace {
-
-using FloatArray = py::array_t<float, py::array::c_style>;
 
 FeatureMapView feature_map_view(const FloatArray& a) {
   return FeatureMapView{a.data(), a.shape(0), a.shape(1), a.shape(2)};
 }
 
 FloatArray checked_feature_map(const py::handle& obj) {
-  auto a = require_array<float>(obj, "feature_map", 3, "of shape (D, H, W)");
-  FeatureMapView view = feature_map_view(a);
-  require_feature_map(view, "feature_map");
-  return a;
+  return require_array<float>(obj, "feature_map", 3, "of shape (D, H, W)");
+}
+
+// A global pooling of a feature map into one D vector: pool(map, extra...).
+template <typename... Extra, typename... ExtraArgs>
+void def_global_pool(py::module_& m, const char* name, VectorF (*pool)(const FeatureMapView&, Extra...),
+                     const char* doc, ExtraArgs... extra_args) {
+  m.def(
+      name,
+      [pool](const FloatArrayArg& feature_map, Extra... extra) {
+        auto fmap = checked_feature_map(feature_map);
+        VectorF out;
+        {
+          py::gil_scoped_release release;
+          out = pool(feature_map_view(fmap), extra...);
+        }
+        return to_numpy(std::move(out));
+      },
+      py::arg("feature_map"), extra_args..., doc);
 }
 
 // int32 R×4 rows [x0, y0, x1, y1).
@@ -49,7 +64,8 @@ OptionalWhitening checked_whitening(const py::object& mean_obj, const py::object
     throw py::value_error("mean: expected length D = " + std::to_string(dim) + " (the vectors' dimension), got " +
                           describe(w.mean));
   if (w.projection.shape(1) != dim || w.projection.shape(0) < 1)
-    throw py::value_error("projection: expected shape (dim, " + std::to_string(dim) + "), got " + describe(w.projection));
+    throw py::value_error("projection: expected shape (dim, " + std::to_string(dim) + "), got " +
+                          describe(w.projection));
   require_finite(Eigen::Map<const MatrixRM>(w.mean.data(), 1, dim), "mean");
   require_finite(as_matrix(w.projection), "projection");
   w.present = true;
@@ -61,7 +77,7 @@ OptionalWhitening checked_whitening(const py::object& mean_obj, const py::object
 void bind_pooling(py::module_& m) {
   m.def(
       "region_mac",
-      [](const py::object& feature_map, const py::object& labels_obj) {
+      [](const FloatArrayArg& feature_map, const Int32ArrayArg& labels_obj) {
         auto fmap = checked_feature_map(feature_map);
         auto labels = require_array<std::int32_t>(labels_obj, "labels", 2, "of shape (H, W)");
         if (labels.shape(0) != fmap.shape(1) || labels.shape(1) != fmap.shape(2))
@@ -83,7 +99,7 @@ is negative). A region id that names no location gives a zero row.)doc");
 
   m.def(
       "region_boxes",
-      [](const py::object& labels_obj) {
+      [](const Int32ArrayArg& labels_obj) {
         auto labels = require_array<std::int32_t>(labels_obj, "labels", 2, "of shape (H, W)");
         std::vector<std::array<std::int32_t, 4>> boxes;
         {
@@ -101,7 +117,9 @@ every location of region k; a region id that names no location gets [0, 0, 0, 0]
 
   m.def(
       "rmac_regions",
-      [](std::int64_t height, std::int64_t width, int levels) { return boxes_to_numpy(rmac_regions(height, width, levels)); },
+      [](std::int64_t height, std::int64_t width, int levels) {
+        return boxes_to_numpy(rmac_regions(height, width, levels));
+      },
       py::arg("height"), py::arg("width"), py::arg("levels") = 3,
       R"doc(The R-MAC grid of Tolias et al. (ICLR 2016) for an H×W feature map.
 
@@ -111,7 +129,7 @@ the long side follows Tolias' rule. No extra global region.)doc");
 
   m.def(
       "grid_mac",
-      [](const py::object& feature_map, const py::object& regions_obj) {
+      [](const FloatArrayArg& feature_map, const Int32ArrayArg& regions_obj) {
         auto fmap = checked_feature_map(feature_map);
         auto regions = require_array<std::int32_t>(regions_obj, "regions", 2, "of shape (R, 4)");
         if (regions.shape(1) != 4)
@@ -127,112 +145,22 @@ the long side follows Tolias' rule. No extra global region.)doc");
       "MAC over each region [x0, y0, x1, y1) of a D×H×W feature map → float32 R×D. A region that is empty "
       "or outside the map raises ValueError.");
 
-  m.def(
-      "grid_mac_codes",
-      [](const py::object& codes_obj, const py::object& box_obj, const py::object& regions_obj, double scale) {
-        auto codes = checked_codes(codes_obj);
-        const CodesView view{codes.data(), codes.shape(0), codes.shape(1), codes.shape(2)};
-        const std::array<std::int32_t, 4> box = checked_box(box_obj, view.width, view.height);
-        auto regions = require_array<std::int32_t>(regions_obj, "regions", 2, "of shape (R, 4)");
-        if (regions.shape(1) != 4)
-          throw py::value_error("regions: expected shape (R, 4) with rows [x0, y0, x1, y1), got " + describe(regions));
-        if (!std::isfinite(scale) || scale < 0.0)
-          throw py::value_error("scale: expected a finite number >= 0, got " + std::to_string(scale));
-        MatrixRM out;
-        {
-          py::gil_scoped_release release;
-          out = grid_mac_codes(view, box, regions.data(), regions.shape(0), static_cast<float>(scale));
-        }
-        return to_numpy(std::move(out));
-      },
-      py::arg("codes"), py::arg("box"), py::arg("regions"), py::arg("scale"),
-      R"doc(R-MAC's regional MAC inside a box, computed on 8-bit codes.
-
-codes: uint8 H×W×D, channel-last, C-contiguous (value = code·scale, as FeatureMapStore keeps
-them). box: [x0, y0, x1, y1) in cells, or None for the whole map. regions: int32 R×4 rows
-[x0, y0, x1, y1) relative to the box, e.g. rmac_regions(box height, box width). scale: finite,
->= 0. Returns float32 R×D equal bit for bit to
-grid_mac(dequantize_codes(codes, box, scale), regions): the max is taken on the codes (scaling
-by scale >= 0 is monotone) and only the result is converted to float.)doc");
-
-  m.def(
-      "region_mac_codes",
-      [](const py::object& codes_obj, const py::object& labels_obj, const py::object& box_obj, double scale) {
-        auto codes = checked_codes(codes_obj);
-        const CodesView view{codes.data(), codes.shape(0), codes.shape(1), codes.shape(2)};
-        auto labels = require_array<std::int32_t>(labels_obj, "labels", 2, "of shape (H, W)");
-        if (labels.shape(0) != view.height || labels.shape(1) != view.width)
-          throw py::value_error("labels: expected shape (" + std::to_string(view.height) + ", " +
-                                std::to_string(view.width) + ") to match the codes' (H, W) (the whole map's labels), got " +
-                                describe(labels));
-        const std::array<std::int32_t, 4> box = checked_box(box_obj, view.width, view.height);
-        if (!std::isfinite(scale) || scale < 0.0)
-          throw py::value_error("scale: expected a finite number >= 0, got " + std::to_string(scale));
-        MatrixRM out;
-        {
-          py::gil_scoped_release release;
-          out = region_mac_codes(view, labels.data(), box, static_cast<float>(scale));
-        }
-        return to_numpy(std::move(out));
-      },
-      py::arg("codes"), py::arg("labels"), py::arg("box"), py::arg("scale"),
-      R"doc(ClusterMAC's per-cluster MAC inside a box, computed on 8-bit codes.
-
-codes: uint8 H×W×D, channel-last, C-contiguous (value = code·scale, as FeatureMapStore keeps
-them). labels: int32 H×W, the WHOLE map's cluster labels 0..K-1 (negative = masked out).
-box: [x0, y0, x1, y1) in cells, or None for the whole map. scale: finite, >= 0. Returns float32
-K×D with K = labels.max() + 1 over the whole map (0 rows if every label is negative): row k is
-the max of code·scale over the box's cells labelled k, a zero row if cluster k has no cell in the
-box. Equal bit for bit to region_mac(dequantize_codes(codes, box, scale), labels[y0:y1, x0:x1])
-padded with zero rows up to K.)doc");
-
-  m.def(
-      "spoc_pool",
-      [](const py::object& feature_map) {
-        auto fmap = checked_feature_map(feature_map);
-        VectorF out;
-        {
-          py::gil_scoped_release release;
-          out = spoc_pool(feature_map_view(fmap));
-        }
-        return to_numpy(std::move(out));
-      },
-      py::arg("feature_map"),
-      "SPoC (Babenko & Lempitsky 2015): sum pooling with a Gaussian centre prior (sigma = min(H, W)/6, one "
-      "third of the centre-to-closest-border distance). Returns the raw float32 D vector.");
-
-  m.def(
-      "gem_pool",
-      [](const py::object& feature_map, double p) {
-        auto fmap = checked_feature_map(feature_map);
-        VectorF out;
-        {
-          py::gil_scoped_release release;
-          out = gem_pool(feature_map_view(fmap), p);
-        }
-        return to_numpy(std::move(out));
-      },
-      py::arg("feature_map"), py::arg("p") = 3.0,
-      "GeM pooling: (mean max(x, 1e-6)^p)^(1/p) per channel. Returns the raw float32 D vector.");
-
-  m.def(
-      "crow_pool",
-      [](const py::object& feature_map) {
-        auto fmap = checked_feature_map(feature_map);
-        VectorF out;
-        {
-          py::gil_scoped_release release;
-          out = crow_pool(feature_map_view(fmap));
-        }
-        return to_numpy(std::move(out));
-      },
-      py::arg("feature_map"),
+  def_global_pool(m, "spoc_pool", spoc_pool,
+                  "SPoC (Babenko & Lempitsky 2015): sum pooling with a Gaussian centre prior (sigma = min(H, W)/6, one "
+                  "third of the centre-to-closest-border distance). Returns the raw float32 D vector.");
+  def_global_pool(
+      m, "crow_pool", crow_pool,
       "CroW (Kalantidis et al. 2016, a = b = 2): spatial weights (S/||S||_2)^(1/2) from the channel sum S, "
-      "channel weights log(sum Q / (1e-6 + Q_k)) from the non-zero proportions Q. Returns the raw float32 D vector.");
+      "channel weights log(sum Q / (1e-6 + Q_k)) from the non-zero proportions Q. Returns the raw float32 D "
+      "vector.");
+  def_global_pool(m, "gem_pool", gem_pool,
+                  "GeM pooling: (mean max(x, 1e-6)^p)^(1/p) per channel. Returns the raw float32 D vector.",
+                  py::arg("p") = 3.0);
 
   m.def(
       "l2_normalize",
-      [](const py::object& vectors_obj) -> py::array {
+      [](const FloatArrayArg& vectors_arg) -> py::array_t<float> {
+        const py::object& vectors_obj = vectors_arg;
         if (!py::isinstance<py::array>(vectors_obj))
           throw py::value_error("vectors: expected a float32 NumPy array of shape (N, D) or (D,)");
         auto as_array = py::reinterpret_borrow<py::array>(vectors_obj);
@@ -258,17 +186,18 @@ padded with zero rows up to K.)doc");
 
   m.def(
       "fit_pca_whitening",
-      [](const py::object& vectors_obj, const py::object& dim_obj, double shrinkage) {
+      [](const FloatArrayArg& vectors_obj, const IntOrNoneArg& dim_arg, double shrinkage) {
         auto vectors = require_array<float>(vectors_obj, "vectors", 2, "of shape (N, D)");
         const py::ssize_t n = vectors.shape(0), d = vectors.shape(1);
         py::ssize_t dim = std::min(n, d);
+        const py::object& dim_obj = dim_arg;
         if (!dim_obj.is_none()) dim = dim_obj.cast<py::ssize_t>();
         Whitening w;
         {
           py::gil_scoped_release release;
           w = fit_pca_whitening(as_matrix(vectors), dim, shrinkage);
         }
-        return py::make_tuple(to_numpy(std::move(w.mean)), to_numpy(std::move(w.projection)));
+        return std::make_tuple(to_numpy(std::move(w.mean)), to_numpy(std::move(w.projection)));
       },
       py::arg("vectors"), py::arg("dim") = py::none(), py::arg("shrinkage") = 1e-3,
       R"doc(PCA-whitening as used by R-MAC, learned from float32 N×D vectors.
@@ -281,10 +210,11 @@ that. Returns (mean float32 D, projection float32 dim×D). dim > min(N, D) → V
 
   m.def(
       "apply_whitening",
-      [](const py::object& vectors_obj, const py::object& mean_obj, const py::object& projection_obj) {
+      [](const FloatArrayArg& vectors_obj, const FloatArrayArg& mean_obj, const FloatArrayArg& projection_obj) {
         auto vectors = require_array<float>(vectors_obj, "vectors", 2, "of shape (N, D)");
         auto w = checked_whitening(mean_obj, projection_obj, vectors.shape(1));
-        if (!w.present) throw py::value_error("mean and projection: expected the arrays from fit_pca_whitening, got None");
+        if (!w.present)
+          throw py::value_error("mean and projection: expected the arrays from fit_pca_whitening, got None");
         MatrixRM out;
         {
           py::gil_scoped_release release;
@@ -298,10 +228,9 @@ that. Returns (mean float32 D, projection float32 dim×D). dim > min(N, D) → V
 
   m.def(
       "aggregate_regions",
-      [](const py::object& region_obj, const py::object& mean_obj, const py::object& projection_obj) {
+      [](const FloatArrayArg& region_obj, const OptionalFloatArrayArg& mean_obj,
+         const OptionalFloatArrayArg& projection_obj) {
         auto regions = require_array<float>(region_obj, "region_vectors", 2, "of shape (K, D)");
-        if (regions.shape(1) < 1) throw py::value_error("region_vectors: expected D >= 1 columns, got " + describe(regions));
-        require_finite(as_matrix(regions), "region_vectors");
         auto w = checked_whitening(mean_obj, projection_obj, regions.shape(1));
         VectorF out;
         {

@@ -1,5 +1,4 @@
 """
-(Type stubs generated with pybind11-stubgen, array arguments typed by hand.)
 clustermac C++ core: Normalized-Cut clustering of CNN activations, pooling, whitening, search.
 """
 from __future__ import annotations
@@ -7,14 +6,16 @@ import collections.abc
 import numpy
 import numpy.typing
 import typing
-__all__: list[str] = ['affinity', 'aggregate_regions', 'aml_localize', 'aml_localize_codes', 'apply_whitening', 'cluster_feature_map', 'cluster_feature_maps', 'crow_pool', 'dequantize_codes', 'fit_pca_whitening', 'gem_pool', 'grid_mac', 'grid_mac_codes', 'l2_normalize', 'ncut', 'ncut_embedding', 'pca_project', 'region_boxes', 'region_mac', 'region_mac_codes', 'rmac_regions', 'spoc_pool', 'topk_search']
-def _discretize(embedding: numpy.ndarray, seed: typing.SupportsInt | typing.SupportsIndex = 0) -> numpy.typing.NDArray[numpy.int32]:
+__all__: list[str] = ['affinity', 'aggregate_regions', 'aml_localize', 'aml_localize_codes', 'apply_whitening', 'cluster_feature_map', 'cluster_feature_maps', 'crow_pool', 'dequantize_codes', 'fit_pca_whitening', 'gem_pool', 'grid_mac', 'grid_mac_codes', 'l2_normalize', 'ncut', 'ncut_embedding', 'pca_project', 'region_boxes', 'region_mac', 'region_mac_codes', 'rmac_regions', 'simd_level', 'spoc_pool', 'topk_search']
+def _discretize(embedding: numpy.typing.NDArray[numpy.float32], seed: typing.SupportsInt | typing.SupportsIndex = 0) -> numpy.typing.NDArray[numpy.int32]:
     """
     Yu & Shi 2003 discretisation of an N x K embedding (not public API; used by the tests).
     """
-def _ncut_solver_statistics(affinity: numpy.ndarray, n_vectors: typing.SupportsInt | typing.SupportsIndex, normalization: str = 'sym', block_size: typing.SupportsInt | typing.SupportsIndex = 0, blocks_per_cycle: typing.SupportsInt | typing.SupportsIndex = 0, tolerance: typing.SupportsFloat | typing.SupportsIndex = 0.0, max_cycles: typing.SupportsInt | typing.SupportsIndex = 0, kept_blocks: typing.SupportsInt | typing.SupportsIndex = 0) -> dict:
-    ...
-def affinity(features: numpy.ndarray, z_ratio: typing.SupportsFloat | typing.SupportsIndex = 0.05000000074505806, weights: numpy.ndarray | None = None) -> numpy.typing.NDArray[numpy.float32]:
+def _ncut_solver_statistics(affinity: numpy.typing.NDArray[numpy.float32], n_vectors: typing.SupportsInt | typing.SupportsIndex, normalization: str = 'sym', block_size: typing.SupportsInt | typing.SupportsIndex = 0, blocks_per_cycle: typing.SupportsInt | typing.SupportsIndex = 0, tolerance: typing.SupportsFloat | typing.SupportsIndex = 0.0, max_cycles: typing.SupportsInt | typing.SupportsIndex = 0, kept_blocks: typing.SupportsInt | typing.SupportsIndex = 0) -> dict:
+    """
+    NCut eigensolver statistics with overridden settings (not public API; for benchmarks and tests).
+    """
+def affinity(features: numpy.typing.NDArray[numpy.float32], z_ratio: typing.SupportsFloat | typing.SupportsIndex = 0.05000000074505806, weights: numpy.typing.NDArray[numpy.float32] | None = None) -> numpy.typing.NDArray[numpy.float32]:
     """
     Dense N x N float32 similarity of the paper's Eq. (2)-(3).
     
@@ -23,7 +24,7 @@ def affinity(features: numpy.ndarray, z_ratio: typing.SupportsFloat | typing.Sup
     S_ij = exp(-d_ij / z)^2 with z = z_ratio * max d. When all features are equal (max d = 0) the
     result is all ones.
     """
-def aggregate_regions(region_vectors: numpy.ndarray, mean: numpy.ndarray | None = None, projection: numpy.ndarray | None = None) -> numpy.typing.NDArray[numpy.float32]:
+def aggregate_regions(region_vectors: numpy.typing.NDArray[numpy.float32], mean: numpy.typing.NDArray[numpy.float32] | None = None, projection: numpy.typing.NDArray[numpy.float32] | None = None) -> numpy.typing.NDArray[numpy.float32]:
     """
     The R-MAC / ClusterMAC aggregation of K regional vectors (K×D float32).
     
@@ -31,7 +32,7 @@ def aggregate_regions(region_vectors: numpy.ndarray, mean: numpy.ndarray | None 
     sum l2-normalised. Zero rows (empty regions) are skipped, not whitened into noise. Returns float32
     of length dim (or D without whitening); a zero vector if every row is zero.
     """
-def aml_localize(feature_map: numpy.ndarray, query_vector: numpy.ndarray, p: typing.SupportsFloat | typing.SupportsIndex = 10.0, step: typing.SupportsInt | typing.SupportsIndex = 3, aspect_tolerance: typing.SupportsFloat | typing.SupportsIndex = 1.1, refine_iterations: typing.SupportsInt | typing.SupportsIndex = 5, query_aspect: float | None = None) -> tuple:
+def aml_localize(feature_map: numpy.typing.NDArray[numpy.float32], query_vector: numpy.typing.NDArray[numpy.float32], p: typing.SupportsFloat | typing.SupportsIndex = 10.0, step: typing.SupportsInt | typing.SupportsIndex = 3, aspect_tolerance: typing.SupportsFloat | typing.SupportsIndex = 1.1, refine_iterations: typing.SupportsInt | typing.SupportsIndex = 5, query_aspect: float | None = None) -> tuple[numpy.typing.NDArray[numpy.int32], float]:
     """
     Approximate max-pooling localisation (AML, Tolias et al. ICLR 2016).
     
@@ -43,15 +44,15 @@ def aml_localize(feature_map: numpy.ndarray, query_vector: numpy.ndarray, p: typ
     cells at a time for up to ``refine_iterations`` rounds. Returns (box int32 [x0, y0, x1, y1)
     half-open in cells, score float).
     """
-def aml_localize_codes(codes: numpy.ndarray, query_vector: numpy.ndarray, p: typing.SupportsFloat | typing.SupportsIndex = 10.0, step: typing.SupportsInt | typing.SupportsIndex = 3, aspect_tolerance: typing.SupportsFloat | typing.SupportsIndex = 1.1, refine_iterations: typing.SupportsInt | typing.SupportsIndex = 5, query_aspect: float | None = None) -> tuple:
+def aml_localize_codes(codes: numpy.typing.NDArray[numpy.uint8], query_vector: numpy.typing.NDArray[numpy.float32], p: typing.SupportsFloat | typing.SupportsIndex = 10.0, step: typing.SupportsInt | typing.SupportsIndex = 3, aspect_tolerance: typing.SupportsFloat | typing.SupportsIndex = 1.1, refine_iterations: typing.SupportsInt | typing.SupportsIndex = 5, query_aspect: float | None = None) -> tuple[numpy.typing.NDArray[numpy.int32], float]:
     """
     aml_localize on an 8-bit quantised feature map stored channel-last (uint8 H×W×D codes, value = code·scale; the scale cancels in the cosine). Used by clustermac.rerank on its compact feature-map store.
     """
-def apply_whitening(vectors: numpy.ndarray, mean: numpy.ndarray, projection: numpy.ndarray) -> numpy.typing.NDArray[numpy.float32]:
+def apply_whitening(vectors: numpy.typing.NDArray[numpy.float32], mean: numpy.typing.NDArray[numpy.float32], projection: numpy.typing.NDArray[numpy.float32]) -> numpy.typing.NDArray[numpy.float32]:
     """
     (vectors − mean)·projectionᵀ → float32 N×dim. No normalisation: l2-normalise the result yourself.
     """
-def cluster_feature_map(feature_map: numpy.ndarray, rgb: numpy.ndarray | None = None, n_clusters: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex] = [5, 20], rgb_clusters: typing.SupportsInt | typing.SupportsIndex = 5, pca_dim: typing.SupportsInt | typing.SupportsIndex = 4, z_ratio: typing.SupportsFloat | typing.SupportsIndex = 0.05000000074505806, spatial_weight: typing.SupportsFloat | typing.SupportsIndex = 0.0, seed: typing.SupportsInt | typing.SupportsIndex = 0, normalization: str = 'sym', pca_mean: numpy.ndarray | None = None, pca_basis: numpy.ndarray | None = None, similarity_precision: str = 'auto') -> list:
+def cluster_feature_map(feature_map: numpy.typing.NDArray[numpy.float32], rgb: numpy.typing.NDArray[numpy.float32] | None = None, n_clusters: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex] = [5, 20], rgb_clusters: typing.SupportsInt | typing.SupportsIndex = 5, pca_dim: typing.SupportsInt | typing.SupportsIndex = 4, z_ratio: typing.SupportsFloat | typing.SupportsIndex = 0.05000000074505806, spatial_weight: typing.SupportsFloat | typing.SupportsIndex = 0.0, seed: typing.SupportsInt | typing.SupportsIndex = 0, normalization: str = 'sym', pca_mean: numpy.typing.NDArray[numpy.float32] | None = None, pca_basis: numpy.typing.NDArray[numpy.float32] | None = None, similarity_precision: str = 'auto') -> list[numpy.typing.NDArray[numpy.int32]]:
     """
     The paper's per-image clustering: list of int32 H x W label maps.
     
@@ -66,15 +67,14 @@ def cluster_feature_map(feature_map: numpy.ndarray, rgb: numpy.ndarray | None = 
     labels are compact 0..m-1. spatial_weight > 0 appends the pixel position, scaled so that
     spatial_weight = 1 makes crossing the whole map cost about one weighted feature standard
     deviation (the ablation of the paper's Fig. 6). normalization: "sym" (default) or "shi", see
-    ncut_embedding. The N x N similarity workspace (38 MB at N = 3072) is kept per thread between
-    calls when N <= 4096, to avoid page-faulting a fresh one for every image.
+    ncut_embedding. The N x N similarity workspace is kept per thread between calls when
+    N <= 4096, to avoid page-faulting a fresh one for every image.
     similarity_precision: how that similarity is stored for the eigensolver. "float32"; "bfloat16"
     (CPUs with AVX512-BF16: the eigensolver's products at about half the cost, 8 significant bits
-    per similarity); "auto" (default) takes bfloat16 for N >= 2048 locations when the CPU has it
-    (N = 3072: 125 -> 88 ms per image here, partitions as good by the NCut objective), float32
-    otherwise. The environment variable CLUSTERMAC_NO_BF16 makes "auto" always float32.
+    per similarity); "auto" (default) takes bfloat16 for N >= 2048 locations when the CPU has it,
+    float32 otherwise. The environment variable CLUSTERMAC_NO_BF16 makes "auto" always float32.
     """
-def cluster_feature_maps(feature_maps: list, rgbs: list[numpy.ndarray | None] | None = None, n_clusters: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex] = [5, 20], rgb_clusters: typing.SupportsInt | typing.SupportsIndex = 5, pca_dim: typing.SupportsInt | typing.SupportsIndex = 4, z_ratio: typing.SupportsFloat | typing.SupportsIndex = 0.05000000074505806, spatial_weight: typing.SupportsFloat | typing.SupportsIndex = 0.0, seed: typing.SupportsInt | typing.SupportsIndex = 0, normalization: str = 'sym', pca_mean: numpy.ndarray | None = None, pca_basis: numpy.ndarray | None = None, n_threads: typing.SupportsInt | typing.SupportsIndex = 0, similarity_precision: str = 'auto') -> list:
+def cluster_feature_maps(feature_maps: list[numpy.typing.NDArray[numpy.float32]], rgbs: collections.abc.Sequence[numpy.typing.NDArray[numpy.float32] | None] | None = None, n_clusters: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex] = [5, 20], rgb_clusters: typing.SupportsInt | typing.SupportsIndex = 5, pca_dim: typing.SupportsInt | typing.SupportsIndex = 4, z_ratio: typing.SupportsFloat | typing.SupportsIndex = 0.05000000074505806, spatial_weight: typing.SupportsFloat | typing.SupportsIndex = 0.0, seed: typing.SupportsInt | typing.SupportsIndex = 0, normalization: str = 'sym', pca_mean: numpy.typing.NDArray[numpy.float32] | None = None, pca_basis: numpy.typing.NDArray[numpy.float32] | None = None, n_threads: typing.SupportsInt | typing.SupportsIndex = 0, similarity_precision: str = 'auto') -> list[list[numpy.typing.NDArray[numpy.int32]]]:
     """
     cluster_feature_map for a list of feature maps on a thread pool (GIL released).
     
@@ -82,15 +82,15 @@ def cluster_feature_maps(feature_maps: list, rgbs: list[numpy.ndarray | None] | 
     hardware threads. Returns one list of label maps per input, in input order; all inputs are
     checked before any work starts.
     """
-def crow_pool(feature_map: numpy.ndarray) -> numpy.typing.NDArray[numpy.float32]:
+def crow_pool(feature_map: numpy.typing.NDArray[numpy.float32]) -> numpy.typing.NDArray[numpy.float32]:
     """
     CroW (Kalantidis et al. 2016, a = b = 2): spatial weights (S/||S||_2)^(1/2) from the channel sum S, channel weights log(sum Q / (1e-6 + Q_k)) from the non-zero proportions Q. Returns the raw float32 D vector.
     """
-def dequantize_codes(codes: numpy.ndarray, box: typing.Sequence[int] | None = None, scale: typing.SupportsFloat | typing.SupportsIndex = 1.0) -> numpy.typing.NDArray[numpy.float32]:
+def dequantize_codes(codes: numpy.typing.NDArray[numpy.uint8], box: collections.abc.Sequence[typing.SupportsInt] | None = None, scale: typing.SupportsFloat | typing.SupportsIndex = 1.0) -> numpy.typing.NDArray[numpy.float32]:
     """
     Dequantise channel-last uint8 codes (H×W×D) inside box [x0, y0, x1, y1) (None: everything) to a float32 D×h×w map, value = code·scale.
     """
-def fit_pca_whitening(vectors: numpy.ndarray, dim: int | None = None, shrinkage: typing.SupportsFloat | typing.SupportsIndex = 0.001) -> tuple[numpy.typing.NDArray[numpy.float32], numpy.typing.NDArray[numpy.float32]]:
+def fit_pca_whitening(vectors: numpy.typing.NDArray[numpy.float32], dim: int | None = None, shrinkage: typing.SupportsFloat | typing.SupportsIndex = 0.001) -> tuple[numpy.typing.NDArray[numpy.float32], numpy.typing.NDArray[numpy.float32]]:
     """
     PCA-whitening as used by R-MAC, learned from float32 N×D vectors.
     
@@ -100,23 +100,30 @@ def fit_pca_whitening(vectors: numpy.ndarray, dim: int | None = None, shrinkage:
     it the noise directions are amplified (measured here: about −25 mAP for R-MAC); 1e-3…1e-2 fixes
     that. Returns (mean float32 D, projection float32 dim×D). dim > min(N, D) → ValueError.
     """
-def gem_pool(feature_map: numpy.ndarray, p: typing.SupportsFloat | typing.SupportsIndex = 3.0) -> numpy.typing.NDArray[numpy.float32]:
+def gem_pool(feature_map: numpy.typing.NDArray[numpy.float32], p: typing.SupportsFloat | typing.SupportsIndex = 3.0) -> numpy.typing.NDArray[numpy.float32]:
     """
     GeM pooling: (mean max(x, 1e-6)^p)^(1/p) per channel. Returns the raw float32 D vector.
     """
-def grid_mac(feature_map: numpy.ndarray, regions: numpy.ndarray) -> numpy.typing.NDArray[numpy.float32]:
+def grid_mac(feature_map: numpy.typing.NDArray[numpy.float32], regions: numpy.typing.NDArray[numpy.int32]) -> numpy.typing.NDArray[numpy.float32]:
     """
     MAC over each region [x0, y0, x1, y1) of a D×H×W feature map → float32 R×D. A region that is empty or outside the map raises ValueError.
     """
-def grid_mac_codes(codes: numpy.ndarray, box: typing.Sequence[typing.SupportsIndex] | None, regions: numpy.ndarray, scale: typing.SupportsFloat | typing.SupportsIndex) -> numpy.typing.NDArray[numpy.float32]:
+def grid_mac_codes(codes: numpy.typing.NDArray[numpy.uint8], box: collections.abc.Sequence[typing.SupportsInt] | None, regions: numpy.typing.NDArray[numpy.int32], scale: typing.SupportsFloat | typing.SupportsIndex) -> numpy.typing.NDArray[numpy.float32]:
     """
-    R-MAC's regional MAC inside a box of uint8 H×W×D channel-last codes (value = code·scale); regions int32 R×4 relative to the box. Equals grid_mac(dequantize_codes(codes, box, scale), regions) bit for bit.
+    R-MAC's regional MAC inside a box, computed on 8-bit codes.
+    
+    codes: uint8 H×W×D, channel-last, C-contiguous (value = code·scale, as FeatureMapStore keeps
+    them). box: [x0, y0, x1, y1) in cells, or None for the whole map. regions: int32 R×4 rows
+    [x0, y0, x1, y1) relative to the box, e.g. rmac_regions(box height, box width). scale: finite,
+    >= 0. Returns float32 R×D equal bit for bit to
+    grid_mac(dequantize_codes(codes, box, scale), regions): the max is taken on the codes (scaling
+    by scale >= 0 is monotone) and only the result is converted to float.
     """
-def l2_normalize(vectors: numpy.ndarray) -> numpy.ndarray:
+def l2_normalize(vectors: numpy.typing.NDArray[numpy.float32]) -> numpy.typing.NDArray[numpy.float32]:
     """
     Scale each row (or the one vector) to unit l2 norm; a zero vector stays zero (never NaN). float32 in, float32 out, same shape.
     """
-def ncut(affinity: numpy.ndarray, n_clusters: typing.SupportsInt | typing.SupportsIndex, seed: typing.SupportsInt | typing.SupportsIndex = 0, normalization: str = 'sym') -> numpy.typing.NDArray[numpy.int32]:
+def ncut(affinity: numpy.typing.NDArray[numpy.float32], n_clusters: typing.SupportsInt | typing.SupportsIndex, seed: typing.SupportsInt | typing.SupportsIndex = 0, normalization: str = 'sym') -> numpy.typing.NDArray[numpy.int32]:
     """
     Normalized-Cut partition (int32 labels of length N) of a similarity matrix into n_clusters.
     
@@ -126,7 +133,7 @@ def ncut(affinity: numpy.ndarray, n_clusters: typing.SupportsInt | typing.Suppor
     n_clusters), the remaining labels are renumbered 0..m-1 with m < n_clusters. n_clusters must be
     in [1, N]; n_clusters = 1 gives all zeros. Same input and seed give the same labels.
     """
-def ncut_embedding(affinity: numpy.ndarray, n_vectors: typing.SupportsInt | typing.SupportsIndex, normalization: str = 'sym', similarity_precision: str = 'float32') -> numpy.typing.NDArray[numpy.float32]:
+def ncut_embedding(affinity: numpy.typing.NDArray[numpy.float32], n_vectors: typing.SupportsInt | typing.SupportsIndex, normalization: str = 'sym', similarity_precision: str = 'float32') -> numpy.typing.NDArray[numpy.float32]:
     """
     Top `n_vectors` Normalized-Cut eigenvectors (float32 N x n_vectors) of a similarity matrix.
     
@@ -134,17 +141,17 @@ def ncut_embedding(affinity: numpy.ndarray, n_vectors: typing.SupportsInt | typi
     as scikit-learn's spectral_clustering): self-loops dropped, eigenvectors u of
     P = D^-1/2 (S - diag S) D^-1/2 with D = rowsum(S - diag S), largest eigenvalues first; "shi"
     (Shi's released Ncut code, which the paper used): P = D^-1/2 (S + 0.5 I) D^-1/2 with
-    D = rowsum(S) + 1. On real CNN feature maps "sym" reaches a 2-4x lower NCut objective at K = 5
-    and needs fewer eigensolver iterations; "shi" gives somewhat more balanced partitions.
+    D = rowsum(S) + 1. On real CNN feature maps "sym" reaches a lower NCut objective and needs fewer
+    eigensolver iterations; "shi" gives somewhat more balanced partitions.
     The eigensolver (block Krylov, thick restarts) runs on a fixed budget with a loose residual
-    tolerance (1e-2): enough for partitions whose NCut objective matches converged eigenvectors'
-    (measured on real feature maps), not for eigenvectors to many digits when eigenvalues are close. Returned columns are
+    tolerance (1e-2): enough for partitions whose NCut objective matches converged eigenvectors',
+    not for eigenvectors to many digits when eigenvalues are close. Returned columns are
     D^-1/2 u scaled to unit l2 norm, signed so that each column's largest-magnitude entry is positive.
     similarity_precision="bfloat16" rounds the affinity to bf16 first and runs the eigensolver's
     products with AVX512-BF16 (see cluster_feature_map); "float32" (default) or "auto" keep it as
     given.
     """
-def pca_project(features: numpy.ndarray, n_components: typing.SupportsInt | typing.SupportsIndex) -> tuple[numpy.typing.NDArray[numpy.float32], numpy.typing.NDArray[numpy.float32]]:
+def pca_project(features: numpy.typing.NDArray[numpy.float32], n_components: typing.SupportsInt | typing.SupportsIndex) -> tuple[numpy.typing.NDArray[numpy.float32], numpy.typing.NDArray[numpy.float32]]:
     """
     Projection of N x D float32 features onto their top principal components (paper Sec. 3.1).
     
@@ -157,7 +164,7 @@ def pca_project(features: numpy.ndarray, n_components: typing.SupportsInt | typi
     eigendecomposition is formed: accurate for leading components separated by clear variance gaps
     (as in CNN activations); within a flat part of the spectrum the directions are approximate.
     """
-def region_boxes(labels: numpy.ndarray) -> numpy.typing.NDArray[numpy.int32]:
+def region_boxes(labels: numpy.typing.NDArray[numpy.int32]) -> numpy.typing.NDArray[numpy.int32]:
     """
     Bounding box of each labelled region, for ClusterMAC's "box" pooling (not in the paper).
     
@@ -165,7 +172,7 @@ def region_boxes(labels: numpy.ndarray) -> numpy.typing.NDArray[numpy.int32]:
     [x0, y0, x1, y1) (half-open, cells) with K = labels.max() + 1, the smallest rectangle holding
     every location of region k; a region id that names no location gets [0, 0, 0, 0].
     """
-def region_mac(feature_map: numpy.ndarray, labels: numpy.ndarray) -> numpy.typing.NDArray[numpy.float32]:
+def region_mac(feature_map: numpy.typing.NDArray[numpy.float32], labels: numpy.typing.NDArray[numpy.int32]) -> numpy.typing.NDArray[numpy.float32]:
     """
     Per-region MAC (the paper's Eq. 4): max-pool each channel over each labelled region.
     
@@ -173,9 +180,17 @@ def region_mac(feature_map: numpy.ndarray, labels: numpy.ndarray) -> numpy.typin
     ignored (masked out). Returns float32 K×D with K = labels.max() + 1 (0 rows if every label
     is negative). A region id that names no location gives a zero row.
     """
-def region_mac_codes(codes: numpy.ndarray, labels: numpy.ndarray, box: typing.Sequence[typing.SupportsIndex] | None, scale: typing.SupportsFloat | typing.SupportsIndex) -> numpy.typing.NDArray[numpy.float32]:
+def region_mac_codes(codes: numpy.typing.NDArray[numpy.uint8], labels: numpy.typing.NDArray[numpy.int32], box: collections.abc.Sequence[typing.SupportsInt] | None, scale: typing.SupportsFloat | typing.SupportsIndex) -> numpy.typing.NDArray[numpy.float32]:
     """
-    ClusterMAC's per-cluster MAC inside a box of uint8 H×W×D channel-last codes (value = code·scale); labels int32 H×W of the whole map (negative = masked out). Returns float32 K×D, K = labels.max() + 1 over the whole map; a cluster with no cell in the box gives a zero row. Equals region_mac(dequantize_codes(codes, box, scale), labels[y0:y1, x0:x1]) padded with zero rows to K, bit for bit.
+    ClusterMAC's per-cluster MAC inside a box, computed on 8-bit codes.
+    
+    codes: uint8 H×W×D, channel-last, C-contiguous (value = code·scale, as FeatureMapStore keeps
+    them). labels: int32 H×W, the WHOLE map's cluster labels 0..K-1 (negative = masked out).
+    box: [x0, y0, x1, y1) in cells, or None for the whole map. scale: finite, >= 0. Returns float32
+    K×D with K = labels.max() + 1 over the whole map (0 rows if every label is negative): row k is
+    the max of code·scale over the box's cells labelled k, a zero row if cluster k has no cell in the
+    box. Equal bit for bit to region_mac(dequantize_codes(codes, box, scale), labels[y0:y1, x0:x1])
+    padded with zero rows up to K.
     """
 def rmac_regions(height: typing.SupportsInt | typing.SupportsIndex, width: typing.SupportsInt | typing.SupportsIndex, levels: typing.SupportsInt | typing.SupportsIndex = 3) -> numpy.typing.NDArray[numpy.int32]:
     """
@@ -185,11 +200,19 @@ def rmac_regions(height: typing.SupportsInt | typing.SupportsIndex, width: typin
     floor(2·min(H, W)/(l+1)) at levels l = 1..levels with ~40 % overlap; the number of regions on
     the long side follows Tolias' rule. No extra global region.
     """
-def spoc_pool(feature_map: numpy.ndarray) -> numpy.typing.NDArray[numpy.float32]:
+def simd_level() -> str:
+    """
+    The instruction set the vectorised kernels use in this process: "avx512", "avx2" or "scalar".
+    
+    Chosen once from the CPU's features, capped by the environment variables CLUSTERMAC_NO_AVX512
+    (at most "avx2") and CLUSTERMAC_NO_AVX2 ("scalar"); "scalar" also when the module was built
+    with CLUSTERMAC_NO_SIMD_DISPATCH or for a CPU other than x86-64.
+    """
+def spoc_pool(feature_map: numpy.typing.NDArray[numpy.float32]) -> numpy.typing.NDArray[numpy.float32]:
     """
     SPoC (Babenko & Lempitsky 2015): sum pooling with a Gaussian centre prior (sigma = min(H, W)/6, one third of the centre-to-closest-border distance). Returns the raw float32 D vector.
     """
-def topk_search(database: numpy.ndarray, queries: numpy.ndarray, k: typing.SupportsInt | typing.SupportsIndex, n_threads: typing.SupportsInt | typing.SupportsIndex = 0) -> tuple[numpy.typing.NDArray[numpy.float32], numpy.typing.NDArray[numpy.int64]]:
+def topk_search(database: numpy.typing.NDArray[numpy.float32], queries: numpy.typing.NDArray[numpy.float32], k: typing.SupportsInt | typing.SupportsIndex, n_threads: typing.SupportsInt | typing.SupportsIndex = 0) -> tuple[numpy.typing.NDArray[numpy.float32], numpy.typing.NDArray[numpy.int64]]:
     """
     Exact top-k dot-product search (cosine similarity for l2-normalised vectors).
     

@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <exception>
+#include <initializer_list>
 #include <mutex>
 #include <sstream>
 #include <stdexcept>
@@ -28,28 +29,6 @@ using VectorI = Eigen::Matrix<std::int32_t, Eigen::Dynamic, 1>;
 using ConstMatrixRef = Eigen::Ref<const MatrixRM>;
 using ConstVectorRef = Eigen::Ref<const VectorF>;
 
-// The vector instruction set the hand-vectorised kernels use, chosen once at run time (the
-// package is built for portable x86-64; each kernel is also compiled for AVX2 and AVX-512):
-// 2 = AVX-512F, 1 = AVX2 + FMA, 0 = the baseline. The environment variables
-// CLUSTERMAC_NO_AVX512 (at most AVX2) and CLUSTERMAC_NO_AVX2 (baseline) cap it, so that the
-// tests can check that every path gives the same results.
-enum SimdLevel { kSimdBaseline = 0, kSimdAvx2 = 1, kSimdAvx512 = 2 };
-
-inline SimdLevel simd_level() {
-  static const SimdLevel level = [] {
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-    if (std::getenv("CLUSTERMAC_NO_AVX2")) return kSimdBaseline;
-    __builtin_cpu_init();
-    if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma")) return kSimdBaseline;
-    if (std::getenv("CLUSTERMAC_NO_AVX512") || !__builtin_cpu_supports("avx512f")) return kSimdAvx2;
-    return kSimdAvx512;
-#else
-    return kSimdBaseline;
-#endif
-  }();
-  return level;
-}
-
 // Invalid arguments are std::invalid_argument (pybind11 turns it into ValueError).
 [[noreturn]] inline void fail(const std::string& message) { throw std::invalid_argument(message); }
 
@@ -57,14 +36,28 @@ inline void require(bool condition, const std::string& message) {
   if (!condition) fail(message);
 }
 
-template <typename Derived>
-inline bool all_finite(const Eigen::DenseBase<Derived>& m) {
-  return m.derived().allFinite();
+// "array of dtype float32 and shape (2, 3)": how messages describe an argument.
+inline std::string describe_array(const char* dtype, std::initializer_list<std::ptrdiff_t> shape) {
+  std::string text = std::string("array of dtype ") + dtype + " and shape (";
+  std::size_t i = 0;
+  for (std::ptrdiff_t extent : shape) {
+    text += std::to_string(extent);
+    if (shape.size() == 1 || i + 1 < shape.size()) text += i + 1 < shape.size() ? ", " : ",";
+    ++i;
+  }
+  return text + ")";
+}
+
+// A non-empty float32 array argument.
+inline void require_non_empty(const char* name, const char* expected, std::initializer_list<std::ptrdiff_t> shape) {
+  for (std::ptrdiff_t extent : shape)
+    if (extent == 0)
+      fail(std::string(name) + ": expected a non-empty array " + expected + ", got " +
+           describe_array("float32", shape));
 }
 
 inline void require_finite(const ConstMatrixRef& m, const std::string& name) {
-  if (!m.allFinite())
-    fail(name + " contains NaN or Inf values; expected only finite numbers");
+  if (!m.allFinite()) fail(name + " contains NaN or Inf values; expected only finite numbers");
 }
 
 // Runs fn(i) for i in [0, n) on up to n_threads threads (n_threads <= 0: hardware

@@ -1,39 +1,39 @@
 // Exact top-k dot-product (cosine, for l2-normalised vectors) search, blocked over database
 // rows so that memory stays bounded whatever the database size (it may be memory-mapped).
 //
-// The scores of a block are computed by a small register-tiled kernel compiled three times
-// (AVX-512, AVX2+FMA, baseline SSE2) and chosen at run time from the CPU's features, so the
-// portable build still uses the wide vector units; the top-k selection is a threshold test
-// against each query's current k-th best followed by a heap update, so it costs about one
-// comparison per score.
+// The scores of a block come from a small register-tiled kernel dispatched to the CPU's SIMD
+// level (simd.hpp); the top-k selection is a threshold test against each query's current k-th
+// best followed by a heap update, about one comparison per score.
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <string>
 #include <utility>
 #include <vector>
 
 #include "clustermac/common.hpp"
+#include "clustermac/simd.hpp"
 
 namespace clustermac {
 
 struct SearchResult {
-  MatrixRM scores;  // Q × k, descending
+  MatrixRM scores;                                                                       // Q × k, descending
   Eigen::Matrix<std::int64_t, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> indices;  // Q × k
 };
 
-namespace search_detail {
+namespace detail {
 
-constexpr int kQueryTile = 6;  // queries per register tile
+constexpr int kQueryTile = 6;               // queries per register tile
 constexpr std::ptrdiff_t kBlockRows = 256;  // database rows per block (transposed block ~ D KB)
 
 // Scores for a tile of kQueryTile queries × (2·lanes) database columns:
 // out[i][j] = sum_d query[i][d] · block_t[d][j]; block_t is the block transposed (D × width).
 template <typename Vec, int Lanes>
-inline __attribute__((always_inline)) void score_tile(const float* queries, std::ptrdiff_t dim, const float* block_t,
-                                                       std::ptrdiff_t width, float* out, std::ptrdiff_t out_stride) {
+CLUSTERMAC_ALWAYS_INLINE void score_tile(const float* queries, std::ptrdiff_t dim, const float* block_t,
+                                         std::ptrdiff_t width, float* out, std::ptrdiff_t out_stride) {
   Vec acc[kQueryTile][2];
   for (int i = 0; i < kQueryTile; ++i) acc[i][0] = acc[i][1] = Vec{};
   for (std::ptrdiff_t d = 0; d < dim; ++d) {
@@ -53,48 +53,22 @@ inline __attribute__((always_inline)) void score_tile(const float* queries, std:
 }
 
 // scores (padded_queries × width) = queries (padded_queries × dim) · block_t (dim × width).
-// padded_queries is a multiple of kQueryTile, width a multiple of 2·Lanes.
-template <typename Vec, int Lanes>
-inline __attribute__((always_inline)) void score_block(const float* queries, std::ptrdiff_t padded_queries,
-                                                        std::ptrdiff_t dim, const float* block_t, std::ptrdiff_t width,
-                                                        float* scores) {
-  for (std::ptrdiff_t j = 0; j < width; j += 2 * Lanes)
-    for (std::ptrdiff_t i = 0; i < padded_queries; i += kQueryTile)
-      score_tile<Vec, Lanes>(queries + i * dim, dim, block_t + j, width, scores + i * width + j, width);
-}
-
-typedef float Float4 __attribute__((vector_size(16), aligned(4)));
-typedef float Float8 __attribute__((vector_size(32), aligned(4)));
-typedef float Float16 __attribute__((vector_size(64), aligned(4)));
+// padded_queries is a multiple of kQueryTile, width a multiple of kWidthMultiple.
+struct ScoreBlockKernel {
+  static constexpr SimdLevel widest = kSimdAvx512;
+  template <SimdLevel L>
+  static CLUSTERMAC_ALWAYS_INLINE void run(const float* queries, std::ptrdiff_t padded_queries, std::ptrdiff_t dim,
+                                           const float* block_t, std::ptrdiff_t width, float* scores) {
+    constexpr int Lanes = lanes<L>();
+    typedef typename Vectors<Lanes>::F Vec;
+    for (std::ptrdiff_t j = 0; j < width; j += 2 * Lanes)
+      for (std::ptrdiff_t i = 0; i < padded_queries; i += kQueryTile)
+        score_tile<Vec, Lanes>(queries + i * dim, dim, block_t + j, width, scores + i * width + j, width);
+  }
+};
 
 // Block width must be a multiple of 2·16 so that every kernel variant tiles it exactly.
 constexpr std::ptrdiff_t kWidthMultiple = 32;
-
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-#define CLUSTERMAC_SEARCH_DISPATCH 1
-__attribute__((target("avx512f"))) inline void score_block_avx512(const float* q, std::ptrdiff_t nq, std::ptrdiff_t dim,
-                                                                   const float* bt, std::ptrdiff_t width, float* s) {
-  score_block<Float16, 16>(q, nq, dim, bt, width, s);
-}
-__attribute__((target("avx2,fma"))) inline void score_block_avx2(const float* q, std::ptrdiff_t nq, std::ptrdiff_t dim,
-                                                                  const float* bt, std::ptrdiff_t width, float* s) {
-  score_block<Float8, 8>(q, nq, dim, bt, width, s);
-}
-#endif
-inline void score_block_baseline(const float* q, std::ptrdiff_t nq, std::ptrdiff_t dim, const float* bt,
-                                 std::ptrdiff_t width, float* s) {
-  score_block<Float4, 4>(q, nq, dim, bt, width, s);
-}
-
-using ScoreBlockFn = void (*)(const float*, std::ptrdiff_t, std::ptrdiff_t, const float*, std::ptrdiff_t, float*);
-
-inline ScoreBlockFn pick_score_block() {
-#ifdef CLUSTERMAC_SEARCH_DISPATCH
-  if (simd_level() >= kSimdAvx512) return score_block_avx512;
-  if (simd_level() >= kSimdAvx2) return score_block_avx2;
-#endif
-  return score_block_baseline;
-}
 
 // A query's current top k as a heap whose front is the worst kept hit (lowest score; among
 // equal scores the larger index, since ties go to the smaller index).
@@ -124,15 +98,10 @@ struct TopK {
   float threshold() const { return heap.size() < k ? -std::numeric_limits<float>::infinity() : heap.front().score; }
 };
 
-}  // namespace search_detail
-
-namespace search_detail {
-
 // One chunk of queries against the whole database; results go to rows first_row.. of `result`.
 inline void topk_search_chunk(const float* database, std::ptrdiff_t n_database, const float* queries,
                               std::ptrdiff_t n_queries, std::ptrdiff_t dim, std::ptrdiff_t k, int n_threads,
                               SearchResult& result, std::ptrdiff_t first_row) {
-  const ScoreBlockFn score_block_fn = pick_score_block();
   const std::ptrdiff_t padded_queries = (n_queries + kQueryTile - 1) / kQueryTile * kQueryTile;
   std::vector<float> query_buffer(padded_queries * dim, 0.0f);
   std::copy(queries, queries + n_queries * dim, query_buffer.begin());
@@ -169,7 +138,7 @@ inline void topk_search_chunk(const float* database, std::ptrdiff_t n_database, 
         if (!finite)
           fail("database: row " + std::to_string(row0 + r) + " contains NaN or Inf; expected only finite numbers");
       }
-      score_block_fn(query_buffer.data(), padded_queries, dim, block_t.data(), width, scores.data());
+      dispatch<ScoreBlockKernel>(query_buffer.data(), padded_queries, dim, block_t.data(), width, scores.data());
       for (std::ptrdiff_t q = 0; q < n_queries; ++q) {
         const float* s = scores.data() + q * width;
         TopK& top = hits[q];
@@ -203,7 +172,7 @@ inline void topk_search_chunk(const float* database, std::ptrdiff_t n_database, 
 constexpr std::ptrdiff_t kQueryChunk = 4096;
 constexpr std::ptrdiff_t kHitsPerChunk = std::ptrdiff_t(1) << 23;
 
-}  // namespace search_detail
+}  // namespace detail
 
 // Exact top-k of database · queryᵀ for every query: scores sorted descending, ties broken by
 // the smaller database index. The database (N×D, row-major, possibly memory-mapped) is read
@@ -212,10 +181,10 @@ constexpr std::ptrdiff_t kHitsPerChunk = std::ptrdiff_t(1) << 23;
 // merged at the end. A non-finite database value raises std::invalid_argument naming its row.
 inline SearchResult topk_search(const float* database, std::ptrdiff_t n_database, const float* queries,
                                 std::ptrdiff_t n_queries, std::ptrdiff_t dim, std::ptrdiff_t k, int n_threads) {
-  using namespace search_detail;
+  using namespace detail;
   require(dim >= 1, "topk_search: vectors must have at least one dimension");
-  require(k >= 1 && k <= n_database, "k: expected 1 <= k <= N = " + std::to_string(n_database) + " (database rows), got " +
-                                         std::to_string(k));
+  require(k >= 1 && k <= n_database,
+          "k: expected 1 <= k <= N = " + std::to_string(n_database) + " (database rows), got " + std::to_string(k));
   for (std::ptrdiff_t i = 0; i < n_queries * dim; ++i)
     if (!std::isfinite(queries[i]))
       fail("queries: row " + std::to_string(i / dim) + " contains NaN or Inf; expected only finite numbers");
@@ -224,8 +193,8 @@ inline SearchResult topk_search(const float* database, std::ptrdiff_t n_database
   result.indices.resize(n_queries, k);
   const std::ptrdiff_t chunk = std::max<std::ptrdiff_t>(kQueryTile, std::min(kQueryChunk, kHitsPerChunk / k));
   for (std::ptrdiff_t first = 0; first < n_queries; first += chunk)
-    topk_search_chunk(database, n_database, queries + first * dim, std::min(chunk, n_queries - first), dim, k, n_threads,
-                      result, first);
+    topk_search_chunk(database, n_database, queries + first * dim, std::min(chunk, n_queries - first), dim, k,
+                      n_threads, result, first);
   return result;
 }
 

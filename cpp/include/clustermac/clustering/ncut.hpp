@@ -7,13 +7,9 @@
 //    D = rowsum(S) + 1 (its "offset" of 0.5, self-similarities kept), largest eigenpairs.
 //  - "sym": as scikit-learn's spectral_clustering: self-loops dropped, P = D^-1/2 S' D^-1/2 with
 //    S' = S - diag(S), D = rowsum(S').
-// Default "sym", chosen on measurements (benchmarks/clustering.py; EfficientNet-Lite0 maps of
-// scikit-image photos, N = 700..1000, K = 5): the NCut objective sum_c cut/assoc of "shi"
-// partitions was 0.21 / 0.25 / 0.15 against 0.05 / 0.17 / 0.07 for "sym" (scikit-learn's
-// spectral_clustering: 0.05 / 0.17 / 0.07), and "sym" needs ~40 % fewer eigensolver products
-// for stable partitions. Both recover planted regions exactly (tests). "shi" (the paper's
-// code) gives more balanced partitions (largest of 5 clusters 89 % of the locations against 95 %
-// on one photo), which may or may not help retrieval: keep both, decide with retrieval mAP.
+// Default "sym": on real feature maps its partitions have a lower NCut objective and need fewer
+// eigensolver products (benchmarks/clustering.py); "shi" gives more balanced partitions. Both
+// are kept, to be decided by retrieval mAP.
 // The operator is applied matrix-free (P V = D^-1/2 S (D^-1/2 V) + diagonal term), so S is
 // read, never copied or rescaled.
 #pragma once
@@ -23,11 +19,11 @@
 #include <cmath>
 #include <string>
 
+#include "clustermac/clustering/discretize.hpp"
+#include "clustermac/clustering/similarity_bf16.hpp"
 #include "clustermac/common.hpp"
-#include "clustermac/discretize.hpp"
-#include "clustermac/dense_kernels.hpp"
-#include "clustermac/eigensolver.hpp"
-#include "clustermac/similarity_bf16.hpp"
+#include "clustermac/linalg/dense_kernels.hpp"
+#include "clustermac/linalg/eigensolver.hpp"
 
 namespace clustermac {
 
@@ -41,13 +37,12 @@ inline Normalization parse_normalization(const std::string& name) {
 
 namespace detail {
 
-
 // result (n x b, column-major) = s (n x n row-major, symmetric) * (scale .* v).
 inline void similarity_times_block(const Eigen::Ref<const MatrixRM>& s, const Eigen::VectorXf& scale,
                                    const Eigen::MatrixXf& v, Eigen::MatrixXf& result) {
-#ifdef CLUSTERMAC_X86_DISPATCH
+#ifdef CLUSTERMAC_SIMD_X86
   const Eigen::Index n = s.rows(), b = v.cols();
-  if (cpu_has_avx2_fma() && s.outerStride() == n) {
+  if (simd_at_least(kSimdAvx2) && s.outerStride() == n) {
     const Eigen::Index width = (b + 7) / 8 * 8;
     MatrixRM packed = MatrixRM::Zero(n, width);
     packed.leftCols(b) = scale.asDiagonal() * v;
@@ -64,18 +59,10 @@ inline void similarity_times_block(const Eigen::Ref<const MatrixRM>& s, const Ei
 }  // namespace detail
 
 // Eigensolver settings for NCut, chosen with benchmarks/bench_clustering.cpp and
-// benchmarks/clustering.py (see the comments there for the measurements).
-//
-// Measured on EfficientNet-Lite0 maps of real photos (N = 700..4096, 20 vectors): the partitions'
-// NCut objective stops changing long before the eigenpairs reach a tight residual, so the solve
-// is capped. "sym": 2 cycles of a 6-block basis (5 blocks = 200 products gave K = 5 objectives
-// up to 8 % worse than converged; 225 products matched). "shi" converges more slowly (its K = 5
-// partition needed ~3-4 cycles for the same) and gets 4 cycles. Block sizes are multiples of 8
-// (the width of the AVX2 product kernel).
-// For few vectors (K <= 5; blocks of 8, whose products cost one pass over S): on the feature
-// maps of twelve photos, K = 5 alone needed 3 cycles of 8 blocks (128 products) to match the
-// converged partitions' NCut objective (64 products: up to 9x worse, 96: up to 3x). RGB
-// similarities converge within the first cycle (64 products), where the tolerance stops it.
+// benchmarks/clustering.py: the partitions' NCut objective stops changing long before the
+// eigenpairs reach a tight residual, so the solve is capped at the fewest cycles whose
+// partitions matched converged ones ("shi" converges more slowly and gets more). Block sizes
+// are multiples of 8, the width of the AVX2 product kernel.
 inline EigenSolverOptions ncut_solver_options(int n_vectors, Normalization normalization) {
   EigenSolverOptions options;
   options.block_size = (n_vectors + 3 + 7) / 8 * 8;
@@ -114,7 +101,8 @@ Eigen::MatrixXd ncut_embedding_from(const Eigen::VectorXd& degree, Multiply&& mu
     pv = inv_sqrt_degree.asDiagonal() * pv;
     if (normalization == Normalization::shi) pv += diagonal_term.asDiagonal() * v;
   };
-  const EigenSolverOptions options = options_override ? *options_override : ncut_solver_options(n_vectors, normalization);
+  const EigenSolverOptions options =
+      options_override ? *options_override : ncut_solver_options(n_vectors, normalization);
   EigenPairs pairs = top_eigenpairs(n, n_vectors, apply, options);
   Eigen::MatrixXd embedding = inv_sqrt_degree.cast<double>().asDiagonal() * pairs.vectors.cast<double>();
   for (Index c = 0; c < embedding.cols(); ++c) {
@@ -136,8 +124,7 @@ Eigen::MatrixXd ncut_embedding_from(const Eigen::VectorXd& degree, Multiply&& mu
 //
 // "sym" needs S without its diagonal, and it must be removed from the matrix, not subtracted
 // after the product: an isolated location (all similarities ~1e-7 but S_ii = 1) has a tiny
-// degree, and subtracting its self term in float afterwards cancels catastrophically (the
-// solver then stalled at residual 2e-2 with Ritz values above the true eigenvalues). With
+// degree, and subtracting its self term in float afterwards cancels catastrophically. With
 // `diagonal_is_zero` false the function works on a copy with the diagonal zeroed (the bindings'
 // case, whose S belongs to the caller); cluster_feature_map zeroes its own workspace instead.
 inline Eigen::MatrixXd ncut_embedding_of(const Eigen::Ref<const MatrixRM>& s, int n_vectors,
@@ -174,8 +161,8 @@ inline void check_similarity(const Eigen::Ref<const MatrixRM>& s) {
   require(n >= 1 && s.cols() == n, "affinity: expected a square N x N matrix with N >= 1, got " +
                                        std::to_string(s.rows()) + " x " + std::to_string(s.cols()));
   require_finite(s, "affinity");
-  require(s.minCoeff() >= 0.0f, "affinity: expected non-negative similarities, got a minimum of " +
-                                    std::to_string(s.minCoeff()));
+  require(s.minCoeff() >= 0.0f,
+          "affinity: expected non-negative similarities, got a minimum of " + std::to_string(s.minCoeff()));
   const float tolerance = 1e-5f * std::max(s.maxCoeff(), 1e-30f);
   constexpr Index tile = 64;
   for (Index ib = 0; ib < n; ib += tile)
@@ -183,9 +170,25 @@ inline void check_similarity(const Eigen::Ref<const MatrixRM>& s) {
       for (Index i = ib; i < std::min(ib + tile, n); ++i)
         for (Index j = jb; j < std::min(std::min(jb + tile, n), i); ++j)
           if (std::abs(s(i, j) - s(j, i)) > tolerance)
-            fail("affinity: expected a symmetric matrix, but affinity[" + std::to_string(i) + ", " +
-                 std::to_string(j) + "] = " + std::to_string(s(i, j)) + " differs from affinity[" +
-                 std::to_string(j) + ", " + std::to_string(i) + "] = " + std::to_string(s(j, i)));
+            fail("affinity: expected a symmetric matrix, but affinity[" + std::to_string(i) + ", " + std::to_string(j) +
+                 "] = " + std::to_string(s(i, j)) + " differs from affinity[" + std::to_string(j) + ", " +
+                 std::to_string(i) + "] = " + std::to_string(s(j, i)));
+}
+
+// The NCut embedding as exposed to Python: checks the arguments, then ncut_embedding_of on the
+// similarity as given (float32) or rounded to bf16.
+inline Eigen::MatrixXd ncut_embedding(const Eigen::Ref<const MatrixRM>& s, int n_vectors, Normalization normalization,
+                                      SimilarityPrecision precision) {
+  require_non_empty("affinity", "of shape (N, N)", {s.rows(), s.cols()});
+  const bool bf16 = precision == SimilarityPrecision::bfloat16;
+  require(!bf16 || simd_has_avx512_bf16(),
+          "similarity_precision=\"bfloat16\" needs a CPU with AVX512-BF16 (and the environment variable "
+          "CLUSTERMAC_NO_BF16 unset); use \"float32\"");
+  require(n_vectors >= 1 && n_vectors <= s.rows(), "n_vectors: expected 1 <= n_vectors <= N = " +
+                                                       std::to_string(s.rows()) + ", got " + std::to_string(n_vectors));
+  check_similarity(s);
+  if (bf16) return ncut_embedding_of(bf16_similarity(s, normalization == Normalization::sym), n_vectors, normalization);
+  return ncut_embedding_of(s, n_vectors, normalization);
 }
 
 // Labels in [0, m) with m <= n_clusters: NCut into n_clusters groups. Groups the
@@ -196,6 +199,17 @@ inline VectorI ncut_labels_of(const Eigen::Ref<const MatrixRM>& s, int n_cluster
   const Eigen::Index n = s.rows();
   if (n_clusters <= 1) return VectorI::Zero(n);
   return discretize(ncut_embedding_of(s, n_clusters, normalization), seed);
+}
+
+// NCut labels as exposed to Python: checks the arguments, then ncut_labels_of.
+inline VectorI ncut(const Eigen::Ref<const MatrixRM>& s, int n_clusters, std::uint64_t seed,
+                    Normalization normalization) {
+  require_non_empty("affinity", "of shape (N, N)", {s.rows(), s.cols()});
+  require(n_clusters >= 1 && n_clusters <= s.rows(),
+          "n_clusters: expected 1 <= n_clusters <= N = " + std::to_string(s.rows()) +
+              " (the number of rows of affinity), got " + std::to_string(n_clusters));
+  check_similarity(s);
+  return ncut_labels_of(s, n_clusters, seed, normalization);
 }
 
 }  // namespace clustermac

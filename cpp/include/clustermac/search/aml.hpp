@@ -23,11 +23,8 @@
 //    p = 10 a cheaper split of the exponent by 10 with a table (relative error < 1e-5;
 //    Tolias' code rounds the root to an integer code, i.e. ~1/255).
 // The cosine is scale-invariant: 8-bit codes are powered as they are (code^p; the map's scale
-// drops out), float maps after dividing by their maximum. The hot loops are compiled for
-// AVX-512, AVX2 and the baseline ISA and chosen at run time.
-//
-// Measured (benchmarks/rerank.py, 512×64×48 codes, one thread): 2.36 -> 1.24 ms per map against
-// the integral-image version this replaced, on the same boxes.
+// drops out), float maps after dividing by their maximum. The hot loops are dispatched to the
+// CPU's SIMD level (simd.hpp).
 #pragma once
 
 #include <algorithm>
@@ -35,9 +32,14 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <optional>
+#include <string>
 #include <vector>
 
+#include "clustermac/codes/codes.hpp"
 #include "clustermac/common.hpp"
+#include "clustermac/pooling/whitening.hpp"
+#include "clustermac/simd.hpp"
 
 namespace clustermac {
 
@@ -45,7 +47,7 @@ struct AmlParams {
   double p = 10.0;
   int step = 3;
   double aspect_tolerance = 1.1;
-  double query_aspect = 0.0;  // width / height of the query; <= 0: no aspect constraint
+  std::optional<double> query_aspect;  // width / height of the query; none: no aspect constraint
   int refine_iterations = 5;
 };
 
@@ -55,52 +57,19 @@ struct AmlResult {
 };
 
 inline void check_aml_params(const AmlParams& params) {
-  require(std::isfinite(params.p) && params.p > 0.0, "p: expected a finite number > 0, got " + std::to_string(params.p));
+  require(std::isfinite(params.p) && params.p > 0.0,
+          "p: expected a finite number > 0, got " + std::to_string(params.p));
   require(params.step >= 1, "step: expected an integer >= 1, got " + std::to_string(params.step));
   require(std::isfinite(params.aspect_tolerance) && params.aspect_tolerance >= 1.0,
           "aspect_tolerance: expected a finite number >= 1, got " + std::to_string(params.aspect_tolerance));
-  require(std::isfinite(params.query_aspect) && params.query_aspect >= 0.0,
-          "query_aspect: expected None or a finite number > 0 (width / height), got " + std::to_string(params.query_aspect));
+  require(!params.query_aspect || (std::isfinite(*params.query_aspect) && *params.query_aspect > 0.0),
+          "query_aspect: expected None or a finite number > 0 (width / height), got " +
+              std::to_string(params.query_aspect.value_or(0.0)));
   require(params.refine_iterations >= 0,
           "refine_iterations: expected an integer >= 0, got " + std::to_string(params.refine_iterations));
 }
 
-namespace aml_detail {
-
-#define CLUSTERMAC_ALWAYS_INLINE inline __attribute__((always_inline))
-
-typedef float Float4 __attribute__((vector_size(16), aligned(4)));
-typedef float Float8 __attribute__((vector_size(32), aligned(4)));
-typedef float Float16 __attribute__((vector_size(64), aligned(4)));
-typedef std::int32_t Int4 __attribute__((vector_size(16), aligned(4)));
-typedef std::int32_t Int8 __attribute__((vector_size(32), aligned(4)));
-typedef std::int32_t Int16 __attribute__((vector_size(64), aligned(4)));
-typedef double Double4 __attribute__((vector_size(32), aligned(8)));
-typedef double Double8 __attribute__((vector_size(64), aligned(8)));
-typedef double Double16 __attribute__((vector_size(128), aligned(8)));
-
-// The vector types of one instruction set: Lanes floats, int32s and doubles.
-template <int Lanes> struct Vectors;
-template <> struct Vectors<4> { typedef Float4 F; typedef Int4 I; typedef Double4 D; };
-template <> struct Vectors<8> { typedef Float8 F; typedef Int8 I; typedef Double8 D; };
-template <> struct Vectors<16> { typedef Float16 F; typedef Int16 I; typedef Double16 D; };
-
-template <typename V, typename T>
-CLUSTERMAC_ALWAYS_INLINE V load(const T* p) {
-  V v;
-  std::memcpy(&v, p, sizeof(V));
-  return v;
-}
-template <typename V, typename T>
-CLUSTERMAC_ALWAYS_INLINE void store(T* p, const V& v) {
-  std::memcpy(p, &v, sizeof(V));
-}
-template <typename To, typename From>
-CLUSTERMAC_ALWAYS_INLINE To bit_cast(const From& v) {
-  To out;
-  std::memcpy(&out, &v, sizeof(To));
-  return out;
-}
+namespace detail {
 
 // s^(1/p) for s >= 0 (0 for s == 0): exp2(log2(s)/p). log2(s) = e + log2(m) from the exponent
 // bits e and the mantissa m in [1, 2), log2(m) by a degree-5 polynomial in m - 1 (error
@@ -140,11 +109,12 @@ CLUSTERMAC_ALWAYS_INLINE typename Vectors<Lanes>::F tenth_root(typename Vectors<
   constexpr float kTable[16] = {0.000150286183f, 0.000161072743f, 0.000172633492f, 0.000185023995f, 0.000198303808f,
                                 0.000212536759f, 0.000227791258f, 0.000244140625f, 0.000261663443f, 0.000280443934f};
   const VecI bits = bit_cast<VecI>(s);
-  const VecI e = bits >> 23;            // 0..255 (sign bit 0)
-  const VecI q = (e * 205) >> 11;       // floor(e / 10) for e < 1029
+  const VecI e = bits >> 23;       // 0..255 (sign bit 0)
+  const VecI q = (e * 205) >> 11;  // floor(e / 10) for e < 1029
   const VecI r = e - q * 10;
   const VecF t = bit_cast<VecF>((bits & 0x007FFFFF) | 0x3F800000) - 1.0f;
-  const VecF root_m = 1.00000578f + t * (0.0996895091f + t * (-0.0422198273f + t * (0.0190421548f + t * -0.00474850794f)));
+  const VecF root_m =
+      1.00000578f + t * (0.0996895091f + t * (-0.0422198273f + t * (0.0190421548f + t * -0.00474850794f)));
   VecF table_r;
   if constexpr (Lanes == 16) {
     table_r = __builtin_shuffle(load<VecF>(kTable), r);
@@ -161,8 +131,8 @@ CLUSTERMAC_ALWAYS_INLINE typename Vectors<Lanes>::F tenth_root(typename Vectors<
 // Cosine between the unit query and f = S^(1/p), S[i] = sums(i) for i = 0 .. n-1: `sums(i)`
 // gives Lanes values from i on (a vector), `sum(i)` one value.
 template <int Lanes, typename VectorSums, typename ScalarSum>
-CLUSTERMAC_ALWAYS_INLINE double cosine_of_roots(VectorSums sums, ScalarSum sum, const float* __restrict query, std::ptrdiff_t n,
-                                                float inverse_p) {
+CLUSTERMAC_ALWAYS_INLINE double cosine_of_roots(VectorSums sums, ScalarSum sum, const float* __restrict query,
+                                                std::ptrdiff_t n, float inverse_p) {
   typedef typename Vectors<Lanes>::F VecF;
   VecF dot{}, squares{};
   std::ptrdiff_t i = 0;
@@ -195,8 +165,8 @@ CLUSTERMAC_ALWAYS_INLINE double cosine_of_roots(VectorSums sums, ScalarSum sum, 
 
 // The cosine of a box whose sums are given in float.
 template <int Lanes>
-CLUSTERMAC_ALWAYS_INLINE double box_cosine(const float* __restrict sums, const float* __restrict query, std::ptrdiff_t n,
-                                           float inverse_p) {
+CLUSTERMAC_ALWAYS_INLINE double box_cosine(const float* __restrict sums, const float* __restrict query,
+                                           std::ptrdiff_t n, float inverse_p) {
   typedef typename Vectors<Lanes>::F VecF;
   return cosine_of_roots<Lanes>([&](std::ptrdiff_t i) { return load<VecF>(sums + i); },
                                 [&](std::ptrdiff_t i) { return static_cast<double>(sums[i]); }, query, n, inverse_p);
@@ -204,8 +174,8 @@ CLUSTERMAC_ALWAYS_INLINE double box_cosine(const float* __restrict sums, const f
 
 // The cosine of a box whose sums are a - b, in double.
 template <int Lanes>
-CLUSTERMAC_ALWAYS_INLINE double box_cosine(const double* __restrict a, const double* __restrict b, const float* __restrict query,
-                                           std::ptrdiff_t n, float inverse_p) {
+CLUSTERMAC_ALWAYS_INLINE double box_cosine(const double* __restrict a, const double* __restrict b,
+                                           const float* __restrict query, std::ptrdiff_t n, float inverse_p) {
   typedef typename Vectors<Lanes>::F VecF;
   typedef typename Vectors<Lanes>::D VecD;
   return cosine_of_roots<Lanes>(
@@ -222,7 +192,8 @@ CLUSTERMAC_ALWAYS_INLINE void add_into(float* __restrict acc, const float* __res
 }
 
 // prefix[(i + 1)·D + d] = sum of values[k·D + d] for k <= i, in double; prefix[d] = 0.
-CLUSTERMAC_ALWAYS_INLINE void prefix_sums(const float* __restrict values, std::ptrdiff_t count, std::ptrdiff_t channels, double* __restrict prefix) {
+CLUSTERMAC_ALWAYS_INLINE void prefix_sums(const float* __restrict values, std::ptrdiff_t count, std::ptrdiff_t channels,
+                                          double* __restrict prefix) {
   std::fill(prefix, prefix + channels, 0.0);
   for (std::ptrdiff_t k = 0; k < count; ++k)
     for (std::ptrdiff_t d = 0; d < channels; ++d)
@@ -248,7 +219,8 @@ struct PoweredCells {
   // acc[d] += sum of the powered values of channel d over cells (y, x) .. (y, x + count - 1).
   // Plain loops: GCC vectorises the byte-to-float conversion in these, not in vector-extension
   // code.
-  CLUSTERMAC_ALWAYS_INLINE void add_cells(float* __restrict acc, std::ptrdiff_t y, std::ptrdiff_t x, std::ptrdiff_t count) const {
+  CLUSTERMAC_ALWAYS_INLINE void add_cells(float* __restrict acc, std::ptrdiff_t y, std::ptrdiff_t x,
+                                          std::ptrdiff_t count) const {
     const std::ptrdiff_t first = (y * width + x) * channels;
     for (std::ptrdiff_t c = 0; c < count; ++c) {
       if (powered) {
@@ -277,11 +249,13 @@ inline std::vector<std::ptrdiff_t> grid_positions(std::ptrdiff_t extent, int ste
 }
 
 template <int Lanes>
-CLUSTERMAC_ALWAYS_INLINE AmlResult localize(const PoweredCells& cells, const float* unit_query, const AmlParams& params) {
+CLUSTERMAC_ALWAYS_INLINE AmlResult localize(const PoweredCells& cells, const float* unit_query,
+                                            const AmlParams& params) {
   const std::ptrdiff_t channels = cells.channels, height = cells.height, width = cells.width;
   const float inverse_p = static_cast<float>(1.0 / params.p);
   const auto xs = grid_positions(width, params.step), ys = grid_positions(height, params.step);
-  const std::ptrdiff_t blocks_x = static_cast<std::ptrdiff_t>(xs.size()) - 1, blocks_y = static_cast<std::ptrdiff_t>(ys.size()) - 1;
+  const std::ptrdiff_t blocks_x = static_cast<std::ptrdiff_t>(xs.size()) - 1,
+                       blocks_y = static_cast<std::ptrdiff_t>(ys.size()) - 1;
 
   // Block sums: blocks[(by·blocks_x + bx)·D + d] = sum of channel d over the cells of block
   // (bx, by), [xs[bx], xs[bx+1]) × [ys[by], ys[by+1]).
@@ -292,9 +266,10 @@ CLUSTERMAC_ALWAYS_INLINE AmlResult localize(const PoweredCells& cells, const flo
         cells.add_cells(blocks.data() + (by * blocks_x + bx) * channels, y, xs[bx], xs[bx + 1] - xs[bx]);
 
   // Aspect constraint query_aspect/t <= w/h <= query_aspect·t, tested by multiplication.
-  const bool constrained = params.query_aspect > 0.0;
-  const double widest = params.query_aspect * params.aspect_tolerance * (1.0 + 1e-12);
-  const double narrowest = params.query_aspect / params.aspect_tolerance * (1.0 - 1e-12);
+  const bool constrained = params.query_aspect.has_value();
+  const double query_aspect = params.query_aspect.value_or(0.0);
+  const double widest = query_aspect * params.aspect_tolerance * (1.0 + 1e-12);
+  const double narrowest = query_aspect / params.aspect_tolerance * (1.0 - 1e-12);
   auto too_narrow = [&](std::ptrdiff_t w, std::ptrdiff_t h) { return constrained && w < narrowest * h; };
   auto too_wide = [&](std::ptrdiff_t w, std::ptrdiff_t h) { return constrained && w > widest * h; };
 
@@ -324,8 +299,8 @@ CLUSTERMAC_ALWAYS_INLINE AmlResult localize(const PoweredCells& cells, const flo
           const double* left = prefix.data() + i0 * channels;
           const double s = box_cosine<Lanes>(right, left, unit_query, channels, inverse_p);
           if (s > best.score) {
-            best = {{static_cast<std::int32_t>(xs[i0]), static_cast<std::int32_t>(ys[j0]), static_cast<std::int32_t>(xs[i1]),
-                     static_cast<std::int32_t>(ys[j1])},
+            best = {{static_cast<std::int32_t>(xs[i0]), static_cast<std::int32_t>(ys[j0]),
+                     static_cast<std::int32_t>(xs[i1]), static_cast<std::int32_t>(ys[j1])},
                     s};
             difference(right, left, channels, best_sums.data());
             found = true;
@@ -335,7 +310,8 @@ CLUSTERMAC_ALWAYS_INLINE AmlResult localize(const PoweredCells& cells, const flo
   }
   if (!found) {  // no grid box meets the aspect constraint: start from the whole map
     std::fill(best_sums.begin(), best_sums.end(), 0.0f);
-    for (std::ptrdiff_t k = 0; k < blocks_y * blocks_x; ++k) add_into<Lanes>(best_sums.data(), blocks.data() + k * channels, channels);
+    for (std::ptrdiff_t k = 0; k < blocks_y * blocks_x; ++k)
+      add_into<Lanes>(best_sums.data(), blocks.data() + k * channels, channels);
     best.score = box_cosine<Lanes>(best_sums.data(), unit_query, channels, inverse_p);
   }
 
@@ -385,33 +361,43 @@ CLUSTERMAC_ALWAYS_INLINE AmlResult localize(const PoweredCells& cells, const flo
   return best;
 }
 
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-#define CLUSTERMAC_AML_DISPATCH 1
-__attribute__((target("avx512f"))) inline AmlResult localize_avx512(const PoweredCells& c, const float* q, const AmlParams& p) {
-  return localize<16>(c, q, p);
-}
-__attribute__((target("avx2,fma"))) inline AmlResult localize_avx2(const PoweredCells& c, const float* q, const AmlParams& p) {
-  return localize<8>(c, q, p);
-}
-#endif
-inline AmlResult localize_baseline(const PoweredCells& c, const float* q, const AmlParams& p) { return localize<4>(c, q, p); }
+struct LocalizeKernel {
+  static constexpr SimdLevel widest = kSimdAvx512;
+  template <SimdLevel L>
+  static CLUSTERMAC_ALWAYS_INLINE AmlResult run(const PoweredCells& cells, const float* unit_query,
+                                                const AmlParams& params) {
+    return localize<lanes<L>()>(cells, unit_query, params);
+  }
+};
 
-inline AmlResult localize_dispatch(const PoweredCells& cells, const float* unit_query, const AmlParams& params) {
-#ifdef CLUSTERMAC_AML_DISPATCH
-  if (simd_level() >= kSimdAvx512) return localize_avx512(cells, unit_query, params);
-  if (simd_level() >= kSimdAvx2) return localize_avx2(cells, unit_query, params);
-#endif
-  return localize_baseline(cells, unit_query, params);
+}  // namespace detail
+
+namespace detail {
+
+// The l2-normalised query; a zero or non-finite query is refused (no box can match it).
+inline VectorF unit_query(const float* query, std::ptrdiff_t channels) {
+  VectorF q = Eigen::Map<const VectorF>(query, channels);
+  require(q.allFinite(), "query_vector contains NaN or Inf values; expected only finite numbers");
+  require(l2_normalize_in_place(q.data(), q.size()),
+          "query_vector is all zeros; expected the query's (non-zero) MAC vector");
+  return q;
 }
 
-}  // namespace aml_detail
+}  // namespace detail
 
-// AML on a non-negative float map D×H×W (powered and transposed to channel-last here).
-// `unit_query` is the l2-normalised query MAC vector (D).
+// AML on a non-negative float map D×H×W (powered and transposed to channel-last here); `query`
+// is the query's MAC vector (D values, normalised here).
 inline AmlResult aml_localize(const float* map, std::ptrdiff_t channels, std::ptrdiff_t height, std::ptrdiff_t width,
-                              const float* unit_query, const AmlParams& params) {
+                              const float* query, const AmlParams& params) {
+  require(channels >= 1 && height >= 1 && width >= 1,
+          "feature_map: expected a non-empty D×H×W array, got " + describe_array("float32", {channels, height, width}));
   check_aml_params(params);
+  const VectorF unit_query = detail::unit_query(query, channels);
   const std::ptrdiff_t n = height * width;
+  for (std::ptrdiff_t i = 0; i < channels * n; ++i) {
+    if (!std::isfinite(map[i])) fail("feature_map contains NaN or Inf values; expected only finite numbers");
+    if (map[i] < 0.0f) fail("feature_map has negative values; AML expects non-negative (post-ReLU) activations");
+  }
   float largest = 0.0f;
   for (std::ptrdiff_t i = 0; i < channels * n; ++i) largest = std::max(largest, map[i]);
   std::vector<float> powered(channels * n, 0.0f);
@@ -420,46 +406,29 @@ inline AmlResult aml_localize(const float* map, std::ptrdiff_t channels, std::pt
       for (std::ptrdiff_t i = 0; i < n; ++i)
         powered[i * channels + d] =
             static_cast<float>(std::pow(std::max(0.0, static_cast<double>(map[d * n + i]) / largest), params.p));
-  aml_detail::PoweredCells cells;
+  detail::PoweredCells cells;
   cells.channels = channels;
   cells.height = height;
   cells.width = width;
   cells.powered = powered.data();
-  return aml_detail::localize_dispatch(cells, unit_query, params);
+  return dispatch<detail::LocalizeKernel>(cells, unit_query.data(), params);
 }
 
 // AML on 8-bit codes stored channel-last, H×W×D (value = code·scale; the scale cancels in
 // the cosine, so it is not needed).
-inline AmlResult aml_localize_codes(const std::uint8_t* codes, std::ptrdiff_t height, std::ptrdiff_t width,
-                                    std::ptrdiff_t channels, const float* unit_query, const AmlParams& params) {
+inline AmlResult aml_localize_codes(const CodesView& codes, const float* query, const AmlParams& params) {
+  detail::check_codes_not_empty(codes);
   check_aml_params(params);
-  aml_detail::PoweredCells cells;
-  cells.channels = channels;
-  cells.height = height;
-  cells.width = width;
-  cells.codes = codes;
+  const VectorF unit_query = detail::unit_query(query, codes.channels);
+  detail::PoweredCells cells;
+  cells.channels = codes.channels;
+  cells.height = codes.height;
+  cells.width = codes.width;
+  cells.codes = codes.data;
   cells.power_ten = params.p == 10.0;
   if (!cells.power_ten)
     for (int c = 0; c < 256; ++c) cells.table[c] = static_cast<float>(std::pow(c / 255.0, params.p));
-  return aml_detail::localize_dispatch(cells, unit_query, params);
-}
-
-// Dequantises the box [x0, y0, x1, y1) of channel-last 8-bit codes (H×W×D) into a float D×h×w
-// map (value = code·scale), the layout the pooling functions take. Cells are handled 16 at a
-// time so that each channel plane receives a contiguous run of writes.
-inline void dequantize_codes(const std::uint8_t* codes, std::ptrdiff_t width, std::ptrdiff_t channels,
-                             const std::array<std::int32_t, 4>& box, float scale, float* out) {
-  const std::ptrdiff_t box_width = box[2] - box[0], box_height = box[3] - box[1];
-  const std::ptrdiff_t plane = box_width * box_height;
-  constexpr std::ptrdiff_t kTile = 16;
-  for (std::ptrdiff_t y = 0; y < box_height; ++y)
-    for (std::ptrdiff_t x0 = 0; x0 < box_width; x0 += kTile) {
-      const std::ptrdiff_t count = std::min(kTile, box_width - x0);
-      const std::uint8_t* source = codes + ((box[1] + y) * width + box[0] + x0) * channels;
-      float* target = out + y * box_width + x0;
-      for (std::ptrdiff_t d = 0; d < channels; ++d)
-        for (std::ptrdiff_t j = 0; j < count; ++j) target[d * plane + j] = static_cast<float>(source[j * channels + d]) * scale;
-    }
+  return dispatch<detail::LocalizeKernel>(cells, unit_query.data(), params);
 }
 
 }  // namespace clustermac

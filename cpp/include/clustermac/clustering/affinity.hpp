@@ -14,18 +14,17 @@
 #include <string>
 #include <vector>
 
+#include "clustermac/clustering/similarity_bf16.hpp"
 #include "clustermac/common.hpp"
-
-#include "clustermac/dense_kernels.hpp"  // CLUSTERMAC_X86_DISPATCH, detail::cpu_has_avx2_fma
-#include "clustermac/similarity_bf16.hpp"
+#include "clustermac/simd.hpp"
 
 namespace clustermac {
 
 namespace detail {
-#ifdef CLUSTERMAC_X86_DISPATCH
+#ifdef CLUSTERMAC_SIMD_X86
 // exp(x) for x <= 0 (clamped at -87, where it is ~1e-38): x = n ln2 + r with |r| <= ln2 / 2,
 // exp(r) by its Taylor series to degree 7 (relative error < 1e-8 before float rounding).
-__attribute__((target("avx2,fma"))) inline __m256 exp_nonpositive_avx2(__m256 x) {
+CLUSTERMAC_TARGET_AVX2 inline __m256 exp_nonpositive_avx2(__m256 x) {
   x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -44,8 +43,8 @@ __attribute__((target("avx2,fma"))) inline __m256 exp_nonpositive_avx2(__m256 x)
 }
 
 // Squared distances from location i to locations j..j+7 (g is C x stride, dimension-major).
-__attribute__((target("avx2,fma"))) inline __m256 distance2_avx2(const float* g, Eigen::Index c, Eigen::Index stride,
-                                                                   Eigen::Index i, Eigen::Index j) {
+CLUSTERMAC_TARGET_AVX2 inline __m256 distance2_avx2(const float* g, Eigen::Index c, Eigen::Index stride, Eigen::Index i,
+                                                    Eigen::Index j) {
   __m256 acc = _mm256_setzero_ps();
   for (Eigen::Index k = 0; k < c; ++k) {
     const __m256 diff = _mm256_sub_ps(_mm256_loadu_ps(g + k * stride + j), _mm256_set1_ps(g[k * stride + i]));
@@ -55,8 +54,8 @@ __attribute__((target("avx2,fma"))) inline __m256 distance2_avx2(const float* g,
 }
 
 // g is C x stride with stride a multiple of 8 and columns [n, stride) copies of column n - 1.
-__attribute__((target("avx2,fma"))) inline float max_distance2_avx2(const float* g, Eigen::Index c, Eigen::Index n,
-                                                                      Eigen::Index stride) {
+CLUSTERMAC_TARGET_AVX2 inline float max_distance2_avx2(const float* g, Eigen::Index c, Eigen::Index n,
+                                                       Eigen::Index stride) {
   __m256 best = _mm256_setzero_ps();
   for (Eigen::Index i = 0; i < n; ++i)
     for (Eigen::Index j = i / 8 * 8; j < stride; j += 8) best = _mm256_max_ps(best, distance2_avx2(g, c, stride, i, j));
@@ -66,13 +65,13 @@ __attribute__((target("avx2,fma"))) inline float max_distance2_avx2(const float*
 }
 
 // exp(scale * d) for the distances from location i to locations j..j+7.
-__attribute__((target("avx2,fma"))) inline __m256 similarity8_avx2(const float* g, Eigen::Index c, Eigen::Index stride,
-                                                                     Eigen::Index i, Eigen::Index j, __m256 scale8) {
+CLUSTERMAC_TARGET_AVX2 inline __m256 similarity8_avx2(const float* g, Eigen::Index c, Eigen::Index stride,
+                                                      Eigen::Index i, Eigen::Index j, __m256 scale8) {
   return exp_nonpositive_avx2(_mm256_mul_ps(_mm256_sqrt_ps(distance2_avx2(g, c, stride, i, j)), scale8));
 }
 
 // Writes 8 floats at p: non-temporal (16-byte aligned halves) when `stream`, else ordinary.
-__attribute__((target("avx2,fma"))) inline void store8(float* p, __m256 value, bool stream) {
+CLUSTERMAC_TARGET_AVX2 inline void store8(float* p, __m256 value, bool stream) {
   if (stream) {
     _mm_stream_ps(p, _mm256_castps256_ps128(value));
     _mm_stream_ps(p + 4, _mm256_extractf128_ps(value, 1));
@@ -82,7 +81,7 @@ __attribute__((target("avx2,fma"))) inline void store8(float* p, __m256 value, b
 }
 
 // Writes 8 values at p rounded to bf16 (16 bytes; non-temporal when `stream`).
-__attribute__((target("avx2,fma"))) inline void store8(std::uint16_t* p, __m256 value, bool stream) {
+CLUSTERMAC_TARGET_AVX2 inline void store8(std::uint16_t* p, __m256 value, bool stream) {
   const __m128i halves = bf16_from_floats_avx2(value);
   if (stream)
     _mm_stream_si128(reinterpret_cast<__m128i*>(p), halves);
@@ -90,13 +89,15 @@ __attribute__((target("avx2,fma"))) inline void store8(std::uint16_t* p, __m256 
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p), halves);
 }
 
-inline void store_values(float* out, const float* values, Eigen::Index count) { std::copy(values, values + count, out); }
+inline void store_values(float* out, const float* values, Eigen::Index count) {
+  std::copy(values, values + count, out);
+}
 inline void store_values(std::uint16_t* out, const float* values, Eigen::Index count) {
   for (Eigen::Index i = 0; i < count; ++i) out[i] = bf16_from_float(values[i]);
 }
 
 // r[a] lane b <- r[b] lane a: the transpose of the 8 x 8 block held in r[0..7].
-__attribute__((target("avx2,fma"))) inline void transpose8x8(__m256 r[8]) {
+CLUSTERMAC_TARGET_AVX2 inline void transpose8x8(__m256 r[8]) {
   __m256 t[8], u[8];
   for (int q = 0; q < 4; ++q) {
     t[2 * q] = _mm256_unpacklo_ps(r[2 * q], r[2 * q + 1]);
@@ -117,27 +118,22 @@ __attribute__((target("avx2,fma"))) inline void transpose8x8(__m256 r[8]) {
 // All of Eq. (3): out[i * n + j] = exp(scale * d_ij), in panels of rows. A panel's
 // values on and right of the diagonal are computed into a cached scratch buffer, copied to
 // its rows, and copied transposed (8 x 8 register transposes) into the
-// columns of the rows below it, in runs of a panel's height. That is half the square roots and
-// exponentials of a row-by-row sweep, and every write is a long sequential run (16 x 16 tiles
-// written straight to both places were slower at N = 3072 than the row sweep: the mirrored
-// 64-byte runs, 12 KB apart, defeated the write combining). The mirror is exact: d_ij and d_ji
-// are the same float operations on the same values ((a - b)^2 == (b - a)^2), so the matrix is
-// bit-identical to a row-by-row sweep. affinity_into, one thread: N = 3072, C = 4: 8.15 ->
-// 6.65 ms; N = 768, C = 7: 0.70 -> 0.46 ms.
+// columns of the rows below it, in runs of a panel's height: half the square roots and
+// exponentials of a row-by-row sweep, and every write a long sequential run. The mirror is
+// exact: d_ij and d_ji are the same float operations on the same values ((a - b)^2 == (b - a)^2),
+// so the matrix is bit-identical to a row-by-row sweep.
 // `out` holds floats or bf16 values (std::uint16_t), its rows ldo values apart.
 template <typename T>
-__attribute__((target("avx2,fma"))) inline void similarity_avx2(const float* g, Eigen::Index c, Eigen::Index n,
-                                                                  Eigen::Index stride, float scale, T* out,
-                                                                  Eigen::Index ldo) {
+CLUSTERMAC_TARGET_AVX2 inline void similarity_avx2(const float* g, Eigen::Index c, Eigen::Index n, Eigen::Index stride,
+                                                   float scale, T* out, Eigen::Index ldo) {
   using Eigen::Index;
   const __m256 scale8 = _mm256_set1_ps(scale);
   // A matrix far larger than the caches is written with non-temporal stores (16-byte aligned
   // pieces): ordinary stores first read every line they write.
   const bool stream = n * ldo * sizeof(T) >= (std::size_t{16} << 20) && (ldo * sizeof(T)) % 16 == 0 &&
                       reinterpret_cast<std::uintptr_t>(out) % 16 == 0;
-  // Panel height: long mirrored runs pay off when the matrix streams to memory (N = 3072: 5.5 ms
-  // with 128 rows, 6.0 with 64, 6.5 with 32); a smaller panel stays in L2 otherwise (N = 768:
-  // 0.36 ms with 32 rows, 0.40 with 128).
+  // Panel height: long mirrored runs pay off when the matrix streams to memory; a smaller panel
+  // stays in L2 otherwise (chosen with benchmarks/bench_clustering.cpp).
   constexpr Index kMaxPanel = 128;
   const Index panel_rows = stream ? kMaxPanel : 32;
   std::vector<float> panel(static_cast<std::size_t>(panel_rows * stride));
@@ -145,7 +141,8 @@ __attribute__((target("avx2,fma"))) inline void similarity_avx2(const float* g, 
     const Index rows = std::min(panel_rows, n - ib), cols = stride - ib;  // columns ib .. stride - 1
     for (Index a = 0; a < rows; ++a) {
       float* values = panel.data() + a * cols;
-      for (Index j = ib; j < stride; j += 8) _mm256_storeu_ps(values + j - ib, similarity8_avx2(g, c, stride, ib + a, j, scale8));
+      for (Index j = ib; j < stride; j += 8)
+        _mm256_storeu_ps(values + j - ib, similarity8_avx2(g, c, stride, ib + a, j, scale8));
       T* row = out + (ib + a) * ldo + ib;
       Index j = 0;
       for (; j + 8 <= n - ib; j += 8) store8(row + j, _mm256_loadu_ps(values + j), stream);
@@ -162,7 +159,8 @@ __attribute__((target("avx2,fma"))) inline void similarity_avx2(const float* g, 
         for (int b = 0; b < 8; ++b) _mm256_store_ps(mirrored[b] + ab, block[b]);
       }
       for (Index b = 0; b < 8 && jb + b < n; ++b)
-        for (Index ab = 0; ab < rows; ab += 8) store8(out + (jb + b) * ldo + ib + ab, _mm256_load_ps(mirrored[b] + ab), stream);
+        for (Index ab = 0; ab < rows; ab += 8)
+          store8(out + (jb + b) * ldo + ib + ab, _mm256_load_ps(mirrored[b] + ab), stream);
     }
   }
   if (stream) _mm_sfence();
@@ -186,7 +184,8 @@ namespace detail {
 
 // Largest squared distance between columns of g (C x N, dimension-major so each inner loop is
 // one vectorised sweep over a row of g).
-inline float scaled_columns_max_distance2(const Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>& g) {
+inline float scaled_columns_max_distance2(
+    const Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>& g) {
   const Eigen::Index c = g.rows(), n = g.cols();
   float best = 0.0f;
   Eigen::ArrayXf d2(n);
@@ -231,7 +230,7 @@ inline SimilarityInputs similarity_inputs(const ConstMatrixRef& features, const 
     for (Index j = n; j < in.stride; ++j) in.g(k, j) = in.g(k, n - 1);
   }
   float max_distance2 = 0.0f;
-#ifdef CLUSTERMAC_X86_DISPATCH
+#ifdef CLUSTERMAC_SIMD_X86
   if (vector_padding) max_distance2 = max_distance2_avx2(in.g.data(), c, n, in.stride);
 #endif
   if (!vector_padding) max_distance2 = scaled_columns_max_distance2(in.g);
@@ -248,8 +247,8 @@ inline SimilarityInputs similarity_inputs(const ConstMatrixRef& features, const 
 inline void affinity_into(const ConstMatrixRef& features, const VectorF& weights, float z_ratio, float* out) {
   using Eigen::Index;
   const Index n = features.rows(), c = features.cols();
-#ifdef CLUSTERMAC_X86_DISPATCH
-  if (detail::cpu_has_avx2_fma()) {
+#ifdef CLUSTERMAC_SIMD_X86
+  if (simd_at_least(kSimdAvx2)) {
     const detail::SimilarityInputs in = detail::similarity_inputs(features, weights, z_ratio, true);
     detail::similarity_avx2(in.g.data(), c, n, in.stride, in.scale, out, n);
     return;
@@ -277,22 +276,22 @@ inline void affinity_into(const ConstMatrixRef& features, const VectorF& weights
 }
 
 // S of Eq. (3) in bfloat16 (see similarity_bf16.hpp), for CPUs with AVX2 (the caller checks
-// cpu_has_avx512_bf16(), which implies it).
+// simd_has_avx512_bf16(), which implies it).
 inline void affinity_into(const ConstMatrixRef& features, const VectorF& weights, float z_ratio, SimilarityBf16& out) {
   out.resize(features.rows());
-#ifdef CLUSTERMAC_X86_DISPATCH
-  require(detail::cpu_has_avx2_fma(), "bf16 similarity: the CPU lacks AVX2");
+#ifdef CLUSTERMAC_SIMD_X86
+  require(simd_at_least(kSimdAvx2), "bf16 similarity: the CPU lacks AVX2");
   const detail::SimilarityInputs in = detail::similarity_inputs(features, weights, z_ratio, true);
   detail::similarity_avx2(in.g.data(), features.cols(), out.n, in.stride, in.scale, out.values.data(), out.ld);
 #else
+  (void)weights;
+  (void)z_ratio;
   fail("bf16 similarity: needs an x86-64 CPU with AVX2");
 #endif
 }
 
 inline MatrixRM affinity(const ConstMatrixRef& features, float z_ratio, const VectorF* weights) {
-  require(features.rows() >= 1 && features.cols() >= 1,
-          "affinity: features must be N x C with N >= 1 and C >= 1, got " + std::to_string(features.rows()) +
-              " x " + std::to_string(features.cols()));
+  require_non_empty("features", "of shape (N, C)", {features.rows(), features.cols()});
   require_finite(features, "features");
   require(std::isfinite(z_ratio) && z_ratio > 0.0f,
           "z_ratio: expected a finite number > 0, got " + std::to_string(z_ratio));
@@ -301,8 +300,7 @@ inline MatrixRM affinity(const ConstMatrixRef& features, float z_ratio, const Ve
     require(weights->size() == features.cols(), "weights: expected " + std::to_string(features.cols()) +
                                                     " values (one per feature column), got " +
                                                     std::to_string(weights->size()));
-    require(weights->allFinite() && weights->minCoeff() >= 0.0f,
-            "weights: expected finite non-negative values");
+    require(weights->allFinite() && weights->minCoeff() >= 0.0f, "weights: expected finite non-negative values");
     w = *weights;
   } else {
     w = variance_weights(features);

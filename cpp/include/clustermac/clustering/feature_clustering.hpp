@@ -13,31 +13,13 @@
 #include <string>
 #include <vector>
 
-#include "clustermac/affinity.hpp"
+#include "clustermac/clustering/affinity.hpp"
+#include "clustermac/clustering/discretize.hpp"
+#include "clustermac/clustering/ncut.hpp"
 #include "clustermac/common.hpp"
-#include "clustermac/discretize.hpp"
-#include "clustermac/ncut.hpp"
-#include "clustermac/pca.hpp"
+#include "clustermac/linalg/pca.hpp"
 
 namespace clustermac {
-
-// How cluster_feature_map stores the N x N similarity for the eigensolver (similarity_bf16.hpp).
-// "auto" picks bfloat16 where it pays and is safe: CPUs with AVX512-BF16 and N >= 2048, where S
-// (16 MB or more in float) streams from memory and the products are most of the time. Measured
-// (real EfficientNet-Lite0 maps of six photos, one thread): N = 3072: 125 -> 88 ms per image,
-// NCut objectives of the bf16 partitions against the float ones (evaluated on the float64
-// similarity) K = 5 / 20 / RGB: mean ratio 1.001 / 0.998 / 0.999, worst 1.005 / 1.079 / 1.000,
-// within what another discretisation seed changes (K = 20: worst 1.048 and 1.105). N = 768:
-// 16.9 -> 15.6 ms only, and K = 20 objectives 7 % worse on average: float there.
-enum class SimilarityPrecision { automatic, float32, bfloat16 };
-constexpr Eigen::Index kBf16MinLocations = 2048;
-
-inline SimilarityPrecision parse_similarity_precision(const std::string& name) {
-  if (name == "auto") return SimilarityPrecision::automatic;
-  if (name == "float32") return SimilarityPrecision::float32;
-  if (name == "bfloat16") return SimilarityPrecision::bfloat16;
-  fail("similarity_precision: expected \"auto\", \"float32\" or \"bfloat16\", got \"" + name + "\"");
-}
 
 struct FeatureClusteringOptions {
   std::vector<int> n_clusters{5, 20};
@@ -56,26 +38,24 @@ struct FeatureClusteringOptions {
 // Validation shared by the single and batched entry points (no data access).
 inline void check_feature_clustering_options(const FeatureClusteringOptions& o, Eigen::Index channels) {
   require(!o.n_clusters.empty(), "n_clusters: expected at least one number of clusters, got an empty tuple");
-  for (int k : o.n_clusters)
-    require(k >= 1, "n_clusters: every entry must be >= 1, got " + std::to_string(k));
-  require(o.rgb_clusters >= 0, "rgb_clusters: expected >= 0 (0 disables the RGB partition), got " +
-                                   std::to_string(o.rgb_clusters));
+  for (int k : o.n_clusters) require(k >= 1, "n_clusters: every entry must be >= 1, got " + std::to_string(k));
+  require(o.rgb_clusters >= 0,
+          "rgb_clusters: expected >= 0 (0 disables the RGB partition), got " + std::to_string(o.rgb_clusters));
   if (!o.pca_basis)
     require(o.pca_dim >= 1 && o.pca_dim <= channels,
-            "pca_dim: expected 1 <= pca_dim <= D = " + std::to_string(channels) + ", got " +
-                std::to_string(o.pca_dim));
+            "pca_dim: expected 1 <= pca_dim <= D = " + std::to_string(channels) + ", got " + std::to_string(o.pca_dim));
   require(std::isfinite(o.z_ratio) && o.z_ratio > 0.0f,
           "z_ratio: expected a finite number > 0, got " + std::to_string(o.z_ratio));
   require(std::isfinite(o.spatial_weight) && o.spatial_weight >= 0.0f,
           "spatial_weight: expected a finite number >= 0, got " + std::to_string(o.spatial_weight));
-  require(o.similarity_precision != SimilarityPrecision::bfloat16 || cpu_has_avx512_bf16(),
+  require(o.similarity_precision != SimilarityPrecision::bfloat16 || simd_has_avx512_bf16(),
           "similarity_precision=\"bfloat16\" needs a CPU with AVX512-BF16 (and the environment variable "
           "CLUSTERMAC_NO_BF16 unset); use \"auto\" or \"float32\"");
 }
 
 // Whether the similarity of N locations is stored in bf16 (see SimilarityPrecision).
 inline bool use_bf16_similarity(SimilarityPrecision precision, Eigen::Index n) {
-  if (precision == SimilarityPrecision::automatic) return n >= kBf16MinLocations && cpu_has_avx512_bf16();
+  if (precision == SimilarityPrecision::automatic) return n >= kBf16MinLocations && simd_has_avx512_bf16();
   return precision == SimilarityPrecision::bfloat16;
 }
 
@@ -138,8 +118,8 @@ struct SimilarityWorkspace {
 
 // NCut partitions of `weighted` (already scaled, so weights are all ones) into each of
 // `n_clusters`, sharing one eigensolve.
-inline std::vector<VectorI> partitions_of(const MatrixRM& weighted, const std::vector<int>& n_clusters,
-                                          float z_ratio, std::uint64_t seed, Normalization normalization,
+inline std::vector<VectorI> partitions_of(const MatrixRM& weighted, const std::vector<int>& n_clusters, float z_ratio,
+                                          std::uint64_t seed, Normalization normalization,
                                           SimilarityWorkspace& buffer) {
   const Eigen::Index n = weighted.rows();
   const Eigen::Index distinct = count_distinct_rows(weighted, n);
@@ -185,12 +165,14 @@ inline std::vector<VectorI> partitions_of(const MatrixRM& weighted, const std::v
 // H*W label vector (row-major H x W) per entry of n_clusters, then one for RGB if requested.
 // K larger than the number of distinct locations is lowered to that number (a 1 x 1 map gives
 // one region); labels are compact (0..m-1, no empty label).
-inline std::vector<VectorI> cluster_feature_map(const float* feature_map, Eigen::Index channels,
-                                                Eigen::Index height, Eigen::Index width, const float* rgb,
-                                                const FeatureClusteringOptions& options) {
+namespace detail {
+
+// cluster_feature_map without the checks of the options.
+inline std::vector<VectorI> cluster_checked_feature_map(const float* feature_map, Eigen::Index channels,
+                                                        Eigen::Index height, Eigen::Index width, const float* rgb,
+                                                        const FeatureClusteringOptions& options) {
   using Eigen::Index;
   const Index n = height * width;
-  check_feature_clustering_options(options, channels);
   // Activations as an N x D column-major matrix == the D x N row-major feature map, no copy.
   Eigen::Map<const Eigen::MatrixXf> activations(feature_map, n, channels);
   auto require_finite_map = [&] {
@@ -204,14 +186,12 @@ inline std::vector<VectorI> cluster_feature_map(const float* feature_map, Eigen:
     Eigen::Map<const Eigen::RowVectorXf> mean(options.pca_mean, channels);
     projected = (activations.rowwise() - mean) * basis;
   } else {
-    // Centred into a per-thread buffer kept between calls (a fresh 4-8 MB array costs its page
-    // faults on every image), each channel's mean from a vectorised float sum of its N
-    // contiguous values (a double cast here was ~5 % of the whole call at N = 768, D = 1280).
-    // A NaN or Inf makes its channel's float sum non-finite, so the finiteness check needs no
-    // pass of its own. A finite map whose sum overflows (values ~1e35) is refused too: the
-    // PCA's float products would overflow on it.
-    // Each channel's N values are padded to a leading dimension that keeps the PCA's products
-    // clear of cache-set conflicts (detail::padded_leading_dimension).
+    // Centred into a per-thread buffer kept between calls (no page faults for every image), each
+    // channel's mean from a vectorised float sum of its N contiguous values. A NaN or Inf makes
+    // its channel's float sum non-finite, so the finiteness check needs no pass of its own. A finite map whose sum
+    // overflows (values ~1e35) is refused too: the PCA's float products would overflow on it. Each channel's N values
+    // are padded to a leading dimension that keeps the PCA's products clear of cache-set conflicts
+    // (detail::padded_leading_dimension).
     thread_local Eigen::MatrixXf centred_storage;
     const Index ld = detail::padded_leading_dimension(n);
     centred_storage.resize(ld, channels);
@@ -220,7 +200,8 @@ inline std::vector<VectorI> cluster_feature_map(const float* feature_map, Eigen:
       const float mean = activations.col(d).sum() / static_cast<float>(n);
       if (!std::isfinite(mean)) {
         require_finite_map();
-        fail("feature_map: channel " + std::to_string(d) + " has values too large for float32 sums (they overflow); "
+        fail("feature_map: channel " + std::to_string(d) +
+             " has values too large for float32 sums (they overflow); "
              "scale the activations down");
       }
       centred.col(d) = activations.col(d).array() - mean;
@@ -231,8 +212,7 @@ inline std::vector<VectorI> cluster_feature_map(const float* feature_map, Eigen:
   }
 
   // The N x N similarity workspace is kept per thread between calls up to 64 MB of floats
-  // (N <= 4096): first-touching a fresh 38 MB buffer (N = 3072) cost ~10 ms of page faults per
-  // image.
+  // (N <= 4096), so that a fresh buffer's page faults are not paid for every image.
   thread_local detail::SimilarityWorkspace kept_buffer;
   detail::SimilarityWorkspace local_buffer;
   const bool keep_workspace = n * n <= Index{16} * 1024 * 1024;
@@ -252,6 +232,36 @@ inline std::vector<VectorI> cluster_feature_map(const float* feature_map, Eigen:
     labels.push_back(std::move(rgb_labels.front()));
   }
   return labels;
+}
+
+}  // namespace detail
+
+inline std::vector<VectorI> cluster_feature_map(const float* feature_map, Eigen::Index channels, Eigen::Index height,
+                                                Eigen::Index width, const float* rgb,
+                                                const FeatureClusteringOptions& options) {
+  check_feature_clustering_options(options, channels);
+  return detail::cluster_checked_feature_map(feature_map, channels, height, width, rgb, options);
+}
+
+// One feature map of a batch: D x H x W floats and, or null, its H x W x 3 RGB image.
+struct FeatureMapInput {
+  const float* feature_map;
+  Eigen::Index channels, height, width;
+  const float* rgb;
+};
+
+// cluster_feature_map for each input on up to n_threads threads (<= 0: all); every input is
+// checked before any work starts.
+inline std::vector<std::vector<VectorI>> cluster_feature_maps(const std::vector<FeatureMapInput>& inputs,
+                                                              const FeatureClusteringOptions& options, int n_threads) {
+  for (const FeatureMapInput& in : inputs) check_feature_clustering_options(options, in.channels);
+  std::vector<std::vector<VectorI>> results(inputs.size());
+  parallel_for(static_cast<std::ptrdiff_t>(inputs.size()), n_threads, [&](std::ptrdiff_t i) {
+    const FeatureMapInput& in = inputs[static_cast<std::size_t>(i)];
+    results[static_cast<std::size_t>(i)] =
+        detail::cluster_checked_feature_map(in.feature_map, in.channels, in.height, in.width, in.rgb, options);
+  });
+  return results;
 }
 
 }  // namespace clustermac

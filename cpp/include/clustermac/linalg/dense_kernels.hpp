@@ -1,11 +1,5 @@
-// Dense float products used by the eigensolvers (NCut and PCA), with an AVX2 + FMA kernel.
-//
-// The package is built for portable x86-64 (SSE2), where Eigen's GEMM runs at a fraction of what
-// AVX2 + FMA allows; the products with the dense similarity (NCut) and with the activations (PCA)
-// are the clustering's main cost. The kernel is compiled with a target attribute and used only
-// when the CPU reports both features (checked once at run time), so the wheel stays portable.
-// CLUSTERMAC_NO_SIMD_DISPATCH (compile time) or the environment variable CLUSTERMAC_NO_AVX2
-// (run time) force the portable Eigen path.
+// Dense float products used by the eigensolvers (NCut and PCA) and by the whitening, with an
+// AVX2 + FMA register-tiled kernel; the portable path is Eigen's product.
 #pragma once
 
 #include <Eigen/Dense>
@@ -14,31 +8,16 @@
 #include <cstdlib>
 
 #include "clustermac/common.hpp"
-
-#if !defined(CLUSTERMAC_NO_SIMD_DISPATCH) && (defined(__GNUC__) || defined(__clang__)) && \
-    (defined(__x86_64__) || defined(__i386__))
-#include <immintrin.h>
-#define CLUSTERMAC_X86_DISPATCH 1
-#endif
+#include "clustermac/simd.hpp"
 
 namespace clustermac {
 namespace detail {
 
-#ifdef CLUSTERMAC_X86_DISPATCH
-// Setting the environment variable CLUSTERMAC_NO_AVX2 forces the portable path (the tests use
-// it to check that both paths agree).
-inline bool cpu_has_avx2_fma() { return simd_level() >= kSimdAvx2; }
-
-// out (n x width, row-major) = a (n x n, row-major) * v (n x width, row-major), width a multiple
-// of 8. Why a hand-written kernel: the product with the dense similarity is the eigensolver's
-// whole cost, and the package is built for portable x86-64 (SSE2), where Eigen's GEMM runs at
-// about half the speed of AVX2 + FMA. This kernel is compiled for AVX2 + FMA only and used
-// only when the CPU has them (checked at run time), so the wheel stays portable.
-// Register tiles of 12 accumulators: 4 rows x 24 columns, 6 x 16, or 8 x 8 (the last is
-// memory-bound anyway). Written out with named accumulators: with an array, GCC kept the
-// accumulators on the stack and stored them every iteration (half the kernel's time).
+#ifdef CLUSTERMAC_SIMD_X86
 // out = a * v (or out += a * v with `accumulate`): a is rows x cols, v cols x width, out
-// rows x width, each row-major with its rows lda / ldv / ldo floats apart.
+// rows x width, each row-major with its rows lda / ldv / ldo floats apart. Register tiles of
+// 12 accumulators (4 x 24, 6 x 16 or 8 x 8), written out with named accumulators so that the
+// compiler keeps them in registers.
 struct ProductOperands {
   const float* a;
   Eigen::Index lda, cols;
@@ -49,10 +28,11 @@ struct ProductOperands {
   bool accumulate;
 };
 
+// clang-format off: the register tiles are laid out by hand, one row of accumulators a line.
 #define CLUSTERMAC_FMA(acc, w, x) acc = _mm256_fmadd_ps(w, x, acc)
 
-__attribute__((target("avx2,fma"))) inline void dense_times_block_tile_4x24(const ProductOperands& p, Eigen::Index column,
-                                                                              Eigen::Index row, Eigen::Index row_count) {
+CLUSTERMAC_TARGET_AVX2 inline void dense_times_block_tile_4x24(const ProductOperands& p, Eigen::Index column, Eigen::Index row,
+                                                               Eigen::Index row_count) {
   const float* const a = p.a;
   const float* const v = p.v;
   float* const out = p.out;
@@ -87,8 +67,8 @@ __attribute__((target("avx2,fma"))) inline void dense_times_block_tile_4x24(cons
     for (int q = 0; q < 3; ++q) _mm256_storeu_ps(out + (row + r) * ldo + column + 8 * q, results[r][q]);
 }
 
-__attribute__((target("avx2,fma"))) inline void dense_times_block_tile_6x16(const ProductOperands& p, Eigen::Index column,
-                                                                              Eigen::Index row, Eigen::Index row_count) {
+CLUSTERMAC_TARGET_AVX2 inline void dense_times_block_tile_6x16(const ProductOperands& p, Eigen::Index column, Eigen::Index row,
+                                                               Eigen::Index row_count) {
   const float* const a = p.a;
   const float* const v = p.v;
   float* const out = p.out;
@@ -127,8 +107,8 @@ __attribute__((target("avx2,fma"))) inline void dense_times_block_tile_6x16(cons
     for (int q = 0; q < 2; ++q) _mm256_storeu_ps(out + (row + r) * ldo + column + 8 * q, results[r][q]);
 }
 
-__attribute__((target("avx2,fma"))) inline void dense_times_block_tile_8x8(const ProductOperands& p, Eigen::Index column,
-                                                                              Eigen::Index row, Eigen::Index row_count) {
+CLUSTERMAC_TARGET_AVX2 inline void dense_times_block_tile_8x8(const ProductOperands& p, Eigen::Index column, Eigen::Index row,
+                                                              Eigen::Index row_count) {
   const float* const a = p.a;
   const float* const v = p.v;
   float* const out = p.out;
@@ -158,12 +138,13 @@ __attribute__((target("avx2,fma"))) inline void dense_times_block_tile_8x8(const
 }
 #undef CLUSTERMAC_FMA
 #undef CLUSTERMAC_LOAD
+// clang-format on
 
 // out (rows x width) = a * v (or += with p.accumulate), width a multiple of 8. With
 // `accumulate` the accumulators start from out: the same sums, in the same order, as one call
 // over the concatenated columns of a / rows of v.
-__attribute__((target("avx2,fma"))) inline void dense_times_block_avx2(const ProductOperands& p, Eigen::Index rows,
-                                                                         Eigen::Index width) {
+CLUSTERMAC_TARGET_AVX2 inline void dense_times_block_avx2(const ProductOperands& p, Eigen::Index rows,
+                                                          Eigen::Index width) {
   Eigen::Index column = 0;
   for (; column + 24 <= width; column += 24)
     for (Eigen::Index row = 0; row < rows; row += 4)
@@ -180,19 +161,16 @@ __attribute__((target("avx2,fma"))) inline void dense_times_block_avx2(const Pro
 
 // The common case: a (rows x cols), v (cols x stride) and out (rows x stride) with contiguous
 // rows, v's and out's rows `stride` floats apart.
-__attribute__((target("avx2,fma"))) inline void dense_times_block_avx2(const float* a, Eigen::Index rows,
-                                                                         Eigen::Index cols, const float* v,
-                                                                         Eigen::Index width, Eigen::Index stride,
-                                                                         float* out, bool accumulate = false) {
+CLUSTERMAC_TARGET_AVX2 inline void dense_times_block_avx2(const float* a, Eigen::Index rows, Eigen::Index cols,
+                                                          const float* v, Eigen::Index width, Eigen::Index stride,
+                                                          float* out, bool accumulate = false) {
   dense_times_block_avx2(ProductOperands{a, cols, cols, v, stride, out, stride, accumulate}, rows, width);
 }
 #endif
 
 // A leading dimension (distance between rows, in floats) for rows of n floats that avoids
 // cache-set conflicts: n rounded up to a 64-byte line, plus 64 floats when that is a multiple
-// of 1 KB. rowmajor_transpose_times walks down the rows of its array; with rows 12 KB apart
-// (N = 3072) every row maps to the same L1 sets: 47 GFLOP/s against 77 with 3136-float rows
-// (b = 24, D = 1280).
+// of 1 KB (rows exactly 1 KB apart all map to the same L1 sets).
 inline Eigen::Index padded_leading_dimension(Eigen::Index n) {
   const Eigen::Index lines = (n + 15) / 16 * 16;
   return lines % 256 == 0 ? lines + 64 : lines;
@@ -209,14 +187,15 @@ inline Eigen::Map<const MatrixRM, 0, Eigen::OuterStride<>> strided_rows(const fl
 inline void rowmajor_times(const float* m, Eigen::Index rows, Eigen::Index cols, const Eigen::MatrixXf& b_in,
                            Eigen::MatrixXf& result, Eigen::Index lda = -1) {
   if (lda < 0) lda = cols;
-#ifdef CLUSTERMAC_X86_DISPATCH
-  if (cpu_has_avx2_fma()) {
+#ifdef CLUSTERMAC_SIMD_X86
+  if (simd_at_least(kSimdAvx2)) {
     const Eigen::Index b = b_in.cols();
     const Eigen::Index width = (b + 7) / 8 * 8;
     MatrixRM packed = MatrixRM::Zero(cols, width);
     packed.leftCols(b) = b_in;
     MatrixRM product(rows, width);
-    dense_times_block_avx2(ProductOperands{m, lda, cols, packed.data(), width, product.data(), width, false}, rows, width);
+    dense_times_block_avx2(ProductOperands{m, lda, cols, packed.data(), width, product.data(), width, false}, rows,
+                           width);
     result = product.leftCols(b);
     return;
   }
@@ -227,30 +206,28 @@ inline void rowmajor_times(const float* m, Eigen::Index rows, Eigen::Index cols,
 // result (cols x b, column-major) = m^T * b_in, m a rows x cols row-major array (rows lda floats
 // apart; lda < 0: cols), b_in rows x b.
 // As result^T (b x cols, row-major) = b_in^T (b x rows: b_in's column-major storage) * m.
-inline void rowmajor_transpose_times(const float* m, Eigen::Index rows, Eigen::Index cols,
-                                     const Eigen::MatrixXf& b_in, Eigen::MatrixXf& result, Eigen::Index lda = -1) {
+inline void rowmajor_transpose_times(const float* m, Eigen::Index rows, Eigen::Index cols, const Eigen::MatrixXf& b_in,
+                                     Eigen::MatrixXf& result, Eigen::Index lda = -1) {
   if (lda < 0) lda = cols;
-#ifdef CLUSTERMAC_X86_DISPATCH
-  if (cpu_has_avx2_fma()) {
+#ifdef CLUSTERMAC_SIMD_X86
+  if (simd_at_least(kSimdAvx2)) {
     const Eigen::Index b = b_in.cols();
     result.resize(cols, b);
     const Eigen::Index width = cols / 8 * 8;
     // result's column-major storage is result^T row-major with stride cols.
-    // The kernel sweeps m in strips of 24 columns, one row at a time: with many rows (the
-    // activations in the PCA, N = 3072 rows of D = 1280) each strip strides through the whole
-    // array and the hardware prefetchers lose track. Blocks of 128 rows stay in the L2 cache
-    // across the strips: 1.9 -> 1.0 ms at 3072 x 1280, b = 8. The kernel accumulates block after
-    // block in the same order as one sweep, so the result is bit-identical to the unblocked one
-    // (and to rowmajor_times on the transposed layout, which keeps both PCA layouts identical).
+    // Blocks of 128 rows, so that each strip of columns stays in the L2 cache. The kernel
+    // accumulates block after block in the order of one sweep, so the result is bit-identical to
+    // the unblocked one (and to rowmajor_times on the transposed layout).
     constexpr Eigen::Index row_block = 128;
     for (Eigen::Index first = 0; width > 0 && first < rows; first += row_block) {
       const Eigen::Index count = std::min(row_block, rows - first);
       const MatrixRM packed = b_in.middleRows(first, count).transpose();  // b x count, contiguous
-      dense_times_block_avx2(ProductOperands{packed.data(), count, count, m + first * lda, lda, result.data(), cols, first > 0},
-                             b, width);
+      dense_times_block_avx2(
+          ProductOperands{packed.data(), count, count, m + first * lda, lda, result.data(), cols, first > 0}, b, width);
     }
     if (width < cols)
-      result.bottomRows(cols - width).noalias() = strided_rows(m, rows, cols, lda).rightCols(cols - width).transpose() * b_in;
+      result.bottomRows(cols - width).noalias() =
+          strided_rows(m, rows, cols, lda).rightCols(cols - width).transpose() * b_in;
     return;
   }
 #endif

@@ -76,8 +76,7 @@ inline VectorI discretize(const Eigen::MatrixXd& embedding, std::uint64_t seed) 
     for (Index i = 0; i < n; ++i) summed.row(labels(i)) += v.row(i);
     Eigen::JacobiSVD<Eigen::MatrixXd> svd(summed, Eigen::ComputeFullU | Eigen::ComputeFullV);
     const double objective = 2.0 * (static_cast<double>(n) - svd.singularValues().sum());
-    if (std::abs(objective - last_objective) < std::numeric_limits<double>::epsilon() ||
-        iteration >= max_iterations)
+    if (std::abs(objective - last_objective) < std::numeric_limits<double>::epsilon() || iteration >= max_iterations)
       break;
     last_objective = objective;
     rotation = svd.matrixV() * svd.matrixU().transpose();

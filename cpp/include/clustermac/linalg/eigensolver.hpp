@@ -17,24 +17,24 @@
 #include <random>
 
 #include "clustermac/common.hpp"
-#include "clustermac/dense_kernels.hpp"
+#include "clustermac/linalg/dense_kernels.hpp"
 
 namespace clustermac {
 
 struct EigenSolverOptions {
-  int block_size = 0;           // b: 0 -> k + max(3, k / 4)
-  int blocks_per_cycle = 4;     // basis of blocks_per_cycle * b vectors at most
-  int kept_blocks = 0;          // Ritz vectors kept at a restart, in blocks (0: half the basis)
-  double tolerance = 1e-4;      // stop when ||A x - theta x|| <= tolerance * max|theta| for the k wanted pairs
-  int max_cycles = 60;          // restart cycles before giving up (the best Ritz pairs are returned)
-  int dense_below = 200;        // operators of this dimension or less are solved densely
-  std::uint64_t seed = 0;       // start block (the solver is deterministic for a given seed)
+  int block_size = 0;        // b: 0 -> k + max(3, k / 4)
+  int blocks_per_cycle = 4;  // basis of blocks_per_cycle * b vectors at most
+  int kept_blocks = 0;       // Ritz vectors kept at a restart, in blocks (0: half the basis)
+  double tolerance = 1e-4;   // stop when ||A x - theta x|| <= tolerance * max|theta| for the k wanted pairs
+  int max_cycles = 60;       // restart cycles before giving up (the best Ritz pairs are returned)
+  int dense_below = 200;     // operators of this dimension or less are solved densely
+  std::uint64_t seed = 0;    // start block (the solver is deterministic for a given seed)
 };
 
 struct EigenPairs {
-  VectorD values;          // k largest eigenvalues, descending
+  VectorD values;           // k largest eigenvalues, descending
   Eigen::MatrixXf vectors;  // n x k orthonormal eigenvectors (column-major)
-  int n_products = 0;      // block products with A (counted in vectors)
+  int n_products = 0;       // block products with A (counted in vectors)
   int n_cycles = 0;
   bool converged = false;
   double max_residual = 0.0;
@@ -73,8 +73,7 @@ inline void orthonormalise_column(Eigen::Ref<Eigen::MatrixXf> basis, Eigen::Inde
 
 // Orthonormalises columns [begin, begin + count) of `basis` against columns [0, begin) and
 // among themselves. The projection against the earlier columns is done as two block
-// products (classical Gram-Schmidt twice, as GEMMs: the column-by-column version made this
-// the solver's bottleneck); the few columns within the block go one by one.
+// products (classical Gram-Schmidt twice, as GEMMs); the few columns within the block go one by one.
 inline void orthonormalise_block(Eigen::Ref<Eigen::MatrixXf> basis, Eigen::Index begin, Eigen::Index count,
                                  std::mt19937_64& rng) {
   auto block = basis.middleCols(begin, count);
@@ -86,7 +85,7 @@ inline void orthonormalise_block(Eigen::Ref<Eigen::MatrixXf> basis, Eigen::Index
     Eigen::MatrixXf current, coefficients, projection;
     for (int pass = 0; pass < 2; ++pass) {
       current = block;
-      rowmajor_times(basis.data(), begin, n, current, coefficients, ld);             // Q^T B
+      rowmajor_times(basis.data(), begin, n, current, coefficients, ld);               // Q^T B
       rowmajor_transpose_times(basis.data(), begin, n, coefficients, projection, ld);  // Q (Q^T B)
       block -= projection;
     }
@@ -112,8 +111,8 @@ template <typename Apply>
 EigenPairs top_eigenpairs(Eigen::Index n, int k, Apply&& apply, const EigenSolverOptions& options = {}) {
   using Eigen::Index;
   require(n >= 1, "top_eigenpairs: the operator dimension must be at least 1");
-  require(k >= 1 && k <= n, "top_eigenpairs: need 1 <= k <= n, got k = " + std::to_string(k) +
-                                ", n = " + std::to_string(n));
+  require(k >= 1 && k <= n,
+          "top_eigenpairs: need 1 <= k <= n, got k = " + std::to_string(k) + ", n = " + std::to_string(n));
   EigenPairs result;
   std::mt19937_64 rng(options.seed ^ 0x9E3779B97F4A7C15ull);
 
@@ -138,8 +137,8 @@ EigenPairs top_eigenpairs(Eigen::Index n, int k, Apply&& apply, const EigenSolve
 
   const Index m = static_cast<Index>(block) * blocks_per_cycle;
   // Thick restart: keep this many Ritz vectors (with their known products) across cycles.
-  const Index keep = std::clamp<Index>(options.kept_blocks > 0 ? static_cast<Index>(options.kept_blocks) * block : m / 2,
-                                       block, m - block);
+  const Index keep = std::clamp<Index>(
+      options.kept_blocks > 0 ? static_cast<Index>(options.kept_blocks) * block : m / 2, block, m - block);
   // Q (orthonormal basis) and A Q, n x m column-major with a padded leading dimension (see
   // detail::padded_leading_dimension: Q y and (A Q) y walk down their columns).
   const Index ld = detail::padded_leading_dimension(n);
@@ -164,7 +163,7 @@ EigenPairs top_eigenpairs(Eigen::Index n, int k, Apply&& apply, const EigenSolve
   Eigen::MatrixXf next_block = basis_product.leftCols(block);
 
   // H = Q^T A Q, kept across restarts: after one, its kept block is diag(Ritz values), so only
-  // the columns of new blocks are computed (the projections are a visible share of the cost).
+  // the columns of new blocks are computed.
   Eigen::MatrixXd projected = Eigen::MatrixXd::Zero(m, m);
   Index known = 0;  // columns [0, known) of `projected` are up to date
   for (int cycle = 0; cycle < options.max_cycles; ++cycle) {
@@ -187,9 +186,8 @@ EigenPairs top_eigenpairs(Eigen::Index n, int k, Apply&& apply, const EigenSolve
     const Eigen::MatrixXd fresh = fresh_f.cast<double>();
     projected.block(0, known, filled, filled - known) = fresh;
     projected.block(known, 0, filled - known, filled) = fresh.transpose();
-    // Diagonalised in float when the tolerance allows it: half the time of double (at N = 768
-    // this small problem was a third of the solve); float round-off limits the attainable
-    // residual to ~1e-4 with clustered eigenvalues, so tight tolerances use double.
+    // Diagonalised in float when the tolerance allows it (faster); float round-off limits the
+    // attainable residual to ~1e-4 with clustered eigenvalues, so tight tolerances use double.
     Eigen::MatrixXd h = projected.topLeftCorner(filled, filled);
     h = 0.5 * (h + h.transpose()).eval();
     const Index kept = std::min<Index>(keep, filled);

@@ -9,7 +9,7 @@
 #include <Eigen/Eigenvalues>
 
 #include "clustermac/common.hpp"
-#include "clustermac/dense_kernels.hpp"
+#include "clustermac/linalg/dense_kernels.hpp"
 
 namespace clustermac {
 
@@ -38,18 +38,19 @@ struct Whitening {
 // PCA-whitening learned from N×D vectors: centre, eigen-decompose the covariance, keep the
 // top `dim` eigenvectors and scale each by (λ + shrinkage·λmax)^(-1/2). The shrinkage term
 // regularises the small eigenvalues: whitening learned from a few hundred images is badly
-// conditioned and, unregularised, divides noise directions by ~0 (measured here: −25 mAP for
-// R-MAC). Computed in double; for N < D via the N×N Gram matrix, which has the same non-zero
-// spectrum. Each eigenvector's sign is fixed so that its largest-magnitude entry is positive.
+// conditioned and, unregularised, divides noise directions by ~0. Computed in double; for N < D via the N×N Gram
+// matrix, which has the same non-zero spectrum. Each eigenvector's sign is fixed so that its largest-magnitude entry is
+// positive.
 inline Whitening fit_pca_whitening(const ConstMatrixRef& vectors, std::ptrdiff_t dim, double shrinkage) {
   const std::ptrdiff_t n = vectors.rows(), d = vectors.cols();
-  require(n >= 1 && d >= 1, "vectors: expected a non-empty N×D array, got " + std::to_string(n) + "×" + std::to_string(d));
+  require(n >= 1 && d >= 1,
+          "vectors: expected a non-empty N×D array, got " + std::to_string(n) + "×" + std::to_string(d));
   require_finite(vectors, "vectors");
   require(std::isfinite(shrinkage) && shrinkage >= 0.0,
           "shrinkage: expected a finite number >= 0, got " + std::to_string(shrinkage));
-  require(dim >= 1 && dim <= std::min(n, d),
-          "dim: expected 1 <= dim <= min(N, D) = " + std::to_string(std::min(n, d)) + " (N=" + std::to_string(n) +
-              " vectors of D=" + std::to_string(d) + "), got " + std::to_string(dim));
+  require(dim >= 1 && dim <= std::min(n, d), "dim: expected 1 <= dim <= min(N, D) = " + std::to_string(std::min(n, d)) +
+                                                 " (N=" + std::to_string(n) + " vectors of D=" + std::to_string(d) +
+                                                 "), got " + std::to_string(dim));
   MatrixRMd centred = vectors.cast<double>();
   const VectorD mean = centred.colwise().mean().transpose();
   centred.rowwise() -= mean.transpose();
@@ -79,7 +80,8 @@ inline Whitening fit_pca_whitening(const ConstMatrixRef& vectors, std::ptrdiff_t
         v.setZero();
         for (std::ptrdiff_t j = 0; j < d && v.norm() == 0.0; ++j) {
           VectorD candidate = VectorD::Unit(d, j);
-          for (std::ptrdiff_t k = 0; k < i; ++k) candidate -= eigenvectors.row(k).dot(candidate) * eigenvectors.row(k).transpose();
+          for (std::ptrdiff_t k = 0; k < i; ++k)
+            candidate -= eigenvectors.row(k).dot(candidate) * eigenvectors.row(k).transpose();
           if (candidate.norm() > 1e-6) v = candidate / candidate.norm();
         }
       }
@@ -111,8 +113,7 @@ inline Whitening fit_pca_whitening(const ConstMatrixRef& vectors, std::ptrdiff_t
 
 // (x − mean)·Pᵀ for each row of x (n × D; P is dim × D); no normalisation (the caller
 // l2-normalises). The product is the AVX2 + FMA kernel of dense_kernels.hpp when the CPU has it:
-// whitening ~20 regional vectors per AML box is most of R-MAC's cost in re-ranking, and Eigen's
-// portable (SSE2) product is ~4x slower.
+// whitening the regional vectors of each AML box is most of R-MAC's cost in re-ranking.
 inline MatrixRM whiten(const ConstMatrixRef& vectors, const float* mean, const ConstMatrixRef& projection) {
   const Eigen::Index n = vectors.rows(), d = vectors.cols(), dim = projection.rows();
   // centred^T (D × n, column-major): the right-hand side of P · centred^T.
@@ -124,7 +125,8 @@ inline MatrixRM whiten(const ConstMatrixRef& vectors, const float* mean, const C
   return Eigen::Map<const MatrixRM>(product.data(), n, dim);
 }
 
-inline MatrixRM apply_whitening(const ConstMatrixRef& vectors, const ConstVectorRef& mean, const ConstMatrixRef& projection) {
+inline MatrixRM apply_whitening(const ConstMatrixRef& vectors, const ConstVectorRef& mean,
+                                const ConstMatrixRef& projection) {
   return whiten(vectors, mean.data(), projection);
 }
 

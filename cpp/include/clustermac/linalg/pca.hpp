@@ -1,10 +1,9 @@
 // Per-image PCA of the N local D-dimensional activations (paper Sec. 3.1): projection of the
 // centred features onto their top C principal directions.
 //
-// D x D covariance eigendecompositions are what makes a naive PCA slow at D = 512..2048, and
-// only C = 4..7 directions are wanted: we run the block Krylov solver of eigensolver.hpp on
-// the implicit operator X^T X (or X X^T when N < D, whichever is smaller), each product being
-// two passes over the data.
+// Only C = 4..7 directions are wanted, so no D x D covariance is formed: the block Krylov
+// solver of eigensolver.hpp runs on the implicit operator X^T X (or X X^T when N < D), each
+// product being two passes over the data.
 #pragma once
 
 #include <Eigen/Dense>
@@ -13,8 +12,8 @@
 #include <string>
 
 #include "clustermac/common.hpp"
-#include "clustermac/dense_kernels.hpp"
-#include "clustermac/eigensolver.hpp"
+#include "clustermac/linalg/dense_kernels.hpp"
+#include "clustermac/linalg/eigensolver.hpp"
 
 namespace clustermac {
 
@@ -32,9 +31,8 @@ inline PcaProjection pca_of_centred(const float* data, Eigen::Index n, Eigen::In
                                     int n_components, Eigen::Index stride = -1) {
   using Eigen::Index;
   require(n >= 1 && d >= 1, "pca_project: features must have at least one row and one column");
-  require(n_components >= 1 && n_components <= d,
-          "pca_project: n_components must be in [1, D = " + std::to_string(d) + "], got " +
-              std::to_string(n_components));
+  require(n_components >= 1 && n_components <= d, "pca_project: n_components must be in [1, D = " + std::to_string(d) +
+                                                      "], got " + std::to_string(n_components));
   // X v (N x b) and X^T y (D x b) for X the N x D centred features.
   auto times = [&](const Eigen::MatrixXf& v, Eigen::MatrixXf& out) {
     if (locations_are_rows)
@@ -54,10 +52,8 @@ inline PcaProjection pca_of_centred(const float* data, Eigen::Index n, Eigen::In
   const int wanted = static_cast<int>(std::min<Index>(n_components, std::min(n, d)));
 
   // A fixed small budget: a block Krylov basis of 4 blocks of C + 4 vectors, restarted at most
-  // once (at most 6 block products, i.e. 12 passes over the data). On EfficientNet-Lite0 maps of real
-  // photos (N = 700..4096, D = 1280) the projection's subspace was within 2e-3 (sine of the
-  // largest principal angle) of a full SVD's. Where the spectrum is flat the "top" directions
-  // are arbitrary anyway, and chasing them would cost tens of passes.
+  // once (at most 12 passes over the data). Where the spectrum is flat the "top" directions are
+  // arbitrary anyway, and chasing them would cost tens of passes.
   EigenSolverOptions options;
   options.block_size = wanted + 4;
   options.blocks_per_cycle = 4;
@@ -117,10 +113,13 @@ inline PcaProjection pca_of_centred(const float* data, Eigen::Index n, Eigen::In
 
 // PCA of N x D row-major features (N locations, D channels), as exposed to Python.
 inline PcaProjection pca_project(const ConstMatrixRef& features, int n_components) {
+  require_non_empty("features", "of shape (N, D)", {features.rows(), features.cols()});
+  require(n_components >= 1 && n_components <= features.cols(),
+          "n_components: expected 1 <= n_components <= D = " + std::to_string(features.cols()) + ", got " +
+              std::to_string(n_components));
   require_finite(features, "features");
   MatrixRM centred = features;
-  // Row by row in double: a column-wise reduction over the row-major array strides through
-  // memory (it was ~60 % of this function's time at N = 3072, D = 512).
+  // Row by row in double: a column-wise reduction over the row-major array strides through memory.
   Eigen::RowVectorXd sum = Eigen::RowVectorXd::Zero(features.cols());
   for (Eigen::Index i = 0; i < features.rows(); ++i) sum += features.row(i).cast<double>();
   const Eigen::RowVectorXf mean = (sum / static_cast<double>(features.rows())).cast<float>();

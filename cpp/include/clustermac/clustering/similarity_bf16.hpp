@@ -1,16 +1,9 @@
 // The NCut similarity stored in bfloat16, and its block product with VDPBF16PS (AVX-512 BF16).
 //
-// Why: in cluster_feature_map the eigensolver's products with the N x N similarity are most of
-// the cost (N = 3072: 216 + 64 vector products over a 38 MB matrix). VDPBF16PS does twice the
-// multiply-adds per cycle of FP32 FMA, and bf16 halves the memory traffic. A product of the
-// 3072 x 3072 similarity with 24 vectors: 4.32 ms in float (AVX2 FMA) against 2.12 ms; with 8
-// vectors (memory-bound in float) 2.30 ms against 0.81 ms.
-// Precision: bf16 keeps 8 significant bits (relative rounding <= 2^-9 per entry); a product has a
-// relative error of ~2e-3, below the eigensolver's stopping residual of 1e-2 (ncut.hpp). The
-// partitions' NCut objectives against float's are given with SimilarityPrecision
-// (feature_clustering.hpp). Used by cluster_feature_map (by default for N >= 2048) and by
-// ncut_embedding when asked, on CPUs with AVX512-BF16 and AVX512-VL; the environment variable
-// CLUSTERMAC_NO_BF16 turns it off.
+// Why: the eigensolver's products with the N x N similarity are most of cluster_feature_map's
+// cost; VDPBF16PS does twice the multiply-adds per cycle of FP32 FMA and bf16 halves the memory
+// traffic. bf16 keeps 8 significant bits: a product's relative error (~2e-3) is below the
+// eigensolver's stopping residual of 1e-2 (ncut.hpp). Used when simd_has_avx512_bf16().
 #pragma once
 
 #include <Eigen/Dense>
@@ -19,12 +12,28 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "clustermac/common.hpp"
-#include "clustermac/dense_kernels.hpp"
+#include "clustermac/linalg/dense_kernels.hpp"
+#include "clustermac/simd.hpp"
 
 namespace clustermac {
+
+// How cluster_feature_map stores the N x N similarity for the eigensolver (similarity_bf16.hpp).
+// "auto" picks bfloat16 where it pays and is safe: CPUs with AVX512-BF16 and N >= 2048, where S
+// (16 MB or more in float) streams from memory; smaller maps gain little and keep float
+// (figures in the README).
+enum class SimilarityPrecision { automatic, float32, bfloat16 };
+constexpr Eigen::Index kBf16MinLocations = 2048;
+
+inline SimilarityPrecision parse_similarity_precision(const std::string& name) {
+  if (name == "auto") return SimilarityPrecision::automatic;
+  if (name == "float32") return SimilarityPrecision::float32;
+  if (name == "bfloat16") return SimilarityPrecision::bfloat16;
+  fail("similarity_precision: expected \"auto\", \"float32\" or \"bfloat16\", got \"" + name + "\"");
+}
 
 // An n x n similarity, row-major bf16 bits with rows ld (even) values apart; columns
 // [n, ld) are zero.
@@ -58,23 +67,11 @@ inline float float_from_bf16(std::uint16_t h) {
   return x;
 }
 
-inline bool cpu_has_avx512_bf16() {
-  static const bool available = [] {
-#ifdef CLUSTERMAC_X86_DISPATCH
-    return simd_level() >= kSimdAvx512 && !std::getenv("CLUSTERMAC_NO_BF16") && __builtin_cpu_supports("avx512bf16") &&
-           __builtin_cpu_supports("avx512vl");
-#else
-    return false;
-#endif
-  }();
-  return available;
-}
-
 namespace detail {
 
-#ifdef CLUSTERMAC_X86_DISPATCH
+#ifdef CLUSTERMAC_SIMD_X86
 // 8 floats -> 8 bf16 (round to nearest, ties to even), with AVX2 integer operations.
-__attribute__((target("avx2,fma"))) inline __m128i bf16_from_floats_avx2(__m256 x) {
+CLUSTERMAC_TARGET_AVX2 inline __m128i bf16_from_floats_avx2(__m256 x) {
   __m256i bits = _mm256_castps_si256(x);
   const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
   bits = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
@@ -88,10 +85,8 @@ __attribute__((target("avx2,fma"))) inline __m128i bf16_from_floats_avx2(__m256 
 // V[j + 1][c] (high half), so that VDPBF16PS against a broadcast of S[i][j], S[i][j + 1] adds
 // both terms. R rows at a time, R (Z + Y) accumulators.
 template <int R, int Z, int Y>
-__attribute__((target("avx512f,avx512bf16,avx512vl"))) inline void bf16_tile(const SimilarityBf16& s,
-                                                                             const std::uint32_t* pairs,
-                                                                             Eigen::Index row, Eigen::Index row_count,
-                                                                             float* out) {
+CLUSTERMAC_TARGET_AVX512_BF16 inline void bf16_tile(const SimilarityBf16& s, const std::uint32_t* pairs,
+                                                    Eigen::Index row, Eigen::Index row_count, float* out) {
   constexpr int W = 16 * Z + 8 * Y;
   __m512 wide[R][Z > 0 ? Z : 1];
   __m256 narrow[R];
@@ -113,8 +108,7 @@ __attribute__((target("avx512f,avx512bf16,avx512vl"))) inline void bf16_tile(con
       std::memcpy(&pair, rows[r] + 2 * jp, 4);
       const __m512i a = _mm512_set1_epi32(static_cast<int>(pair));
       for (int z = 0; z < Z; ++z) wide[r][z] = _mm512_dpbf16_ps(wide[r][z], reinterpret_cast<__m512bh>(a), v_wide[z]);
-      if (Y)
-        narrow[r] = _mm256_dpbf16_ps(narrow[r], reinterpret_cast<__m256bh>(_mm512_castsi512_si256(a)), v_narrow);
+      if (Y) narrow[r] = _mm256_dpbf16_ps(narrow[r], reinterpret_cast<__m256bh>(_mm512_castsi512_si256(a)), v_narrow);
     }
   }
   for (int r = 0; r < R && r < row_count; ++r) {
@@ -125,7 +119,8 @@ __attribute__((target("avx512f,avx512bf16,avx512vl"))) inline void bf16_tile(con
 
 template <int R, int Z, int Y>
 inline void bf16_times_pairs(const SimilarityBf16& s, const std::uint32_t* pairs, float* out) {
-  for (Eigen::Index row = 0; row < s.n; row += R) bf16_tile<R, Z, Y>(s, pairs, row, std::min<Eigen::Index>(R, s.n - row), out);
+  for (Eigen::Index row = 0; row < s.n; row += R)
+    bf16_tile<R, Z, Y>(s, pairs, row, std::min<Eigen::Index>(R, s.n - row), out);
 }
 #endif
 
@@ -133,14 +128,14 @@ inline void bf16_times_pairs(const SimilarityBf16& s, const std::uint32_t* pairs
 
 // result (n x b, column-major) = S * (scale .* v). Columns go in groups of 24, 16 or 8 (one
 // sweep over S each), as bf16 pairs; b is padded to a multiple of 8 with zero columns.
-// Needs cpu_has_avx512_bf16().
+// Needs simd_has_avx512_bf16().
 inline void bf16_similarity_times_block(const SimilarityBf16& s, const Eigen::VectorXf& scale, const Eigen::MatrixXf& v,
                                         Eigen::MatrixXf& result) {
   using Eigen::Index;
   const Index n = s.n, b = v.cols();
-  require(cpu_has_avx512_bf16(), "bf16 similarity product: the CPU lacks AVX512-BF16");
+  require(simd_has_avx512_bf16(), "bf16 similarity product: the CPU lacks AVX512-BF16");
   result.resize(n, b);
-#ifdef CLUSTERMAC_X86_DISPATCH
+#ifdef CLUSTERMAC_SIMD_X86
   const Index pair_count = (n + 1) / 2;
   std::vector<std::uint32_t> pairs;
   std::vector<float> product;
@@ -181,9 +176,9 @@ inline SimilarityBf16 bf16_similarity(const Eigen::Ref<const MatrixRM>& s, bool 
 }
 
 namespace detail {
-#ifdef CLUSTERMAC_X86_DISPATCH
+#ifdef CLUSTERMAC_SIMD_X86
 // Sum of the first `count` (a multiple of 8) bf16 values at `row`, in 8 float lanes.
-__attribute__((target("avx2,fma"))) inline float bf16_sum_avx2(const std::uint16_t* row, Eigen::Index count) {
+CLUSTERMAC_TARGET_AVX2 inline float bf16_sum_avx2(const std::uint16_t* row, Eigen::Index count) {
   __m256 total = _mm256_setzero_ps();
   for (Eigen::Index j = 0; j < count; j += 8) {
     const __m128i half = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + j));
@@ -200,7 +195,7 @@ __attribute__((target("avx2,fma"))) inline float bf16_sum_avx2(const std::uint16
 inline Eigen::VectorXd bf16_row_sums(const SimilarityBf16& s) {
   Eigen::VectorXd sums(s.n);
   for (Eigen::Index i = 0; i < s.n; ++i) {
-#ifdef CLUSTERMAC_X86_DISPATCH
+#ifdef CLUSTERMAC_SIMD_X86
     sums(i) = detail::bf16_sum_avx2(s.row(i), s.ld);
 #else
     float total = 0.0f;
