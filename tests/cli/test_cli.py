@@ -10,24 +10,10 @@ from PIL import Image
 from clustermac.cli import main
 
 
-def _photos(folder, n=5, size=160):
-    """Crops of scikit-image's bundled photographs."""
-    from skimage import data
-
-    folder.mkdir(parents=True, exist_ok=True)
-    sources = [data.astronaut(), data.chelsea(), data.coffee(), data.rocket(), data.stereo_motorcycle()[0]]
-    names = []
-    for i in range(n):
-        img = Image.fromarray(sources[i % len(sources)]).convert("RGB")
-        img.thumbnail((size + 16 * i, size + 16 * i))
-        names.append(f"photo{i}.jpg")
-        img.save(folder / names[-1], quality=90)
-    return names
-
-
-def test_extract_reports_a_corrupt_file_and_is_reproducible(tmp_path, capsys):
+@pytest.mark.network
+def test_extract_reports_a_corrupt_file_and_is_reproducible(tmp_path, capsys, write_photos):
     folder = tmp_path / "photos"
-    names = _photos(folder)
+    names = write_photos(folder)
     (folder / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"\x00" * 64)
     out = tmp_path / "desc.npy"
     assert main(["extract", str(folder), "--out", str(out), "--quiet", "--method", "rmac", "--max-size", "256"]) == 0
@@ -42,10 +28,11 @@ def test_extract_reports_a_corrupt_file_and_is_reproducible(tmp_path, capsys):
     np.testing.assert_array_equal(np.load(out), first)
 
 
-def test_whitening_index_and_search(tmp_path, capsys):
+@pytest.mark.network
+def test_whitening_index_and_search(tmp_path, capsys, write_photos):
     train, photos = tmp_path / "train", tmp_path / "photos"
-    _photos(train, n=5, size=200)
-    names = _photos(photos, n=4, size=176)
+    write_photos(train, n=5, size=200)
+    names = write_photos(photos, n=4, size=176)
     whitening = tmp_path / "w.npz"
     common = ["--max-size", "256", "--method", "clustermac"]
     assert main(["fit-whitening", str(train), "--out", str(whitening), "--quiet", *common]) == 0
@@ -63,9 +50,10 @@ def test_whitening_index_and_search(tmp_path, capsys):
     assert html.read_text().count("<img") >= 4
 
 
-def test_search_takes_the_cluster_settings_of_the_index(tmp_path, capsys):
+@pytest.mark.network
+def test_search_takes_the_cluster_settings_of_the_index(tmp_path, capsys, write_photos):
     photos = tmp_path / "photos"
-    names = _photos(photos, n=3, size=176)
+    names = write_photos(photos, n=3, size=176)
     common = ["--max-size", "256", "--method", "clustermac"]
     assert main(["extract", str(photos), "--out", str(tmp_path / "d.npy"), "--quiet", "--cluster-pooling", "box",
                  "--n-clusters", "20", *common]) == 0
@@ -83,10 +71,11 @@ def test_search_takes_the_cluster_settings_of_the_index(tmp_path, capsys):
     assert float(capsys.readouterr().out.split()[1]) < 0.9999
 
 
-def test_search_refuses_an_index_of_whitened_descriptors_without_whitening(tmp_path, capsys):
+@pytest.mark.network
+def test_search_refuses_an_index_of_whitened_descriptors_without_whitening(tmp_path, capsys, write_photos):
     train, photos = tmp_path / "train", tmp_path / "photos"
-    _photos(train, n=5)
-    names = _photos(photos, n=3)
+    write_photos(train, n=5)
+    names = write_photos(photos, n=3)
     w = tmp_path / "w.npz"
     assert main(["fit-whitening", str(train), "--out", str(w), "--quiet", "--method", "mac", "--max-size", "192"]) == 0
     assert main(["extract", str(photos), "--out", str(tmp_path / "d.npy"), "--quiet", "--method", "mac", "--max-size", "192", "--whitening", str(w)]) == 0
@@ -95,14 +84,16 @@ def test_search_refuses_an_index_of_whitened_descriptors_without_whitening(tmp_p
         main(["search", str(photos / names[0]), "--index", str(tmp_path / "idx"), "--max-size", "192"])
 
 
-def test_show_clusters_writes_a_png(tmp_path):
-    names = _photos(tmp_path, n=1, size=256)
+@pytest.mark.network
+def test_show_clusters_writes_a_png(tmp_path, write_photos):
+    names = write_photos(tmp_path, n=1, size=256)
     out = tmp_path / "clusters.png"
     assert main(["show-clusters", str(tmp_path / names[0]), "--out", str(out), "--clusters", "6"]) == 0
     with Image.open(out) as img:
         assert img.width > 2 * img.height  # three panels side by side
 
 
+@pytest.mark.network
 def test_evaluate_on_a_generated_benchmark(tmp_path, capsys):
     from clustermac import photo_benchmark
 

@@ -35,12 +35,6 @@ def region_mac_of_dequantised_crop(codes, labels, box, scale, n_labels):
     return padded
 
 
-def random_codes(rng, height, width, channels):
-    codes = rng.integers(0, 256, (height, width, channels), dtype=np.uint8)
-    codes[rng.random(codes.shape) < 0.8] = 0  # sparse, like post-ReLU activations
-    return codes
-
-
 def check_against_references(codes, labels, box, scale):
     got = _core.region_mac_codes(codes, labels, box, scale)
     expected = region_mac_codes_reference(codes, labels, box, scale)
@@ -51,7 +45,7 @@ def check_against_references(codes, labels, box, scale):
 
 
 @pytest.mark.parametrize("channels", [1, 37, 512])
-def test_region_mac_codes_equals_numpy_reference(channels):
+def test_region_mac_codes_equals_numpy_reference(channels, random_codes):
     rng = np.random.default_rng(channels)
     height, width = 11, 14
     codes = random_codes(rng, height, width, channels)
@@ -71,7 +65,7 @@ def test_region_mac_codes_equals_numpy_reference(channels):
             assert len(got) == labels.max() + 1, name  # K from the whole map, whatever the box
 
 
-def test_cluster_outside_the_box_gives_a_zero_row():
+def test_cluster_outside_the_box_gives_a_zero_row(random_codes):
     rng = np.random.default_rng(5)
     codes = np.full((6, 8, 9), 200, np.uint8)  # no zero code anywhere: a zero row can only mean "no cell"
     labels = np.zeros((6, 8), np.int32)
@@ -91,7 +85,7 @@ def test_cluster_outside_the_box_gives_a_zero_row():
     check_against_references(codes, labels, None, 0.25)
 
 
-def test_all_masked_and_one_location():
+def test_all_masked_and_one_location(random_codes):
     rng = np.random.default_rng(7)
     codes = random_codes(rng, 4, 5, 37)
     # Every label negative: K = 0, an empty 0 × D result (as region_mac gives).
@@ -114,7 +108,7 @@ def test_all_masked_and_one_location():
     assert got.shape == (0, 7)
 
 
-def test_region_mac_codes_edge_values():
+def test_region_mac_codes_edge_values(random_codes):
     rng = np.random.default_rng(3)
     codes = random_codes(rng, 5, 4, 33)
     labels = rng.integers(0, 3, (5, 4)).astype(np.int32)
@@ -141,7 +135,7 @@ def test_region_mac_codes_edge_values():
                                   region_mac_codes_reference(codes, labels, None, 0.5))
 
 
-def test_region_mac_codes_on_a_vgg16_sized_map():
+def test_region_mac_codes_on_a_vgg16_sized_map(random_codes):
     """A 48 × 64 × 512 map with 20 blocky clusters, as in re-ranking, against both references."""
     rng = np.random.default_rng(20)
     codes = random_codes(rng, 48, 64, 512)

@@ -191,15 +191,7 @@ def test_objective_on_continuous_data_no_worse_than_scikit_learn(k):
     assert np.mean(ours) <= 1.05 * np.mean(theirs)
 
 
-def _cpu_has_bf16():
-    try:
-        clustermac.ncut_embedding(np.eye(3, dtype=np.float32) + 0.5, 1, similarity_precision="bfloat16")
-        return True
-    except ValueError:
-        return False
-
-
-needs_bf16 = pytest.mark.skipif(not _cpu_has_bf16(), reason="the CPU lacks AVX512-BF16")
+needs_bf16 = pytest.mark.bf16  # skipped by conftest.py where the CPU lacks AVX512-BF16
 
 
 @needs_bf16

@@ -40,20 +40,6 @@ def aspect_ok(box, query_aspect, tolerance):
     return query_aspect / tolerance <= ratio <= query_aspect * tolerance
 
 
-def planted_map(rng, channels=24, height=11, width=13, box=(3, 2, 9, 7)):
-    """An 'object' firing the first half of the channels inside `box`, clutter firing the other
-    half everywhere else: the best-matching box for the object's MAC is `box` itself."""
-    half = channels // 2
-    fmap = np.zeros((channels, height, width), np.float32)
-    fmap[half:] = np.maximum(rng.standard_normal((channels - half, height, width)), 0) * 2.0
-    x0, y0, x1, y1 = box
-    fmap[half:, y0:y1, x0:x1] = 0.0
-    pattern = np.maximum(rng.standard_normal((half, y1 - y0, x1 - x0)), 0).astype(np.float32) * 2.0 + 0.1
-    fmap[:half, y0:y1, x0:x1] = pattern
-    query = np.concatenate([pattern.max(axis=(1, 2)), np.zeros(channels - half, np.float32)])
-    return fmap, query
-
-
 def to_codes(fmap):
     codes, _ = cm.quantize_feature_map(fmap)
     return np.ascontiguousarray(codes.transpose(1, 2, 0))
@@ -89,9 +75,9 @@ def test_aml_aspect_constraint_equals_constrained_exhaustive_search(query_aspect
 
 
 @pytest.mark.parametrize("seed", range(3))
-def test_aml_grid_search_then_refinement(seed):
+def test_aml_grid_search_then_refinement(seed, planted_object_map):
     rng = np.random.default_rng(20 + seed)
-    fmap, query = planted_map(rng)
+    fmap, query = planted_object_map(rng)
     scores = all_box_scores(fmap, query)
     # Grid corners: multiples of 3 and the far borders (W = 13, H = 11).
     grid = {b: s for b, s in scores.items() if b[0] % 3 == 0 and b[1] % 3 == 0 and (b[2] % 3 == 0 or b[2] == 13)
@@ -108,9 +94,9 @@ def test_aml_grid_search_then_refinement(seed):
     assert tuple(box) != (3, 2, 9, 7)
 
 
-def test_aml_codes_agree_with_float_map():
+def test_aml_codes_agree_with_float_map(planted_object_map):
     rng = np.random.default_rng(30)
-    fmap, query = planted_map(rng, channels=40, height=12, width=16)
+    fmap, query = planted_object_map(rng, channels=40, height=12, width=16)
     codes = to_codes(fmap)
     dequantised = np.ascontiguousarray(codes.transpose(2, 0, 1), dtype=np.float32)
     for kwargs in ({}, {"query_aspect": 1.2}, {"p": 3.5, "step": 2}, {"p": 7.0}):
@@ -139,10 +125,10 @@ def test_aml_channel_absent_from_the_box_counts_exactly_zero():
     np.testing.assert_array_equal(box_c, box)
 
 
-def test_aml_tenth_root_path_agrees_with_the_general_root():
+def test_aml_tenth_root_path_agrees_with_the_general_root(planted_object_map):
     # p = 10 takes the dedicated 10th root; p = 10.0001 the general exp2(log2(S)/p).
     rng = np.random.default_rng(41)
-    fmap, query = planted_map(rng, channels=48, height=14, width=17)
+    fmap, query = planted_object_map(rng, channels=48, height=14, width=17)
     codes = to_codes(fmap)
     for kwargs in ({}, {"query_aspect": 1.2}, {"step": 2, "refine_iterations": 0}):
         box_ten, score_ten = _core.aml_localize_codes(codes, query, p=10.0, **kwargs)
@@ -371,12 +357,6 @@ def grid_mac_codes_reference(codes, box, regions, scale):
     return out
 
 
-def random_codes(rng, height, width, channels):
-    codes = rng.integers(0, 256, (height, width, channels), dtype=np.uint8)
-    codes[rng.random(codes.shape) < 0.8] = 0  # sparse, like post-ReLU activations
-    return codes
-
-
 def random_regions_sharing_columns(rng, height, width, count=12):
     """Regions in random order over a few column ranges, with disjoint, overlapping and nested rows
     (the kernel takes the rows' maxima once per column range)."""
@@ -393,7 +373,7 @@ def random_regions_sharing_columns(rng, height, width, count=12):
 
 
 @pytest.mark.parametrize("channels", [1, 37, 64, 100])
-def test_grid_mac_codes_equals_numpy_reference(channels):
+def test_grid_mac_codes_equals_numpy_reference(channels, random_codes):
     rng = np.random.default_rng(channels)
     height, width = 13, 17
     codes = random_codes(rng, height, width, channels)
@@ -421,7 +401,7 @@ def test_grid_mac_codes_equals_numpy_reference(channels):
                 np.testing.assert_array_equal(got, _core.grid_mac(crop, regions))
 
 
-def test_grid_mac_codes_edge_values():
+def test_grid_mac_codes_edge_values(random_codes):
     rng = np.random.default_rng(3)
     codes = random_codes(rng, 5, 4, 33)
     regions = _core.rmac_regions(5, 4)
@@ -481,7 +461,7 @@ def test_grid_mac_codes_errors():
             _core.grid_mac_codes(*arguments)
 
 
-def test_rmac_in_box_from_codes_equals_float_crop():
+def test_rmac_in_box_from_codes_equals_float_crop(random_codes):
     rng = np.random.default_rng(11)
     channels = 48
     codes = random_codes(rng, 20, 15, channels)
