@@ -142,6 +142,7 @@ def test_image_smaller_than_a_stride_is_refused(tmp_path, preset):
     assert backbone.features(random_image(stride, stride)).shape == (dim, 1, 1)
 
 
+@pytest.mark.network
 def test_embedded_backbone_on_tiny_and_odd_images():
     backbone = default_backbone(n_threads=1)
     assert backbone.features(random_image(32, 32)).shape == (1280, 1, 1)
@@ -257,6 +258,7 @@ def test_features_are_repeatable(tmp_path):
 
 # ------------------------------------------------------------------ the default backbone
 
+@pytest.mark.network
 def test_default_backbone_is_shared_and_described():
     first = default_backbone(n_threads=1)
     assert default_backbone(n_threads=1) is first
@@ -268,6 +270,7 @@ def test_default_backbone_is_shared_and_described():
         default_backbone(n_threads=0)
 
 
+@pytest.mark.network
 def test_default_backbone_features_respond_to_content():
     backbone = default_backbone(n_threads=1)
     flat = backbone.features(np.full((96, 128, 3), 128, np.uint8))

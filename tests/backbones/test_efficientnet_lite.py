@@ -164,6 +164,7 @@ def test_reader_refuses_tensor_past_its_storage(tmp_path):
 
 # ------------------------------------------------------------------ the graph
 
+@pytest.mark.network
 def test_graph_equals_the_torch_model(state, classifier_session):
     torch = pytest.importorskip("torch")
     efficientnet_lite_pytorch = pytest.importorskip("efficientnet_lite_pytorch")
@@ -197,6 +198,7 @@ def test_graph_refuses_wrong_weights(state):
         lite.build_efficientnet_lite0(reshaped)
 
 
+@pytest.mark.network
 @pytest.mark.parametrize("name, classes", [
     ("chelsea", range(281, 286)),   # tabby, tiger cat, Persian, Siamese, Egyptian cat
     ("coffee", (967, 968)),         # espresso, cup
@@ -219,6 +221,7 @@ def test_imagenet_head_names_the_photo(classifier_session, name, classes):
 
 # ------------------------------------------------------------------ cache
 
+@pytest.mark.network
 def test_cache_directory_and_reuse(tmp_path, monkeypatch):
     monkeypatch.setenv("CLUSTERMAC_CACHE", str(tmp_path / "cache"))
     assert lite.cache_dir() == tmp_path / "cache"
@@ -232,6 +235,7 @@ def test_cache_directory_and_reuse(tmp_path, monkeypatch):
     assert lite.cache_dir() == lite.Path.home() / ".cache" / "clustermac"
 
 
+@pytest.mark.network
 def test_cache_is_keyed_by_the_weights(tmp_path):
     other = tmp_path / "other.pth"
     other.write_bytes(WEIGHTS.read_bytes() + b"\0")  # same tensors, different file hash
@@ -256,6 +260,7 @@ def test_missing_weights_file(tmp_path):
         lite.efficientnet_lite0_onnx_path(weights=tmp_path / "none.pth", directory=tmp_path)
 
 
+@pytest.mark.network
 def test_unwritable_default_cache_falls_back_with_a_warning(tmp_path, monkeypatch):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
@@ -270,6 +275,7 @@ def test_unwritable_default_cache_falls_back_with_a_warning(tmp_path, monkeypatc
         lite.efficientnet_lite0_onnx_path(directory=blocker / "cache")
 
 
+@pytest.mark.network
 def test_damaged_cache_file_is_rebuilt(tmp_path, monkeypatch):
     from clustermac import backbone as backbone_module
 

@@ -447,6 +447,7 @@ def chelsea():
     return data.chelsea()  # 451×300 photo of a cat, bundled with scikit-image
 
 
+@pytest.mark.network
 def test_show_clusters_on_a_real_photo_with_the_default_backbone(extractor, chelsea, tmp_path):
     out = tmp_path / "clusters.png"
     figure = figures.cluster_figure_for_file(extractor, chelsea, n_clusters=10, out_png=out)
@@ -470,6 +471,7 @@ def test_show_clusters_on_a_real_photo_with_the_default_backbone(extractor, chel
     assert again.tobytes() == figure.tobytes()
 
 
+@pytest.mark.network
 def test_spatial_ablation_and_pca_figures_on_a_real_photo(extractor, chelsea):
     ablation = figures.spatial_ablation_figure_for_file(extractor, chelsea, n_clusters=6, spatial_weight=2.0)
     assert len(ablation.info["panel_boxes"]) == 4
@@ -481,6 +483,7 @@ def test_spatial_ablation_and_pca_figures_on_a_real_photo(extractor, chelsea):
     assert pca.info["captions"] == ["image"] + [f"PCA dim {d}" for d in kept]
 
 
+@pytest.mark.network
 def test_region_precision_study_on_a_real_photo(extractor, chelsea):
     # Two queries: the cat's face and a box in the top-left corner.
     boxes = [(100, 20, 360, 280), (0, 0, 150, 100)]
