@@ -143,3 +143,34 @@ def _cpu_has_bf16() -> bool:
 def pytest_runtest_setup(item):
     if item.get_closest_marker("bf16") is not None and not _cpu_has_bf16():
         pytest.skip("the CPU lacks AVX512-BF16 (or CLUSTERMAC_NO_BF16 is set)")
+
+
+# --- evaluation ---------------------------------------------------------------------------------
+
+
+def _reference_classic_map(ranks, gnd_file):
+    """Classic mAP (%) of ``ranks`` (n_database x n_queries) from a revisited ground-truth pickle,
+    independently of clustermac.evaluate: positives = easy + hard, junk dropped from the list, AP
+    as the mean over positives of precision at each hit (Oxford's trapezoid, written per hit).
+    Returns (mAP, list of per-query AP)."""
+    import pickle
+
+    with open(gnd_file, "rb") as f:
+        gnd = pickle.load(f)["gnd"]
+    aps = []
+    for q, entry in enumerate(gnd):
+        positives, junk = set(entry["easy"]) | set(entry["hard"]), set(entry["junk"])
+        if not positives:
+            continue
+        kept = [i for i in ranks[:, q] if i not in junk]
+        hits = [rank for rank, i in enumerate(kept) if i in positives]  # 0-based ranks of the hits
+        # Trapezoid between the precision before and at each hit: (j/r + (j+1)/(r+1)) / 2 per hit j.
+        ap = sum(((j / r if r else 1.0) + (j + 1) / (r + 1)) / 2 for j, r in enumerate(hits)) / len(positives)
+        aps.append(ap)
+    return 100.0 * float(np.mean(aps)), aps
+
+
+@pytest.fixture
+def reference_classic_map():
+    """``reference_classic_map(ranks, gnd_pickle) -> (mAP %, per-query APs)``, plain Python."""
+    return _reference_classic_map

@@ -249,11 +249,19 @@ def test_thread_count_reaches_the_session(tmp_path):
         .intra_op_num_threads == 2
 
 
-def test_features_are_repeatable(tmp_path):
-    path, _, _ = pooling_model(tmp_path / "m.onnx", 512, 16)
+def test_features_are_repeatable_and_follow_the_image(tmp_path):
+    path, weight, bias = pooling_model(tmp_path / "m.onnx", 512, 16)
     backbone = Backbone(path, preset="vgg16", n_threads=1)
-    rgb = random_image()
-    np.testing.assert_array_equal(backbone.features(rgb), backbone.features(rgb))
+    rgb, other = random_image(), random_image(seed=2)
+    first = backbone.features(rgb)
+    np.testing.assert_array_equal(backbone.features(rgb), first)
+    # Each call computes the features of the image it is given (nothing stale is returned):
+    # both equal the NumPy reference, and they differ from each other.
+    for image, features in ((rgb, first), (other, backbone.features(other))):
+        network_input = expected_input(image, "vgg16")
+        np.testing.assert_allclose(features, reference_features(network_input, weight, bias, 16), rtol=1e-4,
+                                   atol=2e-5 * np.abs(network_input).max())
+    assert np.abs(backbone.features(other) - first).max() > 0.1
 
 
 # ------------------------------------------------------------------ the default backbone
@@ -272,10 +280,31 @@ def test_default_backbone_is_shared_and_described():
 
 @pytest.mark.network
 def test_default_backbone_features_respond_to_content():
+    from skimage import data
+
     backbone = default_backbone(n_threads=1)
-    flat = backbone.features(np.full((96, 128, 3), 128, np.uint8))
     textured = backbone.features(random_image(96, 128))
-    assert flat.shape == textured.shape == (1280, 3, 4)
+    assert textured.shape == (1280, 3, 4)
     assert np.isfinite(textured).all() and textured.min() >= 0 and textured.max() <= 6  # ReLU6
-    # A constant image gives the same vector at every interior location; texture does not.
-    assert np.abs(textured - textured.mean(axis=(1, 2), keepdims=True)).max() > 0.1
+
+    def photo(array, box=None):
+        image = Image.fromarray(array if box is None else array[box[1]:box[3], box[0]:box[2]])
+        return np.asarray(image.convert("RGB").resize((320, 224), Image.BILINEAR))
+
+    cat = photo(data.chelsea())
+    # Convolutional: shifting the image by one stride (32 px) shifts the map by one cell, away
+    # from the borders (SAME padding); the misaligned comparison is the control.
+    whole, shifted = backbone.features(cat), backbone.features(cat[:, 32:])
+    assert whole.shape == (1280, 7, 10) and shifted.shape == (1280, 7, 9)
+    aligned = np.corrcoef(whole[:, 2:-2, 3:-2].ravel(), shifted[:, 2:-2, 2:-2].ravel())[0, 1]
+    misaligned = np.corrcoef(whole[:, 2:-2, 3:-2].ravel(), shifted[:, 2:-2, 3:-1].ravel())[0, 1]
+    assert aligned > 0.98 and misaligned < aligned - 0.1, (aligned, misaligned)
+
+    # ImageNet features: another crop of the same photo is far closer (MAC cosine) than other photos.
+    def mac(image):
+        vector = backbone.features(image).max(axis=(1, 2))
+        return vector / np.linalg.norm(vector)
+
+    same = mac(cat) @ mac(photo(data.chelsea(), (30, 20, 451, 300)))
+    others = [mac(cat) @ mac(photo(p)) for p in (data.coffee(), data.astronaut())]
+    assert same > 0.8 and max(others) < same - 0.3, (same, others)

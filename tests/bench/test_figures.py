@@ -500,12 +500,18 @@ def test_region_precision_study_on_a_real_photo(extractor, chelsea):
     from clustermac.images import resize_max
 
     _, scale = resize_max(Image.fromarray(chelsea), extractor.max_size)
-    masks = figures.rmac_region_masks(_core.rmac_regions(height, width, 3), height, width)
     stride = extractor.backbone.stride
-    precisions = np.concatenate(
-        [figures.region_precision(masks, tuple(v * scale / stride for v in box)) for box in boxes]
-    )
-    np.testing.assert_allclose(curves[grid_name][1], figures.precision_threshold_curve(precisions))
+    # Independently of the figures module: a grid region is a rectangle of cells, so Eq. (1) is
+    # the overlap of two rectangles over the region's area; then the share reaching each k / 20.
+    precisions = []
+    for box in boxes:
+        x0, y0, x1, y1 = (v * scale / stride for v in box)
+        for rx0, ry0, rx1, ry1 in _core.rmac_regions(height, width, 3):
+            overlap = max(0.0, min(x1, rx1) - max(x0, rx0)) * max(0.0, min(y1, ry1) - max(y0, ry0))
+            precisions.append(overlap / ((rx1 - rx0) * (ry1 - ry0)))
+    assert any(0 < p < 1 for p in precisions)  # partial overlaps: the fractional geometry matters
+    expected = [np.mean([p >= k / 20 - 1e-9 for p in precisions]) for k in range(21)]
+    np.testing.assert_allclose(curves[grid_name][1], expected)
     root = _parse_svg(figures.region_precision_figure(curves))
     assert [g.get("data-name") for g in root.iter(SVG_NS + "g") if g.get("class") == "series"] == list(curves)
     with pytest.raises(ValueError, match="query_boxes"):

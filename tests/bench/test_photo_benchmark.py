@@ -157,16 +157,27 @@ def test_rewarp_check_can_fail(bench, records, sources):
     by_name = _source_by_name(sources)
     distractors = sorted(n for n, r in records.items() if r["role"] == "distractor")
     views = [r for r in records.values() if r["tier"] == "pasted" and r["label"] == "easy"]
-    low = 0
-    for record, distractor in zip(views, distractors):
+    compared, below = 0, []
+    for record in views:
         mask = np.asarray(Image.open(Path(bench.out_dir) / "masks" / f"{record['name']}.png")) > 0
-        other = np.asarray(Image.open(Path(bench.image_dir) / f"{distractor}.jpg").convert("L"), dtype=float)
-        if other.shape != mask.shape:
-            continue
-        expected = _rewarp_grey(record, by_name[record["source"]], other.shape[1], other.shape[0])
-        if abs(np.corrcoef(expected[mask], other[mask])[0, 1]) < 0.3:
-            low += 1
-    assert low >= 1
+        image = np.asarray(Image.open(Path(bench.image_dir) / f"{record['name']}.jpg").convert("L"), dtype=float)
+        expected = _rewarp_grey(record, by_name[record["source"]], image.shape[1], image.shape[0])
+        own = np.corrcoef(expected[mask], image[mask])[0, 1]
+        others = []
+        for distractor in distractors:
+            other = np.asarray(Image.open(Path(bench.image_dir) / f"{distractor}.jpg").convert("L"), dtype=float)
+            if other.shape == mask.shape:
+                others.append(abs(np.corrcoef(expected[mask], other[mask])[0, 1]))
+        # The view's own pixels correlate with the re-warped source better than any distractor's
+        # pixels under the same mask do, and the distractors mostly stay below the 0.3 threshold
+        # the positives must exceed.
+        if not others:
+            continue  # no distractor of this view's size
+        assert own > max(others), (record["name"], own, others)
+        below.extend(np.array(others) < 0.3)
+        compared += 1
+    assert compared >= max(2, len(views) // 2), (compared, len(views))
+    assert np.mean(below) >= 0.75, below
 
 
 def test_junk_views_are_junk(bench, records):

@@ -163,7 +163,9 @@ def test_whitening_save_load_and_refusal(tmp_path):
     del meta["settings"]["cluster_pooling"]
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     np.savez(tmp_path / "older.npz", **arrays)
-    Extractor(bb, "clustermac", pca_dim=3).load_whitening(tmp_path / "older.npz")
+    older = Extractor(bb, "clustermac", pca_dim=3).load_whitening(tmp_path / "older.npz")
+    assert older.cluster_pooling == "mask"
+    np.testing.assert_array_equal(older.extract(img), ex.extract(img))  # the same whitening, the same descriptor
     with pytest.raises(ValueError, match="cluster_pooling"):
         Extractor(bb, "clustermac", pca_dim=3, cluster_pooling="box").load_whitening(tmp_path / "older.npz")
     (tmp_path / "junk.npz").write_bytes(b"not a whitening")
@@ -176,10 +178,20 @@ def test_dataset_pca_for_clustering_is_learned_and_used():
     ex = Extractor(bb, "clustermac", pca_dim=3, clustering_pca="dataset")
     with pytest.raises(RuntimeError, match="fit_whitening"):
         ex.extract(scene(7))
-    ex.fit_whitening([scene(s) for s in range(40, 46)], progress=False)
+    # 12 × 16 maps: fewer locations than the per-image sample, so the PCA sees every location.
+    training = [scene(s, size=(96, 128)) for s in range(40, 46)]
+    ex.fit_whitening(training, progress=False)
     assert ex.pca_basis.shape == (bb.dim, 3)
+    # Learned: the mean and the top-3 principal axes of all the training locations (NumPy SVD).
+    local = np.concatenate([bb.features(Image.fromarray(img)).reshape(bb.dim, -1).T for img in training]).astype(np.float64)
+    np.testing.assert_allclose(ex.pca_mean, local.mean(axis=0), rtol=1e-5, atol=1e-6)
+    _, _, vt = np.linalg.svd(local - local.mean(axis=0), full_matrices=False)
+    np.testing.assert_allclose(np.abs(np.sum(ex.pca_basis * vt[:3].T, axis=0)), 1.0, atol=1e-4)
     v = ex.extract(scene(7))
     assert abs(np.linalg.norm(v) - 1) < 1e-5
+    # Used: another basis (the three weakest axes) gives other clusters, hence another descriptor.
+    ex.pca_basis = np.ascontiguousarray(vt[-3:].T, dtype=np.float32)
+    assert np.abs(ex.extract(scene(7)) - v).max() > 1e-3
 
 
 def test_extract_many_equals_extract_and_keeps_order():
@@ -247,7 +259,9 @@ def test_extract_folder_resumes_from_finished_chunks(tmp_path, monkeypatch):
     fresh = Extractor(BlockBackbone(), "mac").extract_many([str(folder / n) for n in manifest["images"]], progress=False)
     np.testing.assert_array_equal(np.asarray(vectors), fresh)
     assert not parts.exists()
-    json.loads((tmp_path / "desc.json").read_text())
+    on_disk = json.loads((tmp_path / "desc.json").read_text())
+    assert on_disk["images"] == [f"img{s}.png" for s in range(5)] and not on_disk["failed"]
+    assert on_disk["settings"] == manifest["settings"] and on_disk["settings"]["dim"] == bb.dim
 
 
 def test_bad_arguments():
