@@ -97,6 +97,56 @@ def random_codes():
     return _random_codes
 
 
+# --- backbones ----------------------------------------------------------------------------------
+
+
+def _pooling_model(path, dim: int, stride: int, seed: int = 0, preset: str | None = None,
+                  dynamic_dim: bool = False, weights_id: str | None = None):
+    """A stand-in backbone: average-pool stride×stride blocks, then a 1×1 conv 3 → dim.
+
+    Its output is easy to compute in NumPy from the network input, which is what lets the
+    tests check preprocessing exactly. Returns (path, weight, bias).
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    weight = rng.standard_normal((dim, 3, 1, 1)).astype(np.float32)
+    bias = rng.standard_normal(dim).astype(np.float32)
+    nodes = [
+        helper.make_node("AveragePool", ["image"], ["pooled"], kernel_shape=[stride, stride],
+                         strides=[stride, stride]),
+        helper.make_node("Conv", ["pooled", "weight", "bias"], ["features"]),
+    ]
+    channels = "channels" if dynamic_dim else dim
+    graph = helper.make_graph(
+        nodes, "pooling",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, "height", "width"])],
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, [1, channels, "h", "w"])],
+        initializer=[numpy_helper.from_array(weight, "weight"),
+                     numpy_helper.from_array(bias, "bias")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    properties = {}
+    if preset:
+        properties["clustermac.preset"] = preset
+    if weights_id:
+        properties["clustermac.weights"] = weights_id
+    if properties:
+        helper.set_model_props(model, properties)
+    onnx.save(model, str(path))
+    return path, weight, bias
+
+
+
+
+@pytest.fixture
+def pooling_model():
+    """``pooling_model(path, dim, stride, seed=0, preset=None, dynamic_dim=False, weights_id=None)
+    -> (path, weight, bias)``: a tiny ONNX stand-in backbone (average pool, then a 1x1 conv)."""
+    return _pooling_model
+
+
 # --- images -------------------------------------------------------------------------------------
 
 

@@ -6,44 +6,9 @@ import pytest
 from PIL import Image
 
 onnx = pytest.importorskip("onnx")
-from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+from onnx import TensorProto, helper  # noqa: E402
 
 from clustermac.backbone import PRESETS, Backbone, default_backbone  # noqa: E402
-
-
-def pooling_model(path, dim: int, stride: int, seed: int = 0, preset: str | None = None,
-                  dynamic_dim: bool = False, weights_id: str | None = None):
-    """A stand-in backbone: average-pool stride×stride blocks, then a 1×1 conv 3 → dim.
-
-    Its output is easy to compute in NumPy from the network input, which is what lets the
-    tests check preprocessing exactly. Returns (path, weight, bias).
-    """
-    rng = np.random.default_rng(seed)
-    weight = rng.standard_normal((dim, 3, 1, 1)).astype(np.float32)
-    bias = rng.standard_normal(dim).astype(np.float32)
-    nodes = [
-        helper.make_node("AveragePool", ["image"], ["pooled"], kernel_shape=[stride, stride],
-                         strides=[stride, stride]),
-        helper.make_node("Conv", ["pooled", "weight", "bias"], ["features"]),
-    ]
-    channels = "channels" if dynamic_dim else dim
-    graph = helper.make_graph(
-        nodes, "pooling",
-        [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, "height", "width"])],
-        [helper.make_tensor_value_info("features", TensorProto.FLOAT, [1, channels, "h", "w"])],
-        initializer=[numpy_helper.from_array(weight, "weight"),
-                     numpy_helper.from_array(bias, "bias")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    properties = {}
-    if preset:
-        properties["clustermac.preset"] = preset
-    if weights_id:
-        properties["clustermac.weights"] = weights_id
-    if properties:
-        helper.set_model_props(model, properties)
-    onnx.save(model, str(path))
-    return path, weight, bias
 
 
 def reference_features(network_input: np.ndarray, weight, bias, stride: int) -> np.ndarray:
@@ -78,7 +43,7 @@ def expected_input(rgb: np.ndarray, preset: str) -> np.ndarray:
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
-def test_preprocess_follows_the_preset_convention(tmp_path, preset):
+def test_preprocess_follows_the_preset_convention(tmp_path, preset, pooling_model):
     stride, dim = PRESETS[preset].stride, PRESETS[preset].dim
     path, _, _ = pooling_model(tmp_path / "m.onnx", dim, stride, preset=preset)
     backbone = Backbone(path, n_threads=1)
@@ -90,7 +55,7 @@ def test_preprocess_follows_the_preset_convention(tmp_path, preset):
     np.testing.assert_array_equal(backbone.preprocess(rgb), result)  # arrays too
 
 
-def test_caffe_input_is_bgr(tmp_path):
+def test_caffe_input_is_bgr(tmp_path, pooling_model):
     # A pure red image lights up the LAST input channel under the Caffe convention.
     path, _, _ = pooling_model(tmp_path / "m.onnx", 512, 16)
     red = np.zeros((32, 32, 3), np.uint8)
@@ -103,7 +68,7 @@ def test_caffe_input_is_bgr(tmp_path):
 
 
 @pytest.mark.parametrize("preset", ["vgg16", "resnet101-caffe", "efficientnet-lite0"])
-def test_features_match_numpy_reference(tmp_path, preset):
+def test_features_match_numpy_reference(tmp_path, preset, pooling_model):
     stride, dim = PRESETS[preset].stride, PRESETS[preset].dim
     path, weight, bias = pooling_model(tmp_path / "m.onnx", dim, stride)
     backbone = Backbone(path, preset=preset, n_threads=1)
@@ -118,7 +83,7 @@ def test_features_match_numpy_reference(tmp_path, preset):
                                atol=2e-5 * np.abs(network_input).max())
 
 
-def test_image_modes_reach_the_network_as_rgb(tmp_path):
+def test_image_modes_reach_the_network_as_rgb(tmp_path, pooling_model):
     path, _, _ = pooling_model(tmp_path / "m.onnx", 512, 16, preset="vgg16")
     backbone = Backbone(path, n_threads=1)
     gray = random_image()[:, :, 0]
@@ -132,7 +97,7 @@ def test_image_modes_reach_the_network_as_rgb(tmp_path):
 # ------------------------------------------------------------------ sizes
 
 @pytest.mark.parametrize("preset", ["vgg16", "efficientnet-lite0"])
-def test_image_smaller_than_a_stride_is_refused(tmp_path, preset):
+def test_image_smaller_than_a_stride_is_refused(tmp_path, preset, pooling_model):
     stride, dim = PRESETS[preset].stride, PRESETS[preset].dim
     path, _, _ = pooling_model(tmp_path / "m.onnx", dim, stride, preset=preset)
     backbone = Backbone(path, n_threads=1)
@@ -153,7 +118,7 @@ def test_embedded_backbone_on_tiny_and_odd_images():
 
 # ------------------------------------------------------------------ the model file
 
-def test_preset_from_metadata_and_name(tmp_path):
+def test_preset_from_metadata_and_name(tmp_path, pooling_model):
     a, _, _ = pooling_model(tmp_path / "a.onnx", 2048, 32, preset="resnet101", weights_id="abc123")
     backbone = Backbone(a, n_threads=1)
     assert backbone.preset.name == "resnet101"
@@ -164,7 +129,7 @@ def test_preset_from_metadata_and_name(tmp_path):
     assert Backbone(a, preset="resnet101-caffe").preset.name == "resnet101-caffe"
 
 
-def test_name_tells_weights_apart_without_metadata(tmp_path):
+def test_name_tells_weights_apart_without_metadata(tmp_path, pooling_model):
     a, _, _ = pooling_model(tmp_path / "a.onnx", 512, 16, seed=0)
     b, _, _ = pooling_model(tmp_path / "b.onnx", 512, 16, seed=1)
     c, _, _ = pooling_model(tmp_path / "c.onnx", 512, 16, seed=0)
@@ -173,20 +138,20 @@ def test_name_tells_weights_apart_without_metadata(tmp_path):
     assert names[0].startswith("vgg16-")
 
 
-def test_dynamic_channel_count_is_probed(tmp_path):
+def test_dynamic_channel_count_is_probed(tmp_path, pooling_model):
     path, _, _ = pooling_model(tmp_path / "m.onnx", 512, 16, dynamic_dim=True)
     assert Backbone(path, preset="vgg16").dim == 512
     with pytest.raises(ValueError, match="gives 512 channels but preset 'resnet101' is for 2048"):
         Backbone(path, preset="resnet101")
 
 
-def test_wrong_preset_for_the_model(tmp_path):
+def test_wrong_preset_for_the_model(tmp_path, pooling_model):
     path, _, _ = pooling_model(tmp_path / "m.onnx", 512, 16)
     with pytest.raises(ValueError, match="wrong preset or model"):
         Backbone(path, preset="efficientnet-lite0")
 
 
-def test_missing_or_unknown_preset(tmp_path):
+def test_missing_or_unknown_preset(tmp_path, pooling_model):
     path, _, _ = pooling_model(tmp_path / "m.onnx", 512, 16)
     with pytest.raises(ValueError, match=r"pass preset= one of \['efficientnet-lite0', 'resnet101'"):
         Backbone(path)
@@ -228,20 +193,20 @@ def test_model_with_wrong_interface(tmp_path):
 
 
 @pytest.mark.parametrize("bad", [0, -1, 1.5, "2", True])
-def test_bad_thread_count(tmp_path, bad):
+def test_bad_thread_count(tmp_path, bad, pooling_model):
     path, _, _ = pooling_model(tmp_path / "m.onnx", 512, 16)
     with pytest.raises(ValueError, match="n_threads"):
         Backbone(path, preset="vgg16", n_threads=bad)
 
 
 @pytest.mark.parametrize("bad", [0, -5, 10.5, None])
-def test_bad_max_size(tmp_path, bad):
+def test_bad_max_size(tmp_path, bad, pooling_model):
     path, _, _ = pooling_model(tmp_path / "m.onnx", 512, 16)
     with pytest.raises(ValueError, match="max_size"):
         Backbone(path, preset="vgg16", max_size=bad)
 
 
-def test_thread_count_reaches_the_session(tmp_path):
+def test_thread_count_reaches_the_session(tmp_path, pooling_model):
     path, _, _ = pooling_model(tmp_path / "m.onnx", 512, 16)
     assert Backbone(path, preset="vgg16", n_threads=1)._session.get_session_options() \
         .intra_op_num_threads == 1
@@ -249,7 +214,7 @@ def test_thread_count_reaches_the_session(tmp_path):
         .intra_op_num_threads == 2
 
 
-def test_features_are_repeatable_and_follow_the_image(tmp_path):
+def test_features_are_repeatable_and_follow_the_image(tmp_path, pooling_model):
     path, weight, bias = pooling_model(tmp_path / "m.onnx", 512, 16)
     backbone = Backbone(path, preset="vgg16", n_threads=1)
     rgb, other = random_image(), random_image(seed=2)
