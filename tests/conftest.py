@@ -9,6 +9,7 @@
 - Data helpers written once for every folder, as fixtures that return the function (fixtures
   work whatever pytest's import mode, test modules need not import each other).
 """
+
 from __future__ import annotations
 
 import os
@@ -23,7 +24,8 @@ _SESSION_CACHE = pytest.StashKey[str]()
 
 def pytest_configure(config):
     config.addinivalue_line(
-        "markers", "network: runs a CNN backbone (ONNX Runtime or torch); deselect with -m 'not network'")
+        "markers", "network: runs a CNN backbone (ONNX Runtime or torch); deselect with -m 'not network'"
+    )
     config.addinivalue_line("markers", "bf16: needs AVX512-BF16; skipped on CPUs without it")
     if not os.environ.get("CLUSTERMAC_CACHE"):
         folder = tempfile.mkdtemp(prefix="clustermac-test-cache-")
@@ -100,8 +102,15 @@ def random_codes():
 # --- backbones ----------------------------------------------------------------------------------
 
 
-def _pooling_model(path, dim: int, stride: int, seed: int = 0, preset: str | None = None,
-                  dynamic_dim: bool = False, weights_id: str | None = None):
+def _pooling_model(
+    path,
+    dim: int,
+    stride: int,
+    seed: int = 0,
+    preset: str | None = None,
+    dynamic_dim: bool = False,
+    weights_id: str | None = None,
+):
     """A stand-in backbone: average-pool stride×stride blocks, then a 1×1 conv 3 → dim.
 
     Its output is easy to compute in NumPy from the network input, which is what lets the
@@ -114,17 +123,17 @@ def _pooling_model(path, dim: int, stride: int, seed: int = 0, preset: str | Non
     weight = rng.standard_normal((dim, 3, 1, 1)).astype(np.float32)
     bias = rng.standard_normal(dim).astype(np.float32)
     nodes = [
-        helper.make_node("AveragePool", ["image"], ["pooled"], kernel_shape=[stride, stride],
-                         strides=[stride, stride]),
+        helper.make_node("AveragePool", ["image"], ["pooled"], kernel_shape=[stride, stride], strides=[stride, stride]),
         helper.make_node("Conv", ["pooled", "weight", "bias"], ["features"]),
     ]
     channels = "channels" if dynamic_dim else dim
     graph = helper.make_graph(
-        nodes, "pooling",
+        nodes,
+        "pooling",
         [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, "height", "width"])],
         [helper.make_tensor_value_info("features", TensorProto.FLOAT, [1, channels, "h", "w"])],
-        initializer=[numpy_helper.from_array(weight, "weight"),
-                     numpy_helper.from_array(bias, "bias")])
+        initializer=[numpy_helper.from_array(weight, "weight"), numpy_helper.from_array(bias, "bias")],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
     properties = {}
@@ -136,8 +145,6 @@ def _pooling_model(path, dim: int, stride: int, seed: int = 0, preset: str | Non
         helper.set_model_props(model, properties)
     onnx.save(model, str(path))
     return path, weight, bias
-
-
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ Whitening files, descriptor files (desc.npy + desc.json), exact and FAISS index 
 8-bit feature-map store with cluster labels. The images are ten seeded 192 x 144 PNGs; the
 descriptors were computed by 0.1.0 with the embedded backbone at max_size 192.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,7 +29,9 @@ NOT_ARGUMENTS = ("backbone", "feature_dim", "method", "crop")
 def extractor_for(settings: dict) -> clustermac.Extractor:
     """An Extractor built from the settings 0.1.0 recorded (the default backbone)."""
     kwargs = {k: (tuple(v) if k == "n_clusters" else v) for k, v in settings.items() if k not in NOT_ARGUMENTS}
-    return clustermac.Extractor(clustermac.default_backbone(n_threads=1), settings["method"], settings["crop"], **kwargs)
+    return clustermac.Extractor(
+        clustermac.default_backbone(n_threads=1), settings["method"], settings["crop"], **kwargs
+    )
 
 
 @pytest.mark.network

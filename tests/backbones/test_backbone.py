@@ -1,4 +1,5 @@
 """clustermac.Backbone on small ONNX models built here, and the embedded default backbone."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -63,8 +64,7 @@ def test_caffe_input_is_bgr(tmp_path, pooling_model):
     caffe = Backbone(path, preset="vgg16-caffe").preprocess(red)[0, :, 0, 0]
     np.testing.assert_allclose(caffe, [-103.939, -116.779, 255 - 123.68], rtol=1e-6)
     torchvision = Backbone(path, preset="vgg16").preprocess(red)[0, :, 0, 0]
-    np.testing.assert_allclose(torchvision, (np.array([1.0, 0, 0]) - IMAGENET_MEAN) / IMAGENET_STD,
-                               rtol=1e-6)
+    np.testing.assert_allclose(torchvision, (np.array([1.0, 0, 0]) - IMAGENET_MEAN) / IMAGENET_STD, rtol=1e-6)
 
 
 @pytest.mark.parametrize("preset", ["vgg16", "resnet101-caffe", "efficientnet-lite0"])
@@ -79,8 +79,7 @@ def test_features_match_numpy_reference(tmp_path, preset, pooling_model):
     network_input = expected_input(rgb, preset)
     expected = reference_features(network_input, weight, bias, stride)
     # float32 sums over stride² pixels of inputs up to ±150 (Caffe): scale the tolerance.
-    np.testing.assert_allclose(features, expected, rtol=1e-4,
-                               atol=2e-5 * np.abs(network_input).max())
+    np.testing.assert_allclose(features, expected, rtol=1e-4, atol=2e-5 * np.abs(network_input).max())
 
 
 def test_image_modes_reach_the_network_as_rgb(tmp_path, pooling_model):
@@ -90,11 +89,13 @@ def test_image_modes_reach_the_network_as_rgb(tmp_path, pooling_model):
     from_gray = backbone.preprocess(Image.fromarray(gray, "L"))
     np.testing.assert_array_equal(from_gray, backbone.preprocess(np.repeat(gray[:, :, None], 3, 2)))
     rgba = np.dstack([random_image(), np.full((70, 100), 255, np.uint8)])
-    np.testing.assert_array_equal(backbone.preprocess(Image.fromarray(rgba, "RGBA")),
-                                  backbone.preprocess(rgba[:, :, :3]))
+    np.testing.assert_array_equal(
+        backbone.preprocess(Image.fromarray(rgba, "RGBA")), backbone.preprocess(rgba[:, :, :3])
+    )
 
 
 # ------------------------------------------------------------------ sizes
+
 
 @pytest.mark.parametrize("preset", ["vgg16", "efficientnet-lite0"])
 def test_image_smaller_than_a_stride_is_refused(tmp_path, preset, pooling_model):
@@ -117,6 +118,7 @@ def test_embedded_backbone_on_tiny_and_odd_images():
 
 
 # ------------------------------------------------------------------ the model file
+
 
 def test_preset_from_metadata_and_name(tmp_path, pooling_model):
     a, _, _ = pooling_model(tmp_path / "a.onnx", 2048, 32, preset="resnet101", weights_id="abc123")
@@ -171,10 +173,14 @@ def test_bad_model_files(tmp_path):
 def test_model_with_wrong_interface(tmp_path):
     # Output is 2-D (a classifier, not a feature map).
     graph = helper.make_graph(
-        [helper.make_node("GlobalAveragePool", ["image"], ["pooled"]),
-         helper.make_node("Flatten", ["pooled"], ["logits"])], "classifier",
+        [
+            helper.make_node("GlobalAveragePool", ["image"], ["pooled"]),
+            helper.make_node("Flatten", ["pooled"], ["logits"]),
+        ],
+        "classifier",
         [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, "h", "w"])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 3])])
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 3])],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
     onnx.save(model, str(tmp_path / "classifier.onnx"))
@@ -182,9 +188,11 @@ def test_model_with_wrong_interface(tmp_path):
         Backbone(tmp_path / "classifier.onnx", preset="vgg16")
     # Input with one channel.
     graph = helper.make_graph(
-        [helper.make_node("Identity", ["image"], ["features"])], "gray",
+        [helper.make_node("Identity", ["image"], ["features"])],
+        "gray",
         [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 1, "h", "w"])],
-        [helper.make_tensor_value_info("features", TensorProto.FLOAT, [1, 1, "h", "w"])])
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, [1, 1, "h", "w"])],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
     onnx.save(model, str(tmp_path / "gray.onnx"))
@@ -208,10 +216,8 @@ def test_bad_max_size(tmp_path, bad, pooling_model):
 
 def test_thread_count_reaches_the_session(tmp_path, pooling_model):
     path, _, _ = pooling_model(tmp_path / "m.onnx", 512, 16)
-    assert Backbone(path, preset="vgg16", n_threads=1)._session.get_session_options() \
-        .intra_op_num_threads == 1
-    assert Backbone(path, preset="vgg16", n_threads=2)._session.get_session_options() \
-        .intra_op_num_threads == 2
+    assert Backbone(path, preset="vgg16", n_threads=1)._session.get_session_options().intra_op_num_threads == 1
+    assert Backbone(path, preset="vgg16", n_threads=2)._session.get_session_options().intra_op_num_threads == 2
 
 
 def test_features_are_repeatable_and_follow_the_image(tmp_path, pooling_model):
@@ -224,12 +230,17 @@ def test_features_are_repeatable_and_follow_the_image(tmp_path, pooling_model):
     # both equal the NumPy reference, and they differ from each other.
     for image, features in ((rgb, first), (other, backbone.features(other))):
         network_input = expected_input(image, "vgg16")
-        np.testing.assert_allclose(features, reference_features(network_input, weight, bias, 16), rtol=1e-4,
-                                   atol=2e-5 * np.abs(network_input).max())
+        np.testing.assert_allclose(
+            features,
+            reference_features(network_input, weight, bias, 16),
+            rtol=1e-4,
+            atol=2e-5 * np.abs(network_input).max(),
+        )
     assert np.abs(backbone.features(other) - first).max() > 0.1
 
 
 # ------------------------------------------------------------------ the default backbone
+
 
 @pytest.mark.network
 def test_default_backbone_is_shared_and_described():
@@ -253,7 +264,7 @@ def test_default_backbone_features_respond_to_content():
     assert np.isfinite(textured).all() and textured.min() >= 0 and textured.max() <= 6  # ReLU6
 
     def photo(array, box=None):
-        image = Image.fromarray(array if box is None else array[box[1]:box[3], box[0]:box[2]])
+        image = Image.fromarray(array if box is None else array[box[1] : box[3], box[0] : box[2]])
         return np.asarray(image.convert("RGB").resize((320, 224), Image.BILINEAR))
 
     cat = photo(data.chelsea())

@@ -3,6 +3,7 @@
 References are plain NumPy counts and loops computed here; the end-to-end tests run the real
 embedded EfficientNet-Lite0 backbone and the real C++ clustering on scikit-image's photo.
 """
+
 from __future__ import annotations
 
 import base64
@@ -15,8 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clustermac import _core
-from clustermac import figures
+from clustermac import _core, figures
 from clustermac.report import format_table, render_report, write_report
 
 SVG_NS = "{http://www.w3.org/2000/svg}"
@@ -363,7 +363,8 @@ def test_region_precision_figure_has_both_curves_on_unit_axes():
 # ------------------------------------------------------------------------------ report
 def test_format_table_lays_out_like_table_1():
     text = format_table(
-        ["Method", "Dim.", "Oxf5k"], [["R-MAC, crop I", 512, 66.94], ["Ours, crop I", 512, 70.3], ["missing", 512, None]]
+        ["Method", "Dim.", "Oxf5k"],
+        [["R-MAC, crop I", 512, 66.94], ["Ours, crop I", 512, 70.3], ["missing", 512, None]],
     )
     lines = text.splitlines()
     assert lines[0].split() == ["Method", "Dim.", "Oxf5k"]
@@ -466,7 +467,9 @@ def test_show_clusters_on_a_real_photo_with_the_default_backbone(extractor, chel
     one = figures.cluster_figure_for_file(extractor, tiny, n_clusters=10)
     assert one.info["captions"][2] == "1 cluster (NCut)"
     prepared = extractor.prepare(tiny)
-    assert figures.pca_dimensions_figure(prepared.image, extractor.feature_map(prepared)[0]).info["captions"] == ["image"]
+    assert figures.pca_dimensions_figure(prepared.image, extractor.feature_map(prepared)[0]).info["captions"] == [
+        "image"
+    ]
     again = figures.cluster_figure_for_file(extractor, chelsea, n_clusters=10)
     assert again.tobytes() == figure.tobytes()
 

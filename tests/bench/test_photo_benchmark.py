@@ -1,4 +1,5 @@
 """Tests of the real-photo benchmark generator: ground truth checked against the pixels."""
+
 from __future__ import annotations
 
 import hashlib
@@ -38,8 +39,11 @@ def records(bench) -> dict[str, dict]:
 
 
 def _tree_digest(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _source_by_name(sources: dict) -> dict[str, pb.PhotoSource]:
@@ -63,8 +67,9 @@ def _rewarp_grey(record: dict, source: pb.PhotoSource, width: int, height: int) 
         a.append([0, 0, 0, x, y, 1, -v * x, -v * y])
         b += [u, v]
     coefficients = np.linalg.lstsq(np.array(a), np.array(b), rcond=None)[0]
-    return np.asarray(patch.transform((width, height), Image.PERSPECTIVE, tuple(coefficients),
-                                      Image.BILINEAR), dtype=float)
+    return np.asarray(
+        patch.transform((width, height), Image.PERSPECTIVE, tuple(coefficients), Image.BILINEAR), dtype=float
+    )
 
 
 # --- sources ----------------------------------------------------------------------------------
@@ -85,8 +90,10 @@ def test_sources_have_one_role_each_and_exist(include_debian):
     assert found["object"] and found["background"] and found["training"]
     assert any(g.name == "motorcycle" for g in found["multiview"])
     if not include_debian:
-        assert {s.collection for role in ("object", "background", "training") for s in found[role]} \
-            <= {"skimage", "sklearn"}
+        assert {s.collection for role in ("object", "background", "training") for s in found[role]} <= {
+            "skimage",
+            "sklearn",
+        }
     for group in found["multiview"]:
         x1, y1, x2, y2 = group.query_box_fraction
         assert 0 <= x1 < x2 <= 1 and 0 <= y1 < y2 <= 1
@@ -140,8 +147,7 @@ def test_every_positive_shows_its_instance(bench, records, sources):
             if record["tier"] == "pasted":
                 # The pixels under the mask are the instance: they correlate with the source
                 # photo re-warped with the recorded corners (lighting is monotone, blur mild).
-                inner = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255)
-                                   .filter(ImageFilter.MinFilter(5))) > 0
+                inner = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).filter(ImageFilter.MinFilter(5))) > 0
                 if inner.sum() < 30:
                     continue
                 expected = _rewarp_grey(record, by_name[record["source"]], image.shape[1], image.shape[0])
@@ -186,8 +192,9 @@ def test_junk_views_are_junk(bench, records):
             record = records[bench.images[index]]
             assert record["instance"] == records[query]["instance"]
             assert record["visible_area"] > 0, "a junk view still shows part of its instance"
-            assert record["visible_fraction"] < pb.JUNK_VISIBLE_FRACTION \
-                or record["relative_size"] < pb.JUNK_RELATIVE_SIZE
+            assert (
+                record["visible_fraction"] < pb.JUNK_VISIBLE_FRACTION or record["relative_size"] < pb.JUNK_RELATIVE_SIZE
+            )
 
 
 def test_no_distractor_contains_an_instance(bench, records):
@@ -291,8 +298,9 @@ def test_pip_photos_only(tmp_path):
 def test_single_tier_and_shapes(tmp_path, sources, tiers):
     # A machine with only the pip photos has a single multi-view group (the motorcycle pair).
     n_queries = min(2, len(sources["multiview"])) if tiers == ("multiview",) else 2
-    result = _build(tmp_path / "t", sources=sources, tiers=tiers, shapes=("shaped",), n_queries=n_queries,
-                    n_distractors=2)
+    result = _build(
+        tmp_path / "t", sources=sources, tiers=tiers, shapes=("shaped",), n_queries=n_queries, n_distractors=2
+    )
     assert set(result.query_tiers) == {tiers[0]}
     metadata = json.loads(Path(result.metadata_path).read_text())
     if tiers == ("pasted",):
@@ -300,22 +308,26 @@ def test_single_tier_and_shapes(tmp_path, sources, tiers):
         assert shapes and "rect" not in shapes
 
 
-@pytest.mark.parametrize("arguments, message", [
-    ({"preset": "huge"}, "preset"),
-    ({"n_queries": 0}, "n_queries"),
-    ({"n_positives": 2.5}, "n_positives"),
-    ({"size": 10}, "size"),
-    ({"seed": -1}, "seed"),
-    ({"tiers": ("pasted", "nonsense")}, "tiers"),
-    ({"tiers": ()}, "tiers"),
-    ({"shapes": ("circle",)}, "shapes"),
-    ({"name": "a b"}, "name"),
-    ({"n_queries": 10_000}, "n_queries"),
-])
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        ({"preset": "huge"}, "preset"),
+        ({"n_queries": 0}, "n_queries"),
+        ({"n_positives": 2.5}, "n_positives"),
+        ({"size": 10}, "size"),
+        ({"seed": -1}, "seed"),
+        ({"tiers": ("pasted", "nonsense")}, "tiers"),
+        ({"tiers": ()}, "tiers"),
+        ({"shapes": ("circle",)}, "shapes"),
+        ({"name": "a b"}, "name"),
+        ({"n_queries": 10_000}, "n_queries"),
+    ],
+)
 def test_bad_arguments(tmp_path, sources, arguments, message):
     with pytest.raises(ValueError, match=message):
-        pb.make_benchmark(tmp_path / "bad", sources=sources, progress=False,
-                          **{"n_distractors": 1, "size": 128, **arguments})
+        pb.make_benchmark(
+            tmp_path / "bad", sources=sources, progress=False, **{"n_distractors": 1, "size": 128, **arguments}
+        )
 
 
 def test_presets_meet_their_sizes():

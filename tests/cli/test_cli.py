@@ -1,4 +1,5 @@
 """The command line end to end, on the embedded backbone and small real photographs."""
+
 from __future__ import annotations
 
 import json
@@ -36,14 +37,46 @@ def test_whitening_index_and_search(tmp_path, capsys, write_photos):
     whitening = tmp_path / "w.npz"
     common = ["--max-size", "256", "--method", "clustermac"]
     assert main(["fit-whitening", str(train), "--out", str(whitening), "--quiet", *common]) == 0
-    assert main(["extract", str(photos), "--out", str(tmp_path / "d.npy"), "--quiet", "--whitening", str(whitening), *common]) == 0
+    assert (
+        main(
+            [
+                "extract",
+                str(photos),
+                "--out",
+                str(tmp_path / "d.npy"),
+                "--quiet",
+                "--whitening",
+                str(whitening),
+                *common,
+            ]
+        )
+        == 0
+    )
     assert main(["index", str(tmp_path / "d.npy"), "--out", str(tmp_path / "idx"), "--image-root", str(photos)]) == 0
     capsys.readouterr()
     html = tmp_path / "result.html"
     query = photos / names[1]
-    assert main(["search", str(query), "--index", str(tmp_path / "idx"), "-k", "3", "--html", str(html),
-                 "--whitening", str(whitening), *common]) == 0
-    lines = [line.split() for line in capsys.readouterr().out.splitlines() if line.strip() and line.split()[0].isdigit()]
+    assert (
+        main(
+            [
+                "search",
+                str(query),
+                "--index",
+                str(tmp_path / "idx"),
+                "-k",
+                "3",
+                "--html",
+                str(html),
+                "--whitening",
+                str(whitening),
+                *common,
+            ]
+        )
+        == 0
+    )
+    lines = [
+        line.split() for line in capsys.readouterr().out.splitlines() if line.strip() and line.split()[0].isdigit()
+    ]
     assert len(lines) == 3
     assert lines[0][2] == names[1]  # the query itself comes first
     assert float(lines[0][1]) == pytest.approx(1.0, abs=1e-4)
@@ -55,8 +88,23 @@ def test_search_takes_the_cluster_settings_of_the_index(tmp_path, capsys, write_
     photos = tmp_path / "photos"
     names = write_photos(photos, n=3, size=176)
     common = ["--max-size", "256", "--method", "clustermac"]
-    assert main(["extract", str(photos), "--out", str(tmp_path / "d.npy"), "--quiet", "--cluster-pooling", "box",
-                 "--n-clusters", "20", *common]) == 0
+    assert (
+        main(
+            [
+                "extract",
+                str(photos),
+                "--out",
+                str(tmp_path / "d.npy"),
+                "--quiet",
+                "--cluster-pooling",
+                "box",
+                "--n-clusters",
+                "20",
+                *common,
+            ]
+        )
+        == 0
+    )
     settings = json.loads((tmp_path / "d.json").read_text())["settings"]
     assert settings["cluster_pooling"] == "box" and settings["n_clusters"] == [20]
     assert main(["index", str(tmp_path / "d.npy"), "--out", str(tmp_path / "idx")]) == 0
@@ -66,8 +114,22 @@ def test_search_takes_the_cluster_settings_of_the_index(tmp_path, capsys, write_
     assert main(["search", str(photos / names[2]), "--index", str(tmp_path / "idx"), "-k", "1", *common]) == 0
     rank, score, name = capsys.readouterr().out.split()[:3]
     assert name == names[2] and float(score) == pytest.approx(1.0, abs=1e-5)
-    assert main(["search", str(photos / names[2]), "--index", str(tmp_path / "idx"), "-k", "1",
-                 "--cluster-pooling", "mask", *common]) == 0
+    assert (
+        main(
+            [
+                "search",
+                str(photos / names[2]),
+                "--index",
+                str(tmp_path / "idx"),
+                "-k",
+                "1",
+                "--cluster-pooling",
+                "mask",
+                *common,
+            ]
+        )
+        == 0
+    )
     assert float(capsys.readouterr().out.split()[1]) < 0.9999
 
 
@@ -78,7 +140,24 @@ def test_search_refuses_an_index_of_whitened_descriptors_without_whitening(tmp_p
     names = write_photos(photos, n=3)
     w = tmp_path / "w.npz"
     assert main(["fit-whitening", str(train), "--out", str(w), "--quiet", "--method", "mac", "--max-size", "192"]) == 0
-    assert main(["extract", str(photos), "--out", str(tmp_path / "d.npy"), "--quiet", "--method", "mac", "--max-size", "192", "--whitening", str(w)]) == 0
+    assert (
+        main(
+            [
+                "extract",
+                str(photos),
+                "--out",
+                str(tmp_path / "d.npy"),
+                "--quiet",
+                "--method",
+                "mac",
+                "--max-size",
+                "192",
+                "--whitening",
+                str(w),
+            ]
+        )
+        == 0
+    )
     assert main(["index", str(tmp_path / "d.npy"), "--out", str(tmp_path / "idx")]) == 0
     with pytest.raises(SystemExit, match="whitening"):
         main(["search", str(photos / names[0]), "--index", str(tmp_path / "idx"), "--max-size", "192"])
@@ -100,8 +179,24 @@ def test_evaluate_on_a_generated_benchmark(tmp_path, capsys, reference_classic_m
     photo_benchmark.make_benchmark(tmp_path / "bench", preset="quick", seed=3, n_distractors=8, progress=False)
     whitening = photo_benchmark.make_whitening_set(tmp_path / "white", n_images=12, preset="quick", seed=4)
     out = tmp_path / "eval"
-    code = main(["evaluate", "--data-root", str(tmp_path / "bench"), "--whitening-root", str(tmp_path / "white"),
-                 "--methods", "mac", "rmac", "--qe", "--max-size", "256", "--out", str(out), "--quiet"])
+    code = main(
+        [
+            "evaluate",
+            "--data-root",
+            str(tmp_path / "bench"),
+            "--whitening-root",
+            str(tmp_path / "white"),
+            "--methods",
+            "mac",
+            "rmac",
+            "--qe",
+            "--max-size",
+            "256",
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
     assert code == 0 and len(whitening) == 12
     table = capsys.readouterr().out
     assert "mac, crop I + QE" in table and "Hard" in table
@@ -113,8 +208,12 @@ def test_evaluate_on_a_generated_benchmark(tmp_path, capsys, reference_classic_m
     gnd_file = tmp_path / "bench" / "gnd_photobench.pkl"
     rng = np.random.default_rng(0)
     n_images = ranks[ranks.files[0]].shape[0]
-    chance = np.mean([reference_classic_map(np.stack([rng.permutation(n_images) for _ in range(8)], axis=1), gnd_file)[0]
-                      for _ in range(20)])
+    chance = np.mean(
+        [
+            reference_classic_map(np.stack([rng.permutation(n_images) for _ in range(8)], axis=1), gnd_file)[0]
+            for _ in range(20)
+        ]
+    )
     for row in results["rows"]:
         # The reported mAP is the mAP of the reported ranking (recomputed here without
         # clustermac.evaluate), printed in the table; the classic protocol is the revisited Medium.
@@ -129,6 +228,19 @@ def test_evaluate_on_a_generated_benchmark(tmp_path, capsys, reference_classic_m
 
 
 def test_evaluate_names_the_missing_files(tmp_path, capsys):
-    assert main(["evaluate", "--dataset", "oxford5k", "--data-root", str(tmp_path / "nothing"), "--whitening-root", str(tmp_path)]) == 2
+    assert (
+        main(
+            [
+                "evaluate",
+                "--dataset",
+                "oxford5k",
+                "--data-root",
+                str(tmp_path / "nothing"),
+                "--whitening-root",
+                str(tmp_path),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "oxbuildings" in err or "robots.ox.ac.uk" in err

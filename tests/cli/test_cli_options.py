@@ -1,5 +1,6 @@
 """CLI paths beyond the basic flow: `export`, `--backbone FILE.onnx`, `search --box`,
 `evaluate --rerank / --distractors / --crops activations`, and the error messages."""
+
 from __future__ import annotations
 
 import json
@@ -77,16 +78,31 @@ def test_extract_with_an_onnx_file_as_backbone(tmp_path, capsys, pooling_model):
     model, _, _ = pooling_model(tmp_path / "tiny.onnx", 512, 16, preset="vgg16", weights_id="tiny")
     names = small_images(tmp_path / "images")
     out = tmp_path / "desc.npy"
-    assert main(["extract", str(tmp_path / "images"), "--out", str(out), "--quiet", "--backbone", str(model),
-                 "--method", "mac"]) == 0
+    assert (
+        main(
+            [
+                "extract",
+                str(tmp_path / "images"),
+                "--out",
+                str(out),
+                "--quiet",
+                "--backbone",
+                str(model),
+                "--method",
+                "mac",
+            ]
+        )
+        == 0
+    )
     assert "4 descriptors of dimension 512" in capsys.readouterr().out
     vectors, manifest = clustermac.load_descriptors(out, mmap=False)
     backbone = clustermac.Backbone(model)
     # The file's network made these descriptors (not the embedded one): its name and dimension,
     # and the values the API gives with it.
     assert manifest["settings"]["backbone"] == backbone.name and manifest["settings"]["feature_dim"] == 512
-    expected = clustermac.Extractor(backbone, "mac").extract_many([str(tmp_path / "images" / n) for n in names],
-                                                                   progress=False)
+    expected = clustermac.Extractor(backbone, "mac").extract_many(
+        [str(tmp_path / "images" / n) for n in names], progress=False
+    )
     np.testing.assert_allclose(vectors, expected, rtol=1e-6, atol=1e-7)
     assert np.abs(vectors[0] - vectors[1]).max() > 1e-3
 
@@ -96,11 +112,28 @@ def test_backbone_preset_needs_an_onnx_file_and_uses_it(tmp_path, capsys, poolin
     small_images(tmp_path / "images", n=2)
     with pytest.raises(SystemExit, match="--backbone vgg16 needs --onnx FILE.*clustermac export vgg16"):
         main(["extract", str(tmp_path / "images"), "--out", str(tmp_path / "d.npy"), "--backbone", "vgg16"])
-    assert main(["extract", str(tmp_path / "images"), "--out", str(tmp_path / "d.npy"), "--quiet",
-                 "--backbone", "vgg16-caffe", "--onnx", str(model), "--method", "gem"]) == 0
+    assert (
+        main(
+            [
+                "extract",
+                str(tmp_path / "images"),
+                "--out",
+                str(tmp_path / "d.npy"),
+                "--quiet",
+                "--backbone",
+                "vgg16-caffe",
+                "--onnx",
+                str(model),
+                "--method",
+                "gem",
+            ]
+        )
+        == 0
+    )
     vectors, manifest = clustermac.load_descriptors(tmp_path / "d.npy", mmap=False)
     expected = clustermac.Extractor(clustermac.Backbone(model, preset="vgg16-caffe"), "gem").extract(
-        str(tmp_path / "images" / "img1.png"))
+        str(tmp_path / "images" / "img1.png")
+    )
     np.testing.assert_allclose(vectors[1], expected, rtol=1e-6, atol=1e-7)
 
 
@@ -115,8 +148,18 @@ def test_errors_become_a_message_and_exit_code_2(tmp_path, capsys, pooling_model
     model, _, _ = pooling_model(tmp_path / "tiny.onnx", 512, 16, preset="vgg16")
     (tmp_path / "bad.npz").write_bytes(b"not a whitening file")
     small_images(tmp_path / "images", n=1)
-    code = main(["extract", str(tmp_path / "images"), "--out", str(tmp_path / "d.npy"), "--backbone", str(model),
-                 "--whitening", str(tmp_path / "bad.npz")])
+    code = main(
+        [
+            "extract",
+            str(tmp_path / "images"),
+            "--out",
+            str(tmp_path / "d.npy"),
+            "--backbone",
+            str(model),
+            "--whitening",
+            str(tmp_path / "bad.npz"),
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert err.startswith("clustermac: error:") and "bad.npz" in err and "not a clustermac whitening file" in err
@@ -143,8 +186,23 @@ def test_search_with_a_box_describes_the_box(tmp_path, capsys, write_photos):
     pasted_box = [0, 0, box[2] - box[0], box[3] - box[1]]
     capsys.readouterr()
     html = tmp_path / "page.html"
-    assert main(["search", str(tmp_path / "query.png"), "--index", str(tmp_path / "idx"), "-k", "4",
-                 "--box", *map(str, pasted_box), "--html", str(html)]) == 0
+    assert (
+        main(
+            [
+                "search",
+                str(tmp_path / "query.png"),
+                "--index",
+                str(tmp_path / "idx"),
+                "-k",
+                "4",
+                "--box",
+                *map(str, pasted_box),
+                "--html",
+                str(html),
+            ]
+        )
+        == 0
+    )
     with_box = search_lines(capsys.readouterr().out)
     assert main(["search", str(tmp_path / "query.png"), "--index", str(tmp_path / "idx"), "-k", "4"]) == 0
     without_box = search_lines(capsys.readouterr().out)
@@ -188,16 +246,39 @@ def test_evaluate_with_rerank_distractors_and_both_crops(tmp_path, capsys, refer
     out = tmp_path / "eval"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        assert main(["evaluate", "--data-root", str(bench), "--whitening-root", str(tmp_path / "white"),
-                     "--methods", "rmac", "--crops", "image", "activations", "--rerank",
-                     "--distractors", str(distractor_dir / "list.txt"), "--max-size", "256",
-                     "--out", str(out), "--quiet"]) == 0
+        assert (
+            main(
+                [
+                    "evaluate",
+                    "--data-root",
+                    str(bench),
+                    "--whitening-root",
+                    str(tmp_path / "white"),
+                    "--methods",
+                    "rmac",
+                    "--crops",
+                    "image",
+                    "activations",
+                    "--rerank",
+                    "--distractors",
+                    str(distractor_dir / "list.txt"),
+                    "--max-size",
+                    "256",
+                    "--out",
+                    str(out),
+                    "--quiet",
+                ]
+            )
+            == 0
+        )
     table = capsys.readouterr().out
     results = json.loads((out / "results.json").read_text())
     labels = [row["label"] for row in results["rows"]]
     assert labels == ["rmac, crop I", "rmac, crop I + R + QE", "rmac, crop X", "rmac, crop X + R + QE"]
-    ranks = {row["label"]: np.load(out / "ranks.npz")[row["label"].replace(" ", "_").replace(",", "")]
-             for row in results["rows"]}
+    ranks = {
+        row["label"]: np.load(out / "ranks.npz")[row["label"].replace(" ", "_").replace(",", "")]
+        for row in results["rows"]
+    }
     n_database = len(dataset.images)
     gnd_file = bench / "gnd_photobench.pkl"
     for row in results["rows"]:

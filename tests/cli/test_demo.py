@@ -1,4 +1,5 @@
 """`clustermac demo --quick`, run once: the table and the report it writes."""
+
 from __future__ import annotations
 
 import json
@@ -42,8 +43,12 @@ def test_demo_results_have_every_method_with_sane_values(demo, reference_classic
     n_images, n_queries = len(ground_truth["imlist"]), len(ground_truth["qimlist"])
     assert (n_images, n_queries) == (56, 8)  # the "quick" preset
     rng = np.random.default_rng(0)
-    chance = np.mean([reference_classic_map(np.stack([rng.permutation(n_images) for _ in range(n_queries)], axis=1),
-                                            gnd_file)[0] for _ in range(20)])
+    chance = np.mean(
+        [
+            reference_classic_map(np.stack([rng.permutation(n_images) for _ in range(n_queries)], axis=1), gnd_file)[0]
+            for _ in range(20)
+        ]
+    )
     by_label = {row["label"]: row for row in rows}
     for label in LABELS:
         if "QE" not in label:
@@ -62,9 +67,9 @@ def test_demo_report_holds_the_table_and_the_figures(demo):
     for row in results["rows"]:
         # Each row of the table: the label, then mAP, Easy, Medium, Hard to one decimal.
         i = cells.index(row["label"].replace("&", "&amp;"))
-        assert cells[i + 1:i + 5] == [f"{row[c]:.1f}" for c in ("mAP", "Easy", "Medium", "Hard")]
+        assert cells[i + 1 : i + 5] == [f"{row[c]:.1f}" for c in ("mAP", "Easy", "Medium", "Hard")]
     for figure in ("Fig. 7", "Fig. 6", "Fig. 5", "Fig. 4", "Fig. 3"):
         assert figure in report
     assert report.count("data:image/png;base64,") >= 5  # Figs. 7 (three), 6, 5 as embedded PNGs
     assert report.count("<svg") >= 2  # Figs. 4 and 3 as inline SVG
-    assert "src=\"http" not in report and "href=\"http" not in report  # self-contained
+    assert 'src="http' not in report and 'href="http' not in report  # self-contained

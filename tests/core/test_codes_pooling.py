@@ -53,10 +53,13 @@ def test_region_mac_codes_equals_numpy_reference(channels, random_codes):
     label_maps = {
         "random with masked cells": rng.integers(-1, 6, (height, width)).astype(np.int32),
         # Blocky clusters (neighbours share a label, as NCut clusters do) with an unused label 3.
-        "blocks with a gap": np.kron(rng.choice([0, 1, 2, 4, 5], (4, 5)), np.ones((3, 3), np.int32))[:height, :width]
-        .astype(np.int32),
+        "blocks with a gap": np.kron(rng.choice([0, 1, 2, 4, 5], (4, 5)), np.ones((3, 3), np.int32))[
+            :height, :width
+        ].astype(np.int32),
         "one cluster": np.zeros((height, width), np.int32),
-        "more clusters than cells in small boxes": rng.permutation(height * width).reshape(height, width).astype(np.int32),
+        "more clusters than cells in small boxes": rng.permutation(height * width)
+        .reshape(height, width)
+        .astype(np.int32),
     }
     boxes = [None, (0, 0, width, height), (3, 2, 12, 9), (5, 4, 6, 5), (0, 8, 14, 11), (13, 10, 14, 11), (0, 0, 1, 11)]
     for name, labels in label_maps.items():
@@ -131,8 +134,10 @@ def test_region_mac_codes_edge_values(random_codes):
     readonly_codes, readonly_labels = codes.copy(), labels.copy()
     readonly_codes.setflags(write=False)
     readonly_labels.setflags(write=False)
-    np.testing.assert_array_equal(_core.region_mac_codes(readonly_codes, readonly_labels, None, 0.5),
-                                  region_mac_codes_reference(codes, labels, None, 0.5))
+    np.testing.assert_array_equal(
+        _core.region_mac_codes(readonly_codes, readonly_labels, None, 0.5),
+        region_mac_codes_reference(codes, labels, None, 0.5),
+    )
 
 
 def test_region_mac_codes_on_a_vgg16_sized_map(random_codes):

@@ -1,4 +1,5 @@
 """cluster_feature_map / cluster_feature_maps on feature maps with planted regions."""
+
 import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score
@@ -71,7 +72,9 @@ def test_repeated_pattern_shares_a_cluster_unless_space_is_weighted():
     truth[4:12, 2:8] = 1
     truth[4:12, 22:28] = 1  # the same pattern twice, far apart
     patterns = np.maximum(rng.normal(size=(2, d)) * 2, 0)
-    features = np.ascontiguousarray((patterns[truth].transpose(2, 0, 1) + 0.05 * rng.normal(size=(d, h, w))), np.float32)
+    features = np.ascontiguousarray(
+        (patterns[truth].transpose(2, 0, 1) + 0.05 * rng.normal(size=(d, h, w))), np.float32
+    )
     plain = clustermac.cluster_feature_map(features, n_clusters=(2,))[0]
     assert len(np.unique(plain[4:12, 2:8])) == 1 and plain[6, 4] == plain[6, 24]
     spatial = clustermac.cluster_feature_map(features, n_clusters=(3,), spatial_weight=20.0)[0]
@@ -95,8 +98,10 @@ def test_deterministic_and_seed_is_used(planted_map):
         np.testing.assert_array_equal(x, y)
     # The seed reaches the discretisation: on this noisy map other seeds cut the 20-cluster
     # partition differently (compared as partitions, so a mere relabelling would not count).
-    agreement = [adjusted_rand_score(a[1].ravel(), clustermac.cluster_feature_map(features, rgb, seed=seed)[1].ravel())
-                 for seed in (8, 9)]
+    agreement = [
+        adjusted_rand_score(a[1].ravel(), clustermac.cluster_feature_map(features, rgb, seed=seed)[1].ravel())
+        for seed in (8, 9)
+    ]
     assert min(agreement) < 0.99, agreement
 
 
@@ -133,8 +138,12 @@ F = np.random.default_rng(0).random((6, 4, 5), dtype=np.float32)
         (lambda: clustermac.cluster_feature_map(F, normalization="ng"), "normalization"),
         (lambda: clustermac.cluster_feature_map(F, seed=-2), "seed"),
         (lambda: clustermac.cluster_feature_map(F, pca_mean=np.zeros(6, np.float32)), "pca_basis"),
-        (lambda: clustermac.cluster_feature_map(F, pca_mean=np.zeros(5, np.float32),
-                                                pca_basis=np.zeros((5, 2), np.float32)), "pca_mean"),
+        (
+            lambda: clustermac.cluster_feature_map(
+                F, pca_mean=np.zeros(5, np.float32), pca_basis=np.zeros((5, 2), np.float32)
+            ),
+            "pca_mean",
+        ),
         (lambda: clustermac.cluster_feature_map(np.where(F > 0.5, np.nan, F).astype(np.float32)), "NaN"),
         (lambda: clustermac.cluster_feature_map(np.where(F > 0.5, np.inf, F).astype(np.float32)), "Inf"),
         (lambda: clustermac.cluster_feature_map(np.where(F > 0.5, -np.inf, F).astype(np.float32)), "Inf"),
@@ -189,16 +198,20 @@ def test_portable_path_agrees_with_the_avx2_path():
 @pytest.mark.bf16
 def test_bf16_similarity_recovers_planted_regions_and_is_the_default_for_large_maps(planted_map):
     features, rgb, truth = planted_map(h=48, w=48, noise=0.3, seed=3)  # N = 2304 >= 2048
-    maps = {p: clustermac.cluster_feature_map(features, rgb, n_clusters=(4,), rgb_clusters=4, similarity_precision=p)
-            for p in ("auto", "bfloat16", "float32")}
+    maps = {
+        p: clustermac.cluster_feature_map(features, rgb, n_clusters=(4,), rgb_clusters=4, similarity_precision=p)
+        for p in ("auto", "bfloat16", "float32")
+    }
     for precision, labels in maps.items():
         for partition in labels:
             assert adjusted_rand_score(truth.ravel(), partition.ravel()) > 0.99, precision
     for auto, bf16 in zip(maps["auto"], maps["bfloat16"]):
         np.testing.assert_array_equal(auto, bf16)
     small, small_rgb, _ = planted_map()  # N = 560: "auto" keeps float32
-    for auto, f32 in zip(clustermac.cluster_feature_map(small, small_rgb),
-                         clustermac.cluster_feature_map(small, small_rgb, similarity_precision="float32")):
+    for auto, f32 in zip(
+        clustermac.cluster_feature_map(small, small_rgb),
+        clustermac.cluster_feature_map(small, small_rgb, similarity_precision="float32"),
+    ):
         np.testing.assert_array_equal(auto, f32)
 
 

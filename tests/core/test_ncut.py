@@ -1,4 +1,5 @@
 """ncut_embedding / ncut against numpy.linalg.eigh and scikit-learn's spectral clustering."""
+
 import numpy as np
 import pytest
 from sklearn.cluster import spectral_clustering

@@ -1,4 +1,5 @@
 """pca_project against a plain NumPy SVD of the centred features."""
+
 import numpy as np
 import pytest
 
@@ -33,7 +34,9 @@ def test_matches_svd_up_to_sign(n, d):
     np.testing.assert_allclose(variances, ref_variances, rtol=1e-4)
     for k in range(c):
         sign = np.sign(ref_projection[:, k] @ projection[:, k])
-        np.testing.assert_allclose(projection[:, k], sign * ref_projection[:, k], atol=2e-3 * np.abs(ref_projection[:, k]).max())
+        np.testing.assert_allclose(
+            projection[:, k], sign * ref_projection[:, k], atol=2e-3 * np.abs(ref_projection[:, k]).max()
+        )
 
 
 def test_variances_descending_and_sign_convention():

@@ -5,6 +5,7 @@ The core picks AVX-512, AVX2 + FMA or the baseline once per process (clustermac'
 in its own subprocess on the same data. On a CPU without AVX-512 (or AVX2) the capped runs take
 the same path as the default one and the comparison is trivially true for that part.
 """
+
 from __future__ import annotations
 
 import os
@@ -103,8 +104,9 @@ def test_cap_changes_the_active_simd_level(cap):
     def level(environment):
         env = {k: v for k, v in os.environ.items() if k not in ("CLUSTERMAC_NO_AVX2", "CLUSTERMAC_NO_AVX512")}
         env.update(environment)
-        return subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True,
-                              text=True).stdout.strip()
+        return subprocess.run(
+            [sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True
+        ).stdout.strip()
 
     default = level({})
     assert default in ("avx512", "avx2", "scalar")

@@ -1,5 +1,6 @@
 """extract_folder / load_descriptors: progress output, leftovers of another run, failed writes and
 the errors that name what is wrong (on a tiny ONNX backbone)."""
+
 from __future__ import annotations
 
 import json

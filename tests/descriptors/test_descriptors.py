@@ -4,6 +4,7 @@ The stand-in turns an image into a D×H×W map by averaging stride×stride block
 values and mixing them through a fixed random ReLU layer, so the tests control exactly which
 locations an object occupies.
 """
+
 from __future__ import annotations
 
 import json
@@ -109,7 +110,9 @@ def test_clustermac_with_grid_regions_adds_the_rmac_squares():
     both = Extractor(bb, "clustermac", add_grid_regions=True)
     regions = _core.rmac_regions(fmap.shape[1], fmap.shape[2], 3)
     grid = np.stack([fmap[:, y0:y1, x0:x1].reshape(bb.dim, -1).max(axis=1) for x0, y0, x1, y1 in regions])
-    np.testing.assert_array_equal(both.regional_vectors(fmap, None), np.concatenate([grid, plain.regional_vectors(fmap, None)]))
+    np.testing.assert_array_equal(
+        both.regional_vectors(fmap, None), np.concatenate([grid, plain.regional_vectors(fmap, None)])
+    )
     assert both.settings()["add_grid_regions"] and not plain.settings()["add_grid_regions"]
 
 
@@ -183,7 +186,9 @@ def test_dataset_pca_for_clustering_is_learned_and_used():
     ex.fit_whitening(training, progress=False)
     assert ex.pca_basis.shape == (bb.dim, 3)
     # Learned: the mean and the top-3 principal axes of all the training locations (NumPy SVD).
-    local = np.concatenate([bb.features(Image.fromarray(img)).reshape(bb.dim, -1).T for img in training]).astype(np.float64)
+    local = np.concatenate([bb.features(Image.fromarray(img)).reshape(bb.dim, -1).T for img in training]).astype(
+        np.float64
+    )
     np.testing.assert_allclose(ex.pca_mean, local.mean(axis=0), rtol=1e-5, atol=1e-6)
     _, _, vt = np.linalg.svd(local - local.mean(axis=0), full_matrices=False)
     np.testing.assert_allclose(np.abs(np.sum(ex.pca_basis * vt[:3].T, axis=0)), 1.0, atol=1e-4)
@@ -256,7 +261,9 @@ def test_extract_folder_resumes_from_finished_chunks(tmp_path, monkeypatch):
     assert bb.calls == 3  # only the images of the two unfinished chunks
     vectors, manifest = load_descriptors(out)
     assert manifest["settings"]["method"] == "mac"
-    fresh = Extractor(BlockBackbone(), "mac").extract_many([str(folder / n) for n in manifest["images"]], progress=False)
+    fresh = Extractor(BlockBackbone(), "mac").extract_many(
+        [str(folder / n) for n in manifest["images"]], progress=False
+    )
     np.testing.assert_array_equal(np.asarray(vectors), fresh)
     assert not parts.exists()
     on_disk = json.loads((tmp_path / "desc.json").read_text())

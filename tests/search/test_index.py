@@ -1,4 +1,5 @@
 """Exact top-k search and the Index against a NumPy brute force (ties broken by index)."""
+
 from __future__ import annotations
 
 import os

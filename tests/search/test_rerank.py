@@ -1,4 +1,5 @@
 """AML localisation against exhaustive search, the 8-bit feature-map store, and AML re-ranking."""
+
 from __future__ import annotations
 
 import json
@@ -10,7 +11,6 @@ import pytest
 
 import clustermac as cm
 from clustermac import _core
-
 
 # --- reference: score every box exactly --------------------------------------------------------
 
@@ -80,8 +80,11 @@ def test_aml_grid_search_then_refinement(seed, planted_object_map):
     fmap, query = planted_object_map(rng)
     scores = all_box_scores(fmap, query)
     # Grid corners: multiples of 3 and the far borders (W = 13, H = 11).
-    grid = {b: s for b, s in scores.items() if b[0] % 3 == 0 and b[1] % 3 == 0 and (b[2] % 3 == 0 or b[2] == 13)
-            and (b[3] % 3 == 0 or b[3] == 11)}
+    grid = {
+        b: s
+        for b, s in scores.items()
+        if b[0] % 3 == 0 and b[1] % 3 == 0 and (b[2] % 3 == 0 or b[2] == 13) and (b[3] % 3 == 0 or b[3] == 11)
+    }
     grid_best = max(grid.values())
     box, score = cm.aml_localize(fmap, query, step=3, refine_iterations=0)
     assert score == pytest.approx(grid_best, abs=1e-4)
@@ -146,8 +149,9 @@ def test_aml_edge_cases():
     box, score = cm.aml_localize(zeros, np.ones(3, np.float32))
     assert score == 0.0 and box[2] > box[0] and box[3] > box[1]
     # No grid box meets an extreme aspect constraint: the whole map is the start.
-    box, _ = cm.aml_localize(np.ones((2, 3, 3), np.float32), np.ones(2, np.float32), query_aspect=20.0,
-                             refine_iterations=0)
+    box, _ = cm.aml_localize(
+        np.ones((2, 3, 3), np.float32), np.ones(2, np.float32), query_aspect=20.0, refine_iterations=0
+    )
     np.testing.assert_array_equal(box, [0, 0, 3, 3])
 
 
@@ -164,8 +168,13 @@ def test_aml_errors():
     bad[0, 0, 0] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         cm.aml_localize(bad, query)
-    for kwargs, message in (({"p": 0}, "p:"), ({"step": 0}, "step"), ({"aspect_tolerance": 0.9}, "aspect_tolerance"),
-                            ({"refine_iterations": -1}, "refine_iterations"), ({"query_aspect": -2.0}, "query_aspect")):
+    for kwargs, message in (
+        ({"p": 0}, "p:"),
+        ({"step": 0}, "step"),
+        ({"aspect_tolerance": 0.9}, "aspect_tolerance"),
+        ({"refine_iterations": -1}, "refine_iterations"),
+        ({"query_aspect": -2.0}, "query_aspect"),
+    ):
         with pytest.raises(ValueError, match=message):
             cm.aml_localize(fmap, query, **kwargs)
     with pytest.raises(ValueError, match="uint8"):
@@ -250,19 +259,30 @@ def test_store_keeps_cluster_labels_and_reads_version_1_files(tmp_path):
     for i, fmap in enumerate(maps):  # codes unaffected by the labels around them
         np.testing.assert_allclose(store.feature_map(i), fmap, atol=store.scale(i) / 2 + 1e-6)
     with cm.FeatureMapStoreWriter(tmp_path / "bad.cmfm") as writer:
-        for bad, message in (([np.zeros((4, 5), np.int32)], "shape"), ([np.zeros((4, 6), np.float32)], "integer"),
-                             ([np.full((4, 6), -2)], r"\[-1, 32767\]"), ([np.full((4, 6), 40000)], r"\[-1, 32767\]")):
+        for bad, message in (
+            ([np.zeros((4, 5), np.int32)], "shape"),
+            ([np.zeros((4, 6), np.float32)], "integer"),
+            ([np.full((4, 6), -2)], r"\[-1, 32767\]"),
+            ([np.full((4, 6), 40000)], r"\[-1, 32767\]"),
+        ):
             with pytest.raises(ValueError, match=message):
                 writer.add(maps[0], "x", labels=bad)
     # A version-1 file (no labels: magic CMACFM01, 24-byte table rows) is still read.
     codes, scale = cm.quantize_feature_map(maps[0])
     payload = np.ascontiguousarray(codes.transpose(1, 2, 0)).tobytes()
-    table = np.array([(64, 5, 4, 6, scale)], dtype=[("offset", "<u8"), ("channels", "<u4"), ("height", "<u4"),
-                                                     ("width", "<u4"), ("scale", "<f4")])
+    table = np.array(
+        [(64, 5, 4, 6, scale)],
+        dtype=[("offset", "<u8"), ("channels", "<u4"), ("height", "<u4"), ("width", "<u4"), ("scale", "<f4")],
+    )
     names = json.dumps(["old"]).encode()
     table_offset = 64 + len(payload)
-    blob = (struct.pack("<8sQQ", b"CMACFM01", table_offset, 1).ljust(64, b"\0") + payload + table.tobytes()
-            + struct.pack("<Q", len(names)) + names)
+    blob = (
+        struct.pack("<8sQQ", b"CMACFM01", table_offset, 1).ljust(64, b"\0")
+        + payload
+        + table.tobytes()
+        + struct.pack("<Q", len(names))
+        + names
+    )
     (tmp_path / "v1.cmfm").write_bytes(blob)
     old = cm.FeatureMapStore(tmp_path / "v1.cmfm")
     assert old.names == ["old"] and old.labels(0) == []
@@ -285,7 +305,7 @@ def test_aml_rerank_promotes_images_containing_the_query_object(tmp_path):
         fmap = np.maximum(rng.standard_normal((channels, 10, 14)), 0).astype(np.float32)  # clutter
         if i % 3 == 0:  # the object, pasted at a random place
             y, x = rng.integers(0, 6), rng.integers(0, 9)
-            fmap[:, y:y + 4, x:x + 5] = np.maximum(fmap[:, y:y + 4, x:x + 5], object_pattern)
+            fmap[:, y : y + 4, x : x + 5] = np.maximum(fmap[:, y : y + 4, x : x + 5], object_pattern)
             relevant.append(i)
         maps.append(fmap)
     path = tmp_path / "db.cmfm"
@@ -296,29 +316,40 @@ def test_aml_rerank_promotes_images_containing_the_query_object(tmp_path):
     query_mac = object_pattern.max(axis=(1, 2))
     query_descriptor = mac_descriptor(object_pattern)
     initial = np.arange(12)[::-1].copy()  # a poor initial ranking
-    result = cm.aml_rerank(query_mac, query_descriptor, initial, store, mac_descriptor, top_n=10, qe_k=0,
-                           query_aspect=5 / 4)
+    result = cm.aml_rerank(
+        query_mac, query_descriptor, initial, store, mac_descriptor, top_n=10, qe_k=0, query_aspect=5 / 4
+    )
     # Only the top 10 are re-ranked; the last two keep their order.
     np.testing.assert_array_equal(result.indices[10:], initial[10:])
     assert sorted(result.indices[:10]) == sorted(initial[:10])
     head_relevant = [i for i in relevant if i in initial[:10]]
-    assert set(result.indices[:len(head_relevant)]) == set(head_relevant)
+    assert set(result.indices[: len(head_relevant)]) == set(head_relevant)
     # Scores are the query descriptor against the descriptor inside each box, sorted.
     for index, box, score in zip(result.indices, result.boxes, result.scores):
         expected = mac_descriptor(store.feature_map(int(index), box)) @ query_descriptor
         assert score == pytest.approx(expected, abs=1e-5)
     assert (np.diff(result.scores) <= 1e-7).all()
     # With QE, the expanded query is the l2-normalised sum of the query and the top-2 descriptors.
-    with_qe = cm.aml_rerank(query_mac, query_descriptor, initial, store, mac_descriptor, top_n=10, qe_k=2,
-                            query_aspect=5 / 4)
+    with_qe = cm.aml_rerank(
+        query_mac, query_descriptor, initial, store, mac_descriptor, top_n=10, qe_k=2, query_aspect=5 / 4
+    )
     top_two = [mac_descriptor(store.feature_map(int(i), b)) for i, b in zip(result.indices[:2], result.boxes[:2])]
     expected_query = query_descriptor + top_two[0] + top_two[1]
     np.testing.assert_allclose(with_qe.expanded_query, expected_query / np.linalg.norm(expected_query), atol=1e-5)
-    assert set(with_qe.indices[:len(head_relevant)]) == set(head_relevant)
+    assert set(with_qe.indices[: len(head_relevant)]) == set(head_relevant)
     # Candidates on threads: the same result as one thread.
     for n_threads in (1, 3, 0):
-        threaded = cm.aml_rerank(query_mac, query_descriptor, initial, store, mac_descriptor, top_n=10, qe_k=2,
-                                 query_aspect=5 / 4, n_threads=n_threads)
+        threaded = cm.aml_rerank(
+            query_mac,
+            query_descriptor,
+            initial,
+            store,
+            mac_descriptor,
+            top_n=10,
+            qe_k=2,
+            query_aspect=5 / 4,
+            n_threads=n_threads,
+        )
         np.testing.assert_array_equal(threaded.indices, with_qe.indices)
         np.testing.assert_array_equal(threaded.boxes, with_qe.boxes)
         np.testing.assert_array_equal(threaded.scores, with_qe.scores)
@@ -418,13 +449,16 @@ def test_grid_mac_codes_edge_values(random_codes):
     np.testing.assert_array_equal(got[0], one[0, 0].astype(np.float32) * np.float32(2.5))
     # Constant codes: every region gives the constant.
     constant = np.full((6, 6, 5), 9, np.uint8)
-    np.testing.assert_array_equal(_core.grid_mac_codes(constant, None, _core.rmac_regions(6, 6), 1.0),
-                                  np.full((len(_core.rmac_regions(6, 6)), 5), 9.0, np.float32))
+    np.testing.assert_array_equal(
+        _core.grid_mac_codes(constant, None, _core.rmac_regions(6, 6), 1.0),
+        np.full((len(_core.rmac_regions(6, 6)), 5), 9.0, np.float32),
+    )
     # A read-only memory-mapped-like view (what FeatureMapStore.codes returns) is accepted.
     readonly = codes.copy()
     readonly.setflags(write=False)
-    np.testing.assert_array_equal(_core.grid_mac_codes(readonly, None, regions, 0.5),
-                                  grid_mac_codes_reference(codes, None, regions, 0.5))
+    np.testing.assert_array_equal(
+        _core.grid_mac_codes(readonly, None, regions, 0.5), grid_mac_codes_reference(codes, None, regions, 0.5)
+    )
 
 
 def test_grid_mac_codes_errors():
@@ -439,7 +473,10 @@ def test_grid_mac_codes_errors():
         ((codes, (0, 0, 4), regions, 1.0), r"box: expected 4 values"),
         ((codes, (0.0, 0.5, 4.0, 4.0), regions, 1.0), r"box: expected 4 integers"),
         ((codes, "0044", regions, 1.0), r"box"),
-        ((codes, (0, 0, 2, 2), np.array([[0, 0, 3, 2]], np.int32), 1.0), r"regions: row 0 = \[0, 0, 3, 2\).*outside the box"),
+        (
+            (codes, (0, 0, 2, 2), np.array([[0, 0, 3, 2]], np.int32), 1.0),
+            r"regions: row 0 = \[0, 0, 3, 2\).*outside the box",
+        ),
         ((codes, (0, 0, 2, 2), np.array([[0, 0, 2, 2], [1, 1, 1, 2]], np.int32), 1.0), r"regions: row 1.*empty"),
         ((codes, None, np.array([[0, -1, 2, 2]], np.int32), 1.0), r"regions: row 0"),
         ((codes, None, regions.astype(np.int64), 1.0), r"regions: expected dtype int32"),
@@ -466,8 +503,9 @@ def test_rmac_in_box_from_codes_equals_float_crop(random_codes):
     channels = 48
     codes = random_codes(rng, 20, 15, channels)
     scale = 0.013
-    mean, projection = cm.fit_pca_whitening(np.abs(rng.standard_normal((200, channels))).astype(np.float32),
-                                            dim=32, shrinkage=1e-2)
+    mean, projection = cm.fit_pca_whitening(
+        np.abs(rng.standard_normal((200, channels))).astype(np.float32), dim=32, shrinkage=1e-2
+    )
     for rmac in [cm.RMACInBox(), cm.RMACInBox(mean, projection), cm.RMACInBox(mean, projection, levels=1)]:
         for box in [None, (2, 3, 13, 19), (4, 4, 5, 5), (0, 0, 15, 20), (0, 10, 15, 11)]:
             crop = _core.dequantize_codes(codes, box, scale)
@@ -477,16 +515,22 @@ def test_rmac_in_box_from_codes_equals_float_crop(random_codes):
             np.testing.assert_array_equal(got, expected)
             # The generic path is R-MAC: grid regions → MAC → aggregate (l2, whiten, l2, sum, l2).
             regions = _core.rmac_regions(crop.shape[1], crop.shape[2], rmac.levels)
-            np.testing.assert_array_equal(expected, cm.aggregate_regions(
-                grid_mac_codes_reference(codes, box, regions, scale), rmac.whitening_mean, rmac.whitening_projection))
+            np.testing.assert_array_equal(
+                expected,
+                cm.aggregate_regions(
+                    grid_mac_codes_reference(codes, box, regions, scale), rmac.whitening_mean, rmac.whitening_projection
+                ),
+            )
     # The Extractor's R-MAC (the descriptor the index holds) is the same function.
     from types import SimpleNamespace
 
     extractor = cm.Extractor(SimpleNamespace(max_size=1024, dim=channels), "rmac", rmac_levels=2)
     extractor.whitening_mean, extractor.whitening_projection = mean, projection
     rmac = cm.RMACInBox(extractor.whitening_mean, extractor.whitening_projection, extractor.rmac_levels)
-    np.testing.assert_array_equal(rmac.from_codes(codes, (1, 2, 12, 17), scale),
-                                  extractor.descriptor_from_feature_map(_core.dequantize_codes(codes, (1, 2, 12, 17), scale)))
+    np.testing.assert_array_equal(
+        rmac.from_codes(codes, (1, 2, 12, 17), scale),
+        extractor.descriptor_from_feature_map(_core.dequantize_codes(codes, (1, 2, 12, 17), scale)),
+    )
     # An all-zero map (scale 0) gives a zero descriptor either way.
     zeros = np.zeros((4, 4, channels), np.uint8)
     np.testing.assert_array_equal(cm.RMACInBox().from_codes(zeros, None, 0.0), np.zeros(channels, np.float32))
@@ -520,12 +564,13 @@ def test_aml_rerank_with_rmac_in_box_equals_float_crop_path(tmp_path):
             fmap = np.maximum(rng.standard_normal((channels, 11, 14)), 0).astype(np.float32)
             if i % 2 == 0:
                 y, x = rng.integers(0, 7), rng.integers(0, 9)
-                fmap[:, y:y + 4, x:x + 5] = np.maximum(fmap[:, y:y + 4, x:x + 5], pattern)
+                fmap[:, y : y + 4, x : x + 5] = np.maximum(fmap[:, y : y + 4, x : x + 5], pattern)
             writer.add(fmap, f"im{i}")
         writer.add(np.zeros((channels, 3, 4), np.float32), "blank")  # scale 0
     store = cm.FeatureMapStore(path)
-    mean, projection = cm.fit_pca_whitening(np.abs(rng.standard_normal((100, channels))).astype(np.float32),
-                                            shrinkage=1e-2)
+    mean, projection = cm.fit_pca_whitening(
+        np.abs(rng.standard_normal((100, channels))).astype(np.float32), shrinkage=1e-2
+    )
     used = {"from_codes": 0, "crop": 0}
 
     class CountingRMACInBox(cm.RMACInBox):
@@ -551,10 +596,12 @@ def test_aml_rerank_with_rmac_in_box_equals_float_crop_path(tmp_path):
     candidates = rng.permutation(len(store))
     results = {}
     for qe_k in (0, 3):
-        expected = cm.aml_rerank(query_mac, query_descriptor, candidates, store, float_path, top_n=8, qe_k=qe_k,
-                                 query_aspect=5 / 4)
-        got = cm.aml_rerank(query_mac, query_descriptor, candidates, store, rmac, top_n=8, qe_k=qe_k,
-                            query_aspect=5 / 4)
+        expected = cm.aml_rerank(
+            query_mac, query_descriptor, candidates, store, float_path, top_n=8, qe_k=qe_k, query_aspect=5 / 4
+        )
+        got = cm.aml_rerank(
+            query_mac, query_descriptor, candidates, store, rmac, top_n=8, qe_k=qe_k, query_aspect=5 / 4
+        )
         np.testing.assert_array_equal(got.indices, expected.indices)
         np.testing.assert_array_equal(got.scores, expected.scores)
         np.testing.assert_array_equal(got.boxes, expected.boxes)
@@ -563,8 +610,9 @@ def test_aml_rerank_with_rmac_in_box_equals_float_crop_path(tmp_path):
     assert len(calls) == 16 and used == {"from_codes": 16, "crop": 0}  # RMACInBox never made a float crop
     # A callable whose from_store attribute is not callable is used as a plain callable.
     float_path.from_store = None
-    plain = cm.aml_rerank(query_mac, query_descriptor, candidates, store, float_path, top_n=8, qe_k=0,
-                          query_aspect=5 / 4)
+    plain = cm.aml_rerank(
+        query_mac, query_descriptor, candidates, store, float_path, top_n=8, qe_k=0, query_aspect=5 / 4
+    )
     assert len(calls) == 24
     np.testing.assert_array_equal(plain.indices, results[0].indices)
     np.testing.assert_array_equal(plain.scores, results[0].scores)
@@ -582,7 +630,8 @@ def test_pipeline_rerank_of_rmac_uses_the_codes_and_matches_the_float_path(monke
     maps = pipeline.DatasetFeatureMaps(database=database, whitening=[], queries={}, seconds=0.0)
     extractor = cm.Extractor(SimpleNamespace(max_size=1024, dim=channels), "rmac")
     extractor.whitening_mean, extractor.whitening_projection = cm.fit_pca_whitening(
-        np.abs(rng.standard_normal((80, channels))).astype(np.float32), shrinkage=1e-2)
+        np.abs(rng.standard_normal((80, channels))).astype(np.float32), shrinkage=1e-2
+    )
     queries = np.stack([extractor.descriptor_from_feature_map(q.astype(np.float32)) for q, _ in query_maps])
     ranks = np.stack([rng.permutation(7) for _ in range(2)], axis=1)
     descriptor_kinds = []
@@ -618,9 +667,13 @@ def clustermac_reference(store, index, box, mean, projection, grid, pooling="mas
         inside = np.ascontiguousarray(lab[y0:y1, x0:x1])
         if pooling == "box":
             present = [k for k in range(inside.max() + 1) if (inside == k).any()]
-            boxes = [(np.nonzero((inside == k).any(0))[0][[0, -1]], np.nonzero((inside == k).any(1))[0][[0, -1]])
-                     for k in present]
-            blocks.append(np.array([crop[:, ys[0]:ys[1] + 1, xs[0]:xs[1] + 1].max(axis=(1, 2)) for xs, ys in boxes]))
+            boxes = [
+                (np.nonzero((inside == k).any(0))[0][[0, -1]], np.nonzero((inside == k).any(1))[0][[0, -1]])
+                for k in present
+            ]
+            blocks.append(
+                np.array([crop[:, ys[0] : ys[1] + 1, xs[0] : xs[1] + 1].max(axis=(1, 2)) for xs, ys in boxes])
+            )
         else:
             blocks.append(cm.region_mac(crop, inside))
     return cm.aggregate_regions(np.concatenate(blocks), mean, projection)
@@ -638,8 +691,9 @@ def test_clustermac_in_box_equals_the_float_path(tmp_path):
         writer.add(np.ones((channels, 9, 12), np.float32), "unlabelled")
     store = cm.FeatureMapStore(path)
     assert len(store.labels(0)) == 3  # 5 + 20 feature clusters, 5 RGB clusters
-    mean, projection = cm.fit_pca_whitening(np.abs(rng.standard_normal((90, channels))).astype(np.float32),
-                                            shrinkage=1e-2)
+    mean, projection = cm.fit_pca_whitening(
+        np.abs(rng.standard_normal((90, channels))).astype(np.float32), shrinkage=1e-2
+    )
     for whitening in ((None, None), (mean, projection)):
         for grid, pooling in ((False, "mask"), (True, "mask"), (False, "box"), (True, "box")):
             in_box = cm.ClusterMACInBox(*whitening, add_grid_regions=grid, cluster_pooling=pooling)
@@ -657,8 +711,7 @@ def test_clustermac_in_box_equals_the_float_path(tmp_path):
     query_mac = query.max(axis=(1, 2))
     in_box = cm.ClusterMACInBox(mean, projection)
     query_descriptor = in_box.from_store(store, 0, (2, 1, 9, 7))
-    result = cm.aml_rerank(query_mac, query_descriptor, [2, 1, 0], store, in_box, top_n=3, qe_k=0,
-                           query_aspect=7 / 6)
+    result = cm.aml_rerank(query_mac, query_descriptor, [2, 1, 0], store, in_box, top_n=3, qe_k=0, query_aspect=7 / 6)
     for index, box, score in zip(result.indices, result.boxes, result.scores):
         expected = clustermac_reference(store, int(index), tuple(box), mean, projection, False) @ query_descriptor
         assert score == pytest.approx(expected, abs=1e-6)
@@ -672,7 +725,9 @@ def test_extractor_box_descriptor_kinds():
 
     backbone = SimpleNamespace(max_size=1024, dim=8)
     assert isinstance(cm.Extractor(backbone, "rmac").box_descriptor(), cm.RMACInBox)
-    clustermac_in_box = cm.Extractor(backbone, "clustermac", add_grid_regions=True, cluster_pooling="box").box_descriptor()
+    clustermac_in_box = cm.Extractor(
+        backbone, "clustermac", add_grid_regions=True, cluster_pooling="box"
+    ).box_descriptor()
     assert isinstance(clustermac_in_box, cm.ClusterMACInBox) and clustermac_in_box.add_grid_regions
     assert clustermac_in_box.cluster_pooling == "box"
     mac = cm.Extractor(backbone, "mac")
@@ -686,8 +741,13 @@ def test_pipeline_rerank_of_clustermac_stored_or_reclustered(monkeypatch):
 
     rng = np.random.default_rng(61)
     channels = 16
-    database = [(np.maximum(rng.standard_normal((channels, 8, 10)), 0).astype(np.float16),
-                 rng.random((8, 10, 3)).astype(np.float32)) for _ in range(6)]
+    database = [
+        (
+            np.maximum(rng.standard_normal((channels, 8, 10)), 0).astype(np.float16),
+            rng.random((8, 10, 3)).astype(np.float32),
+        )
+        for _ in range(6)
+    ]
     query_maps = [(np.maximum(rng.standard_normal((channels, 4, 5)), 0).astype(np.float16), None)]
     maps = pipeline.DatasetFeatureMaps(database=database, whitening=[], queries={}, seconds=0.0)
     extractor = cm.Extractor(SimpleNamespace(max_size=1024, dim=channels), "clustermac", pca_dim=4)
