@@ -1,10 +1,6 @@
-"""AML localisation against exhaustive search, the 8-bit feature-map store, and AML re-ranking."""
+"""AML localisation against exhaustive search, AML re-ranking, and R-MAC / ClusterMAC inside a box."""
 
 from __future__ import annotations
-
-import json
-import os
-import struct
 
 import numpy as np
 import pytest
@@ -183,112 +179,6 @@ def test_aml_errors():
         _core.aml_localize_codes(np.ones((5, 4, 3), np.uint8).transpose(1, 0, 2), query)
 
 
-# --- 8-bit feature-map store ----------------------------------------------------------------------
-
-
-def test_quantize_feature_map():
-    rng = np.random.default_rng(40)
-    fmap = np.maximum(rng.standard_normal((6, 4, 5)), 0).astype(np.float32)
-    codes, scale = cm.quantize_feature_map(fmap)
-    assert codes.dtype == np.uint8 and codes.max() == 255
-    assert np.abs(codes * scale - fmap).max() <= scale / 2 + 1e-6
-    codes, scale = cm.quantize_feature_map(np.zeros((2, 2, 2), np.float32))
-    assert scale == 0.0 and codes.max() == 0
-    with pytest.raises(ValueError, match="D×H×W"):
-        cm.quantize_feature_map(np.zeros((2, 2), np.float32))
-    with pytest.raises(ValueError, match="finite"):
-        cm.quantize_feature_map(np.full((1, 1, 1), np.nan, np.float32))
-
-
-def test_store_roundtrip_and_atomic_writer(tmp_path):
-    rng = np.random.default_rng(41)
-    maps = [np.maximum(rng.standard_normal((8, 3 + i, 4 + 2 * i)), 0).astype(np.float32) for i in range(4)]
-    path = tmp_path / "maps.cmfm"
-    with cm.FeatureMapStoreWriter(path) as writer:
-        for i, fmap in enumerate(maps):
-            writer.add(fmap, f"image_{i}")
-    store = cm.FeatureMapStore(path)
-    umask = os.umask(0)
-    os.umask(umask)
-    assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask  # a plain open's permissions
-    assert len(store) == 4 and store.names == [f"image_{i}" for i in range(4)]
-    for i, fmap in enumerate(maps):
-        assert store.codes(i).shape == fmap.shape[1:] + (8,)
-        np.testing.assert_allclose(store.feature_map(i), fmap, atol=store.scale(i) / 2 + 1e-6)
-    np.testing.assert_allclose(store.feature_map(3, (1, 2, 5, 4)), maps[3][:, 2:4, 1:5], atol=store.scale(3) / 2 + 1e-6)
-    with pytest.raises(ValueError, match="box"):
-        store.feature_map(0, (0, 0, 99, 1))
-    with pytest.raises(IndexError):
-        store.codes(4)
-    # An exception inside the writer leaves neither the target nor a temporary behind.
-    with pytest.raises(RuntimeError):
-        with cm.FeatureMapStoreWriter(tmp_path / "broken.cmfm") as writer:
-            writer.add(maps[0], "a")
-            raise RuntimeError("interrupted")
-    assert sorted(os.listdir(tmp_path)) == ["maps.cmfm"]
-    with cm.FeatureMapStoreWriter(tmp_path / "other.cmfm") as writer:
-        writer.add(maps[0], "a")
-        with pytest.raises(ValueError, match="8 channels"):
-            writer.add(np.zeros((3, 2, 2), np.float32), "b")
-    # Corrupt files are refused with a clear error.
-    (tmp_path / "junk.cmfm").write_bytes(b"not a store" * 10)
-    with pytest.raises(ValueError, match="not a clustermac feature-map store"):
-        cm.FeatureMapStore(tmp_path / "junk.cmfm")
-    truncated = path.read_bytes()[:200]
-    (tmp_path / "truncated.cmfm").write_bytes(truncated)
-    with pytest.raises(ValueError, match="truncated"):
-        cm.FeatureMapStore(tmp_path / "truncated.cmfm")
-
-
-def test_store_keeps_cluster_labels_and_reads_version_1_files(tmp_path):
-    rng = np.random.default_rng(42)
-    maps = [np.maximum(rng.standard_normal((5, 4, 6)), 0).astype(np.float32) for _ in range(3)]
-    labels = [rng.integers(-1, 20, (4, 6)), rng.integers(0, 5, (4, 6)).astype(np.int8)]
-    path = tmp_path / "labelled.cmfm"
-    with cm.FeatureMapStoreWriter(path) as writer:
-        writer.add(maps[0], "with", labels=labels)
-        writer.add(maps[1], "without")
-        writer.add(maps[2], "one", labels=[np.full((4, 6), 32767)])
-    store = cm.FeatureMapStore(path)
-    got = store.labels(0)
-    assert len(got) == 2 and all(g.dtype == np.int32 and g.flags.c_contiguous for g in got)
-    for g, expected in zip(got, labels):
-        np.testing.assert_array_equal(g, expected)
-    assert store.labels(1) == []
-    np.testing.assert_array_equal(store.labels(2)[0], np.full((4, 6), 32767))
-    for i, fmap in enumerate(maps):  # codes unaffected by the labels around them
-        np.testing.assert_allclose(store.feature_map(i), fmap, atol=store.scale(i) / 2 + 1e-6)
-    with cm.FeatureMapStoreWriter(tmp_path / "bad.cmfm") as writer:
-        for bad, message in (
-            ([np.zeros((4, 5), np.int32)], "shape"),
-            ([np.zeros((4, 6), np.float32)], "integer"),
-            ([np.full((4, 6), -2)], r"\[-1, 32767\]"),
-            ([np.full((4, 6), 40000)], r"\[-1, 32767\]"),
-        ):
-            with pytest.raises(ValueError, match=message):
-                writer.add(maps[0], "x", labels=bad)
-    # A version-1 file (no labels: magic CMACFM01, 24-byte table rows) is still read.
-    codes, scale = cm.quantize_feature_map(maps[0])
-    payload = np.ascontiguousarray(codes.transpose(1, 2, 0)).tobytes()
-    table = np.array(
-        [(64, 5, 4, 6, scale)],
-        dtype=[("offset", "<u8"), ("channels", "<u4"), ("height", "<u4"), ("width", "<u4"), ("scale", "<f4")],
-    )
-    names = json.dumps(["old"]).encode()
-    table_offset = 64 + len(payload)
-    blob = (
-        struct.pack("<8sQQ", b"CMACFM01", table_offset, 1).ljust(64, b"\0")
-        + payload
-        + table.tobytes()
-        + struct.pack("<Q", len(names))
-        + names
-    )
-    (tmp_path / "v1.cmfm").write_bytes(blob)
-    old = cm.FeatureMapStore(tmp_path / "v1.cmfm")
-    assert old.names == ["old"] and old.labels(0) == []
-    np.testing.assert_array_equal(old.codes(0), store.codes(0))
-
-
 # --- re-ranking -------------------------------------------------------------------------------------
 
 
@@ -373,131 +263,6 @@ def test_aml_rerank_errors(tmp_path):
         cm.aml_rerank(q, q / 2, [0], store, mac_descriptor, n_threads="all")
 
 
-# --- R-MAC inside a box straight from the 8-bit codes ------------------------------------------
-
-
-def grid_mac_codes_reference(codes, box, regions, scale):
-    """Dequantise (code · scale in float32), go to D×H×W, crop to the box, max per region."""
-    fmap = (codes.astype(np.float32) * np.float32(scale)).transpose(2, 0, 1)
-    if box is not None:
-        x0, y0, x1, y1 = box
-        fmap = fmap[:, y0:y1, x0:x1]
-    out = np.zeros((len(regions), codes.shape[2]), np.float32)
-    for r, (x0, y0, x1, y1) in enumerate(regions):
-        out[r] = fmap[:, y0:y1, x0:x1].max(axis=(1, 2))
-    return out
-
-
-def random_regions_sharing_columns(rng, height, width, count=12):
-    """Regions in random order over a few column ranges, with disjoint, overlapping and nested rows
-    (the kernel takes the rows' maxima once per column range)."""
-    columns = []
-    for _ in range(3):
-        x0 = int(rng.integers(0, width))
-        columns.append((x0, int(rng.integers(x0 + 1, width + 1))))
-    regions = []
-    for _ in range(count):
-        x0, x1 = columns[int(rng.integers(0, len(columns)))]
-        y0 = int(rng.integers(0, height))
-        regions.append((x0, y0, x1, int(rng.integers(y0 + 1, height + 1))))
-    return np.array(regions, np.int32)
-
-
-@pytest.mark.parametrize("channels", [1, 37, 64, 100])
-def test_grid_mac_codes_equals_numpy_reference(channels, random_codes):
-    rng = np.random.default_rng(channels)
-    height, width = 13, 17
-    codes = random_codes(rng, height, width, channels)
-    scale = 0.0371
-    boxes = [None, (0, 0, width, height), (3, 2, 15, 11), (6, 4, 7, 5), (0, 9, 17, 13), (16, 12, 17, 13)]
-    for box in boxes:
-        x0, y0, x1, y1 = box if box is not None else (0, 0, width, height)
-        h, w = y1 - y0, x1 - x0
-        region_sets = [
-            _core.rmac_regions(h, w),
-            _core.rmac_regions(h, w, 1),
-            np.array([[0, 0, 1, 1]], np.int32),  # one cell
-            np.array([[0, 0, w, h]], np.int32),  # the whole box
-            np.array([[w - 1, h - 1, w, h], [0, h - 1, w, h]], np.int32),
-            np.zeros((0, 4), np.int32),  # no region at all
-            random_regions_sharing_columns(rng, h, w),
-        ]
-        for regions in region_sets:
-            got = _core.grid_mac_codes(codes, box, regions, scale)
-            assert got.dtype == np.float32 and got.shape == (len(regions), channels)
-            np.testing.assert_array_equal(got, grid_mac_codes_reference(codes, box, regions, scale))
-            if len(regions):
-                # Bit for bit the float path: grid_mac on dequantize_codes' crop.
-                crop = _core.dequantize_codes(codes, box, scale)
-                np.testing.assert_array_equal(got, _core.grid_mac(crop, regions))
-
-
-def test_grid_mac_codes_edge_values(random_codes):
-    rng = np.random.default_rng(3)
-    codes = random_codes(rng, 5, 4, 33)
-    regions = _core.rmac_regions(5, 4)
-    # Zero scale (an all-zero map is stored with scale 0): everything is 0.
-    np.testing.assert_array_equal(_core.grid_mac_codes(codes, None, regions, 0.0), np.zeros((len(regions), 33)))
-    # All codes 255 and a scale that is not exactly representable: the same float as the dequantised map.
-    full = np.full((5, 4, 33), 255, np.uint8)
-    got = _core.grid_mac_codes(full, (1, 1, 3, 4), np.array([[0, 0, 2, 3]], np.int32), 0.1)
-    np.testing.assert_array_equal(got, np.full((1, 33), np.float32(255) * np.float32(0.1)))
-    # A map of one location, and integer-like box values from NumPy.
-    one = rng.integers(0, 256, (1, 1, 7), dtype=np.uint8)
-    box = np.array([0, 0, 1, 1], np.int32)
-    got = _core.grid_mac_codes(one, box, np.array([[0, 0, 1, 1]], np.int32), 2.5)
-    np.testing.assert_array_equal(got[0], one[0, 0].astype(np.float32) * np.float32(2.5))
-    # Constant codes: every region gives the constant.
-    constant = np.full((6, 6, 5), 9, np.uint8)
-    np.testing.assert_array_equal(
-        _core.grid_mac_codes(constant, None, _core.rmac_regions(6, 6), 1.0),
-        np.full((len(_core.rmac_regions(6, 6)), 5), 9.0, np.float32),
-    )
-    # A read-only memory-mapped-like view (what FeatureMapStore.codes returns) is accepted.
-    readonly = codes.copy()
-    readonly.setflags(write=False)
-    np.testing.assert_array_equal(
-        _core.grid_mac_codes(readonly, None, regions, 0.5), grid_mac_codes_reference(codes, None, regions, 0.5)
-    )
-
-
-def test_grid_mac_codes_errors():
-    codes = np.zeros((6, 8, 4), np.uint8)
-    regions = np.array([[0, 0, 2, 2]], np.int32)
-    cases = [
-        ((codes, (0, 0, 9, 6), regions, 1.0), r"box.*0 <= x0 < x1 <= 8"),  # outside the map
-        ((codes, (-1, 0, 2, 2), regions, 1.0), r"box.*got \[-1, 0, 2, 2\)"),
-        ((codes, (0, 0, 8, 7), regions, 1.0), r"box.*0 <= y0 < y1 <= 6"),
-        ((codes, (3, 1, 3, 4), regions, 1.0), r"box.*x0 < x1"),  # empty
-        ((codes, (0, 2, 4, 2), regions, 1.0), r"box.*y0 < y1"),
-        ((codes, (0, 0, 4), regions, 1.0), r"box: expected 4 values"),
-        ((codes, (0.0, 0.5, 4.0, 4.0), regions, 1.0), r"box: expected 4 integers"),
-        ((codes, "0044", regions, 1.0), r"box"),
-        (
-            (codes, (0, 0, 2, 2), np.array([[0, 0, 3, 2]], np.int32), 1.0),
-            r"regions: row 0 = \[0, 0, 3, 2\).*outside the box",
-        ),
-        ((codes, (0, 0, 2, 2), np.array([[0, 0, 2, 2], [1, 1, 1, 2]], np.int32), 1.0), r"regions: row 1.*empty"),
-        ((codes, None, np.array([[0, -1, 2, 2]], np.int32), 1.0), r"regions: row 0"),
-        ((codes, None, regions.astype(np.int64), 1.0), r"regions: expected dtype int32"),
-        ((codes, None, np.array([0, 0, 2, 2], np.int32), 1.0), r"regions: expected a 2-D array"),
-        ((codes, None, np.zeros((1, 3), np.int32), 1.0), r"regions: expected shape \(R, 4\)"),
-        ((codes.astype(np.uint16), None, regions, 1.0), r"codes: expected dtype uint8.*uint16"),
-        ((codes.astype(np.float32), None, regions, 1.0), r"codes: expected dtype uint8.*float32"),
-        ((codes.tolist(), None, regions, 1.0), r"codes: expected a uint8 NumPy array.*list"),
-        ((np.zeros((6, 8), np.uint8), None, regions, 1.0), r"codes: expected a 3-D array.*\(6, 8\)"),
-        ((np.zeros((6, 16, 4), np.uint8)[:, ::2], None, regions, 1.0), r"codes: expected a C-contiguous"),
-        ((np.zeros((0, 8, 4), np.uint8), None, regions, 1.0), r"codes: expected a non-empty"),
-        ((codes, None, regions, -1.0), r"scale: expected a finite number >= 0, got -1"),
-        ((codes, None, regions, float("nan")), r"scale: expected a finite number >= 0"),
-        ((codes, None, regions, float("inf")), r"scale: expected a finite number >= 0"),
-        ((codes, None, regions, 1e38), r"scale: .*255·scale finite"),  # 255 · scale overflows float32
-    ]
-    for arguments, message in cases:
-        with pytest.raises(ValueError, match=message):
-            _core.grid_mac_codes(*arguments)
-
-
 def test_rmac_in_box_from_codes_equals_float_crop(random_codes):
     rng = np.random.default_rng(11)
     channels = 48
@@ -515,11 +280,11 @@ def test_rmac_in_box_from_codes_equals_float_crop(random_codes):
             np.testing.assert_array_equal(got, expected)
             # The generic path is R-MAC: grid regions → MAC → aggregate (l2, whiten, l2, sum, l2).
             regions = _core.rmac_regions(crop.shape[1], crop.shape[2], rmac.levels)
+            x0, y0, x1, y1 = box if box is not None else (0, 0, codes.shape[1], codes.shape[0])
+            numpy_crop = (codes.astype(np.float32) * np.float32(scale)).transpose(2, 0, 1)[:, y0:y1, x0:x1]
+            regional = np.stack([numpy_crop[:, b:d, a:c].max(axis=(1, 2)) for a, b, c, d in regions])
             np.testing.assert_array_equal(
-                expected,
-                cm.aggregate_regions(
-                    grid_mac_codes_reference(codes, box, regions, scale), rmac.whitening_mean, rmac.whitening_projection
-                ),
+                expected, cm.aggregate_regions(regional, rmac.whitening_mean, rmac.whitening_projection)
             )
     # The Extractor's R-MAC (the descriptor the index holds) is the same function.
     from types import SimpleNamespace
