@@ -9,7 +9,8 @@ from PIL import Image
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper  # noqa: E402
 
-from clustermac.backbone import PRESETS, Backbone, default_backbone  # noqa: E402
+from clustermac import Backbone, default_backbone  # noqa: E402
+from clustermac.backbone import PRESETS  # noqa: E402
 
 
 def reference_features(network_input: np.ndarray, weight, bias, stride: int) -> np.ndarray:

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from clustermac import Backbone
 from clustermac import efficientnet_lite as lite
-from clustermac.backbone import Backbone
 
 onnxruntime = pytest.importorskip("onnxruntime")
 

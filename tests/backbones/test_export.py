@@ -13,7 +13,7 @@ import onnx
 import onnxruntime
 import pytest
 
-from clustermac.backbone import Backbone
+from clustermac import Backbone
 from clustermac.export import _randomise, build_torch_backbone, export_backbone, load_backbone_weights
 
 try:

@@ -435,8 +435,7 @@ def test_render_report_rejects_a_malformed_table():
 # ------------------------------------------------------------------------------ end to end
 @pytest.fixture(scope="module")
 def extractor():
-    from clustermac.backbone import default_backbone
-    from clustermac.descriptors import Extractor
+    from clustermac import Extractor, default_backbone
 
     return Extractor(default_backbone(n_threads=1), max_size=320)
 

@@ -4,13 +4,14 @@ the errors that name what is wrong (on a tiny ONNX backbone)."""
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
 from PIL import Image
 
 import clustermac
-import clustermac.descriptor_store as store
+from clustermac.descriptor_store import list_images
 
 
 @pytest.fixture
@@ -31,9 +32,9 @@ def write_images(folder, n, seed=0):
 def test_list_images_recurses_and_refuses_a_file(tmp_path):
     names = write_images(tmp_path / "a", 2)
     write_images(tmp_path / "a" / "sub", 1)
-    assert store.list_images(tmp_path / "a") == [*names, "sub/img0.png"]
+    assert list_images(tmp_path / "a") == [*names, "sub/img0.png"]
     with pytest.raises(ValueError, match="not a directory"):
-        store.list_images(tmp_path / "a" / "img0.png")
+        list_images(tmp_path / "a" / "img0.png")
 
 
 def test_progress_bar_reports_the_skipped_file(tmp_path, extractor, capsys):
@@ -76,7 +77,7 @@ def test_failed_write_keeps_the_previous_descriptors(tmp_path, extractor, monkey
     def full_disk(*args, **kwargs):
         raise OSError("no space left on device")
 
-    monkeypatch.setattr(store.os, "replace", full_disk)
+    monkeypatch.setattr(os, "replace", full_disk)  # every rename fails
     with pytest.raises(OSError, match="no space left"):
         clustermac.extract_folder(extractor, tmp_path / "images", out, progress=False)
     monkeypatch.undo()

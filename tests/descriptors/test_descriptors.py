@@ -14,9 +14,8 @@ import pytest
 from PIL import Image
 
 import clustermac
-from clustermac import _core
-from clustermac.descriptor_store import extract_folder, load_descriptors
-from clustermac.descriptors import Extractor, _activation_box
+from clustermac import Extractor, _core, extract_folder, load_descriptors
+from clustermac.descriptors import _activation_box
 
 
 class BlockBackbone:

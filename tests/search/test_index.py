@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -159,7 +160,7 @@ def test_index_save_refuses_foreign_path_and_failed_save_leaves_old_index(tmp_pa
     def broken_dump(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("clustermac.index.json.dump", broken_dump)
+    monkeypatch.setattr(json, "dump", broken_dump)  # the index writes its names with json.dump
     with pytest.raises(OSError, match="disk full"):
         bigger.save(path)
     monkeypatch.undo()
