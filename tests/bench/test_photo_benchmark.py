@@ -153,7 +153,7 @@ def test_every_positive_shows_its_instance(bench, records, sources):
                 expected = _rewarp_grey(record, by_name[record["source"]], image.shape[1], image.shape[0])
                 correlation = np.corrcoef(expected[inner], image[inner])[0, 1]
                 assert correlation > 0.3, (name, correlation)
-                # Control: the same comparison against a distractor is near chance.
+                # The control (distractors under the same mask) is test_rewarp_check_can_fail.
                 checked += 1
     assert checked >= SMALL["n_queries"] // 2
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import warnings
 
 import numpy as np
 import pytest
@@ -244,33 +243,31 @@ def test_evaluate_with_rerank_distractors_and_both_crops(tmp_path, capsys, refer
         shutil.copy(positive, distractor_dir / copies[-1])
     (distractor_dir / "list.txt").write_text("\n".join(copies) + "\n")
     out = tmp_path / "eval"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        assert (
-            main(
-                [
-                    "evaluate",
-                    "--data-root",
-                    str(bench),
-                    "--whitening-root",
-                    str(tmp_path / "white"),
-                    "--methods",
-                    "rmac",
-                    "--crops",
-                    "image",
-                    "activations",
-                    "--rerank",
-                    "--distractors",
-                    str(distractor_dir / "list.txt"),
-                    "--max-size",
-                    "256",
-                    "--out",
-                    str(out),
-                    "--quiet",
-                ]
-            )
-            == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--data-root",
+                str(bench),
+                "--whitening-root",
+                str(tmp_path / "white"),
+                "--methods",
+                "rmac",
+                "--crops",
+                "image",
+                "activations",
+                "--rerank",
+                "--distractors",
+                str(distractor_dir / "list.txt"),
+                "--max-size",
+                "256",
+                "--out",
+                str(out),
+                "--quiet",
+            ]
         )
+        == 0
+    )
     table = capsys.readouterr().out
     results = json.loads((out / "results.json").read_text())
     labels = [row["label"] for row in results["rows"]]
