@@ -432,3 +432,30 @@ def test_sixteen_bit_rgb_png(tmp_path):
     expected[0, 0] = (255, 0, 128)
     assert result.shape == (48, 64, 3)
     assert np.abs(result.astype(int) - expected).max() <= 1
+
+
+def test_array_layouts_single_channel_and_rgba():
+    gray = pattern()[:, :, :1]  # H×W×1 is grayscale
+    np.testing.assert_array_equal(np.asarray(load_image(gray)), np.repeat(gray, 3, axis=2))
+    rgba = np.dstack([pattern(), np.full(pattern().shape[:2], 0, np.uint8)])  # fully transparent
+    assert (np.asarray(load_image(rgba)) == 255).all()  # composited on white
+    with pytest.raises(ValueError, match="image array is empty"):
+        load_image(np.zeros((0, 5, 3), np.uint8))
+
+
+def test_lab_image_is_refused_with_its_name():
+    lab = Image.new("LAB", (8, 6))
+    with pytest.raises(ImageLoadError, match="CIE LAB colour space"):
+        load_image(lab)
+
+
+def test_decompression_bomb_is_an_image_load_error(tmp_path, monkeypatch):
+    path = save(tmp_path, "big.png", Image.fromarray(pattern(64, 64)))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64 * 64 // 4)  # PIL refuses beyond twice this
+    with pytest.raises(ImageLoadError, match=r"big.png: image too large to decode safely"):
+        load_image(path)
+
+
+def test_crop_box_needs_a_pil_image():
+    with pytest.raises(TypeError, match="image must be a PIL image, got ndarray"):
+        crop_box(pattern(), (0, 0, 4, 4))
