@@ -1,4 +1,5 @@
 """Image loading, resizing and box mapping (clustermac.images)."""
+
 from __future__ import annotations
 
 import io
@@ -10,15 +11,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clustermac.images import (BOX_TOLERANCE, ImageLoadError, crop_box, load_image, map_box,
-                               resize_max)
+from clustermac.images import BOX_TOLERANCE, ImageLoadError, crop_box, load_image, map_box, resize_max
 
 
 def pattern(height: int = 48, width: int = 64) -> np.ndarray:
     """A smooth, asymmetric RGB test pattern (smooth so JPEG keeps it close)."""
     y, x = np.mgrid[0:height, 0:width]
-    rgb = np.stack([255 * x / (width - 1), 255 * y / (height - 1),
-                    np.full_like(x, 90, dtype=float)], axis=2)
+    rgb = np.stack([255 * x / (width - 1), 255 * y / (height - 1), np.full_like(x, 90, dtype=float)], axis=2)
     return np.rint(rgb).astype(np.uint8)
 
 
@@ -29,6 +28,7 @@ def save(tmp_path, name: str, image: Image.Image, **params) -> str:
 
 
 # ------------------------------------------------------------------------- image modes
+
 
 def test_rgb_png_is_exact(tmp_path):
     array = pattern()
@@ -54,7 +54,7 @@ def test_grayscale_is_replicated_to_three_channels(tmp_path):
 
 
 def test_one_bit_image(tmp_path):
-    bits = (pattern()[:, :, 0] > 128)
+    bits = pattern()[:, :, 0] > 128
     image = load_image(save(tmp_path, "b.png", Image.fromarray(bits)))
     np.testing.assert_array_equal(np.asarray(image)[:, :, 1], np.where(bits, 255, 0))
 
@@ -105,8 +105,8 @@ def test_rgba_is_composited_on_white(tmp_path):
     rgba = np.zeros((48, 64, 4), np.uint8)
     rgba[:, :, :3] = pattern()
     rgba[:, :, 3] = 255
-    rgba[:, :32, 3] = 0          # left half fully transparent
-    rgba[:, 32:40, 3] = 128      # a half-transparent band
+    rgba[:, :32, 3] = 0  # left half fully transparent
+    rgba[:, 32:40, 3] = 128  # a half-transparent band
     result = np.asarray(load_image(save(tmp_path, "t.png", Image.fromarray(rgba, "RGBA"))))
     assert (result[:, :32] == 255).all()
     np.testing.assert_array_equal(result[:, 40:], pattern()[:, 40:])
@@ -153,6 +153,7 @@ def test_float_tiff(tmp_path):
 
 # ------------------------------------------------------------------------- other sources
 
+
 def test_pil_image_and_arrays():
     array = pattern()
     np.testing.assert_array_equal(np.asarray(load_image(Image.fromarray(array))), array)
@@ -179,12 +180,15 @@ def test_pil_image_with_exif_orientation_is_rotated(tmp_path):
         assert load_image(opened).size == (40, 80)
 
 
-@pytest.mark.parametrize("array, words", [
-    (np.zeros((4, 4, 3), np.float64), "uint8"),
-    (np.zeros((4, 4, 2), np.uint8), "shape"),
-    (np.zeros(16, np.uint8), "shape"),
-    (np.zeros((0, 4, 3), np.uint8), "empty"),
-])
+@pytest.mark.parametrize(
+    "array, words",
+    [
+        (np.zeros((4, 4, 3), np.float64), "uint8"),
+        (np.zeros((4, 4, 2), np.uint8), "shape"),
+        (np.zeros(16, np.uint8), "shape"),
+        (np.zeros((0, 4, 3), np.uint8), "empty"),
+    ],
+)
 def test_bad_arrays_are_refused(array, words):
     with pytest.raises(ValueError, match=words):
         load_image(array)
@@ -196,6 +200,7 @@ def test_bad_type_is_refused():
 
 
 # ------------------------------------------------------------------------- broken files
+
 
 def test_missing_file(tmp_path):
     path = str(tmp_path / "nothing.jpg")
@@ -248,6 +253,7 @@ def test_error_is_a_value_error(tmp_path):
 
 # ------------------------------------------------------------------------- resizing
 
+
 def test_resize_never_upsamples():
     image = Image.fromarray(pattern(30, 50))
     resized, scale = resize_max(image, 1024)
@@ -255,13 +261,16 @@ def test_resize_never_upsamples():
     np.testing.assert_array_equal(np.asarray(resized), pattern(30, 50))
 
 
-@pytest.mark.parametrize("size, max_size, expected", [
-    ((2000, 1000), 1024, (1024, 512)),
-    ((1000, 2000), 1024, (512, 1024)),
-    ((1025, 3), 1024, (1024, 3)),
-    ((5000, 2), 100, (100, 1)),     # the short side never rounds to zero
-    ((1024, 1024), 1024, (1024, 1024)),
-])
+@pytest.mark.parametrize(
+    "size, max_size, expected",
+    [
+        ((2000, 1000), 1024, (1024, 512)),
+        ((1000, 2000), 1024, (512, 1024)),
+        ((1025, 3), 1024, (1024, 3)),
+        ((5000, 2), 100, (100, 1)),  # the short side never rounds to zero
+        ((1024, 1024), 1024, (1024, 1024)),
+    ],
+)
 def test_resize_sizes(size, max_size, expected):
     resized, scale = resize_max(Image.new("RGB", size), max_size)
     assert resized.size == expected
@@ -319,6 +328,7 @@ def test_huge_image_is_loaded_and_resized_with_bounded_memory(tmp_path):
 
 # ------------------------------------------------------------------------- boxes
 
+
 def test_map_box_scales_all_coordinates():
     assert map_box((100, 50, 300, 250), 0.5, (1000, 800)) == (50.0, 25.0, 150.0, 125.0)
     assert map_box(np.array([0, 0, 1000, 800]), 0.25, (1000, 800)) == (0.0, 0.0, 250.0, 200.0)
@@ -339,25 +349,31 @@ def test_map_box_clips_within_tolerance():
     assert BOX_TOLERANCE == 1.0
 
 
-@pytest.mark.parametrize("box", [
-    (-10, 0, 50, 50),        # starts left of the image
-    (0, 0, 150, 40),         # ends right of the image
-    (0, 0, 50, 60),          # ends below
-    (200, 200, 300, 300),    # entirely outside
-])
+@pytest.mark.parametrize(
+    "box",
+    [
+        (-10, 0, 50, 50),  # starts left of the image
+        (0, 0, 150, 40),  # ends right of the image
+        (0, 0, 50, 60),  # ends below
+        (200, 200, 300, 300),  # entirely outside
+    ],
+)
 def test_box_outside_is_refused(box):
     with pytest.raises(ValueError, match=r"outside the image of size 100×50"):
         map_box(box, 1.0, (100, 50))
 
 
-@pytest.mark.parametrize("box, words", [
-    ((10, 10, 10, 20), "empty"),
-    ((10, 10, 5, 20), "empty"),
-    ((10, 20, 30, 20), "empty"),
-    ((0, 0, float("nan"), 3), "NaN"),
-    ((1, 2, 3), "4 numbers"),
-    (("a", 2, 3, 4), "4 numbers"),
-])
+@pytest.mark.parametrize(
+    "box, words",
+    [
+        ((10, 10, 10, 20), "empty"),
+        ((10, 10, 5, 20), "empty"),
+        ((10, 20, 30, 20), "empty"),
+        ((0, 0, float("nan"), 3), "NaN"),
+        ((1, 2, 3), "4 numbers"),
+        (("a", 2, 3, 4), "4 numbers"),
+    ],
+)
 def test_malformed_box_is_refused(box, words):
     with pytest.raises(ValueError, match=words):
         map_box(box, 1.0, (100, 50))
@@ -381,8 +397,7 @@ def test_crop_box_matches_array_slicing():
     image = Image.fromarray(array)
     np.testing.assert_array_equal(np.asarray(crop_box(image, (10, 5, 30, 25))), array[5:25, 10:30])
     # Fractional boxes keep every touched pixel.
-    np.testing.assert_array_equal(np.asarray(crop_box(image, (10.5, 5.2, 29.1, 24.9))),
-                                  array[5:25, 10:30])
+    np.testing.assert_array_equal(np.asarray(crop_box(image, (10.5, 5.2, 29.1, 24.9))), array[5:25, 10:30])
     # A sub-pixel box still gives one pixel.
     assert crop_box(image, (3.2, 4.2, 3.4, 4.6)).size == (1, 1)
 
@@ -400,17 +415,15 @@ def _png_rgb16(values: np.ndarray) -> bytes:
     height, width, _ = values.shape
 
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return (struct.pack(">I", len(data)) + kind + data +
-                struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
     header = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)
     rows = b"".join(b"\0" + values[y].astype(">u2").tobytes() for y in range(height))
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) +
-            chunk(b"IEND", b""))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
 
 
 def test_sixteen_bit_rgb_png(tmp_path):
-    values = (pattern().astype(np.uint16) * 257)  # 8-bit pattern stretched to 16 bits
+    values = pattern().astype(np.uint16) * 257  # 8-bit pattern stretched to 16 bits
     values[0, 0] = (65535, 0, 32896)
     path = tmp_path / "rgb16.png"
     path.write_bytes(_png_rgb16(values))
@@ -419,3 +432,30 @@ def test_sixteen_bit_rgb_png(tmp_path):
     expected[0, 0] = (255, 0, 128)
     assert result.shape == (48, 64, 3)
     assert np.abs(result.astype(int) - expected).max() <= 1
+
+
+def test_array_layouts_single_channel_and_rgba():
+    gray = pattern()[:, :, :1]  # H×W×1 is grayscale
+    np.testing.assert_array_equal(np.asarray(load_image(gray)), np.repeat(gray, 3, axis=2))
+    rgba = np.dstack([pattern(), np.full(pattern().shape[:2], 0, np.uint8)])  # fully transparent
+    assert (np.asarray(load_image(rgba)) == 255).all()  # composited on white
+    with pytest.raises(ValueError, match="image array is empty"):
+        load_image(np.zeros((0, 5, 3), np.uint8))
+
+
+def test_lab_image_is_refused_with_its_name():
+    lab = Image.new("LAB", (8, 6))
+    with pytest.raises(ImageLoadError, match="CIE LAB colour space"):
+        load_image(lab)
+
+
+def test_decompression_bomb_is_an_image_load_error(tmp_path, monkeypatch):
+    path = save(tmp_path, "big.png", Image.fromarray(pattern(64, 64)))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64 * 64 // 4)  # PIL refuses beyond twice this
+    with pytest.raises(ImageLoadError, match=r"big.png: image too large to decode safely"):
+        load_image(path)
+
+
+def test_crop_box_needs_a_pil_image():
+    with pytest.raises(TypeError, match="image must be a PIL image, got ndarray"):
+        crop_box(pattern(), (0, 0, 4, 4))

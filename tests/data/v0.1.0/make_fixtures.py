@@ -4,6 +4,7 @@ They are checked in so that later versions prove they still load what 0.1.0 wrot
 the same descriptors from it (tests/test_legacy_files.py). Run once, with that version
 installed: ``python tests/data/v0.1.0/make_fixtures.py``. Do not re-run with a newer version.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,10 +40,20 @@ def main() -> None:
     paths = make_images()
     train, database = paths[:7], paths[6:]
     expected = {}
-    for method, options in (("clustermac", {}), ("rmac", {}), ("gem", {}),
-                            ("clustermac", {"cluster_pooling": "box", "n_clusters": (3,), "add_grid_regions": True})):
-        ex = clustermac.Extractor(method=method, max_size=MAX_SIZE, whitening_dim=WHITENING_DIM,
-                                  n_clusters=options.pop("n_clusters", (2, 3)), rgb_clusters=2, **options)
+    for method, options in (
+        ("clustermac", {}),
+        ("rmac", {}),
+        ("gem", {}),
+        ("clustermac", {"cluster_pooling": "box", "n_clusters": (3,), "add_grid_regions": True}),
+    ):
+        ex = clustermac.Extractor(
+            method=method,
+            max_size=MAX_SIZE,
+            whitening_dim=WHITENING_DIM,
+            n_clusters=options.pop("n_clusters", (2, 3)),
+            rgb_clusters=2,
+            **options,
+        )
         ex.fit_whitening([str(p) for p in train], progress=False)
         tag = method + ("_box_grid" if ex.cluster_pooling == "box" else "")
         ex.save_whitening(HERE / f"whitening_{tag}.npz")
@@ -56,8 +67,7 @@ def main() -> None:
     # Descriptor files of `clustermac extract` (desc.npy + desc.json).
     ex = clustermac.Extractor(method="rmac", max_size=MAX_SIZE, whitening_dim=WHITENING_DIM)
     ex.load_whitening(HERE / "whitening_rmac.npz")
-    clustermac.extract_folder(ex, HERE / "images", HERE / "desc.npy", progress=False,
-                              names=[p.name for p in database])
+    clustermac.extract_folder(ex, HERE / "images", HERE / "desc.npy", progress=False, names=[p.name for p in database])
     shutil.rmtree(HERE / "desc.npy.parts", ignore_errors=True)
 
     vectors, manifest = clustermac.load_descriptors(HERE / "desc.npy", mmap=False)

@@ -1,4 +1,5 @@
 """Tests of clustermac.evaluate against Oxford's published AP values and plain references."""
+
 from __future__ import annotations
 
 import math
@@ -7,7 +8,6 @@ import numpy as np
 import pytest
 
 from clustermac import average_precision, compute_map, revisited_map
-
 
 # --- plain references -----------------------------------------------------------------------
 
@@ -49,9 +49,7 @@ def reference_map(ranks, gnd, kappas):
             precisions.append([math.nan] * len(kappas))
             continue
         aps.append(reference_ap(ranked, entry["ok"], entry.get("junk", ())))
-        precisions.append(
-            [reference_precision_at_k(ranked, entry["ok"], entry.get("junk", ()), k) for k in kappas]
-        )
+        precisions.append([reference_precision_at_k(ranked, entry["ok"], entry.get("junk", ()), k) for k in kappas])
     aps, precisions = np.array(aps), np.array(precisions, dtype=float).reshape(len(gnd), len(kappas))
     kept = ~np.isnan(aps)
     return aps[kept].mean(), aps, precisions[kept].mean(axis=0), precisions

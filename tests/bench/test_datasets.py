@@ -1,4 +1,5 @@
 """Tests of clustermac.datasets on fixture folders written here in both ground-truth formats."""
+
 from __future__ import annotations
 
 import os
@@ -98,7 +99,12 @@ def test_load_classic_paris_subfolders_and_imlist(tmp_path: Path):
     write_lines(gt / "eiffel_1_ok.txt", [])
     write_lines(gt / "eiffel_1_junk.txt", ["paris_defense_000002"])
     dataset = load_classic(gt, image_dir, "paris6k")
-    assert dataset.images == ["paris_defense_000001", "paris_defense_000002", "paris_eiffel_000001", "paris_eiffel_000002"]
+    assert dataset.images == [
+        "paris_defense_000001",
+        "paris_defense_000002",
+        "paris_eiffel_000001",
+        "paris_eiffel_000002",
+    ]
     assert dataset.gnd == [{"ok": [3], "junk": [1]}]
     assert dataset.image_path(3) == image_dir / "eiffel" / "paris_eiffel_000002.jpg"
     assert dataset.query_path(0) == image_dir / "eiffel" / "paris_eiffel_000001.jpg"
@@ -120,8 +126,16 @@ def test_load_classic_paris_subfolders_and_imlist(tmp_path: Path):
         ("all_souls_1_query.txt", ["oxc1_all_souls_000999 1 2 3 4"], r"all_souls_1_query\.txt, line 1: no image"),
         ("all_souls_1_query.txt", ["oxc1_all_souls_000001 1 2 3 4", "x 1 2 3 4"], r"all_souls_1_query\.txt, line 2"),
         ("all_souls_1_query.txt", [], r"all_souls_1_query\.txt, line 1: expected exactly one line"),
-        ("all_souls_1_good.txt", ["all_souls_000002", "all_souls_000999"], r"all_souls_1_good\.txt, line 2: .*not a database image"),
-        ("all_souls_1_good.txt", ["all_souls_000002 all_souls_000003"], r"all_souls_1_good\.txt, line 1: .*one image name"),
+        (
+            "all_souls_1_good.txt",
+            ["all_souls_000002", "all_souls_000999"],
+            r"all_souls_1_good\.txt, line 2: .*not a database image",
+        ),
+        (
+            "all_souls_1_good.txt",
+            ["all_souls_000002 all_souls_000003"],
+            r"all_souls_1_good\.txt, line 1: .*one image name",
+        ),
         ("all_souls_1_junk.txt", ["all_souls_000002"], r"all_souls_1_junk\.txt, line 1: .*both positive and junk"),
     ],
 )
@@ -325,7 +339,9 @@ def test_load_dataset_detects_layouts(oxford_root: Path, revisited_root: Path, t
 
 
 def test_load_dataset_says_what_is_missing(tmp_path: Path):
-    with pytest.raises(DatasetNotFoundError, match=r"not a folder.*robots\.ox\.ac\.uk/~vgg/data/oxbuildings/.*gt_files_170407\.tgz"):
+    with pytest.raises(
+        DatasetNotFoundError, match=r"not a folder.*robots\.ox\.ac\.uk/~vgg/data/oxbuildings/.*gt_files_170407\.tgz"
+    ):
         load_dataset(tmp_path / "absent", "oxford5k")
     with pytest.raises(ValueError, match=r"parisbuildings/.*paris_120310\.tgz"):
         load_dataset(tmp_path / "absent", "paris6k")
@@ -340,7 +356,9 @@ def test_load_dataset_says_what_is_missing(tmp_path: Path):
     write_lines(half / "gt" / "a_1_query.txt", ["x 1 2 3 4"])
     with pytest.raises(DatasetNotFoundError, match="missing the image folder jpg/"):
         load_dataset(half)
-    with pytest.raises(DatasetNotFoundError, match=r"missing the ground-truth files.*oxbuildings.*parisbuildings.*revisitop"):
+    with pytest.raises(
+        DatasetNotFoundError, match=r"missing the ground-truth files.*oxbuildings.*parisbuildings.*revisitop"
+    ):
         load_dataset(tmp_path)
 
 
@@ -399,7 +417,11 @@ def test_record_normalises_and_validates(tmp_path: Path):
 
     def build(**changes):
         fields = dict(
-            name="x", image_dir=tmp_path, images=["a", "b"], queries=["q"], query_boxes=[None],
+            name="x",
+            image_dir=tmp_path,
+            images=["a", "b"],
+            queries=["q"],
+            query_boxes=[None],
             gnd=[{"ok": [0], "junk": [1]}],
         )
         fields.update(changes)
@@ -419,7 +441,12 @@ def test_record_normalises_and_validates(tmp_path: Path):
         (dict(query_boxes=[(1, 2, 3)]), r"query_boxes\[0\]"),
         (dict(query_boxes=[(3, 2, 1, 4)]), r"query_boxes\[0\]: expected finite x1 < x2"),
         (dict(query_boxes=[(1, 2, 3, 4)], gnd=[{"ok": [0], "bbx": (1, 2, 3, 5)}]), "disagrees with query_boxes"),
-        (dict(queries=["q", "r"], query_boxes=[None, None], gnd=[{"ok": [0]}, {"easy": [0], "hard": [], "junk": []}]), "mixes classic"),
+        (
+            dict(
+                queries=["q", "r"], query_boxes=[None, None], gnd=[{"ok": [0]}, {"easy": [0], "hard": [], "junk": []}]
+            ),
+            "mixes classic",
+        ),
         (dict(query_landmarks=["has space"]), r"query_landmarks\[0\]"),
     ]:
         with pytest.raises(ValueError, match=message):
@@ -438,7 +465,10 @@ def test_revisited_round_trip_through_both_formats(tmp_path: Path):
 
     write_classic(dataset, tmp_path / "gt")
     assert sorted(p.name for p in (tmp_path / "gt").iterdir())[:4] == [
-        "lake_1_good.txt", "lake_1_junk.txt", "lake_1_ok.txt", "lake_1_query.txt",
+        "lake_1_good.txt",
+        "lake_1_junk.txt",
+        "lake_1_ok.txt",
+        "lake_1_query.txt",
     ]
     assert not [p for p in tmp_path.rglob("*.tmp")]  # no temporary files left behind
     classic = load_classic(tmp_path / "gt", tmp_path / "jpg", "synthetic")

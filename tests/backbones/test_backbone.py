@@ -1,4 +1,5 @@
 """clustermac.Backbone on small ONNX models built here, and the embedded default backbone."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -6,44 +7,10 @@ import pytest
 from PIL import Image
 
 onnx = pytest.importorskip("onnx")
-from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+from onnx import TensorProto, helper  # noqa: E402
 
-from clustermac.backbone import PRESETS, Backbone, default_backbone  # noqa: E402
-
-
-def pooling_model(path, dim: int, stride: int, seed: int = 0, preset: str | None = None,
-                  dynamic_dim: bool = False, weights_id: str | None = None):
-    """A stand-in backbone: average-pool stride×stride blocks, then a 1×1 conv 3 → dim.
-
-    Its output is easy to compute in NumPy from the network input, which is what lets the
-    tests check preprocessing exactly. Returns (path, weight, bias).
-    """
-    rng = np.random.default_rng(seed)
-    weight = rng.standard_normal((dim, 3, 1, 1)).astype(np.float32)
-    bias = rng.standard_normal(dim).astype(np.float32)
-    nodes = [
-        helper.make_node("AveragePool", ["image"], ["pooled"], kernel_shape=[stride, stride],
-                         strides=[stride, stride]),
-        helper.make_node("Conv", ["pooled", "weight", "bias"], ["features"]),
-    ]
-    channels = "channels" if dynamic_dim else dim
-    graph = helper.make_graph(
-        nodes, "pooling",
-        [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, "height", "width"])],
-        [helper.make_tensor_value_info("features", TensorProto.FLOAT, [1, channels, "h", "w"])],
-        initializer=[numpy_helper.from_array(weight, "weight"),
-                     numpy_helper.from_array(bias, "bias")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    properties = {}
-    if preset:
-        properties["clustermac.preset"] = preset
-    if weights_id:
-        properties["clustermac.weights"] = weights_id
-    if properties:
-        helper.set_model_props(model, properties)
-    onnx.save(model, str(path))
-    return path, weight, bias
+from clustermac import Backbone, default_backbone  # noqa: E402
+from clustermac.backbone import PRESETS  # noqa: E402
 
 
 def reference_features(network_input: np.ndarray, weight, bias, stride: int) -> np.ndarray:
@@ -78,7 +45,7 @@ def expected_input(rgb: np.ndarray, preset: str) -> np.ndarray:
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
-def test_preprocess_follows_the_preset_convention(tmp_path, preset):
+def test_preprocess_follows_the_preset_convention(tmp_path, preset, pooling_model):
     stride, dim = PRESETS[preset].stride, PRESETS[preset].dim
     path, _, _ = pooling_model(tmp_path / "m.onnx", dim, stride, preset=preset)
     backbone = Backbone(path, n_threads=1)
@@ -90,7 +57,7 @@ def test_preprocess_follows_the_preset_convention(tmp_path, preset):
     np.testing.assert_array_equal(backbone.preprocess(rgb), result)  # arrays too
 
 
-def test_caffe_input_is_bgr(tmp_path):
+def test_caffe_input_is_bgr(tmp_path, pooling_model):
     # A pure red image lights up the LAST input channel under the Caffe convention.
     path, _, _ = pooling_model(tmp_path / "m.onnx", 512, 16)
     red = np.zeros((32, 32, 3), np.uint8)
@@ -98,12 +65,11 @@ def test_caffe_input_is_bgr(tmp_path):
     caffe = Backbone(path, preset="vgg16-caffe").preprocess(red)[0, :, 0, 0]
     np.testing.assert_allclose(caffe, [-103.939, -116.779, 255 - 123.68], rtol=1e-6)
     torchvision = Backbone(path, preset="vgg16").preprocess(red)[0, :, 0, 0]
-    np.testing.assert_allclose(torchvision, (np.array([1.0, 0, 0]) - IMAGENET_MEAN) / IMAGENET_STD,
-                               rtol=1e-6)
+    np.testing.assert_allclose(torchvision, (np.array([1.0, 0, 0]) - IMAGENET_MEAN) / IMAGENET_STD, rtol=1e-6)
 
 
 @pytest.mark.parametrize("preset", ["vgg16", "resnet101-caffe", "efficientnet-lite0"])
-def test_features_match_numpy_reference(tmp_path, preset):
+def test_features_match_numpy_reference(tmp_path, preset, pooling_model):
     stride, dim = PRESETS[preset].stride, PRESETS[preset].dim
     path, weight, bias = pooling_model(tmp_path / "m.onnx", dim, stride)
     backbone = Backbone(path, preset=preset, n_threads=1)
@@ -114,25 +80,26 @@ def test_features_match_numpy_reference(tmp_path, preset):
     network_input = expected_input(rgb, preset)
     expected = reference_features(network_input, weight, bias, stride)
     # float32 sums over stride² pixels of inputs up to ±150 (Caffe): scale the tolerance.
-    np.testing.assert_allclose(features, expected, rtol=1e-4,
-                               atol=2e-5 * np.abs(network_input).max())
+    np.testing.assert_allclose(features, expected, rtol=1e-4, atol=2e-5 * np.abs(network_input).max())
 
 
-def test_image_modes_reach_the_network_as_rgb(tmp_path):
+def test_image_modes_reach_the_network_as_rgb(tmp_path, pooling_model):
     path, _, _ = pooling_model(tmp_path / "m.onnx", 512, 16, preset="vgg16")
     backbone = Backbone(path, n_threads=1)
     gray = random_image()[:, :, 0]
     from_gray = backbone.preprocess(Image.fromarray(gray, "L"))
     np.testing.assert_array_equal(from_gray, backbone.preprocess(np.repeat(gray[:, :, None], 3, 2)))
     rgba = np.dstack([random_image(), np.full((70, 100), 255, np.uint8)])
-    np.testing.assert_array_equal(backbone.preprocess(Image.fromarray(rgba, "RGBA")),
-                                  backbone.preprocess(rgba[:, :, :3]))
+    np.testing.assert_array_equal(
+        backbone.preprocess(Image.fromarray(rgba, "RGBA")), backbone.preprocess(rgba[:, :, :3])
+    )
 
 
 # ------------------------------------------------------------------ sizes
 
+
 @pytest.mark.parametrize("preset", ["vgg16", "efficientnet-lite0"])
-def test_image_smaller_than_a_stride_is_refused(tmp_path, preset):
+def test_image_smaller_than_a_stride_is_refused(tmp_path, preset, pooling_model):
     stride, dim = PRESETS[preset].stride, PRESETS[preset].dim
     path, _, _ = pooling_model(tmp_path / "m.onnx", dim, stride, preset=preset)
     backbone = Backbone(path, n_threads=1)
@@ -142,6 +109,7 @@ def test_image_smaller_than_a_stride_is_refused(tmp_path, preset):
     assert backbone.features(random_image(stride, stride)).shape == (dim, 1, 1)
 
 
+@pytest.mark.network
 def test_embedded_backbone_on_tiny_and_odd_images():
     backbone = default_backbone(n_threads=1)
     assert backbone.features(random_image(32, 32)).shape == (1280, 1, 1)
@@ -152,7 +120,8 @@ def test_embedded_backbone_on_tiny_and_odd_images():
 
 # ------------------------------------------------------------------ the model file
 
-def test_preset_from_metadata_and_name(tmp_path):
+
+def test_preset_from_metadata_and_name(tmp_path, pooling_model):
     a, _, _ = pooling_model(tmp_path / "a.onnx", 2048, 32, preset="resnet101", weights_id="abc123")
     backbone = Backbone(a, n_threads=1)
     assert backbone.preset.name == "resnet101"
@@ -163,7 +132,7 @@ def test_preset_from_metadata_and_name(tmp_path):
     assert Backbone(a, preset="resnet101-caffe").preset.name == "resnet101-caffe"
 
 
-def test_name_tells_weights_apart_without_metadata(tmp_path):
+def test_name_tells_weights_apart_without_metadata(tmp_path, pooling_model):
     a, _, _ = pooling_model(tmp_path / "a.onnx", 512, 16, seed=0)
     b, _, _ = pooling_model(tmp_path / "b.onnx", 512, 16, seed=1)
     c, _, _ = pooling_model(tmp_path / "c.onnx", 512, 16, seed=0)
@@ -172,20 +141,20 @@ def test_name_tells_weights_apart_without_metadata(tmp_path):
     assert names[0].startswith("vgg16-")
 
 
-def test_dynamic_channel_count_is_probed(tmp_path):
+def test_dynamic_channel_count_is_probed(tmp_path, pooling_model):
     path, _, _ = pooling_model(tmp_path / "m.onnx", 512, 16, dynamic_dim=True)
     assert Backbone(path, preset="vgg16").dim == 512
     with pytest.raises(ValueError, match="gives 512 channels but preset 'resnet101' is for 2048"):
         Backbone(path, preset="resnet101")
 
 
-def test_wrong_preset_for_the_model(tmp_path):
+def test_wrong_preset_for_the_model(tmp_path, pooling_model):
     path, _, _ = pooling_model(tmp_path / "m.onnx", 512, 16)
     with pytest.raises(ValueError, match="wrong preset or model"):
         Backbone(path, preset="efficientnet-lite0")
 
 
-def test_missing_or_unknown_preset(tmp_path):
+def test_missing_or_unknown_preset(tmp_path, pooling_model):
     path, _, _ = pooling_model(tmp_path / "m.onnx", 512, 16)
     with pytest.raises(ValueError, match=r"pass preset= one of \['efficientnet-lite0', 'resnet101'"):
         Backbone(path)
@@ -205,10 +174,14 @@ def test_bad_model_files(tmp_path):
 def test_model_with_wrong_interface(tmp_path):
     # Output is 2-D (a classifier, not a feature map).
     graph = helper.make_graph(
-        [helper.make_node("GlobalAveragePool", ["image"], ["pooled"]),
-         helper.make_node("Flatten", ["pooled"], ["logits"])], "classifier",
+        [
+            helper.make_node("GlobalAveragePool", ["image"], ["pooled"]),
+            helper.make_node("Flatten", ["pooled"], ["logits"]),
+        ],
+        "classifier",
         [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, "h", "w"])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 3])])
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 3])],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
     onnx.save(model, str(tmp_path / "classifier.onnx"))
@@ -216,9 +189,11 @@ def test_model_with_wrong_interface(tmp_path):
         Backbone(tmp_path / "classifier.onnx", preset="vgg16")
     # Input with one channel.
     graph = helper.make_graph(
-        [helper.make_node("Identity", ["image"], ["features"])], "gray",
+        [helper.make_node("Identity", ["image"], ["features"])],
+        "gray",
         [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 1, "h", "w"])],
-        [helper.make_tensor_value_info("features", TensorProto.FLOAT, [1, 1, "h", "w"])])
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, [1, 1, "h", "w"])],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
     onnx.save(model, str(tmp_path / "gray.onnx"))
@@ -227,36 +202,48 @@ def test_model_with_wrong_interface(tmp_path):
 
 
 @pytest.mark.parametrize("bad", [0, -1, 1.5, "2", True])
-def test_bad_thread_count(tmp_path, bad):
+def test_bad_thread_count(tmp_path, bad, pooling_model):
     path, _, _ = pooling_model(tmp_path / "m.onnx", 512, 16)
     with pytest.raises(ValueError, match="n_threads"):
         Backbone(path, preset="vgg16", n_threads=bad)
 
 
 @pytest.mark.parametrize("bad", [0, -5, 10.5, None])
-def test_bad_max_size(tmp_path, bad):
+def test_bad_max_size(tmp_path, bad, pooling_model):
     path, _, _ = pooling_model(tmp_path / "m.onnx", 512, 16)
     with pytest.raises(ValueError, match="max_size"):
         Backbone(path, preset="vgg16", max_size=bad)
 
 
-def test_thread_count_reaches_the_session(tmp_path):
+def test_thread_count_reaches_the_session(tmp_path, pooling_model):
     path, _, _ = pooling_model(tmp_path / "m.onnx", 512, 16)
-    assert Backbone(path, preset="vgg16", n_threads=1)._session.get_session_options() \
-        .intra_op_num_threads == 1
-    assert Backbone(path, preset="vgg16", n_threads=2)._session.get_session_options() \
-        .intra_op_num_threads == 2
+    assert Backbone(path, preset="vgg16", n_threads=1)._session.get_session_options().intra_op_num_threads == 1
+    assert Backbone(path, preset="vgg16", n_threads=2)._session.get_session_options().intra_op_num_threads == 2
 
 
-def test_features_are_repeatable(tmp_path):
-    path, _, _ = pooling_model(tmp_path / "m.onnx", 512, 16)
+def test_features_are_repeatable_and_follow_the_image(tmp_path, pooling_model):
+    path, weight, bias = pooling_model(tmp_path / "m.onnx", 512, 16)
     backbone = Backbone(path, preset="vgg16", n_threads=1)
-    rgb = random_image()
-    np.testing.assert_array_equal(backbone.features(rgb), backbone.features(rgb))
+    rgb, other = random_image(), random_image(seed=2)
+    first = backbone.features(rgb)
+    np.testing.assert_array_equal(backbone.features(rgb), first)
+    # Each call computes the features of the image it is given (nothing stale is returned):
+    # both equal the NumPy reference, and they differ from each other.
+    for image, features in ((rgb, first), (other, backbone.features(other))):
+        network_input = expected_input(image, "vgg16")
+        np.testing.assert_allclose(
+            features,
+            reference_features(network_input, weight, bias, 16),
+            rtol=1e-4,
+            atol=2e-5 * np.abs(network_input).max(),
+        )
+    assert np.abs(backbone.features(other) - first).max() > 0.1
 
 
 # ------------------------------------------------------------------ the default backbone
 
+
+@pytest.mark.network
 def test_default_backbone_is_shared_and_described():
     first = default_backbone(n_threads=1)
     assert default_backbone(n_threads=1) is first
@@ -268,11 +255,33 @@ def test_default_backbone_is_shared_and_described():
         default_backbone(n_threads=0)
 
 
+@pytest.mark.network
 def test_default_backbone_features_respond_to_content():
+    from skimage import data
+
     backbone = default_backbone(n_threads=1)
-    flat = backbone.features(np.full((96, 128, 3), 128, np.uint8))
     textured = backbone.features(random_image(96, 128))
-    assert flat.shape == textured.shape == (1280, 3, 4)
+    assert textured.shape == (1280, 3, 4)
     assert np.isfinite(textured).all() and textured.min() >= 0 and textured.max() <= 6  # ReLU6
-    # A constant image gives the same vector at every interior location; texture does not.
-    assert np.abs(textured - textured.mean(axis=(1, 2), keepdims=True)).max() > 0.1
+
+    def photo(array, box=None):
+        image = Image.fromarray(array if box is None else array[box[1] : box[3], box[0] : box[2]])
+        return np.asarray(image.convert("RGB").resize((320, 224), Image.BILINEAR))
+
+    cat = photo(data.chelsea())
+    # Convolutional: shifting the image by one stride (32 px) shifts the map by one cell, away
+    # from the borders (SAME padding); the misaligned comparison is the control.
+    whole, shifted = backbone.features(cat), backbone.features(cat[:, 32:])
+    assert whole.shape == (1280, 7, 10) and shifted.shape == (1280, 7, 9)
+    aligned = np.corrcoef(whole[:, 2:-2, 3:-2].ravel(), shifted[:, 2:-2, 2:-2].ravel())[0, 1]
+    misaligned = np.corrcoef(whole[:, 2:-2, 3:-2].ravel(), shifted[:, 2:-2, 3:-1].ravel())[0, 1]
+    assert aligned > 0.98 and misaligned < aligned - 0.1, (aligned, misaligned)
+
+    # ImageNet features: another crop of the same photo is far closer (MAC cosine) than other photos.
+    def mac(image):
+        vector = backbone.features(image).max(axis=(1, 2))
+        return vector / np.linalg.norm(vector)
+
+    same = mac(cat) @ mac(photo(data.chelsea(), (30, 20, 451, 300)))
+    others = [mac(cat) @ mac(photo(p)) for p in (data.coffee(), data.astronaut())]
+    assert same > 0.8 and max(others) < same - 0.3, (same, others)

@@ -1,4 +1,5 @@
 """pca_project against a plain NumPy SVD of the centred features."""
+
 import numpy as np
 import pytest
 
@@ -33,7 +34,9 @@ def test_matches_svd_up_to_sign(n, d):
     np.testing.assert_allclose(variances, ref_variances, rtol=1e-4)
     for k in range(c):
         sign = np.sign(ref_projection[:, k] @ projection[:, k])
-        np.testing.assert_allclose(projection[:, k], sign * ref_projection[:, k], atol=2e-3 * np.abs(ref_projection[:, k]).max())
+        np.testing.assert_allclose(
+            projection[:, k], sign * ref_projection[:, k], atol=2e-3 * np.abs(ref_projection[:, k]).max()
+        )
 
 
 def test_variances_descending_and_sign_convention():
@@ -44,12 +47,20 @@ def test_variances_descending_and_sign_convention():
         assert column[np.argmax(np.abs(column))] > 0
 
 
-def test_deterministic():
+def test_deterministic_and_equal_to_the_reference_with_its_sign_convention():
     features = anisotropic(400, 64, seed=2)
     a = clustermac.pca_project(features, 4)
     b = clustermac.pca_project(features, 4)
     np.testing.assert_array_equal(a[0], b[0])
     np.testing.assert_array_equal(a[1], b[1])
+    # Not only repeatable: the very values of an independent SVD, with the documented sign
+    # (each column's largest-magnitude entry positive) fixed, so no sign is left free.
+    reference, variances = reference_pca(features, 4)
+    reference *= np.sign(reference[np.argmax(np.abs(reference), axis=0), np.arange(4)])
+    np.testing.assert_allclose(a[1], variances, rtol=1e-4)
+    np.testing.assert_allclose(a[0], reference, atol=2e-3 * np.abs(reference).max())
+    # A different input gives a different projection (the call does not return a cached result).
+    assert not np.allclose(clustermac.pca_project(anisotropic(400, 64, seed=3), 4)[0], a[0], atol=1e-2)
 
 
 def test_constant_features_give_zero_projection():

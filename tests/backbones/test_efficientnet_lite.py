@@ -1,4 +1,5 @@
 """The embedded EfficientNet-Lite0: checkpoint reader, ONNX graph, pretrained sanity, cache."""
+
 from __future__ import annotations
 
 import io
@@ -10,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from clustermac import Backbone
 from clustermac import efficientnet_lite as lite
-from clustermac.backbone import Backbone
 
 onnxruntime = pytest.importorskip("onnxruntime")
 
@@ -25,12 +26,12 @@ def state():
 
 @pytest.fixture(scope="module")
 def classifier_session(tmp_path_factory):
-    path = lite.efficientnet_lite0_onnx_path(classifier=True,
-                                             directory=tmp_path_factory.mktemp("cache"))
+    path = lite.efficientnet_lite0_onnx_path(classifier=True, directory=tmp_path_factory.mktemp("cache"))
     return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"]), path
 
 
 # ------------------------------------------------------------------ checkpoint reader
+
 
 def test_reader_gives_the_full_state_dict(state):
     assert len(state) == 296
@@ -55,9 +56,9 @@ def test_reader_handles_views_offsets_and_dtypes(tmp_path, zip_format):
     torch = pytest.importorskip("torch")
     base = torch.arange(60, dtype=torch.float32).reshape(6, 10)
     saved = {
-        "transposed": base.t(),                     # non-contiguous strides
-        "slice": base[2:5, 3:7],                    # storage offset + strides
-        "shared": base,                             # same storage as the two above
+        "transposed": base.t(),  # non-contiguous strides
+        "slice": base[2:5, 3:7],  # storage offset + strides
+        "shared": base,  # same storage as the two above
         "double": torch.linspace(0, 1, 7, dtype=torch.float64),
         "half": torch.tensor([1.5, -2.0], dtype=torch.float16),
         "int": torch.tensor([[1, -2], [3, 4]], dtype=torch.int32),
@@ -78,9 +79,13 @@ def test_reader_handles_views_offsets_and_dtypes(tmp_path, zip_format):
 
 def _legacy_file(payload: bytes) -> bytes:
     """A legacy-format torch file whose main object pickle is ``payload``."""
-    parts = [pickle.dumps(lite._LEGACY_MAGIC, protocol=2), pickle.dumps(1001, protocol=2),
-             pickle.dumps({"little_endian": True}, protocol=2), payload,
-             pickle.dumps([], protocol=2)]
+    parts = [
+        pickle.dumps(lite._LEGACY_MAGIC, protocol=2),
+        pickle.dumps(1001, protocol=2),
+        pickle.dumps({"little_endian": True}, protocol=2),
+        payload,
+        pickle.dumps([], protocol=2),
+    ]
     return b"".join(parts)
 
 
@@ -148,8 +153,10 @@ def test_reader_refuses_tensor_past_its_storage(tmp_path):
     Pickler(buffer, protocol=2).dump({"w": _FakeTensor(marker, (10,), (1,))})
     module = __name__.encode()
     payload = buffer.getvalue()
-    for old, new in [(b"c" + module + b"\n_FakeRebuildFunction\n", b"ctorch._utils\n_rebuild_tensor_v2\n"),
-                     (b"c" + module + b"\nFloatStorage\n", b"ctorch\nFloatStorage\n")]:
+    for old, new in [
+        (b"c" + module + b"\n_FakeRebuildFunction\n", b"ctorch._utils\n_rebuild_tensor_v2\n"),
+        (b"c" + module + b"\nFloatStorage\n", b"ctorch\nFloatStorage\n"),
+    ]:
         assert old in payload
         payload = payload.replace(old, new)
     tail = pickle.dumps(["k0"], protocol=2) + struct.pack("<q", 4) + np.arange(4, dtype="<f4").tobytes()
@@ -164,12 +171,13 @@ def test_reader_refuses_tensor_past_its_storage(tmp_path):
 
 # ------------------------------------------------------------------ the graph
 
+
+@pytest.mark.network
 def test_graph_equals_the_torch_model(state, classifier_session):
     torch = pytest.importorskip("torch")
     efficientnet_lite_pytorch = pytest.importorskip("efficientnet_lite_pytorch")
     # image_size=None: the reference uses dynamic "SAME" padding, valid for any input size.
-    model = efficientnet_lite_pytorch.EfficientNet.from_name("efficientnet-lite0",
-                                                             image_size=None)
+    model = efficientnet_lite_pytorch.EfficientNet.from_name("efficientnet-lite0", image_size=None)
     model.load_state_dict(torch.load(WEIGHTS, map_location="cpu", weights_only=True))
     model.eval()
     session, _ = classifier_session
@@ -197,10 +205,14 @@ def test_graph_refuses_wrong_weights(state):
         lite.build_efficientnet_lite0(reshaped)
 
 
-@pytest.mark.parametrize("name, classes", [
-    ("chelsea", range(281, 286)),   # tabby, tiger cat, Persian, Siamese, Egyptian cat
-    ("coffee", (967, 968)),         # espresso, cup
-])
+@pytest.mark.network
+@pytest.mark.parametrize(
+    "name, classes",
+    [
+        ("chelsea", range(281, 286)),  # tabby, tiger cat, Persian, Siamese, Egyptian cat
+        ("coffee", (967, 968)),  # espresso, cup
+    ],
+)
 def test_imagenet_head_names_the_photo(classifier_session, name, classes):
     skimage_data = pytest.importorskip("skimage.data")
     session, path = classifier_session
@@ -219,6 +231,8 @@ def test_imagenet_head_names_the_photo(classifier_session, name, classes):
 
 # ------------------------------------------------------------------ cache
 
+
+@pytest.mark.network
 def test_cache_directory_and_reuse(tmp_path, monkeypatch):
     monkeypatch.setenv("CLUSTERMAC_CACHE", str(tmp_path / "cache"))
     assert lite.cache_dir() == tmp_path / "cache"
@@ -226,12 +240,13 @@ def test_cache_directory_and_reuse(tmp_path, monkeypatch):
     assert first.parent == tmp_path / "cache" and first.suffix == ".onnx"
     stamp = first.stat().st_mtime_ns
     second = lite.efficientnet_lite0_onnx_path()
-    assert second == first and second.stat().st_mtime_ns == stamp   # not rebuilt
+    assert second == first and second.stat().st_mtime_ns == stamp  # not rebuilt
     assert sorted(p.name for p in first.parent.iterdir()) == [first.name]  # no temp files
     monkeypatch.delenv("CLUSTERMAC_CACHE")
     assert lite.cache_dir() == lite.Path.home() / ".cache" / "clustermac"
 
 
+@pytest.mark.network
 def test_cache_is_keyed_by_the_weights(tmp_path):
     other = tmp_path / "other.pth"
     other.write_bytes(WEIGHTS.read_bytes() + b"\0")  # same tensors, different file hash
@@ -256,6 +271,7 @@ def test_missing_weights_file(tmp_path):
         lite.efficientnet_lite0_onnx_path(weights=tmp_path / "none.pth", directory=tmp_path)
 
 
+@pytest.mark.network
 def test_unwritable_default_cache_falls_back_with_a_warning(tmp_path, monkeypatch):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
@@ -270,6 +286,7 @@ def test_unwritable_default_cache_falls_back_with_a_warning(tmp_path, monkeypatc
         lite.efficientnet_lite0_onnx_path(directory=blocker / "cache")
 
 
+@pytest.mark.network
 def test_damaged_cache_file_is_rebuilt(tmp_path, monkeypatch):
     from clustermac import backbone as backbone_module
 

@@ -1,4 +1,5 @@
 """affinity (paper Eq. 2-3) against a plain NumPy evaluation of the formulas."""
+
 import numpy as np
 import pytest
 

@@ -4,6 +4,7 @@ The stand-in turns an image into a D×H×W map by averaging stride×stride block
 values and mixing them through a fixed random ReLU layer, so the tests control exactly which
 locations an object occupies.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,9 +14,8 @@ import pytest
 from PIL import Image
 
 import clustermac
-from clustermac import _core
-from clustermac.descriptor_store import extract_folder, load_descriptors
-from clustermac.descriptors import Extractor, _activation_box
+from clustermac import Extractor, _core, extract_folder, load_descriptors
+from clustermac.descriptors import _activation_box
 
 
 class BlockBackbone:
@@ -109,7 +109,9 @@ def test_clustermac_with_grid_regions_adds_the_rmac_squares():
     both = Extractor(bb, "clustermac", add_grid_regions=True)
     regions = _core.rmac_regions(fmap.shape[1], fmap.shape[2], 3)
     grid = np.stack([fmap[:, y0:y1, x0:x1].reshape(bb.dim, -1).max(axis=1) for x0, y0, x1, y1 in regions])
-    np.testing.assert_array_equal(both.regional_vectors(fmap, None), np.concatenate([grid, plain.regional_vectors(fmap, None)]))
+    np.testing.assert_array_equal(
+        both.regional_vectors(fmap, None), np.concatenate([grid, plain.regional_vectors(fmap, None)])
+    )
     assert both.settings()["add_grid_regions"] and not plain.settings()["add_grid_regions"]
 
 
@@ -163,7 +165,9 @@ def test_whitening_save_load_and_refusal(tmp_path):
     del meta["settings"]["cluster_pooling"]
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     np.savez(tmp_path / "older.npz", **arrays)
-    Extractor(bb, "clustermac", pca_dim=3).load_whitening(tmp_path / "older.npz")
+    older = Extractor(bb, "clustermac", pca_dim=3).load_whitening(tmp_path / "older.npz")
+    assert older.cluster_pooling == "mask"
+    np.testing.assert_array_equal(older.extract(img), ex.extract(img))  # the same whitening, the same descriptor
     with pytest.raises(ValueError, match="cluster_pooling"):
         Extractor(bb, "clustermac", pca_dim=3, cluster_pooling="box").load_whitening(tmp_path / "older.npz")
     (tmp_path / "junk.npz").write_bytes(b"not a whitening")
@@ -176,10 +180,22 @@ def test_dataset_pca_for_clustering_is_learned_and_used():
     ex = Extractor(bb, "clustermac", pca_dim=3, clustering_pca="dataset")
     with pytest.raises(RuntimeError, match="fit_whitening"):
         ex.extract(scene(7))
-    ex.fit_whitening([scene(s) for s in range(40, 46)], progress=False)
+    # 12 × 16 maps: fewer locations than the per-image sample, so the PCA sees every location.
+    training = [scene(s, size=(96, 128)) for s in range(40, 46)]
+    ex.fit_whitening(training, progress=False)
     assert ex.pca_basis.shape == (bb.dim, 3)
+    # Learned: the mean and the top-3 principal axes of all the training locations (NumPy SVD).
+    local = np.concatenate([bb.features(Image.fromarray(img)).reshape(bb.dim, -1).T for img in training]).astype(
+        np.float64
+    )
+    np.testing.assert_allclose(ex.pca_mean, local.mean(axis=0), rtol=1e-5, atol=1e-6)
+    _, _, vt = np.linalg.svd(local - local.mean(axis=0), full_matrices=False)
+    np.testing.assert_allclose(np.abs(np.sum(ex.pca_basis * vt[:3].T, axis=0)), 1.0, atol=1e-4)
     v = ex.extract(scene(7))
     assert abs(np.linalg.norm(v) - 1) < 1e-5
+    # Used: another basis (the three weakest axes) gives other clusters, hence another descriptor.
+    ex.pca_basis = np.ascontiguousarray(vt[-3:].T, dtype=np.float32)
+    assert np.abs(ex.extract(scene(7)) - v).max() > 1e-3
 
 
 def test_extract_many_equals_extract_and_keeps_order():
@@ -244,10 +260,14 @@ def test_extract_folder_resumes_from_finished_chunks(tmp_path, monkeypatch):
     assert bb.calls == 3  # only the images of the two unfinished chunks
     vectors, manifest = load_descriptors(out)
     assert manifest["settings"]["method"] == "mac"
-    fresh = Extractor(BlockBackbone(), "mac").extract_many([str(folder / n) for n in manifest["images"]], progress=False)
+    fresh = Extractor(BlockBackbone(), "mac").extract_many(
+        [str(folder / n) for n in manifest["images"]], progress=False
+    )
     np.testing.assert_array_equal(np.asarray(vectors), fresh)
     assert not parts.exists()
-    json.loads((tmp_path / "desc.json").read_text())
+    on_disk = json.loads((tmp_path / "desc.json").read_text())
+    assert on_disk["images"] == [f"img{s}.png" for s in range(5)] and not on_disk["failed"]
+    assert on_disk["settings"] == manifest["settings"] and on_disk["settings"]["dim"] == bb.dim
 
 
 def test_bad_arguments():

@@ -3,6 +3,7 @@
 References are plain NumPy counts and loops computed here; the end-to-end tests run the real
 embedded EfficientNet-Lite0 backbone and the real C++ clustering on scikit-image's photo.
 """
+
 from __future__ import annotations
 
 import base64
@@ -15,8 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clustermac import _core
-from clustermac import figures
+from clustermac import _core, figures
 from clustermac.report import format_table, render_report, write_report
 
 SVG_NS = "{http://www.w3.org/2000/svg}"
@@ -363,7 +363,8 @@ def test_region_precision_figure_has_both_curves_on_unit_axes():
 # ------------------------------------------------------------------------------ report
 def test_format_table_lays_out_like_table_1():
     text = format_table(
-        ["Method", "Dim.", "Oxf5k"], [["R-MAC, crop I", 512, 66.94], ["Ours, crop I", 512, 70.3], ["missing", 512, None]]
+        ["Method", "Dim.", "Oxf5k"],
+        [["R-MAC, crop I", 512, 66.94], ["Ours, crop I", 512, 70.3], ["missing", 512, None]],
     )
     lines = text.splitlines()
     assert lines[0].split() == ["Method", "Dim.", "Oxf5k"]
@@ -434,8 +435,7 @@ def test_render_report_rejects_a_malformed_table():
 # ------------------------------------------------------------------------------ end to end
 @pytest.fixture(scope="module")
 def extractor():
-    from clustermac.backbone import default_backbone
-    from clustermac.descriptors import Extractor
+    from clustermac import Extractor, default_backbone
 
     return Extractor(default_backbone(n_threads=1), max_size=320)
 
@@ -447,6 +447,7 @@ def chelsea():
     return data.chelsea()  # 451×300 photo of a cat, bundled with scikit-image
 
 
+@pytest.mark.network
 def test_show_clusters_on_a_real_photo_with_the_default_backbone(extractor, chelsea, tmp_path):
     out = tmp_path / "clusters.png"
     figure = figures.cluster_figure_for_file(extractor, chelsea, n_clusters=10, out_png=out)
@@ -465,11 +466,14 @@ def test_show_clusters_on_a_real_photo_with_the_default_backbone(extractor, chel
     one = figures.cluster_figure_for_file(extractor, tiny, n_clusters=10)
     assert one.info["captions"][2] == "1 cluster (NCut)"
     prepared = extractor.prepare(tiny)
-    assert figures.pca_dimensions_figure(prepared.image, extractor.feature_map(prepared)[0]).info["captions"] == ["image"]
+    assert figures.pca_dimensions_figure(prepared.image, extractor.feature_map(prepared)[0]).info["captions"] == [
+        "image"
+    ]
     again = figures.cluster_figure_for_file(extractor, chelsea, n_clusters=10)
     assert again.tobytes() == figure.tobytes()
 
 
+@pytest.mark.network
 def test_spatial_ablation_and_pca_figures_on_a_real_photo(extractor, chelsea):
     ablation = figures.spatial_ablation_figure_for_file(extractor, chelsea, n_clusters=6, spatial_weight=2.0)
     assert len(ablation.info["panel_boxes"]) == 4
@@ -481,6 +485,7 @@ def test_spatial_ablation_and_pca_figures_on_a_real_photo(extractor, chelsea):
     assert pca.info["captions"] == ["image"] + [f"PCA dim {d}" for d in kept]
 
 
+@pytest.mark.network
 def test_region_precision_study_on_a_real_photo(extractor, chelsea):
     # Two queries: the cat's face and a box in the top-left corner.
     boxes = [(100, 20, 360, 280), (0, 0, 150, 100)]
@@ -497,12 +502,18 @@ def test_region_precision_study_on_a_real_photo(extractor, chelsea):
     from clustermac.images import resize_max
 
     _, scale = resize_max(Image.fromarray(chelsea), extractor.max_size)
-    masks = figures.rmac_region_masks(_core.rmac_regions(height, width, 3), height, width)
     stride = extractor.backbone.stride
-    precisions = np.concatenate(
-        [figures.region_precision(masks, tuple(v * scale / stride for v in box)) for box in boxes]
-    )
-    np.testing.assert_allclose(curves[grid_name][1], figures.precision_threshold_curve(precisions))
+    # Independently of the figures module: a grid region is a rectangle of cells, so Eq. (1) is
+    # the overlap of two rectangles over the region's area; then the share reaching each k / 20.
+    precisions = []
+    for box in boxes:
+        x0, y0, x1, y1 = (v * scale / stride for v in box)
+        for rx0, ry0, rx1, ry1 in _core.rmac_regions(height, width, 3):
+            overlap = max(0.0, min(x1, rx1) - max(x0, rx0)) * max(0.0, min(y1, ry1) - max(y0, ry0))
+            precisions.append(overlap / ((rx1 - rx0) * (ry1 - ry0)))
+    assert any(0 < p < 1 for p in precisions)  # partial overlaps: the fractional geometry matters
+    expected = [np.mean([p >= k / 20 - 1e-9 for p in precisions]) for k in range(21)]
+    np.testing.assert_allclose(curves[grid_name][1], expected)
     root = _parse_svg(figures.region_precision_figure(curves))
     assert [g.get("data-name") for g in root.iter(SVG_NS + "g") if g.get("class") == "series"] == list(curves)
     with pytest.raises(ValueError, match="query_boxes"):

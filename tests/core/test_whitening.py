@@ -1,4 +1,5 @@
 """l2-normalisation and PCA-whitening of the C++ core against NumPy references."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -82,8 +83,9 @@ def test_apply_whitening_matches_numpy():
     vectors = rng.standard_normal((7, 4)).astype(np.float32)
     mean = rng.standard_normal(4).astype(np.float32)
     projection = rng.standard_normal((3, 4)).astype(np.float32)
-    np.testing.assert_allclose(cm.apply_whitening(vectors, mean, projection), (vectors - mean) @ projection.T,
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        cm.apply_whitening(vectors, mean, projection), (vectors - mean) @ projection.T, rtol=1e-5, atol=1e-6
+    )
 
 
 def test_whitening_errors():

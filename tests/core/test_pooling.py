@@ -1,4 +1,5 @@
 """Pooling kernels of the C++ core against plain NumPy references on generated feature maps."""
+
 from __future__ import annotations
 
 import math
@@ -120,8 +121,12 @@ def test_box_pooling_is_the_mac_of_each_cluster_bounding_box():
     labels = [rng.integers(0, 4, size=(6, 8)).astype(np.int32), np.array([[0] * 8] * 5 + [[2] * 8], np.int32)]
     backbone = SimpleNamespace(max_size=1024, dim=5)
     box = cm.Extractor(backbone, "clustermac", cluster_pooling="box").regional_vectors(fmap, None, labels)
-    expected = [fmap[:, y0:y1, x0:x1].max(axis=(1, 2)) for lab in labels for x0, y0, x1, y1 in
-                reference_region_boxes(lab) if x1 > x0]  # label 1 of the second map is absent: no region
+    expected = [
+        fmap[:, y0:y1, x0:x1].max(axis=(1, 2))
+        for lab in labels
+        for x0, y0, x1, y1 in reference_region_boxes(lab)
+        if x1 > x0
+    ]  # label 1 of the second map is absent: no region
     np.testing.assert_array_equal(box, np.array(expected))
     mask = cm.Extractor(backbone, "clustermac").regional_vectors(fmap, None, labels)
     np.testing.assert_array_equal(mask[:4], cm.region_mac(fmap, labels[0]))  # the paper's pooling stays the default
@@ -278,8 +283,9 @@ def test_aggregate_regions_matches_numpy_and_skips_empty_regions():
     assert with_whitening.shape == (5,)
     np.testing.assert_allclose(with_whitening, reference_aggregate(regions, mean, projection), atol=1e-5)
     # The empty row must be skipped, not whitened into −mean·Pᵀ.
-    np.testing.assert_allclose(cm.aggregate_regions(np.delete(regions, 2, axis=0), mean, projection), with_whitening,
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        cm.aggregate_regions(np.delete(regions, 2, axis=0), mean, projection), with_whitening, atol=1e-6
+    )
     np.testing.assert_array_equal(cm.aggregate_regions(np.zeros((3, 8), dtype=np.float32)), 0.0)
 
 

@@ -1,16 +1,12 @@
-"""AML localisation against exhaustive search, the 8-bit feature-map store, and AML re-ranking."""
-from __future__ import annotations
+"""AML localisation against exhaustive search, AML re-ranking, and R-MAC / ClusterMAC inside a box."""
 
-import json
-import os
-import struct
+from __future__ import annotations
 
 import numpy as np
 import pytest
 
 import clustermac as cm
 from clustermac import _core
-
 
 # --- reference: score every box exactly --------------------------------------------------------
 
@@ -38,20 +34,6 @@ def aspect_ok(box, query_aspect, tolerance):
     x0, y0, x1, y1 = box
     ratio = (x1 - x0) / (y1 - y0)
     return query_aspect / tolerance <= ratio <= query_aspect * tolerance
-
-
-def planted_map(rng, channels=24, height=11, width=13, box=(3, 2, 9, 7)):
-    """An 'object' firing the first half of the channels inside `box`, clutter firing the other
-    half everywhere else: the best-matching box for the object's MAC is `box` itself."""
-    half = channels // 2
-    fmap = np.zeros((channels, height, width), np.float32)
-    fmap[half:] = np.maximum(rng.standard_normal((channels - half, height, width)), 0) * 2.0
-    x0, y0, x1, y1 = box
-    fmap[half:, y0:y1, x0:x1] = 0.0
-    pattern = np.maximum(rng.standard_normal((half, y1 - y0, x1 - x0)), 0).astype(np.float32) * 2.0 + 0.1
-    fmap[:half, y0:y1, x0:x1] = pattern
-    query = np.concatenate([pattern.max(axis=(1, 2)), np.zeros(channels - half, np.float32)])
-    return fmap, query
 
 
 def to_codes(fmap):
@@ -89,13 +71,16 @@ def test_aml_aspect_constraint_equals_constrained_exhaustive_search(query_aspect
 
 
 @pytest.mark.parametrize("seed", range(3))
-def test_aml_grid_search_then_refinement(seed):
+def test_aml_grid_search_then_refinement(seed, planted_object_map):
     rng = np.random.default_rng(20 + seed)
-    fmap, query = planted_map(rng)
+    fmap, query = planted_object_map(rng)
     scores = all_box_scores(fmap, query)
     # Grid corners: multiples of 3 and the far borders (W = 13, H = 11).
-    grid = {b: s for b, s in scores.items() if b[0] % 3 == 0 and b[1] % 3 == 0 and (b[2] % 3 == 0 or b[2] == 13)
-            and (b[3] % 3 == 0 or b[3] == 11)}
+    grid = {
+        b: s
+        for b, s in scores.items()
+        if b[0] % 3 == 0 and b[1] % 3 == 0 and (b[2] % 3 == 0 or b[2] == 13) and (b[3] % 3 == 0 or b[3] == 11)
+    }
     grid_best = max(grid.values())
     box, score = cm.aml_localize(fmap, query, step=3, refine_iterations=0)
     assert score == pytest.approx(grid_best, abs=1e-4)
@@ -108,9 +93,9 @@ def test_aml_grid_search_then_refinement(seed):
     assert tuple(box) != (3, 2, 9, 7)
 
 
-def test_aml_codes_agree_with_float_map():
+def test_aml_codes_agree_with_float_map(planted_object_map):
     rng = np.random.default_rng(30)
-    fmap, query = planted_map(rng, channels=40, height=12, width=16)
+    fmap, query = planted_object_map(rng, channels=40, height=12, width=16)
     codes = to_codes(fmap)
     dequantised = np.ascontiguousarray(codes.transpose(2, 0, 1), dtype=np.float32)
     for kwargs in ({}, {"query_aspect": 1.2}, {"p": 3.5, "step": 2}, {"p": 7.0}):
@@ -139,10 +124,10 @@ def test_aml_channel_absent_from_the_box_counts_exactly_zero():
     np.testing.assert_array_equal(box_c, box)
 
 
-def test_aml_tenth_root_path_agrees_with_the_general_root():
+def test_aml_tenth_root_path_agrees_with_the_general_root(planted_object_map):
     # p = 10 takes the dedicated 10th root; p = 10.0001 the general exp2(log2(S)/p).
     rng = np.random.default_rng(41)
-    fmap, query = planted_map(rng, channels=48, height=14, width=17)
+    fmap, query = planted_object_map(rng, channels=48, height=14, width=17)
     codes = to_codes(fmap)
     for kwargs in ({}, {"query_aspect": 1.2}, {"step": 2, "refine_iterations": 0}):
         box_ten, score_ten = _core.aml_localize_codes(codes, query, p=10.0, **kwargs)
@@ -160,8 +145,9 @@ def test_aml_edge_cases():
     box, score = cm.aml_localize(zeros, np.ones(3, np.float32))
     assert score == 0.0 and box[2] > box[0] and box[3] > box[1]
     # No grid box meets an extreme aspect constraint: the whole map is the start.
-    box, _ = cm.aml_localize(np.ones((2, 3, 3), np.float32), np.ones(2, np.float32), query_aspect=20.0,
-                             refine_iterations=0)
+    box, _ = cm.aml_localize(
+        np.ones((2, 3, 3), np.float32), np.ones(2, np.float32), query_aspect=20.0, refine_iterations=0
+    )
     np.testing.assert_array_equal(box, [0, 0, 3, 3])
 
 
@@ -178,109 +164,19 @@ def test_aml_errors():
     bad[0, 0, 0] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         cm.aml_localize(bad, query)
-    for kwargs, message in (({"p": 0}, "p:"), ({"step": 0}, "step"), ({"aspect_tolerance": 0.9}, "aspect_tolerance"),
-                            ({"refine_iterations": -1}, "refine_iterations"), ({"query_aspect": -2.0}, "query_aspect")):
+    for kwargs, message in (
+        ({"p": 0}, "p:"),
+        ({"step": 0}, "step"),
+        ({"aspect_tolerance": 0.9}, "aspect_tolerance"),
+        ({"refine_iterations": -1}, "refine_iterations"),
+        ({"query_aspect": -2.0}, "query_aspect"),
+    ):
         with pytest.raises(ValueError, match=message):
             cm.aml_localize(fmap, query, **kwargs)
     with pytest.raises(ValueError, match="uint8"):
         _core.aml_localize_codes(fmap, query)
     with pytest.raises(ValueError, match="C-contiguous"):
         _core.aml_localize_codes(np.ones((5, 4, 3), np.uint8).transpose(1, 0, 2), query)
-
-
-# --- 8-bit feature-map store ----------------------------------------------------------------------
-
-
-def test_quantize_feature_map():
-    rng = np.random.default_rng(40)
-    fmap = np.maximum(rng.standard_normal((6, 4, 5)), 0).astype(np.float32)
-    codes, scale = cm.quantize_feature_map(fmap)
-    assert codes.dtype == np.uint8 and codes.max() == 255
-    assert np.abs(codes * scale - fmap).max() <= scale / 2 + 1e-6
-    codes, scale = cm.quantize_feature_map(np.zeros((2, 2, 2), np.float32))
-    assert scale == 0.0 and codes.max() == 0
-    with pytest.raises(ValueError, match="D×H×W"):
-        cm.quantize_feature_map(np.zeros((2, 2), np.float32))
-    with pytest.raises(ValueError, match="finite"):
-        cm.quantize_feature_map(np.full((1, 1, 1), np.nan, np.float32))
-
-
-def test_store_roundtrip_and_atomic_writer(tmp_path):
-    rng = np.random.default_rng(41)
-    maps = [np.maximum(rng.standard_normal((8, 3 + i, 4 + 2 * i)), 0).astype(np.float32) for i in range(4)]
-    path = tmp_path / "maps.cmfm"
-    with cm.FeatureMapStoreWriter(path) as writer:
-        for i, fmap in enumerate(maps):
-            writer.add(fmap, f"image_{i}")
-    store = cm.FeatureMapStore(path)
-    umask = os.umask(0)
-    os.umask(umask)
-    assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask  # a plain open's permissions
-    assert len(store) == 4 and store.names == [f"image_{i}" for i in range(4)]
-    for i, fmap in enumerate(maps):
-        assert store.codes(i).shape == fmap.shape[1:] + (8,)
-        np.testing.assert_allclose(store.feature_map(i), fmap, atol=store.scale(i) / 2 + 1e-6)
-    np.testing.assert_allclose(store.feature_map(3, (1, 2, 5, 4)), maps[3][:, 2:4, 1:5], atol=store.scale(3) / 2 + 1e-6)
-    with pytest.raises(ValueError, match="box"):
-        store.feature_map(0, (0, 0, 99, 1))
-    with pytest.raises(IndexError):
-        store.codes(4)
-    # An exception inside the writer leaves neither the target nor a temporary behind.
-    with pytest.raises(RuntimeError):
-        with cm.FeatureMapStoreWriter(tmp_path / "broken.cmfm") as writer:
-            writer.add(maps[0], "a")
-            raise RuntimeError("interrupted")
-    assert sorted(os.listdir(tmp_path)) == ["maps.cmfm"]
-    with cm.FeatureMapStoreWriter(tmp_path / "other.cmfm") as writer:
-        writer.add(maps[0], "a")
-        with pytest.raises(ValueError, match="8 channels"):
-            writer.add(np.zeros((3, 2, 2), np.float32), "b")
-    # Corrupt files are refused with a clear error.
-    (tmp_path / "junk.cmfm").write_bytes(b"not a store" * 10)
-    with pytest.raises(ValueError, match="not a clustermac feature-map store"):
-        cm.FeatureMapStore(tmp_path / "junk.cmfm")
-    truncated = path.read_bytes()[:200]
-    (tmp_path / "truncated.cmfm").write_bytes(truncated)
-    with pytest.raises(ValueError, match="truncated"):
-        cm.FeatureMapStore(tmp_path / "truncated.cmfm")
-
-
-def test_store_keeps_cluster_labels_and_reads_version_1_files(tmp_path):
-    rng = np.random.default_rng(42)
-    maps = [np.maximum(rng.standard_normal((5, 4, 6)), 0).astype(np.float32) for _ in range(3)]
-    labels = [rng.integers(-1, 20, (4, 6)), rng.integers(0, 5, (4, 6)).astype(np.int8)]
-    path = tmp_path / "labelled.cmfm"
-    with cm.FeatureMapStoreWriter(path) as writer:
-        writer.add(maps[0], "with", labels=labels)
-        writer.add(maps[1], "without")
-        writer.add(maps[2], "one", labels=[np.full((4, 6), 32767)])
-    store = cm.FeatureMapStore(path)
-    got = store.labels(0)
-    assert len(got) == 2 and all(g.dtype == np.int32 and g.flags.c_contiguous for g in got)
-    for g, expected in zip(got, labels):
-        np.testing.assert_array_equal(g, expected)
-    assert store.labels(1) == []
-    np.testing.assert_array_equal(store.labels(2)[0], np.full((4, 6), 32767))
-    for i, fmap in enumerate(maps):  # codes unaffected by the labels around them
-        np.testing.assert_allclose(store.feature_map(i), fmap, atol=store.scale(i) / 2 + 1e-6)
-    with cm.FeatureMapStoreWriter(tmp_path / "bad.cmfm") as writer:
-        for bad, message in (([np.zeros((4, 5), np.int32)], "shape"), ([np.zeros((4, 6), np.float32)], "integer"),
-                             ([np.full((4, 6), -2)], r"\[-1, 32767\]"), ([np.full((4, 6), 40000)], r"\[-1, 32767\]")):
-            with pytest.raises(ValueError, match=message):
-                writer.add(maps[0], "x", labels=bad)
-    # A version-1 file (no labels: magic CMACFM01, 24-byte table rows) is still read.
-    codes, scale = cm.quantize_feature_map(maps[0])
-    payload = np.ascontiguousarray(codes.transpose(1, 2, 0)).tobytes()
-    table = np.array([(64, 5, 4, 6, scale)], dtype=[("offset", "<u8"), ("channels", "<u4"), ("height", "<u4"),
-                                                     ("width", "<u4"), ("scale", "<f4")])
-    names = json.dumps(["old"]).encode()
-    table_offset = 64 + len(payload)
-    blob = (struct.pack("<8sQQ", b"CMACFM01", table_offset, 1).ljust(64, b"\0") + payload + table.tobytes()
-            + struct.pack("<Q", len(names)) + names)
-    (tmp_path / "v1.cmfm").write_bytes(blob)
-    old = cm.FeatureMapStore(tmp_path / "v1.cmfm")
-    assert old.names == ["old"] and old.labels(0) == []
-    np.testing.assert_array_equal(old.codes(0), store.codes(0))
 
 
 # --- re-ranking -------------------------------------------------------------------------------------
@@ -299,7 +195,7 @@ def test_aml_rerank_promotes_images_containing_the_query_object(tmp_path):
         fmap = np.maximum(rng.standard_normal((channels, 10, 14)), 0).astype(np.float32)  # clutter
         if i % 3 == 0:  # the object, pasted at a random place
             y, x = rng.integers(0, 6), rng.integers(0, 9)
-            fmap[:, y:y + 4, x:x + 5] = np.maximum(fmap[:, y:y + 4, x:x + 5], object_pattern)
+            fmap[:, y : y + 4, x : x + 5] = np.maximum(fmap[:, y : y + 4, x : x + 5], object_pattern)
             relevant.append(i)
         maps.append(fmap)
     path = tmp_path / "db.cmfm"
@@ -310,29 +206,40 @@ def test_aml_rerank_promotes_images_containing_the_query_object(tmp_path):
     query_mac = object_pattern.max(axis=(1, 2))
     query_descriptor = mac_descriptor(object_pattern)
     initial = np.arange(12)[::-1].copy()  # a poor initial ranking
-    result = cm.aml_rerank(query_mac, query_descriptor, initial, store, mac_descriptor, top_n=10, qe_k=0,
-                           query_aspect=5 / 4)
+    result = cm.aml_rerank(
+        query_mac, query_descriptor, initial, store, mac_descriptor, top_n=10, qe_k=0, query_aspect=5 / 4
+    )
     # Only the top 10 are re-ranked; the last two keep their order.
     np.testing.assert_array_equal(result.indices[10:], initial[10:])
     assert sorted(result.indices[:10]) == sorted(initial[:10])
     head_relevant = [i for i in relevant if i in initial[:10]]
-    assert set(result.indices[:len(head_relevant)]) == set(head_relevant)
+    assert set(result.indices[: len(head_relevant)]) == set(head_relevant)
     # Scores are the query descriptor against the descriptor inside each box, sorted.
     for index, box, score in zip(result.indices, result.boxes, result.scores):
         expected = mac_descriptor(store.feature_map(int(index), box)) @ query_descriptor
         assert score == pytest.approx(expected, abs=1e-5)
     assert (np.diff(result.scores) <= 1e-7).all()
     # With QE, the expanded query is the l2-normalised sum of the query and the top-2 descriptors.
-    with_qe = cm.aml_rerank(query_mac, query_descriptor, initial, store, mac_descriptor, top_n=10, qe_k=2,
-                            query_aspect=5 / 4)
+    with_qe = cm.aml_rerank(
+        query_mac, query_descriptor, initial, store, mac_descriptor, top_n=10, qe_k=2, query_aspect=5 / 4
+    )
     top_two = [mac_descriptor(store.feature_map(int(i), b)) for i, b in zip(result.indices[:2], result.boxes[:2])]
     expected_query = query_descriptor + top_two[0] + top_two[1]
     np.testing.assert_allclose(with_qe.expanded_query, expected_query / np.linalg.norm(expected_query), atol=1e-5)
-    assert set(with_qe.indices[:len(head_relevant)]) == set(head_relevant)
+    assert set(with_qe.indices[: len(head_relevant)]) == set(head_relevant)
     # Candidates on threads: the same result as one thread.
     for n_threads in (1, 3, 0):
-        threaded = cm.aml_rerank(query_mac, query_descriptor, initial, store, mac_descriptor, top_n=10, qe_k=2,
-                                 query_aspect=5 / 4, n_threads=n_threads)
+        threaded = cm.aml_rerank(
+            query_mac,
+            query_descriptor,
+            initial,
+            store,
+            mac_descriptor,
+            top_n=10,
+            qe_k=2,
+            query_aspect=5 / 4,
+            n_threads=n_threads,
+        )
         np.testing.assert_array_equal(threaded.indices, with_qe.indices)
         np.testing.assert_array_equal(threaded.boxes, with_qe.boxes)
         np.testing.assert_array_equal(threaded.scores, with_qe.scores)
@@ -356,138 +263,14 @@ def test_aml_rerank_errors(tmp_path):
         cm.aml_rerank(q, q / 2, [0], store, mac_descriptor, n_threads="all")
 
 
-# --- R-MAC inside a box straight from the 8-bit codes ------------------------------------------
-
-
-def grid_mac_codes_reference(codes, box, regions, scale):
-    """Dequantise (code · scale in float32), go to D×H×W, crop to the box, max per region."""
-    fmap = (codes.astype(np.float32) * np.float32(scale)).transpose(2, 0, 1)
-    if box is not None:
-        x0, y0, x1, y1 = box
-        fmap = fmap[:, y0:y1, x0:x1]
-    out = np.zeros((len(regions), codes.shape[2]), np.float32)
-    for r, (x0, y0, x1, y1) in enumerate(regions):
-        out[r] = fmap[:, y0:y1, x0:x1].max(axis=(1, 2))
-    return out
-
-
-def random_codes(rng, height, width, channels):
-    codes = rng.integers(0, 256, (height, width, channels), dtype=np.uint8)
-    codes[rng.random(codes.shape) < 0.8] = 0  # sparse, like post-ReLU activations
-    return codes
-
-
-def random_regions_sharing_columns(rng, height, width, count=12):
-    """Regions in random order over a few column ranges, with disjoint, overlapping and nested rows
-    (the kernel takes the rows' maxima once per column range)."""
-    columns = []
-    for _ in range(3):
-        x0 = int(rng.integers(0, width))
-        columns.append((x0, int(rng.integers(x0 + 1, width + 1))))
-    regions = []
-    for _ in range(count):
-        x0, x1 = columns[int(rng.integers(0, len(columns)))]
-        y0 = int(rng.integers(0, height))
-        regions.append((x0, y0, x1, int(rng.integers(y0 + 1, height + 1))))
-    return np.array(regions, np.int32)
-
-
-@pytest.mark.parametrize("channels", [1, 37, 64, 100])
-def test_grid_mac_codes_equals_numpy_reference(channels):
-    rng = np.random.default_rng(channels)
-    height, width = 13, 17
-    codes = random_codes(rng, height, width, channels)
-    scale = 0.0371
-    boxes = [None, (0, 0, width, height), (3, 2, 15, 11), (6, 4, 7, 5), (0, 9, 17, 13), (16, 12, 17, 13)]
-    for box in boxes:
-        x0, y0, x1, y1 = box if box is not None else (0, 0, width, height)
-        h, w = y1 - y0, x1 - x0
-        region_sets = [
-            _core.rmac_regions(h, w),
-            _core.rmac_regions(h, w, 1),
-            np.array([[0, 0, 1, 1]], np.int32),  # one cell
-            np.array([[0, 0, w, h]], np.int32),  # the whole box
-            np.array([[w - 1, h - 1, w, h], [0, h - 1, w, h]], np.int32),
-            np.zeros((0, 4), np.int32),  # no region at all
-            random_regions_sharing_columns(rng, h, w),
-        ]
-        for regions in region_sets:
-            got = _core.grid_mac_codes(codes, box, regions, scale)
-            assert got.dtype == np.float32 and got.shape == (len(regions), channels)
-            np.testing.assert_array_equal(got, grid_mac_codes_reference(codes, box, regions, scale))
-            if len(regions):
-                # Bit for bit the float path: grid_mac on dequantize_codes' crop.
-                crop = _core.dequantize_codes(codes, box, scale)
-                np.testing.assert_array_equal(got, _core.grid_mac(crop, regions))
-
-
-def test_grid_mac_codes_edge_values():
-    rng = np.random.default_rng(3)
-    codes = random_codes(rng, 5, 4, 33)
-    regions = _core.rmac_regions(5, 4)
-    # Zero scale (an all-zero map is stored with scale 0): everything is 0.
-    np.testing.assert_array_equal(_core.grid_mac_codes(codes, None, regions, 0.0), np.zeros((len(regions), 33)))
-    # All codes 255 and a scale that is not exactly representable: the same float as the dequantised map.
-    full = np.full((5, 4, 33), 255, np.uint8)
-    got = _core.grid_mac_codes(full, (1, 1, 3, 4), np.array([[0, 0, 2, 3]], np.int32), 0.1)
-    np.testing.assert_array_equal(got, np.full((1, 33), np.float32(255) * np.float32(0.1)))
-    # A map of one location, and integer-like box values from NumPy.
-    one = rng.integers(0, 256, (1, 1, 7), dtype=np.uint8)
-    box = np.array([0, 0, 1, 1], np.int32)
-    got = _core.grid_mac_codes(one, box, np.array([[0, 0, 1, 1]], np.int32), 2.5)
-    np.testing.assert_array_equal(got[0], one[0, 0].astype(np.float32) * np.float32(2.5))
-    # Constant codes: every region gives the constant.
-    constant = np.full((6, 6, 5), 9, np.uint8)
-    np.testing.assert_array_equal(_core.grid_mac_codes(constant, None, _core.rmac_regions(6, 6), 1.0),
-                                  np.full((len(_core.rmac_regions(6, 6)), 5), 9.0, np.float32))
-    # A read-only memory-mapped-like view (what FeatureMapStore.codes returns) is accepted.
-    readonly = codes.copy()
-    readonly.setflags(write=False)
-    np.testing.assert_array_equal(_core.grid_mac_codes(readonly, None, regions, 0.5),
-                                  grid_mac_codes_reference(codes, None, regions, 0.5))
-
-
-def test_grid_mac_codes_errors():
-    codes = np.zeros((6, 8, 4), np.uint8)
-    regions = np.array([[0, 0, 2, 2]], np.int32)
-    cases = [
-        ((codes, (0, 0, 9, 6), regions, 1.0), r"box.*0 <= x0 < x1 <= 8"),  # outside the map
-        ((codes, (-1, 0, 2, 2), regions, 1.0), r"box.*got \[-1, 0, 2, 2\)"),
-        ((codes, (0, 0, 8, 7), regions, 1.0), r"box.*0 <= y0 < y1 <= 6"),
-        ((codes, (3, 1, 3, 4), regions, 1.0), r"box.*x0 < x1"),  # empty
-        ((codes, (0, 2, 4, 2), regions, 1.0), r"box.*y0 < y1"),
-        ((codes, (0, 0, 4), regions, 1.0), r"box: expected 4 values"),
-        ((codes, (0.0, 0.5, 4.0, 4.0), regions, 1.0), r"box: expected 4 integers"),
-        ((codes, "0044", regions, 1.0), r"box"),
-        ((codes, (0, 0, 2, 2), np.array([[0, 0, 3, 2]], np.int32), 1.0), r"regions: row 0 = \[0, 0, 3, 2\).*outside the box"),
-        ((codes, (0, 0, 2, 2), np.array([[0, 0, 2, 2], [1, 1, 1, 2]], np.int32), 1.0), r"regions: row 1.*empty"),
-        ((codes, None, np.array([[0, -1, 2, 2]], np.int32), 1.0), r"regions: row 0"),
-        ((codes, None, regions.astype(np.int64), 1.0), r"regions: expected dtype int32"),
-        ((codes, None, np.array([0, 0, 2, 2], np.int32), 1.0), r"regions: expected a 2-D array"),
-        ((codes, None, np.zeros((1, 3), np.int32), 1.0), r"regions: expected shape \(R, 4\)"),
-        ((codes.astype(np.uint16), None, regions, 1.0), r"codes: expected dtype uint8.*uint16"),
-        ((codes.astype(np.float32), None, regions, 1.0), r"codes: expected dtype uint8.*float32"),
-        ((codes.tolist(), None, regions, 1.0), r"codes: expected a uint8 NumPy array.*list"),
-        ((np.zeros((6, 8), np.uint8), None, regions, 1.0), r"codes: expected a 3-D array.*\(6, 8\)"),
-        ((np.zeros((6, 16, 4), np.uint8)[:, ::2], None, regions, 1.0), r"codes: expected a C-contiguous"),
-        ((np.zeros((0, 8, 4), np.uint8), None, regions, 1.0), r"codes: expected a non-empty"),
-        ((codes, None, regions, -1.0), r"scale: expected a finite number >= 0, got -1"),
-        ((codes, None, regions, float("nan")), r"scale: expected a finite number >= 0"),
-        ((codes, None, regions, float("inf")), r"scale: expected a finite number >= 0"),
-        ((codes, None, regions, 1e38), r"scale: .*255·scale finite"),  # 255 · scale overflows float32
-    ]
-    for arguments, message in cases:
-        with pytest.raises(ValueError, match=message):
-            _core.grid_mac_codes(*arguments)
-
-
-def test_rmac_in_box_from_codes_equals_float_crop():
+def test_rmac_in_box_from_codes_equals_float_crop(random_codes):
     rng = np.random.default_rng(11)
     channels = 48
     codes = random_codes(rng, 20, 15, channels)
     scale = 0.013
-    mean, projection = cm.fit_pca_whitening(np.abs(rng.standard_normal((200, channels))).astype(np.float32),
-                                            dim=32, shrinkage=1e-2)
+    mean, projection = cm.fit_pca_whitening(
+        np.abs(rng.standard_normal((200, channels))).astype(np.float32), dim=32, shrinkage=1e-2
+    )
     for rmac in [cm.RMACInBox(), cm.RMACInBox(mean, projection), cm.RMACInBox(mean, projection, levels=1)]:
         for box in [None, (2, 3, 13, 19), (4, 4, 5, 5), (0, 0, 15, 20), (0, 10, 15, 11)]:
             crop = _core.dequantize_codes(codes, box, scale)
@@ -497,16 +280,22 @@ def test_rmac_in_box_from_codes_equals_float_crop():
             np.testing.assert_array_equal(got, expected)
             # The generic path is R-MAC: grid regions → MAC → aggregate (l2, whiten, l2, sum, l2).
             regions = _core.rmac_regions(crop.shape[1], crop.shape[2], rmac.levels)
-            np.testing.assert_array_equal(expected, cm.aggregate_regions(
-                grid_mac_codes_reference(codes, box, regions, scale), rmac.whitening_mean, rmac.whitening_projection))
+            x0, y0, x1, y1 = box if box is not None else (0, 0, codes.shape[1], codes.shape[0])
+            numpy_crop = (codes.astype(np.float32) * np.float32(scale)).transpose(2, 0, 1)[:, y0:y1, x0:x1]
+            regional = np.stack([numpy_crop[:, b:d, a:c].max(axis=(1, 2)) for a, b, c, d in regions])
+            np.testing.assert_array_equal(
+                expected, cm.aggregate_regions(regional, rmac.whitening_mean, rmac.whitening_projection)
+            )
     # The Extractor's R-MAC (the descriptor the index holds) is the same function.
     from types import SimpleNamespace
 
     extractor = cm.Extractor(SimpleNamespace(max_size=1024, dim=channels), "rmac", rmac_levels=2)
     extractor.whitening_mean, extractor.whitening_projection = mean, projection
     rmac = cm.RMACInBox(extractor.whitening_mean, extractor.whitening_projection, extractor.rmac_levels)
-    np.testing.assert_array_equal(rmac.from_codes(codes, (1, 2, 12, 17), scale),
-                                  extractor.descriptor_from_feature_map(_core.dequantize_codes(codes, (1, 2, 12, 17), scale)))
+    np.testing.assert_array_equal(
+        rmac.from_codes(codes, (1, 2, 12, 17), scale),
+        extractor.descriptor_from_feature_map(_core.dequantize_codes(codes, (1, 2, 12, 17), scale)),
+    )
     # An all-zero map (scale 0) gives a zero descriptor either way.
     zeros = np.zeros((4, 4, channels), np.uint8)
     np.testing.assert_array_equal(cm.RMACInBox().from_codes(zeros, None, 0.0), np.zeros(channels, np.float32))
@@ -540,12 +329,13 @@ def test_aml_rerank_with_rmac_in_box_equals_float_crop_path(tmp_path):
             fmap = np.maximum(rng.standard_normal((channels, 11, 14)), 0).astype(np.float32)
             if i % 2 == 0:
                 y, x = rng.integers(0, 7), rng.integers(0, 9)
-                fmap[:, y:y + 4, x:x + 5] = np.maximum(fmap[:, y:y + 4, x:x + 5], pattern)
+                fmap[:, y : y + 4, x : x + 5] = np.maximum(fmap[:, y : y + 4, x : x + 5], pattern)
             writer.add(fmap, f"im{i}")
         writer.add(np.zeros((channels, 3, 4), np.float32), "blank")  # scale 0
     store = cm.FeatureMapStore(path)
-    mean, projection = cm.fit_pca_whitening(np.abs(rng.standard_normal((100, channels))).astype(np.float32),
-                                            shrinkage=1e-2)
+    mean, projection = cm.fit_pca_whitening(
+        np.abs(rng.standard_normal((100, channels))).astype(np.float32), shrinkage=1e-2
+    )
     used = {"from_codes": 0, "crop": 0}
 
     class CountingRMACInBox(cm.RMACInBox):
@@ -571,10 +361,12 @@ def test_aml_rerank_with_rmac_in_box_equals_float_crop_path(tmp_path):
     candidates = rng.permutation(len(store))
     results = {}
     for qe_k in (0, 3):
-        expected = cm.aml_rerank(query_mac, query_descriptor, candidates, store, float_path, top_n=8, qe_k=qe_k,
-                                 query_aspect=5 / 4)
-        got = cm.aml_rerank(query_mac, query_descriptor, candidates, store, rmac, top_n=8, qe_k=qe_k,
-                            query_aspect=5 / 4)
+        expected = cm.aml_rerank(
+            query_mac, query_descriptor, candidates, store, float_path, top_n=8, qe_k=qe_k, query_aspect=5 / 4
+        )
+        got = cm.aml_rerank(
+            query_mac, query_descriptor, candidates, store, rmac, top_n=8, qe_k=qe_k, query_aspect=5 / 4
+        )
         np.testing.assert_array_equal(got.indices, expected.indices)
         np.testing.assert_array_equal(got.scores, expected.scores)
         np.testing.assert_array_equal(got.boxes, expected.boxes)
@@ -583,8 +375,9 @@ def test_aml_rerank_with_rmac_in_box_equals_float_crop_path(tmp_path):
     assert len(calls) == 16 and used == {"from_codes": 16, "crop": 0}  # RMACInBox never made a float crop
     # A callable whose from_store attribute is not callable is used as a plain callable.
     float_path.from_store = None
-    plain = cm.aml_rerank(query_mac, query_descriptor, candidates, store, float_path, top_n=8, qe_k=0,
-                          query_aspect=5 / 4)
+    plain = cm.aml_rerank(
+        query_mac, query_descriptor, candidates, store, float_path, top_n=8, qe_k=0, query_aspect=5 / 4
+    )
     assert len(calls) == 24
     np.testing.assert_array_equal(plain.indices, results[0].indices)
     np.testing.assert_array_equal(plain.scores, results[0].scores)
@@ -602,7 +395,8 @@ def test_pipeline_rerank_of_rmac_uses_the_codes_and_matches_the_float_path(monke
     maps = pipeline.DatasetFeatureMaps(database=database, whitening=[], queries={}, seconds=0.0)
     extractor = cm.Extractor(SimpleNamespace(max_size=1024, dim=channels), "rmac")
     extractor.whitening_mean, extractor.whitening_projection = cm.fit_pca_whitening(
-        np.abs(rng.standard_normal((80, channels))).astype(np.float32), shrinkage=1e-2)
+        np.abs(rng.standard_normal((80, channels))).astype(np.float32), shrinkage=1e-2
+    )
     queries = np.stack([extractor.descriptor_from_feature_map(q.astype(np.float32)) for q, _ in query_maps])
     ranks = np.stack([rng.permutation(7) for _ in range(2)], axis=1)
     descriptor_kinds = []
@@ -638,9 +432,13 @@ def clustermac_reference(store, index, box, mean, projection, grid, pooling="mas
         inside = np.ascontiguousarray(lab[y0:y1, x0:x1])
         if pooling == "box":
             present = [k for k in range(inside.max() + 1) if (inside == k).any()]
-            boxes = [(np.nonzero((inside == k).any(0))[0][[0, -1]], np.nonzero((inside == k).any(1))[0][[0, -1]])
-                     for k in present]
-            blocks.append(np.array([crop[:, ys[0]:ys[1] + 1, xs[0]:xs[1] + 1].max(axis=(1, 2)) for xs, ys in boxes]))
+            boxes = [
+                (np.nonzero((inside == k).any(0))[0][[0, -1]], np.nonzero((inside == k).any(1))[0][[0, -1]])
+                for k in present
+            ]
+            blocks.append(
+                np.array([crop[:, ys[0] : ys[1] + 1, xs[0] : xs[1] + 1].max(axis=(1, 2)) for xs, ys in boxes])
+            )
         else:
             blocks.append(cm.region_mac(crop, inside))
     return cm.aggregate_regions(np.concatenate(blocks), mean, projection)
@@ -658,8 +456,9 @@ def test_clustermac_in_box_equals_the_float_path(tmp_path):
         writer.add(np.ones((channels, 9, 12), np.float32), "unlabelled")
     store = cm.FeatureMapStore(path)
     assert len(store.labels(0)) == 3  # 5 + 20 feature clusters, 5 RGB clusters
-    mean, projection = cm.fit_pca_whitening(np.abs(rng.standard_normal((90, channels))).astype(np.float32),
-                                            shrinkage=1e-2)
+    mean, projection = cm.fit_pca_whitening(
+        np.abs(rng.standard_normal((90, channels))).astype(np.float32), shrinkage=1e-2
+    )
     for whitening in ((None, None), (mean, projection)):
         for grid, pooling in ((False, "mask"), (True, "mask"), (False, "box"), (True, "box")):
             in_box = cm.ClusterMACInBox(*whitening, add_grid_regions=grid, cluster_pooling=pooling)
@@ -677,8 +476,7 @@ def test_clustermac_in_box_equals_the_float_path(tmp_path):
     query_mac = query.max(axis=(1, 2))
     in_box = cm.ClusterMACInBox(mean, projection)
     query_descriptor = in_box.from_store(store, 0, (2, 1, 9, 7))
-    result = cm.aml_rerank(query_mac, query_descriptor, [2, 1, 0], store, in_box, top_n=3, qe_k=0,
-                           query_aspect=7 / 6)
+    result = cm.aml_rerank(query_mac, query_descriptor, [2, 1, 0], store, in_box, top_n=3, qe_k=0, query_aspect=7 / 6)
     for index, box, score in zip(result.indices, result.boxes, result.scores):
         expected = clustermac_reference(store, int(index), tuple(box), mean, projection, False) @ query_descriptor
         assert score == pytest.approx(expected, abs=1e-6)
@@ -692,7 +490,9 @@ def test_extractor_box_descriptor_kinds():
 
     backbone = SimpleNamespace(max_size=1024, dim=8)
     assert isinstance(cm.Extractor(backbone, "rmac").box_descriptor(), cm.RMACInBox)
-    clustermac_in_box = cm.Extractor(backbone, "clustermac", add_grid_regions=True, cluster_pooling="box").box_descriptor()
+    clustermac_in_box = cm.Extractor(
+        backbone, "clustermac", add_grid_regions=True, cluster_pooling="box"
+    ).box_descriptor()
     assert isinstance(clustermac_in_box, cm.ClusterMACInBox) and clustermac_in_box.add_grid_regions
     assert clustermac_in_box.cluster_pooling == "box"
     mac = cm.Extractor(backbone, "mac")
@@ -706,8 +506,13 @@ def test_pipeline_rerank_of_clustermac_stored_or_reclustered(monkeypatch):
 
     rng = np.random.default_rng(61)
     channels = 16
-    database = [(np.maximum(rng.standard_normal((channels, 8, 10)), 0).astype(np.float16),
-                 rng.random((8, 10, 3)).astype(np.float32)) for _ in range(6)]
+    database = [
+        (
+            np.maximum(rng.standard_normal((channels, 8, 10)), 0).astype(np.float16),
+            rng.random((8, 10, 3)).astype(np.float32),
+        )
+        for _ in range(6)
+    ]
     query_maps = [(np.maximum(rng.standard_normal((channels, 4, 5)), 0).astype(np.float16), None)]
     maps = pipeline.DatasetFeatureMaps(database=database, whitening=[], queries={}, seconds=0.0)
     extractor = cm.Extractor(SimpleNamespace(max_size=1024, dim=channels), "clustermac", pca_dim=4)

@@ -1,4 +1,5 @@
 """cluster_feature_map / cluster_feature_maps on feature maps with planted regions."""
+
 import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score
@@ -7,22 +8,7 @@ import clustermac
 from clustermac import _core
 
 
-def planted_map(d=48, h=20, w=28, noise=0.15, seed=0):
-    """D x H x W activations with 4 planted regions (background, two rectangles, a disc)."""
-    rng = np.random.default_rng(seed)
-    truth = np.zeros((h, w), np.int32)
-    truth[2:9, 3:12] = 1
-    truth[11:18, 16:26] = 2
-    yy, xx = np.mgrid[:h, :w]
-    truth[(yy - 5) ** 2 + (xx - 21) ** 2 <= 9] = 3
-    patterns = np.maximum(rng.normal(size=(4, d)) * 2.0, 0.0)
-    features = patterns[truth].transpose(2, 0, 1) + noise * rng.normal(size=(d, h, w))
-    colours = np.array([[0.1, 0.2, 0.3], [0.9, 0.1, 0.1], [0.1, 0.8, 0.2], [0.9, 0.9, 0.2]])
-    rgb = colours[truth] + 0.02 * rng.normal(size=(h, w, 3))
-    return np.ascontiguousarray(features, np.float32), np.ascontiguousarray(rgb, np.float32), truth
-
-
-def test_planted_regions_recovered_by_features_and_rgb():
+def test_planted_regions_recovered_by_features_and_rgb(planted_map):
     features, rgb, truth = planted_map()
     maps = clustermac.cluster_feature_map(features, rgb, n_clusters=(4,), rgb_clusters=4)
     assert len(maps) == 2
@@ -31,7 +17,7 @@ def test_planted_regions_recovered_by_features_and_rgb():
         assert adjusted_rand_score(truth.ravel(), labels.ravel()) > 0.99
 
 
-def test_finite_activations_too_large_for_float_sums_are_refused():
+def test_finite_activations_too_large_for_float_sums_are_refused(planted_map):
     features, _, _ = planted_map()
     huge = (features * np.float32(2.0**120)).astype(np.float32)  # ~1e36: a channel's float sum overflows
     assert np.isfinite(huge).all()
@@ -39,7 +25,7 @@ def test_finite_activations_too_large_for_float_sums_are_refused():
         clustermac.cluster_feature_map(huge, n_clusters=(4,), rgb_clusters=0)
 
 
-def test_paper_settings_shapes_and_compact_labels():
+def test_paper_settings_shapes_and_compact_labels(planted_map):
     features, rgb, _ = planted_map(h=24, w=32, noise=0.6, seed=1)
     maps = clustermac.cluster_feature_map(features, rgb)  # (5, 20) on features + 5 on RGB
     assert len(maps) == 3
@@ -53,7 +39,7 @@ def test_paper_settings_shapes_and_compact_labels():
 
 
 @pytest.mark.parametrize("normalization", ["shi", "sym"])
-def test_equals_the_pipeline_built_from_the_parts(normalization):
+def test_equals_the_pipeline_built_from_the_parts(normalization, planted_map):
     features, _, _ = planted_map(noise=0.4, seed=2)
     d, h, w = features.shape
     projection, _ = clustermac.pca_project(np.ascontiguousarray(features.reshape(d, -1).T), 4)
@@ -67,7 +53,7 @@ def test_equals_the_pipeline_built_from_the_parts(normalization):
     assert adjusted_rand_score(clustermac.ncut(s, 4, seed=4, normalization=normalization), maps[1].ravel()) > 0.99
 
 
-def test_dataset_pca_equal_to_the_image_pca_gives_the_same_labels():
+def test_dataset_pca_equal_to_the_image_pca_gives_the_same_labels(planted_map):
     features, _, _ = planted_map(noise=0.5, seed=3)
     d = features.shape[0]
     x = features.reshape(d, -1).T.astype(np.float64)
@@ -86,7 +72,9 @@ def test_repeated_pattern_shares_a_cluster_unless_space_is_weighted():
     truth[4:12, 2:8] = 1
     truth[4:12, 22:28] = 1  # the same pattern twice, far apart
     patterns = np.maximum(rng.normal(size=(2, d)) * 2, 0)
-    features = np.ascontiguousarray((patterns[truth].transpose(2, 0, 1) + 0.05 * rng.normal(size=(d, h, w))), np.float32)
+    features = np.ascontiguousarray(
+        (patterns[truth].transpose(2, 0, 1) + 0.05 * rng.normal(size=(d, h, w))), np.float32
+    )
     plain = clustermac.cluster_feature_map(features, n_clusters=(2,))[0]
     assert len(np.unique(plain[4:12, 2:8])) == 1 and plain[6, 4] == plain[6, 24]
     spatial = clustermac.cluster_feature_map(features, n_clusters=(3,), spatial_weight=20.0)[0]
@@ -102,15 +90,22 @@ def test_tiny_and_constant_maps_give_one_region():
     assert all(m.max() <= 3 for m in small)  # K = 20 lowered to N = 4
 
 
-def test_deterministic_and_seed_is_used():
+def test_deterministic_and_seed_is_used(planted_map):
     features, rgb, _ = planted_map(noise=1.0, seed=5)
     a = clustermac.cluster_feature_map(features, rgb, seed=7)
     b = clustermac.cluster_feature_map(features, rgb, seed=7)
     for x, y in zip(a, b):
         np.testing.assert_array_equal(x, y)
+    # The seed reaches the discretisation: on this noisy map other seeds cut the 20-cluster
+    # partition differently (compared as partitions, so a mere relabelling would not count).
+    agreement = [
+        adjusted_rand_score(a[1].ravel(), clustermac.cluster_feature_map(features, rgb, seed=seed)[1].ravel())
+        for seed in (8, 9)
+    ]
+    assert min(agreement) < 0.99, agreement
 
 
-def test_batched_equals_single_calls():
+def test_batched_equals_single_calls(planted_map):
     maps = [planted_map(h=12 + i, w=14, noise=0.7, seed=i) for i in range(4)]
     features = [m[0] for m in maps]
     rgbs = [maps[0][1], None, maps[2][1], maps[3][1]]
@@ -143,8 +138,12 @@ F = np.random.default_rng(0).random((6, 4, 5), dtype=np.float32)
         (lambda: clustermac.cluster_feature_map(F, normalization="ng"), "normalization"),
         (lambda: clustermac.cluster_feature_map(F, seed=-2), "seed"),
         (lambda: clustermac.cluster_feature_map(F, pca_mean=np.zeros(6, np.float32)), "pca_basis"),
-        (lambda: clustermac.cluster_feature_map(F, pca_mean=np.zeros(5, np.float32),
-                                                pca_basis=np.zeros((5, 2), np.float32)), "pca_mean"),
+        (
+            lambda: clustermac.cluster_feature_map(
+                F, pca_mean=np.zeros(5, np.float32), pca_basis=np.zeros((5, 2), np.float32)
+            ),
+            "pca_mean",
+        ),
         (lambda: clustermac.cluster_feature_map(np.where(F > 0.5, np.nan, F).astype(np.float32)), "NaN"),
         (lambda: clustermac.cluster_feature_map(np.where(F > 0.5, np.inf, F).astype(np.float32)), "Inf"),
         (lambda: clustermac.cluster_feature_map(np.where(F > 0.5, -np.inf, F).astype(np.float32)), "Inf"),
@@ -196,31 +195,27 @@ def test_portable_path_agrees_with_the_avx2_path():
         assert adjusted_rand_score(fast["l6"].ravel(), portable["l6"].ravel()) > 0.95
 
 
-def _cpu_has_bf16():
-    try:
-        clustermac.cluster_feature_map(planted_map()[0], n_clusters=(2,), similarity_precision="bfloat16")
-        return True
-    except ValueError:
-        return False
-
-
-@pytest.mark.skipif(not _cpu_has_bf16(), reason="the CPU lacks AVX512-BF16")
-def test_bf16_similarity_recovers_planted_regions_and_is_the_default_for_large_maps():
+@pytest.mark.bf16
+def test_bf16_similarity_recovers_planted_regions_and_is_the_default_for_large_maps(planted_map):
     features, rgb, truth = planted_map(h=48, w=48, noise=0.3, seed=3)  # N = 2304 >= 2048
-    maps = {p: clustermac.cluster_feature_map(features, rgb, n_clusters=(4,), rgb_clusters=4, similarity_precision=p)
-            for p in ("auto", "bfloat16", "float32")}
+    maps = {
+        p: clustermac.cluster_feature_map(features, rgb, n_clusters=(4,), rgb_clusters=4, similarity_precision=p)
+        for p in ("auto", "bfloat16", "float32")
+    }
     for precision, labels in maps.items():
         for partition in labels:
             assert adjusted_rand_score(truth.ravel(), partition.ravel()) > 0.99, precision
     for auto, bf16 in zip(maps["auto"], maps["bfloat16"]):
         np.testing.assert_array_equal(auto, bf16)
     small, small_rgb, _ = planted_map()  # N = 560: "auto" keeps float32
-    for auto, f32 in zip(clustermac.cluster_feature_map(small, small_rgb),
-                         clustermac.cluster_feature_map(small, small_rgb, similarity_precision="float32")):
+    for auto, f32 in zip(
+        clustermac.cluster_feature_map(small, small_rgb),
+        clustermac.cluster_feature_map(small, small_rgb, similarity_precision="float32"),
+    ):
         np.testing.assert_array_equal(auto, f32)
 
 
-def test_turning_bf16_off_makes_auto_float32_and_refuses_bfloat16():
+def test_turning_bf16_off_makes_auto_float32_and_refuses_bfloat16(planted_map):
     import os
     import subprocess
     import sys

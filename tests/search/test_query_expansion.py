@@ -1,4 +1,5 @@
 """Query expansion (AQE, αQE) and database-side augmentation against NumPy references."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -50,8 +51,9 @@ def test_average_query_expansion_matches_numpy_in_both_layouts():
     np.testing.assert_allclose(cm.average_query_expansion(queries, database, top), expected, atol=1e-6)
     out = cm.average_query_expansion(queries, database, ranks, k=0)
     np.testing.assert_allclose(out, queries, atol=1e-6)
-    np.testing.assert_allclose(np.linalg.norm(cm.average_query_expansion(queries[0], database, ranks[0]), axis=1), 1,
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        np.linalg.norm(cm.average_query_expansion(queries[0], database, ranks[0]), axis=1), 1, atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("alpha", [0.0, 1.0, 3.0])
@@ -80,8 +82,9 @@ def test_database_side_augmentation_matches_numpy_and_memmap_out(tmp_path):
         v = sum(max(similarity[i, j], 0.0) ** alpha * database[j].astype(np.float64) for j in order)
         expected.append(v / np.linalg.norm(v))
     expected = np.array(expected)
-    np.testing.assert_allclose(cm.database_side_augmentation(database, k=k, alpha=alpha, batch_size=16), expected,
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        cm.database_side_augmentation(database, k=k, alpha=alpha, batch_size=16), expected, atol=1e-5
+    )
     out = np.lib.format.open_memmap(tmp_path / "dba.npy", mode="w+", dtype=np.float32, shape=database.shape)
     result = cm.database_side_augmentation(database, k=k, alpha=alpha, batch_size=32, out=out)
     assert result is out

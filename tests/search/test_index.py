@@ -1,7 +1,10 @@
 """Exact top-k search and the Index against a NumPy brute force (ties broken by index)."""
+
 from __future__ import annotations
 
+import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -158,7 +161,7 @@ def test_index_save_refuses_foreign_path_and_failed_save_leaves_old_index(tmp_pa
     def broken_dump(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("clustermac.index.json.dump", broken_dump)
+    monkeypatch.setattr(json, "dump", broken_dump)  # the index writes its names with json.dump
     with pytest.raises(OSError, match="disk full"):
         bigger.save(path)
     monkeypatch.undo()
@@ -209,7 +212,14 @@ def test_faiss_backend_same_interface(tmp_path):
     loaded = Index.load(tmp_path / "faiss_index")
     assert loaded.backend == "faiss" and len(loaded) == 400
     np.testing.assert_array_equal(loaded.search(database[:5], k=1)[1][:, 0], np.arange(5))
-    assert faiss is not None
+    # The saved index is FAISS's own file: FAISS reads it back with every vector, compressed.
+    files = [p for p in (tmp_path / "faiss_index").iterdir() if p.name.endswith(".index")]
+    assert len(files) == 1
+    raw = faiss.read_index(str(files[0]))
+    assert raw.ntotal == 400 and raw.d == 16
+    approx, _ = compressed.search(database[:5], k=1)
+    assert np.abs(approx[:, 0] - 1.0).max() > 0  # 8-bit codes: self-similarity not exactly 1
+    np.testing.assert_allclose(approx[:, 0], 1.0, atol=0.05)
 
 
 def test_faiss_backend_missing_package_is_a_clear_error(monkeypatch):
@@ -225,3 +235,60 @@ def test_faiss_backend_missing_package_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_faiss)
     with pytest.raises(ImportError, match="pip install"):
         Index(8, backend="faiss")
+
+
+def test_damaged_index_folders_are_refused_with_the_file_named(tmp_path):
+    rng = np.random.default_rng(9)
+    index = Index(4)
+    index.add(rng.standard_normal((3, 4)).astype(np.float32), ["a", "b", "c"])
+    index.save(tmp_path / "good")
+
+    def damaged(name, change):
+        folder = tmp_path / name
+        shutil.copytree(tmp_path / "good", folder)
+        change(folder)
+        return folder
+
+    cases = [
+        (lambda f: (f / "names.json").write_text("[not json"), "cannot read the index"),
+        (lambda f: (f / "names.json").write_text('["a", "b"]'), r"names.json: expected 3 names"),
+        (
+            lambda f: (f / "meta.json").write_text(
+                json.dumps({**json.loads((f / "meta.json").read_text()), "version": 99})
+            ),
+            "not a clustermac index of version 1",
+        ),
+        (
+            lambda f: np.save(f / "vectors.npy", np.zeros((3, 4), np.float64)),
+            r"vectors.npy: expected C-contiguous float32",
+        ),
+    ]
+    for i, (change, message) in enumerate(cases):
+        with pytest.raises(ValueError, match=message):
+            Index.load(damaged(f"bad{i}", change))
+    assert Index.load(tmp_path / "good").names == ["a", "b", "c"]
+
+
+def test_faiss_backend_refusals(tmp_path):
+    faiss = pytest.importorskip("faiss")
+    rng = np.random.default_rng(10)
+    vectors = cm.l2_normalize(rng.standard_normal((20, 8)).astype(np.float32))
+    index = Index(8, backend="faiss", faiss_factory="Flat")
+    index.add(vectors, names_for(0, 20))
+    # FAISS stores codes, not the vectors: the exact-only accessors say so.
+    with pytest.raises(ValueError, match="faiss backend stores compressed codes"):
+        index.vectors([0])
+    with pytest.raises(ValueError, match="faiss backend stores compressed codes"):
+        next(index.iter_chunks())
+    # An IVF index trained on a first batch smaller than its number of lists.
+    ivf = Index(8, backend="faiss", faiss_factory="IVF64,Flat")
+    with pytest.raises(ValueError, match=r"must be trained on the first add\(\) batch.*20 vectors"):
+        ivf.add(vectors, names_for(0, 20))
+    # A faiss.index file that disagrees with names.json.
+    index.save(tmp_path / "f")
+    (tmp_path / "f" / "names.json").write_text(json.dumps(names_for(0, 20)[:-1]))
+    meta = json.loads((tmp_path / "f" / "meta.json").read_text())
+    (tmp_path / "f" / "meta.json").write_text(json.dumps({**meta, "count": 19}))
+    with pytest.raises(ValueError, match="faiss.index holds 20 vectors, names.json 19"):
+        Index.load(tmp_path / "f")
+    assert faiss.read_index(str(tmp_path / "f" / "faiss.index")).ntotal == 20

@@ -5,6 +5,7 @@ The core picks AVX-512, AVX2 + FMA or the baseline once per process (clustermac'
 in its own subprocess on the same data. On a CPU without AVX-512 (or AVX2) the capped runs take
 the same path as the default one and the comparison is trivially true for that part.
 """
+
 from __future__ import annotations
 
 import os
@@ -49,8 +50,18 @@ database = rng.standard_normal((3000, 48)).astype(np.float32)
 queries = rng.standard_normal((9, 48)).astype(np.float32)
 scores, indices = cm.topk_search(database, queries, 15)
 out["topk_scores"], out["topk_indices"] = scores, indices
+# The active level after the caps ("avx512", "avx2" or "scalar"), where the build reports it.
+if hasattr(_core, "simd_level"):
+    out["simd_level"] = np.array(_core.simd_level())
 np.savez(sys.argv[1], **out)
 """
+
+# What each cap leaves active, given the level of an uncapped run on this CPU.
+EXPECTED_LEVEL = {
+    "CLUSTERMAC_NO_AVX512": {"avx512": "avx2", "avx2": "avx2", "scalar": "scalar"},
+    "CLUSTERMAC_NO_AVX2": {"avx512": "scalar", "avx2": "scalar", "scalar": "scalar"},
+}
+NO_SIMD_LEVEL = "clustermac._core.simd_level() is absent in this build: cannot confirm the cap changed the code path"
 
 
 def run_with(environment: dict, path: str) -> dict:
@@ -67,6 +78,8 @@ def test_capped_instruction_set_gives_the_same_results(tmp_path, cap):
     capped = run_with(cap, str(tmp_path / "capped.npz"))
     assert default.keys() == capped.keys()
     for key in default:
+        if key == "simd_level":
+            continue
         if key.startswith("aml_"):
             np.testing.assert_array_equal(capped[key][:4], default[key][:4], err_msg=key)  # the same box
             assert capped[key][4] == pytest.approx(default[key][4], abs=2e-5), key
@@ -74,3 +87,30 @@ def test_capped_instruction_set_gives_the_same_results(tmp_path, cap):
             np.testing.assert_array_equal(capped[key], default[key], err_msg=key)  # maxima and ranks: exact
         else:
             np.testing.assert_allclose(capped[key], default[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    if "simd_level" in default:  # the capped run reports the level the cap leaves (see the test below)
+        (name,) = cap
+        assert str(capped["simd_level"]) == EXPECTED_LEVEL[name][str(default["simd_level"])]
+
+
+@pytest.mark.parametrize("cap", ["CLUSTERMAC_NO_AVX512", "CLUSTERMAC_NO_AVX2"])
+def test_cap_changes_the_active_simd_level(cap):
+    """The comparison above only means something if the capped run took another code path."""
+    from clustermac import _core
+
+    if not hasattr(_core, "simd_level"):
+        pytest.skip(NO_SIMD_LEVEL)
+    code = "from clustermac import _core; print(_core.simd_level())"
+
+    def level(environment):
+        env = {k: v for k, v in os.environ.items() if k not in ("CLUSTERMAC_NO_AVX2", "CLUSTERMAC_NO_AVX512")}
+        env.update(environment)
+        return subprocess.run(
+            [sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True
+        ).stdout.strip()
+
+    default = level({})
+    assert default in ("avx512", "avx2", "scalar")
+    capped = level({cap: "1"})
+    assert capped == EXPECTED_LEVEL[cap][default], (default, capped)
+    if capped == default:
+        pytest.skip(f"this CPU's best level is {default!r}: {cap} leaves the code path unchanged")
