@@ -10,7 +10,7 @@ onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper  # noqa: E402
 
 from clustermac import Backbone, default_backbone  # noqa: E402
-from clustermac.backbone import PRESETS  # noqa: E402
+from clustermac.backbones.onnx import PRESETS  # noqa: E402
 
 
 def reference_features(network_input: np.ndarray, weight, bias, stride: int) -> np.ndarray:

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from clustermac import Backbone
-from clustermac import efficientnet_lite as lite
+from clustermac.backbones import efficientnet_lite as lite
 
 onnxruntime = pytest.importorskip("onnxruntime")
 
@@ -288,7 +288,7 @@ def test_unwritable_default_cache_falls_back_with_a_warning(tmp_path, monkeypatc
 
 @pytest.mark.network
 def test_damaged_cache_file_is_rebuilt(tmp_path, monkeypatch):
-    from clustermac import backbone as backbone_module
+    from clustermac.backbones import onnx as backbone_module
 
     monkeypatch.setenv("CLUSTERMAC_CACHE", str(tmp_path))
     monkeypatch.setattr(backbone_module, "_DEFAULT_BACKBONES", {})

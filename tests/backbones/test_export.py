@@ -14,7 +14,7 @@ import onnxruntime
 import pytest
 
 from clustermac import Backbone
-from clustermac.export import _randomise, build_torch_backbone, export_backbone, load_backbone_weights
+from clustermac.backbones.export import _randomise, build_torch_backbone, export_backbone, load_backbone_weights
 
 try:
     import torch

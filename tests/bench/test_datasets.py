@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from clustermac import compute_map, revisited_map
-from clustermac.datasets import (
+from clustermac.bench.datasets import (
     DatasetNotFoundError,
     RetrievalDataset,
     load_classic,

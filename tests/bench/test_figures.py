@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clustermac import _core, figures
-from clustermac.report import format_table, render_report, write_report
+from clustermac import _core
+from clustermac.bench import figures
+from clustermac.bench.report import format_table, render_report, write_report
 
 SVG_NS = "{http://www.w3.org/2000/svg}"
 
@@ -521,7 +522,7 @@ def test_region_precision_study_on_a_real_photo(extractor, chelsea):
 
 
 def test_write_search_page_embeds_query_and_results(tmp_path):
-    from clustermac.report import write_search_page
+    from clustermac.bench.report import write_search_page
 
     root = tmp_path / "images"
     root.mkdir()

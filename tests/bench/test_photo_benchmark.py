@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from clustermac import datasets, evaluate
-from clustermac import photo_benchmark as pb
+from clustermac.bench import datasets, evaluate
+from clustermac.bench import photo_benchmark as pb
 
 SMALL = dict(n_queries=8, n_positives=3, n_junk=1, n_distractors=8, size=192)
 

@@ -174,7 +174,7 @@ def test_show_clusters_writes_a_png(tmp_path, write_photos):
 
 @pytest.mark.network
 def test_evaluate_on_a_generated_benchmark(tmp_path, capsys, reference_classic_map):
-    from clustermac import photo_benchmark
+    from clustermac.bench import photo_benchmark
 
     photo_benchmark.make_benchmark(tmp_path / "bench", preset="quick", seed=3, n_distractors=8, progress=False)
     whitening = photo_benchmark.make_whitening_set(tmp_path / "white", n_images=12, preset="quick", seed=4)

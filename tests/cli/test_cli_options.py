@@ -30,7 +30,7 @@ def search_lines(out: str) -> list[tuple[int, float, str]]:
 @pytest.mark.network
 @pytest.mark.skipif(torch is None, reason="torch is not installed (pip install clustermac[export])")
 def test_export_command_writes_the_backbone_export_backbone_writes(tmp_path, capsys):
-    from clustermac.export import export_backbone
+    from clustermac.backbones.export import export_backbone
 
     out = tmp_path / "cli" / "vgg16.onnx"
     with pytest.warns(UserWarning, match="RANDOM weights"):
@@ -226,12 +226,12 @@ def test_search_with_a_box_describes_the_box(tmp_path, capsys, write_photos):
 
 @pytest.mark.network
 def test_evaluate_with_rerank_distractors_and_both_crops(tmp_path, capsys, reference_classic_map):
-    from clustermac import photo_benchmark
+    from clustermac.bench import datasets, photo_benchmark
 
     bench = tmp_path / "bench"
     photo_benchmark.make_benchmark(bench, preset="quick", seed=3, n_distractors=8, size=256, progress=False)
     photo_benchmark.make_whitening_set(tmp_path / "white", n_images=12, preset="quick", seed=4)
-    dataset = clustermac.datasets.load_dataset(bench)
+    dataset = datasets.load_dataset(bench)
     # Distractors: exact copies of the first positive of each query, under other names. They are
     # not in the ground truth, so they count as negatives ranked right beside the positives.
     distractor_dir = tmp_path / "flickr"

@@ -8,6 +8,7 @@ from sklearn.metrics import adjusted_rand_score
 
 import clustermac
 from clustermac import _core
+from clustermac.bench.reference import ncut_objective
 
 
 def mixture(n, dim, n_groups, spread, seed):
@@ -35,17 +36,6 @@ def subspace_distance(a, b):
     qa, _ = np.linalg.qr(a.astype(np.float64))
     qb, _ = np.linalg.qr(b.astype(np.float64))
     return np.linalg.norm(qa - qb @ (qb.T @ qa), 2)
-
-
-def ncut_objective(s, labels):
-    """sum_c cut(A_c, V - A_c) / assoc(A_c, V), self-similarities included."""
-    s = s.astype(np.float64)
-    total = 0.0
-    for c in np.unique(labels):
-        inside = labels == c
-        assoc = s[inside].sum()
-        total += (assoc - s[np.ix_(inside, inside)].sum()) / assoc
-    return total
 
 
 @pytest.mark.parametrize("normalization", ["shi", "sym"])
@@ -250,3 +240,10 @@ def test_bf16_is_refused_when_turned_off_and_bad_precision_names_are_refused():
     assert "AVX512-BF16" in out and "float32" in out
     with pytest.raises(ValueError, match="similarity_precision"):
         clustermac.ncut_embedding(np.eye(3, dtype=np.float32) + 0.5, 1, similarity_precision="half")
+
+
+def test_ncut_objective_reference_on_a_hand_computed_graph():
+    # Two pairs joined by a weak edge: cut = 0.1 for each side, assoc = 1 + 1 + 0.1 (self-loops included).
+    s = np.array([[1, 1, 0.1, 0], [1, 1, 0, 0], [0.1, 0, 1, 1], [0, 0, 1, 1]])
+    assert ncut_objective(s, np.array([0, 0, 1, 1])) == pytest.approx(2 * 0.1 / 4.1)
+    assert ncut_objective(s, np.array([0, 1, 0, 1])) == pytest.approx(2.0 / 4.2 + 2.0 / 4.0)

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 import clustermac
-from clustermac.descriptor_store import list_images
+from clustermac.images import list_images
 
 
 @pytest.fixture

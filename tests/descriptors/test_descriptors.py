@@ -227,7 +227,7 @@ def test_extract_folder_skips_corrupt_files_and_resumes(tmp_path):
 
 
 def test_extract_folder_resumes_from_finished_chunks(tmp_path, monkeypatch):
-    import clustermac.descriptor_store as store
+    import clustermac.descriptors.store as store
 
     monkeypatch.setattr(store, "CHUNK_SIZE", 2)
     folder = tmp_path / "photos"

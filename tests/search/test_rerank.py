@@ -386,7 +386,8 @@ def test_aml_rerank_with_rmac_in_box_equals_float_crop_path(tmp_path):
 def test_pipeline_rerank_of_rmac_uses_the_codes_and_matches_the_float_path(monkeypatch):
     from types import SimpleNamespace
 
-    from clustermac import pipeline, rerank
+    from clustermac.bench import pipeline
+    from clustermac.search import rerank
 
     rng = np.random.default_rng(31)
     channels = 24
@@ -502,7 +503,8 @@ def test_extractor_box_descriptor_kinds():
 def test_pipeline_rerank_of_clustermac_stored_or_reclustered(monkeypatch):
     from types import SimpleNamespace
 
-    from clustermac import pipeline, rerank
+    from clustermac.bench import pipeline
+    from clustermac.search import rerank
 
     rng = np.random.default_rng(61)
     channels = 16
