@@ -18,6 +18,7 @@ that only runs clustermac on one map.
     python benchmarks/clustering.py                      # N = 3072 (64 x 48, C = 4), N = 768 (32 x 24, C = 7)
     python benchmarks/clustering.py --sizes 48x64:4 --repeats 7 --images 3
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,12 +32,12 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 
-import numpy as np  # noqa: E402
-from threadpoolctl import threadpool_limits  # noqa: E402
+import numpy as np
+from threadpoolctl import threadpool_limits
 
-import clustermac  # noqa: E402
-from clustermac import _core  # noqa: E402
-from clustermac.bench.reference import ncut_objective  # noqa: E402
+import clustermac
+from clustermac import _core
+from clustermac.bench.reference import ncut_objective
 
 PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry"]
 
@@ -61,7 +62,7 @@ def load_maps(height: int, width: int, count: int, synthetic: bool, seed: int = 
                 rgb = np.asarray(image.resize((width, height), Image.BILINEAR), dtype=np.float32) / 255.0
                 out.append((np.ascontiguousarray(features, np.float32), np.ascontiguousarray(rgb)))
             return out, f"EfficientNet-Lite0 features of skimage photos (D = {out[0][0].shape[0]})"
-        except Exception as error:  # noqa: BLE001 - fall back to synthetic maps, say so
+        except Exception as error:
             print(f"(backbone unavailable: {error}; using synthetic maps)")
     rng = np.random.default_rng(seed)
     out = []
@@ -83,8 +84,11 @@ def load_maps(height: int, width: int, count: int, synthetic: bool, seed: int = 
 def bf16_available() -> bool:
     """Whether similarity_precision="bfloat16" runs here (a CPU with AVX512-BF16)."""
     try:
-        clustermac.cluster_feature_map(np.random.default_rng(0).random((4, 6, 6), dtype=np.float32),
-                                       n_clusters=(2,), similarity_precision="bfloat16")
+        clustermac.cluster_feature_map(
+            np.random.default_rng(0).random((4, 6, 6), dtype=np.float32),
+            n_clusters=(2,),
+            similarity_precision="bfloat16",
+        )
         return True
     except ValueError:
         return False
@@ -126,7 +130,10 @@ def peak_memory_mb(feature_map, rgb, pca_dim) -> tuple[float, float]:
 
     locations = importlib.util.find_spec("clustermac").submodule_search_locations
     core_path = next(
-        os.path.join(d, f) for d in locations if os.path.isdir(d) for f in sorted(os.listdir(d))
+        os.path.join(d, f)
+        for d in locations
+        if os.path.isdir(d)
+        for f in sorted(os.listdir(d))
         if f.startswith("_core.") and f.endswith((".so", ".pyd"))
     )
     with tempfile.TemporaryDirectory() as tmp:
@@ -156,12 +163,18 @@ def main() -> None:
     parser.add_argument("--reference-repeats", type=int, default=1)
     parser.add_argument("--synthetic", action="store_true")
     parser.add_argument("--normalization", default="sym", choices=["shi", "sym"])
-    parser.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16"],
-                        help="similarity_precision of cluster_feature_map (default: %(default)s)")
+    parser.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "float32", "bfloat16"],
+        help="similarity_precision of cluster_feature_map (default: %(default)s)",
+    )
     args = parser.parse_args()
     bf16 = bf16_available()
-    print(f"similarity_precision={args.precision}; this CPU {'has' if bf16 else 'lacks'} AVX512-BF16 "
-          "(\"auto\" stores the similarity in bfloat16 for N >= 2048 when it has)")
+    print(
+        f"similarity_precision={args.precision}; this CPU {'has' if bf16 else 'lacks'} AVX512-BF16 "
+        '("auto" stores the similarity in bfloat16 for N >= 2048 when it has)'
+    )
 
     with threadpool_limits(1):
         # Warm-up (imports, first-call set-up) so that neither side is timed cold.
@@ -181,9 +194,13 @@ def main() -> None:
                 times = []
                 for _ in range(args.repeats):
                     start = time.perf_counter()
-                    ours = clustermac.cluster_feature_map(feature_map, rgb, pca_dim=pca_dim,
-                                                          normalization=args.normalization,
-                                                          similarity_precision=args.precision)
+                    ours = clustermac.cluster_feature_map(
+                        feature_map,
+                        rgb,
+                        pca_dim=pca_dim,
+                        normalization=args.normalization,
+                        similarity_precision=args.precision,
+                    )
                     times.append(time.perf_counter() - start)
                 ours_t.append(np.median(times))
                 # The float32 similarity too, when the chosen precision may be bfloat16.
@@ -192,8 +209,13 @@ def main() -> None:
                     times = []
                     for _ in range(args.repeats):
                         start = time.perf_counter()
-                        clustermac.cluster_feature_map(feature_map, rgb, pca_dim=pca_dim,
-                                                       normalization=args.normalization, similarity_precision="float32")
+                        clustermac.cluster_feature_map(
+                            feature_map,
+                            rgb,
+                            pca_dim=pca_dim,
+                            normalization=args.normalization,
+                            similarity_precision="float32",
+                        )
                         times.append(time.perf_counter() - start)
                     float32_t.append(np.median(times))
                     float_note = f", float32 similarity {float32_t[-1] * 1e3:.1f} ms"
@@ -206,9 +228,14 @@ def main() -> None:
                 times = []
                 for _ in range(args.repeats):
                     start = time.perf_counter()
-                    clustermac.cluster_feature_map(feature_map, rgb, pca_mean=mean, pca_basis=basis,
-                                                   normalization=args.normalization,
-                                                   similarity_precision=args.precision)
+                    clustermac.cluster_feature_map(
+                        feature_map,
+                        rgb,
+                        pca_mean=mean,
+                        pca_basis=basis,
+                        normalization=args.normalization,
+                        similarity_precision=args.precision,
+                    )
                     times.append(time.perf_counter() - start)
                 given_pca_t.append(np.median(times))
                 times = []
@@ -218,27 +245,43 @@ def main() -> None:
                     times.append(time.perf_counter() - start)
                 ref_t.append(np.median(times))
                 row = []
-                for name, a, b, sim in zip(("K=5", "K=20", "RGB K=5"), ours, theirs, (s, s, s_rgb)):
+                for a, b, sim in zip(ours, theirs, (s, s, s_rgb)):  # K = 5, K = 20, RGB K = 5
                     row.append((ncut_objective(sim, a.ravel()), ncut_objective(sim, b)))
                 objectives.append(row)
-                stats = _core._ncut_solver_statistics(_core.affinity(
-                    clustermac.pca_project(np.ascontiguousarray(feature_map.reshape(feature_map.shape[0], -1).T),
-                                           pca_dim)[0]), 20, args.normalization)
-                print(f"  map {index}: ours {ours_t[-1] * 1e3:7.1f} ms ({given_pca_t[-1] * 1e3:.1f} ms with a given PCA{float_note}), reference {ref_t[-1] * 1e3:7.1f} ms; "
-                      f"K=20 solve: {stats['n_products']} vector products, residual {stats['max_residual']:.1e}; "
-                      "objective ours/ref " + ", ".join(f"{k} {o:.3f}/{r:.3f}" for k, (o, r) in
-                                                        zip(("K=5", "K=20", "RGB"), row)))
+                stats = _core._ncut_solver_statistics(
+                    _core.affinity(
+                        clustermac.pca_project(
+                            np.ascontiguousarray(feature_map.reshape(feature_map.shape[0], -1).T), pca_dim
+                        )[0]
+                    ),
+                    20,
+                    args.normalization,
+                )
+                print(
+                    f"  map {index}: ours {ours_t[-1] * 1e3:7.1f} ms "
+                    f"({given_pca_t[-1] * 1e3:.1f} ms with a given PCA{float_note}), "
+                    f"reference {ref_t[-1] * 1e3:7.1f} ms; "
+                    f"K=20 solve: {stats['n_products']} vector products, residual {stats['max_residual']:.1e}; "
+                    "objective ours/ref "
+                    + ", ".join(f"{k} {o:.3f}/{r:.3f}" for k, (o, r) in zip(("K=5", "K=20", "RGB"), row))
+                )
             objectives = np.array(objectives)
             ours_median, ref_median = np.median(ours_t), np.median(ref_t)
-            print(f"  median per image: clustermac {ours_median * 1e3:.1f} ms, NumPy + scikit-learn "
-                  f"{ref_median * 1e3:.1f} ms, ratio {ref_median / ours_median:.1f}x; clustermac with a given "
-                  f"PCA (clustering only) {np.median(given_pca_t) * 1e3:.1f} ms"
-                  + (f"; with a float32 similarity {np.median(float32_t) * 1e3:.1f} ms" if float32_t else ""))
+            print(
+                f"  median per image: clustermac {ours_median * 1e3:.1f} ms, NumPy + scikit-learn "
+                f"{ref_median * 1e3:.1f} ms, ratio {ref_median / ours_median:.1f}x; clustermac with a given "
+                f"PCA (clustering only) {np.median(given_pca_t) * 1e3:.1f} ms"
+                + (f"; with a float32 similarity {np.median(float32_t) * 1e3:.1f} ms" if float32_t else "")
+            )
             for j, name in enumerate(("K=5 features", "K=20 features", "K=5 RGB")):
-                print(f"  mean NCut objective {name}: clustermac {objectives[:, j, 0].mean():.3f}, "
-                      f"scikit-learn {objectives[:, j, 1].mean():.3f}")
+                print(
+                    f"  mean NCut objective {name}: clustermac {objectives[:, j, 0].mean():.3f}, "
+                    f"scikit-learn {objectives[:, j, 1].mean():.3f}"
+                )
             peak, before = peak_memory_mb(*maps[0], pca_dim)
-            print(f"  peak RSS of one cluster_feature_map call: {peak:.0f} MB (process before the call: {before:.0f} MB)")
+            print(
+                f"  peak RSS of one cluster_feature_map call: {peak:.0f} MB (process before the call: {before:.0f} MB)"
+            )
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ Timing: the same images, in the same run, alternating the two measurements over 
 "bare" = decode + resize + the network on every image, sequentially; "full" = Extractor.extract_many
 (decode, network and pooling/clustering overlapped). Prints medians and the overhead ratio.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -76,9 +77,16 @@ def time_extraction(args) -> dict:
         full_times.append(time.perf_counter() - t0)
     bare, full = statistics.median(bare_times), statistics.median(full_times)
     return {
-        "backbone": backbone.name, "method": args.method, "max_size": args.max_size, "n_images": len(images),
-        "threads": args.threads, "bare_s_per_image": bare / len(images), "full_s_per_image": full / len(images),
-        "overhead_percent": 100.0 * (full / bare - 1.0), "bare_runs_s": bare_times, "full_runs_s": full_times,
+        "backbone": backbone.name,
+        "method": args.method,
+        "max_size": args.max_size,
+        "n_images": len(images),
+        "threads": args.threads,
+        "bare_s_per_image": bare / len(images),
+        "full_s_per_image": full / len(images),
+        "overhead_percent": 100.0 * (full / bare - 1.0),
+        "bare_runs_s": bare_times,
+        "full_runs_s": full_times,
     }
 
 
@@ -93,7 +101,12 @@ def peak_memory_child(n: int, backbone: str, method: str, max_size: int) -> None
         for i in range(n):
             base[i % len(base)].save(folder / f"{i:05d}.jpg", quality=85)
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        extract_folder(Extractor(make_backbone(backbone, 2, None), method, max_size=max_size), folder, Path(tmp) / "d.npy", progress=False)
+        extract_folder(
+            Extractor(make_backbone(backbone, 2, None), method, max_size=max_size),
+            folder,
+            Path(tmp) / "d.npy",
+            progress=False,
+        )
         after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(json.dumps({"n_images": n, "peak_rss_mb": after, "peak_before_extract_mb": before}))
 
@@ -117,16 +130,33 @@ def main(argv=None) -> int:
     if args.memory:
         rows = []
         for n in args.memory:
-            cmd = [sys.executable, __file__, "--memory-child", str(n), "--backbone", args.backbone, "--method", args.method,
-                   "--max-size", str(args.max_size)]
-            rows.append(json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]))
+            cmd = [
+                sys.executable,
+                __file__,
+                "--memory-child",
+                str(n),
+                "--backbone",
+                args.backbone,
+                "--method",
+                args.method,
+                "--max-size",
+                str(args.max_size),
+            ]
+            rows.append(
+                json.loads(
+                    subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+                )
+            )
             print(f"{rows[-1]['n_images']:6d} images: peak RSS {rows[-1]['peak_rss_mb']:.0f} MB", flush=True)
         return 0
     result = time_extraction(args)
     print(json.dumps(result, indent=1))
-    print(f"{result['backbone']} at {args.max_size} px, {args.threads} threads, median of {args.repeats}: "
-          f"bare {1000 * result['bare_s_per_image']:.0f} ms/image, full {args.method} {1000 * result['full_s_per_image']:.0f} ms/image, "
-          f"overhead {result['overhead_percent']:+.1f} %")
+    print(
+        f"{result['backbone']} at {args.max_size} px, {args.threads} threads, median of {args.repeats}: "
+        f"bare {1000 * result['bare_s_per_image']:.0f} ms/image, "
+        f"full {args.method} {1000 * result['full_s_per_image']:.0f} ms/image, "
+        f"overhead {result['overhead_percent']:+.1f} %"
+    )
     return 0
 
 

@@ -15,6 +15,7 @@ box to a float D×h×w crop, then rmac_regions → grid_mac → aggregate_region
 checked to give identical descriptors; and the same localisation written with NumPy (integral
 images of x^p in float64, every grid box scored at once) on a few maps, extrapolated to `--maps`.
 """
+
 from __future__ import annotations
 
 import os
@@ -22,15 +23,15 @@ import os
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import argparse  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import tempfile
+import time
+from pathlib import Path
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-import clustermac as cm  # noqa: E402
-from clustermac import _core  # noqa: E402
+import clustermac as cm
+from clustermac import _core
 
 
 def sparse_map(rng: np.random.Generator, shape: tuple[int, int, int]) -> np.ndarray:
@@ -57,11 +58,22 @@ def numpy_aml(fmap: np.ndarray, query: np.ndarray, step: int, p: float, query_as
     integral = np.zeros((d, h + 1, w + 1))
     integral[:, 1:, 1:] = v.cumsum(1).cumsum(2)
     xs, ys = list(range(0, w, step)) + [w], list(range(0, h, step)) + [h]
-    boxes = [(x0, y0, x1, y1) for x0 in xs for x1 in xs if x1 > x0 for y0 in ys for y1 in ys if y1 > y0
-             and query_aspect / tolerance <= (x1 - x0) / (y1 - y0) <= query_aspect * tolerance]
+    boxes = [
+        (x0, y0, x1, y1)
+        for x0 in xs
+        for x1 in xs
+        if x1 > x0
+        for y0 in ys
+        for y1 in ys
+        if y1 > y0 and query_aspect / tolerance <= (x1 - x0) / (y1 - y0) <= query_aspect * tolerance
+    ]
     b = np.array(boxes)
-    sums = (integral[:, b[:, 3], b[:, 2]] - integral[:, b[:, 1], b[:, 2]] - integral[:, b[:, 3], b[:, 0]]
-            + integral[:, b[:, 1], b[:, 0]])
+    sums = (
+        integral[:, b[:, 3], b[:, 2]]
+        - integral[:, b[:, 1], b[:, 2]]
+        - integral[:, b[:, 3], b[:, 0]]
+        + integral[:, b[:, 1], b[:, 0]]
+    )
     f = np.maximum(sums, 0.0) ** (1.0 / p)
     scores = (query / np.linalg.norm(query)) @ f / np.maximum(np.linalg.norm(f, axis=0), 1e-30)
     return boxes[int(np.argmax(scores))], float(scores.max())
@@ -98,10 +110,12 @@ def clustermac_in_box(store, pairs, mean, projection, repeats: int) -> None:
     stored_ms = 1e3 * float(np.median(stored_times)) / len(pairs)
     recluster_ms = 1e3 * float(np.median(recluster_times))
     box_ms = 1e3 * float(np.median(box_pooling_times)) / len(pairs)
-    print(f"ClusterMAC in the AML box: from the stored clusters {stored_ms:.3f} ms/map ({len(pairs)} maps), "
-          f"re-clustering the box {recluster_ms:.1f} ms/map -> {recluster_ms / stored_ms:.0f}x; with "
-          f"cluster_pooling='box' {box_ms:.3f} ms/map (random labels: every cluster's bounding box is the whole "
-          "AML box, the worst case)")
+    print(
+        f"ClusterMAC in the AML box: from the stored clusters {stored_ms:.3f} ms/map ({len(pairs)} maps), "
+        f"re-clustering the box {recluster_ms:.1f} ms/map -> {recluster_ms / stored_ms:.0f}x; with "
+        f"cluster_pooling='box' {box_ms:.3f} ms/map (random labels: every cluster's bounding box is the whole "
+        "AML box, the worst case)"
+    )
 
 
 def main() -> None:
@@ -116,19 +130,25 @@ def main() -> None:
     parser.add_argument("--store", type=Path, default=None, help="store file (default: in the temp directory)")
     args = parser.parse_args()
     shape = (args.channels, args.height, args.width)
-    path = args.store or Path(tempfile.gettempdir()) / f"clustermac-rerank-bench-{args.maps}-{'x'.join(map(str, shape))}.cmfm"
+    path = (
+        args.store
+        or Path(tempfile.gettempdir()) / f"clustermac-rerank-bench-{args.maps}-{'x'.join(map(str, shape))}.cmfm"
+    )
     start = time.perf_counter()
     make_store(path, args.maps, shape)
     store = cm.FeatureMapStore(path)
-    print(f"store: {len(store)} maps of D×H×W = {shape}, {path.stat().st_size / 2**20:.0f} MiB "
-          f"(ready in {time.perf_counter() - start:.1f} s)")
+    print(
+        f"store: {len(store)} maps of D×H×W = {shape}, {path.stat().st_size / 2**20:.0f} MiB "
+        f"(ready in {time.perf_counter() - start:.1f} s)"
+    )
 
     rng = np.random.default_rng(1)
     query_map = sparse_map(rng, (args.channels, 20, 16))
     query_mac = query_map.max(axis=(1, 2))
     query_aspect = 16 / 20
     whitening_mean, whitening_projection = cm.fit_pca_whitening(
-        np.abs(rng.standard_normal((2 * args.channels, args.channels))).astype(np.float32), shrinkage=1e-2)
+        np.abs(rng.standard_normal((2 * args.channels, args.channels))).astype(np.float32), shrinkage=1e-2
+    )
 
     def rmac_descriptor(crop: np.ndarray) -> np.ndarray:
         """The float-crop path (the reference)."""
@@ -146,19 +166,41 @@ def main() -> None:
             _core.aml_localize_codes(store.codes(int(i)), query_mac, query_aspect=query_aspect)
         localisation.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        result = cm.aml_rerank(query_mac, query_descriptor, candidates, store, rmac_in_box,
-                               top_n=len(store), query_aspect=query_aspect, qe_k=5, n_threads=1)
+        result = cm.aml_rerank(
+            query_mac,
+            query_descriptor,
+            candidates,
+            store,
+            rmac_in_box,
+            top_n=len(store),
+            query_aspect=query_aspect,
+            qe_k=5,
+            n_threads=1,
+        )
         total.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        threaded = cm.aml_rerank(query_mac, query_descriptor, candidates, store, rmac_in_box,
-                                 top_n=len(store), query_aspect=query_aspect, qe_k=5, n_threads=0)
+        threaded = cm.aml_rerank(
+            query_mac,
+            query_descriptor,
+            candidates,
+            store,
+            rmac_in_box,
+            top_n=len(store),
+            query_aspect=query_aspect,
+            qe_k=5,
+            n_threads=0,
+        )
         parallel.append(time.perf_counter() - t0)
         assert np.array_equal(threaded.indices, result.indices) and np.array_equal(threaded.boxes, result.boxes)
     loc, tot = float(np.median(localisation)), float(np.median(total))
-    print(f"aml_rerank of {len(store)} maps (AML + R-MAC in the box + QE top 5), 1 thread: median {tot:.3f} s "
-          f"(runs {[round(t, 3) for t in total]})")
-    print(f"  of which AML localisation (C++, 8-bit codes): median {loc:.3f} s = {1e3 * loc / len(store):.2f} ms/map; "
-          f"descriptor in the box and QE: {tot - loc:.3f} s = {1e3 * (tot - loc) / len(store):.2f} ms/map")
+    print(
+        f"aml_rerank of {len(store)} maps (AML + R-MAC in the box + QE top 5), 1 thread: median {tot:.3f} s "
+        f"(runs {[round(t, 3) for t in total]})"
+    )
+    print(
+        f"  of which AML localisation (C++, 8-bit codes): median {loc:.3f} s = {1e3 * loc / len(store):.2f} ms/map; "
+        f"descriptor in the box and QE: {tot - loc:.3f} s = {1e3 * (tot - loc) / len(store):.2f} ms/map"
+    )
     print(f"  with n_threads=0 ({os.cpu_count()} cores): median {float(np.median(parallel)):.3f} s, same ranking")
 
     # The descriptor alone on the boxes AML found: from the codes vs. dequantised float crops.
@@ -174,12 +216,14 @@ def main() -> None:
     identical = sum(np.array_equal(a, b) for a, b in zip(from_codes, from_crops))
     codes_s, crops_s = float(np.median(from_codes_times)), float(np.median(float_crop_times))
     mean_cells = float(np.mean([(b[2] - b[0]) * (b[3] - b[1]) for _, b in pairs]))
-    print(f"R-MAC in the {len(pairs)} AML boxes (mean {mean_cells:.0f} of {args.height * args.width} cells): "
-          f"from the 8-bit codes {1e3 * codes_s / len(pairs):.3f} ms/map, float-crop path (dequantise + grid_mac) "
-          f"{1e3 * crops_s / len(pairs):.3f} ms/map -> {crops_s / codes_s:.1f}x; identical descriptors on "
-          f"{identical}/{len(pairs)} boxes")
+    print(
+        f"R-MAC in the {len(pairs)} AML boxes (mean {mean_cells:.0f} of {args.height * args.width} cells): "
+        f"from the 8-bit codes {1e3 * codes_s / len(pairs):.3f} ms/map, float-crop path (dequantise + grid_mac) "
+        f"{1e3 * crops_s / len(pairs):.3f} ms/map -> {crops_s / codes_s:.1f}x; identical descriptors on "
+        f"{identical}/{len(pairs)} boxes"
+    )
 
-    clustermac_in_box(store, pairs[:args.clustermac_maps], whitening_mean, whitening_projection, args.repeats)
+    clustermac_in_box(store, pairs[: args.clustermac_maps], whitening_mean, whitening_projection, args.repeats)
 
     t0 = time.perf_counter()
     agree = 0
@@ -189,9 +233,11 @@ def main() -> None:
         box_cm, _ = _core.aml_localize_codes(store.codes(i), query_mac, query_aspect=query_aspect, refine_iterations=0)
         agree += tuple(box_cm) == tuple(box_np)
     per_map = (time.perf_counter() - t0) / args.numpy_maps
-    print(f"NumPy AML grid search (no refinement): {1e3 * per_map:.0f} ms/map -> {per_map * len(store):.1f} s for "
-          f"{len(store)} maps; clustermac AML (with refinement) is {per_map * len(store) / loc:.0f}x faster; "
-          f"same grid box on {agree}/{args.numpy_maps} maps")
+    print(
+        f"NumPy AML grid search (no refinement): {1e3 * per_map:.0f} ms/map -> {per_map * len(store):.1f} s for "
+        f"{len(store)} maps; clustermac AML (with refinement) is {per_map * len(store) / loc:.0f}x faster; "
+        f"same grid box on {agree}/{args.numpy_maps} maps"
+    )
     assert len(result.indices) == len(store)
     assert identical == len(pairs), "RMACInBox.from_codes differs from the float-crop path"
 

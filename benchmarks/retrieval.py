@@ -10,6 +10,7 @@ for crop I and crop X queries. With --ablations, ClusterMAC variants (C, z, clus
 RGB clusters, dataset PCA, graph normalisation) run on the same feature maps.
 Writes results.json in --out and prints a table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,11 @@ ABLATIONS = (
     # Our variant: each cluster max-pooled over its bounding box (cluster_pooling="box").
     MethodSpec("ClusterMAC box", "clustermac", {"cluster_pooling": "box"}),
     MethodSpec("ClusterMAC box + grid", "clustermac", {"cluster_pooling": "box", "add_grid_regions": True}),
-    MethodSpec("ClusterMAC box 20 + grid", "clustermac",
-               {"cluster_pooling": "box", "add_grid_regions": True, "n_clusters": (20,)}),
+    MethodSpec(
+        "ClusterMAC box 20 + grid",
+        "clustermac",
+        {"cluster_pooling": "box", "add_grid_regions": True, "n_clusters": (20,)},
+    ),
 )
 
 
@@ -51,18 +55,26 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="retrieval-benchmark")
     parser.add_argument("--preset", default="large", help="benchmark size preset of clustermac.bench.photo_benchmark")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--size", type=int, default=None, help="long side of the benchmark's images (default: the preset's)")
+    parser.add_argument(
+        "--size", type=int, default=None, help="long side of the benchmark's images (default: the preset's)"
+    )
     parser.add_argument("--max-size", type=int, default=640)
     parser.add_argument("--onnx", help="another backbone (.onnx) instead of the embedded EfficientNet-Lite0")
-    parser.add_argument("--preset-backbone", default=None, help="preprocessing preset for --onnx (vgg16, resnet101, ...)")
+    parser.add_argument(
+        "--preset-backbone", default=None, help="preprocessing preset for --onnx (vgg16, resnet101, ...)"
+    )
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--rerank", action="store_true", help="also AML re-ranking + QE for R-MAC and ClusterMAC")
     parser.add_argument("--ablations", action="store_true", help="also ClusterMAC variants")
     parser.add_argument("--crops", nargs="+", default=["image", "activations"])
     parser.add_argument("--methods", nargs="+", default=None, help="only these methods (labels, e.g. R-MAC ClusterMAC)")
     parser.add_argument("--rerank-top", type=int, default=1000, help="how many items AML re-ranks (Tolias: 1000)")
-    parser.add_argument("--rerank-clusters", choices=["stored", "box"], default="stored",
-                        help="ClusterMAC inside an AML box: the image's own clusters (stored) or re-clustered per box")
+    parser.add_argument(
+        "--rerank-clusters",
+        choices=["stored", "box"],
+        default="stored",
+        help="ClusterMAC inside an AML box: the image's own clusters (stored) or re-clustered per box",
+    )
     args = parser.parse_args(argv)
 
     out = Path(args.out)
@@ -72,19 +84,36 @@ def main(argv=None) -> int:
     if not (bench_dir / "jpg").is_dir():
         print(f"building the {args.preset} benchmark in {bench_dir}", flush=True)
         photo_benchmark.make_benchmark(bench_dir, preset=args.preset, size=args.size, seed=args.seed)
-    whitening_images = photo_benchmark.make_whitening_set(whitening_dir, preset=args.preset, size=args.size,
-                                                          seed=args.seed + 1)
+    whitening_images = photo_benchmark.make_whitening_set(
+        whitening_dir, preset=args.preset, size=args.size, seed=args.seed + 1
+    )
     dataset = load_dataset(bench_dir)
-    print(f"{dataset.name}: {len(dataset.queries)} queries, {len(dataset.images)} database images, "
-          f"{len(whitening_images)} whitening images", flush=True)
+    print(
+        f"{dataset.name}: {len(dataset.queries)} queries, {len(dataset.images)} database images, "
+        f"{len(whitening_images)} whitening images",
+        flush=True,
+    )
 
-    backbone = Backbone(args.onnx, preset=args.preset_backbone, n_threads=args.threads) if args.onnx else default_backbone(n_threads=args.threads)
+    backbone = (
+        Backbone(args.onnx, preset=args.preset_backbone, n_threads=args.threads)
+        if args.onnx
+        else default_backbone(n_threads=args.threads)
+    )
     maps = dataset_feature_maps(dataset, backbone, whitening_images, crops=args.crops, max_size=args.max_size)
     methods = list(DEFAULT_METHODS) + (list(ABLATIONS) if args.ablations else [])
     if args.methods:
         methods = [m for m in methods if m.label in args.methods]
-    result = evaluate_methods(dataset, backbone, maps, methods, query_expansion=True, rerank=args.rerank,
-                              rerank_top=args.rerank_top, rerank_clusters=args.rerank_clusters, max_size=args.max_size)
+    result = evaluate_methods(
+        dataset,
+        backbone,
+        maps,
+        methods,
+        query_expansion=True,
+        rerank=args.rerank,
+        rerank_top=args.rerank_top,
+        rerank_clusters=args.rerank_clusters,
+        max_size=args.max_size,
+    )
 
     columns = ["mAP"] + (["Easy", "Medium", "Hard"] if dataset.has_revisited else [])
     print(format_table(["Method", *columns], [[r["label"], *(f"{r[c]:.1f}" for c in columns)] for r in result["rows"]]))

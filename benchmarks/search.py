@@ -16,6 +16,7 @@ peak RSS during the search (Linux VmHWM, reset at the start; mapped pages count,
 imports included) relative to the descriptors' size, and checks that both return the same
 top-k scores.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,7 +42,7 @@ def make_data(directory: Path, n: int, dim: int, queries: int) -> tuple[Path, Pa
         out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float32, shape=(n, dim))
         for start in range(0, n, 65536):
             block = rng.standard_normal((min(65536, n - start), dim)).astype(np.float32)
-            out[start:start + block.shape[0]] = block / np.linalg.norm(block, axis=1, keepdims=True)
+            out[start : start + block.shape[0]] = block / np.linalg.norm(block, axis=1, keepdims=True)
         out.flush()
         del out
         os.replace(partial, database_file)
@@ -83,7 +84,7 @@ def worker(method: str, database_file: str, query_file: str, k: int, numpy_block
         indices = np.zeros((queries.shape[0], k), dtype=np.int64)
         rows = np.arange(queries.shape[0])[:, None]
         for first in range(0, n, numpy_block):
-            block = np.asarray(database[first:first + numpy_block])
+            block = np.asarray(database[first : first + numpy_block])
             block_scores = queries @ block.T
             kk = min(k, block_scores.shape[1])
             top = np.argpartition(-block_scores, kk - 1, axis=1)[:, :kk]
@@ -121,18 +122,36 @@ def main() -> None:
     directory.mkdir(parents=True, exist_ok=True)
     database_file, query_file = make_data(directory, args.n, args.dim, args.queries)
     size = args.n * args.dim * 4
-    print(f"database {args.n} x {args.dim} float32 ({size / 2**30:.2f} GiB, memory-mapped), "
-          f"{args.queries} queries, exact top-{args.k}, 1 thread, {args.repeats} runs each")
+    print(
+        f"database {args.n} x {args.dim} float32 ({size / 2**30:.2f} GiB, memory-mapped), "
+        f"{args.queries} queries, exact top-{args.k}, 1 thread, {args.repeats} runs each"
+    )
     env = {**os.environ, **SINGLE_THREAD}
     runs: dict[str, list] = {"clustermac": [], "numpy": []}
     results = {}
-    for repeat in range(args.repeats):
+    for _ in range(args.repeats):
         for method in runs:  # interleaved, so that load changes hit both alike
             result_file = directory / f"result_{method}.npy"
             output = subprocess.run(
-                [sys.executable, __file__, "--worker", method, str(database_file), str(result_file),
-                 "--query-file", str(query_file), "--k", str(args.k), "--numpy-block", str(args.numpy_block)],
-                env=env, check=True, capture_output=True, text=True).stdout
+                [
+                    sys.executable,
+                    __file__,
+                    "--worker",
+                    method,
+                    str(database_file),
+                    str(result_file),
+                    "--query-file",
+                    str(query_file),
+                    "--k",
+                    str(args.k),
+                    "--numpy-block",
+                    str(args.numpy_block),
+                ],
+                env=env,
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout
             runs[method].append(json.loads(output.strip().splitlines()[-1]))
             results[method] = np.load(result_file)
     median = {m: float(np.median([r["seconds"] for r in runs[m]])) for m in runs}
@@ -140,9 +159,11 @@ def main() -> None:
     baseline = {m: min(r["baseline_bytes"] for r in runs[m]) for m in runs}
     for m in runs:
         throughput = args.queries * args.n / median[m]
-        print(f"{m:>10}: median {median[m]:8.2f} s  ({throughput / 1e9:6.2f} G query-rows/s)  "
-              f"runs {[round(r['seconds'], 2) for r in runs[m]]}  peak RSS {peak[m] / 2**30:.2f} GiB "
-              f"= {peak[m] / size:.2f}x descriptors (before the search: {baseline[m] / 2**30:.2f} GiB)")
+        print(
+            f"{m:>10}: median {median[m]:8.2f} s  ({throughput / 1e9:6.2f} G query-rows/s)  "
+            f"runs {[round(r['seconds'], 2) for r in runs[m]]}  peak RSS {peak[m] / 2**30:.2f} GiB "
+            f"= {peak[m] / size:.2f}x descriptors (before the search: {baseline[m] / 2**30:.2f} GiB)"
+        )
     print(f"throughput ratio clustermac / numpy: {median['numpy'] / median['clustermac']:.2f}x")
     difference = float(np.abs(results["clustermac"] - results["numpy"]).max())
     print(f"max |score difference| between the two top-{args.k} lists: {difference:.2e}")

@@ -46,7 +46,9 @@ def test_old_module_paths_warn_and_reach_the_new_code(old):
         warnings.simplefilter("ignore", DeprecationWarning)
         shim = importlib.import_module(old)
     # Names read through the old path are the new module's objects, not copies.
-    shared = [n for n in vars(new) if not n.startswith("_") and getattr(vars(new)[n], "__module__", None) == new.__name__]
+    shared = [
+        n for n in vars(new) if not n.startswith("_") and getattr(vars(new)[n], "__module__", None) == new.__name__
+    ]
     assert shared, f"{new.__name__} defines nothing public"
     for name in shared:
         assert getattr(shim, name) is vars(new)[name]
@@ -69,8 +71,11 @@ def test_attribute_access_to_an_old_module_warns():
 
 def test_import_clustermac_is_lean():
     code = "import sys, clustermac; print('\\n'.join(sorted(sys.modules)))"
-    loaded = set(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                                check=True).stdout.split())
+    loaded = set(
+        subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+        ).stdout.split()
+    )
     heavy = {"onnx", "onnxruntime", "faiss", "tqdm", "torch", "PIL.ImageDraw", "PIL.ImageFont", "scipy", "sklearn"}
     assert not {m for m in loaded if m.startswith("clustermac.bench")}
     assert not heavy & loaded
@@ -81,7 +86,8 @@ def _intra_package_imports(root: Path) -> dict[str, set[str]]:
     """Module -> the package modules it imports (module level or inside functions; imports under
     ``if TYPE_CHECKING:`` run only for type checkers and are left out)."""
     modules = {
-        ".".join(p.relative_to(root.parent).with_suffix("").parts).removesuffix(".__init__"): p for p in root.rglob("*.py")
+        ".".join(p.relative_to(root.parent).with_suffix("").parts).removesuffix(".__init__"): p
+        for p in root.rglob("*.py")
     }
     graph: dict[str, set[str]] = {}
     for name, path in modules.items():

@@ -8,6 +8,7 @@ The library: :mod:`clustermac.backbones` (image → feature map), :mod:`clusterm
 expansion, re-ranking). The evaluation and demo tooling lives in :mod:`clustermac.bench`, which
 ``import clustermac`` does not load.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -21,31 +22,35 @@ _compat.install()
 # Each section re-exports one part of the package; names are part of the public API.
 
 # --- clustering core ---
-from ._core import (  # noqa: E402
-    affinity,
-    cluster_feature_map,
-    cluster_feature_maps,
-    ncut,
-    ncut_embedding,
-    pca_project,
-)
-
 # --- pooling, whitening, search ---
-from ._core import (  # noqa: E402
+from ._core import (  # noqa: E402  # noqa: E402
+    affinity,
     aggregate_regions,
     aml_localize,
     apply_whitening,
+    cluster_feature_map,
+    cluster_feature_maps,
     crow_pool,
     fit_pca_whitening,
     gem_pool,
     grid_mac,
     l2_normalize,
+    ncut,
+    ncut_embedding,
+    pca_project,
     region_boxes,
     region_mac,
     rmac_regions,
     spoc_pool,
     topk_search,
 )
+
+# --- backbones ---
+from .backbones import Backbone, default_backbone  # noqa: E402
+
+# --- descriptors ---
+from .descriptors import METHODS, Extractor, extract_folder, load_descriptors  # noqa: E402
+from .images import load_image  # noqa: E402
 from .search import (  # noqa: E402
     ClusterMACInBox,
     FeatureMapStore,
@@ -60,23 +65,47 @@ from .search import (  # noqa: E402
     quantize_feature_map,
 )
 
-# --- backbones ---
-from .backbones import Backbone, default_backbone  # noqa: E402
-from .images import load_image  # noqa: E402
-
-# --- descriptors ---
-from .descriptors import METHODS, Extractor, extract_folder, load_descriptors  # noqa: E402
-
 __all__ = [
-    "affinity", "cluster_feature_map", "cluster_feature_maps", "ncut", "ncut_embedding", "pca_project",
-    "aggregate_regions", "aml_localize", "apply_whitening", "crow_pool", "fit_pca_whitening", "gem_pool", "grid_mac",
-    "l2_normalize", "region_boxes", "region_mac", "rmac_regions", "spoc_pool", "topk_search",
-    "Index", "average_query_expansion", "alpha_query_expansion", "database_side_augmentation",
-    "FeatureMapStore", "FeatureMapStoreWriter", "quantize_feature_map", "RerankResult", "aml_rerank",
-    "RMACInBox", "ClusterMACInBox",
-    "Backbone", "default_backbone", "load_image",
-    "METHODS", "Extractor", "extract_folder", "load_descriptors",
-    "average_precision", "compute_map", "revisited_map",
+    "affinity",
+    "cluster_feature_map",
+    "cluster_feature_maps",
+    "ncut",
+    "ncut_embedding",
+    "pca_project",
+    "aggregate_regions",
+    "aml_localize",
+    "apply_whitening",
+    "crow_pool",
+    "fit_pca_whitening",
+    "gem_pool",
+    "grid_mac",
+    "l2_normalize",
+    "region_boxes",
+    "region_mac",
+    "rmac_regions",
+    "spoc_pool",
+    "topk_search",
+    "Index",
+    "average_query_expansion",
+    "alpha_query_expansion",
+    "database_side_augmentation",
+    "FeatureMapStore",
+    "FeatureMapStoreWriter",
+    "quantize_feature_map",
+    "RerankResult",
+    "aml_rerank",
+    "RMACInBox",
+    "ClusterMACInBox",
+    "Backbone",
+    "default_backbone",
+    "load_image",
+    "METHODS",
+    "Extractor",
+    "extract_folder",
+    "load_descriptors",
+    "average_precision",
+    "compute_map",
+    "revisited_map",
 ]
 
 # --- evaluation (clustermac.bench), loaded on first use ---

@@ -5,6 +5,7 @@ serves ``import clustermac.<old>`` / ``from clustermac.<old> import X`` with a t
 forwards attribute reads and writes to the new modules (so ``monkeypatch.setattr`` on the old
 path still reaches the code), and warns ``DeprecationWarning`` naming the new path.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -13,7 +14,8 @@ import os
 import sys
 import types
 import warnings
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 __all__ = ["MOVED", "install", "old_module"]
 
@@ -59,8 +61,9 @@ def _caller_stacklevel() -> int:
 
 
 def _warn(old: str) -> None:
-    warnings.warn(f"{old} is deprecated: import {MOVED[old][0]} instead", DeprecationWarning,
-                  stacklevel=_caller_stacklevel())
+    warnings.warn(
+        f"{old} is deprecated: import {MOVED[old][0]} instead", DeprecationWarning, stacklevel=_caller_stacklevel()
+    )
 
 
 class _MovedModule(types.ModuleType):
@@ -73,7 +76,7 @@ class _MovedModule(types.ModuleType):
     def _modules(self) -> list[types.ModuleType]:
         return [importlib.import_module(target) for target in self._targets]
 
-    def _owner(self, name: str) -> Optional[types.ModuleType]:
+    def _owner(self, name: str) -> types.ModuleType | None:
         """The module whose global ``name`` is: the one defining the value, else the first holding it."""
         holders = [module for module in self._modules() if name in vars(module)]
         for module in holders:
@@ -113,8 +116,7 @@ class _MovedModule(types.ModuleType):
 class _MovedModuleFinder:
     """Finds and loads the old module paths of :data:`MOVED` (a meta-path finder and its loader)."""
 
-    def find_spec(self, fullname: str, path: Any = None,
-                  target: Any = None) -> Optional[importlib.machinery.ModuleSpec]:
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> importlib.machinery.ModuleSpec | None:
         if fullname not in MOVED:
             return None
         return importlib.machinery.ModuleSpec(fullname, self, origin=f"moved to {MOVED[fullname][0]}")

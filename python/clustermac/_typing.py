@@ -1,8 +1,10 @@
 """Type aliases shared by the package: each is defined here once."""
+
 from __future__ import annotations
 
 import os
-from typing import Sequence, Union
+from collections.abc import Sequence
+from typing import Union
 
 import numpy as np
 from PIL import Image

@@ -1,21 +1,23 @@
 """The `clustermac` command line.
 
-    clustermac demo                      the main job: a small real-photo benchmark, end to end
-    clustermac extract DIR --out F.npy   descriptors of a folder (resumable, skips bad files)
-    clustermac fit-whitening DIR --out W.npz
-    clustermac index F.npy --out INDEX   a searchable index from extracted descriptors
-    clustermac search IMAGE --index INDEX [--box x1 y1 x2 y2] [--html page.html]
-    clustermac evaluate --dataset oxford5k --data-root DIR ...
-    clustermac show-clusters IMAGE --out clusters.png
-    clustermac export vgg16 --out vgg16.onnx [--weights FILE]
+clustermac demo                      the main job: a small real-photo benchmark, end to end
+clustermac extract DIR --out F.npy   descriptors of a folder (resumable, skips bad files)
+clustermac fit-whitening DIR --out W.npz
+clustermac index F.npy --out INDEX   a searchable index from extracted descriptors
+clustermac search IMAGE --index INDEX [--box x1 y1 x2 y2] [--html page.html]
+clustermac evaluate --dataset oxford5k --data-root DIR ...
+clustermac show-clusters IMAGE --out clusters.png
+clustermac export vgg16 --out vgg16.onnx [--weights FILE]
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 from .descriptors import CLUSTER_POOLINGS, CROP_MODES, METHODS
 
@@ -23,9 +25,12 @@ INDEX_INFO = "clustermac.json"
 
 
 def _add_backbone_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backbone", default="default",
-                   help="'default' (embedded EfficientNet-Lite0) or a preset name (vgg16, vgg16-caffe, resnet101, "
-                        "resnet101-caffe, efficientnet-lite0) together with --onnx, or a path to an .onnx file")
+    p.add_argument(
+        "--backbone",
+        default="default",
+        help="'default' (embedded EfficientNet-Lite0) or a preset name (vgg16, vgg16-caffe, resnet101, "
+        "resnet101-caffe, efficientnet-lite0) together with --onnx, or a path to an .onnx file",
+    )
     p.add_argument("--onnx", help="ONNX file of the backbone (made by `clustermac export`)")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads (default: all cores)")
     p.add_argument("--max-size", type=int, default=None, help="longest image side (default 1024; never upsampled)")
@@ -33,17 +38,36 @@ def _add_backbone_options(p: argparse.ArgumentParser) -> None:
 
 def _add_method_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", default="clustermac", choices=METHODS)
-    p.add_argument("--crop", default="image", choices=CROP_MODES,
-                   help="query mode: 'image' = crop I (crop, then extract), 'activations' = crop X")
-    p.add_argument("--pca-dim", type=int, default=None, help="C of the clustering PCA (default: 4 for 512-d maps, 7 otherwise)")
+    p.add_argument(
+        "--crop",
+        default="image",
+        choices=CROP_MODES,
+        help="query mode: 'image' = crop I (crop, then extract), 'activations' = crop X",
+    )
+    p.add_argument(
+        "--pca-dim", type=int, default=None, help="C of the clustering PCA (default: 4 for 512-d maps, 7 otherwise)"
+    )
     p.add_argument("--whitening", help="whitening file (.npz) from `clustermac fit-whitening`")
-    p.add_argument("--grid-regions", action="store_true",
-                   help="ClusterMAC: add R-MAC's square regions to the clusters (our variant, not the paper's)")
-    p.add_argument("--n-clusters", type=int, nargs="+", default=None, metavar="K",
-                   help="ClusterMAC: cluster counts of the feature partitions (default: 5 20, the paper's)")
-    p.add_argument("--cluster-pooling", default=None, choices=CLUSTER_POOLINGS,
-                   help="ClusterMAC: max-pool each cluster over its own cells ('mask', the paper's, default) or over "
-                        "its bounding box ('box', our variant)")
+    p.add_argument(
+        "--grid-regions",
+        action="store_true",
+        help="ClusterMAC: add R-MAC's square regions to the clusters (our variant, not the paper's)",
+    )
+    p.add_argument(
+        "--n-clusters",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="K",
+        help="ClusterMAC: cluster counts of the feature partitions (default: 5 20, the paper's)",
+    )
+    p.add_argument(
+        "--cluster-pooling",
+        default=None,
+        choices=CLUSTER_POOLINGS,
+        help="ClusterMAC: max-pool each cluster over its own cells ('mask', the paper's, default) or over "
+        "its bounding box ('box', our variant)",
+    )
 
 
 def _backbone(args: argparse.Namespace):
@@ -55,7 +79,10 @@ def _backbone(args: argparse.Namespace):
     if spec.endswith(".onnx"):
         return Backbone(spec, preset=None, n_threads=args.threads)
     if not args.onnx:
-        raise SystemExit(f"clustermac: --backbone {spec} needs --onnx FILE (write one with `clustermac export {spec.split('-')[0]} --out FILE`)")
+        raise SystemExit(
+            f"clustermac: --backbone {spec} needs --onnx FILE "
+            f"(write one with `clustermac export {spec.split('-')[0]} --out FILE`)"
+        )
     return Backbone(args.onnx, preset=spec, n_threads=args.threads)
 
 
@@ -74,8 +101,13 @@ def _method_options(args: argparse.Namespace, method: str) -> dict[str, Any]:
 def _extractor(args: argparse.Namespace, backbone=None):
     from .descriptors import Extractor
 
-    ex = Extractor(backbone or _backbone(args), args.method, crop=getattr(args, "crop", "image"),
-                   max_size=args.max_size, **_method_options(args, args.method))
+    ex = Extractor(
+        backbone or _backbone(args),
+        args.method,
+        crop=getattr(args, "crop", "image"),
+        max_size=args.max_size,
+        **_method_options(args, args.method),
+    )
     if getattr(args, "whitening", None):
         ex.load_whitening(args.whitening)
     return ex
@@ -100,7 +132,10 @@ def cmd_fit_whitening(args: argparse.Namespace) -> int:
         raise SystemExit(f"clustermac: no images in {args.folder}")
     ex.fit_whitening(names, progress=not args.quiet)
     ex.save_whitening(args.out)
-    print(f"whitening {ex.whitening_projection.shape[1]} → {ex.whitening_projection.shape[0]} learned on {len(names)} images, saved to {args.out}")
+    print(
+        f"whitening {ex.whitening_projection.shape[1]} → {ex.whitening_projection.shape[0]} "
+        f"learned on {len(names)} images, saved to {args.out}"
+    )
     return 0
 
 
@@ -114,7 +149,10 @@ def cmd_index(args: argparse.Namespace) -> int:
     index.add(vectors, manifest["images"])
     index.save(args.out)
     # The settings the descriptors were made with, so `search` extracts queries the same way.
-    info = {"settings": manifest["settings"], "image_root": str(Path(args.image_root).resolve()) if args.image_root else None}
+    info = {
+        "settings": manifest["settings"],
+        "image_root": str(Path(args.image_root).resolve()) if args.image_root else None,
+    }
     atomic_write_bytes(Path(args.out) / INDEX_INFO, json.dumps(info, indent=1).encode())
     print(f"index of {len(index)} images written to {args.out}")
     return 0
@@ -163,13 +201,26 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.whitening_root:
         whitening = [str(Path(args.whitening_root) / n) for n in list_images(args.whitening_root)]
     else:
-        raise SystemExit("clustermac: --whitening-root DIR is needed: whitening is learned on a different image set "
-                         "(the paper learns it on Paris6k to test on Oxford5k and vice versa)")
+        raise SystemExit(
+            "clustermac: --whitening-root DIR is needed: whitening is learned on a different image set "
+            "(the paper learns it on Paris6k to test on Oxford5k and vice versa)"
+        )
     methods = [MethodSpec(m, m, _method_options(args, m) if m == "clustermac" else {}) for m in args.methods]
     backbone = _backbone(args)
-    maps = dataset_feature_maps(dataset, backbone, whitening, crops=args.crops, max_size=args.max_size, progress=not args.quiet)
-    result = evaluate_methods(dataset, backbone, maps, methods, query_expansion=args.qe, rerank=args.rerank,
-                              rerank_clusters=args.rerank_clusters, max_size=args.max_size, progress=not args.quiet)
+    maps = dataset_feature_maps(
+        dataset, backbone, whitening, crops=args.crops, max_size=args.max_size, progress=not args.quiet
+    )
+    result = evaluate_methods(
+        dataset,
+        backbone,
+        maps,
+        methods,
+        query_expansion=args.qe,
+        rerank=args.rerank,
+        rerank_clusters=args.rerank_clusters,
+        max_size=args.max_size,
+        progress=not args.quiet,
+    )
     columns = ["mAP"] + (["Easy", "Medium", "Hard"] if dataset.has_revisited else [])
     print(format_table(["Method", *columns], [[r["label"], *(f"{r[c]:.1f}" for c in columns)] for r in result["rows"]]))
     out = Path(args.out)
@@ -177,7 +228,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     import numpy as np
 
     np.savez(out / "ranks.npz", **{k.replace(" ", "_").replace(",", ""): v for k, v in result["ranks"].items()})
-    (out / "results.json").write_text(json.dumps({"dataset": dataset.name, "rows": result["rows"], "timings": result["timings"]}, indent=1))
+    (out / "results.json").write_text(
+        json.dumps({"dataset": dataset.name, "rows": result["rows"], "timings": result["timings"]}, indent=1)
+    )
     print(f"wrote {out / 'results.json'} and {out / 'ranks.npz'}")
     return 0
 
@@ -206,7 +259,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="clustermac", description="Particular-object image retrieval with ClusterMAC.")
+    parser = argparse.ArgumentParser(
+        prog="clustermac", description="Particular-object image retrieval with ClusterMAC."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="build a small real-photo benchmark and compare MAC, R-MAC and ClusterMAC on it")
@@ -256,9 +311,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crops", nargs="+", default=None, choices=CROP_MODES, help="default: --crop")
     p.add_argument("--qe", action="store_true", help="also report average query expansion (top 5)")
     p.add_argument("--rerank", action="store_true", help="also report AML re-ranking + QE (R-MAC, ClusterMAC)")
-    p.add_argument("--rerank-clusters", choices=["stored", "box"], default="stored",
-                   help="ClusterMAC inside an AML box: the database image's own clusters (default, fast) or "
-                        "re-clustered inside every box")
+    p.add_argument(
+        "--rerank-clusters",
+        choices=["stored", "box"],
+        default="stored",
+        help="ClusterMAC inside an AML box: the database image's own clusters (default, fast) or "
+        "re-clustered inside every box",
+    )
     p.add_argument("--distractors", help="list of distractor image names (Flickr100k / R1M)")
     p.add_argument("--distractors-root", help="folder of the distractor images (default: the list's folder)")
     p.add_argument("--out", default="clustermac-eval")
@@ -278,16 +337,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write a VGG16 / ResNet101 feature-map ONNX file (needs torch)")
     p.add_argument("arch", choices=("vgg16", "resnet101"))
     p.add_argument("--out", required=True)
-    p.add_argument("--weights", help="state dict: torchvision ImageNet, cnnimageretrieval's Caffe-converted "
-                   "(imagenet-caffe-*-features) or retrievalSfM120k networks; default: random weights")
-    p.add_argument("--convention", default="torchvision", choices=("torchvision", "caffe"),
-                   help="input convention baked into the file: 'torchvision' (RGB, ImageNet mean/std; also right for "
-                        "cnnimageretrieval's networks) or 'caffe' (BGR, mean subtraction; weights converted straight from Caffe)")
+    p.add_argument(
+        "--weights",
+        help="state dict: torchvision ImageNet, cnnimageretrieval's Caffe-converted "
+        "(imagenet-caffe-*-features) or retrievalSfM120k networks; default: random weights",
+    )
+    p.add_argument(
+        "--convention",
+        default="torchvision",
+        choices=("torchvision", "caffe"),
+        help="input convention baked into the file: 'torchvision' (RGB, ImageNet mean/std; also right for "
+        "cnnimageretrieval's networks) or 'caffe' (BGR, mean subtraction; weights converted straight from Caffe)",
+    )
     p.set_defaults(func=cmd_export)
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "command", None) == "search":

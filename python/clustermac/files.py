@@ -1,5 +1,6 @@
 """File helpers: atomic writes (a temporary file beside the target, then a rename, so a crash
 never leaves a half-written file in place of a good one) and file digests."""
+
 from __future__ import annotations
 
 import hashlib

@@ -14,13 +14,14 @@ Conventions (the paper resizes so that the longer side is 1024 px, never upsampl
   ``y1 < y2``; pixel ``(i, j)`` covers ``[i, i+1) × [j, j+1)``, so the full image is
   ``(0, 0, width, height)``.
 """
+
 from __future__ import annotations
 
 import math
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Tuple, Union
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -100,13 +101,13 @@ def _to_rgb(image: Image.Image, name: str) -> Image.Image:
 
 def _from_array(array: np.ndarray) -> Image.Image:
     if array.dtype != np.uint8:
-        raise ValueError(f"image array must have dtype uint8, got {array.dtype} "
-                         "(convert with np.clip(a, 0, 255).astype(np.uint8))")
+        raise ValueError(
+            f"image array must have dtype uint8, got {array.dtype} (convert with np.clip(a, 0, 255).astype(np.uint8))"
+        )
     if array.ndim == 3 and array.shape[2] == 1:
         array = array[:, :, 0]
     if not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))):
-        raise ValueError(f"image array must be H×W×3 (RGB), H×W×4 (RGBA) or H×W (grayscale), "
-                         f"got shape {array.shape}")
+        raise ValueError(f"image array must be H×W×3 (RGB), H×W×4 (RGBA) or H×W (grayscale), got shape {array.shape}")
     if array.shape[0] == 0 or array.shape[1] == 0:
         raise ValueError(f"image array is empty (shape {array.shape})")
     array = np.ascontiguousarray(array)
@@ -139,8 +140,7 @@ def load_image(source: ImageInput) -> Image.Image:
         except OSError as error:
             raise ImageLoadError(f"image: cannot decode the PIL image ({error})") from error
     if not isinstance(source, (str, os.PathLike)):
-        raise TypeError(f"image must be a path, a PIL image or a uint8 numpy array, "
-                        f"got {type(source).__name__}")
+        raise TypeError(f"image must be a path, a PIL image or a uint8 numpy array, got {type(source).__name__}")
     path = Path(source)
     name = str(path)
     if not path.exists():
@@ -179,8 +179,7 @@ def _check_max_size(max_size: int) -> int:
     return int(max_size)
 
 
-def resize_max(image: Union[Image.Image, np.ndarray], max_size: int = 1024
-               ) -> Tuple[Image.Image, float]:
+def resize_max(image: Image.Image | np.ndarray, max_size: int = 1024) -> tuple[Image.Image, float]:
     """Resize so that the longer side is at most ``max_size`` pixels; never upsample.
 
     Returns ``(resized, scale)`` where ``scale = min(1, max_size / longer side)``; a point
@@ -202,7 +201,7 @@ def resize_max(image: Union[Image.Image, np.ndarray], max_size: int = 1024
     return image.resize(new_size, Image.BICUBIC, reducing_gap=3.0), scale
 
 
-def _parse_box(box: Box, name: str = "box") -> Tuple[float, float, float, float]:
+def _parse_box(box: Box, name: str = "box") -> tuple[float, float, float, float]:
     try:
         values = [float(v) for v in np.asarray(box, dtype=np.float64).reshape(-1)]
     except (TypeError, ValueError) as error:
@@ -217,21 +216,23 @@ def _parse_box(box: Box, name: str = "box") -> Tuple[float, float, float, float]
     return x1, y1, x2, y2
 
 
-def _check_inside(box: Tuple[float, float, float, float], width: float, height: float, tolerance: float,
-                  name: str) -> Tuple[float, float, float, float]:
+def _check_inside(
+    box: tuple[float, float, float, float], width: float, height: float, tolerance: float, name: str
+) -> tuple[float, float, float, float]:
     x1, y1, x2, y2 = box
     if x1 < -tolerance or y1 < -tolerance or x2 > width + tolerance or y2 > height + tolerance:
         raise ValueError(
             f"{name} {box} is outside the image of size {width:g}×{height:g} (width×height); "
             f"boxes are (x1, y1, x2, y2) in pixels of that image, within [0, {width:g}]×"
-            f"[0, {height:g}]")
+            f"[0, {height:g}]"
+        )
     clipped = (max(0.0, x1), max(0.0, y1), min(float(width), x2), min(float(height), y2))
     if clipped[2] <= clipped[0] or clipped[3] <= clipped[1]:
         raise ValueError(f"{name} {box} does not overlap the image of size {width:g}×{height:g}")
     return clipped
 
 
-def map_box(box: Box, scale: float, image_size: Tuple[int, int]) -> Tuple[float, float, float, float]:
+def map_box(box: Box, scale: float, image_size: tuple[int, int]) -> tuple[float, float, float, float]:
     """Map a query box from original-image pixels to the resized image.
 
     ``image_size`` is the ORIGINAL image's ``(width, height)``; ``scale`` is what
@@ -274,18 +275,17 @@ def list_images(folder: PathLike) -> list[str]:
     root = Path(folder)
     if not root.is_dir():
         raise ValueError(f"{root}: not a directory")
-    names = [
-        str(p.relative_to(root))
-        for p in root.rglob("*")
-        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-    ]
+    names = [str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
     return sorted(names)
 
 
 def __getattr__(name: str) -> Any:
     # The old name of ImageInput.
     if name == "ImageSource":
-        warnings.warn("clustermac.images.ImageSource is deprecated: use clustermac.images.ImageInput",
-                      DeprecationWarning, stacklevel=2)
+        warnings.warn(
+            "clustermac.images.ImageSource is deprecated: use clustermac.images.ImageInput",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         return ImageInput
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

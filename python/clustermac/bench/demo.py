@@ -7,12 +7,12 @@
    on a disjoint image set.
 4. Draw the paper's Figures 3–7 and write one HTML report.
 """
+
 from __future__ import annotations
 
 import json
 import time
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
@@ -22,16 +22,27 @@ from ..descriptors import Extractor
 from ..descriptors.clustermac import cluster_labels
 from ..files import atomic_write_bytes
 from .datasets import load_dataset
-from .pipeline import (DatasetFeatureMaps, MethodSpec, dataset_feature_maps, descriptors_from_maps, evaluate_methods,
-                       fitted_extractor, full_ranks, score_ranks)
+from .pipeline import (
+    DatasetFeatureMaps,
+    MethodSpec,
+    dataset_feature_maps,
+    descriptors_from_maps,
+    evaluate_methods,
+    fitted_extractor,
+    full_ranks,
+    score_ranks,
+)
 
 DEMO_METHODS = (
     MethodSpec("MAC", "mac"),
     MethodSpec("R-MAC", "rmac"),
     MethodSpec("ClusterMAC", "clustermac"),
     MethodSpec("ClusterMAC + grid (ours)", "clustermac", {"add_grid_regions": True}),
-    MethodSpec("ClusterMAC box 20 + grid (ours)", "clustermac",
-               {"cluster_pooling": "box", "n_clusters": (20,), "add_grid_regions": True}),
+    MethodSpec(
+        "ClusterMAC box 20 + grid (ours)",
+        "clustermac",
+        {"cluster_pooling": "box", "n_clusters": (20,), "add_grid_regions": True},
+    ),
 )
 PCA_DIMS_FOR_FIGURE_3 = (1, 2, 4, 7, 16, 64)
 DEMO_MAX_SIZE = 640
@@ -41,7 +52,7 @@ def _say(message: str) -> None:
     print(f"[clustermac demo] {message}", flush=True)
 
 
-def run_demo(out: PathLike = "clustermac-demo", seed: int = 0, quick: bool = False, threads: Optional[int] = None) -> int:
+def run_demo(out: PathLike = "clustermac-demo", seed: int = 0, quick: bool = False, threads: int | None = None) -> int:
     """Run the demo; writes ``out/report.html`` and ``out/results.json``. Returns 0."""
     from . import figures, photo_benchmark
     from .report import format_table, write_report
@@ -56,12 +67,20 @@ def run_demo(out: PathLike = "clustermac-demo", seed: int = 0, quick: bool = Fal
     whitening_dir = out / "whitening"
     whitening_images = photo_benchmark.make_whitening_set(whitening_dir, preset=preset, seed=seed + 1)
     dataset = load_dataset(out / "benchmark")
-    _say(f"    {len(dataset.queries)} queries, {len(dataset.images)} database images, {len(whitening_images)} whitening images")
+    _say(
+        f"    {len(dataset.queries)} queries, {len(dataset.images)} database images, "
+        f"{len(whitening_images)} whitening images"
+    )
 
     backbone = default_backbone(n_threads=threads)
-    _say(f"2/4 extracting with {backbone.name} ({backbone.dim} channels, stride {backbone.stride}) at {DEMO_MAX_SIZE} px; "
-         "then MAC, R-MAC and ClusterMAC on the same feature maps")
-    maps = dataset_feature_maps(dataset, backbone, whitening_images, crops=("image", "activations"), max_size=DEMO_MAX_SIZE)
+    _say(
+        f"2/4 extracting with {backbone.name} ({backbone.dim} channels, stride {backbone.stride}) "
+        f"at {DEMO_MAX_SIZE} px; "
+        "then MAC, R-MAC and ClusterMAC on the same feature maps"
+    )
+    maps = dataset_feature_maps(
+        dataset, backbone, whitening_images, crops=("image", "activations"), max_size=DEMO_MAX_SIZE
+    )
     result = evaluate_methods(dataset, backbone, maps, DEMO_METHODS, query_expansion=True, max_size=DEMO_MAX_SIZE)
     columns = ["mAP"] + (["Easy", "Medium", "Hard"] if dataset.has_revisited else [])
     header = ["Method", *columns]
@@ -76,7 +95,8 @@ def run_demo(out: PathLike = "clustermac-demo", seed: int = 0, quick: bool = Fal
     elapsed = time.perf_counter() - started
     notes = [
         f"Backbone: {backbone.name} (embedded, ImageNet weights), images at most {DEMO_MAX_SIZE} px.",
-        f"Benchmark: {len(dataset.queries)} queries, {len(dataset.images)} database images built from installed photographs "
+        f"Benchmark: {len(dataset.queries)} queries, {len(dataset.images)} database images "
+        "built from installed photographs "
         f"(seed {seed}); whitening learned on {len(whitening_images)} disjoint images.",
         "ClusterMAC: NCut on C-dim PCA features into 5 and 20 clusters + NCut on RGB into 5 (paper section 4.1). "
         "'ClusterMAC + grid (ours)' adds R-MAC's square regions to the clusters (not in the paper); "
@@ -102,23 +122,53 @@ def _figures(dataset, backbone, maps: DatasetFeatureMaps, figures) -> list:
         fmap, _ = ex.feature_map(prepared)
         examples.append((prepared.image, fmap))
         labels = _labels(ex, fmap, 10)
-        out.append((f"Fig. 7: {Path(path).name} — image, l2 norm of the features, 10 NCut clusters", figures.cluster_figure(prepared.image, fmap, labels)))
+        out.append(
+            (
+                f"Fig. 7: {Path(path).name} — image, l2 norm of the features, 10 NCut clusters",
+                figures.cluster_figure(prepared.image, fmap, labels),
+            )
+        )
     image, fmap = examples[0]
-    out.append(("Fig. 6: clusters without (paper) and with a spatial term",
-                figures.spatial_ablation_figure(image, fmap, _labels(ex, fmap, 10), _labels(ex, fmap, 10, spatial_weight=1.0))))
-    out.append(("Fig. 5: PCA dimensions 1, 2, 8, 64, 256, 512 of the local features (those the image has enough locations for)", figures.pca_dimensions_figure(image, fmap)))
-    curves = figures.region_precision_study(Extractor(backbone, "clustermac", max_size=DEMO_MAX_SIZE), query_paths,
-                                            dataset.query_boxes)
-    out.append(("Fig. 4: share of regions whose precision (Eq. 1) reaches each threshold, R-MAC grid vs clusters",
-                figures.region_precision_figure(curves)))
-    out.append(("Fig. 3: ClusterMAC mAP against the PCA dimension C", _map_against_pca_dim(dataset, backbone, maps, figures)))
+    out.append(
+        (
+            "Fig. 6: clusters without (paper) and with a spatial term",
+            figures.spatial_ablation_figure(
+                image, fmap, _labels(ex, fmap, 10), _labels(ex, fmap, 10, spatial_weight=1.0)
+            ),
+        )
+    )
+    out.append(
+        (
+            "Fig. 5: PCA dimensions 1, 2, 8, 64, 256, 512 of the local features "
+            "(those the image has enough locations for)",
+            figures.pca_dimensions_figure(image, fmap),
+        )
+    )
+    curves = figures.region_precision_study(
+        Extractor(backbone, "clustermac", max_size=DEMO_MAX_SIZE), query_paths, dataset.query_boxes
+    )
+    out.append(
+        (
+            "Fig. 4: share of regions whose precision (Eq. 1) reaches each threshold, R-MAC grid vs clusters",
+            figures.region_precision_figure(curves),
+        )
+    )
+    out.append(
+        ("Fig. 3: ClusterMAC mAP against the PCA dimension C", _map_against_pca_dim(dataset, backbone, maps, figures))
+    )
     return out
 
 
 def _labels(ex: Extractor, fmap: np.ndarray, n_clusters: int, spatial_weight: float = 0.0) -> np.ndarray:
     """One NCut partition into ``n_clusters`` with the extractor's settings, no RGB clusters."""
-    return cluster_labels(ex, np.ascontiguousarray(fmap, dtype=np.float32), None, n_clusters=(n_clusters,),
-                          rgb_clusters=0, spatial_weight=spatial_weight)[0]
+    return cluster_labels(
+        ex,
+        np.ascontiguousarray(fmap, dtype=np.float32),
+        None,
+        n_clusters=(n_clusters,),
+        rgb_clusters=0,
+        spatial_weight=spatial_weight,
+    )[0]
 
 
 def _map_against_pca_dim(dataset, backbone, maps: DatasetFeatureMaps, figures) -> str:
@@ -131,4 +181,6 @@ def _map_against_pca_dim(dataset, backbone, maps: DatasetFeatureMaps, figures) -
         ranks = full_ranks(descriptors_from_maps(ex, maps.database), descriptors_from_maps(ex, maps.queries["image"]))
         xs.append(c)
         ys.append(score_ranks(dataset, ranks)["mAP"])
-    return figures.line_plot_svg({"ClusterMAC, crop I": (xs, ys)}, "PCA dimension C", "mAP (%)", "mAP against C", log_x=True)
+    return figures.line_plot_svg(
+        {"ClusterMAC, crop I": (xs, ys)}, "PCA dimension C", "mAP (%)", "mAP against C", log_x=True
+    )

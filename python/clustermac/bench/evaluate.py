@@ -11,6 +11,7 @@ Three entry points:
   query without positives gets AP = NaN and is left out of the mean.
 * :func:`revisited_map` -- the Easy / Medium / Hard protocols of the revisited datasets.
 """
+
 from __future__ import annotations
 
 import math
@@ -70,9 +71,7 @@ def average_precision(
     if len(set(ranked_list)) != len(ranked_list):
         seen: set = set()
         duplicate = next(item for item in ranked_list if item in seen or seen.add(item))
-        raise ValueError(
-            f"ranked: item {duplicate!r} appears more than once; expected distinct items"
-        )
+        raise ValueError(f"ranked: item {duplicate!r} appears more than once; expected distinct items")
     overlap = positive_set & junk_set
     if overlap:
         raise ValueError(
@@ -97,9 +96,7 @@ def _index_array(value: Any, what: str) -> np.ndarray:
     array = np.asarray(value if value is not None else [])
     if array.size == 0:
         return np.zeros(0, dtype=np.int64)
-    if array.ndim != 1 or not (
-        np.issubdtype(array.dtype, np.integer) and not np.issubdtype(array.dtype, np.bool_)
-    ):
+    if array.ndim != 1 or not (np.issubdtype(array.dtype, np.integer) and not np.issubdtype(array.dtype, np.bool_)):
         raise ValueError(
             f"{what}: expected a flat list of integer image indices, received "
             f"{array.dtype} array of shape {array.shape}"
@@ -111,9 +108,7 @@ def _check_ranks(ranks: Any, n_queries: int) -> np.ndarray:
     """Validate the database x queries ranks array; returns it as int64."""
     array = np.asarray(ranks)
     if array.ndim != 2:
-        raise ValueError(
-            f"ranks: expected a 2-D array (database images x queries), received shape {array.shape}"
-        )
+        raise ValueError(f"ranks: expected a 2-D array (database images x queries), received shape {array.shape}")
     if array.size and not np.issubdtype(array.dtype, np.integer):
         raise ValueError(f"ranks: expected integer image indices, received dtype {array.dtype}")
     if array.shape[1] != n_queries:
@@ -211,9 +206,7 @@ def compute_map(
             continue
         overlap = np.intersect1d(positives, junk)
         if overlap.size:
-            raise ValueError(
-                f"gnd[{query}]: index {overlap[0]} is both a positive and junk; expected disjoint lists"
-            )
+            raise ValueError(f"gnd[{query}]: index {overlap[0]} is both a positive and junk; expected disjoint lists")
         positive_positions = np.flatnonzero(np.isin(column, positives))
         junk_positions = np.flatnonzero(np.isin(column, junk))
         # Junk does not take a rank: shift each positive up by the junk ranked above it.

@@ -12,14 +12,16 @@ Every function is deterministic: same input, same pixels / same SVG text. Pictur
 the pixel boxes of their panels in ``figure.info["panel_boxes"]`` (``(x0, y0, x1, y1)``,
 half-open) and the captions in ``figure.info["captions"]``, so callers and tests can find them.
 """
+
 from __future__ import annotations
 
 import colorsys
 import hashlib
 import io
 import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING
 from xml.sax.saxutils import escape, quoteattr
 
 import numpy as np
@@ -53,10 +55,26 @@ _SEQUENTIAL_ANCHORS = np.array(
 )
 # Cluster colours: saturated, mutually distinct hues first; more are generated when needed.
 _BASE_CLUSTER_COLOURS = [
-    (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
-    (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212),
-    (0, 128, 128), (220, 190, 255), (170, 110, 40), (255, 250, 200), (128, 0, 0),
-    (170, 255, 195), (128, 128, 0), (255, 215, 180), (0, 0, 128), (0, 0, 0),
+    (230, 25, 75),
+    (60, 180, 75),
+    (255, 225, 25),
+    (0, 130, 200),
+    (245, 130, 48),
+    (145, 30, 180),
+    (70, 240, 240),
+    (240, 50, 230),
+    (210, 245, 60),
+    (250, 190, 212),
+    (0, 128, 128),
+    (220, 190, 255),
+    (170, 110, 40),
+    (255, 250, 200),
+    (128, 0, 0),
+    (170, 255, 195),
+    (128, 128, 0),
+    (255, 215, 180),
+    (0, 0, 128),
+    (0, 0, 0),
 ]
 # Line colours of the SVG charts (distinguishable in colour-blind vision too).
 _SERIES_COLOURS = ["#0072b2", "#d55e00", "#009e73", "#cc79a7", "#e69f00", "#56b4e9", "#000000", "#f0e442"]
@@ -82,7 +100,7 @@ def _check_labels(labels: np.ndarray, shape: tuple[int, int], name: str = "label
     return labels.astype(np.int64)
 
 
-def _as_rgb_image(image: Union[Image.Image, np.ndarray], name: str = "image") -> Image.Image:
+def _as_rgb_image(image: Image.Image | np.ndarray, name: str = "image") -> Image.Image:
     if isinstance(image, Image.Image):
         return image.convert("RGB")
     if isinstance(image, np.ndarray):
@@ -269,7 +287,7 @@ def _clusters_caption(count: int) -> str:
 
 # ------------------------------------------------------------------------------ Fig. 7, 6, 5
 def cluster_figure(
-    image: Union[Image.Image, np.ndarray],
+    image: Image.Image | np.ndarray,
     feature_map: np.ndarray,
     labels: np.ndarray,
     *,
@@ -300,7 +318,7 @@ def cluster_figure(
 
 
 def spatial_ablation_figure(
-    image: Union[Image.Image, np.ndarray],
+    image: Image.Image | np.ndarray,
     feature_map: np.ndarray,
     labels_feature_only: np.ndarray,
     labels_with_spatial: np.ndarray,
@@ -328,7 +346,7 @@ def spatial_ablation_figure(
 
 
 def pca_dimensions_figure(
-    image: Union[Image.Image, np.ndarray],
+    image: Image.Image | np.ndarray,
     feature_map: np.ndarray,
     dims: Sequence[int] = (1, 2, 8, 64, 256, 512),
     *,
@@ -362,26 +380,32 @@ def pca_dimensions_figure(
     return compose_panels(panels)
 
 
-def _cluster_with(extractor: "Extractor", feature_map: np.ndarray, n_clusters: int, spatial_weight: float) -> np.ndarray:
+def _cluster_with(extractor: Extractor, feature_map: np.ndarray, n_clusters: int, spatial_weight: float) -> np.ndarray:
     """One NCut partition of a feature map with the extractor's clustering settings."""
     from ..descriptors.clustermac import cluster_labels
 
-    labels = cluster_labels(extractor, np.ascontiguousarray(feature_map, dtype=np.float32), None,
-                            n_clusters=(int(n_clusters),), rgb_clusters=0, spatial_weight=spatial_weight)
+    labels = cluster_labels(
+        extractor,
+        np.ascontiguousarray(feature_map, dtype=np.float32),
+        None,
+        n_clusters=(int(n_clusters),),
+        rgb_clusters=0,
+        spatial_weight=spatial_weight,
+    )
     return np.asarray(labels[0])
 
 
-def _image_and_features(extractor: "Extractor", path: ImageInput):
+def _image_and_features(extractor: Extractor, path: ImageInput):
     prepared = extractor.prepare(path)
     fmap, _ = extractor.feature_map(prepared)
     return prepared.image, fmap
 
 
 def cluster_figure_for_file(
-    extractor: "Extractor",
+    extractor: Extractor,
     path: ImageInput,
     n_clusters: int = 10,
-    out_png: Optional[PathLike] = None,
+    out_png: PathLike | None = None,
     *,
     panel_size: int = PANEL_SIZE,
     overlay_alpha: float = 1.0,
@@ -401,11 +425,11 @@ def cluster_figure_for_file(
 
 
 def spatial_ablation_figure_for_file(
-    extractor: "Extractor",
+    extractor: Extractor,
     path: ImageInput,
     n_clusters: int = 10,
     spatial_weight: float = 1.0,
-    out_png: Optional[PathLike] = None,
+    out_png: PathLike | None = None,
     *,
     panel_size: int = PANEL_SIZE,
 ) -> Image.Image:
@@ -431,7 +455,7 @@ def rmac_region_masks(regions: np.ndarray, height: int, width: int) -> np.ndarra
         raise ValueError(f"regions: expected an R×4 array of [x0, y0, x1, y1) rows, got shape {regions.shape}")
     masks = np.zeros((regions.shape[0], height, width), dtype=bool)
     for k, (x0, y0, x1, y1) in enumerate(regions.astype(np.int64)):
-        masks[k, max(y0, 0):max(y1, 0), max(x0, 0):max(x1, 0)] = True
+        masks[k, max(y0, 0) : max(y1, 0), max(x0, 0) : max(x1, 0)] = True
     return masks
 
 
@@ -495,7 +519,7 @@ def box_to_cells(box_pixels: Sequence[float], stride: float) -> tuple[float, flo
 
 
 def region_precision_study(
-    extractor: "Extractor",
+    extractor: Extractor,
     query_images: Sequence[ImageInput],
     query_boxes: Sequence[Sequence[float]],
     *,
@@ -519,7 +543,8 @@ def region_precision_study(
 
     if len(query_images) != len(query_boxes):
         raise ValueError(
-            f"query_boxes: expected one box per query image, got {len(query_boxes)} boxes for {len(query_images)} images"
+            f"query_boxes: expected one box per query image, "
+            f"got {len(query_boxes)} boxes for {len(query_images)} images"
         )
     if not query_images:
         raise ValueError("query_images: expected at least one query, got none")
@@ -614,7 +639,7 @@ def _padded_range(values: np.ndarray) -> tuple[float, float]:
     return low - pad, high + pad
 
 
-def _check_range(value: Optional[tuple[float, float]], name: str) -> Optional[tuple[float, float]]:
+def _check_range(value: tuple[float, float] | None, name: str) -> tuple[float, float] | None:
     if value is None:
         return None
     low, high = (float(v) for v in value)
@@ -631,8 +656,8 @@ def line_plot_svg(
     *,
     width: int = 560,
     height: int = 340,
-    x_range: Optional[tuple[float, float]] = None,
-    y_range: Optional[tuple[float, float]] = None,
+    x_range: tuple[float, float] | None = None,
+    y_range: tuple[float, float] | None = None,
     log_x: bool = False,
 ) -> str:
     """A small line chart as a standalone SVG string: axes, ticks, grid, markers and a legend.
@@ -654,7 +679,9 @@ def line_plot_svg(
         xs = np.asarray(xs, dtype=np.float64).ravel()
         ys = np.asarray(ys, dtype=np.float64).ravel()
         if xs.shape != ys.shape or xs.size == 0:
-            raise ValueError(f"series[{name!r}]: expected xs and ys of the same non-zero length, got {xs.size} and {ys.size}")
+            raise ValueError(
+                f"series[{name!r}]: expected xs and ys of the same non-zero length, got {xs.size} and {ys.size}"
+            )
         if log_x and np.any(xs[np.isfinite(xs)] <= 0):
             raise ValueError(f"series[{name!r}]: log_x needs positive x values, got {xs}")
         prepared.append((str(name), xs, ys))
@@ -670,7 +697,7 @@ def line_plot_svg(
     all_y = np.concatenate([ys[np.isfinite(xs) & np.isfinite(ys)] for _, xs, ys in prepared])
     if all_x.size == 0:
         raise ValueError("series: every point has a NaN or infinite coordinate; nothing to plot")
-    x_low, x_high = (transform_x(np.array(x_range)) if x_range else _padded_range(all_x))
+    x_low, x_high = transform_x(np.array(x_range)) if x_range else _padded_range(all_x)
     y_low, y_high = y_range if y_range else _padded_range(all_y)
 
     font_px = 12
@@ -712,7 +739,9 @@ def line_plot_svg(
     parts.append(f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="none" stroke="black"/>')
     parts.append('<g class="x-ticks" text-anchor="middle">')
     for t, text in zip(x_ticks, x_tick_labels):
-        parts.append(f'<line x1="{px(t):.1f}" y1="{top + plot_h}" x2="{px(t):.1f}" y2="{top + plot_h + 5}" stroke="black"/>')
+        parts.append(
+            f'<line x1="{px(t):.1f}" y1="{top + plot_h}" x2="{px(t):.1f}" y2="{top + plot_h + 5}" stroke="black"/>'
+        )
         parts.append(f'<text x="{px(t):.1f}" y="{top + plot_h + 18}">{escape(text)}</text>')
     parts.append("</g>")
     parts.append('<g class="y-ticks" text-anchor="end">')
@@ -722,13 +751,28 @@ def line_plot_svg(
     parts.append("</g>")
     parts.append(f'<text x="{left + plot_w / 2:.1f}" y="{height - 12}" text-anchor="middle">{escape(x_label)}</text>')
     parts.append(
-        f'<text transform="translate(16 {top + plot_h / 2:.1f}) rotate(-90)" text-anchor="middle">{escape(y_label)}</text>'
+        f'<text transform="translate(16 {top + plot_h / 2:.1f}) rotate(-90)" text-anchor="middle">'
+        f"{escape(y_label)}</text>"
     )
     # The data, clipped to the plot box.
     # Ids are global in an HTML page holding several inline charts: name the clip path after the
     # chart's content so that two different charts never share one (and output stays deterministic).
-    fingerprint = hashlib.sha1(repr((title, x_label, y_label, width, height, x_low, x_high, y_low, y_high,
-                                     [(n, xs.tobytes(), ys.tobytes()) for n, xs, ys in prepared])).encode())
+    fingerprint = hashlib.sha1(
+        repr(
+            (
+                title,
+                x_label,
+                y_label,
+                width,
+                height,
+                x_low,
+                x_high,
+                y_low,
+                y_high,
+                [(n, xs.tobytes(), ys.tobytes()) for n, xs, ys in prepared],
+            )
+        ).encode()
+    )
     clip_id = f"plot-area-{fingerprint.hexdigest()[:12]}"
     parts.append(f'<clipPath id="{clip_id}"><rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}"/></clipPath>')
     for index, (name, xs, ys) in enumerate(prepared):
@@ -744,7 +788,9 @@ def line_plot_svg(
                 run.append(f"{px(x):.1f},{py(y):.1f}")
                 points.append((px(x), py(y)))
             elif run:
-                parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2"{dash} points="{" ".join(run)}"/>')
+                parts.append(
+                    f'<polyline fill="none" stroke="{colour}" stroke-width="2"{dash} points="{" ".join(run)}"/>'
+                )
                 run = []
         if run:
             parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2"{dash} points="{" ".join(run)}"/>')
@@ -758,7 +804,9 @@ def line_plot_svg(
         colour = _SERIES_COLOURS[index % len(_SERIES_COLOURS)]
         y = legend_top + 8 + index * 20
         dash = "" if index < len(_SERIES_COLOURS) else ' stroke-dasharray="6 3"'
-        parts.append(f'<line x1="{legend_x}" y1="{y}" x2="{legend_x + 22}" y2="{y}" stroke="{colour}" stroke-width="2"{dash}/>')
+        parts.append(
+            f'<line x1="{legend_x}" y1="{y}" x2="{legend_x + 22}" y2="{y}" stroke="{colour}" stroke-width="2"{dash}/>'
+        )
         parts.append(f'<circle cx="{legend_x + 11}" cy="{y}" r="3" fill="{colour}"/>')
         parts.append(f'<text x="{legend_x + 28}" y="{y + 4}">{escape(name)}</text>')
     parts.append("</g>")

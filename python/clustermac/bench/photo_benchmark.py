@@ -55,6 +55,7 @@ Output layout of :func:`make_benchmark` (``out_dir``)::
 Everything is deterministic from ``seed`` (a NumPy ``Generator`` per image; no global RNG): the
 same seed and the same installed photos give bit-identical files.
 """
+
 from __future__ import annotations
 
 import functools
@@ -67,9 +68,10 @@ import shutil
 import tempfile
 import warnings
 import zlib
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -195,23 +197,24 @@ _OPENCV_ROLES = {
 # Multi-view groups: (group, collection, query file, query box as fractions, other views).
 # Boxes were drawn by looking at the images; labels: "hard" = strong viewpoint or scale change.
 _MULTIVIEW_SPECS: list[tuple[str, str, str, tuple[float, float, float, float], list[tuple[str, str]]]] = [
-    ("motorcycle", "skimage", "motorcycle_left.png", (0.05, 0.30, 0.95, 0.95),
-     [("motorcycle_right.png", "easy")]),
+    ("motorcycle", "skimage", "motorcycle_left.png", (0.05, 0.30, 0.95, 0.95), [("motorcycle_right.png", "easy")]),
     ("graf", "opencv-doc", "graf1.png", (0.15, 0.10, 0.85, 0.85), [("graf3.png", "hard")]),
     ("box", "opencv-doc", "box.png", (0.0, 0.0, 1.0, 1.0), [("box_in_scene.png", "hard")]),
     ("aero", "opencv-doc", "aero1.jpg", (0.10, 0.30, 0.90, 0.95), [("aero3.jpg", "hard")]),
     ("aloe", "opencv-doc", "aloeL.jpg", (0.20, 0.0, 0.95, 1.0), [("aloeR.jpg", "easy")]),
     ("leuven", "opencv-doc", "leuvenA.jpg", (0.05, 0.10, 0.95, 0.80), [("leuvenB.jpg", "easy")]),
     ("books", "opencv-doc", "left.jpg", (0.13, 0.22, 0.68, 0.88), [("right.jpg", "easy")]),
-    ("chessboard", "opencv-doc", "left01.jpg", (0.30, 0.05, 0.85, 0.62),
-     [(f"left{k:02d}.jpg", "easy") for k in (2, 3, 4, 5, 6, 7, 8, 9, 11, 12, 13, 14)]
-     + [(f"right{k:02d}.jpg", "easy") for k in (1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 12, 13, 14)]),
-    ("basketball", "opencv-doc", "basketball1.png", (0.05, 0.05, 0.35, 1.0),
-     [("basketball2.png", "easy")]),
-    ("rubberwhale", "opencv-doc", "rubberwhale1.png", (0.10, 0.05, 0.90, 0.95),
-     [("rubberwhale2.png", "easy")]),
-    ("notebook", "opencv-doc", "ela_original.jpg", (0.05, 0.0, 0.95, 0.85),
-     [("ela_modified.jpg", "easy")]),
+    (
+        "chessboard",
+        "opencv-doc",
+        "left01.jpg",
+        (0.30, 0.05, 0.85, 0.62),
+        [(f"left{k:02d}.jpg", "easy") for k in (2, 3, 4, 5, 6, 7, 8, 9, 11, 12, 13, 14)]
+        + [(f"right{k:02d}.jpg", "easy") for k in (1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 12, 13, 14)],
+    ),
+    ("basketball", "opencv-doc", "basketball1.png", (0.05, 0.05, 0.35, 1.0), [("basketball2.png", "easy")]),
+    ("rubberwhale", "opencv-doc", "rubberwhale1.png", (0.10, 0.05, 0.90, 0.95), [("rubberwhale2.png", "easy")]),
+    ("notebook", "opencv-doc", "ela_original.jpg", (0.05, 0.0, 0.95, 0.85), [("ela_modified.jpg", "easy")]),
 ]
 
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -311,8 +314,11 @@ def find_photo_sources(include_debian: bool = True) -> dict[str, list]:
                 image_dir = folder / "contents" / "images"
                 if not image_dir.is_dir():
                     continue
-                candidates = [p for p in image_dir.iterdir()
-                              if p.suffix.lower() in _IMAGE_SUFFIXES and _wallpaper_size_from_name(p)]
+                candidates = [
+                    p
+                    for p in image_dir.iterdir()
+                    if p.suffix.lower() in _IMAGE_SUFFIXES and _wallpaper_size_from_name(p)
+                ]
                 candidates = [p for p in candidates if _is_opaque_image(p)]
                 if not candidates:
                     continue
@@ -379,8 +385,7 @@ def _load_rgb(path: str, max_side: int) -> np.ndarray:
         rgb = image.convert("RGB")
         if max(rgb.size) > max_side:
             scale = max_side / max(rgb.size)
-            rgb = rgb.resize((max(1, round(rgb.size[0] * scale)), max(1, round(rgb.size[1] * scale))),
-                             Image.LANCZOS)
+            rgb = rgb.resize((max(1, round(rgb.size[0] * scale)), max(1, round(rgb.size[1] * scale))), Image.LANCZOS)
         return np.asarray(rgb, dtype=np.uint8).copy()
 
 
@@ -522,8 +527,7 @@ def _cutout_candidates(source: PhotoSource, image: np.ndarray) -> list[_Cutout]:
             interest = float(patch.std() + 4.0 * gradient)
             # Flat cells (sky, blank wall, plain wallpaper) are not recognisable objects.
             if patch.std() >= 18.0 and gradient >= 1.5:
-                cells.append(_Cutout(source, (x0, y0, x1, y1), interest,
-                                     f"{source.name}#r{row}c{col}"))
+                cells.append(_Cutout(source, (x0, y0, x1, y1), interest, f"{source.name}#r{row}c{col}"))
     return cells
 
 
@@ -537,8 +541,9 @@ class _Paste:
     strength: float
 
 
-def _paste(canvas: np.ndarray, source_image: np.ndarray, paste: _Paste, shape_seed: int,
-           rng: np.random.Generator) -> tuple[np.ndarray, int, tuple[int, int]]:
+def _paste(
+    canvas: np.ndarray, source_image: np.ndarray, paste: _Paste, shape_seed: int, rng: np.random.Generator
+) -> tuple[np.ndarray, int, tuple[int, int]]:
     """Warp the cut-out onto the canvas (in place) and return its full mask (unclipped).
 
     Returns (mask, area, (offset_x, offset_y)): the warped binary mask on a local canvas
@@ -556,10 +561,12 @@ def _paste(canvas: np.ndarray, source_image: np.ndarray, paste: _Paste, shape_se
     h, w = patch.shape[:2]
     src = np.array([[0, 0], [w, 0], [w, h], [0, h]], dtype=np.float64)
     coefficients = _perspective_coefficients(corners - [offset_x, offset_y], src)
-    warped = np.asarray(Image.fromarray(patch).transform((local_w, local_h), Image.PERSPECTIVE,
-                                                         coefficients, Image.BILINEAR))
+    warped = np.asarray(
+        Image.fromarray(patch).transform((local_w, local_h), Image.PERSPECTIVE, coefficients, Image.BILINEAR)
+    )
     warped_mask_image = Image.fromarray(mask.astype(np.uint8) * 255).transform(
-        (local_w, local_h), Image.PERSPECTIVE, coefficients, Image.BILINEAR)
+        (local_w, local_h), Image.PERSPECTIVE, coefficients, Image.BILINEAR
+    )
     warped_mask = np.asarray(warped_mask_image) > 127
     # Soft edge (1 px) so the paste boundary is not a perfect step; the recorded mask stays binary.
     alpha = np.asarray(warped_mask_image.filter(ImageFilter.GaussianBlur(0.8)), dtype=np.float32) / 255.0
@@ -576,8 +583,8 @@ def _blend(canvas: np.ndarray, patch: np.ndarray, alpha: np.ndarray, offset_x: i
         return
     px0, py0 = cx0 - offset_x, cy0 - offset_y
     region = canvas[cy0:cy1, cx0:cx1].astype(np.float32)
-    a = alpha[py0:py0 + cy1 - cy0, px0:px0 + cx1 - cx0, None]
-    p = patch[py0:py0 + cy1 - cy0, px0:px0 + cx1 - cx0].astype(np.float32)
+    a = alpha[py0 : py0 + cy1 - cy0, px0 : px0 + cx1 - cx0, None]
+    p = patch[py0 : py0 + cy1 - cy0, px0 : px0 + cx1 - cx0].astype(np.float32)
     canvas[cy0:cy1, cx0:cx1] = np.clip(region * (1 - a) + p * a + 0.5, 0, 255).astype(np.uint8)
 
 
@@ -588,15 +595,27 @@ def _place_in_image(local_mask: np.ndarray, offset: tuple[int, int], width: int,
     cx0, cy0 = max(0, ox), max(0, oy)
     cx1, cy1 = min(width, ox + local_mask.shape[1]), min(height, oy + local_mask.shape[0])
     if cx0 < cx1 and cy0 < cy1:
-        full[cy0:cy1, cx0:cx1] = local_mask[cy0 - oy:cy1 - oy, cx0 - ox:cx1 - ox]
+        full[cy0:cy1, cx0:cx1] = local_mask[cy0 - oy : cy1 - oy, cx0 - ox : cx1 - ox]
     return full
 
 
-def _quad(center_x: float, center_y: float, object_w: float, object_h: float, angle_deg: float,
-          perspective: float, rng: np.random.Generator) -> np.ndarray:
+def _quad(
+    center_x: float,
+    center_y: float,
+    object_w: float,
+    object_h: float,
+    angle_deg: float,
+    perspective: float,
+    rng: np.random.Generator,
+) -> np.ndarray:
     """Destination corners: a rectangle scaled, rotated and with each corner moved (perspective)."""
-    half = np.array([[-object_w, -object_h], [object_w, -object_h], [object_w, object_h],
-                     [-object_w, object_h]], dtype=np.float64) / 2
+    half = (
+        np.array(
+            [[-object_w, -object_h], [object_w, -object_h], [object_w, object_h], [-object_w, object_h]],
+            dtype=np.float64,
+        )
+        / 2
+    )
     jitter = rng.uniform(-perspective, perspective, (4, 2)) * np.array([object_w, object_h])
     corners = half + jitter
     theta = math.radians(angle_deg)
@@ -607,8 +626,11 @@ def _quad(center_x: float, center_y: float, object_w: float, object_h: float, an
 def _label(visible_fraction: float, relative_size: float, strength: float) -> str:
     if visible_fraction < JUNK_VISIBLE_FRACTION or relative_size < JUNK_RELATIVE_SIZE:
         return "junk"
-    if visible_fraction >= EASY_VISIBLE_FRACTION and relative_size >= EASY_RELATIVE_SIZE \
-            and strength <= EASY_MAX_STRENGTH:
+    if (
+        visible_fraction >= EASY_VISIBLE_FRACTION
+        and relative_size >= EASY_RELATIVE_SIZE
+        and strength <= EASY_MAX_STRENGTH
+    ):
         return "easy"
     return "hard"
 
@@ -694,8 +716,9 @@ def _check_choices(argument: str, values: Sequence[str], allowed: Sequence[str])
         values = (values,)
     values = tuple(values)
     if not values or any(v not in allowed for v in values) or len(set(values)) != len(values):
-        raise ValueError(f"{argument}: got {values!r}; expected a non-empty tuple of distinct values "
-                         f"from {tuple(allowed)}")
+        raise ValueError(
+            f"{argument}: got {values!r}; expected a non-empty tuple of distinct values from {tuple(allowed)}"
+        )
     return values
 
 
@@ -742,8 +765,9 @@ def make_benchmark(
     Returns:
         A :class:`PhotoBenchmark` describing the written files.
     """
-    sizes = _resolve_sizes(preset, n_queries=n_queries, n_positives=n_positives, n_junk=n_junk,
-                           n_distractors=n_distractors, size=size)
+    sizes = _resolve_sizes(
+        preset, n_queries=n_queries, n_positives=n_positives, n_junk=n_junk, n_distractors=n_distractors, size=size
+    )
     tiers = _check_choices("tiers", tiers, ("multiview", "pasted"))
     shapes = _check_choices("shapes", shapes, ("rect", "shaped"))
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
@@ -764,8 +788,7 @@ def make_benchmark(
     elif "multiview" in tiers:
         n_multiview = n_total
         if n_total > len(groups):
-            _too_many("n_queries", n_queries is not None,
-                      f"only {len(groups)} multi-view groups are installed")
+            _too_many("n_queries", n_queries is not None, f"only {len(groups)} multi-view groups are installed")
             n_multiview = len(groups)
     else:
         n_multiview = 0
@@ -775,28 +798,35 @@ def make_benchmark(
     object_sources = list(sources.get("object", []))
     background_sources = list(sources.get("background", []))
     if "pasted" in tiers and not background_sources:
-        raise ValueError("sources: no background photographs found; expected at least one "
-                         "(scikit-learn's china.jpg / flower.jpg are always installed with scikit-learn)")
+        raise ValueError(
+            "sources: no background photographs found; expected at least one "
+            "(scikit-learn's china.jpg / flower.jpg are always installed with scikit-learn)"
+        )
     if sizes["n_distractors"] > 0 and not background_sources:
         raise ValueError("sources: distractors need background photographs; none found")
     instances: list[_Cutout] = []
     clutter: list[_Cutout] = []
     if n_pasted > _MAX_CELLS_PER_PHOTO * len(object_sources):
         # Cheap bound before decoding anything: each photo gives at most 16 cut-outs.
-        _too_many("n_queries", n_queries is not None,
-                  f"{len(object_sources)} object photographs give at most "
-                  f"{_MAX_CELLS_PER_PHOTO * len(object_sources)} pasted instances")
+        _too_many(
+            "n_queries",
+            n_queries is not None,
+            f"{len(object_sources)} object photographs give at most "
+            f"{_MAX_CELLS_PER_PHOTO * len(object_sources)} pasted instances",
+        )
         n_pasted = _MAX_CELLS_PER_PHOTO * len(object_sources)
     if "pasted" in tiers or sizes["n_distractors"] > 0:
         instances, clutter = _choose_cutouts(object_sources, background_sources, n_pasted, rng, cache)
         if len(instances) < n_pasted:
-            _too_many("n_queries", n_queries is not None,
-                      f"the installed object photographs give only {len(instances)} pasted instances "
-                      f"(plus {n_multiview} multi-view queries)")
+            _too_many(
+                "n_queries",
+                n_queries is not None,
+                f"the installed object photographs give only {len(instances)} pasted instances "
+                f"(plus {n_multiview} multi-view queries)",
+            )
             n_pasted = len(instances)
     if n_multiview + n_pasted == 0:
-        raise ValueError("n_queries: no query can be made from the installed photographs with "
-                         f"tiers={tiers!r}")
+        raise ValueError(f"n_queries: no query can be made from the installed photographs with tiers={tiers!r}")
     background_pool = background_sources[:]
     # A demo-sized benchmark does not need every wallpaper decoded: choose a subset.
     max_backgrounds = max(6, min(len(background_pool), 6 + sizes["n_distractors"] // 10))
@@ -839,6 +869,7 @@ def make_benchmark(
         iterator: Iterable[int] = range(len(specs))
         if progress:
             from tqdm import tqdm
+
             iterator = tqdm(iterator, desc="photo benchmark", unit="img")
         for spec_index in iterator:
             spec = specs[spec_index]
@@ -846,10 +877,8 @@ def make_benchmark(
             file_name = names[spec_index]
             Image.fromarray(image).save(staging / "jpg" / f"{file_name}.jpg", quality=90)
             if mask is not None:
-                Image.fromarray(mask.astype(np.uint8)).save(staging / "masks" / f"{file_name}.png",
-                                                            optimize=False)
-            spec.record.update({"name": file_name, "width": int(image.shape[1]),
-                                "height": int(image.shape[0])})
+                Image.fromarray(mask.astype(np.uint8)).save(staging / "masks" / f"{file_name}.png", optimize=False)
+            spec.record.update({"name": file_name, "width": int(image.shape[1]), "height": int(image.shape[0])})
         benchmark = _write_ground_truth(staging, out_path, name, specs, names, query_specs)
         _write_metadata(staging, specs, names, seed, sizes, tiers, shapes)
         for entry in ("jpg", "masks", "gt", f"gnd_{name}.pkl", "benchmark.json"):
@@ -866,14 +895,20 @@ def make_benchmark(
 
 def _too_many(argument: str, explicit: bool, reason: str) -> None:
     if explicit:
-        raise ValueError(f"{argument}: more queries requested than can be made: {reason}; "
-                         "ask for fewer or install more photographs (see find_photo_sources)")
+        raise ValueError(
+            f"{argument}: more queries requested than can be made: {reason}; "
+            "ask for fewer or install more photographs (see find_photo_sources)"
+        )
     warnings.warn(f"photo benchmark: fewer queries than the preset asks: {reason}", stacklevel=3)
 
 
-def _choose_cutouts(object_sources: list[PhotoSource], background_sources: list[PhotoSource],
-                    n_instances: int, rng: np.random.Generator,
-                    cache: _SourceCache) -> tuple[list[_Cutout], list[_Cutout]]:
+def _choose_cutouts(
+    object_sources: list[PhotoSource],
+    background_sources: list[PhotoSource],
+    n_instances: int,
+    rng: np.random.Generator,
+    cache: _SourceCache,
+) -> tuple[list[_Cutout], list[_Cutout]]:
     """Pick n_instances cut-outs spread over the object photos; the rest become clutter.
 
     Object photos are visited in a random order and decoded only while more candidates are
@@ -902,34 +937,45 @@ def _choose_cutouts(object_sources: list[PhotoSource], background_sources: list[
                 instances.append(candidates.pop(0))
     clutter += [c for candidates in eligible for c in candidates]
     # Pieces of background photos are clutter too (never instances).
-    for source in background_sources[: 8]:
+    for source in background_sources[:8]:
         pieces = _cutout_candidates(source, cache.get(source.path))
         clutter.extend(pieces[i] for i in rng.permutation(len(pieces))[:3])
     return instances, clutter
 
 
-def _plan_pasted(instance_name: str, instance: _Cutout, shape: str, sizes: dict[str, int],
-                 rng: np.random.Generator) -> tuple[_ImageSpec, list[_ImageSpec]]:
+def _plan_pasted(
+    instance_name: str, instance: _Cutout, shape: str, sizes: dict[str, int], rng: np.random.Generator
+) -> tuple[_ImageSpec, list[_ImageSpec]]:
     shape_seed = int(rng.integers(2**31))
     common = {"cutout": instance, "shape": shape, "shape_seed": shape_seed}
-    query = _ImageSpec("pasted", "query", instance_name, int(rng.integers(2**31)),
-                       {**common, "target": "query"})
+    query = _ImageSpec("pasted", "query", instance_name, int(rng.integers(2**31)), {**common, "target": "query"})
     n_easy = (sizes["n_positives"] + 1) // 2
     targets = ["easy"] * n_easy + ["hard"] * (sizes["n_positives"] - n_easy) + ["junk"] * sizes["n_junk"]
-    views = [_ImageSpec("pasted", "view", instance_name, int(rng.integers(2**31)), {**common, "target": t})
-             for t in targets]
+    views = [
+        _ImageSpec("pasted", "view", instance_name, int(rng.integers(2**31)), {**common, "target": t}) for t in targets
+    ]
     return query, views
 
 
-def _plan_multiview(group: MultiviewGroup, sizes: dict[str, int],
-                    rng: np.random.Generator) -> tuple[_ImageSpec, list[_ImageSpec]]:
+def _plan_multiview(
+    group: MultiviewGroup, sizes: dict[str, int], rng: np.random.Generator
+) -> tuple[_ImageSpec, list[_ImageSpec]]:
     instance_name = f"mv_{group.name}"
-    query = _ImageSpec("multiview", "query", instance_name, int(rng.integers(2**31)),
-                       {"group": group, "target": "query"})
+    query = _ImageSpec(
+        "multiview", "query", instance_name, int(rng.integers(2**31)), {"group": group, "target": "query"}
+    )
     n_positives = sizes["n_positives"]
     real_views = [group.views[i] for i in sorted(rng.permutation(len(group.views))[:n_positives])]
-    views = [_ImageSpec("multiview", "view", instance_name, int(rng.integers(2**31)),
-                        {"group": group, "target": "real", "view": view}) for view in real_views]
+    views = [
+        _ImageSpec(
+            "multiview",
+            "view",
+            instance_name,
+            int(rng.integers(2**31)),
+            {"group": group, "target": "real", "view": view},
+        )
+        for view in real_views
+    ]
     # Re-photographed copies to reach n_positives: alternate between the other real views
     # (whole frame kept, the object's place there is not annotated) and crops of the query
     # view that contain the query box.
@@ -937,14 +983,21 @@ def _plan_multiview(group: MultiviewGroup, sizes: dict[str, int],
     for k in range(extra):
         if k % 2 == 0:
             view = real_views[(k // 2) % len(real_views)]
-            params = {"group": group, "target": "copy_view", "view": view,
-                      "strength_target": "easy" if k % 4 == 0 else "hard"}
+            params = {
+                "group": group,
+                "target": "copy_view",
+                "view": view,
+                "strength_target": "easy" if k % 4 == 0 else "hard",
+            }
         else:
             params = {"group": group, "target": "copy_query", "strength_target": "easy" if k % 4 == 1 else "hard"}
         views.append(_ImageSpec("multiview", "view", instance_name, int(rng.integers(2**31)), params))
     for _ in range(sizes["n_junk"]):
-        views.append(_ImageSpec("multiview", "view", instance_name, int(rng.integers(2**31)),
-                                {"group": group, "target": "junk_query"}))
+        views.append(
+            _ImageSpec(
+                "multiview", "view", instance_name, int(rng.integers(2**31)), {"group": group, "target": "junk_query"}
+            )
+        )
     return query, views
 
 
@@ -955,8 +1008,9 @@ def _canvas_size(image_size: int, rng: np.random.Generator) -> tuple[int, int]:
     return int(round(image_size * aspect)), image_size
 
 
-def _background(width: int, height: int, pool: list[PhotoSource], cache: _SourceCache,
-                rng: np.random.Generator) -> tuple[np.ndarray, str]:
+def _background(
+    width: int, height: int, pool: list[PhotoSource], cache: _SourceCache, rng: np.random.Generator
+) -> tuple[np.ndarray, str]:
     """A random crop of a random background photo; flat crops (blank sky, plain colour) are
     redrawn a few times so most backgrounds are clutter."""
     for _attempt in range(6):
@@ -968,9 +1022,14 @@ def _background(width: int, height: int, pool: list[PhotoSource], cache: _Source
     return crop, source.name
 
 
-def _paste_clutter(canvas: np.ndarray, clutter: list[_Cutout], count: int, cache: _SourceCache,
-                   rng: np.random.Generator, avoid: tuple[float, float, float, float] | None = None,
-                   ) -> tuple[list[str], list[tuple[np.ndarray, tuple[int, int]]]]:
+def _paste_clutter(
+    canvas: np.ndarray,
+    clutter: list[_Cutout],
+    count: int,
+    cache: _SourceCache,
+    rng: np.random.Generator,
+    avoid: tuple[float, float, float, float] | None = None,
+) -> tuple[list[str], list[tuple[np.ndarray, tuple[int, int]]]]:
     """Paste `count` clutter cut-outs at random; returns their ids and (mask, offset) pairs."""
     height, width = canvas.shape[:2]
     ids, masks = [], []
@@ -993,16 +1052,21 @@ def _paste_clutter(canvas: np.ndarray, clutter: list[_Cutout], count: int, cache
             continue
         corners = _quad(cx, cy, cw * scale, ch * scale, rng.uniform(-25, 25), 0.08, rng)
         shape = ("rect", "ellipse", "polygon", "blob")[int(rng.integers(4))]
-        mask, _, offset = _paste(canvas, cache.get(cutout.source.path),
-                                 _Paste(cutout, shape, corners, float(rng.uniform(0.0, 0.6))),
-                                 int(rng.integers(2**31)), rng)
+        mask, _, offset = _paste(
+            canvas,
+            cache.get(cutout.source.path),
+            _Paste(cutout, shape, corners, float(rng.uniform(0.0, 0.6))),
+            int(rng.integers(2**31)),
+            rng,
+        )
         ids.append(cutout.identifier)
         masks.append((mask, offset))
     return ids, masks
 
 
-def _render(spec: _ImageSpec, image_size: int, cache: _SourceCache, backgrounds: list[PhotoSource],
-            clutter: list[_Cutout]) -> tuple[np.ndarray, np.ndarray | None]:
+def _render(
+    spec: _ImageSpec, image_size: int, cache: _SourceCache, backgrounds: list[PhotoSource], clutter: list[_Cutout]
+) -> tuple[np.ndarray, np.ndarray | None]:
     rng = np.random.default_rng(spec.seed)
     if spec.kind == "distractor":
         width, height = _canvas_size(image_size, rng)
@@ -1010,8 +1074,17 @@ def _render(spec: _ImageSpec, image_size: int, cache: _SourceCache, backgrounds:
         clutter_ids, _ = _paste_clutter(canvas, clutter, int(rng.integers(0, 4)), cache, rng)
         strength = float(rng.uniform(0.0, 0.8))
         canvas = _camera_effects(canvas, strength, rng)
-        spec.record.update({"role": "distractor", "tier": None, "instance": None, "label": None,
-                            "background": background, "clutter": clutter_ids, "strength": strength})
+        spec.record.update(
+            {
+                "role": "distractor",
+                "tier": None,
+                "instance": None,
+                "label": None,
+                "background": background,
+                "clutter": clutter_ids,
+                "strength": strength,
+            }
+        )
         return canvas, None
     if spec.kind == "pasted":
         # A junk view pushed entirely out of the frame would not show its instance at all:
@@ -1024,8 +1097,14 @@ def _render(spec: _ImageSpec, image_size: int, cache: _SourceCache, backgrounds:
     return _render_multiview(spec, image_size, cache, rng)
 
 
-def _render_pasted(spec: _ImageSpec, image_size: int, cache: _SourceCache, backgrounds: list[PhotoSource],
-                   clutter: list[_Cutout], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _render_pasted(
+    spec: _ImageSpec,
+    image_size: int,
+    cache: _SourceCache,
+    backgrounds: list[PhotoSource],
+    clutter: list[_Cutout],
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray]:
     params = spec.params
     target = params["target"]
     cutout: _Cutout = params["cutout"]
@@ -1075,11 +1154,16 @@ def _render_pasted(spec: _ImageSpec, image_size: int, cache: _SourceCache, backg
 
     # Clutter behind the instance, then the instance, then (for hard views) an occluder.
     n_behind = int(rng.integers(0, 3))
-    behind_ids, _ = _paste_clutter(canvas, clutter, n_behind, cache, rng,
-                                   avoid=tuple(_corner_box(corners)) if target == "query" else None)
-    local_mask, full_area, offset = _paste(canvas, cache.get(cutout.source.path),
-                                           _Paste(cutout, params["shape"], corners, strength),
-                                           params["shape_seed"], rng)
+    behind_ids, _ = _paste_clutter(
+        canvas, clutter, n_behind, cache, rng, avoid=tuple(_corner_box(corners)) if target == "query" else None
+    )
+    local_mask, full_area, offset = _paste(
+        canvas,
+        cache.get(cutout.source.path),
+        _Paste(cutout, params["shape"], corners, strength),
+        params["shape_seed"],
+        rng,
+    )
     visible = _place_in_image(local_mask, offset, width, height)
     occluder_ids: list[str] = []
     if target == "hard" and rng.random() < 0.6 and clutter:
@@ -1091,9 +1175,13 @@ def _render_pasted(spec: _ImageSpec, image_size: int, cache: _SourceCache, backg
         occ_cx = bx[0] if rng.random() < 0.5 else bx[2]
         occ_cy = bx[1] if rng.random() < 0.5 else bx[3]
         occ_corners = _quad(occ_cx, occ_cy, occ_w, occ_h, rng.uniform(-20, 20), 0.05, rng)
-        occ_mask, _, occ_offset = _paste(canvas, cache.get(occluder.source.path),
-                                         _Paste(occluder, ("rect", "ellipse", "blob")[int(rng.integers(3))],
-                                                occ_corners, 0.3), int(rng.integers(2**31)), rng)
+        occ_mask, _, occ_offset = _paste(
+            canvas,
+            cache.get(occluder.source.path),
+            _Paste(occluder, ("rect", "ellipse", "blob")[int(rng.integers(3))], occ_corners, 0.3),
+            int(rng.integers(2**31)),
+            rng,
+        )
         visible &= ~_place_in_image(occ_mask, occ_offset, width, height)
         occluder_ids.append(occluder.identifier)
     canvas = _camera_effects(canvas, strength, rng)
@@ -1104,31 +1192,54 @@ def _render_pasted(spec: _ImageSpec, image_size: int, cache: _SourceCache, backg
     label = "query" if target == "query" else _label(visible_fraction, relative_size, strength)
     x0, y0, x1, y1 = cutout.rect
     src = np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], dtype=np.float64)
-    spec.record.update({
-        "role": spec.role, "tier": "pasted", "instance": spec.instance, "label": label,
-        "target": target, "shape": params["shape"], "source": cutout.source.name,
-        "cutout": cutout.identifier, "cutout_rect": [int(v) for v in cutout.rect],
-        "source_corners": src.tolist(), "image_corners": corners.tolist(),
-        "background": background, "clutter": behind_ids + occluder_ids,
-        "strength": strength, "full_area": full_area, "visible_area": visible_area,
-        "visible_fraction": visible_fraction, "relative_size": relative_size,
-        "visible_bbox": _bbox(visible),
-    })
+    spec.record.update(
+        {
+            "role": spec.role,
+            "tier": "pasted",
+            "instance": spec.instance,
+            "label": label,
+            "target": target,
+            "shape": params["shape"],
+            "source": cutout.source.name,
+            "cutout": cutout.identifier,
+            "cutout_rect": [int(v) for v in cutout.rect],
+            "source_corners": src.tolist(),
+            "image_corners": corners.tolist(),
+            "background": background,
+            "clutter": behind_ids + occluder_ids,
+            "strength": strength,
+            "full_area": full_area,
+            "visible_area": visible_area,
+            "visible_fraction": visible_fraction,
+            "relative_size": relative_size,
+            "visible_bbox": _bbox(visible),
+        }
+    )
     return canvas, visible
 
 
 def _corner_box(corners: np.ndarray) -> list[float]:
-    return [float(corners[:, 0].min()), float(corners[:, 1].min()),
-            float(corners[:, 0].max()), float(corners[:, 1].max())]
+    return [
+        float(corners[:, 0].min()),
+        float(corners[:, 1].min()),
+        float(corners[:, 0].max()),
+        float(corners[:, 1].max()),
+    ]
 
 
-def _render_multiview(spec: _ImageSpec, image_size: int, cache: _SourceCache,
-                      rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray | None]:
+def _render_multiview(
+    spec: _ImageSpec, image_size: int, cache: _SourceCache, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray | None]:
     params = spec.params
     group: MultiviewGroup = params["group"]
     target = params["target"]
-    record: dict[str, Any] = {"role": spec.role, "tier": "multiview", "instance": spec.instance,
-                              "group": group.name, "target": target}
+    record: dict[str, Any] = {
+        "role": spec.role,
+        "tier": "multiview",
+        "instance": spec.instance,
+        "group": group.name,
+        "target": target,
+    }
     if target in ("real", "copy_view"):
         path, view_label = params["view"]
         photo, _ = _fit_max_side(cache.get(path), image_size)
@@ -1143,8 +1254,7 @@ def _render_multiview(spec: _ImageSpec, image_size: int, cache: _SourceCache,
             photo = _camera_effects(photo, strength, rng)
             if strength > EASY_MAX_STRENGTH:
                 label = "hard"
-        record.update({"view": os.path.basename(path), "label": label, "strength": strength,
-                       "visible_fraction": None})
+        record.update({"view": os.path.basename(path), "label": label, "strength": strength, "visible_fraction": None})
         spec.record.update(record)
         return photo, None
 
@@ -1158,15 +1268,16 @@ def _render_multiview(spec: _ImageSpec, image_size: int, cache: _SourceCache,
     elif target == "copy_query":
         # A crop that contains the whole box, then lighting/blur/JPEG.
         strength = float(rng.uniform(0.1, 0.4) if params["strength_target"] == "easy" else rng.uniform(0.55, 1.0))
-        crop = np.array([rng.uniform(0, box[0]), rng.uniform(0, box[1]),
-                         rng.uniform(box[2], width), rng.uniform(box[3], height)])
+        crop = np.array(
+            [rng.uniform(0, box[0]), rng.uniform(0, box[1]), rng.uniform(box[2], width), rng.uniform(box[3], height)]
+        )
     else:  # junk_query: a crop that keeps less than ~20 % of the box
         strength = float(rng.uniform(0.1, 0.5))
         crop = _junk_crop(box, width, height, rng)
     crop = np.round(crop).astype(int)
     crop[2] = max(crop[2], crop[0] + 8)
     crop[3] = max(crop[3], crop[1] + 8)
-    photo = full[crop[1]:crop[3], crop[0]:crop[2]]
+    photo = full[crop[1] : crop[3], crop[0] : crop[2]]
     photo, scale = _fit_max_side(photo, image_size)
     if target == "copy_query" and strength > EASY_MAX_STRENGTH:
         shrink = rng.uniform(0.5, 0.8)
@@ -1179,13 +1290,14 @@ def _render_multiview(spec: _ImageSpec, image_size: int, cache: _SourceCache,
     out_h, out_w = photo.shape[:2]
     sx, sy = out_w / (crop[2] - crop[0]), out_h / (crop[3] - crop[1])
     # The query box in this image's pixels, clipped; its visible fraction is exact.
-    mapped = np.array([(box[0] - crop[0]) * sx, (box[1] - crop[1]) * sy,
-                       (box[2] - crop[0]) * sx, (box[3] - crop[1]) * sy])
+    mapped = np.array(
+        [(box[0] - crop[0]) * sx, (box[1] - crop[1]) * sy, (box[2] - crop[0]) * sx, (box[3] - crop[1]) * sy]
+    )
     clipped = np.array([max(0.0, mapped[0]), max(0.0, mapped[1]), min(out_w, mapped[2]), min(out_h, mapped[3])])
     mask = np.zeros((out_h, out_w), dtype=bool)
     ix = np.round(clipped).astype(int)
     if ix[2] > ix[0] and ix[3] > ix[1]:
-        mask[ix[1]:ix[3], ix[0]:ix[2]] = True
+        mask[ix[1] : ix[3], ix[0] : ix[2]] = True
     full_mapped_area = (mapped[2] - mapped[0]) * (mapped[3] - mapped[1])
     visible_area = int(mask.sum())
     visible_fraction = min(1.0, visible_area / full_mapped_area) if full_mapped_area > 0 else 0.0
@@ -1194,10 +1306,19 @@ def _render_multiview(spec: _ImageSpec, image_size: int, cache: _SourceCache,
         label = "query"
     else:
         label = _label(visible_fraction, relative_size, strength)
-    record.update({"view": os.path.basename(group.query_path), "label": label, "strength": strength,
-                   "crop": [int(v) for v in crop], "full_area": float(full_mapped_area),
-                   "visible_area": visible_area, "visible_fraction": visible_fraction,
-                   "relative_size": relative_size, "visible_bbox": _bbox(mask)})
+    record.update(
+        {
+            "view": os.path.basename(group.query_path),
+            "label": label,
+            "strength": strength,
+            "crop": [int(v) for v in crop],
+            "full_area": float(full_mapped_area),
+            "visible_area": visible_area,
+            "visible_fraction": visible_fraction,
+            "relative_size": relative_size,
+            "visible_bbox": _bbox(mask),
+        }
+    )
     spec.record.update(record)
     return photo, mask
 
@@ -1227,8 +1348,9 @@ def _junk_crop(box: np.ndarray, width: int, height: int, rng: np.random.Generato
 # ----------------------------------------------------------------------------------------------
 
 
-def _write_ground_truth(staging: Path, out_path: Path, name: str, specs: list[_ImageSpec],
-                        names: list[str], query_specs: list[_ImageSpec]) -> PhotoBenchmark:
+def _write_ground_truth(
+    staging: Path, out_path: Path, name: str, specs: list[_ImageSpec], names: list[str], query_specs: list[_ImageSpec]
+) -> PhotoBenchmark:
     """Write gt/ (classic) and gnd_<name>.pkl (revisited) with clustermac.bench.datasets' writers."""
     from .datasets import RetrievalDataset, write_classic, write_revisited
 
@@ -1247,31 +1369,69 @@ def _write_ground_truth(staging: Path, out_path: Path, name: str, specs: list[_I
                 lists[spec.record["label"]].append(index_of[spec.record["name"]])
         queries.append(record["name"])
         boxes.append(box)
-        gnd.append({"bbx": list(box), "easy": sorted(lists["easy"]), "hard": sorted(lists["hard"]),
-                    "junk": sorted(lists["junk"])})
+        gnd.append(
+            {
+                "bbx": list(box),
+                "easy": sorted(lists["easy"]),
+                "hard": sorted(lists["hard"]),
+                "junk": sorted(lists["junk"]),
+            }
+        )
         tiers.append(record["tier"])
         instances.append(query_spec.instance)
-    dataset = RetrievalDataset(name=name, image_dir=out_path / "jpg", images=images, queries=queries,
-                               query_boxes=boxes, gnd=gnd, image_ext=".jpg", query_landmarks=instances)
+    dataset = RetrievalDataset(
+        name=name,
+        image_dir=out_path / "jpg",
+        images=images,
+        queries=queries,
+        query_boxes=boxes,
+        gnd=gnd,
+        image_ext=".jpg",
+        query_landmarks=instances,
+    )
     write_classic(dataset, staging / "gt")
     write_revisited(dataset, staging / f"gnd_{name}.pkl")
     return PhotoBenchmark(
-        name=name, image_dir=str(out_path / "jpg"), images=list(images), queries=list(queries),
-        query_boxes=boxes, gnd=gnd, image_ext=".jpg", out_dir=str(out_path),
-        gt_dir=str(out_path / "gt"), pkl_path=str(out_path / f"gnd_{name}.pkl"),
-        metadata_path=str(out_path / "benchmark.json"), query_tiers=tiers, query_instances=instances,
-        dataset=dataset)
+        name=name,
+        image_dir=str(out_path / "jpg"),
+        images=list(images),
+        queries=list(queries),
+        query_boxes=boxes,
+        gnd=gnd,
+        image_ext=".jpg",
+        out_dir=str(out_path),
+        gt_dir=str(out_path / "gt"),
+        pkl_path=str(out_path / f"gnd_{name}.pkl"),
+        metadata_path=str(out_path / "benchmark.json"),
+        query_tiers=tiers,
+        query_instances=instances,
+        dataset=dataset,
+    )
 
 
-def _write_metadata(staging: Path, specs: list[_ImageSpec], names: list[str], seed: int,
-                    sizes: dict[str, int], tiers: tuple[str, ...], shapes: tuple[str, ...]) -> None:
+def _write_metadata(
+    staging: Path,
+    specs: list[_ImageSpec],
+    names: list[str],
+    seed: int,
+    sizes: dict[str, int],
+    tiers: tuple[str, ...],
+    shapes: tuple[str, ...],
+) -> None:
     records = sorted((spec.record for spec in specs), key=lambda r: r["name"])
     metadata = {
         "generator": "clustermac.photo_benchmark",
-        "seed": int(seed), "sizes": sizes, "tiers": list(tiers), "shapes": list(shapes),
-        "thresholds": {"junk_visible_fraction": JUNK_VISIBLE_FRACTION, "junk_relative_size": JUNK_RELATIVE_SIZE,
-                       "easy_visible_fraction": EASY_VISIBLE_FRACTION, "easy_relative_size": EASY_RELATIVE_SIZE,
-                       "easy_max_strength": EASY_MAX_STRENGTH},
+        "seed": int(seed),
+        "sizes": sizes,
+        "tiers": list(tiers),
+        "shapes": list(shapes),
+        "thresholds": {
+            "junk_visible_fraction": JUNK_VISIBLE_FRACTION,
+            "junk_relative_size": JUNK_RELATIVE_SIZE,
+            "easy_visible_fraction": EASY_VISIBLE_FRACTION,
+            "easy_relative_size": EASY_RELATIVE_SIZE,
+            "easy_max_strength": EASY_MAX_STRENGTH,
+        },
         "images": records,
     }
     (staging / "benchmark.json").write_text(json.dumps(metadata, indent=1, sort_keys=True))
@@ -1282,9 +1442,16 @@ def _write_metadata(staging: Path, specs: list[_ImageSpec], names: list[str], se
 # ----------------------------------------------------------------------------------------------
 
 
-def make_whitening_set(out_dir: PathLike, n_images: int | None = None, seed: int = 0, *,
-                       preset: str = "demo", size: int | None = None,
-                       sources: dict[str, list] | None = None, progress: bool = False) -> list[str]:
+def make_whitening_set(
+    out_dir: PathLike,
+    n_images: int | None = None,
+    seed: int = 0,
+    *,
+    preset: str = "demo",
+    size: int | None = None,
+    sources: dict[str, list] | None = None,
+    progress: bool = False,
+) -> list[str]:
     """Images for learning PCA-whitening, disjoint from every benchmark :func:`make_benchmark` makes.
 
     Each image is a crop of a "training" or "background" photograph with 0-3 cut-outs of other
@@ -1334,6 +1501,7 @@ def make_whitening_set(out_dir: PathLike, n_images: int | None = None, seed: int
     iterator: Iterable[int] = range(int(n_images))
     if progress:
         from tqdm import tqdm
+
         iterator = tqdm(iterator, desc="whitening set", unit="img")
     seeds = rng.integers(2**31, size=int(n_images))
     for k in iterator:

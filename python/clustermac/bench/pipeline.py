@@ -5,12 +5,14 @@ same feature maps.
 Feature maps are kept in memory as float16 (and the resized RGB as uint8) so that comparing
 six methods costs one backbone pass, not six.
 """
+
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -49,7 +51,7 @@ DEFAULT_METHODS = (
 def compute_feature_maps(
     extractor: Extractor,
     images: Sequence[str],
-    boxes: Optional[Sequence[Optional[Sequence[float]]]] = None,
+    boxes: Sequence[Sequence[float] | None] | None = None,
     progress: bool = True,
     description: str = "features",
 ) -> FeatureMaps:
@@ -72,8 +74,13 @@ def compute_feature_maps(
     return out
 
 
-def descriptors_from_maps(extractor: Extractor, maps: FeatureMaps, progress: bool = False, description: str = "pool",
-                          labels_out: Optional[list] = None) -> np.ndarray:
+def descriptors_from_maps(
+    extractor: Extractor,
+    maps: FeatureMaps,
+    progress: bool = False,
+    description: str = "pool",
+    labels_out: list | None = None,
+) -> np.ndarray:
     """One descriptor per feature map (a zero row for an unreadable image). For ClusterMAC,
     ``labels_out`` (a list) receives each map's cluster labels (None for an unreadable image),
     so that re-ranking need not cluster the database again."""
@@ -92,11 +99,13 @@ def descriptors_from_maps(extractor: Extractor, maps: FeatureMaps, progress: boo
     return out
 
 
-def full_ranks(database: np.ndarray, queries: np.ndarray, k: Optional[int] = None) -> np.ndarray:
+def full_ranks(database: np.ndarray, queries: np.ndarray, k: int | None = None) -> np.ndarray:
     """Database indices ranked by cosine similarity, one column per query (the layout of
     `compute_map`): n_database × n_queries, or the top k rows."""
     k = database.shape[0] if k is None else min(k, database.shape[0])
-    _, indices = _core.topk_search(np.ascontiguousarray(database, dtype=np.float32), np.ascontiguousarray(queries, dtype=np.float32), k)
+    _, indices = _core.topk_search(
+        np.ascontiguousarray(database, dtype=np.float32), np.ascontiguousarray(queries, dtype=np.float32), k
+    )
     return np.ascontiguousarray(indices.T)
 
 
@@ -125,26 +134,41 @@ def dataset_feature_maps(
     backbone: Backbone,
     whitening_images: Sequence[str],
     crops: Sequence[str] = ("image",),
-    max_size: Optional[int] = None,
+    max_size: int | None = None,
     progress: bool = True,
 ) -> DatasetFeatureMaps:
     """One backbone pass over the database, the whitening images and the queries (once per
     crop mode: crop I runs the network on the cropped query)."""
     started = time.perf_counter()
     base = Extractor(backbone, "mac", max_size=max_size)
-    database = compute_feature_maps(base, [str(dataset.image_path(i)) for i in range(len(dataset.images))], progress=progress, description="database")
-    whitening = [m for m in compute_feature_maps(base, [str(p) for p in whitening_images], progress=progress, description="whitening set") if m is not None]
+    database = compute_feature_maps(
+        base,
+        [str(dataset.image_path(i)) for i in range(len(dataset.images))],
+        progress=progress,
+        description="database",
+    )
+    whitening = [
+        m
+        for m in compute_feature_maps(
+            base, [str(p) for p in whitening_images], progress=progress, description="whitening set"
+        )
+        if m is not None
+    ]
     if not whitening:
         raise ValueError("none of the whitening images could be read")
     queries = {}
     for crop in crops:
         ex = Extractor(backbone, "mac", crop=crop, max_size=max_size)
         paths = [str(dataset.query_path(i)) for i in range(len(dataset.queries))]
-        queries[crop] = compute_feature_maps(ex, paths, dataset.query_boxes, progress=progress, description=f"queries (crop {crop})")
+        queries[crop] = compute_feature_maps(
+            ex, paths, dataset.query_boxes, progress=progress, description=f"queries (crop {crop})"
+        )
     return DatasetFeatureMaps(database, whitening, queries, time.perf_counter() - started)
 
 
-def fitted_extractor(backbone: Backbone, spec: MethodSpec, maps: DatasetFeatureMaps, max_size: Optional[int] = None) -> Extractor:
+def fitted_extractor(
+    backbone: Backbone, spec: MethodSpec, maps: DatasetFeatureMaps, max_size: int | None = None
+) -> Extractor:
     """An Extractor for ``spec`` with its whitening (and dataset PCA, if asked) learned on the
     whitening set's feature maps."""
     extractor = Extractor(backbone, spec.method, max_size=max_size, **spec.params)
@@ -163,7 +187,7 @@ def evaluate_methods(
     rerank: bool = False,
     rerank_top: int = 1000,
     rerank_clusters: str = "stored",
-    max_size: Optional[int] = None,
+    max_size: int | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Evaluate every method on ``dataset`` from feature maps computed once.
@@ -179,31 +203,60 @@ def evaluate_methods(
     for spec in methods:
         started = time.perf_counter()
         extractor = fitted_extractor(backbone, spec, maps, max_size)
-        database_labels: Optional[list] = [] if rerank and rerank_clusters == "stored" else None
+        database_labels: list | None = [] if rerank and rerank_clusters == "stored" else None
         database = descriptors_from_maps(extractor, maps.database, progress, f"{spec.label}: database", database_labels)
         for crop, query_maps in maps.queries.items():
             queries = descriptors_from_maps(extractor, query_maps)
             ranks = full_ranks(database, queries)
             variants = [("", ranks)]
             if query_expansion:
-                variants.append((" + QE", full_ranks(database, average_query_expansion(queries, database, ranks.T, k=qe_k))))
+                variants.append(
+                    (" + QE", full_ranks(database, average_query_expansion(queries, database, ranks.T, k=qe_k)))
+                )
             if rerank and spec.method in REGIONAL_METHODS:
                 aspects = [None if b is None else (b[2] - b[0]) / max(b[3] - b[1], 1e-6) for b in dataset.query_boxes]
-                reranked = _rerank_then_qe(extractor, maps, queries, query_maps, aspects, ranks, rerank_top, qe_k,
-                                           rerank_clusters, database_labels)
+                reranked = _rerank_then_qe(
+                    extractor,
+                    maps,
+                    queries,
+                    query_maps,
+                    aspects,
+                    ranks,
+                    rerank_top,
+                    qe_k,
+                    rerank_clusters,
+                    database_labels,
+                )
                 variants.append((" + R + QE", reranked))
             for suffix, r in variants:
                 label = f"{spec.label}, crop {'I' if crop == 'image' else 'X'}{suffix}"
-                rows.append({"label": label, "method": spec.label, "crop": crop, "qe": "QE" in suffix,
-                             "rerank": "R" in suffix.replace("QE", ""), **score_ranks(dataset, r)})
+                rows.append(
+                    {
+                        "label": label,
+                        "method": spec.label,
+                        "crop": crop,
+                        "qe": "QE" in suffix,
+                        "rerank": "R" in suffix.replace("QE", ""),
+                        **score_ranks(dataset, r),
+                    }
+                )
                 all_ranks[label] = r
         timings[f"{spec.label}_s"] = time.perf_counter() - started
     return {"rows": rows, "ranks": all_ranks, "timings": timings}
 
 
-def _rerank_then_qe(extractor, maps: DatasetFeatureMaps, queries: np.ndarray, query_maps: FeatureMaps,
-                    query_boxes_aspect: Sequence[Optional[float]], ranks: np.ndarray, top: int, qe_k: int,
-                    rerank_clusters: str = "stored", database_labels: Optional[Sequence] = None) -> np.ndarray:
+def _rerank_then_qe(
+    extractor,
+    maps: DatasetFeatureMaps,
+    queries: np.ndarray,
+    query_maps: FeatureMaps,
+    query_boxes_aspect: Sequence[float | None],
+    ranks: np.ndarray,
+    top: int,
+    qe_k: int,
+    rerank_clusters: str = "stored",
+    database_labels: Sequence | None = None,
+) -> np.ndarray:
     """AML re-ranking of the top ``top`` items, then average QE over the top ``qe_k``
     localised descriptors (Tolias et al. 2016, section 5). Returns new ranks.
 
@@ -218,6 +271,7 @@ def _rerank_then_qe(extractor, maps: DatasetFeatureMaps, queries: np.ndarray, qu
         raise ValueError(f"rerank_clusters: expected 'stored' or 'box', got {rerank_clusters!r}")
     reclustering = extractor.method == "clustermac" and rerank_clusters == "box"
     if reclustering or extractor.method not in REGIONAL_METHODS:
+
         def descriptor_fn(crop: np.ndarray) -> np.ndarray:
             # No RGB image is at hand for a database crop: the RGB clustering is skipped here.
             return extractor.descriptor_from_feature_map(crop, None)
@@ -244,8 +298,16 @@ def _rerank_then_qe(extractor, maps: DatasetFeatureMaps, queries: np.ndarray, qu
                 continue
             fmap = np.ascontiguousarray(item[0], dtype=np.float32)
             query_mac = _core.region_mac(fmap, np.zeros(fmap.shape[1:], dtype=np.int32))[0]
-            result = rerank.aml_rerank(query_mac, queries[q], ranks[:, q], store, descriptor_fn, top_n=top,
-                                query_aspect=query_boxes_aspect[q], qe_k=qe_k)
+            result = rerank.aml_rerank(
+                query_mac,
+                queries[q],
+                ranks[:, q],
+                store,
+                descriptor_fn,
+                top_n=top,
+                query_aspect=query_boxes_aspect[q],
+                qe_k=qe_k,
+            )
             out[:, q] = result.indices
         del store
     return out

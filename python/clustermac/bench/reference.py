@@ -1,4 +1,5 @@
 """Plain NumPy references for checking the C++ core, shared by tests and benchmarks."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -6,6 +6,7 @@ the tables, the figures (PIL images as base64 PNG, SVG charts inline) and notes;
 other file to display and is written atomically, so a failure leaves no partial report.
 :func:`write_search_page` does the same for the results of ``clustermac search --html``.
 """
+
 from __future__ import annotations
 
 import base64
@@ -15,8 +16,9 @@ import numbers
 import os
 import re
 import xml.etree.ElementTree as ElementTree
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Union
 
 from PIL import Image
 
@@ -65,7 +67,9 @@ def _check_table(header: Sequence[str], rows: Sequence[Sequence[Any]], name: str
     for i, row in enumerate(rows):
         if isinstance(row, str) or len(row) != len(header):
             length = "a string" if isinstance(row, str) else f"{len(row)} cells"
-            raise ValueError(f"{name}: row {i} has {length}, expected {len(header)} cells (one per column of {list(header)})")
+            raise ValueError(
+                f"{name}: row {i} has {length}, expected {len(header)} cells (one per column of {list(header)})"
+            )
         checked.append(list(row))
     return checked
 
@@ -109,7 +113,7 @@ def _table_html(caption: str, header: Sequence[str], rows: Sequence[Sequence[Any
     return "\n".join(out)
 
 
-def _figure_html(caption: str, figure: Union[Image.Image, str], index: int) -> str:
+def _figure_html(caption: str, figure: Image.Image | str, index: int) -> str:
     if isinstance(figure, Image.Image):
         buffer = io.BytesIO()
         figure.save(buffer, format="PNG")
@@ -124,9 +128,7 @@ def _figure_html(caption: str, figure: Union[Image.Image, str], index: int) -> s
             raise ValueError(f"figures[{index}]: expected an <svg> document, got root element <{root.tag}>")
         body = figure[figure.index("<svg") :] if figure.lstrip().startswith("<?xml") else figure
     else:
-        raise ValueError(
-            f"figures[{index}]: expected a PIL image or an SVG string, got {type(figure).__name__}"
-        )
+        raise ValueError(f"figures[{index}]: expected a PIL image or an SVG string, got {type(figure).__name__}")
     return f'<figure id="figure-{index + 1}">\n{body}\n<figcaption>{_escape(caption)}</figcaption>\n</figure>'
 
 
@@ -214,9 +216,9 @@ def _thumbnail_html(image: Image.Image, alt: str) -> str:
 def write_search_page(
     path: PathLike,
     query: ImageInput,
-    box: Optional[Sequence[float]],
+    box: Sequence[float] | None,
     results: Sequence[tuple[str, float]],
-    image_root: Optional[PathLike] = None,
+    image_root: PathLike | None = None,
 ) -> None:
     """One self-contained HTML page of a search (``clustermac search --html``): the query
     (its box drawn in red) and the ranked results as embedded thumbnails with their scores.

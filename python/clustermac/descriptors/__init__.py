@@ -18,13 +18,19 @@ methods (:mod:`.global_pooling`, :mod:`.rmac`, :mod:`.clustermac`) on the interf
 :mod:`.base`, :mod:`.whitening` (learning, saving and loading the whitening), :mod:`.pipeline`
 (threaded extraction of many images) and :mod:`.store` (descriptors of a folder on disk).
 """
+
 from __future__ import annotations
 
 from .._typing import Box, ImageInput
 from .base import DescriptorMethod, cluster_boxes
 from .clustermac import CLUSTER_POOLINGS, ClusterMAC, ClusterMACInBox, default_pca_dim
-from .extractor import CROP_MODES, Extractor, PreparedImage, rgb_at_feature_resolution
-from .extractor import _activation_box  # noqa: F401  (private; older code imported it from here)
+from .extractor import (
+    CROP_MODES,
+    Extractor,
+    PreparedImage,
+    _activation_box,  # noqa: F401  (private; older code imported it from here)
+    rgb_at_feature_resolution,
+)
 from .global_pooling import MAC, CroW, GeM, SPoC
 from .registry import METHOD_CLASSES, METHODS, REGIONAL_METHODS
 from .rmac import RMAC, RMACInBox

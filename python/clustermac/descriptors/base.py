@@ -8,10 +8,12 @@ A method (MAC, SPoC, GeM, CroW, R-MAC, ClusterMAC) is a small class bound to an
   regional vectors that are whitened and summed (:meth:`DescriptorMethod.regional_vectors`);
 - its descriptor inside an AML box (:meth:`DescriptorMethod.box_descriptor`).
 """
+
 from __future__ import annotations
 
 import weakref
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Union
 
 import numpy as np
 
@@ -36,9 +38,9 @@ class DescriptorMethod:
     #: True: regional vectors → l2 → whiten → l2 → sum → l2; False: one pooled vector → l2 → whiten → l2.
     regional: ClassVar[bool] = False
 
-    def __init__(self, extractor: "Extractor") -> None:
+    def __init__(self, extractor: Extractor) -> None:
         # A weak proxy: the extractor owns its method, and no reference cycle keeps it alive.
-        self.extractor: "Extractor" = weakref.proxy(extractor)
+        self.extractor: Extractor = weakref.proxy(extractor)
 
     def settings(self) -> dict[str, Any]:
         """The settings of this method beyond the extractor's common ones, in a fixed order."""
@@ -48,8 +50,9 @@ class DescriptorMethod:
         """The un-normalised global vector (D) of a global method."""
         raise ValueError(f"method {self.name!r} pools regions: use regional_vectors()")
 
-    def regional_vectors(self, fmap: np.ndarray, rgb: Optional[np.ndarray] = None,
-                         labels: Optional[Sequence[np.ndarray]] = None) -> np.ndarray:
+    def regional_vectors(
+        self, fmap: np.ndarray, rgb: np.ndarray | None = None, labels: Sequence[np.ndarray] | None = None
+    ) -> np.ndarray:
         """The un-normalised regional vectors (R×D) of a regional method."""
         raise ValueError(f"method {self.name!r} pools one global vector: use pooled_vector()")
 
@@ -82,7 +85,7 @@ class CodedMap:
     """A box [x0, y0, x1, y1) (cells; None: everything) of 8-bit channel-last H×W×D codes whose
     values are code · scale, pooled straight from the codes (no dequantised copy; same bits)."""
 
-    def __init__(self, codes: np.ndarray, box: Optional[Sequence[int]], scale: float) -> None:
+    def __init__(self, codes: np.ndarray, box: Sequence[int] | None, scale: float) -> None:
         if box is None:
             shape = np.shape(codes)
             if len(shape) != 3:

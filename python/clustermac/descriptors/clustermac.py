@@ -5,9 +5,11 @@ the RGB image resized to H×W into 5 (30 regions); per region MAC → l2 → whi
 Two variants of ours, off by default: ``cluster_pooling="box"`` pools each cluster over its
 bounding box, ``add_grid_regions`` adds R-MAC's square regions to the clusters.
 """
+
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -18,8 +20,14 @@ from .rmac import RMACInBox, rmac_vectors
 if TYPE_CHECKING:  # the extractor imports the methods, not the other way round
     from .extractor import Extractor
 
-__all__ = ["ClusterMAC", "ClusterMACInBox", "CLUSTER_POOLINGS", "cluster_labels", "cluster_region_vectors",
-           "default_pca_dim"]
+__all__ = [
+    "ClusterMAC",
+    "ClusterMACInBox",
+    "CLUSTER_POOLINGS",
+    "cluster_labels",
+    "cluster_region_vectors",
+    "default_pca_dim",
+]
 
 #: How a cluster is max-pooled: over its own cells (the paper's Eq. 4) or over their bounding box.
 CLUSTER_POOLINGS = ("mask", "box")
@@ -32,17 +40,22 @@ def default_pca_dim(feature_dim: int) -> int:
     return 4 if feature_dim <= 512 else 7
 
 
-def cluster_labels(extractor: "Extractor", fmap: np.ndarray, rgb: Optional[np.ndarray], *,
-                   n_clusters: Optional[Sequence[int]] = None, rgb_clusters: Optional[int] = None,
-                   spatial_weight: Optional[float] = None) -> list[np.ndarray]:
+def cluster_labels(
+    extractor: Extractor,
+    fmap: np.ndarray,
+    rgb: np.ndarray | None,
+    *,
+    n_clusters: Sequence[int] | None = None,
+    rgb_clusters: int | None = None,
+    spatial_weight: float | None = None,
+) -> list[np.ndarray]:
     """The NCut partitions of one feature map with the extractor's clustering settings: one H×W
     label map per feature clustering, then one for the RGB clustering (when ``rgb`` is given and
     the RGB cluster count is > 0). ``n_clusters``, ``rgb_clusters`` and ``spatial_weight``
     override the extractor's (the figures use them)."""
     if extractor.clustering_pca == "dataset" and extractor.pca_basis is None:
         raise RuntimeError(
-            "clustering_pca='dataset' needs a PCA learned on a dataset: call fit_whitening() "
-            "or load_whitening() first"
+            "clustering_pca='dataset' needs a PCA learned on a dataset: call fit_whitening() or load_whitening() first"
         )
     rgb_clusters = extractor.rgb_clusters if rgb_clusters is None else int(rgb_clusters)
     use_rgb = rgb is not None and rgb_clusters > 0
@@ -62,8 +75,9 @@ def cluster_labels(extractor: "Extractor", fmap: np.ndarray, rgb: Optional[np.nd
     )
 
 
-def cluster_region_vectors(feature_map: Union[FloatMap, CodedMap], partitions: Sequence[np.ndarray], pooling: str,
-                           grid_levels: Optional[int] = None) -> np.ndarray:
+def cluster_region_vectors(
+    feature_map: FloatMap | CodedMap, partitions: Sequence[np.ndarray], pooling: str, grid_levels: int | None = None
+) -> np.ndarray:
     """The un-normalised regional vectors (R×D) of ClusterMAC: R-MAC's grid first when
     ``grid_levels`` is given, then every cluster of every partition (label maps of the whole
     map), pooled over its cells (``"mask"``) or their bounding box (``"box"``). Inside a box of
@@ -102,18 +116,20 @@ class ClusterMAC(DescriptorMethod):
             s["rmac_levels"] = ex.rmac_levels
         return s
 
-    def regional_vectors(self, fmap: np.ndarray, rgb: Optional[np.ndarray] = None,
-                         labels: Optional[Sequence[np.ndarray]] = None) -> np.ndarray:
+    def regional_vectors(
+        self, fmap: np.ndarray, rgb: np.ndarray | None = None, labels: Sequence[np.ndarray] | None = None
+    ) -> np.ndarray:
         ex = self.extractor
         partitions = ex.cluster_labels(fmap, rgb) if labels is None else labels
         return cluster_region_vectors(FloatMap(fmap), partitions, ex.cluster_pooling, self._grid_levels())
 
-    def box_descriptor(self) -> "ClusterMACInBox":
+    def box_descriptor(self) -> ClusterMACInBox:
         ex = self.extractor
-        return ClusterMACInBox(ex.whitening_mean, ex.whitening_projection, ex.add_grid_regions, ex.rmac_levels,
-                               ex.cluster_pooling)
+        return ClusterMACInBox(
+            ex.whitening_mean, ex.whitening_projection, ex.add_grid_regions, ex.rmac_levels, ex.cluster_pooling
+        )
 
-    def _grid_levels(self) -> Optional[int]:
+    def _grid_levels(self) -> int | None:
         return self.extractor.rmac_levels if self.extractor.add_grid_regions else None
 
 
@@ -134,21 +150,29 @@ class ClusterMACInBox:
     whose image is not stored.
     """
 
-    def __init__(self, whitening_mean: Optional[np.ndarray] = None, whitening_projection: Optional[np.ndarray] = None,
-                 add_grid_regions: bool = False, levels: int = 3, cluster_pooling: str = "mask") -> None:
+    def __init__(
+        self,
+        whitening_mean: np.ndarray | None = None,
+        whitening_projection: np.ndarray | None = None,
+        add_grid_regions: bool = False,
+        levels: int = 3,
+        cluster_pooling: str = "mask",
+    ) -> None:
         if cluster_pooling not in CLUSTER_POOLINGS:
             raise ValueError(f"cluster_pooling: expected one of {CLUSTER_POOLINGS}, got {cluster_pooling!r}")
         self._grid = RMACInBox(whitening_mean, whitening_projection, levels)  # checks the whitening and levels
         self.add_grid_regions = bool(add_grid_regions)
         self.cluster_pooling = cluster_pooling
 
-    def from_store(self, store: Any, index: int, box: Optional[Sequence[int]]) -> np.ndarray:
+    def from_store(self, store: Any, index: int, box: Sequence[int] | None) -> np.ndarray:
         """The descriptor of the box [x0, y0, x1, y1) (cells; None: the whole map) of map ``index``
         of a :class:`clustermac.FeatureMapStore` written with cluster labels."""
         labels = store.labels(index)
         if not labels:
-            raise ValueError(f"{store.path}: map {index} ({store.names[index]!r}) has no cluster labels; write them "
-                             "with FeatureMapStoreWriter.add(fmap, name, labels=extractor.cluster_labels(fmap, rgb))")
+            raise ValueError(
+                f"{store.path}: map {index} ({store.names[index]!r}) has no cluster labels; write them "
+                "with FeatureMapStoreWriter.add(fmap, name, labels=extractor.cluster_labels(fmap, rgb))"
+            )
         feature_map = CodedMap(store.codes(index), box, store.scale(index))
         grid_levels = self._grid.levels if self.add_grid_regions else None
         vectors = cluster_region_vectors(feature_map, labels, self.cluster_pooling, grid_levels)

@@ -8,10 +8,12 @@ aggregates. Whitening is PCA-whitening learned on a *separate* image set
 (:meth:`Extractor.fit_whitening`): on regional vectors for the regional methods, on global
 vectors for the others.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Optional, Sequence, Union
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -41,7 +43,7 @@ class PreparedImage:
     """
 
     image: Image.Image
-    activation_box: Optional[tuple[float, float, float, float]]
+    activation_box: tuple[float, float, float, float] | None
 
 
 def _activation_box(box: Box, stride: int, height: int, width: int) -> tuple[int, int, int, int]:
@@ -116,12 +118,12 @@ class Extractor:
 
     def __init__(
         self,
-        backbone: Optional[Backbone] = None,
+        backbone: Backbone | None = None,
         method: str = "clustermac",
         crop: str = "image",
         *,
-        max_size: Optional[int] = None,
-        pca_dim: Optional[int] = None,
+        max_size: int | None = None,
+        pca_dim: int | None = None,
         n_clusters: Sequence[int] = (5, 20),
         rgb_clusters: int = 5,
         z_ratio: float = 0.05,
@@ -132,7 +134,7 @@ class Extractor:
         add_grid_regions: bool = False,
         cluster_pooling: str = "mask",
         gem_p: float = 3.0,
-        whitening_dim: Optional[int] = None,
+        whitening_dim: int | None = None,
         whitening_shrinkage: float = 1e-3,
         seed: int = 0,
     ) -> None:
@@ -167,10 +169,10 @@ class Extractor:
         self.whitening_shrinkage = float(whitening_shrinkage)
         self.seed = int(seed)
         # Learned state (fit_whitening / load_whitening).
-        self.whitening_mean: Optional[np.ndarray] = None
-        self.whitening_projection: Optional[np.ndarray] = None
-        self.pca_mean: Optional[np.ndarray] = None
-        self.pca_basis: Optional[np.ndarray] = None
+        self.whitening_mean: np.ndarray | None = None
+        self.whitening_projection: np.ndarray | None = None
+        self.pca_mean: np.ndarray | None = None
+        self.pca_basis: np.ndarray | None = None
 
     # ------------------------------------------------------------------ method
     @property
@@ -209,7 +211,7 @@ class Extractor:
         return int(self.backbone.dim)
 
     # ------------------------------------------------------------------ stages
-    def prepare(self, image: ImageInput, box: Optional[Box] = None) -> PreparedImage:
+    def prepare(self, image: ImageInput, box: Box | None = None) -> PreparedImage:
         """Load, resize to ``max_size`` and apply the query box according to ``crop``."""
         pil = load_image(image)
         resized, scale = resize_max(pil, self.max_size)
@@ -231,13 +233,14 @@ class Extractor:
             rgb = np.ascontiguousarray(rgb[y0:y1, x0:x1])
         return fmap, rgb
 
-    def cluster_labels(self, fmap: np.ndarray, rgb: Optional[np.ndarray]) -> list[np.ndarray]:
+    def cluster_labels(self, fmap: np.ndarray, rgb: np.ndarray | None) -> list[np.ndarray]:
         """The paper's partitions of one feature map (section 3.2): one H×W label map per
         feature clustering, then one for the RGB clustering."""
         return cluster_labels(self, fmap, rgb)
 
-    def regional_vectors(self, fmap: np.ndarray, rgb: Optional[np.ndarray],
-                         labels: Optional[Sequence[np.ndarray]] = None) -> np.ndarray:
+    def regional_vectors(
+        self, fmap: np.ndarray, rgb: np.ndarray | None, labels: Sequence[np.ndarray] | None = None
+    ) -> np.ndarray:
         """Un-normalised regional MAC vectors (R-MAC grid, clusters, or both), K×D. ClusterMAC
         uses ``labels`` (from :meth:`cluster_labels`) when given instead of clustering again."""
         return self._method.regional_vectors(fmap, rgb, labels)
@@ -246,8 +249,9 @@ class Extractor:
         """The un-normalised global vector of a global method (MAC, SPoC, GeM, CroW)."""
         return self._method.pooled_vector(fmap)
 
-    def descriptor_from_feature_map(self, fmap: np.ndarray, rgb: Optional[np.ndarray] = None,
-                                    labels: Optional[Sequence[np.ndarray]] = None) -> np.ndarray:
+    def descriptor_from_feature_map(
+        self, fmap: np.ndarray, rgb: np.ndarray | None = None, labels: Sequence[np.ndarray] | None = None
+    ) -> np.ndarray:
         """The descriptor of a feature map (D×H×W); ``rgb`` (H×W×3) is used by the RGB
         clustering of ClusterMAC only (None skips it); ClusterMAC's ``labels``, when given
         (:meth:`cluster_labels` of this map), are used instead of clustering again."""
@@ -270,7 +274,7 @@ class Extractor:
         return self._method.box_descriptor()
 
     # ------------------------------------------------------------------ public API
-    def extract(self, image: ImageInput, box: Optional[Box] = None) -> np.ndarray:
+    def extract(self, image: ImageInput, box: Box | None = None) -> np.ndarray:
         """The descriptor of one image (a path, PIL image or H×W×3 uint8 array).
 
         ``box`` = (x1, y1, x2, y2) in the original image's pixels makes it a query, applied
@@ -282,7 +286,7 @@ class Extractor:
     def extract_many(
         self,
         images: Sequence[ImageInput],
-        boxes: Optional[Sequence[Optional[Box]]] = None,
+        boxes: Sequence[Box | None] | None = None,
         progress: bool = True,
         description: str = "extract",
     ) -> np.ndarray:
@@ -299,10 +303,10 @@ class Extractor:
     def iter_extract(
         self,
         images: Sequence[ImageInput],
-        boxes: Optional[Sequence[Optional[Box]]] = None,
+        boxes: Sequence[Box | None] | None = None,
         progress: bool = True,
         description: str = "extract",
-    ) -> Iterator[tuple[int, Union[np.ndarray, Exception]]]:
+    ) -> Iterator[tuple[int, np.ndarray | Exception]]:
         """Yields ``(index, descriptor or exception)`` in input order.
 
         Image decoding, the backbone and the pooling of the previous image overlap on threads
@@ -312,33 +316,34 @@ class Extractor:
         return pipeline.iter_descriptors(self, images, boxes, progress, description)
 
     # ------------------------------------------------------------------ whitening
-    def fit_whitening(self, images: Sequence[ImageInput], progress: bool = True) -> "Extractor":
+    def fit_whitening(self, images: Sequence[ImageInput], progress: bool = True) -> Extractor:
         """Learn the PCA-whitening (and, with ``clustering_pca="dataset"``, the clustering PCA)
         from images that are NOT the ones to be searched (the paper learns it on Oxford5k to
         test on Paris6k and vice versa). Bad images are skipped with a warning."""
         if self.clustering_pca == "dataset":
             # The clustering PCA first, from the first images; the regional vectors depend on
             # it, so they come in a second pass.
-            first = images[:whitening.PCA_IMAGES]
+            first = images[: whitening.PCA_IMAGES]
             self.fit_clustering_pca(pipeline.iter_feature_maps(self, first, progress, "clustering PCA"))
         return self.fit_whitening_from_maps(pipeline.iter_feature_maps(self, images, progress, "whitening"))
 
-    def fit_clustering_pca(self, maps: Iterable[tuple[np.ndarray, np.ndarray]]) -> "Extractor":
+    def fit_clustering_pca(self, maps: Iterable[tuple[np.ndarray, np.ndarray]]) -> Extractor:
         """Learn the dataset PCA of the clustering step from (feature map, rgb) pairs."""
         features = whitening.sample_local_features(maps, self.seed)
         self.pca_mean, self.pca_basis = whitening.fit_pca(features, self.pca_dim)
         return self
 
-    def fit_whitening_from_maps(self, maps: Iterable[tuple[np.ndarray, np.ndarray]]) -> "Extractor":
+    def fit_whitening_from_maps(self, maps: Iterable[tuple[np.ndarray, np.ndarray]]) -> Extractor:
         """Learn the PCA-whitening from (feature map, rgb) pairs of a separate image set:
         on regional vectors for R-MAC/ClusterMAC, on global vectors for the others."""
         self.whitening_mean = self.whitening_projection = None
         vectors = [self.training_vectors(fmap, rgb) for fmap, rgb in maps]
         self.whitening_mean, self.whitening_projection = whitening.fit_whitening_on_vectors(
-            vectors, self.whitening_dim, self.whitening_shrinkage)
+            vectors, self.whitening_dim, self.whitening_shrinkage
+        )
         return self
 
-    def training_vectors(self, fmap: np.ndarray, rgb: Optional[np.ndarray]) -> np.ndarray:
+    def training_vectors(self, fmap: np.ndarray, rgb: np.ndarray | None) -> np.ndarray:
         """The l2-normalised vectors of one image that whitening is learned on."""
         fmap = np.ascontiguousarray(fmap, dtype=np.float32)
         if self._method.regional:
@@ -354,7 +359,7 @@ class Extractor:
             arrays.update(pca_mean=self.pca_mean, pca_basis=self.pca_basis)
         whitening.save_whitening_file(path, arrays, self._whitening_settings())
 
-    def load_whitening(self, path: PathLike) -> "Extractor":
+    def load_whitening(self, path: PathLike) -> Extractor:
         """Load a whitening saved by :meth:`save_whitening`. Refuses one learned with another
         backbone, method or setting that changes the regional vectors."""
         arrays = whitening.load_whitening_file(path, self._whitening_settings())

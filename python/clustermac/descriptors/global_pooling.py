@@ -7,6 +7,7 @@
 
 Inside an AML box they run on the dequantised crop (the default of :class:`DescriptorMethod`).
 """
+
 from __future__ import annotations
 
 from typing import Any

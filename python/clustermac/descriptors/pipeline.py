@@ -1,11 +1,13 @@
 """Extraction over many images: a threaded pipeline and a progress bar (tqdm, imported only
 when a bar is shown)."""
+
 from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -21,12 +23,12 @@ _LOOKAHEAD = 4
 
 
 def iter_descriptors(
-    extractor: "Extractor",
+    extractor: Extractor,
     images: Sequence[ImageInput],
-    boxes: Optional[Sequence[Optional[Box]]] = None,
+    boxes: Sequence[Box | None] | None = None,
     progress: bool = True,
     description: str = "extract",
-) -> Iterator[tuple[int, Union[np.ndarray, Exception]]]:
+) -> Iterator[tuple[int, np.ndarray | Exception]]:
     """Yields ``(index, descriptor or exception)`` in input order (see :meth:`Extractor.iter_extract`).
 
     Three stages overlap: image decoding (one thread, a few images ahead), the backbone
@@ -34,12 +36,13 @@ def iter_descriptors(
     GIL released).
     """
     if boxes is not None and len(boxes) != len(images):
-        raise ValueError(f"boxes: expected one box (or None) per image, got {len(boxes)} boxes "
-                         f"for {len(images)} images")
+        raise ValueError(
+            f"boxes: expected one box (or None) per image, got {len(boxes)} boxes for {len(images)} images"
+        )
     boxes = list(boxes) if boxes is not None else [None] * len(images)
     bar = progress_bar(len(images), description, progress)
 
-    def prepare(i: int) -> Union["PreparedImage", Exception]:
+    def prepare(i: int) -> PreparedImage | Exception:
         try:
             return extractor.prepare(images[i], boxes[i])
         except Exception as error:  # reported to the caller, per image
@@ -50,7 +53,7 @@ def iter_descriptors(
 
     with ThreadPoolExecutor(max_workers=1) as decoder, ThreadPoolExecutor(max_workers=1) as pooler:
         pending = {i: decoder.submit(prepare, i) for i in range(min(_LOOKAHEAD, len(images)))}
-        pooled: Optional[tuple[int, Any]] = None
+        pooled: tuple[int, Any] | None = None
         for i in range(len(images)):
             prepared = pending.pop(i).result()
             if i + _LOOKAHEAD < len(images):
@@ -74,15 +77,16 @@ def iter_descriptors(
     bar.close()
 
 
-def iter_feature_maps(extractor: "Extractor", images: Sequence[ImageInput], progress: bool,
-                      description: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def iter_feature_maps(
+    extractor: Extractor, images: Sequence[ImageInput], progress: bool, description: str
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(feature map, rgb) of each readable image; unreadable ones are skipped with a warning."""
     bar = progress_bar(len(images), description, progress)
     for image in images:
         try:
             yield extractor.feature_map(extractor.prepare(image))
         except (ValueError, OSError) as error:
-            warnings.warn(f"skipping {_name_of(image)}: {error}")
+            warnings.warn(f"skipping {_name_of(image)}: {error}", stacklevel=2)
         finally:
             bar.update(1)
     bar.close()
@@ -115,7 +119,7 @@ def _named_error(image: Any, error: Exception) -> Exception:
     return type(error)(f"{_name_of(image)}: {error}") if isinstance(error, (ValueError, OSError)) else error
 
 
-def _resolve(item: tuple[int, Any]) -> tuple[int, Union[np.ndarray, Exception]]:
+def _resolve(item: tuple[int, Any]) -> tuple[int, np.ndarray | Exception]:
     i, value = item
     if isinstance(value, Exception):
         return i, value

@@ -1,4 +1,5 @@
 """The one registry of descriptor methods: name -> class. A new method is a class and a line here."""
+
 from __future__ import annotations
 
 from .base import DescriptorMethod

@@ -1,8 +1,10 @@
 """R-MAC (Tolias, Sicre & Jégou, ICLR 2016): per square region of a 3-scale grid with ~40 %
 overlap, MAC → l2 → PCA-whitening → l2; sum → l2."""
+
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -12,7 +14,7 @@ from .base import CodedMap, DescriptorMethod, FloatMap
 __all__ = ["RMAC", "RMACInBox", "rmac_vectors"]
 
 
-def rmac_vectors(feature_map: Union[FloatMap, CodedMap], levels: int) -> np.ndarray:
+def rmac_vectors(feature_map: FloatMap | CodedMap, levels: int) -> np.ndarray:
     """The un-normalised MAC vectors (R×D) of Tolias' grid with ``levels`` scales."""
     return feature_map.grid_mac(_core.rmac_regions(feature_map.height, feature_map.width, levels))
 
@@ -26,11 +28,12 @@ class RMAC(DescriptorMethod):
     def settings(self) -> dict[str, Any]:
         return {"rmac_levels": self.extractor.rmac_levels}
 
-    def regional_vectors(self, fmap: np.ndarray, rgb: Optional[np.ndarray] = None,
-                         labels: Optional[Sequence[np.ndarray]] = None) -> np.ndarray:
+    def regional_vectors(
+        self, fmap: np.ndarray, rgb: np.ndarray | None = None, labels: Sequence[np.ndarray] | None = None
+    ) -> np.ndarray:
         return rmac_vectors(FloatMap(fmap), self.extractor.rmac_levels)
 
-    def box_descriptor(self) -> "RMACInBox":
+    def box_descriptor(self) -> RMACInBox:
         ex = self.extractor
         return RMACInBox(ex.whitening_mean, ex.whitening_projection, ex.rmac_levels)
 
@@ -49,11 +52,14 @@ class RMACInBox:
     descriptor bit for bit without writing a dequantised crop.
     """
 
-    def __init__(self, whitening_mean: Optional[np.ndarray] = None, whitening_projection: Optional[np.ndarray] = None,
-                 levels: int = 3) -> None:
+    def __init__(
+        self, whitening_mean: np.ndarray | None = None, whitening_projection: np.ndarray | None = None, levels: int = 3
+    ) -> None:
         if (whitening_mean is None) != (whitening_projection is None):
-            raise ValueError("whitening_mean and whitening_projection: give both (from fit_pca_whitening) or neither, "
-                             f"got only {'whitening_mean' if whitening_projection is None else 'whitening_projection'}")
+            raise ValueError(
+                "whitening_mean and whitening_projection: give both (from fit_pca_whitening) or neither, "
+                f"got only {'whitening_mean' if whitening_projection is None else 'whitening_projection'}"
+            )
         if not isinstance(levels, (int, np.integer)) or isinstance(levels, bool) or levels < 1:
             raise ValueError(f"levels: expected an integer >= 1, got {levels!r}")
         self.whitening_mean = whitening_mean
@@ -67,18 +73,18 @@ class RMACInBox:
             raise ValueError(f"crop: expected a D×h×w feature map, got shape {crop.shape}")
         return self._aggregate(rmac_vectors(FloatMap(crop), self.levels))
 
-    def from_codes(self, codes: np.ndarray, box: Optional[Sequence[int]], scale: float) -> np.ndarray:
+    def from_codes(self, codes: np.ndarray, box: Sequence[int] | None, scale: float) -> np.ndarray:
         """The descriptor of the box [x0, y0, x1, y1) (cells; None: the whole map) of uint8
         channel-last H×W×D codes with value = code · scale, e.g. ``store.codes(i)`` and
         ``store.scale(i)`` of a :class:`clustermac.FeatureMapStore`. Equal bit for bit to
         ``self(store.feature_map(i, box))``."""
         return self._aggregate(self.regional_vectors_from_codes(codes, box, scale))
 
-    def regional_vectors_from_codes(self, codes: np.ndarray, box: Optional[Sequence[int]], scale: float) -> np.ndarray:
+    def regional_vectors_from_codes(self, codes: np.ndarray, box: Sequence[int] | None, scale: float) -> np.ndarray:
         """The un-normalised regional MAC vectors (R×D) of the grid of the box, from the codes."""
         return rmac_vectors(CodedMap(codes, box, scale), self.levels)
 
-    def from_store(self, store: Any, index: int, box: Optional[Sequence[int]]) -> np.ndarray:
+    def from_store(self, store: Any, index: int, box: Sequence[int] | None) -> np.ndarray:
         """The descriptor of the box of map ``index`` of a :class:`clustermac.FeatureMapStore`
         (what :func:`clustermac.aml_rerank` calls)."""
         return self.from_codes(store.codes(index), box, store.scale(index))

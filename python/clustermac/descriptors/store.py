@@ -10,13 +10,15 @@ An interrupted run leaves finished chunks in ``.parts``; the next run with the s
 reuses them and extracts only the rest. The final files are written to temporary names and
 renamed, so a crash never leaves a half-written ``.npy`` or manifest behind.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -41,11 +43,15 @@ def load_descriptors(out: PathLike, mmap: bool = True) -> tuple[np.ndarray, dict
     out = Path(out)
     manifest_file = manifest_path(out)
     if not out.is_file() or not manifest_file.is_file():
-        raise ValueError(f"{out}: expected a descriptor file and its manifest {manifest_file.name} (made by `clustermac extract`)")
+        raise ValueError(
+            f"{out}: expected a descriptor file and its manifest {manifest_file.name} (made by `clustermac extract`)"
+        )
     manifest = json.loads(manifest_file.read_text())
     vectors = np.load(out, mmap_mode="r" if mmap else None)
     if vectors.ndim != 2 or vectors.shape[0] != len(manifest.get("images", [])):
-        raise ValueError(f"{out}: {vectors.shape[0]} rows but the manifest lists {len(manifest.get('images', []))} images")
+        raise ValueError(
+            f"{out}: {vectors.shape[0]} rows but the manifest lists {len(manifest.get('images', []))} images"
+        )
     return vectors, manifest
 
 
@@ -54,7 +60,7 @@ def extract_folder(
     folder: PathLike,
     out: PathLike,
     progress: bool = True,
-    names: Optional[Sequence[str]] = None,
+    names: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Extract the descriptors of every image in ``folder`` into ``out`` (see module doc).
 
@@ -77,7 +83,13 @@ def extract_folder(
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(names), initial=sum(len(chunks[i]) for i in done_chunks), desc="extract", unit="img", dynamic_ncols=True)
+        bar = tqdm(
+            total=len(names),
+            initial=sum(len(chunks[i]) for i in done_chunks),
+            desc="extract",
+            unit="img",
+            dynamic_ncols=True,
+        )
     for c in todo:
         chunk = chunks[c]
         vectors = np.zeros((len(chunk), extractor.dim), dtype=np.float32)

@@ -1,11 +1,13 @@
 """Learned state of an extractor: the PCA-whitening and the dataset-learned clustering PCA,
 and the whitening file (``.npz``: the arrays plus the settings they were learned for)."""
+
 from __future__ import annotations
 
 import io
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any
 
 import numpy as np
 
@@ -44,8 +46,9 @@ def fit_pca(features: np.ndarray, n_components: int) -> tuple[np.ndarray, np.nda
     return mean.astype(np.float32), np.ascontiguousarray(vectors[:, order], dtype=np.float32)
 
 
-def sample_local_features(maps: Iterable[tuple[np.ndarray, Any]], seed: int,
-                          per_image: int = PCA_LOCATIONS_PER_IMAGE) -> np.ndarray:
+def sample_local_features(
+    maps: Iterable[tuple[np.ndarray, Any]], seed: int, per_image: int = PCA_LOCATIONS_PER_IMAGE
+) -> np.ndarray:
     """Up to ``per_image`` local D-vectors of each feature map, drawn with ``seed``, stacked."""
     rng = np.random.default_rng(seed)
     local_features = []
@@ -58,8 +61,9 @@ def sample_local_features(maps: Iterable[tuple[np.ndarray, Any]], seed: int,
     return np.concatenate(local_features)
 
 
-def fit_whitening_on_vectors(vectors: list[np.ndarray], dim: Optional[int],
-                             shrinkage: float) -> tuple[np.ndarray, np.ndarray]:
+def fit_whitening_on_vectors(
+    vectors: list[np.ndarray], dim: int | None, shrinkage: float
+) -> tuple[np.ndarray, np.ndarray]:
     """PCA-whitening (mean, projection) learned on the l2-normalised training vectors of many
     images; zero vectors (empty regions) are left out. ``dim`` None: as many dimensions as the
     vectors allow."""
@@ -96,5 +100,7 @@ def load_whitening_file(path: PathLike, settings: dict[str, Any]) -> dict[str, n
     different = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
     if different:
         detail = ", ".join(f"{k}: file has {a!r}, extractor has {b!r}" for k, (a, b) in different.items())
-        raise ValueError(f"{path}: whitening was learned for other settings ({detail}); learn a new one with fit_whitening()")
+        raise ValueError(
+            f"{path}: whitening was learned for other settings ({detail}); learn a new one with fit_whitening()"
+        )
     return arrays

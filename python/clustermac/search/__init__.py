@@ -6,6 +6,7 @@ maps) and :mod:`~clustermac.search.rerank` (AML re-ranking). The descriptors ins
 :class:`RMACInBox` and :class:`ClusterMACInBox`, belong to their methods in
 :mod:`clustermac.descriptors` and are re-exported here.
 """
+
 from __future__ import annotations
 
 from ..descriptors.clustermac import ClusterMACInBox

@@ -10,13 +10,14 @@ File layout (little-endian): a 64-byte preamble (magic, table offset, count), th
 (each map's codes, then its label maps, each 64-byte aligned), the table (one row per map),
 then the names as length-prefixed UTF-8 JSON. Version 1 files (no labels) are still read.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import struct
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -30,13 +31,15 @@ _MAGIC = b"CMACFM02"  # version 2: optional cluster label maps per feature map
 _MAGIC_V1 = b"CMACFM01"  # version 1 (no labels) is still read
 _PREAMBLE = struct.Struct("<8sQQ")  # magic, table offset, count
 _PAYLOAD_START = 64  # payload is 64-byte aligned after the preamble
-_TABLE_DTYPE_V1 = np.dtype([("offset", "<u8"), ("channels", "<u4"), ("height", "<u4"), ("width", "<u4"), ("scale", "<f4")])
+_TABLE_DTYPE_V1 = np.dtype(
+    [("offset", "<u8"), ("channels", "<u4"), ("height", "<u4"), ("width", "<u4"), ("scale", "<f4")]
+)
 # labels_offset: int16 partitions × H × W label maps (-1 = masked), `partitions` of them.
 _TABLE_DTYPE = np.dtype(_TABLE_DTYPE_V1.descr + [("labels_offset", "<u8"), ("partitions", "<u4")])
 _LABEL_LIMIT = np.iinfo(np.int16).max
 
 
-def quantize_feature_map(feature_map: np.ndarray) -> Tuple[np.ndarray, float]:
+def quantize_feature_map(feature_map: np.ndarray) -> tuple[np.ndarray, float]:
     """8-bit quantisation of a non-negative (post-ReLU) D×H×W map: codes = round(x / scale),
     scale = max(x) / 255, so x ≈ codes · scale. Negative values are clipped to 0. Returns
     (uint8 codes D×H×W, scale); an all-zero map has scale 0."""
@@ -70,9 +73,9 @@ class FeatureMapStoreWriter:
         self._temporary = Path(temporary)
         self._file = os.fdopen(handle, "wb")
         self._file.write(b"\0" * _PAYLOAD_START)
-        self._rows: List[Tuple[int, int, int, int, float, int, int]] = []
-        self._names: List[str] = []
-        self._channels: Optional[int] = None
+        self._rows: list[tuple[int, int, int, int, float, int, int]] = []
+        self._names: list[str] = []
+        self._channels: int | None = None
 
     def add(self, feature_map: np.ndarray, name: str, labels: Sequence[np.ndarray] = ()) -> None:
         """Quantise and append one D×H×W map (all maps of a store have the same D), with
@@ -84,21 +87,28 @@ class FeatureMapStoreWriter:
         if self._channels is None:
             self._channels = codes.shape[0]
         elif codes.shape[0] != self._channels:
-            raise ValueError(f"feature_map: expected {self._channels} channels like the maps already stored, "
-                             f"got shape {codes.shape}")
+            raise ValueError(
+                f"feature_map: expected {self._channels} channels like the maps already stored, got shape {codes.shape}"
+            )
         label_maps = [self._checked_labels(np.asarray(lab), k, codes.shape[1:]) for k, lab in enumerate(labels)]
         offset = self._write_aligned(np.ascontiguousarray(codes.transpose(1, 2, 0)).tobytes())  # channel-last
         labels_offset = self._write_aligned(b"".join(lab.astype("<i2").tobytes() for lab in label_maps))
-        self._rows.append((offset, codes.shape[0], codes.shape[1], codes.shape[2], scale, labels_offset, len(label_maps)))
+        self._rows.append(
+            (offset, codes.shape[0], codes.shape[1], codes.shape[2], scale, labels_offset, len(label_maps))
+        )
         self._names.append(name)
 
     @staticmethod
-    def _checked_labels(labels: np.ndarray, k: int, shape: Tuple[int, int]) -> np.ndarray:
+    def _checked_labels(labels: np.ndarray, k: int, shape: tuple[int, int]) -> np.ndarray:
         if labels.shape != shape or not np.issubdtype(labels.dtype, np.integer):
-            raise ValueError(f"labels[{k}]: expected an integer array of shape {shape} (the map's H×W), "
-                             f"got {labels.dtype} of shape {labels.shape}")
+            raise ValueError(
+                f"labels[{k}]: expected an integer array of shape {shape} (the map's H×W), "
+                f"got {labels.dtype} of shape {labels.shape}"
+            )
         if labels.size and (labels.min() < -1 or labels.max() > _LABEL_LIMIT):
-            raise ValueError(f"labels[{k}]: expected values in [-1, {_LABEL_LIMIT}], got [{labels.min()}, {labels.max()}]")
+            raise ValueError(
+                f"labels[{k}]: expected values in [-1, {_LABEL_LIMIT}], got [{labels.min()}, {labels.max()}]"
+            )
         return labels
 
     def _write_aligned(self, payload: bytes) -> int:
@@ -127,7 +137,7 @@ class FeatureMapStoreWriter:
         self._file.close()
         self._temporary.unlink(missing_ok=True)
 
-    def __enter__(self) -> "FeatureMapStoreWriter":
+    def __enter__(self) -> FeatureMapStoreWriter:
         return self
 
     def __exit__(self, exc_type, exc, traceback) -> None:
@@ -147,7 +157,7 @@ class FeatureMapStore:
         if size < _PAYLOAD_START:
             raise ValueError(f"{self.path}: too short to be a feature-map store")
         self._data = np.memmap(self.path, dtype=np.uint8, mode="r")
-        magic, table_offset, count = _PREAMBLE.unpack(bytes(self._data[:_PREAMBLE.size]))
+        magic, table_offset, count = _PREAMBLE.unpack(bytes(self._data[: _PREAMBLE.size]))
         if magic not in (_MAGIC, _MAGIC_V1):
             raise ValueError(f"{self.path}: not a clustermac feature-map store (bad magic {magic!r})")
         table_dtype = _TABLE_DTYPE if magic == _MAGIC else _TABLE_DTYPE_V1
@@ -155,14 +165,18 @@ class FeatureMapStore:
         if table_end + 8 > size:
             raise ValueError(f"{self.path}: truncated (table ends at byte {table_end + 8}, file has {size})")
         self._table = np.frombuffer(self._data, dtype=table_dtype, count=count, offset=table_offset)
-        (names_length,) = struct.unpack("<Q", bytes(self._data[table_end:table_end + 8]))
+        (names_length,) = struct.unpack("<Q", bytes(self._data[table_end : table_end + 8]))
         if table_end + 8 + names_length > size:
             raise ValueError(f"{self.path}: truncated names")
-        self.names: List[str] = json.loads(bytes(self._data[table_end + 8:table_end + 8 + names_length]).decode("utf-8"))
+        self.names: list[str] = json.loads(
+            bytes(self._data[table_end + 8 : table_end + 8 + names_length]).decode("utf-8")
+        )
         cells = self._table["height"].astype(np.uint64) * self._table["width"]
         ends = self._table["offset"] + self._table["channels"].astype(np.uint64) * cells
         if magic == _MAGIC:
-            ends = np.maximum(ends, self._table["labels_offset"] + 2 * self._table["partitions"].astype(np.uint64) * cells)
+            ends = np.maximum(
+                ends, self._table["labels_offset"] + 2 * self._table["partitions"].astype(np.uint64) * cells
+            )
         if count and (ends.max() > table_offset or len(self.names) != count):
             raise ValueError(f"{self.path}: inconsistent table")
 
@@ -179,9 +193,9 @@ class FeatureMapStore:
         row = self._row(index)
         shape = (int(row["height"]), int(row["width"]), int(row["channels"]))
         start = int(row["offset"])
-        return self._data[start:start + shape[0] * shape[1] * shape[2]].reshape(shape)
+        return self._data[start : start + shape[0] * shape[1] * shape[2]].reshape(shape)
 
-    def labels(self, index: int) -> List[np.ndarray]:
+    def labels(self, index: int) -> list[np.ndarray]:
         """The cluster label maps stored with map ``index`` (int32 H×W each; [] when none)."""
         row = self._row(index)
         if "partitions" not in row.dtype.names or int(row["partitions"]) == 0:
@@ -194,7 +208,7 @@ class FeatureMapStore:
         """Dequantisation scale of map ``index`` (value = code · scale)."""
         return float(self._row(index)["scale"])
 
-    def feature_map(self, index: int, box: Optional[Sequence[int]] = None) -> np.ndarray:
+    def feature_map(self, index: int, box: Sequence[int] | None = None) -> np.ndarray:
         """Dequantised float32 D×H×W map ``index``, or its crop [x0, y0, x1, y1) in cells."""
         box_values = None if box is None else [int(v) for v in box]
         return _core.dequantize_codes(self.codes(index), box_values, self.scale(index))

@@ -9,14 +9,16 @@ saved vectors from disk, so a 1M × 512 index (2 GB) is searched without ever ho
 copies of it. An optional FAISS backend (``backend="faiss"``, compressed / IVF storage)
 offers the same interface for collections that do not fit in memory as float32.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, List, Sequence, Tuple, Union
+from typing import Any
 
 import numpy as np
 
@@ -91,8 +93,8 @@ class Index:
         self._dim = int(dim)
         self._backend = backend
         self._n_threads = int(n_threads)
-        self._chunks: List[np.ndarray] = []
-        self._names: List[str] = []
+        self._chunks: list[np.ndarray] = []
+        self._names: list[str] = []
         self._faiss_factory = faiss_factory
         self._faiss_nprobe = int(faiss_nprobe)
         self._faiss_index: Any = None
@@ -112,7 +114,7 @@ class Index:
         return self._backend
 
     @property
-    def names(self) -> List[str]:
+    def names(self) -> list[str]:
         """Image names in insertion order (the list itself: do not modify it)."""
         return self._names
 
@@ -161,7 +163,7 @@ class Index:
         self._names.extend(names)
 
     # ------------------------------------------------------------------ access
-    def vectors(self, indices: Union[Sequence[int], np.ndarray]) -> np.ndarray:
+    def vectors(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
         """The stored vectors at ``indices`` (any shape of integer array) → float32 (..., dim).
 
         Only available with the exact backend (FAISS stores compressed codes)."""
@@ -192,7 +194,7 @@ class Index:
             start += chunk.shape[0]
 
     # ------------------------------------------------------------------ search
-    def search(self, queries: np.ndarray, k: int = 100) -> Tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: np.ndarray, k: int = 100) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` database vectors by dot product for each query.
 
         ``queries``: Q × dim (or one vector of length dim). ``k`` is capped at ``len(self)``.
@@ -283,18 +285,21 @@ class Index:
             raise
 
     def _write_vectors(self, file: Path) -> None:
-        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False,
-                  "shape": (len(self), self._dim)}
+        header = {
+            "descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)),
+            "fortran_order": False,
+            "shape": (len(self), self._dim),
+        }
         with open(file, "wb") as f:
             np.lib.format.write_array_header_1_0(f, header)
             for chunk in self._chunks:
                 for row in range(0, chunk.shape[0], _WRITE_ROWS):
-                    f.write(np.ascontiguousarray(chunk[row:row + _WRITE_ROWS]).data)
+                    f.write(np.ascontiguousarray(chunk[row : row + _WRITE_ROWS]).data)
             f.flush()
             os.fsync(f.fileno())
 
     @classmethod
-    def load(cls, path: PathLike, mmap: bool = True, n_threads: int = 0) -> "Index":
+    def load(cls, path: PathLike, mmap: bool = True, n_threads: int = 0) -> Index:
         """Open an index written by :meth:`save`. With ``mmap=True`` (exact backend) the vectors
         stay on disk and are paged in by the search; adding to such an index appends new
         vectors in memory (save again to persist them)."""
@@ -324,12 +329,20 @@ class Index:
             faiss = _import_faiss()
             index._faiss_index = faiss.read_index(str(directory / "faiss.index"))
             if index._faiss_index.ntotal != len(names):
-                raise ValueError(f"{directory}: faiss.index holds {index._faiss_index.ntotal} vectors, names.json {len(names)}")
+                raise ValueError(
+                    f"{directory}: faiss.index holds {index._faiss_index.ntotal} vectors, names.json {len(names)}"
+                )
         else:
             vectors = np.load(directory / "vectors.npy", mmap_mode="r" if mmap else None, allow_pickle=False)
-            if vectors.dtype != np.float32 or vectors.shape != (len(names), index._dim) or not vectors.flags.c_contiguous:
-                raise ValueError(f"{directory / 'vectors.npy'}: expected C-contiguous float32 of shape "
-                                 f"({len(names)}, {index._dim}), got {vectors.dtype} {vectors.shape}")
+            if (
+                vectors.dtype != np.float32
+                or vectors.shape != (len(names), index._dim)
+                or not vectors.flags.c_contiguous
+            ):
+                raise ValueError(
+                    f"{directory / 'vectors.npy'}: expected C-contiguous float32 of shape "
+                    f"({len(names)}, {index._dim}), got {vectors.dtype} {vectors.shape}"
+                )
             if len(names):
                 index._chunks.append(vectors)
         return index
@@ -337,7 +350,7 @@ class Index:
 
 def _import_faiss() -> Any:
     try:
-        import faiss  # noqa: PLC0415 (optional dependency, imported only when asked for)
+        import faiss
     except ImportError as error:
         raise ImportError(
             "backend='faiss' needs the faiss-cpu package: pip install 'clustermac[faiss]' (or pip install faiss-cpu)"

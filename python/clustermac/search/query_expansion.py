@@ -12,9 +12,8 @@
 All inputs are float32 (or convertible) arrays; every returned vector is l2-normalised
 (a zero sum stays zero).
 """
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 import numpy as np
 
@@ -23,7 +22,7 @@ from .. import _core
 __all__ = ["average_query_expansion", "average_of_neighbours", "alpha_query_expansion", "database_side_augmentation"]
 
 
-def _matrix(array: np.ndarray, name: str, dim: Optional[int] = None) -> np.ndarray:
+def _matrix(array: np.ndarray, name: str, dim: int | None = None) -> np.ndarray:
     matrix = np.asarray(array)
     if matrix.ndim == 1:
         matrix = matrix[None, :]
@@ -45,19 +44,25 @@ def _top_indices(ranks_or_indices: np.ndarray, n_queries: int, n_database: int, 
     if ranks.ndim == 1 and n_queries == 1:
         ranks = ranks[None, :]
     if ranks.ndim != 2 or not np.issubdtype(ranks.dtype, np.integer):
-        raise ValueError(f"ranks_or_indices: expected a 2-D integer array (Q × m ranked indices per query, or m × Q), "
-                         f"got dtype {ranks.dtype} and shape {ranks.shape}")
+        raise ValueError(
+            f"ranks_or_indices: expected a 2-D integer array (Q × m ranked indices per query, or m × Q), "
+            f"got dtype {ranks.dtype} and shape {ranks.shape}"
+        )
     if ranks.shape[0] != n_queries:
         if ranks.shape[1] == n_queries:
             ranks = ranks.T
         else:
-            raise ValueError(f"ranks_or_indices: expected shape ({n_queries}, m) or (m, {n_queries}) for "
-                             f"{n_queries} queries, got {ranks.shape}")
+            raise ValueError(
+                f"ranks_or_indices: expected shape ({n_queries}, m) or (m, {n_queries}) for "
+                f"{n_queries} queries, got {ranks.shape}"
+            )
     if ranks.shape[1] < k:
         raise ValueError(f"ranks_or_indices: expected at least k = {k} ranked indices per query, got {ranks.shape[1]}")
     top = ranks[:, :k].astype(np.int64)
     if top.size and (top.min() < 0 or top.max() >= n_database):
-        raise ValueError(f"ranks_or_indices: expected indices in [0, {n_database}), got range [{top.min()}, {top.max()}]")
+        raise ValueError(
+            f"ranks_or_indices: expected indices in [0, {n_database}), got range [{top.min()}, {top.max()}]"
+        )
     return top
 
 
@@ -74,7 +79,7 @@ def _check_alpha(alpha: float) -> float:
     return alpha
 
 
-def _expand(queries: np.ndarray, database: np.ndarray, top: np.ndarray, alpha: Optional[float]) -> np.ndarray:
+def _expand(queries: np.ndarray, database: np.ndarray, top: np.ndarray, alpha: float | None) -> np.ndarray:
     expanded = queries.astype(np.float64)
     if top.size:
         rows = np.asarray(database[top.reshape(-1)], dtype=np.float64).reshape(top.shape + (queries.shape[1],))
@@ -154,7 +159,7 @@ def database_side_augmentation(
     k: int = 5,
     alpha: float = 3.0,
     batch_size: int = 4096,
-    out: Optional[np.ndarray] = None,
+    out: np.ndarray | None = None,
     n_threads: int = 0,
 ) -> np.ndarray:
     """Database-side augmentation: x' = l2(Σ_{i<k} max(x·x_i, 0)^α · x_i) over the k nearest
@@ -178,10 +183,10 @@ def database_side_augmentation(
     elif out.shape != (n, dim) or out.dtype != np.float32:
         raise ValueError(f"out: expected a float32 array of shape ({n}, {dim}), got {out.dtype} {out.shape}")
     for start in range(0, n, batch_size):
-        batch = np.ascontiguousarray(base[start:start + batch_size], dtype=np.float32)
+        batch = np.ascontiguousarray(base[start : start + batch_size], dtype=np.float32)
         scores, indices = _core.topk_search(base, batch, k, n_threads)
         neighbours = np.asarray(base[indices.reshape(-1)], dtype=np.float64).reshape(indices.shape + (dim,))
         weights = np.maximum(scores.astype(np.float64), 0.0) ** alpha
         combined = np.einsum("qk,qkd->qd", weights, neighbours)
-        out[start:start + batch.shape[0]] = _core.l2_normalize(np.ascontiguousarray(combined, dtype=np.float32))
+        out[start : start + batch.shape[0]] = _core.l2_normalize(np.ascontiguousarray(combined, dtype=np.float32))
     return out

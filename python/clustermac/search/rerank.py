@@ -13,12 +13,14 @@ The descriptor inside a box is the caller's ``descriptor_fn``
 (:meth:`clustermac.Extractor.box_descriptor` gives the right one for each method:
 :class:`clustermac.RMACInBox` and :class:`clustermac.ClusterMACInBox` work on the 8-bit codes).
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Callable
 
 import numpy as np
 
@@ -55,7 +57,7 @@ def aml_rerank(
     descriptor_fn: Callable[[np.ndarray], np.ndarray],
     *,
     top_n: int = 1000,
-    query_aspect: Optional[float] = None,
+    query_aspect: float | None = None,
     p: float = 10.0,
     step: int = 3,
     aspect_tolerance: float = 1.1,
@@ -118,16 +120,25 @@ def aml_rerank(
     if from_store is not None and not callable(from_store):
         from_store = None
     if from_store is None and not callable(descriptor_fn):
-        raise ValueError("descriptor_fn: expected a callable crop -> vector, or an object with a method "
-                         f"from_store(store, index, box) -> vector, got {type(descriptor_fn).__name__}")
+        raise ValueError(
+            "descriptor_fn: expected a callable crop -> vector, or an object with a method "
+            f"from_store(store, index, box) -> vector, got {type(descriptor_fn).__name__}"
+        )
     if isinstance(n_threads, bool) or not isinstance(n_threads, (int, np.integer)):
         raise ValueError(f"n_threads: expected an integer (<= 0: every core), got {n_threads!r}")
     workers = (os.cpu_count() or 1) if n_threads <= 0 else int(n_threads)
 
-    def localise_and_describe(index: int) -> Tuple[np.ndarray, np.ndarray]:
+    def localise_and_describe(index: int) -> tuple[np.ndarray, np.ndarray]:
         codes = store.codes(index)
-        box, _ = _core.aml_localize_codes(codes, query_mac, p=p, step=step, aspect_tolerance=aspect_tolerance,
-                                          refine_iterations=refine_iterations, query_aspect=query_aspect)
+        box, _ = _core.aml_localize_codes(
+            codes,
+            query_mac,
+            p=p,
+            step=step,
+            aspect_tolerance=aspect_tolerance,
+            refine_iterations=refine_iterations,
+            query_aspect=query_aspect,
+        )
         if from_store is not None:
             raw = from_store(store, index, box)
         else:
@@ -145,8 +156,10 @@ def aml_rerank(
     descriptors = np.zeros((head.size, query_descriptor.size), dtype=np.float32)
     for row, (box, descriptor) in enumerate(outcomes):
         if descriptor.shape != query_descriptor.shape:
-            raise ValueError(f"descriptor_fn: returned a vector of shape {descriptor.shape}, expected "
-                             f"{query_descriptor.shape} like query_descriptor")
+            raise ValueError(
+                f"descriptor_fn: returned a vector of shape {descriptor.shape}, expected "
+                f"{query_descriptor.shape} like query_descriptor"
+            )
         boxes[row] = box
         descriptors[row] = descriptor
     scores = descriptors @ query_descriptor
@@ -157,5 +170,6 @@ def aml_rerank(
         scores = descriptors @ expanded
         ranking = np.lexsort((np.arange(head.size), -scores))
     reordered = np.concatenate([head[ranking], order[top_n:]])
-    return RerankResult(indices=reordered, scores=scores[ranking].astype(np.float32), boxes=boxes[ranking],
-                        expanded_query=expanded)
+    return RerankResult(
+        indices=reordered, scores=scores[ranking].astype(np.float32), boxes=boxes[ranking], expanded_query=expanded
+    )
