@@ -67,6 +67,9 @@ from .images import load_image  # noqa: E402
 # --- descriptors ---
 from .descriptors import METHODS, Extractor, extract_folder, load_descriptors  # noqa: E402
 
+# --- errors ---
+from .errors import CorruptFileError, OutputLockedError  # noqa: E402
+
 __all__ = [
     "affinity", "cluster_feature_map", "cluster_feature_maps", "ncut", "ncut_embedding", "pca_project",
     "aggregate_regions", "aml_localize", "apply_whitening", "crow_pool", "fit_pca_whitening", "gem_pool", "grid_mac",
@@ -76,6 +79,7 @@ __all__ = [
     "RMACInBox", "ClusterMACInBox",
     "Backbone", "default_backbone", "load_image",
     "METHODS", "Extractor", "extract_folder", "load_descriptors",
+    "CorruptFileError", "OutputLockedError",
     "average_precision", "compute_map", "revisited_map",
 ]
 
