@@ -15,6 +15,7 @@ import shutil
 import signal
 import socket
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator, Optional, Union
@@ -77,6 +78,10 @@ def lock_path(output: Path) -> Path:
     return output.parent / f".{output.name}{LOCK_SUFFIX}"
 
 
+_held_locks: dict[str, int] = {}  # lock file -> nesting depth, for this process
+_held_locks_guard = threading.Lock()
+
+
 @contextlib.contextmanager
 def output_lock(output: Union[str, os.PathLike], command: str = "") -> Iterator[Path]:
     """Hold an exclusive ``flock`` on ``output``'s lock file for the whole block.
@@ -84,11 +89,27 @@ def output_lock(output: Union[str, os.PathLike], command: str = "") -> Iterator[
     A second writer gets :class:`~clustermac.OutputLockedError` at once, naming the holder (PID,
     host, start time, command), never a wait. The kernel drops the lock when the holder dies, so a
     killed run leaves no stale lock to guess about; the lock file itself stays (removing it would
-    race with a writer that has just opened it). Not reliable on every network filesystem.
+    race with a writer that has just opened it). Nested use on the same output in one process is
+    allowed (the CLI holds the lock for a whole run, the library again while it saves). Not
+    reliable on every network filesystem.
     """
     output = Path(output)
     path = lock_path(output)
     path.parent.mkdir(parents=True, exist_ok=True)
+    key = os.path.realpath(path)
+    with _held_locks_guard:
+        if key in _held_locks:
+            _held_locks[key] += 1
+            nested = True
+        else:
+            nested = False
+    if nested:
+        try:
+            yield path
+        finally:
+            with _held_locks_guard:
+                _held_locks[key] -= 1
+        return
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
         try:
@@ -99,9 +120,13 @@ def output_lock(output: Union[str, os.PathLike], command: str = "") -> Iterator[
                   "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": command}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(holder).encode(), 0)
+        with _held_locks_guard:
+            _held_locks[key] = 1
         try:
             yield path
         finally:
+            with _held_locks_guard:
+                del _held_locks[key]
             os.ftruncate(fd, 0)
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
