@@ -50,6 +50,7 @@ from .backbones import Backbone, default_backbone  # noqa: E402
 
 # --- descriptors ---
 from .descriptors import METHODS, Extractor, extract_folder, load_descriptors  # noqa: E402
+from .errors import CorruptFileError, OutputLockedError  # noqa: E402
 from .images import load_image  # noqa: E402
 from .search import (  # noqa: E402
     ClusterMACInBox,
@@ -65,7 +66,6 @@ from .search import (  # noqa: E402
     quantize_feature_map,
 )
 
-<<<<<<< HEAD
 __all__ = [
     "affinity",
     "cluster_feature_map",
@@ -104,32 +104,11 @@ __all__ = [
     "Extractor",
     "extract_folder",
     "load_descriptors",
+    "CorruptFileError",
+    "OutputLockedError",
     "average_precision",
     "compute_map",
     "revisited_map",
-=======
-# --- backbones ---
-from .backbones import Backbone, default_backbone  # noqa: E402
-from .images import load_image  # noqa: E402
-
-# --- descriptors ---
-from .descriptors import METHODS, Extractor, extract_folder, load_descriptors  # noqa: E402
-
-# --- errors ---
-from .errors import CorruptFileError, OutputLockedError  # noqa: E402
-
-__all__ = [
-    "affinity", "cluster_feature_map", "cluster_feature_maps", "ncut", "ncut_embedding", "pca_project",
-    "aggregate_regions", "aml_localize", "apply_whitening", "crow_pool", "fit_pca_whitening", "gem_pool", "grid_mac",
-    "l2_normalize", "region_boxes", "region_mac", "rmac_regions", "spoc_pool", "topk_search",
-    "Index", "average_query_expansion", "alpha_query_expansion", "database_side_augmentation",
-    "FeatureMapStore", "FeatureMapStoreWriter", "quantize_feature_map", "RerankResult", "aml_rerank",
-    "RMACInBox", "ClusterMACInBox",
-    "Backbone", "default_backbone", "load_image",
-    "METHODS", "Extractor", "extract_folder", "load_descriptors",
-    "CorruptFileError", "OutputLockedError",
-    "average_precision", "compute_map", "revisited_map",
->>>>>>> issue12-base
 ]
 
 # --- evaluation (clustermac.bench), loaded on first use ---

@@ -1,12 +1,8 @@
 """File helpers: atomic writes (a temporary file beside the target, then a rename, so a crash
-<<<<<<< HEAD
-never leaves a half-written file in place of a good one) and file digests."""
-
-=======
 never leaves a half-written file in place of a good one), folders published through a pointer
 file, one writer per output (``flock``), file digests, and named crash points for the
 fault-injection tests."""
->>>>>>> issue12-base
+
 from __future__ import annotations
 
 import contextlib
@@ -22,8 +18,9 @@ import socket
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator, Optional, Union
+from typing import BinaryIO, Callable
 
 import numpy as np
 
@@ -88,7 +85,7 @@ _held_locks_guard = threading.Lock()
 
 
 @contextlib.contextmanager
-def output_lock(output: Union[str, os.PathLike], command: str = "") -> Iterator[Path]:
+def output_lock(output: str | os.PathLike, command: str = "") -> Iterator[Path]:
     """Hold an exclusive ``flock`` on ``output``'s lock file for the whole block.
 
     A second writer gets :class:`~clustermac.OutputLockedError` at once, naming the holder (PID,
@@ -121,8 +118,12 @@ def output_lock(output: Union[str, os.PathLike], command: str = "") -> Iterator[
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise OutputLockedError(output, _read_holder(fd)) from None
-        holder = {"pid": os.getpid(), "host": socket.gethostname(),
-                  "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": command}
+        holder = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "command": command,
+        }
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(holder).encode(), 0)
         with _held_locks_guard:
@@ -200,7 +201,7 @@ POINTER_FILE = "CURRENT"
 _VERSION_PREFIX = "v-"
 
 
-def current_version(folder: Union[str, os.PathLike]) -> Optional[Path]:
+def current_version(folder: str | os.PathLike) -> Path | None:
     """The live version of a folder published by :func:`publish_folder`, or None when the folder
     has no pointer file (nothing published yet, or a layout from before pointers)."""
     folder = Path(folder)
@@ -219,7 +220,7 @@ def current_version(folder: Union[str, os.PathLike]) -> Optional[Path]:
     return version
 
 
-def publish_folder(folder: Union[str, os.PathLike], write: Callable[[Path], None]) -> Path:
+def publish_folder(folder: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Publish a new version of ``folder`` atomically: ``write(staging)`` fills a staging folder
     inside it (each file fsynced), the staging folder is renamed to ``v-…``, and only then the
     small pointer file ``CURRENT`` is replaced by a rename. A reader sees the old version or the
@@ -241,7 +242,9 @@ def publish_folder(folder: Union[str, os.PathLike], write: Callable[[Path], None
     atomic_write_bytes(folder / POINTER_FILE, name.encode())
     fsync_directory(folder)
     for other in folder.iterdir():
-        stale = other.name.startswith(_VERSION_PREFIX) or (other.name.startswith(f".{_VERSION_PREFIX}") and other.name.endswith(".tmp"))
+        stale = other.name.startswith(_VERSION_PREFIX) or (
+            other.name.startswith(f".{_VERSION_PREFIX}") and other.name.endswith(".tmp")
+        )
         if other.is_dir() and not other.is_symlink() and stale and other.name != name:
             shutil.rmtree(other, ignore_errors=True)
     return folder / name
