@@ -19,11 +19,8 @@ __version__ = "0.1.0"
 
 _compat.install()
 
-# Each section re-exports one part of the package; names are part of the public API.
-
-# --- clustering core ---
-# --- pooling, whitening, search ---
-from ._core import (  # noqa: E402  # noqa: E402
+# The public API: the C++ core's functions, then the library's classes (see __all__).
+from ._core import (  # noqa: E402
     affinity,
     aggregate_regions,
     aml_localize,
@@ -44,11 +41,7 @@ from ._core import (  # noqa: E402  # noqa: E402
     spoc_pool,
     topk_search,
 )
-
-# --- backbones ---
 from .backbones import Backbone, default_backbone  # noqa: E402
-
-# --- descriptors ---
 from .descriptors import METHODS, Extractor, extract_folder, load_descriptors  # noqa: E402
 from .errors import CorruptFileError, OutputLockedError  # noqa: E402
 from .images import load_image  # noqa: E402
