@@ -108,7 +108,7 @@ using LabelMaps = py::typing::List<py::array_t<std::int32_t>>;
 // Clusters converted maps (GIL released) and returns one list of H x W label maps per map.
 py::typing::List<LabelMaps> cluster_maps(const std::vector<FeatureMapArrays>& arrays,
                                          const std::vector<FeatureMapInput>& inputs,
-                                         const FeatureClusteringOptions& options, int n_threads) {
+                                         const FeatureClusteringOptions& options, std::int64_t n_threads) {
   std::vector<std::vector<VectorI>> results;
   {
     py::gil_scoped_release release;
@@ -301,7 +301,8 @@ float32 otherwise. The environment variable CLUSTERMAC_NO_BF16 makes "auto" alwa
             [](const py::typing::List<FloatArrayArg>& feature_maps, const Typed<RgbListHint>& rgbs_arg,
                const std::vector<int>& n_clusters, int rgb_clusters, int pca_dim, float z_ratio, float spatial_weight,
                std::int64_t seed, const std::string& normalization, const OptionalFloatArrayArg& pca_mean,
-               const OptionalFloatArrayArg& pca_basis, int n_threads, const std::string& similarity_precision) {
+               const OptionalFloatArrayArg& pca_basis, std::int64_t n_threads,
+               const std::string& similarity_precision) {
               const py::object& rgbs = rgbs_arg;
               const std::size_t count = feature_maps.size();
               py::list rgb_list;
@@ -331,8 +332,10 @@ float32 otherwise. The environment variable CLUSTERMAC_NO_BF16 makes "auto" alwa
             R"doc(cluster_feature_map for a list of feature maps on a thread pool (GIL released).
 
 rgbs: None or a list with one H x W x 3 array (or None) per map. n_threads <= 0 uses all
-hardware threads. Returns one list of label maps per input, in input order; all inputs are
-checked before any work starts.)doc");
+hardware threads, and more than the hardware has (os.cpu_count()) are capped at that number;
+the labels do not depend on n_threads. Returns one list of label maps per input, in input order;
+all inputs are checked (including N = H*W <= 65,536 per map) before any work starts. The system
+refusing to start a thread raises RuntimeError (n_threads=1 runs on the calling thread only).)doc");
       },
       clustering_keywords());
 }

@@ -54,7 +54,7 @@ void def_aml(py::module_& m, const char* name, const char* map_name, Convert con
 void bind_search(py::module_& m) {
   m.def(
       "topk_search",
-      [](const FloatArrayArg& database_obj, const FloatArrayArg& queries_obj, std::int64_t k, int n_threads) {
+      [](const FloatArrayArg& database_obj, const FloatArrayArg& queries_obj, std::int64_t k, std::int64_t n_threads) {
         auto database = require_array<float>(database_obj, "database", 2, "of shape (N, D)");
         auto queries = require_array<float>(queries_obj, "queries", 2, "of shape (Q, D)");
         if (queries.shape(1) != database.shape(1))
@@ -74,9 +74,14 @@ void bind_search(py::module_& m) {
       R"doc(Exact top-k dot-product search (cosine similarity for l2-normalised vectors).
 
 database: float32 N×D, C-contiguous (a np.memmap works and is streamed block by block);
-queries: float32 Q×D; 1 <= k <= N; n_threads <= 0 uses every core. Returns (scores float32
-Q×k sorted descending, indices int64 Q×k), ties broken by the smaller database index. Memory
-beyond the inputs is O(threads·Q·256) floats. The GIL is released.)doc");
+queries: float32 Q×D; 1 <= k <= N; n_threads <= 0 uses every core, and more threads than the
+hardware has (os.cpu_count()) are capped at that number; the result does not depend on
+n_threads. Returns (scores float32 Q×k sorted descending, indices int64 Q×k), ties broken by the
+smaller database index. Memory beyond the inputs is O(threads·Q·256) floats. The GIL is released.
+Errors: NaN or Inf in database or queries → ValueError naming the row; a returned score that
+overflows float32 (vectors far from unit norm) → ValueError (only the k returned scores of each
+query are checked, so a NaN score outside them is skipped silently); the system refusing to
+start a thread → RuntimeError (n_threads=1 runs on the calling thread only).)doc");
 
   def_aml<FloatArrayArg>(
       m, "aml_localize", "feature_map",

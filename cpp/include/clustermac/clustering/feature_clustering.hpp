@@ -250,11 +250,16 @@ struct FeatureMapInput {
   const float* rgb;
 };
 
-// cluster_feature_map for each input on up to n_threads threads (<= 0: all); every input is
-// checked before any work starts.
+// cluster_feature_map for each input on up to n_threads threads (<= 0: all; capped at
+// max_threads(), the hardware concurrency); every input is checked before any work starts.
 inline std::vector<std::vector<VectorI>> cluster_feature_maps(const std::vector<FeatureMapInput>& inputs,
-                                                              const FeatureClusteringOptions& options, int n_threads) {
-  for (const FeatureMapInput& in : inputs) check_feature_clustering_options(options, in.channels);
+                                                              const FeatureClusteringOptions& options,
+                                                              std::int64_t n_threads) {
+  for (std::size_t i = 0; i < inputs.size(); ++i) {
+    check_feature_clustering_options(options, inputs[i].channels);
+    require_locations(std::int64_t{inputs[i].height} * inputs[i].width,
+                      inputs.size() == 1 ? std::string("feature_map") : "feature_maps[" + std::to_string(i) + "]");
+  }
   std::vector<std::vector<VectorI>> results(inputs.size());
   parallel_for(static_cast<std::ptrdiff_t>(inputs.size()), n_threads, [&](std::ptrdiff_t i) {
     const FeatureMapInput& in = inputs[static_cast<std::size_t>(i)];

@@ -100,16 +100,15 @@ struct TopK {
 
 // One chunk of queries against the whole database; results go to rows first_row.. of `result`.
 inline void topk_search_chunk(const float* database, std::ptrdiff_t n_database, const float* queries,
-                              std::ptrdiff_t n_queries, std::ptrdiff_t dim, std::ptrdiff_t k, int n_threads,
+                              std::ptrdiff_t n_queries, std::ptrdiff_t dim, std::ptrdiff_t k, std::int64_t n_threads,
                               SearchResult& result, std::ptrdiff_t first_row) {
   const std::ptrdiff_t padded_queries = (n_queries + kQueryTile - 1) / kQueryTile * kQueryTile;
   std::vector<float> query_buffer(padded_queries * dim, 0.0f);
   std::copy(queries, queries + n_queries * dim, query_buffer.begin());
 
   const std::ptrdiff_t n_blocks = (n_database + kBlockRows - 1) / kBlockRows;
-  int hw = static_cast<int>(std::thread::hardware_concurrency());
-  if (n_threads <= 0) n_threads = hw > 0 ? hw : 1;
-  const std::ptrdiff_t n_shares = std::max<std::ptrdiff_t>(1, std::min<std::ptrdiff_t>(n_threads, n_blocks));
+  const std::ptrdiff_t n_shares =
+      std::max<std::ptrdiff_t>(1, std::min<std::ptrdiff_t>(effective_threads(n_threads), n_blocks));
   std::vector<std::vector<TopK>> share_hits(n_shares);
 
   parallel_for(n_shares, static_cast<int>(n_shares), [&](std::ptrdiff_t share) {
@@ -176,11 +175,14 @@ constexpr std::ptrdiff_t kHitsPerChunk = std::ptrdiff_t(1) << 23;
 
 // Exact top-k of database · queryᵀ for every query: scores sorted descending, ties broken by
 // the smaller database index. The database (N×D, row-major, possibly memory-mapped) is read
-// in blocks of kBlockRows rows; each of n_threads threads (<= 0: all cores) scans a contiguous
-// share of the rows with its own O(min(Q, kQueryChunk)·kBlockRows) score buffer and per-query heaps, which are
-// merged at the end. A non-finite database value raises std::invalid_argument naming its row.
+// in blocks of kBlockRows rows; each of n_threads threads (<= 0: all cores; capped at max_threads())
+// scans a contiguous share of the rows with its own O(min(Q, kQueryChunk)·kBlockRows) score buffer
+// and per-query heaps, which are merged at the end: the result does not depend on the thread count.
+// A non-finite database value raises std::invalid_argument naming its row; so does a returned
+// score that overflowed float32 (only the top k are checked).
 inline SearchResult topk_search(const float* database, std::ptrdiff_t n_database, const float* queries,
-                                std::ptrdiff_t n_queries, std::ptrdiff_t dim, std::ptrdiff_t k, int n_threads) {
+                                std::ptrdiff_t n_queries, std::ptrdiff_t dim, std::ptrdiff_t k,
+                                std::int64_t n_threads) {
   using namespace detail;
   require(dim >= 1, "topk_search: vectors must have at least one dimension");
   require(k >= 1 && k <= n_database,

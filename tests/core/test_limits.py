@@ -1,0 +1,137 @@
+"""Limits and errors of the C++ core (issue 12, items 6, 9, 10 and 11): the thread pool caps its
+threads and turns a thread that cannot start into RuntimeError (never an abort), absurd sizes are
+refused with explicit limits before allocating, and overflow, NaN and denormal garbage raise
+instead of passing through. The thread limits are provoked in real subprocesses (each bounded in
+time) with resource limits, not with mocks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import clustermac as cm
+
+# --- helpers -------------------------------------------------------------------------------------
+
+
+def run_child(code: str, *, stack_limit: int | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Runs `code` in a fresh interpreter; with `stack_limit`, RLIMIT_STACK is set first and the
+    interpreter exec'd again, since glibc takes its default thread stack size from that limit at start."""
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    if stack_limit is None:
+        args = [sys.executable, "-c", code]
+    else:
+        wrapper = (
+            "import os, resource, sys\n"
+            "hard = resource.getrlimit(resource.RLIMIT_STACK)[1]\n"
+            f"if hard != resource.RLIM_INFINITY and hard < {stack_limit}:\n"
+            "    sys.exit(print('SKIP: the hard RLIMIT_STACK is too low to raise'))\n"
+            f"resource.setrlimit(resource.RLIMIT_STACK, ({stack_limit}, hard))\n"
+            f"os.execv(sys.executable, [sys.executable, '-c', {code!r}])\n"
+        )
+        args = [sys.executable, "-c", wrapper]
+    return subprocess.run(args, capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def feature_maps(count: int, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.random((6, 5, 4), dtype=np.float32) for _ in range(count)]
+
+
+# --- item 6: the thread pool ---------------------------------------------------------------------
+
+
+def test_results_do_not_depend_on_the_thread_count():
+    rng = np.random.default_rng(1)
+    database = rng.standard_normal((3000, 12)).astype(np.float32)
+    queries = rng.standard_normal((9, 12)).astype(np.float32)
+    expected = cm.topk_search(database, queries, 25, n_threads=1)
+    for n_threads in (0, 2, 3, 10**6, 2**62):
+        scores, indices = cm.topk_search(database, queries, 25, n_threads=n_threads)
+        np.testing.assert_array_equal(scores, expected[0])
+        np.testing.assert_array_equal(indices, expected[1])
+    maps = feature_maps(7)
+    expected_labels = cm.cluster_feature_maps(maps, n_clusters=[2, 3], n_threads=1)
+    for n_threads in (0, 3, 10**6):
+        labels = cm.cluster_feature_maps(maps, n_clusters=[2, 3], n_threads=n_threads)
+        for got, want in zip(labels, expected_labels, strict=True):
+            for a, b in zip(got, want, strict=True):
+                np.testing.assert_array_equal(a, b)
+
+
+def test_a_million_threads_are_capped_under_a_memory_limit():
+    """Before the cap, n_threads=10**6 started one thread per database block (here 400): under an
+    address-space limit the 30th or so failed and std::thread's destructor aborted the interpreter.
+    Capped at the hardware concurrency, the call fits and gives the single-thread result."""
+    code = textwrap.dedent(
+        """
+        import os, resource
+        import numpy as np
+        import clustermac as cm
+        rng = np.random.default_rng(2)
+        database = rng.standard_normal((400 * 256, 8)).astype(np.float32)
+        queries = rng.standard_normal((5, 8)).astype(np.float32)
+        maps = [rng.random((4, 4, 4), dtype=np.float32) for _ in range(300)]
+        want_search = cm.topk_search(database, queries, 10, n_threads=1)
+        want_labels = cm.cluster_feature_maps(maps, n_clusters=[2], rgb_clusters=0, n_threads=1)
+        with open("/proc/self/status") as status:
+            size = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmSize:"))
+        headroom = (512 + 160 * os.cpu_count()) << 20  # one thread: 8 MB stack + a malloc arena
+        resource.setrlimit(resource.RLIMIT_AS, (size + headroom, resource.RLIM_INFINITY))
+        got_search = cm.topk_search(database, queries, 10, n_threads=10**6)
+        got_labels = cm.cluster_feature_maps(maps, n_clusters=[2], rgb_clusters=0, n_threads=10**6)
+        assert all((a == b).all() for a, b in zip(got_search, want_search))
+        assert all((a[0] == b[0]).all() for a, b in zip(got_labels, want_labels))
+        print("capped ok")
+        """
+    )
+    result = run_child(code)
+    assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
+    assert "capped ok" in result.stdout
+
+
+def test_a_thread_that_cannot_start_is_a_runtime_error_not_an_abort():
+    """With RLIMIT_STACK beyond the address space, glibc cannot map any thread's stack, so every
+    thread start fails (std::system_error): the call must raise RuntimeError and the process go on."""
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("one hardware thread: the pool is capped at 1 and never starts a thread")
+    code = textwrap.dedent(
+        """
+        import threading
+        try:
+            threading.Thread(target=lambda: None).start()
+        except RuntimeError:
+            pass
+        else:
+            print("SKIP: threads still start under this stack limit")
+            raise SystemExit(0)
+        import numpy as np
+        import clustermac as cm
+        rng = np.random.default_rng(3)
+        database = rng.standard_normal((4 * 256, 8)).astype(np.float32)
+        maps = [rng.random((4, 4, 4), dtype=np.float32) for _ in range(4)]
+        for call in (
+            lambda n: cm.topk_search(database, database[:3], 5, n_threads=n),
+            lambda n: cm.cluster_feature_maps(maps, n_clusters=[2], rgb_clusters=0, n_threads=n),
+        ):
+            try:
+                call(0)
+            except RuntimeError as error:
+                assert "could not start worker thread" in str(error), str(error)
+                assert "n_threads=1" in str(error), str(error)
+            else:
+                raise AssertionError("no RuntimeError although no thread can start")
+            call(1)  # the calling thread alone still works
+        print("runtime error ok")
+        """
+    )
+    result = run_child(code, stack_limit=1 << 47)
+    if "SKIP:" in result.stdout:
+        pytest.skip(result.stdout.strip())
+    assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
+    assert "runtime error ok" in result.stdout
