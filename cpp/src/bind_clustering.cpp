@@ -150,7 +150,9 @@ void bind_clustering(py::module_& m) {
 d_ij = sqrt(sum_k w_k (f_ik - f_jk)^2) with w_k = var_k / sum_m var_m computed from the columns of
 `features` when `weights` is None (else the given non-negative weights, used as is);
 S_ij = exp(-d_ij / z)^2 with z = z_ratio * max d. When all features are equal (max d = 0) the
-result is all ones.)doc");
+result is all ones. Limits (ValueError): N <= 65,536 locations (the N x N result takes 16 GiB
+there); z_ratio >= 1e-8 (below it exp(-2 d / z) underflows float32 for all but near-identical
+locations).)doc");
 
   m.def(
       "ncut_embedding",
@@ -182,7 +184,7 @@ not for eigenvectors to many digits when eigenvalues are close. Returned columns
 D^-1/2 u scaled to unit l2 norm, signed so that each column's largest-magnitude entry is positive.
 similarity_precision="bfloat16" rounds the affinity to bf16 first and runs the eigensolver's
 products with AVX512-BF16 (see cluster_feature_map); "float32" (default) or "auto" keep it as
-given.)doc");
+given. N <= 65,536 (ValueError above).)doc");
 
   m.def(
       "ncut",
@@ -204,7 +206,8 @@ Embedding as in ncut_embedding, then the discretisation of Yu & Shi 2003 (random
 from `seed`, greedy orthogonal rows, SVD rotation updates, at most 20 iterations). Labels are
 compact: when the discretisation leaves a cluster empty (fewer separable groups than
 n_clusters), the remaining labels are renumbered 0..m-1 with m < n_clusters. n_clusters must be
-in [1, N]; n_clusters = 1 gives all zeros. Same input and seed give the same labels.)doc");
+in [1, N]; n_clusters = 1 gives all zeros. Same input and seed give the same labels.
+N <= 65,536 (ValueError above).)doc");
 
   // Not public API: the eigensolver's settings and statistics, for benchmarks/clustering.py
   // and the tests of the tolerance.
@@ -214,6 +217,7 @@ in [1, N]; n_clusters = 1 gives all zeros. Same input and seed give the same lab
          int blocks_per_cycle, double tolerance, int max_cycles, int kept_blocks) {
         auto a = require_array<float>(affinity_matrix, "affinity", 2, "of shape (N, N)");
         require_non_empty("affinity", "of shape (N, N)", {a.shape(0), a.shape(1)});
+        require_locations(a.shape(0), "affinity");
         const Normalization norm = parse_normalization(normalization);
         if (n_vectors < 1 || n_vectors > a.shape(0))
           throw py::value_error("n_vectors: expected 1 <= n_vectors <= N, got " + std::to_string(n_vectors));
@@ -294,7 +298,9 @@ N <= 4096, to avoid page-faulting a fresh one for every image.
 similarity_precision: how that similarity is stored for the eigensolver. "float32"; "bfloat16"
 (CPUs with AVX512-BF16: the eigensolver's products at about half the cost, 8 significant bits
 per similarity); "auto" (default) takes bfloat16 for N >= 2048 locations when the CPU has it,
-float32 otherwise. The environment variable CLUSTERMAC_NO_BF16 makes "auto" always float32.)doc");
+float32 otherwise. The environment variable CLUSTERMAC_NO_BF16 makes "auto" always float32.
+Limits (ValueError): N = H*W <= 65,536 locations (the N x N float32 similarity takes 16 GiB
+there); z_ratio >= 1e-8 (see affinity).)doc");
 
         m.def(
             "cluster_feature_maps",

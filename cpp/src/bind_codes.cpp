@@ -38,7 +38,8 @@ them). box: [x0, y0, x1, y1) in cells, or None for the whole map. regions: int32
 [x0, y0, x1, y1) relative to the box, e.g. rmac_regions(box height, box width). scale: finite,
 >= 0. Returns float32 R×D equal bit for bit to
 grid_mac(dequantize_codes(codes, box, scale), regions): the max is taken on the codes (scaling
-by scale >= 0 is monotone) and only the result is converted to float.)doc");
+by scale >= 0 is monotone) and only the result is converted to float. An R×D output above
+1 GiB (R·D > 2**28) raises ValueError before allocating.)doc");
 
   m.def(
       "region_mac_codes",
@@ -67,7 +68,8 @@ box: [x0, y0, x1, y1) in cells, or None for the whole map. scale: finite, >= 0. 
 K×D with K = labels.max() + 1 over the whole map (0 rows if every label is negative): row k is
 the max of code·scale over the box's cells labelled k, a zero row if cluster k has no cell in the
 box. Equal bit for bit to region_mac(dequantize_codes(codes, box, scale), labels[y0:y1, x0:x1])
-padded with zero rows up to K.)doc");
+padded with zero rows up to K. Limits (ValueError, as region_mac): K <= 2**20 and the K×D
+float32 output at most 1 GiB (K·D <= 2**28), checked before allocating.)doc");
 
   m.def(
       "dequantize_codes",

@@ -95,7 +95,8 @@ void bind_pooling(py::module_& m) {
 
 feature_map: float32 D×H×W. labels: int32 H×W, region ids 0..K-1; negative labels are
 ignored (masked out). Returns float32 K×D with K = labels.max() + 1 (0 rows if every label
-is negative). A region id that names no location gives a zero row.)doc");
+is negative). A region id that names no location gives a zero row. Limits (ValueError):
+K <= 2**20, and the K×D float32 output at most 1 GiB (K·D <= 2**28), checked before allocating.)doc");
 
   m.def(
       "region_boxes",
@@ -117,7 +118,7 @@ every location of region k; a region id that names no location gets [0, 0, 0, 0]
 
   m.def(
       "rmac_regions",
-      [](std::int64_t height, std::int64_t width, int levels) {
+      [](std::int64_t height, std::int64_t width, std::int64_t levels) {
         return boxes_to_numpy(rmac_regions(height, width, levels));
       },
       py::arg("height"), py::arg("width"), py::arg("levels") = 3,
@@ -125,7 +126,8 @@ every location of region k; a region id that names no location gets [0, 0, 0, 0]
 
 Returns int32 R×4 rows [x0, y0, x1, y1) (half-open, feature-map cells): square regions of side
 floor(2·min(H, W)/(l+1)) at levels l = 1..levels with ~40 % overlap; the number of regions on
-the long side follows Tolias' rule. No extra global region.)doc");
+the long side follows Tolias' rule. No extra global region. Limits (ValueError):
+1 <= height, width <= 2**31 - 1 (coordinates are int32) and 1 <= levels <= 64.)doc");
 
   m.def(
       "grid_mac",

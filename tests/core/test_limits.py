@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import clustermac as cm
+from clustermac import _core
 
 # --- helpers -------------------------------------------------------------------------------------
 
@@ -135,3 +136,69 @@ def test_a_thread_that_cannot_start_is_a_runtime_error_not_an_abort():
         pytest.skip(result.stdout.strip())
     assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
     assert "runtime error ok" in result.stdout
+
+
+# --- item 9: sizes -------------------------------------------------------------------------------
+
+
+def test_rmac_regions_refuses_absurd_sizes():
+    with pytest.raises(ValueError, match=r"height and width must be <= 2147483647"):
+        cm.rmac_regions(2**40, 2**40)
+    with pytest.raises(ValueError, match=r"levels must be <= 64"):
+        cm.rmac_regions(30, 30, 2**31 - 1)
+    with pytest.raises(ValueError, match=r"levels must be <= 64"):
+        cm.rmac_regions(30, 30, 2**40)
+    for height, width in ((2**31 - 1, 2**31 - 1), (2**31 - 1, 5), (7, 2**31 - 1)):
+        regions = cm.rmac_regions(height, width, 64).astype(np.int64)
+        assert len(regions) > 0
+        assert (regions[:, :2] >= 0).all() and (regions[:, 0] < regions[:, 2]).all()
+        assert (regions[:, 2] <= width).all() and (regions[:, 3] <= height).all()
+    assert len(cm.rmac_regions(30, 30, 64)) > len(cm.rmac_regions(30, 30, 3))
+
+
+def test_region_mac_refuses_an_output_over_one_gib():
+    fmap = np.ones((512, 2, 2), np.float32)
+    labels = np.zeros((2, 2), np.int32)
+    labels[1, 1] = 2**20 - 1  # K = 2**20 rows × 512 channels = 2 GiB
+    with pytest.raises(ValueError, match=r"region_mac: K = 1048576 rows .* 2 GiB .*limit is 1 GiB"):
+        cm.region_mac(fmap, labels)
+    codes = np.ones((2, 2, 512), np.uint8)
+    with pytest.raises(ValueError, match=r"region_mac_codes: K = 1048576 rows .*limit is 1 GiB"):
+        _core.region_mac_codes(codes, labels, None, 1.0)
+    small = np.ones((4, 2, 2), np.float32)  # a sparse label is fine while the output is small
+    out = cm.region_mac(small, labels)
+    assert out.shape == (2**20, 4) and out[-1].tolist() == [1.0] * 4 and not out[1:-1].any()
+
+
+def test_clustering_refuses_more_than_65536_locations(tmp_path):
+    features = np.random.default_rng(4).random((65537, 2), dtype=np.float32)
+    with pytest.raises(ValueError, match=r"features: N = 65537 locations is more than the limit of 65536"):
+        cm.affinity(features)
+    big = np.ones((4, 257, 256), np.float32)  # 65,792 locations
+    with pytest.raises(ValueError, match=r"feature_map: N = 65792 locations .* limit of 65536"):
+        cm.cluster_feature_map(big)
+    with pytest.raises(ValueError, match=r"feature_maps\[1\]: N = 65792"):
+        cm.cluster_feature_maps([np.ones((4, 4, 4), np.float32), big])
+    # An N×N affinity that large is 16 GiB; a sparse file mapped read-only stands in for it.
+    path = tmp_path / "affinity.f32"
+    with open(path, "wb") as f:
+        f.truncate(65537 * 65537 * 4)
+    huge = np.memmap(path, np.float32, "r", shape=(65537, 65537))
+    for function in (cm.ncut, cm.ncut_embedding):
+        with pytest.raises(ValueError, match=r"affinity: N = 65537 locations .* limit of 65536"):
+            function(huge, 2)
+    del huge
+
+
+# --- items 10 and 11: untyped errors and silent garbage ------------------------------------------
+
+
+def test_z_ratio_too_small_is_refused():
+    features = np.random.default_rng(5).standard_normal((40, 3)).astype(np.float32)
+    for z_ratio in (1e-40, 1e-20, 9e-9):
+        with pytest.raises(ValueError, match=r"z_ratio: .* is too small \(the limit is 1e-8\)"):
+            cm.affinity(features, z_ratio=z_ratio)
+    with pytest.raises(ValueError, match=r"z_ratio: .* is too small \(the limit is 1e-8\)"):
+        cm.cluster_feature_map(np.random.default_rng(5).random((4, 5, 5), dtype=np.float32), z_ratio=1e-40)
+    s = cm.affinity(features, z_ratio=1e-8)  # the limit itself is accepted
+    assert np.isfinite(s).all() and (np.diag(s) == 1.0).all()

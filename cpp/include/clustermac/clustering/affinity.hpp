@@ -242,6 +242,22 @@ inline SimilarityInputs similarity_inputs(const ConstMatrixRef& features, const 
 
 }  // namespace detail
 
+// The smallest z_ratio accepted. S_ij = exp(-2 t / z_ratio) for a pair at t = d_ij / max d; below
+// 1e-8 it underflows float32 (exp(-87.3) = 1.18e-38, the smallest normal float) for every pair
+// with t > 43.7 · z_ratio = 4.4e-7, i.e. for all but locations equal to about float32's relative
+// precision (2^-24 = 6e-8): the matrix would be underflow noise (at 1e-40 even its diagonal).
+constexpr float kMinZRatio = 1e-8f;
+
+inline void require_z_ratio(float z_ratio) {
+  require(std::isfinite(z_ratio) && z_ratio > 0.0f,
+          "z_ratio: expected a finite number > 0, got " + std::to_string(z_ratio));
+  require(z_ratio >= kMinZRatio,
+          "z_ratio: " + format_number(z_ratio) +
+              " is too small (the limit is 1e-8): z = z_ratio · max d makes exp(-2 d / z) underflow float32 "
+              "(below 1.18e-38) for every pair of locations farther apart than 43.7 · z_ratio · max d, so "
+              "the similarity would be underflow noise; the paper uses 0.05");
+}
+
 // Fills the N x N row-major buffer `out` with S of Eq. (3) for `features` (N x C) and weights
 // `weights` (C, non-negative). Portable path: the upper triangle, then mirrored.
 inline void affinity_into(const ConstMatrixRef& features, const VectorF& weights, float z_ratio, float* out) {
@@ -292,9 +308,9 @@ inline void affinity_into(const ConstMatrixRef& features, const VectorF& weights
 
 inline MatrixRM affinity(const ConstMatrixRef& features, float z_ratio, const VectorF* weights) {
   require_non_empty("features", "of shape (N, C)", {features.rows(), features.cols()});
+  require_locations(features.rows(), "features");
   require_finite(features, "features");
-  require(std::isfinite(z_ratio) && z_ratio > 0.0f,
-          "z_ratio: expected a finite number > 0, got " + std::to_string(z_ratio));
+  require_z_ratio(z_ratio);
   VectorF w;
   if (weights) {
     require(weights->size() == features.cols(), "weights: expected " + std::to_string(features.cols()) +

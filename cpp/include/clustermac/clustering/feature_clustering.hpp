@@ -44,8 +44,7 @@ inline void check_feature_clustering_options(const FeatureClusteringOptions& o, 
   if (!o.pca_basis)
     require(o.pca_dim >= 1 && o.pca_dim <= channels,
             "pca_dim: expected 1 <= pca_dim <= D = " + std::to_string(channels) + ", got " + std::to_string(o.pca_dim));
-  require(std::isfinite(o.z_ratio) && o.z_ratio > 0.0f,
-          "z_ratio: expected a finite number > 0, got " + std::to_string(o.z_ratio));
+  require_z_ratio(o.z_ratio);
   require(std::isfinite(o.spatial_weight) && o.spatial_weight >= 0.0f,
           "spatial_weight: expected a finite number >= 0, got " + std::to_string(o.spatial_weight));
   require(o.similarity_precision != SimilarityPrecision::bfloat16 || simd_has_avx512_bf16(),
@@ -240,6 +239,7 @@ inline std::vector<VectorI> cluster_feature_map(const float* feature_map, Eigen:
                                                 Eigen::Index width, const float* rgb,
                                                 const FeatureClusteringOptions& options) {
   check_feature_clustering_options(options, channels);
+  require_locations(std::int64_t{height} * width, "feature_map");
   return detail::cluster_checked_feature_map(feature_map, channels, height, width, rgb, options);
 }
 

@@ -180,6 +180,7 @@ inline void check_similarity(const Eigen::Ref<const MatrixRM>& s) {
 inline Eigen::MatrixXd ncut_embedding(const Eigen::Ref<const MatrixRM>& s, int n_vectors, Normalization normalization,
                                       SimilarityPrecision precision) {
   require_non_empty("affinity", "of shape (N, N)", {s.rows(), s.cols()});
+  require_locations(s.rows(), "affinity");
   const bool bf16 = precision == SimilarityPrecision::bfloat16;
   require(!bf16 || simd_has_avx512_bf16(),
           "similarity_precision=\"bfloat16\" needs a CPU with AVX512-BF16 (and the environment variable "
@@ -205,6 +206,7 @@ inline VectorI ncut_labels_of(const Eigen::Ref<const MatrixRM>& s, int n_cluster
 inline VectorI ncut(const Eigen::Ref<const MatrixRM>& s, int n_clusters, std::uint64_t seed,
                     Normalization normalization) {
   require_non_empty("affinity", "of shape (N, N)", {s.rows(), s.cols()});
+  require_locations(s.rows(), "affinity");
   require(n_clusters >= 1 && n_clusters <= s.rows(),
           "n_clusters: expected 1 <= n_clusters <= N = " + std::to_string(s.rows()) +
               " (the number of rows of affinity), got " + std::to_string(n_clusters));

@@ -122,6 +122,7 @@ inline MatrixRM grid_mac_codes(const CodesView& codes, const std::array<std::int
            " is empty or outside the box; expected 0 <= x0 < x1 <= " + std::to_string(box_width) +
            " and 0 <= y0 < y1 <= " + std::to_string(box_height) + " (coordinates relative to the box)");
   }
+  require_region_output(n_regions, codes.channels, "grid_mac_codes", "one per region");
   MatrixRM out(n_regions, codes.channels);
   dispatch<detail::GridMacCodesKernel>(codes, box, regions, n_regions, static_cast<float>(scale), out.data());
   return out;
@@ -138,6 +139,7 @@ inline MatrixRM region_mac_codes(const CodesView& codes, const std::int32_t* lab
   detail::check_codes_box_scale(codes, box, scale);
   // K comes from the whole map, not the box: the rows of every box of one image line up.
   const std::ptrdiff_t n_labels = count_regions(labels, codes.height * codes.width);
+  require_region_output(n_labels, codes.channels, "region_mac_codes", "labels.max() + 1; use compact labels 0..K-1");
   MatrixRM out(n_labels, codes.channels);
   if (n_labels == 0) return out;
   std::vector<std::uint8_t> running(static_cast<std::size_t>(n_labels * codes.channels), 0);

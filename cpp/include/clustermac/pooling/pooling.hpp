@@ -58,6 +58,7 @@ inline MatrixRM region_mac(const FeatureMapView& map, const std::int32_t* labels
   require_feature_map(map, "feature_map");
   const std::ptrdiff_t n = map.locations();
   const std::ptrdiff_t k = count_regions(labels, n);
+  require_region_output(k, map.channels, "region_mac", "labels.max() + 1; use compact labels 0..K-1");
   MatrixRM out = MatrixRM::Zero(k, map.channels);
   if (k == 0) return out;
   // Masked-out locations go to an extra slot k that is dropped. The update is a branch, not a
@@ -130,6 +131,7 @@ inline MatrixRM grid_mac(const FeatureMapView& map, const std::int32_t* regions,
            ") is empty or outside the feature map; expected 0 <= x0 < x1 <= " + std::to_string(map.width) +
            " and 0 <= y0 < y1 <= " + std::to_string(map.height));
   }
+  require_region_output(n_regions, map.channels, "grid_mac", "one per region");
   MatrixRM out(n_regions, map.channels);
   dispatch<detail::GridMacKernel>(map, regions, n_regions, out);
   return out;

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -26,6 +27,26 @@ inline std::ptrdiff_t count_regions(const std::int32_t* labels, std::ptrdiff_t n
           "labels: the largest label is " + std::to_string(max_label) +
               "; expected region labels 0..K-1 with K <= " + std::to_string(kMaxRegionLabel));
   return static_cast<std::ptrdiff_t>(max_label) + 1;
+}
+
+// The most memory a regional pooling (region_mac, grid_mac and their 8-bit-code versions) may
+// allocate for its K×D float32 output: 1 GiB, checked before allocating. K = max(labels) + 1
+// counts every label up to the largest, so one stray label (2**20 − 1 on a VGG16 map) would
+// otherwise ask for gigabytes of zero rows.
+constexpr std::int64_t kMaxRegionOutputBytes = std::int64_t{1} << 30;
+
+// Refuses a `rows` × `channels` float32 output larger than kMaxRegionOutputBytes. `function` names
+// the call, `rows_are` says where the row count comes from ("labels.max() + 1").
+inline void require_region_output(std::int64_t rows, std::int64_t channels, const std::string& function,
+                                  const std::string& rows_are) {
+  const std::int64_t values = checked_multiply(rows, channels, function);
+  if (values <= kMaxRegionOutputBytes / 4) return;
+  std::ostringstream text;
+  text.precision(3);
+  text << function << ": K = " << rows << " rows (" << rows_are << ") × D = " << channels << " channels would need "
+       << static_cast<double>(values) * 4.0 / double(std::int64_t{1} << 30)
+       << " GiB of float32 output; the limit is 1 GiB (K · D <= " << kMaxRegionOutputBytes / 4 << ")";
+  fail(text.str());
 }
 
 // Bounding box [x0, y0, x1, y1) (half-open, cells) of each region of an H×W label map, for
@@ -57,10 +78,22 @@ inline std::vector<std::array<std::int32_t, 4>> region_boxes(const std::int32_t*
 // is closest to 40 %, and level l has (l - 1 + m) of them; the short side has l. Regions
 // are spread uniformly with integer offsets floor(wl2 + i·b) - wl2, wl2 = floor(wl/2 - 1).
 // Rows are [x0, y0, x1, y1), half-open, in feature-map cells. No extra global region.
-inline std::vector<std::array<std::int32_t, 4>> rmac_regions(std::int64_t height, std::int64_t width, int levels) {
+// Limits: 1 <= height, width <= kMaxRmacSide (the coordinates are int32) and
+// 1 <= levels <= kMaxRmacLevels (at most ~10^5 regions).
+constexpr std::int64_t kMaxRmacSide = std::numeric_limits<std::int32_t>::max();
+constexpr std::int64_t kMaxRmacLevels = 64;
+
+inline std::vector<std::array<std::int32_t, 4>> rmac_regions(std::int64_t height, std::int64_t width,
+                                                             std::int64_t levels) {
   require(height >= 1 && width >= 1, "rmac_regions: height and width must be >= 1, got height=" +
                                          std::to_string(height) + ", width=" + std::to_string(width));
   require(levels >= 1, "rmac_regions: levels must be >= 1, got " + std::to_string(levels));
+  require(height <= kMaxRmacSide && width <= kMaxRmacSide,
+          "rmac_regions: height and width must be <= " + std::to_string(kMaxRmacSide) +
+              " (2**31 - 1: region coordinates are int32), got height=" + std::to_string(height) +
+              ", width=" + std::to_string(width));
+  require(levels <= kMaxRmacLevels, "rmac_regions: levels must be <= " + std::to_string(kMaxRmacLevels) +
+                                        " (Tolias et al. use 3), got " + std::to_string(levels));
   const double overlap = 0.4;
   const double short_side = static_cast<double>(std::min(height, width));
   const double long_side = static_cast<double>(std::max(height, width));
@@ -78,7 +111,7 @@ inline std::vector<std::array<std::int32_t, 4>> rmac_regions(std::int64_t height
   const int extra_w = width > height ? best_step + 1 : 0;
   const int extra_h = height > width ? best_step + 1 : 0;
   std::vector<std::array<std::int32_t, 4>> regions;
-  for (int l = 1; l <= levels; ++l) {
+  for (int l = 1; l <= static_cast<int>(levels); ++l) {
     const auto side = static_cast<std::int64_t>(std::floor(2.0 * short_side / (l + 1)));
     if (side == 0) continue;  // level finer than the map: no region
     const double half = std::floor(side / 2.0 - 1.0);
