@@ -134,6 +134,40 @@ inline py::array_t<std::uint8_t, py::array::c_style> checked_codes(const py::obj
   return py::reinterpret_borrow<py::array_t<std::uint8_t, py::array::c_style>>(as_array);
 }
 
+// An integer argument given as any Python object (dim=3.5 would otherwise surface as pybind11's
+// "Unable to cast"): Python ints and anything with __index__ (NumPy integers); a float, a string
+// or an int beyond 64 bits is a ValueError naming the argument.
+inline std::int64_t integer_argument(const py::handle& obj, const char* name, const char* expected) {
+  PyObject* index = PyNumber_Index(obj.ptr());
+  if (!index) {
+    PyErr_Clear();
+    throw py::value_error(std::string(name) + ": expected " + expected + ", got " +
+                          std::string(py::str(py::type::of(obj).attr("__name__"))) + " " +
+                          std::string(py::str(py::repr(obj))));
+  }
+  const py::int_ value = py::reinterpret_steal<py::int_>(index);
+  const long long result = PyLong_AsLongLong(value.ptr());
+  if (result == -1 && PyErr_Occurred()) {
+    PyErr_Clear();
+    throw py::value_error(std::string(name) + ": expected " + expected + " that fits in 64 bits, got " +
+                          std::string(py::str(value)));
+  }
+  return result;
+}
+
+// A real-number argument given as any Python object: int, float or anything with __float__ (NumPy
+// scalars); otherwise a ValueError naming the argument.
+inline double number_argument(const py::handle& obj, const char* name, const char* expected) {
+  const double value = PyFloat_AsDouble(obj.ptr());
+  if (value == -1.0 && PyErr_Occurred()) {
+    PyErr_Clear();
+    throw py::value_error(std::string(name) + ": expected " + expected + ", got " +
+                          std::string(py::str(py::type::of(obj).attr("__name__"))) + " " +
+                          std::string(py::str(py::repr(obj))));
+  }
+  return value;
+}
+
 // A box [x0, y0, x1, y1) (4 integers; checked against the map by the core), or nullopt for None.
 // Values beyond int32 are clamped, so that the core still refuses them.
 inline std::optional<std::array<std::int32_t, 4>> optional_box(const py::object& box_obj) {

@@ -145,16 +145,17 @@ the long side follows Tolias' rule. No extra global region. Limits (ValueError):
       },
       py::arg("feature_map"), py::arg("regions"),
       "MAC over each region [x0, y0, x1, y1) of a D×H×W feature map → float32 R×D. A region that is empty "
-      "or outside the map raises ValueError.");
+      "or outside the map raises ValueError, and so does an R×D output above 1 GiB (R·D > 2**28).");
 
   def_global_pool(m, "spoc_pool", spoc_pool,
                   "SPoC (Babenko & Lempitsky 2015): sum pooling with a Gaussian centre prior (sigma = min(H, W)/6, one "
-                  "third of the centre-to-closest-border distance). Returns the raw float32 D vector.");
+                  "third of the centre-to-closest-border distance). Returns the raw float32 D vector; a channel "
+                  "whose sum overflows float32 (values too large) raises ValueError.");
   def_global_pool(
       m, "crow_pool", crow_pool,
       "CroW (Kalantidis et al. 2016, a = b = 2): spatial weights (S/||S||_2)^(1/2) from the channel sum S, "
       "channel weights log(sum Q / (1e-6 + Q_k)) from the non-zero proportions Q. Returns the raw float32 D "
-      "vector.");
+      "vector; a channel whose weighted sum overflows float32 (values too large) raises ValueError.");
   def_global_pool(m, "gem_pool", gem_pool,
                   "GeM pooling: (mean max(x, 1e-6)^p)^(1/p) per channel. Returns the raw float32 D vector.",
                   py::arg("p") = 3.0);
@@ -184,7 +185,7 @@ the long side follows Tolias' rule. No extra global region. Limits (ValueError):
       },
       py::arg("vectors"),
       "Scale each row (or the one vector) to unit l2 norm; a zero vector stays zero (never NaN). float32 in, "
-      "float32 out, same shape.");
+      "float32 out, same shape. NaN or Inf in vectors raises ValueError.");
 
   m.def(
       "fit_pca_whitening",
@@ -193,7 +194,7 @@ the long side follows Tolias' rule. No extra global region. Limits (ValueError):
         const py::ssize_t n = vectors.shape(0), d = vectors.shape(1);
         py::ssize_t dim = std::min(n, d);
         const py::object& dim_obj = dim_arg;
-        if (!dim_obj.is_none()) dim = dim_obj.cast<py::ssize_t>();
+        if (!dim_obj.is_none()) dim = integer_argument(dim_obj, "dim", "an integer or None");
         Whitening w;
         {
           py::gil_scoped_release release;
@@ -208,7 +209,8 @@ Centres the vectors, eigen-decomposes their covariance, keeps the top ``dim`` (d
 min(N, D)) eigenvectors and scales each by (λ + shrinkage·λmax)^(-1/2). ``shrinkage`` is a
 regularisation: whitening learned from a few hundred images is badly conditioned, and without
 it the noise directions are amplified (measured here: about −25 mAP for R-MAC); 1e-3…1e-2 fixes
-that. Returns (mean float32 D, projection float32 dim×D). dim > min(N, D) → ValueError.)doc");
+that. Returns (mean float32 D, projection float32 dim×D). dim must be an integer (or None) with
+1 <= dim <= min(N, D), else ValueError.)doc");
 
   m.def(
       "apply_whitening",
@@ -226,7 +228,8 @@ that. Returns (mean float32 D, projection float32 dim×D). dim > min(N, D) → V
         return to_numpy(std::move(out));
       },
       py::arg("vectors"), py::arg("mean"), py::arg("projection"),
-      "(vectors − mean)·projectionᵀ → float32 N×dim. No normalisation: l2-normalise the result yourself.");
+      "(vectors − mean)·projectionᵀ → float32 N×dim. No normalisation: l2-normalise the result yourself. NaN or "
+      "Inf in any argument, or a result that overflows float32, raises ValueError.");
 
   m.def(
       "aggregate_regions",

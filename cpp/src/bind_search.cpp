@@ -35,7 +35,9 @@ void def_aml(py::module_& m, const char* name, const char* map_name, Convert con
         params.step = step;
         params.aspect_tolerance = aspect_tolerance;
         params.refine_iterations = refine_iterations;
-        if (!query_aspect.value.is_none()) params.query_aspect = query_aspect.value.template cast<double>();
+        if (!query_aspect.value.is_none())
+          params.query_aspect =
+              number_argument(query_aspect.value, "query_aspect", "a number (width / height) or None");
         AmlResult result;
         {
           py::gil_scoped_release release;

@@ -202,3 +202,79 @@ def test_z_ratio_too_small_is_refused():
         cm.cluster_feature_map(np.random.default_rng(5).random((4, 5, 5), dtype=np.float32), z_ratio=1e-40)
     s = cm.affinity(features, z_ratio=1e-8)  # the limit itself is accepted
     assert np.isfinite(s).all() and (np.diag(s) == 1.0).all()
+
+
+def test_nan_and_inf_are_refused_by_l2_normalize_and_apply_whitening():
+    rng = np.random.default_rng(6)
+    vectors = rng.standard_normal((10, 4)).astype(np.float32)
+    mean, projection = cm.fit_pca_whitening(vectors, dim=3)
+    for bad in (np.nan, np.inf, -np.inf):
+        broken = vectors.copy()
+        broken[3, 1] = bad
+        with pytest.raises(ValueError, match=r"^vectors contains NaN or Inf"):
+            cm.l2_normalize(broken)
+        with pytest.raises(ValueError, match=r"^vectors contains NaN or Inf"):
+            cm.l2_normalize(broken[3])
+        with pytest.raises(ValueError, match=r"^vectors contains NaN or Inf"):
+            cm.apply_whitening(broken, mean, projection)
+    huge = np.full((2, 4), 3e38, np.float32)
+    with pytest.raises(ValueError, match=r"apply_whitening: the whitened vectors overflow float32"):
+        cm.apply_whitening(huge, np.zeros(4, np.float32), np.full((2, 4), 10.0, np.float32))
+
+
+def test_pooling_overflow_is_an_error():
+    big = np.full((2, 4, 4), 3e38, np.float32)
+    with pytest.raises(ValueError, match=r"spoc_pool: channel 0 overflows float32 .* too large"):
+        cm.spoc_pool(big)
+    big[1, ::2] = 0.0  # two channels with different non-zero proportions: CroW's weights are > 0
+    with pytest.raises(ValueError, match=r"crow_pool: channel 0 overflows float32 .* too large"):
+        cm.crow_pool(big)
+    assert np.isfinite(cm.gem_pool(big)).all()  # GeM divides by the channel maximum first
+
+
+def test_topk_search_score_overflow_is_an_error():
+    database = np.ones((40, 2), np.float32)
+    database[7] = 1e30
+    with pytest.raises(ValueError, match=r"topk_search: the score of query 0 with database row 7 is inf"):
+        cm.topk_search(database, np.full((1, 2), 1e10, np.float32), 3)
+    # 1e60 − 1e60 inside one dot product: inf where the kernel fuses multiply and add (the
+    # exact product is added to inf), NaN (never ranked) where it rounds each product first.
+    database[7] = (1e30, 1e30)
+    query = np.array([[1e30, -1e30]], np.float32)
+    with pytest.raises(ValueError, match=r"topk_search: .* overflows? float32; the vectors are too large"):
+        cm.topk_search(database, query, 40)
+    code = textwrap.dedent(
+        """
+        import numpy as np
+        import clustermac as cm
+        database = np.ones((40, 2), np.float32)
+        database[7] = (1e30, 1e30)
+        try:
+            cm.topk_search(database, np.array([[1e30, -1e30]], np.float32), 40)
+        except ValueError as error:
+            print(error)
+        """
+    )
+    env = dict(os.environ, CLUSTERMAC_NO_AVX2="1")  # the scalar kernel: no fused multiply-add
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "topk_search: query 0 has NaN scores: its dot products overflow float32" in result.stdout
+    scores, indices = cm.topk_search(database, np.ones((1, 2), np.float32), 3)
+    assert indices[0, 0] == 7 and np.isfinite(scores).all()
+
+
+def test_integer_and_number_arguments_give_value_errors():
+    vectors = np.random.default_rng(7).standard_normal((10, 6)).astype(np.float32)
+    for dim in (3.5, "3", [3]):
+        with pytest.raises(ValueError, match=r"^dim: expected an integer or None, got"):
+            cm.fit_pca_whitening(vectors, dim=dim)
+    with pytest.raises(ValueError, match=r"dim: expected an integer or None that fits in 64 bits"):
+        cm.fit_pca_whitening(vectors, dim=2**70)
+    a = cm.fit_pca_whitening(vectors, dim=np.int64(3))
+    b = cm.fit_pca_whitening(vectors, dim=3)
+    np.testing.assert_array_equal(a[1], b[1])
+    fmap = np.random.default_rng(8).random((4, 6, 6), dtype=np.float32)
+    with pytest.raises(ValueError, match=r"^query_aspect: expected a number"):
+        cm.aml_localize(fmap, fmap.max(axis=(1, 2)), query_aspect="wide")
+    box, _ = cm.aml_localize(fmap, fmap.max(axis=(1, 2)), query_aspect=np.float32(1.0))
+    assert box.shape == (4,)

@@ -50,6 +50,16 @@ inline void require_feature_map(const FeatureMapView& map, const std::string& na
     fail(name + " contains NaN or Inf values; expected only finite numbers");
 }
 
+// A pooled vector whose sums overflowed float32 (a finite map with huge values) is an error, not a
+// silent inf: the caller's l2-normalisation would turn it into NaN.
+inline void require_pooled_finite(const VectorF& pooled, const char* function) {
+  for (Eigen::Index d = 0; d < pooled.size(); ++d)
+    if (!std::isfinite(pooled[d]))
+      fail(std::string(function) + ": channel " + std::to_string(d) +
+           " overflows float32 (its weighted sum is beyond 3.4e38); the feature map's values are too large, "
+           "scale them down");
+}
+
 // Per-region MAC (Eq. 4): out[k, d] = max over locations with label k of X[d, location].
 // K = max(labels) + 1; locations with a negative label are ignored (masked out). A label
 // that names no location (an empty region) gives a zero row: after ReLU zero is the smallest
@@ -156,6 +166,7 @@ inline VectorF spoc_pool(const FeatureMapView& map) {
     for (std::ptrdiff_t i = 0; i < map.locations(); ++i) sum += weight[i] * plane[i];
     out[d] = static_cast<float>(sum);
   }
+  require_pooled_finite(out, "spoc_pool");
   return out;
 }
 
@@ -216,6 +227,7 @@ inline VectorF crow_pool(const FeatureMapView& map) {
     const double channel_weight = nonzero_sum > 0.0 ? std::log(nonzero_sum / (1e-6 + nonzero[d])) : 0.0;
     out[d] = static_cast<float>(channel_weight * sum);
   }
+  require_pooled_finite(out, "crow_pool");
   return out;
 }
 

@@ -24,7 +24,9 @@ inline bool l2_normalize_in_place(float* v, std::ptrdiff_t n) {
   return true;
 }
 
+// l2_normalize as exposed to Python: NaN or Inf in `vectors` is refused (it would come out as NaN).
 inline MatrixRM l2_normalize_rows(const ConstMatrixRef& vectors) {
+  require_finite(vectors, "vectors");
   MatrixRM out = vectors;
   for (std::ptrdiff_t r = 0; r < out.rows(); ++r) l2_normalize_in_place(out.row(r).data(), out.cols());
   return out;
@@ -125,9 +127,17 @@ inline MatrixRM whiten(const ConstMatrixRef& vectors, const float* mean, const C
   return Eigen::Map<const MatrixRM>(product.data(), n, dim);
 }
 
+// whiten() as exposed to Python: NaN or Inf in `vectors` is refused, and so is a result that
+// overflows float32 (finite but huge inputs), instead of passing NaN or inf on.
 inline MatrixRM apply_whitening(const ConstMatrixRef& vectors, const ConstVectorRef& mean,
                                 const ConstMatrixRef& projection) {
-  return whiten(vectors, mean.data(), projection);
+  require_finite(vectors, "vectors");
+  MatrixRM out = whiten(vectors, mean.data(), projection);
+  if (!out.allFinite())
+    fail(
+        "apply_whitening: the whitened vectors overflow float32 (inf or NaN); the vectors are too large for this "
+        "projection, scale them down (e.g. l2-normalise them first)");
+  return out;
 }
 
 }  // namespace clustermac

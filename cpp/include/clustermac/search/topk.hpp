@@ -156,8 +156,18 @@ inline void topk_search_chunk(const float* database, std::ptrdiff_t n_database, 
     std::vector<Hit> merged;
     merged.reserve(k * n_shares);
     for (auto& share : share_hits) merged.insert(merged.end(), share[q].heap.begin(), share[q].heap.end());
+    // A NaN score (inf − inf inside a dot product) is never offered, so a query can come up
+    // short of k hits; an infinite one ranks first or last. Only the k returned scores are
+    // checked, which keeps the search itself free of extra passes.
+    if (static_cast<std::ptrdiff_t>(merged.size()) < k)
+      fail("topk_search: query " + std::to_string(first_row + q) +
+           " has NaN scores: its dot products overflow float32; the vectors are too large (l2-normalise them)");
     std::partial_sort(merged.begin(), merged.begin() + k, merged.end(), better);
     for (std::ptrdiff_t j = 0; j < k; ++j) {
+      if (!std::isfinite(merged[j].score))
+        fail("topk_search: the score of query " + std::to_string(first_row + q) + " with database row " +
+             std::to_string(merged[j].index) + " is " + format_number(merged[j].score) +
+             ": the dot product overflows float32; the vectors are too large (l2-normalise them)");
       result.scores(first_row + q, j) = merged[j].score;
       result.indices(first_row + q, j) = merged[j].index;
     }
