@@ -22,7 +22,9 @@ def affinity(features: numpy.typing.NDArray[numpy.float32], z_ratio: typing.Supp
     d_ij = sqrt(sum_k w_k (f_ik - f_jk)^2) with w_k = var_k / sum_m var_m computed from the columns of
     `features` when `weights` is None (else the given non-negative weights, used as is);
     S_ij = exp(-d_ij / z)^2 with z = z_ratio * max d. When all features are equal (max d = 0) the
-    result is all ones.
+    result is all ones. Limits (ValueError): N <= 65,536 locations (the N x N result takes 16 GiB
+    there); z_ratio >= 1e-8 (below it exp(-2 d / z) underflows float32 for all but near-identical
+    locations).
     """
 def aggregate_regions(region_vectors: numpy.typing.NDArray[numpy.float32], mean: numpy.typing.NDArray[numpy.float32] | None = None, projection: numpy.typing.NDArray[numpy.float32] | None = None) -> numpy.typing.NDArray[numpy.float32]:
     """
@@ -50,7 +52,7 @@ def aml_localize_codes(codes: numpy.typing.NDArray[numpy.uint8], query_vector: n
     """
 def apply_whitening(vectors: numpy.typing.NDArray[numpy.float32], mean: numpy.typing.NDArray[numpy.float32], projection: numpy.typing.NDArray[numpy.float32]) -> numpy.typing.NDArray[numpy.float32]:
     """
-    (vectors − mean)·projectionᵀ → float32 N×dim. No normalisation: l2-normalise the result yourself.
+    (vectors − mean)·projectionᵀ → float32 N×dim. No normalisation: l2-normalise the result yourself. NaN or Inf in any argument, or a result that overflows float32, raises ValueError.
     """
 def cluster_feature_map(feature_map: numpy.typing.NDArray[numpy.float32], rgb: numpy.typing.NDArray[numpy.float32] | None = None, n_clusters: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex] = [5, 20], rgb_clusters: typing.SupportsInt | typing.SupportsIndex = 5, pca_dim: typing.SupportsInt | typing.SupportsIndex = 4, z_ratio: typing.SupportsFloat | typing.SupportsIndex = 0.05000000074505806, spatial_weight: typing.SupportsFloat | typing.SupportsIndex = 0.0, seed: typing.SupportsInt | typing.SupportsIndex = 0, normalization: str = 'sym', pca_mean: numpy.typing.NDArray[numpy.float32] | None = None, pca_basis: numpy.typing.NDArray[numpy.float32] | None = None, similarity_precision: str = 'auto') -> list[numpy.typing.NDArray[numpy.int32]]:
     """
@@ -73,18 +75,22 @@ def cluster_feature_map(feature_map: numpy.typing.NDArray[numpy.float32], rgb: n
     (CPUs with AVX512-BF16: the eigensolver's products at about half the cost, 8 significant bits
     per similarity); "auto" (default) takes bfloat16 for N >= 2048 locations when the CPU has it,
     float32 otherwise. The environment variable CLUSTERMAC_NO_BF16 makes "auto" always float32.
+    Limits (ValueError): N = H*W <= 65,536 locations (the N x N float32 similarity takes 16 GiB
+    there); z_ratio >= 1e-8 (see affinity).
     """
 def cluster_feature_maps(feature_maps: list[numpy.typing.NDArray[numpy.float32]], rgbs: collections.abc.Sequence[numpy.typing.NDArray[numpy.float32] | None] | None = None, n_clusters: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex] = [5, 20], rgb_clusters: typing.SupportsInt | typing.SupportsIndex = 5, pca_dim: typing.SupportsInt | typing.SupportsIndex = 4, z_ratio: typing.SupportsFloat | typing.SupportsIndex = 0.05000000074505806, spatial_weight: typing.SupportsFloat | typing.SupportsIndex = 0.0, seed: typing.SupportsInt | typing.SupportsIndex = 0, normalization: str = 'sym', pca_mean: numpy.typing.NDArray[numpy.float32] | None = None, pca_basis: numpy.typing.NDArray[numpy.float32] | None = None, n_threads: typing.SupportsInt | typing.SupportsIndex = 0, similarity_precision: str = 'auto') -> list[list[numpy.typing.NDArray[numpy.int32]]]:
     """
     cluster_feature_map for a list of feature maps on a thread pool (GIL released).
     
     rgbs: None or a list with one H x W x 3 array (or None) per map. n_threads <= 0 uses all
-    hardware threads. Returns one list of label maps per input, in input order; all inputs are
-    checked before any work starts.
+    hardware threads, and more than the hardware has (os.cpu_count()) are capped at that number;
+    the labels do not depend on n_threads. Returns one list of label maps per input, in input order;
+    all inputs are checked (including N = H*W <= 65,536 per map) before any work starts. The system
+    refusing to start a thread raises RuntimeError (n_threads=1 runs on the calling thread only).
     """
 def crow_pool(feature_map: numpy.typing.NDArray[numpy.float32]) -> numpy.typing.NDArray[numpy.float32]:
     """
-    CroW (Kalantidis et al. 2016, a = b = 2): spatial weights (S/||S||_2)^(1/2) from the channel sum S, channel weights log(sum Q / (1e-6 + Q_k)) from the non-zero proportions Q. Returns the raw float32 D vector.
+    CroW (Kalantidis et al. 2016, a = b = 2): spatial weights (S/||S||_2)^(1/2) from the channel sum S, channel weights log(sum Q / (1e-6 + Q_k)) from the non-zero proportions Q. Returns the raw float32 D vector; a channel whose weighted sum overflows float32 (values too large) raises ValueError.
     """
 def dequantize_codes(codes: numpy.typing.NDArray[numpy.uint8], box: collections.abc.Sequence[typing.SupportsInt] | None = None, scale: typing.SupportsFloat | typing.SupportsIndex = 1.0) -> numpy.typing.NDArray[numpy.float32]:
     """
@@ -98,7 +104,8 @@ def fit_pca_whitening(vectors: numpy.typing.NDArray[numpy.float32], dim: int | N
     min(N, D)) eigenvectors and scales each by (λ + shrinkage·λmax)^(-1/2). ``shrinkage`` is a
     regularisation: whitening learned from a few hundred images is badly conditioned, and without
     it the noise directions are amplified (measured here: about −25 mAP for R-MAC); 1e-3…1e-2 fixes
-    that. Returns (mean float32 D, projection float32 dim×D). dim > min(N, D) → ValueError.
+    that. Returns (mean float32 D, projection float32 dim×D). dim must be an integer (or None) with
+    1 <= dim <= min(N, D), else ValueError.
     """
 def gem_pool(feature_map: numpy.typing.NDArray[numpy.float32], p: typing.SupportsFloat | typing.SupportsIndex = 3.0) -> numpy.typing.NDArray[numpy.float32]:
     """
@@ -106,7 +113,7 @@ def gem_pool(feature_map: numpy.typing.NDArray[numpy.float32], p: typing.Support
     """
 def grid_mac(feature_map: numpy.typing.NDArray[numpy.float32], regions: numpy.typing.NDArray[numpy.int32]) -> numpy.typing.NDArray[numpy.float32]:
     """
-    MAC over each region [x0, y0, x1, y1) of a D×H×W feature map → float32 R×D. A region that is empty or outside the map raises ValueError.
+    MAC over each region [x0, y0, x1, y1) of a D×H×W feature map → float32 R×D. A region that is empty or outside the map raises ValueError, and so does an R×D output above 1 GiB (R·D > 2**28).
     """
 def grid_mac_codes(codes: numpy.typing.NDArray[numpy.uint8], box: collections.abc.Sequence[typing.SupportsInt] | None, regions: numpy.typing.NDArray[numpy.int32], scale: typing.SupportsFloat | typing.SupportsIndex) -> numpy.typing.NDArray[numpy.float32]:
     """
@@ -117,11 +124,12 @@ def grid_mac_codes(codes: numpy.typing.NDArray[numpy.uint8], box: collections.ab
     [x0, y0, x1, y1) relative to the box, e.g. rmac_regions(box height, box width). scale: finite,
     >= 0. Returns float32 R×D equal bit for bit to
     grid_mac(dequantize_codes(codes, box, scale), regions): the max is taken on the codes (scaling
-    by scale >= 0 is monotone) and only the result is converted to float.
+    by scale >= 0 is monotone) and only the result is converted to float. An R×D output above
+    1 GiB (R·D > 2**28) raises ValueError before allocating.
     """
 def l2_normalize(vectors: numpy.typing.NDArray[numpy.float32]) -> numpy.typing.NDArray[numpy.float32]:
     """
-    Scale each row (or the one vector) to unit l2 norm; a zero vector stays zero (never NaN). float32 in, float32 out, same shape.
+    Scale each row (or the one vector) to unit l2 norm; a zero vector stays zero (never NaN). float32 in, float32 out, same shape. NaN or Inf in vectors raises ValueError.
     """
 def ncut(affinity: numpy.typing.NDArray[numpy.float32], n_clusters: typing.SupportsInt | typing.SupportsIndex, seed: typing.SupportsInt | typing.SupportsIndex = 0, normalization: str = 'sym') -> numpy.typing.NDArray[numpy.int32]:
     """
@@ -132,6 +140,7 @@ def ncut(affinity: numpy.typing.NDArray[numpy.float32], n_clusters: typing.Suppo
     compact: when the discretisation leaves a cluster empty (fewer separable groups than
     n_clusters), the remaining labels are renumbered 0..m-1 with m < n_clusters. n_clusters must be
     in [1, N]; n_clusters = 1 gives all zeros. Same input and seed give the same labels.
+    N <= 65,536 (ValueError above).
     """
 def ncut_embedding(affinity: numpy.typing.NDArray[numpy.float32], n_vectors: typing.SupportsInt | typing.SupportsIndex, normalization: str = 'sym', similarity_precision: str = 'float32') -> numpy.typing.NDArray[numpy.float32]:
     """
@@ -149,7 +158,7 @@ def ncut_embedding(affinity: numpy.typing.NDArray[numpy.float32], n_vectors: typ
     D^-1/2 u scaled to unit l2 norm, signed so that each column's largest-magnitude entry is positive.
     similarity_precision="bfloat16" rounds the affinity to bf16 first and runs the eigensolver's
     products with AVX512-BF16 (see cluster_feature_map); "float32" (default) or "auto" keep it as
-    given.
+    given. N <= 65,536 (ValueError above).
     """
 def pca_project(features: numpy.typing.NDArray[numpy.float32], n_components: typing.SupportsInt | typing.SupportsIndex) -> tuple[numpy.typing.NDArray[numpy.float32], numpy.typing.NDArray[numpy.float32]]:
     """
@@ -178,7 +187,8 @@ def region_mac(feature_map: numpy.typing.NDArray[numpy.float32], labels: numpy.t
     
     feature_map: float32 D×H×W. labels: int32 H×W, region ids 0..K-1; negative labels are
     ignored (masked out). Returns float32 K×D with K = labels.max() + 1 (0 rows if every label
-    is negative). A region id that names no location gives a zero row.
+    is negative). A region id that names no location gives a zero row. Limits (ValueError):
+    K <= 2**20, and the K×D float32 output at most 1 GiB (K·D <= 2**28), checked before allocating.
     """
 def region_mac_codes(codes: numpy.typing.NDArray[numpy.uint8], labels: numpy.typing.NDArray[numpy.int32], box: collections.abc.Sequence[typing.SupportsInt] | None, scale: typing.SupportsFloat | typing.SupportsIndex) -> numpy.typing.NDArray[numpy.float32]:
     """
@@ -190,7 +200,8 @@ def region_mac_codes(codes: numpy.typing.NDArray[numpy.uint8], labels: numpy.typ
     K×D with K = labels.max() + 1 over the whole map (0 rows if every label is negative): row k is
     the max of code·scale over the box's cells labelled k, a zero row if cluster k has no cell in the
     box. Equal bit for bit to region_mac(dequantize_codes(codes, box, scale), labels[y0:y1, x0:x1])
-    padded with zero rows up to K.
+    padded with zero rows up to K. Limits (ValueError, as region_mac): K <= 2**20 and the K×D
+    float32 output at most 1 GiB (K·D <= 2**28), checked before allocating.
     """
 def rmac_regions(height: typing.SupportsInt | typing.SupportsIndex, width: typing.SupportsInt | typing.SupportsIndex, levels: typing.SupportsInt | typing.SupportsIndex = 3) -> numpy.typing.NDArray[numpy.int32]:
     """
@@ -198,7 +209,8 @@ def rmac_regions(height: typing.SupportsInt | typing.SupportsIndex, width: typin
     
     Returns int32 R×4 rows [x0, y0, x1, y1) (half-open, feature-map cells): square regions of side
     floor(2·min(H, W)/(l+1)) at levels l = 1..levels with ~40 % overlap; the number of regions on
-    the long side follows Tolias' rule. No extra global region.
+    the long side follows Tolias' rule. No extra global region. Limits (ValueError):
+    1 <= height, width <= 2**31 - 1 (coordinates are int32) and 1 <= levels <= 64.
     """
 def simd_level() -> str:
     """
@@ -210,14 +222,19 @@ def simd_level() -> str:
     """
 def spoc_pool(feature_map: numpy.typing.NDArray[numpy.float32]) -> numpy.typing.NDArray[numpy.float32]:
     """
-    SPoC (Babenko & Lempitsky 2015): sum pooling with a Gaussian centre prior (sigma = min(H, W)/6, one third of the centre-to-closest-border distance). Returns the raw float32 D vector.
+    SPoC (Babenko & Lempitsky 2015): sum pooling with a Gaussian centre prior (sigma = min(H, W)/6, one third of the centre-to-closest-border distance). Returns the raw float32 D vector; a channel whose sum overflows float32 (values too large) raises ValueError.
     """
 def topk_search(database: numpy.typing.NDArray[numpy.float32], queries: numpy.typing.NDArray[numpy.float32], k: typing.SupportsInt | typing.SupportsIndex, n_threads: typing.SupportsInt | typing.SupportsIndex = 0) -> tuple[numpy.typing.NDArray[numpy.float32], numpy.typing.NDArray[numpy.int64]]:
     """
     Exact top-k dot-product search (cosine similarity for l2-normalised vectors).
     
     database: float32 N×D, C-contiguous (a np.memmap works and is streamed block by block);
-    queries: float32 Q×D; 1 <= k <= N; n_threads <= 0 uses every core. Returns (scores float32
-    Q×k sorted descending, indices int64 Q×k), ties broken by the smaller database index. Memory
-    beyond the inputs is O(threads·Q·256) floats. The GIL is released.
+    queries: float32 Q×D; 1 <= k <= N; n_threads <= 0 uses every core, and more threads than the
+    hardware has (os.cpu_count()) are capped at that number; the result does not depend on
+    n_threads. Returns (scores float32 Q×k sorted descending, indices int64 Q×k), ties broken by the
+    smaller database index. Memory beyond the inputs is O(threads·Q·256) floats. The GIL is released.
+    Errors: NaN or Inf in database or queries → ValueError naming the row; a returned score that
+    overflows float32 (vectors far from unit norm) → ValueError (only the k returned scores of each
+    query are checked, so a NaN score outside them is skipped silently); the system refusing to
+    start a thread → RuntimeError (n_threads=1 runs on the calling thread only).
     """
