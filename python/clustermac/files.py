@@ -182,18 +182,20 @@ def crash_point(step: str) -> None:
     """A named place where a writer can be killed on purpose, for the fault-injection tests.
 
     With ``CLUSTERMAC_CRASH_AT=STEP:N`` the N-th time (from 1) the process reaches ``step`` it
-    sends itself SIGKILL, as ``kill -9`` would: no ``finally`` block, no clean-up runs. Without the
-    variable this costs one dictionary lookup.
+    sends itself SIGKILL, as ``kill -9`` would: no ``finally`` block, no clean-up runs.
+    ``STEP:N:INT`` sends SIGINT instead, as Ctrl-C would (Python raises KeyboardInterrupt there).
+    Without the variable this costs one dictionary lookup.
     """
     wanted = os.environ.get(CRASH_ENVIRONMENT_VARIABLE)
     if not wanted:
         return
-    name, _, count = wanted.partition(":")
+    name, _, rest = wanted.partition(":")
     if name != step:
         return
+    count, _, how = rest.partition(":")
     _crash_counts[step] = _crash_counts.get(step, 0) + 1
     if _crash_counts[step] == int(count or 1):
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGINT if how.upper() == "INT" else signal.SIGKILL)
 
 
 # ---------------------------------------------------------------------- folders published by a pointer
