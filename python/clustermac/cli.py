@@ -165,13 +165,14 @@ def _refuse_collisions(out: str, folder: str, inputs: Sequence[str | None], name
 
 def cmd_extract(args: argparse.Namespace) -> int:
     from .descriptors import extract_folder
-    from .descriptors.store import check_output_paths
+    from .descriptors.store import check_output_paths, manifest_path
     from .files import output_lock
     from .images import list_images
 
     names = list_images(args.folder)
     check_output_paths(args.out, args.folder, names, inputs=_input_files(args))
-    with output_lock(args.out, command=args.command_line):
+    # The manifest's lock too: d.npy and d.npz share d.json.
+    with output_lock(args.out, command=args.command_line), output_lock(manifest_path(args.out), args.command_line):
         manifest = extract_folder(
             _extractor(args), args.folder, args.out, progress=not args.quiet, names=names, chunk_size=args.chunk_size
         )
