@@ -218,9 +218,11 @@ def test_crash_points_then_resume_give_the_uninterrupted_bytes(tmp_path, setup):
     assert json.loads(expected[1])["failed"].keys() == {"img3b.png"}
     for k, crashes in enumerate(scenarios()):
         out = tmp_path / f"run{k}" / "d.npy"
-        for crash_at in crashes:
+        for i, crash_at in enumerate(crashes):
             killed = run(command(model, folder, out), crash_at=crash_at)
-            assert killed.returncode == -signal.SIGKILL, (crash_at, killed.stderr)
+            # A resume may finish before a later crash point is reached (fewer chunks to do).
+            allowed = (-signal.SIGKILL,) if i == 0 else (-signal.SIGKILL, 0)
+            assert killed.returncode in allowed, (crash_at, killed.stderr)
         resumed = run(command(model, folder, out))
         assert resumed.returncode == 0, (crashes, resumed.stderr)
         assert (out.read_bytes(), out.with_suffix(".json").read_bytes()) == expected, crashes
