@@ -21,7 +21,9 @@ import pytest
 from PIL import Image
 
 import clustermac
-from clustermac.descriptors.store import FORMAT_VERSION, manifest_path
+from clustermac.descriptors.store import manifest_path
+
+FORMAT_VERSION = 2
 
 LEGACY = Path(__file__).resolve().parents[1] / "data" / "v0.1.0"
 TIMEOUT = 60
