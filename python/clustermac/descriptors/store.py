@@ -171,7 +171,7 @@ def extract_folder(
         remove_stale_temporaries(manifest_file)
         parts = parts_path(out)
         chunks = [names[i : i + chunk_size] for i in range(0, len(names), chunk_size)]
-        infos, messages = _adopt_chunks(parts, chunks, settings, fingerprint)
+        infos, messages = _adopt_chunks(parts, chunks, chunk_size, settings, fingerprint)
         bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -249,7 +249,7 @@ def _extract_chunk(
 
 
 def _adopt_chunks(
-    parts: Path, chunks: list[list[str]], settings: dict[str, Any], fingerprint: str
+    parts: Path, chunks: list[list[str]], chunk_size: int, settings: dict[str, Any], fingerprint: str
 ) -> tuple[dict[int, dict[str, Any]], list[str]]:
     """The finished chunks of ``parts`` that this run may reuse (chunk index -> record), and the
     messages about the ones it discarded (which are deleted)."""
@@ -282,7 +282,7 @@ def _adopt_chunks(
         else:
             leftover.unlink(missing_ok=True)
     state = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "fingerprint": fingerprint, "settings": settings}
-    state.update(chunk_size=len(chunks[0]) if chunks else 0, images=sum(len(c) for c in chunks))
+    state.update(chunk_size=chunk_size, images=sum(len(c) for c in chunks))
     atomic_write_bytes(parts / "run.json", json.dumps(state, indent=1).encode())
     messages = [
         f"{parts}: discarded {count} finished chunk{'s' if count > 1 else ''} ({reason}); extracting them again"
