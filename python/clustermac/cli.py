@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,6 +23,28 @@ from typing import Any
 from .descriptors import CLUSTER_POOLINGS, CROP_MODES, METHODS
 
 INDEX_INFO = "clustermac.json"
+
+#: Exit codes: 0 done, 2 usage error or bad input (one line on stderr), 3 another process is
+#: writing the same output, 130 interrupted (Ctrl-C).
+EXIT_ERROR = 2
+EXIT_LOCKED = 3
+EXIT_INTERRUPTED = 130
+
+
+def _int_at_least(minimum: int):
+    """An argparse type: an integer >= ``minimum`` (a usage error otherwise, before any work)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
 
 
 def _add_backbone_options(p: argparse.ArgumentParser) -> None:
@@ -32,8 +55,10 @@ def _add_backbone_options(p: argparse.ArgumentParser) -> None:
         "resnet101-caffe, efficientnet-lite0) together with --onnx, or a path to an .onnx file",
     )
     p.add_argument("--onnx", help="ONNX file of the backbone (made by `clustermac export`)")
-    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads (default: all cores)")
-    p.add_argument("--max-size", type=int, default=None, help="longest image side (default 1024; never upsampled)")
+    p.add_argument("--threads", type=_int_at_least(1), default=None, help="ONNX Runtime threads (default: all cores)")
+    p.add_argument(
+        "--max-size", type=_int_at_least(1), default=None, help="longest image side (default 1024; never upsampled)"
+    )
 
 
 def _add_method_options(p: argparse.ArgumentParser) -> None:
@@ -45,7 +70,10 @@ def _add_method_options(p: argparse.ArgumentParser) -> None:
         help="query mode: 'image' = crop I (crop, then extract), 'activations' = crop X",
     )
     p.add_argument(
-        "--pca-dim", type=int, default=None, help="C of the clustering PCA (default: 4 for 512-d maps, 7 otherwise)"
+        "--pca-dim",
+        type=_int_at_least(1),
+        default=None,
+        help="C of the clustering PCA (default: 4 for 512-d maps, 7 otherwise)",
     )
     p.add_argument("--whitening", help="whitening file (.npz) from `clustermac fit-whitening`")
     p.add_argument(
@@ -55,7 +83,7 @@ def _add_method_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--n-clusters",
-        type=int,
+        type=_int_at_least(1),
         nargs="+",
         default=None,
         metavar="K",
@@ -113,10 +141,41 @@ def _extractor(args: argparse.Namespace, backbone=None):
     return ex
 
 
+def _input_files(args: argparse.Namespace) -> list[str]:
+    """The files a command reads besides its images (whitening, ONNX backbone)."""
+    files = [getattr(args, "whitening", None), getattr(args, "onnx", None)]
+    backbone = getattr(args, "backbone", "")
+    if backbone.endswith(".onnx"):
+        files.append(backbone)
+    return [f for f in files if f]
+
+
+def _refuse_collisions(out: str, folder: str, inputs: Sequence[str | None], names: Sequence[str]) -> None:
+    """A usage error when the output would overwrite an input (before any work)."""
+    out_path = Path(out)
+    if out_path.is_dir():
+        raise ValueError(f"--out {out}: is a directory")
+    taken = {os.path.realpath(folder): f"the image folder {folder}"}
+    taken.update({os.path.realpath(Path(folder) / n): f"the input image {Path(folder) / n}" for n in names})
+    taken.update({os.path.realpath(p): f"the input file {p}" for p in inputs if p})
+    clash = taken.get(os.path.realpath(out_path))
+    if clash is not None:
+        raise ValueError(f"--out {out}: would overwrite {clash}")
+
+
 def cmd_extract(args: argparse.Namespace) -> int:
     from .descriptors import extract_folder
+    from .descriptors.store import check_output_paths, manifest_path
+    from .files import output_lock
+    from .images import list_images
 
-    manifest = extract_folder(_extractor(args), args.folder, args.out, progress=not args.quiet)
+    names = list_images(args.folder)
+    check_output_paths(args.out, args.folder, names, inputs=_input_files(args))
+    # The manifest's lock too: d.npy and d.npz share d.json.
+    with output_lock(args.out, command=args.command_line), output_lock(manifest_path(args.out), args.command_line):
+        manifest = extract_folder(
+            _extractor(args), args.folder, args.out, progress=not args.quiet, names=names, chunk_size=args.chunk_size
+        )
     print(f"{len(manifest['images'])} descriptors of dimension {manifest['settings']['dim']} written to {args.out}")
     for name, reason in manifest["failed"].items():
         print(f"skipped {name}: {reason}", file=sys.stderr)
@@ -124,14 +183,18 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 
 def cmd_fit_whitening(args: argparse.Namespace) -> int:
+    from .files import output_lock
     from .images import list_images
 
-    ex = _extractor(args)
-    names = [str(Path(args.folder) / n) for n in list_images(args.folder)]
+    relative = list_images(args.folder)
+    _refuse_collisions(args.out, args.folder, _input_files(args), relative)
+    names = [str(Path(args.folder) / n) for n in relative]
     if not names:
         raise SystemExit(f"clustermac: no images in {args.folder}")
-    ex.fit_whitening(names, progress=not args.quiet)
-    ex.save_whitening(args.out)
+    with output_lock(args.out, command=args.command_line):
+        ex = _extractor(args)
+        ex.fit_whitening(names, progress=not args.quiet)
+        ex.save_whitening(args.out)
     print(
         f"whitening {ex.whitening_projection.shape[1]} → {ex.whitening_projection.shape[0]} "
         f"learned on {len(names)} images, saved to {args.out}"
@@ -275,6 +338,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("folder")
     p.add_argument("--out", required=True, help="output .npy (a .json manifest is written beside it)")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument(
+        "--chunk-size",
+        type=_int_at_least(1),
+        default=None,
+        help="images per finished chunk kept for resuming an interrupted run (default 64)",
+    )
     _add_backbone_options(p)
     _add_method_options(p)
     p.set_defaults(func=cmd_extract)
@@ -354,18 +423,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .errors import OutputLockedError
+
     parser = build_parser()
+    argv = list(argv) if argv is not None else sys.argv[1:]
     args = parser.parse_args(argv)
+    args.command_line = " ".join(["clustermac", *argv])
     if getattr(args, "command", None) == "search":
-        args.method_given = "--method" in (argv if argv is not None else sys.argv)
+        args.method_given = "--method" in argv
     if getattr(args, "command", None) == "evaluate":
         args.methods = args.methods or [args.method]
         args.crops = args.crops or [args.crop]
     try:
         return int(args.func(args) or 0)
+    except OutputLockedError as error:
+        print(f"clustermac: error: {error}", file=sys.stderr)
+        return EXIT_LOCKED
+    except KeyboardInterrupt:
+        print("clustermac: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except (ValueError, OSError, RuntimeError) as error:
         print(f"clustermac: error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

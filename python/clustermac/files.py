@@ -80,7 +80,7 @@ def lock_path(output: Path) -> Path:
     return output.parent / f".{output.name}{LOCK_SUFFIX}"
 
 
-_held_locks: dict[str, int] = {}  # lock file -> nesting depth, for this process
+_held_locks: dict[tuple[int, str], int] = {}  # (thread, lock file) -> nesting depth, in this process
 _held_locks_guard = threading.Lock()
 
 
@@ -98,7 +98,9 @@ def output_lock(output: str | os.PathLike, command: str = "") -> Iterator[Path]:
     output = Path(output)
     path = lock_path(output)
     path.parent.mkdir(parents=True, exist_ok=True)
-    key = os.path.realpath(path)
+    # Re-entrant for the thread that holds it; another thread of this process is a second
+    # writer (its own flock on a new descriptor is refused like another process's).
+    key = (threading.get_ident(), os.path.realpath(path))
     with _held_locks_guard:
         if key in _held_locks:
             _held_locks[key] += 1
@@ -154,7 +156,11 @@ def remove_stale_temporaries(output: Path) -> list[Path]:
     if not output.parent.is_dir():
         return []
     removed = []
-    for pattern in (f"{glob.escape(output.name)}.*.tmp", f".{glob.escape(output.name)}.tmp-*"):
+    # Exactly the names temporary_file_beside makes (NAME. + mkstemp's 8 random characters +
+    # .tmp): "d.*.tmp" would also match the temporaries of the output "d.json", which
+    # another writer may be writing under its own lock.
+    random_part = "[a-z0-9_]" * 8
+    for pattern in (f"{glob.escape(output.name)}.{random_part}.tmp", f".{glob.escape(output.name)}.tmp-*"):
         for leftover in output.parent.glob(pattern):
             if leftover.is_dir() and not leftover.is_symlink():
                 shutil.rmtree(leftover, ignore_errors=True)
@@ -182,18 +188,20 @@ def crash_point(step: str) -> None:
     """A named place where a writer can be killed on purpose, for the fault-injection tests.
 
     With ``CLUSTERMAC_CRASH_AT=STEP:N`` the N-th time (from 1) the process reaches ``step`` it
-    sends itself SIGKILL, as ``kill -9`` would: no ``finally`` block, no clean-up runs. Without the
-    variable this costs one dictionary lookup.
+    sends itself SIGKILL, as ``kill -9`` would: no ``finally`` block, no clean-up runs.
+    ``STEP:N:INT`` sends SIGINT instead, as Ctrl-C would (Python raises KeyboardInterrupt there).
+    Without the variable this costs one dictionary lookup.
     """
     wanted = os.environ.get(CRASH_ENVIRONMENT_VARIABLE)
     if not wanted:
         return
-    name, _, count = wanted.partition(":")
+    name, _, rest = wanted.partition(":")
     if name != step:
         return
+    count, _, how = rest.partition(":")
     _crash_counts[step] = _crash_counts.get(step, 0) + 1
     if _crash_counts[step] == int(count or 1):
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGINT if how.upper() == "INT" else signal.SIGKILL)
 
 
 # ---------------------------------------------------------------------- folders published by a pointer

@@ -32,6 +32,28 @@ __all__ = ["Extractor", "PreparedImage", "CROP_MODES", "rgb_at_feature_resolutio
 #: How a query box is applied: crop the image (crop I) or the activations (crop X).
 CROP_MODES = ("image", "activations")
 _CLUSTERING_PCAS = ("image", "dataset")
+_NORMALIZATIONS = ("sym", "shi")
+
+
+def _integer(name: str, value: Any, minimum: int, optional: bool = False) -> int | None:
+    """``value`` as an int >= ``minimum``; a ValueError naming the setting otherwise."""
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name}: expected an integer >= {minimum}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name}: expected an integer >= {minimum}, got {value}")
+    return int(value)
+
+
+def _number(name: str, value: Any, positive: bool = False) -> float:
+    """``value`` as a finite float (> 0 when ``positive``, else >= 0); a ValueError naming the setting."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{name}: expected a number, got {value!r}")
+    value = float(value)
+    if not np.isfinite(value) or (value <= 0 if positive else value < 0):
+        raise ValueError(f"{name}: expected a finite number {'> 0' if positive else '>= 0'}, got {value}")
+    return value
 
 
 @dataclass
@@ -145,12 +167,30 @@ class Extractor:
             raise ValueError(f"cluster_pooling: expected one of {CLUSTER_POOLINGS}, got {cluster_pooling!r}")
         if clustering_pca not in _CLUSTERING_PCAS:
             raise ValueError(f"clustering_pca: expected 'image' or 'dataset', got {clustering_pca!r}")
-        n_clusters = tuple(int(k) for k in n_clusters)
-        if any(k < 1 for k in n_clusters) or rgb_clusters < 0:
-            raise ValueError(f"cluster counts must be >= 1, got n_clusters={n_clusters}, rgb_clusters={rgb_clusters}")
-        if not z_ratio > 0:
-            raise ValueError(f"z_ratio: expected a positive number, got {z_ratio}")
+        if normalization not in _NORMALIZATIONS:
+            raise ValueError(f"normalization: expected one of {_NORMALIZATIONS}, got {normalization!r}")
+        # Every setting is checked here, before a backbone is loaded or an image touched: a bad
+        # global setting is one clear error, not a failure of every image.
+        max_size = _integer("max_size", max_size, 1, optional=True)
+        pca_dim = _integer("pca_dim", pca_dim, 1, optional=True)
+        if isinstance(n_clusters, (str, bytes)) or not isinstance(n_clusters, Iterable):
+            raise ValueError(f"n_clusters: expected a sequence of integers >= 1, got {n_clusters!r}")
+        n_clusters = tuple(_integer("n_clusters", k, 1) for k in n_clusters)
+        if not n_clusters:
+            raise ValueError("n_clusters: expected at least one cluster count")
+        rgb_clusters = _integer("rgb_clusters", rgb_clusters, 0)
+        rmac_levels = _integer("rmac_levels", rmac_levels, 1)
+        whitening_dim = _integer("whitening_dim", whitening_dim, 1, optional=True)
+        seed = _integer("seed", seed, 0)
+        z_ratio = _number("z_ratio", z_ratio, positive=True)
+        spatial_weight = _number("spatial_weight", spatial_weight)
+        gem_p = _number("gem_p", gem_p, positive=True)
+        whitening_shrinkage = _number("whitening_shrinkage", whitening_shrinkage)
         self.backbone = backbone if backbone is not None else default_backbone()
+        if pca_dim is not None and pca_dim > int(self.backbone.dim):
+            raise ValueError(
+                f"pca_dim: {pca_dim} is more than the backbone's {int(self.backbone.dim)} feature dimensions"
+            )
         self.method = method
         self.crop = crop
         self.max_size = int(max_size) if max_size is not None else int(self.backbone.max_size)
@@ -254,16 +294,25 @@ class Extractor:
     ) -> np.ndarray:
         """The descriptor of a feature map (D×H×W); ``rgb`` (H×W×3) is used by the RGB
         clustering of ClusterMAC only (None skips it); ClusterMAC's ``labels``, when given
-        (:meth:`cluster_labels` of this map), are used instead of clustering again."""
+        (:meth:`cluster_labels` of this map), are used instead of clustering again. Raises
+        ``ValueError`` when the descriptor is not finite (NaN or inf)."""
         fmap = np.ascontiguousarray(fmap, dtype=np.float32)
         if self._method.regional:
             vectors = self.regional_vectors(fmap, rgb, labels)
-            return _core.aggregate_regions(vectors, self.whitening_mean, self.whitening_projection)
-        vector = _core.l2_normalize(self.pooled_vector(fmap))
-        if self.whitening_projection is None:
-            return vector
-        whitened = _core.apply_whitening(vector[None, :], self.whitening_mean, self.whitening_projection)
-        return _core.l2_normalize(whitened[0])
+            descriptor = _core.aggregate_regions(vectors, self.whitening_mean, self.whitening_projection)
+        else:
+            descriptor = _core.l2_normalize(self.pooled_vector(fmap))
+            if self.whitening_projection is not None:
+                whitened = _core.apply_whitening(descriptor[None, :], self.whitening_mean, self.whitening_projection)
+                descriptor = _core.l2_normalize(whitened[0])
+        if not np.isfinite(descriptor).all():
+            # Never a NaN or inf descriptor: it would rank arbitrarily and poison an index.
+            bad = int(fmap.size - np.count_nonzero(np.isfinite(fmap)))
+            raise ValueError(
+                "the descriptor has non-finite values (NaN or inf)"
+                + (f"; the backbone's feature map has {bad} non-finite values" if bad else "")
+            )
+        return descriptor
 
     def box_descriptor(self) -> BoxDescriptor:
         """The ``descriptor_fn`` for :func:`clustermac.aml_rerank`: the descriptor inside an

@@ -1,36 +1,74 @@
 """Descriptors of an image folder on disk: a memory-mappable ``.npy`` plus a JSON manifest.
 
-Layout for ``--out descriptors.npy``::
+Layout for ``--out desc.npy`` (format version 2; the full specification is in the README,
+"File formats")::
 
-    descriptors.npy          N×D float32, row i is the image manifest["images"][i]
-    descriptors.json         {"images": [...], "failed": {name: reason}, "settings": {...}}
-    descriptors.npy.parts/   while running: finished chunks, each written atomically
+    desc.npy           N×D little-endian float32 (NumPy .npy 1.0), row i is manifest["images"][i]
+    desc.json          {"format", "version": 2, "images", "failed", "settings", "fingerprint",
+                        "data": {"dtype", "rows", "dim", "bytes", "sha256"}}, written LAST
+    desc.npy.parts/    while running: finished chunks (chunk_NNNNNN.npy, then its .json)
+    .desc.npy.lock     the writers' lock (see :func:`clustermac.files.output_lock`)
 
-An interrupted run leaves finished chunks in ``.parts``; the next run with the same settings
-reuses them and extracts only the rest. The final files are written to temporary names and
-renamed, so a crash never leaves a half-written ``.npy`` or manifest behind.
+One writer per output: :func:`extract_folder` holds the lock of ``desc.npy`` and of
+``desc.json`` for the whole run. An interrupted run leaves its finished chunks in ``.parts``,
+each stamped with the run's fingerprint (SHA-256 of the settings, the image list and the chunk
+size); the next run adopts only the chunks with its own fingerprint and discards the others,
+saying so. The data file is written to a temporary file, fsynced and renamed; the manifest,
+which holds the data file's size and SHA-256, is written the same way after it. A crash
+between the two leaves the old manifest, whose checksum no longer matches: the pair is refused
+by :func:`load_descriptors`, never read mixed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import io
 import json
 import os
 import shutil
-from collections.abc import Sequence
+import signal
+import threading
+import warnings
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .._typing import PathLike
-from ..files import atomic_save_npy, atomic_write_bytes, temporary_file_beside
+from ..errors import CorruptFileError
+from ..files import (
+    atomic_save_npy,
+    atomic_write_bytes,
+    crash_point,
+    file_sha256,
+    fsync_directory,
+    output_lock,
+    remove_stale_temporaries,
+    temporary_file_beside,
+)
 from ..images import list_images
 from .extractor import Extractor
 
-__all__ = ["extract_folder", "load_descriptors", "manifest_path", "CHUNK_SIZE"]
+__all__ = [
+    "extract_folder",
+    "load_descriptors",
+    "manifest_path",
+    "parts_path",
+    "check_output_paths",
+    "settings_fingerprint",
+    "CHUNK_SIZE",
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+]
 
 # Images per chunk written to the parts folder (the unit of resumption).
 CHUNK_SIZE = 64
+FORMAT_NAME = "clustermac.descriptors"
+FORMAT_VERSION = 2
+_DTYPE = np.dtype("<f4")
+_READ_BLOCK = 1 << 22
 
 
 def manifest_path(out: PathLike) -> Path:
@@ -38,119 +76,567 @@ def manifest_path(out: PathLike) -> Path:
     return Path(out).with_suffix(".json")
 
 
-def load_descriptors(out: PathLike, mmap: bool = True) -> tuple[np.ndarray, dict[str, Any]]:
-    """The descriptors (memory-mapped by default) and the manifest written by :func:`extract_folder`."""
+def parts_path(out: PathLike) -> Path:
+    """The folder of finished chunks of an unfinished run."""
+    return Path(str(out) + ".parts")
+
+
+def _canonical_json(value: Any) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
+
+
+def settings_fingerprint(settings: dict[str, Any], names: Sequence[str], chunk_size: int) -> str:
+    """SHA-256 (hex) of the canonical JSON (sorted keys, no spaces, ASCII) of
+    ``{"format": FORMAT_VERSION, "settings": ..., "images": [...], "chunk_size": n}``: what a
+    chunk must carry to be adopted by a resumed run."""
+    state = {"format": FORMAT_VERSION, "settings": settings, "images": list(names), "chunk_size": int(chunk_size)}
+    return hashlib.sha256(_canonical_json(state)).hexdigest()
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def check_output_paths(
+    out: PathLike, folder: PathLike | None = None, names: Iterable[str] = (), inputs: Iterable[PathLike] = ()
+) -> None:
+    """Refuse an output whose files would overwrite each other or an input, before any work.
+
+    Raises ``ValueError`` when ``out`` is a folder or a ``.json`` path (its manifest would be
+    itself), or when ``out``, its manifest or its parts folder is ``folder``, one of the images
+    ``folder/name`` or one of the other ``inputs`` (e.g. the whitening file).
+    """
     out = Path(out)
-    manifest_file = manifest_path(out)
-    if not out.is_file() or not manifest_file.is_file():
+    manifest = manifest_path(out)
+    if out.is_dir():
+        raise ValueError(f"--out {out}: is a directory; give a file name such as {out / 'desc.npy'}")
+    if _same_file(out, manifest):
         raise ValueError(
-            f"{out}: expected a descriptor file and its manifest {manifest_file.name} (made by `clustermac extract`)"
+            f"--out {out}: the manifest would be written over the descriptors (both {manifest.name}); "
+            f"use a .npy name such as {out.with_suffix('.npy')}"
         )
-    manifest = json.loads(manifest_file.read_text())
-    vectors = np.load(out, mmap_mode="r" if mmap else None)
-    if vectors.ndim != 2 or vectors.shape[0] != len(manifest.get("images", [])):
-        raise ValueError(
-            f"{out}: {vectors.shape[0]} rows but the manifest lists {len(manifest.get('images', []))} images"
-        )
-    return vectors, manifest
+    if manifest.is_dir():
+        raise ValueError(f"--out {out}: its manifest {manifest} is a directory")
+    produced = {"the descriptor file": out, "its manifest": manifest, "its parts folder": parts_path(out)}
+    taken: dict[str, str] = {}
+    if folder is not None:
+        folder = Path(folder)
+        taken[os.path.realpath(folder)] = f"the image folder {folder}"
+        for name in names:
+            taken[os.path.realpath(folder / name)] = f"the input image {folder / name}"
+    for path in inputs:
+        if path is not None:
+            taken[os.path.realpath(path)] = f"the input file {path}"
+    for what, path in produced.items():
+        clash = taken.get(os.path.realpath(path))
+        if clash is not None:
+            raise ValueError(f"--out {out}: {what} {path} would overwrite {clash}")
 
 
+# ---------------------------------------------------------------------------------- writing
 def extract_folder(
     extractor: Extractor,
     folder: PathLike,
     out: PathLike,
     progress: bool = True,
     names: Sequence[str] | None = None,
+    chunk_size: int | None = None,
 ) -> dict[str, Any]:
     """Extract the descriptors of every image in ``folder`` into ``out`` (see module doc).
 
-    Unreadable images are reported (returned in ``manifest["failed"]``) and skipped; they
-    never end the run. Returns the manifest.
+    Unreadable images, and images whose descriptor is not finite, are reported (returned in
+    ``manifest["failed"]`` with the reason) and skipped; they never end the run. Returns the
+    manifest. ``chunk_size`` images (default :data:`CHUNK_SIZE`) make one finished chunk, the
+    unit of resumption. Raises :class:`~clustermac.OutputLockedError` when another process writes
+    ``out``, ``ValueError`` when the output paths collide (:func:`check_output_paths`), and
+    ``OSError`` when the output cannot be written (the previous output is then left as it was).
     """
+    if chunk_size is None:
+        chunk_size = CHUNK_SIZE
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
+        raise ValueError(f"chunk_size: expected an integer >= 1, got {chunk_size!r}")
+    chunk_size = int(chunk_size)
     folder = Path(folder)
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     names = list(names) if names is not None else list_images(folder)
+    check_output_paths(out, folder, names)
     settings = extractor.settings()
     settings.update(whitened=extractor.is_whitened, dim=extractor.dim)
-    parts = Path(str(out) + ".parts")
-    _prepare_parts(parts, settings, names)
+    settings = json.loads(json.dumps(settings))  # JSON types (tuples become lists), as saved
+    fingerprint = settings_fingerprint(settings, names, chunk_size)
+    manifest_file = manifest_path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with output_lock(out, command="extract"), output_lock(manifest_file, command="extract"):
+        remove_stale_temporaries(out)
+        remove_stale_temporaries(manifest_file)
+        parts = parts_path(out)
+        chunks = [names[i : i + chunk_size] for i in range(0, len(names), chunk_size)]
+        infos, messages = _adopt_chunks(parts, chunks, chunk_size, settings, fingerprint)
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
 
-    chunks = [names[i : i + CHUNK_SIZE] for i in range(0, len(names), CHUNK_SIZE)]
-    done_chunks = {i for i in range(len(chunks)) if (parts / f"chunk_{i:06d}.json").is_file()}
-    todo = [i for i in range(len(chunks)) if i not in done_chunks]
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(
-            total=len(names),
-            initial=sum(len(chunks[i]) for i in done_chunks),
-            desc="extract",
-            unit="img",
-            dynamic_ncols=True,
-        )
-    for c in todo:
-        chunk = chunks[c]
-        vectors = np.zeros((len(chunk), extractor.dim), dtype=np.float32)
-        failed: dict[str, str] = {}
-        for j, result in extractor.iter_extract([str(folder / n) for n in chunk], progress=False):
-            if isinstance(result, Exception):
-                failed[chunk[j]] = f"{type(result).__name__}: {result}"
-                if bar is not None:
-                    bar.write(f"skipped {chunk[j]}: {result}")
-            else:
-                vectors[j] = result
-            if bar is not None:
-                bar.update(1)
-        atomic_save_npy(parts / f"chunk_{c:06d}.npy", vectors)
-        # The JSON is the chunk's commit mark: written last.
-        atomic_write_bytes(parts / f"chunk_{c:06d}.json", json.dumps({"names": chunk, "failed": failed}).encode())
-    if bar is not None:
-        bar.close()
-    return _assemble(parts, out, chunks, settings)
-
-
-def _prepare_parts(parts: Path, settings: dict[str, Any], names: list[str]) -> None:
-    """Create the parts folder, or check that the one left by an earlier run matches."""
-    state = {"settings": settings, "images": names, "chunk_size": CHUNK_SIZE}
-    state_file = parts / "run.json"
-    if state_file.is_file():
+            bar = tqdm(
+                total=len(names),
+                initial=sum(len(chunks[i]) for i in infos),
+                desc="extract",
+                unit="img",
+                dynamic_ncols=True,
+            )
+        say: Callable[[str], None] = bar.write if bar is not None else _warn
+        for message in messages:
+            say(message)
         try:
-            previous = json.loads(state_file.read_text())
-        except (OSError, ValueError):
-            previous = None
-        if previous == json.loads(json.dumps(state)):
-            return
-        shutil.rmtree(parts)  # another run's leftovers: start afresh
+            for c in range(len(chunks)):
+                if c not in infos:
+                    infos[c] = _extract_chunk(extractor, folder, parts, c, chunks[c], fingerprint, bar)
+        finally:
+            if bar is not None:
+                bar.close()
+        return _assemble(parts, out, chunks, infos, settings, fingerprint)
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, UserWarning, stacklevel=3)
+
+
+def _chunk_files(parts: Path, c: int) -> tuple[Path, Path]:
+    return parts / f"chunk_{c:06d}.npy", parts / f"chunk_{c:06d}.json"
+
+
+def _extract_chunk(
+    extractor: Extractor,
+    folder: Path,
+    parts: Path,
+    c: int,
+    chunk: list[str],
+    fingerprint: str,
+    bar: Any,
+) -> dict[str, Any]:
+    vectors = np.zeros((len(chunk), extractor.dim), dtype=_DTYPE)
+    failed: dict[str, str] = {}
+    for j, result in extractor.iter_extract([str(folder / n) for n in chunk], progress=False):
+        if not isinstance(result, Exception):
+            result = np.asarray(result, dtype=_DTYPE)
+            if result.shape != (extractor.dim,):
+                result = ValueError(f"a descriptor of shape {result.shape}, expected ({extractor.dim},)")
+            elif not np.isfinite(result).all():
+                result = ValueError("the descriptor has non-finite values (NaN or inf)")
+        if isinstance(result, Exception):
+            failed[chunk[j]] = f"{type(result).__name__}: {result}"
+            if bar is not None:
+                bar.write(f"skipped {chunk[j]}: {result}")
+        else:
+            vectors[j] = result
+        if bar is not None:
+            bar.update(1)
+    npy, record = _chunk_files(parts, c)
+    atomic_save_npy(npy, vectors)
+    crash_point("extract.chunk_npy")
+    info = {
+        "fingerprint": fingerprint,
+        "chunk": c,
+        "names": chunk,
+        "failed": failed,
+        "rows": len(chunk),
+        "dim": int(extractor.dim),
+        "sha256": file_sha256(npy),
+    }
+    # The JSON is the chunk's commit mark: written last.
+    atomic_write_bytes(record, json.dumps(info).encode())
+    crash_point("extract.chunk_json")
+    return info
+
+
+def _adopt_chunks(
+    parts: Path, chunks: list[list[str]], chunk_size: int, settings: dict[str, Any], fingerprint: str
+) -> tuple[dict[int, dict[str, Any]], list[str]]:
+    """The finished chunks of ``parts`` that this run may reuse (chunk index -> record), and the
+    messages about the ones it discarded (which are deleted)."""
+    adopted: dict[int, dict[str, Any]] = {}
+    discarded: dict[str, int] = {}
+    if parts.exists() and not parts.is_dir():
+        raise ValueError(f"{parts}: expected the folder of finished chunks, found a file")
     parts.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(state_file, json.dumps(state).encode())
-
-
-def _assemble(parts: Path, out: Path, chunks: list[list[str]], settings: dict[str, Any]) -> dict[str, Any]:
-    """Stream the finished chunks into ``out`` (through a memory map, so memory stays flat in
-    the number of images), then write the manifest; both by rename."""
-    infos = [json.loads((parts / f"chunk_{c:06d}.json").read_text()) for c in range(len(chunks))]
-    kept = [[j for j, n in enumerate(chunk) if n not in info["failed"]] for chunk, info in zip(chunks, infos)]
-    images = [chunk[j] for chunk, keep in zip(chunks, kept) for j in keep]
-    failed = {name: reason for info in infos for name, reason in info["failed"].items()}
+    for leftover in parts.glob("*.tmp"):  # a killed writer's temporary files
+        leftover.unlink(missing_ok=True)
     dim = int(settings["dim"])
-    fd, tmp = temporary_file_beside(out)
-    os.close(fd)
+    for c, chunk in enumerate(chunks):
+        npy, record = _chunk_files(parts, c)
+        if not record.exists():
+            continue
+        reason = _chunk_problem(npy, record, chunk, dim, fingerprint)
+        if reason is None:
+            adopted[c] = json.loads(record.read_text(encoding="utf-8"))
+        else:
+            discarded[reason] = discarded.get(reason, 0) + 1
+    keep = {p.name for c in adopted for p in _chunk_files(parts, c)} | {"run.json"}
+    checked = {_chunk_files(parts, c)[1].name for c in range(len(chunks))}
+    for leftover in parts.iterdir():
+        if leftover.name in keep:
+            continue
+        if leftover.name.startswith("chunk_") and leftover.suffix == ".json" and leftover.name not in checked:
+            discarded["not part of this run's chunks"] = discarded.get("not part of this run's chunks", 0) + 1
+        if leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+    state = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "fingerprint": fingerprint, "settings": settings}
+    state.update(chunk_size=chunk_size, images=sum(len(c) for c in chunks))
+    atomic_write_bytes(parts / "run.json", json.dumps(state, indent=1).encode())
+    messages = [
+        f"{parts}: discarded {count} finished chunk{'s' if count > 1 else ''} ({reason}); extracting them again"
+        for reason, count in discarded.items()
+    ]
+    return adopted, messages
+
+
+def _chunk_problem(npy: Path, record: Path, chunk: list[str], dim: int, fingerprint: str) -> str | None:
+    """Why a finished chunk cannot be adopted, or None when it can."""
     try:
-        matrix = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(images), dim))
-        row = 0
-        for c, keep in enumerate(kept):
-            vectors = np.load(parts / f"chunk_{c:06d}.npy")
-            matrix[row : row + len(keep)] = vectors[keep]
-            row += len(keep)
-        matrix.flush()
-        del matrix
-        os.replace(tmp, out)
+        info = json.loads(record.read_bytes().decode("utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return "unreadable record"
+    if not isinstance(info, dict) or not isinstance(info.get("fingerprint"), str):
+        return "no fingerprint: left by an older clustermac"
+    if info["fingerprint"] != fingerprint:
+        return "left by a run with other settings or another image list"
+    failed = info.get("failed")
+    if info.get("names") != chunk or not isinstance(failed, dict) or not set(failed) <= set(chunk):
+        return "record does not list this chunk's images"
+    try:
+        if file_sha256(npy) != info.get("sha256"):
+            return "data does not match its record"
+        vectors = np.load(npy, allow_pickle=False)
+    except (OSError, ValueError, EOFError):
+        return "unreadable data"
+    if vectors.dtype != _DTYPE or vectors.shape != (len(chunk), dim) or not np.isfinite(vectors).all():
+        return "data of the wrong shape or type"
+    return None
+
+
+def _assemble(
+    parts: Path,
+    out: Path,
+    chunks: list[list[str]],
+    infos: dict[int, dict[str, Any]],
+    settings: dict[str, Any],
+    fingerprint: str,
+) -> dict[str, Any]:
+    """Stream the finished chunks into ``out`` (memory stays flat in the number of images),
+    publish it by rename, then publish the manifest (with the data's size and SHA-256) by rename."""
+    kept = [[j for j, n in enumerate(chunk) if n not in infos[c]["failed"]] for c, chunk in enumerate(chunks)]
+    images = [chunk[j] for chunk, keep in zip(chunks, kept) for j in keep]
+    failed = {
+        name: infos[c]["failed"][name] for c, chunk in enumerate(chunks) for name in chunk if name in infos[c]["failed"]
+    }
+    dim = int(settings["dim"])
+    digest = hashlib.sha256()
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": np.lib.format.dtype_to_descr(_DTYPE), "fortran_order": False, "shape": (len(images), dim)}
+    )
+    fd, tmp = temporary_file_beside(out)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            size = 0
+            for block in _blocks(parts, kept, header.getvalue()):
+                file.write(block)
+                digest.update(block)
+                size += len(block)
+            file.flush()
+            os.fsync(file.fileno())
+    except OSError as error:
+        Path(tmp).unlink(missing_ok=True)
+        raise OSError(error.errno, f"cannot write the descriptors ({error.strerror})", str(out)) from error
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    manifest = {"images": images, "failed": failed, "settings": settings}
-    atomic_write_bytes(manifest_path(out), json.dumps(manifest, indent=1).encode())
-    shutil.rmtree(parts, ignore_errors=True)
+    manifest = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "images": images,
+        "failed": failed,
+        "settings": settings,
+        "fingerprint": fingerprint,
+        "data": {"dtype": _DTYPE.str, "rows": len(images), "dim": dim, "bytes": size, "sha256": digest.hexdigest()},
+    }
+    manifest_file = manifest_path(out)
+    fd, manifest_tmp = temporary_file_beside(manifest_file)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(json.dumps(manifest, indent=1).encode())
+            file.flush()
+            os.fsync(file.fileno())
+        # Both files are ready: publish the data, then the manifest. Ctrl-C waits for the end
+        # of these few system calls, so an interrupt never leaves a mixed pair.
+        with _interrupts_deferred():
+            crash_point("extract.before_npy_rename")
+            os.replace(tmp, out)
+            fsync_directory(out.parent)
+            crash_point("extract.after_npy_rename")
+            os.replace(manifest_tmp, manifest_file)
+            fsync_directory(manifest_file.parent)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        Path(manifest_tmp).unlink(missing_ok=True)
+        raise
+    crash_point("extract.after_manifest")
+    _remove_parts(parts)
     return manifest
+
+
+@contextlib.contextmanager
+def _interrupts_deferred():
+    """Hold SIGINT (Ctrl-C) back for the block, then raise it (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[Any] = []
+    previous = signal.signal(signal.SIGINT, lambda number, frame: caught.append(number))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught and callable(previous):
+        previous(signal.SIGINT, None)
+
+
+def _blocks(parts: Path, kept: list[list[int]], header: bytes) -> Iterable[bytes]:
+    yield header
+    for c, keep in enumerate(kept):
+        vectors = np.load(_chunk_files(parts, c)[0], allow_pickle=False)
+        if keep:
+            yield np.ascontiguousarray(vectors[keep], dtype=_DTYPE).tobytes()
+
+
+def _remove_parts(parts: Path) -> None:
+    """Remove the parts folder once the output is published: the records first (a kill halfway
+    leaves chunks that a later run either adopts whole or discards)."""
+    if not parts.is_dir():
+        return
+    for pattern in ("chunk_*.json", "*"):
+        for leftover in sorted(parts.glob(pattern)):
+            if leftover.is_file() or leftover.is_symlink():
+                leftover.unlink(missing_ok=True)
+                crash_point("extract.cleanup")
+    try:
+        parts.rmdir()
+    except OSError:
+        pass
+
+
+# ---------------------------------------------------------------------------------- reading
+def load_descriptors(out: PathLike, mmap: bool = True, verify: bool = True) -> tuple[np.ndarray, dict[str, Any]]:
+    """The descriptors (memory-mapped by default) and the manifest written by :func:`extract_folder`.
+
+    Checks, before returning: the manifest is a JSON object of a known version with its keys and
+    types; the ``.npy`` header is 2-D little-endian float32, C order, with as many rows as
+    images and the dimension of the settings, and the file has exactly that many bytes (so a
+    truncated or padded file is refused without reading it). With ``verify=True`` (default) the
+    whole file is also read once: its SHA-256 must equal the manifest's (files of version 2) and
+    every value must be finite. ``verify=False`` skips that read, for huge files on slow disks.
+
+    Raises :class:`~clustermac.CorruptFileError` (a ``ValueError``) naming the file and the
+    problem for any malformed, mixed or missing pair. Files written by clustermac 0.1.0 (no
+    version, no checksum) load, with the checks that do not need the checksum.
+    """
+    out = Path(out)
+    manifest_file = manifest_path(out)
+    if _same_file(out, manifest_file):
+        raise CorruptFileError(out, "this is a manifest: pass the .npy descriptor file beside it")
+    for attempt in range(3):
+        if not out.is_file() or not manifest_file.is_file():
+            raise CorruptFileError(
+                out,
+                f"expected a descriptor file and its manifest {manifest_file.name} (made by `clustermac extract`)",
+            )
+        manifest, stamp = _read_manifest(manifest_file)
+        try:
+            return _read_data(out, manifest, mmap, verify), manifest
+        except CorruptFileError:
+            # A writer may have published a new pair between our two reads: read again then.
+            if attempt == 2 or _stamp(manifest_file) == stamp:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def _read_manifest(path: Path) -> tuple[dict[str, Any], tuple[int, int, int] | None]:
+    try:
+        with open(path, "rb") as file:
+            st = os.fstat(file.fileno())
+            raw = file.read()
+    except OSError as error:
+        raise CorruptFileError(path, f"cannot read the manifest ({error.strerror or error})") from error
+    stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise CorruptFileError(path, f"the manifest is not UTF-8 text (byte {error.start})") from None
+    try:
+        manifest = json.loads(text)
+    except ValueError as error:
+        raise CorruptFileError(path, f"the manifest is not valid JSON ({error})") from None
+    except RecursionError:
+        raise CorruptFileError(path, "the manifest is not valid JSON (nested too deeply)") from None
+    _check_manifest(path, manifest)
+    return manifest, stamp
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_manifest(path: Path, manifest: Any) -> None:
+    if not isinstance(manifest, dict):
+        raise CorruptFileError(path, f"the manifest is a JSON {type(manifest).__name__}, expected an object")
+    for key, kind in (("images", list), ("failed", dict), ("settings", dict)):
+        if key not in manifest:
+            raise CorruptFileError(path, f"the manifest lacks {key!r}")
+        if not isinstance(manifest[key], kind):
+            raise CorruptFileError(
+                path, f"manifest[{key!r}] is a {type(manifest[key]).__name__}, expected a {kind.__name__}"
+            )
+    if not all(isinstance(name, str) for name in manifest["images"]):
+        raise CorruptFileError(path, "manifest['images'] holds something other than names (strings)")
+    if not all(isinstance(reason, str) for reason in manifest["failed"].values()):
+        raise CorruptFileError(path, "manifest['failed'] holds something other than reasons (strings)")
+    if "dim" in manifest["settings"] and not (
+        _is_int(manifest["settings"]["dim"]) and manifest["settings"]["dim"] >= 1
+    ):
+        raise CorruptFileError(path, f"manifest['settings']['dim'] is {manifest['settings']['dim']!r}, not a dimension")
+    if "version" not in manifest and "data" not in manifest:
+        return  # clustermac 0.1.0: no version, no checksum
+    version = manifest.get("version")
+    if not _is_int(version):
+        raise CorruptFileError(path, f"the manifest's version is {version!r}, expected an integer")
+    if version > FORMAT_VERSION:
+        raise CorruptFileError(
+            path, f"format version {version}, written by a newer clustermac (this one reads up to {FORMAT_VERSION})"
+        )
+    if version != FORMAT_VERSION or manifest.get("format") != FORMAT_NAME:
+        raise CorruptFileError(path, f"not a {FORMAT_NAME} manifest of version {FORMAT_VERSION}")
+    data = manifest.get("data")
+    if not isinstance(data, dict):
+        raise CorruptFileError(path, "the manifest lacks its 'data' record (rows, dim, bytes, sha256)")
+    for key in ("rows", "dim", "bytes"):
+        if not _is_int(data.get(key)) or data[key] < 0:
+            raise CorruptFileError(path, f"manifest['data'][{key!r}] is {data.get(key)!r}, expected a count")
+    sha = data.get("sha256")
+    if not isinstance(sha, str) or len(sha) != 64 or any(ch not in "0123456789abcdef" for ch in sha):
+        raise CorruptFileError(path, "manifest['data']['sha256'] is not a SHA-256 in hex")
+    if data.get("dtype") != _DTYPE.str:
+        raise CorruptFileError(path, f"manifest['data']['dtype'] is {data.get('dtype')!r}, expected {_DTYPE.str!r}")
+    if data["rows"] != len(manifest["images"]):
+        raise CorruptFileError(
+            path, f"the manifest says {data['rows']} rows but lists {len(manifest['images'])} images"
+        )
+    if manifest["settings"].get("dim", data["dim"]) != data["dim"]:
+        raise CorruptFileError(
+            path, f"the manifest says dim {data['dim']} but its settings say {manifest['settings']['dim']}"
+        )
+
+
+def _read_data(out: Path, manifest: dict[str, Any], mmap: bool, verify: bool) -> np.ndarray:
+    images = manifest["images"]
+    data = manifest.get("data")
+    try:
+        file = open(out, "rb")
+    except OSError as error:
+        raise CorruptFileError(out, f"cannot read the descriptor file ({error.strerror or error})") from error
+    with file:
+        size = os.fstat(file.fileno()).st_size
+        shape, offset = _read_header(out, file, size)
+        rows, dim = shape
+        if rows != len(images):
+            raise CorruptFileError(out, f"{rows} rows but the manifest lists {len(images)} images")
+        expected_dim = data["dim"] if data is not None else manifest["settings"].get("dim", dim)
+        if dim != expected_dim:
+            raise CorruptFileError(out, f"descriptors of dimension {dim} but the manifest says {expected_dim}")
+        expected_size = offset + rows * dim * _DTYPE.itemsize
+        if size != expected_size:
+            what = "truncated" if size < expected_size else f"{size - expected_size} bytes too long"
+            raise CorruptFileError(
+                out, f"{size} bytes where a {rows}×{dim} float32 array needs {expected_size}: {what}"
+            )
+        if data is not None and size != data["bytes"]:
+            raise CorruptFileError(
+                out,
+                f"{size} bytes but the manifest says {data['bytes']}: the file was truncated, "
+                "changed, or comes from another run than its manifest",
+            )
+        if verify:
+            _verify(out, file, offset, dim, data["sha256"] if data is not None else None)
+        if rows == 0:
+            return np.zeros((0, dim), dtype=np.float32)
+        if mmap:
+            return np.memmap(file, dtype=_DTYPE, mode="r", offset=offset, shape=(rows, dim))
+        file.seek(offset)
+        buffer = bytearray(rows * dim * _DTYPE.itemsize)
+        if file.readinto(buffer) != len(buffer):
+            raise CorruptFileError(out, "the file shrank while it was read")
+        return np.frombuffer(buffer, dtype=_DTYPE).reshape(rows, dim)
+
+
+def _read_header(out: Path, file: Any, size: int) -> tuple[tuple[int, int], int]:
+    """The shape and data offset of a .npy file, refusing anything but 2-D little-endian float32 in C order."""
+    if size == 0:
+        raise CorruptFileError(out, "empty file (0 bytes)")
+    try:
+        version = np.lib.format.read_magic(file)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(file)
+        elif version in ((2, 0), (3, 0)):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(file)
+        else:
+            raise ValueError(f"unknown .npy version {version}")
+    except Exception as error:  # any failure to parse the untrusted header (numpy raises several types)
+        raise CorruptFileError(out, f"not a valid .npy file ({error})") from None
+    if dtype != _DTYPE:
+        raise CorruptFileError(out, f"values of type {dtype}, expected little-endian float32")
+    if fortran:
+        raise CorruptFileError(out, "a Fortran-ordered array, expected C order")
+    if len(shape) != 2 or shape[1] < 1:
+        raise CorruptFileError(out, f"an array of shape {shape}, expected rows × dim (dim >= 1)")
+    return (int(shape[0]), int(shape[1])), file.tell()
+
+
+def _verify(out: Path, file: Any, offset: int, dim: int, sha256: str | None) -> None:
+    """One read of the whole file: its SHA-256 (when the manifest has one) and finite values."""
+    digest = hashlib.sha256()
+    file.seek(0)
+    position = 0
+    carry = b""
+    row_bytes = dim * _DTYPE.itemsize
+    row = 0
+    while True:
+        block = file.read(_READ_BLOCK)
+        if not block:
+            break
+        digest.update(block)
+        start = max(offset - position, 0)
+        position += len(block)
+        if start >= len(block):
+            continue
+        payload = carry + block[start:]
+        whole = len(payload) - len(payload) % row_bytes
+        values = np.frombuffer(payload, dtype=_DTYPE, count=whole // _DTYPE.itemsize).reshape(-1, dim)
+        bad = ~np.isfinite(values).all(axis=1)
+        if bad.any():
+            raise CorruptFileError(out, f"row {row + int(np.argmax(bad))} holds NaN or infinite values")
+        row += values.shape[0]
+        carry = payload[whole:]
+    if sha256 is not None and digest.hexdigest() != sha256:
+        raise CorruptFileError(
+            out,
+            "its SHA-256 does not match the manifest's: the data was changed, or the pair is mixed "
+            "(a run was interrupted between the data file and its manifest: run it again)",
+        )
