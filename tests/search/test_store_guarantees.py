@@ -142,3 +142,40 @@ def test_a_second_writer_gets_output_locked_error(tmp_path):
     assert len(FeatureMapStore(path)) == 0  # the holder's (empty) store
     write_store(path)
     assert len(FeatureMapStore(path)) == 3
+
+
+def test_aml_rerank_refuses_a_nan_descriptor_naming_the_candidate(tmp_path):
+    from clustermac import aml_rerank
+
+    path = tmp_path / "maps.cmfm"
+    write_store(path, n=3)
+    store = FeatureMapStore(path)
+    query_descriptor = np.ones(4, np.float32) / 2
+
+    def descriptor_fn(crop):
+        # Dequantised crops are finite; a damaged whitening (say) can still make NaN.
+        return np.full(4, np.nan if crop.sum() == store.feature_map(1).sum() else 0.5, np.float32)
+
+    def whole_map_descriptor(crop):
+        return np.full(4, 0.5, np.float32)
+
+    # 0.1.0 returned NaN scores here; now a clear error names the candidate.
+    with pytest.raises(ValueError, match=r"descriptor_fn: returned NaN or Inf for candidate 1 \(position 2"):
+        aml_rerank(
+            np.ones(4, np.float32), query_descriptor, [2, 0, 1], store, _Whole(store, descriptor_fn), n_threads=1
+        )
+    result = aml_rerank(np.ones(4, np.float32), query_descriptor, [2, 0, 1], store, whole_map_descriptor, qe_k=0)
+    assert np.isfinite(result.scores).all()
+
+
+class _Whole:
+    """A descriptor function that sees the whole map of each candidate (from_store)."""
+
+    def __init__(self, store, fn):
+        self.store, self.fn = store, fn
+
+    def __call__(self, crop):
+        return self.fn(crop)
+
+    def from_store(self, store, index, box):
+        return self.fn(store.feature_map(index))
