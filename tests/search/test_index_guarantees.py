@@ -322,3 +322,13 @@ def test_cli_index_keeps_its_info_in_the_version_folder_and_reports_a_corrupt_in
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert "vectors.npy" in result.stderr and result.stderr.startswith("clustermac: error:")
+
+
+def test_the_index_hidden_by_an_interrupted_0_1_0_save_is_pointed_to(tmp_path):
+    # 0.1.0 moved the old index to .NAME.old-* before renaming the new one in; a kill between the
+    # two renames left nothing at the path.
+    shutil.copytree(DATA / "exact.index", tmp_path / ".idx.old-k2j3")
+    with pytest.raises(CorruptFileError, match=r"previous index in .*\.idx\.old-k2j3; rename that folder to idx"):
+        Index.load(tmp_path / "idx")
+    os.rename(tmp_path / ".idx.old-k2j3", tmp_path / "idx")
+    assert len(Index.load(tmp_path / "idx")) == 4

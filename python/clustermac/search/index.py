@@ -12,6 +12,7 @@ offers the same interface for collections that do not fit in memory as float32.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import struct
@@ -46,7 +47,8 @@ def _as_matrix(vectors: Any, dim: int, name: str) -> np.ndarray:
         raise ValueError(f"{name}: expected an array of shape (n, {dim}) or ({dim},), got shape {np.shape(vectors)}")
     if not np.issubdtype(array.dtype, np.floating):
         raise ValueError(f"{name}: expected floating-point vectors, got dtype {array.dtype}")
-    array = np.ascontiguousarray(array, dtype=np.float32)
+    with np.errstate(over="ignore"):  # an overflow to inf is reported below, naming the row
+        array = np.ascontiguousarray(array, dtype=np.float32)
     finite = np.isfinite(array).all(axis=1)
     if not finite.all():
         raise ValueError(
@@ -342,6 +344,15 @@ class Index:
         """
         directory = Path(path)
         if not directory.is_dir():
+            # clustermac 0.1.0 replaced an index by two renames; killed between them, it left the
+            # previous index in `.NAME.old-*` and nothing at the path.
+            hidden = sorted(directory.parent.glob(f".{glob.escape(directory.name)}.old-*/{META_FILE}"))
+            if hidden and not directory.exists():
+                raise CorruptFileError(
+                    directory,
+                    "no index here, but an interrupted save of clustermac 0.1.0 left the previous index in "
+                    f"{hidden[-1].parent}; rename that folder to {directory.name} to use it",
+                )
             raise CorruptFileError(directory, "not a clustermac index directory (no such folder)")
         version_folder = files.current_version(directory)
         root = version_folder if version_folder is not None else directory
