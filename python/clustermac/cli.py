@@ -204,19 +204,21 @@ def cmd_fit_whitening(args: argparse.Namespace) -> int:
 
 def cmd_index(args: argparse.Namespace) -> int:
     from .descriptors import load_descriptors
-    from .files import atomic_write_bytes
+    from .files import output_lock
     from .search import Index
 
-    vectors, manifest = load_descriptors(args.descriptors)
-    index = Index(vectors.shape[1])
-    index.add(vectors, manifest["images"])
-    index.save(args.out)
-    # The settings the descriptors were made with, so `search` extracts queries the same way.
-    info = {
-        "settings": manifest["settings"],
-        "image_root": str(Path(args.image_root).resolve()) if args.image_root else None,
-    }
-    atomic_write_bytes(Path(args.out) / INDEX_INFO, json.dumps(info, indent=1).encode())
+    # One writer per index folder for the whole run; Index.save takes the same lock again.
+    with output_lock(args.out, "clustermac index"):
+        vectors, manifest = load_descriptors(args.descriptors)
+        index = Index(vectors.shape[1])
+        index.add(vectors, manifest["images"])
+        # The settings the descriptors were made with, so `search` extracts queries the same way;
+        # saved inside the index's version folder, published with it.
+        info = {
+            "settings": manifest["settings"],
+            "image_root": str(Path(args.image_root).resolve()) if args.image_root else None,
+        }
+        index.save(args.out, info=info)
     print(f"index of {len(index)} images written to {args.out}")
     return 0
 
@@ -225,9 +227,10 @@ def cmd_search(args: argparse.Namespace) -> int:
     from .search import Index
 
     index = Index.load(args.index)
-    info_file = Path(args.index) / INDEX_INFO
-    info = json.loads(info_file.read_text()) if info_file.is_file() else {}
-    settings = info.get("settings", {})
+    info = index.info
+    settings = info.get("settings") or {}
+    if not isinstance(settings, dict):
+        settings = {}
     # Queries are extracted with the settings the indexed descriptors were made with, unless given.
     if not args.method_given and settings.get("method"):
         args.method = settings["method"]

@@ -119,24 +119,24 @@ def test_load_classic_paris_subfolders_and_imlist(tmp_path: Path):
 @pytest.mark.parametrize(
     "file_name, lines, message",
     [
-        ("all_souls_1_query.txt", ["oxc1_all_souls_000001 1 2 3"], r"all_souls_1_query\.txt, line 1: .*3 numbers"),
-        ("all_souls_1_query.txt", ["oxc1_all_souls_000001 1 2 x 4"], r"all_souls_1_query\.txt, line 1: .*non-numeric"),
-        ("all_souls_1_query.txt", ["oxc1_all_souls_000001 5 2 3 4"], r"all_souls_1_query\.txt, line 1: .*x1 < x2"),
-        ("all_souls_1_query.txt", ["oxc1_all_souls_000001 1 2 nan 4"], r"all_souls_1_query\.txt, line 1"),
-        ("all_souls_1_query.txt", ["oxc1_all_souls_000999 1 2 3 4"], r"all_souls_1_query\.txt, line 1: no image"),
-        ("all_souls_1_query.txt", ["oxc1_all_souls_000001 1 2 3 4", "x 1 2 3 4"], r"all_souls_1_query\.txt, line 2"),
-        ("all_souls_1_query.txt", [], r"all_souls_1_query\.txt, line 1: expected exactly one line"),
+        ("all_souls_1_query.txt", ["oxc1_all_souls_000001 1 2 3"], r"all_souls_1_query\.txt: line 1: .*3 numbers"),
+        ("all_souls_1_query.txt", ["oxc1_all_souls_000001 1 2 x 4"], r"all_souls_1_query\.txt: line 1: .*non-numeric"),
+        ("all_souls_1_query.txt", ["oxc1_all_souls_000001 5 2 3 4"], r"all_souls_1_query\.txt: line 1: .*x1 < x2"),
+        ("all_souls_1_query.txt", ["oxc1_all_souls_000001 1 2 nan 4"], r"all_souls_1_query\.txt: line 1"),
+        ("all_souls_1_query.txt", ["oxc1_all_souls_000999 1 2 3 4"], r"all_souls_1_query\.txt: line 1: no image"),
+        ("all_souls_1_query.txt", ["oxc1_all_souls_000001 1 2 3 4", "x 1 2 3 4"], r"all_souls_1_query\.txt: line 2"),
+        ("all_souls_1_query.txt", [], r"all_souls_1_query\.txt: line 1: expected exactly one line"),
         (
             "all_souls_1_good.txt",
             ["all_souls_000002", "all_souls_000999"],
-            r"all_souls_1_good\.txt, line 2: .*not a database image",
+            r"all_souls_1_good\.txt: line 2: .*not a database image",
         ),
         (
             "all_souls_1_good.txt",
             ["all_souls_000002 all_souls_000003"],
-            r"all_souls_1_good\.txt, line 1: .*one image name",
+            r"all_souls_1_good\.txt: line 1: .*one image name",
         ),
-        ("all_souls_1_junk.txt", ["all_souls_000002"], r"all_souls_1_junk\.txt, line 1: .*both positive and junk"),
+        ("all_souls_1_junk.txt", ["all_souls_000002"], r"all_souls_1_junk\.txt: line 1: .*both positive and junk"),
     ],
 )
 def test_load_classic_malformed_files(oxford_root: Path, file_name, lines, message):
@@ -152,10 +152,10 @@ def test_load_classic_missing_pieces(oxford_root: Path):
         load_classic(gt, jpg, "oxford5k")
     write_lines(gt / "all_souls_2_ok.txt", [])
     write_lines(gt / "oxford5k_imlist.txt", ["all_souls_000001", "all_souls_000404"])
-    with pytest.raises(ValueError, match=r"oxford5k_imlist\.txt, line 2: no image named 'all_souls_000404'"):
+    with pytest.raises(ValueError, match=r"oxford5k_imlist\.txt: line 2: no image named 'all_souls_000404'"):
         load_classic(gt, jpg, "oxford5k")
     write_lines(gt / "oxford5k_imlist.txt", ["all_souls_000001", "all_souls_000002", "all_souls_000001"])
-    with pytest.raises(ValueError, match=r"oxford5k_imlist\.txt, line 3: .*already listed on line 1"):
+    with pytest.raises(ValueError, match=r"oxford5k_imlist\.txt: line 3: .*already listed on line 1"):
         load_classic(gt, jpg, "oxford5k")
     (gt / "oxford5k_imlist.txt").unlink()
     with pytest.raises(DatasetNotFoundError, match="not a folder"):
@@ -387,7 +387,7 @@ def test_read_distractor_list_and_with_distractors(revisited_root: Path, tmp_pat
     with pytest.raises(ValueError, match=r"names\[1\]: distractor 'x'"):
         dataset.with_distractors(["x", "x.jpg"], tmp_path)
     write_lines(list_path, ["a", "b", "a"])
-    with pytest.raises(ValueError, match=r"flickr100k\.txt, line 3: 'a' is already listed on line 1"):
+    with pytest.raises(ValueError, match=r"flickr100k\.txt: line 3: 'a' is already listed on line 1"):
         read_distractor_list(list_path)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -17,6 +18,11 @@ def brute_force(database, queries, k):
     scores = queries.astype(np.float64) @ database.astype(np.float64).T
     order = np.lexsort((np.broadcast_to(np.arange(database.shape[0]), scores.shape), -scores), axis=1)[:, :k]
     return np.take_along_axis(scores, order, axis=1), order
+
+
+def listing(folder):
+    """The files in a folder, without the output locks (``.NAME.lock``) that writers leave."""
+    return sorted(name for name in os.listdir(folder) if not name.endswith(".lock"))
 
 
 def integer_vectors(rng, n, d):
@@ -125,7 +131,7 @@ def test_index_save_load_roundtrip_mmap_and_overwrite(tmp_path):
     index.add(database, names_for(0, 500))
     path = tmp_path / "index"
     index.save(path)
-    assert sorted(os.listdir(tmp_path)) == ["index"]  # no temporary left behind
+    assert listing(tmp_path) == ["index"]  # no temporary left behind
     umask = os.umask(0)
     os.umask(umask)
     assert os.stat(path).st_mode & 0o777 == 0o777 & ~umask  # a plain mkdir's permissions
@@ -142,7 +148,7 @@ def test_index_save_load_roundtrip_mmap_and_overwrite(tmp_path):
     reloaded = Index.load(path, mmap=False)
     assert len(reloaded) == 503 and reloaded.names[-1] == "z"
     np.testing.assert_array_equal(reloaded.vectors([500, 501, 502]), extra)
-    assert sorted(os.listdir(tmp_path)) == ["index"]
+    assert listing(tmp_path) == ["index"]
 
 
 def test_index_save_refuses_foreign_path_and_failed_save_leaves_old_index(tmp_path, monkeypatch):
@@ -158,15 +164,16 @@ def test_index_save_refuses_foreign_path_and_failed_save_leaves_old_index(tmp_pa
     bigger = Index(4)
     bigger.add(np.ones((6, 4), np.float32), list("uvwxyz"))
 
-    def broken_dump(*args, **kwargs):
+    def broken_write(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(json, "dump", broken_dump)  # the index writes its names with json.dump
+    monkeypatch.setattr(Index, "_write_vectors", broken_write)
     with pytest.raises(OSError, match="disk full"):
         bigger.save(path)
     monkeypatch.undo()
     assert Index.load(path).names == list("abcd")
-    assert sorted(os.listdir(tmp_path)) == ["index", "notes.txt"]
+    assert listing(tmp_path) == ["index", "notes.txt"]
+    assert sorted(os.listdir(path)) == ["CURRENT", (path / "CURRENT").read_text()]  # no staging folder left
 
 
 def test_index_errors(tmp_path):
@@ -213,7 +220,8 @@ def test_faiss_backend_same_interface(tmp_path):
     assert loaded.backend == "faiss" and len(loaded) == 400
     np.testing.assert_array_equal(loaded.search(database[:5], k=1)[1][:, 0], np.arange(5))
     # The saved index is FAISS's own file: FAISS reads it back with every vector, compressed.
-    files = [p for p in (tmp_path / "faiss_index").iterdir() if p.name.endswith(".index")]
+    version = tmp_path / "faiss_index" / (tmp_path / "faiss_index" / "CURRENT").read_text()
+    files = [p for p in version.iterdir() if p.name.endswith(".index")]
     assert len(files) == 1
     raw = faiss.read_index(str(files[0]))
     assert raw.ntotal == 400 and raw.d == 16
@@ -239,24 +247,28 @@ def test_faiss_backend_missing_package_is_a_clear_error(monkeypatch):
 
 def test_damaged_index_folders_are_refused_with_the_file_named(tmp_path):
     rng = np.random.default_rng(9)
-    index = Index(4)
-    index.add(rng.standard_normal((3, 4)).astype(np.float32), ["a", "b", "c"])
-    index.save(tmp_path / "good")
+    # The files of an index in the 0.1.0 layout (no checksums to catch the damage first).
+    good = tmp_path / "good"
+    good.mkdir()
+    np.save(good / "vectors.npy", rng.standard_normal((3, 4)).astype(np.float32))
+    (good / "names.json").write_text('["a", "b", "c"]')
+    meta = {"format": "clustermac-index", "version": 1, "dim": 4, "count": 3, "backend": "exact"}
+    (good / "meta.json").write_text(json.dumps(meta))
 
     def damaged(name, change):
         folder = tmp_path / name
-        shutil.copytree(tmp_path / "good", folder)
+        shutil.copytree(good, folder)
         change(folder)
         return folder
 
     cases = [
-        (lambda f: (f / "names.json").write_text("[not json"), "cannot read the index"),
-        (lambda f: (f / "names.json").write_text('["a", "b"]'), r"names.json: expected 3 names"),
+        (lambda f: (f / "names.json").write_text("[not json"), "names.json: not readable JSON"),
+        (lambda f: (f / "names.json").write_text('["a", "b"]'), r"names.json: expected a list of 3 names"),
         (
             lambda f: (f / "meta.json").write_text(
                 json.dumps({**json.loads((f / "meta.json").read_text()), "version": 99})
             ),
-            "not a clustermac index of version 1",
+            "not a clustermac index of version 1 or 2",
         ),
         (
             lambda f: np.save(f / "vectors.npy", np.zeros((3, 4), np.float64)),
@@ -266,7 +278,7 @@ def test_damaged_index_folders_are_refused_with_the_file_named(tmp_path):
     for i, (change, message) in enumerate(cases):
         with pytest.raises(ValueError, match=message):
             Index.load(damaged(f"bad{i}", change))
-    assert Index.load(tmp_path / "good").names == ["a", "b", "c"]
+    assert Index.load(good).names == ["a", "b", "c"]
 
 
 def test_faiss_backend_refusals(tmp_path):
@@ -284,11 +296,14 @@ def test_faiss_backend_refusals(tmp_path):
     ivf = Index(8, backend="faiss", faiss_factory="IVF64,Flat")
     with pytest.raises(ValueError, match=r"must be trained on the first add\(\) batch.*20 vectors"):
         ivf.add(vectors, names_for(0, 20))
-    # A faiss.index file that disagrees with names.json.
+    # A faiss.index file that disagrees with names.json (checksums made consistent).
     index.save(tmp_path / "f")
-    (tmp_path / "f" / "names.json").write_text(json.dumps(names_for(0, 20)[:-1]))
-    meta = json.loads((tmp_path / "f" / "meta.json").read_text())
-    (tmp_path / "f" / "meta.json").write_text(json.dumps({**meta, "count": 19}))
-    with pytest.raises(ValueError, match="faiss.index holds 20 vectors, names.json 19"):
+    version = tmp_path / "f" / (tmp_path / "f" / "CURRENT").read_text()
+    names = json.dumps(names_for(0, 20)[:-1]).encode()
+    (version / "names.json").write_bytes(names)
+    meta = json.loads((version / "meta.json").read_text())
+    meta["files"]["names.json"] = {"size": len(names), "sha256": hashlib.sha256(names).hexdigest()}
+    (version / "meta.json").write_text(json.dumps({**meta, "count": 19}))
+    with pytest.raises(ValueError, match="faiss.index: its header says 20 vectors of dimension 8; meta.json 19"):
         Index.load(tmp_path / "f")
-    assert faiss.read_index(str(tmp_path / "f" / "faiss.index")).ntotal == 20
+    assert faiss.read_index(str(version / "faiss.index")).ntotal == 20

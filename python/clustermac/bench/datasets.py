@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from .._typing import PathLike
+from ..errors import CorruptFileError
 from ..files import atomic_write_bytes
 from ..images import IMAGE_EXTENSIONS
 
@@ -221,7 +222,9 @@ class RetrievalDataset:
         self.distractor_dirs = sorted(
             (int(start), Path(folder), str(extension)) for start, folder, extension in self.distractor_dirs
         )
-        self.gnd = [self._normalise_entry(entry, query) for query, entry in enumerate(self.gnd)]
+        # Lists shared between entries (e.g. through a pickle's memo) are checked once: by identity.
+        cache: dict[Any, Any] = {}
+        self.gnd = [self._normalise_entry(entry, query, cache) for query, entry in enumerate(self.gnd)]
         kinds = {"revisited" if "easy" in entry else "classic" for entry in self.gnd}
         if len(kinds) > 1:
             raise ValueError(
@@ -229,7 +232,7 @@ class RetrievalDataset:
                 "expected one kind for all queries"
             )
 
-    def _normalise_entry(self, entry: Any, query: int) -> dict:
+    def _normalise_entry(self, entry: Any, query: int, cache: dict[Any, Any]) -> dict:
         what = f"gnd[{query}]"
         if not isinstance(entry, Mapping):
             raise ValueError(f"{what}: expected a dict, received {type(entry).__name__}")
@@ -246,10 +249,13 @@ class RetrievalDataset:
                 "'ok' (+ optional 'junk', 'bbx') or revisited 'easy', 'hard', 'junk' (+ optional 'bbx')"
             )
         n_images = len(self.images)
-        normalised = {
-            key: _check_indices(entry.get(key), n_images, f"{what}[{key!r}]")
-            for key in required + (("junk",) if "junk" not in required else ())
-        }
+        normalised = {}
+        for key in required + (("junk",) if "junk" not in required else ()):
+            value = entry.get(key)
+            if id(value) not in cache:
+                # the value is kept in the cache so that its id stays its own
+                cache[id(value)] = (value, _check_indices(value, n_images, f"{what}[{key!r}]"))
+            normalised[key] = cache[id(value)][1]
         if "bbx" in entry and entry["bbx"] is not None:
             box = _check_box(entry["bbx"], f"{what}['bbx']")
             if box != self.query_boxes[query]:
@@ -260,7 +266,10 @@ class RetrievalDataset:
         lists = list(normalised.items())
         for first in range(len(lists)):
             for second in range(first + 1, len(lists)):
-                overlap = set(lists[first][1]) & set(lists[second][1])
+                pair = (id(lists[first][1]), id(lists[second][1]))
+                if pair not in cache:
+                    cache[pair] = set(lists[first][1]) & set(lists[second][1])
+                overlap = cache[pair]
                 if overlap:
                     raise ValueError(
                         f"{what}: image {min(overlap)} is in both {lists[first][0]!r} and "
@@ -362,9 +371,9 @@ class RetrievalDataset:
 def _read_lines(path: Path) -> list[tuple[int, str]]:
     """Non-blank lines of a text file as (1-based line number, stripped text)."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as error:
-        raise ValueError(f"{path}: not a UTF-8 text file ({error})") from None
+        raise CorruptFileError(path, f"not a UTF-8 text file ({error})") from None
     return [(number, line.strip()) for number, line in enumerate(text.splitlines(), start=1) if line.strip()]
 
 
@@ -405,7 +414,7 @@ def read_distractor_list(path: PathLike) -> list[str]:
     first_line: dict[str, int] = {}
     for number, name in _read_lines(path):
         if name in first_line:
-            raise ValueError(f"{path}, line {number}: {name!r} is already listed on line {first_line[name]}")
+            raise CorruptFileError(path, f"line {number}: {name!r} is already listed on line {first_line[name]}")
         first_line[name] = number
         names.append(name)
     return names
@@ -421,22 +430,22 @@ def _resolve_name(name: str, known: Mapping[str, Any], strip_oxford_prefix: bool
 def _parse_query_line(path: Path, number: int, line: str) -> tuple[str, Box | None]:
     fields = line.split()
     if len(fields) not in (1, 5):
-        raise ValueError(
-            f"{path}, line {number}: {line!r} has {len(fields) - 1} numbers; expected 'name x1 y1 x2 y2' (4 numbers)"
+        raise CorruptFileError(
+            path, f"line {number}: {line!r} has {len(fields) - 1} numbers; expected 'name x1 y1 x2 y2' (4 numbers)"
         )
     if len(fields) == 1:
         return fields[0], None
     try:
         numbers = [float(value) for value in fields[1:]]
     except ValueError:
-        raise ValueError(
-            f"{path}, line {number}: {line!r} has a non-numeric box; expected 'name x1 y1 x2 y2'"
+        raise CorruptFileError(
+            path, f"line {number}: {line!r} has a non-numeric box; expected 'name x1 y1 x2 y2'"
         ) from None
     try:
         return fields[0], _check_box(numbers, "box")
     except ValueError:
-        raise ValueError(
-            f"{path}, line {number}: box {fields[1:]} is not a box; expected finite x1 < x2 and y1 < y2"
+        raise CorruptFileError(
+            path, f"line {number}: box {fields[1:]} is not a box; expected finite x1 < x2 and y1 < y2"
         ) from None
 
 
@@ -481,9 +490,11 @@ def load_classic(
         listed: dict[str, int] = {}
         for number, image in _read_lines(imlist_path):
             if image in listed:
-                raise ValueError(f"{imlist_path}, line {number}: {image!r} is already listed on line {listed[image]}")
+                raise CorruptFileError(
+                    imlist_path, f"line {number}: {image!r} is already listed on line {listed[image]}"
+                )
             if image not in found:
-                raise ValueError(f"{imlist_path}, line {number}: no image named {image!r} in {image_dir}")
+                raise CorruptFileError(imlist_path, f"line {number}: no image named {image!r} in {image_dir}")
             listed[image] = number
             images.append(image)
     else:
@@ -513,44 +524,49 @@ def load_classic(
         kinds = files[key]
         missing = [kind for kind in _GROUND_TRUTH_KINDS if kind not in kinds]
         if missing:
-            raise ValueError(
-                f"{gt_dir}: query {stems[key]} lacks "
+            raise CorruptFileError(
+                gt_dir,
+                f"query {stems[key]} lacks "
                 + ", ".join(f"{stems[key]}_{kind}.txt" for kind in missing)
-                + "; expected all of _query, _good, _ok and _junk"
+                + "; expected all of _query, _good, _ok and _junk",
             )
         query_lines = _read_lines(kinds["query"])
         if len(query_lines) != 1:
             where = f"line {query_lines[1][0]}" if query_lines else "line 1"
-            raise ValueError(
-                f"{kinds['query']}, {where}: expected exactly one line 'name x1 y1 x2 y2', found {len(query_lines)}"
+            raise CorruptFileError(
+                kinds["query"], f"{where}: expected exactly one line 'name x1 y1 x2 y2', found {len(query_lines)}"
             )
         number, line = query_lines[0]
         query_name, box = _parse_query_line(kinds["query"], number, line)
         resolved = _resolve_name(query_name, found, strip_oxford_prefix=True)
         if resolved is None:
-            raise ValueError(f"{kinds['query']}, line {number}: no image named {query_name!r} in {image_dir}")
+            raise CorruptFileError(kinds["query"], f"line {number}: no image named {query_name!r} in {image_dir}")
         lists: dict[str, set[int]] = {}
         first_seen: dict[int, tuple[str, Path, int]] = {}
         for kind in ("good", "ok", "junk"):
             indices: set[int] = set()
             for line_number, image in _read_lines(kinds[kind]):
                 if len(image.split()) != 1:
-                    raise ValueError(f"{kinds[kind]}, line {line_number}: {image!r}; expected one image name per line")
+                    raise CorruptFileError(
+                        kinds[kind], f"line {line_number}: {image!r}; expected one image name per line"
+                    )
                 resolved_image = _resolve_name(image, index_of, strip_oxford_prefix=True)
                 if resolved_image is None:
                     if skip_missing:
                         continue
-                    raise ValueError(
-                        f"{kinds[kind]}, line {line_number}: {image!r} is not a database image (not in "
+                    raise CorruptFileError(
+                        kinds[kind],
+                        f"line {line_number}: {image!r} is not a database image (not in "
                         f"{imlist_path if imlist_path.is_file() else image_dir}); pass skip_missing=True "
-                        "to drop such names"
+                        "to drop such names",
                     )
                 index = index_of[resolved_image]
                 earlier = first_seen.get(index)
                 if earlier is not None and (earlier[0] == "junk") != (kind == "junk"):
-                    raise ValueError(
-                        f"{kinds[kind]}, line {line_number}: {image!r} is also listed in {earlier[1]}, "
-                        f"line {earlier[2]}; an image cannot be both positive and junk"
+                    raise CorruptFileError(
+                        kinds[kind],
+                        f"line {line_number}: {image!r} is also listed in {earlier[1]}, "
+                        f"line {earlier[2]}; an image cannot be both positive and junk",
                     )
                 first_seen.setdefault(index, (kind, kinds[kind], line_number))
                 indices.add(index)
@@ -559,17 +575,22 @@ def load_classic(
         boxes.append(box)
         gnd.append({"ok": sorted(lists["good"] | lists["ok"]), "junk": sorted(lists["junk"])})
         landmarks.append(key[0])
-    return RetrievalDataset(
-        name=name,
-        image_dir=image_dir,
-        images=images,
-        queries=queries,
-        query_boxes=boxes,
-        gnd=gnd,
-        image_ext=image_ext,
-        image_locations=_locations_outside(images + queries, found, image_dir, image_ext),
-        query_landmarks=landmarks,
-    )
+    try:
+        return RetrievalDataset(
+            name=name,
+            image_dir=image_dir,
+            images=images,
+            queries=queries,
+            query_boxes=boxes,
+            gnd=gnd,
+            image_ext=image_ext,
+            image_locations=_locations_outside(images + queries, found, image_dir, image_ext),
+            query_landmarks=landmarks,
+        )
+    except CorruptFileError:
+        raise
+    except ValueError as error:
+        raise CorruptFileError(gt_dir, str(error)) from None
 
 
 class _RefusingUnpickler(pickle.Unpickler):
@@ -608,7 +629,7 @@ def _load_plain_pickle(path: Path) -> Any:
                 " It holds NumPy arrays or scalars; if you trust the file, convert them once to plain "
                 "lists (e.g. with numpy's tolist() in a trusted session) and save the dict again."
             )
-        raise ValueError(explanation) from None
+        raise CorruptFileError(path, explanation[len(f"{path}: ") :]) from None
     except (
         pickle.UnpicklingError,
         EOFError,
@@ -620,18 +641,19 @@ def _load_plain_pickle(path: Path) -> Any:
         UnicodeDecodeError,
         OverflowError,
         MemoryError,
+        RecursionError,
     ) as error:
-        raise ValueError(f"{path}: not a readable pickle ({type(error).__name__}: {error})") from None
+        raise CorruptFileError(path, f"not a readable pickle ({type(error).__name__}: {error})") from None
 
 
 def _plain_name_list(value: Any, path: Path, key: str) -> list[str]:
     """Image names from a pickle; a name given with an image extension is stored without it."""
     if not isinstance(value, (list, tuple)):
-        raise ValueError(f"{path}: [{key!r}] is a {type(value).__name__}; expected a list of image names")
+        raise CorruptFileError(path, f"[{key!r}] is a {type(value).__name__}; expected a list of image names")
     names = []
     for i, name in enumerate(value):
         if not isinstance(name, str) or not name or name != name.strip():
-            raise ValueError(f"{path}: [{key!r}][{i}] = {name!r}; expected an image name (non-empty string)")
+            raise CorruptFileError(path, f"[{key!r}][{i}] = {name!r:.80}; expected an image name (non-empty string)")
         stem, extension = os.path.splitext(name)
         names.append(stem if stem and extension.lower() in IMAGE_EXTENSIONS else name)
     return names
@@ -663,36 +685,12 @@ def load_revisited(pkl_path: PathLike, image_dir: PathLike, *, image_ext: str = 
     if not image_dir.is_dir():
         raise DatasetNotFoundError(f"image_dir: {image_dir} is not a folder")
     content = _load_plain_pickle(pkl_path)
-    if not isinstance(content, dict):
-        raise ValueError(
-            f"{pkl_path}: holds a {type(content).__name__}; expected a dict with 'imlist', 'qimlist', 'gnd'"
-        )
-    missing = [key for key in ("imlist", "qimlist", "gnd") if key not in content]
-    if missing:
-        raise ValueError(f"{pkl_path}: lacks the key(s) {missing}; expected 'imlist', 'qimlist' and 'gnd'")
-    images = _plain_name_list(content["imlist"], pkl_path, "imlist")
-    queries = _plain_name_list(content["qimlist"], pkl_path, "qimlist")
-    raw_gnd = content["gnd"]
-    if not isinstance(raw_gnd, (list, tuple)) or len(raw_gnd) != len(queries):
-        size = len(raw_gnd) if isinstance(raw_gnd, (list, tuple)) else type(raw_gnd).__name__
-        raise ValueError(f"{pkl_path}: ['gnd'] has {size} entries; expected a list of {len(queries)} (one per query)")
-    gnd: list[dict] = []
-    boxes: list[Box | None] = []
-    for query, entry in enumerate(raw_gnd):
-        where = f"{pkl_path}: ['gnd'][{query}]"
-        if not isinstance(entry, dict):
-            raise ValueError(f"{where} is a {type(entry).__name__}; expected a dict with 'bbx', 'easy', 'hard', 'junk'")
-        # The classic sets are also published as pickles with 'ok'/'junk' per query.
-        classic_entry = "ok" in entry and "easy" not in entry and "hard" not in entry
-        keys = ("ok", "junk") if classic_entry else ("easy", "hard", "junk")
-        missing = [key for key in keys if key not in entry and not (classic_entry and key == "junk")]
-        if missing:
-            raise ValueError(
-                f"{where} lacks {missing}; expected the keys 'bbx', 'easy', 'hard', 'junk' "
-                "(or 'ok', 'junk' for a classic ground truth)"
-            )
-        boxes.append(_check_box(entry.get("bbx"), f"{where}['bbx']"))
-        gnd.append({key: _check_indices(entry.get(key), len(images), f"{where}[{key!r}]") for key in keys})
+    try:
+        images, queries, boxes, gnd = _revisited_content(content, pkl_path)
+    except CorruptFileError:
+        raise
+    except ValueError as error:  # from the shared checks, which do not know the file
+        raise CorruptFileError(pkl_path, str(error)) from None
     found = _scan_images(image_dir)
     absent = [image for image in images + queries if image not in found]
     name = pkl_path.stem[len("gnd_") :] if pkl_path.stem.startswith("gnd_") else pkl_path.stem
@@ -714,7 +712,65 @@ def load_revisited(pkl_path: PathLike, image_dir: PathLike, *, image_ext: str = 
             image_locations=_locations_outside(images + queries, found, image_dir, image_ext),
         )
     except ValueError as error:
-        raise ValueError(f"{pkl_path}: {error}") from None
+        raise CorruptFileError(pkl_path, str(error)) from None
+
+
+def _revisited_content(content: Any, pkl_path: Path) -> tuple[list[str], list[str], list[Box | None], list[dict]]:
+    """Names, boxes and ground truth of an unpickled revisited file, checked.
+
+    A pickle can share one list object between many entries through its memo (a few bytes per
+    reference), so each distinct index list is checked once, by identity, and the checked list
+    is shared the same way: a small file cannot make the check take minutes or the memory blow up.
+    """
+    if not isinstance(content, dict):
+        raise CorruptFileError(
+            pkl_path, f"holds a {type(content).__name__}; expected a dict with 'imlist', 'qimlist', 'gnd'"
+        )
+    missing = [key for key in ("imlist", "qimlist", "gnd") if key not in content]
+    if missing:
+        raise CorruptFileError(pkl_path, f"lacks the key(s) {missing}; expected 'imlist', 'qimlist' and 'gnd'")
+    images = _plain_name_list(content["imlist"], pkl_path, "imlist")
+    queries = _plain_name_list(content["qimlist"], pkl_path, "qimlist")
+    raw_gnd = content["gnd"]
+    if not isinstance(raw_gnd, (list, tuple)) or len(raw_gnd) != len(queries):
+        size = len(raw_gnd) if isinstance(raw_gnd, (list, tuple)) else type(raw_gnd).__name__
+        raise CorruptFileError(
+            pkl_path, f"['gnd'] has {size} entries; expected a list of {len(queries)} (one per query)"
+        )
+    gnd: list[dict] = []
+    boxes: list[Box | None] = []
+    checked: dict[int, list[int]] = {}  # id(list in the pickle) -> its checked indices
+    for query, entry in enumerate(raw_gnd):
+        where = f"['gnd'][{query}]"
+        if not isinstance(entry, dict):
+            raise CorruptFileError(
+                pkl_path, f"{where} is a {type(entry).__name__}; expected a dict with 'bbx', 'easy', 'hard', 'junk'"
+            )
+        # The classic sets are also published as pickles with 'ok'/'junk' per query.
+        classic_entry = "ok" in entry and "easy" not in entry and "hard" not in entry
+        keys = ("ok", "junk") if classic_entry else ("easy", "hard", "junk")
+        missing = [key for key in keys if key not in entry and not (classic_entry and key == "junk")]
+        if missing:
+            raise CorruptFileError(
+                pkl_path,
+                f"{where} lacks {missing}; expected the keys 'bbx', 'easy', 'hard', 'junk' "
+                "(or 'ok', 'junk' for a classic ground truth)",
+            )
+        try:
+            boxes.append(_check_box(entry.get("bbx"), f"{where}['bbx']"))
+        except ValueError as error:
+            raise CorruptFileError(pkl_path, str(error)) from None
+        lists = {}
+        for key in keys:
+            value = entry.get(key)
+            if id(value) not in checked:
+                try:
+                    checked[id(value)] = _check_indices(value, len(images), f"{where}[{key!r}]")
+                except ValueError as error:
+                    raise CorruptFileError(pkl_path, str(error)) from None
+            lists[key] = checked[id(value)]
+        gnd.append(lists)
+    return images, queries, boxes, gnd
 
 
 def _requirements(name: str | None) -> str:

@@ -1,10 +1,18 @@
 """Learned state of an extractor: the PCA-whitening and the dataset-learned clustering PCA,
-and the whitening file (``.npz``: the arrays plus the settings they were learned for)."""
+and the whitening file (``.npz``: the arrays plus the settings they were learned for).
+
+Whitening file, format version 1 (clustermac 0.1.0 onwards): an uncompressed NumPy ``.npz`` with
+``mean`` (float32 D), ``projection`` (float32 k × D), optionally ``pca_mean`` (float32 F) and
+``pca_basis`` (float32 F × C), and ``meta``: uint8 bytes of the UTF-8 JSON
+``{"format_version": 1, "settings": {...}}``. See :func:`load_whitening_file` for what is checked.
+"""
 
 from __future__ import annotations
 
 import io
 import json
+import math
+import zipfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -13,7 +21,8 @@ import numpy as np
 
 from .. import _core
 from .._typing import PathLike
-from ..files import atomic_write_bytes
+from ..errors import CorruptFileError
+from ..files import atomic_write_bytes, output_lock, remove_stale_temporaries
 
 __all__ = [
     "WHITENING_FORMAT_VERSION",
@@ -78,25 +87,134 @@ def fit_whitening_on_vectors(
 
 
 def save_whitening_file(path: PathLike, arrays: dict[str, np.ndarray], settings: dict[str, Any]) -> None:
-    """Write the arrays and the settings they were learned for (atomic write)."""
+    """Write the arrays and the settings they were learned for: one ``.npz`` written beside the
+    target, fsynced and renamed over it, while holding the output lock of ``path`` (a second
+    writer gets :class:`~clustermac.OutputLockedError`). The arrays are checked first, as the
+    loader would check them, so a file that cannot be loaded is never written."""
+    path = Path(path)
     meta = {"format_version": WHITENING_FORMAT_VERSION, "settings": settings}
-    contents = {**arrays, "meta": np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)}
+    contents = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
+    _check_arrays(path, contents, ValueError)
+    contents["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     buffer = io.BytesIO()
     np.savez(buffer, **contents)
-    atomic_write_bytes(Path(path), buffer.getvalue())
+    with output_lock(path, "save_whitening"):
+        remove_stale_temporaries(path)
+        atomic_write_bytes(path, buffer.getvalue())
+
+
+# What a whitening file may hold; anything else in it is ignored.
+_WHITENING_ARRAYS = ("mean", "projection", "pca_mean", "pca_basis")
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of an ``.npz``, read without trusting it: every member's ``.npy`` header must
+    describe exactly the member's bytes (a forged shape would make NumPy allocate what it says),
+    and object arrays are refused. Raises CorruptFileError."""
+    size = path.stat().st_size
+    arrays = {}
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+            if len(members) > 64:
+                raise CorruptFileError(path, f"holds {len(members)} members; a whitening file holds a few")
+            for info in members:
+                if not info.filename.endswith(".npy") or info.filename[:-4] in arrays:
+                    raise CorruptFileError(path, f"unexpected member {info.filename[:80]!r}")
+                if info.compress_size > size or info.file_size > max(info.compress_size, 1) * 1100:
+                    raise CorruptFileError(path, f"member {info.filename!r} declares impossible sizes")
+                data = archive.read(info)  # checks the CRC-32
+                buffer = io.BytesIO(data)
+                version = np.lib.format.read_magic(buffer)
+                if version == (1, 0):
+                    shape, fortran, dtype = np.lib.format.read_array_header_1_0(buffer)
+                elif version == (2, 0):
+                    shape, fortran, dtype = np.lib.format.read_array_header_2_0(buffer)
+                else:
+                    raise CorruptFileError(path, f"member {info.filename!r}: .npy version {version}")
+                if dtype.hasobject or fortran:
+                    raise CorruptFileError(path, f"member {info.filename!r} holds {dtype} (Fortran order: {fortran})")
+                needed = buffer.tell() + math.prod(shape) * dtype.itemsize
+                if needed != len(data):
+                    raise CorruptFileError(
+                        path, f"member {info.filename!r} has {len(data)} bytes; its header says {needed}"
+                    )
+                array = np.frombuffer(data, dtype=dtype, offset=buffer.tell()).reshape(shape)
+                arrays[info.filename[:-4]] = array
+    except CorruptFileError:
+        raise
+    except Exception as error:  # zipfile and NumPy parsing untrusted bytes: any failure means a bad file
+        if isinstance(error, FileNotFoundError):
+            raise
+        raise CorruptFileError(path, f"not a clustermac whitening file ({type(error).__name__}: {error})") from None
+    return arrays
+
+
+def _check_arrays(path: Path, arrays: dict[str, np.ndarray], error=CorruptFileError) -> None:
+    """Shapes, dtypes and values of a whitening: float32 mean (D,) and projection (k, D) with
+    1 <= k <= D, finite, the projection not all zero; optionally the clustering PCA, float32
+    pca_mean (F,) and pca_basis (F, C), finite."""
+
+    def fail(problem: str):
+        return error(path, problem) if error is CorruptFileError else error(f"{path}: {problem}")
+
+    for key in ("mean", "projection"):
+        if key not in arrays:
+            raise fail(f"lacks the array {key!r}; expected 'mean' and 'projection'")
+    if ("pca_mean" in arrays) != ("pca_basis" in arrays):
+        raise fail("holds only one of 'pca_mean' and 'pca_basis'; expected both or neither")
+    expected_ndim = {"mean": 1, "projection": 2, "pca_mean": 1, "pca_basis": 2}
+    for key, array in arrays.items():
+        if key not in expected_ndim:
+            continue
+        if array.dtype != np.float32 or array.ndim != expected_ndim[key] or 0 in array.shape:
+            raise fail(
+                f"{key!r} is {array.dtype} of shape {array.shape}; expected non-empty {expected_ndim[key]}-D float32"
+            )
+        if not np.isfinite(array).all():
+            raise fail(f"{key!r} holds NaN or Inf")
+    mean, projection = arrays["mean"], arrays["projection"]
+    if projection.shape[1] != mean.shape[0] or projection.shape[0] > mean.shape[0]:
+        raise fail(
+            f"'projection' has shape {projection.shape} for a 'mean' of length {mean.shape[0]}; "
+            f"expected (k, {mean.shape[0]}) with k <= {mean.shape[0]}"
+        )
+    if not projection.any():
+        raise fail("'projection' is all zeros: every whitened descriptor would be zero")
+    if "pca_mean" in arrays and arrays["pca_basis"].shape[0] != arrays["pca_mean"].shape[0]:
+        raise fail(
+            f"'pca_basis' has shape {arrays['pca_basis'].shape} for a 'pca_mean' of length "
+            f"{arrays['pca_mean'].shape[0]}"
+        )
 
 
 def load_whitening_file(path: PathLike, settings: dict[str, Any]) -> dict[str, np.ndarray]:
-    """The arrays of a whitening file; ValueError if it is not one, or if it was learned for
-    settings other than ``settings`` (a setting missing from an older file takes the value of
-    :data:`SETTINGS_BEFORE_THEY_WERE_SAVED`)."""
+    """The arrays of a whitening file, validated: :class:`~clustermac.CorruptFileError` (a
+    ``ValueError``) naming the file and the problem if it is not a readable whitening file of a
+    known version, or holds arrays of the wrong shape or dtype, NaN, Inf or an all-zero
+    projection; ``ValueError`` if it was learned for settings other than ``settings`` (a setting
+    missing from an older file takes the value of :data:`SETTINGS_BEFORE_THEY_WERE_SAVED`)."""
+    path = Path(path)
+    arrays = _read_npz(path)
+    if "meta" not in arrays:
+        raise CorruptFileError(path, "not a clustermac whitening file (no 'meta' array)")
     try:
-        with np.load(path, allow_pickle=False) as data:
-            meta = json.loads(bytes(data["meta"]).decode())
-            arrays = {k: np.ascontiguousarray(data[k]) for k in data.files if k != "meta"}
-    except (OSError, KeyError, ValueError) as error:
-        raise ValueError(f"{path}: not a clustermac whitening file ({error})") from error
-    saved = {**SETTINGS_BEFORE_THEY_WERE_SAVED, **meta.get("settings", {})}
+        meta = json.loads(arrays.pop("meta").tobytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as error:
+        raise CorruptFileError(path, f"unreadable 'meta' ({type(error).__name__}: {error})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("settings", {}), dict):
+        raise CorruptFileError(path, "'meta' is not a JSON object with a 'settings' object")
+    version = meta.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= WHITENING_FORMAT_VERSION:
+        raise CorruptFileError(
+            path,
+            f"whitening file format version {str(version)[:40]}; this clustermac reads versions 1 to "
+            f"{WHITENING_FORMAT_VERSION} (a newer clustermac may read it)",
+        )
+    recorded = meta.get("settings", {})
+    arrays = {k: np.array(v) for k, v in arrays.items() if k in _WHITENING_ARRAYS}  # writable copies
+    _check_arrays(path, arrays)
+    saved = {**SETTINGS_BEFORE_THEY_WERE_SAVED, **recorded}
     different = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
     if different:
         detail = ", ".join(f"{k}: file has {a!r}, extractor has {b!r}" for k, (a, b) in different.items())

@@ -8,11 +8,15 @@ localisation kernel reads; for ClusterMAC each map can carry its image's cluster
 
 File layout (little-endian): a 64-byte preamble (magic, table offset, count), the payload
 (each map's codes, then its label maps, each 64-byte aligned), the table (one row per map),
-then the names as length-prefixed UTF-8 JSON. Version 1 files (no labels) are still read.
+then the names as length-prefixed UTF-8 JSON. The magic carries the format version; version 1
+files (no labels) are still read. Opening a store validates the whole layout (every offset and
+size within the file, names, scales) and raises :class:`~clustermac.CorruptFileError` for any
+malformed file, so no later access reads out of bounds.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
@@ -23,7 +27,8 @@ import numpy as np
 
 from .. import _core
 from .._typing import PathLike
-from ..files import temporary_file_beside
+from ..errors import CorruptFileError
+from ..files import crash_point, output_lock, remove_stale_temporaries, temporary_file_beside
 
 __all__ = ["quantize_feature_map", "FeatureMapStore", "FeatureMapStoreWriter"]
 
@@ -65,11 +70,22 @@ class FeatureMapStoreWriter:
         with FeatureMapStoreWriter("db.cmfm") as writer:
             for name, fmap in maps:
                 writer.add(fmap, name)
+
+    The writer holds the output lock of ``path`` until it is closed or aborted (a second
+    writer gets :class:`~clustermac.OutputLockedError`) and removes the temporary files of
+    killed writers of the same path.
     """
 
     def __init__(self, path: PathLike) -> None:
         self._path = Path(path)
-        handle, temporary = temporary_file_beside(self._path)  # plain-open permissions, not mkstemp's 0600
+        self._lock = contextlib.ExitStack()
+        self._lock.enter_context(output_lock(self._path, "FeatureMapStoreWriter"))
+        try:
+            remove_stale_temporaries(self._path)
+            handle, temporary = temporary_file_beside(self._path)  # plain-open permissions, not mkstemp's 0600
+        except BaseException:
+            self._lock.close()
+            raise
         self._temporary = Path(temporary)
         self._file = os.fdopen(handle, "wb")
         self._file.write(b"\0" * _PAYLOAD_START)
@@ -127,15 +143,25 @@ class FeatureMapStoreWriter:
         self._file.write(names)
         self._file.seek(0)
         self._file.write(_PREAMBLE.pack(_MAGIC, table_offset, len(self._rows)))
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        os.replace(self._temporary, self._path)
+        try:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            crash_point("feature_map_store_close")
+            os.replace(self._temporary, self._path)
+        except BaseException:
+            self._temporary.unlink(missing_ok=True)
+            raise
+        finally:
+            self._lock.close()
 
     def abort(self) -> None:
         """Discard everything written."""
-        self._file.close()
-        self._temporary.unlink(missing_ok=True)
+        try:
+            self._file.close()
+            self._temporary.unlink(missing_ok=True)
+        finally:
+            self._lock.close()
 
     def __enter__(self) -> FeatureMapStoreWriter:
         return self
@@ -155,30 +181,76 @@ class FeatureMapStore:
         self.path = Path(path)
         size = self.path.stat().st_size
         if size < _PAYLOAD_START:
-            raise ValueError(f"{self.path}: too short to be a feature-map store")
+            raise CorruptFileError(self.path, f"has {size} bytes, too short to be a feature-map store")
         self._data = np.memmap(self.path, dtype=np.uint8, mode="r")
         magic, table_offset, count = _PREAMBLE.unpack(bytes(self._data[: _PREAMBLE.size]))
         if magic not in (_MAGIC, _MAGIC_V1):
-            raise ValueError(f"{self.path}: not a clustermac feature-map store (bad magic {magic!r})")
+            raise CorruptFileError(self.path, f"not a clustermac feature-map store (magic {magic!r})")
         table_dtype = _TABLE_DTYPE if magic == _MAGIC else _TABLE_DTYPE_V1
+        if not _PAYLOAD_START <= table_offset <= size:
+            raise CorruptFileError(self.path, f"the table offset {table_offset} is outside the file ({size} bytes)")
+        if count > (size - table_offset) // table_dtype.itemsize:
+            raise CorruptFileError(
+                self.path,
+                f"declares {count} maps, but the {size - table_offset} bytes after the table offset hold fewer",
+            )
         table_end = table_offset + count * table_dtype.itemsize
         if table_end + 8 > size:
-            raise ValueError(f"{self.path}: truncated (table ends at byte {table_end + 8}, file has {size})")
+            raise CorruptFileError(self.path, f"truncated (table ends at byte {table_end + 8}, file has {size})")
         self._table = np.frombuffer(self._data, dtype=table_dtype, count=count, offset=table_offset)
         (names_length,) = struct.unpack("<Q", bytes(self._data[table_end : table_end + 8]))
-        if table_end + 8 + names_length > size:
-            raise ValueError(f"{self.path}: truncated names")
-        self.names: list[str] = json.loads(
-            bytes(self._data[table_end + 8 : table_end + 8 + names_length]).decode("utf-8")
-        )
-        cells = self._table["height"].astype(np.uint64) * self._table["width"]
-        ends = self._table["offset"] + self._table["channels"].astype(np.uint64) * cells
-        if magic == _MAGIC:
-            ends = np.maximum(
-                ends, self._table["labels_offset"] + 2 * self._table["partitions"].astype(np.uint64) * cells
+        if names_length != size - table_end - 8:
+            raise CorruptFileError(
+                self.path, f"the names take {names_length} bytes, but {size - table_end - 8} follow the table"
             )
-        if count and (ends.max() > table_offset or len(self.names) != count):
-            raise ValueError(f"{self.path}: inconsistent table")
+        try:
+            names = json.loads(bytes(self._data[table_end + 8 :]).decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError) as error:
+            raise CorruptFileError(self.path, f"unreadable names ({type(error).__name__}: {error})") from None
+        if not isinstance(names, list) or len(names) != count or not all(isinstance(n, str) for n in names):
+            raise CorruptFileError(self.path, f"the names are not a list of {count} strings")
+        self.names: list[str] = names
+        self._check_table(table_offset)
+
+    def _check_table(self, payload_end: int) -> None:
+        """Every map (and label map) lies inside the payload; sizes cannot wrap around."""
+        table = self._table
+        if not len(table):
+            return
+        channels, height, width = (table[key].astype(np.float64) for key in ("channels", "height", "width"))
+        if channels.min() < 1 or height.min() < 1 or width.min() < 1:
+            bad = int(np.argmin(np.minimum(np.minimum(channels, height), width)))
+            raise CorruptFileError(self.path, f"map {bad} has an empty shape")
+        if (table["channels"] != table["channels"][0]).any():
+            bad = int(np.argmax(table["channels"] != table["channels"][0]))
+            raise CorruptFileError(
+                self.path, f"map {bad} has {table['channels'][bad]} channels, map 0 has {table['channels'][0]}"
+            )
+        if not np.isfinite(table["scale"]).all() or (table["scale"] < 0).any():
+            bad = int(np.argmin(np.isfinite(table["scale"]) & (table["scale"] >= 0)))
+            raise CorruptFileError(self.path, f"map {bad} has the scale {table['scale'][bad]}; expected finite >= 0")
+        spans = [(table["offset"], channels * height * width)]
+        if "partitions" in table.dtype.names:
+            with_labels = table["partitions"] > 0
+            spans.append(
+                (
+                    np.where(with_labels, table["labels_offset"], _PAYLOAD_START),
+                    2.0 * table["partitions"].astype(np.float64) * height * width,
+                )
+            )
+        for starts, lengths in spans:
+            # float64 first (no wrap-around), exact integers once they are known to be small
+            if (starts.astype(np.float64) + lengths > payload_end + 1.0).any() or (starts < _PAYLOAD_START).any():
+                ends = starts.astype(np.float64) + lengths
+                bad = int(np.argmax((ends > payload_end + 1.0) | (starts < _PAYLOAD_START)))
+                raise CorruptFileError(
+                    self.path, f"map {bad} lies outside the payload (bytes {_PAYLOAD_START}..{payload_end})"
+                )
+            if (starts + lengths.astype(np.uint64) > payload_end).any():
+                bad = int(np.argmax(starts + lengths.astype(np.uint64) > payload_end))
+                raise CorruptFileError(
+                    self.path, f"map {bad} lies outside the payload (bytes {_PAYLOAD_START}..{payload_end})"
+                )
 
     def __len__(self) -> int:
         return int(self._table.shape[0])
@@ -202,6 +274,8 @@ class FeatureMapStore:
             return []
         height, width, start = int(row["height"]), int(row["width"]), int(row["labels_offset"])
         stored = np.frombuffer(self._data, dtype="<i2", count=int(row["partitions"]) * height * width, offset=start)
+        if stored.size and stored.min() < -1:
+            raise CorruptFileError(self.path, f"map {index} has a label below -1 (-1 marks masked cells)")
         return [np.ascontiguousarray(part, dtype=np.int32) for part in stored.reshape(-1, height, width)]
 
     def scale(self, index: int) -> float:

@@ -12,24 +12,26 @@ offers the same interface for collections that do not fit in memory as float32.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
-import shutil
-import tempfile
-from collections.abc import Sequence
+import struct
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .. import _core
+from .. import _core, files
 from .._typing import PathLike
+from ..errors import CorruptFileError
 
 __all__ = ["Index"]
 
 
 _FORMAT = "clustermac-index"
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2  # 2: a version folder behind CURRENT, sizes and SHA-256 in meta.json
+_READABLE_VERSIONS = (1, 2)  # 1: clustermac 0.1.0, the files at the top of the folder
 # Trailing in-memory chunks smaller than this are merged with the next add(), so that many
 # small add() calls do not turn every search into many tiny searches.
 _MERGE_ROWS = 65536
@@ -45,9 +47,14 @@ def _as_matrix(vectors: Any, dim: int, name: str) -> np.ndarray:
         raise ValueError(f"{name}: expected an array of shape (n, {dim}) or ({dim},), got shape {np.shape(vectors)}")
     if not np.issubdtype(array.dtype, np.floating):
         raise ValueError(f"{name}: expected floating-point vectors, got dtype {array.dtype}")
-    array = np.ascontiguousarray(array, dtype=np.float32)
-    if not np.isfinite(array).all():
-        raise ValueError(f"{name}: contains NaN or Inf values; expected only finite numbers")
+    with np.errstate(over="ignore"):  # an overflow to inf is reported below, naming the row
+        array = np.ascontiguousarray(array, dtype=np.float32)
+    finite = np.isfinite(array).all(axis=1)
+    if not finite.all():
+        raise ValueError(
+            f"{name}: row {int(np.argmin(finite))} contains NaN or Inf values (or overflows float32); "
+            "expected only finite numbers"
+        )
     return array
 
 
@@ -95,6 +102,7 @@ class Index:
         self._n_threads = int(n_threads)
         self._chunks: list[np.ndarray] = []
         self._names: list[str] = []
+        self._info: dict = {}
         self._faiss_factory = faiss_factory
         self._faiss_nprobe = int(faiss_nprobe)
         self._faiss_index: Any = None
@@ -231,58 +239,75 @@ class Index:
         return np.take_along_axis(all_scores, order, axis=1), np.take_along_axis(all_indices, order, axis=1)
 
     # ------------------------------------------------------------------ persistence
-    def save(self, path: PathLike) -> None:
-        """Write the index to the directory ``path`` atomically.
+    def save(self, path: PathLike, info: Mapping[str, Any] | None = None) -> None:
+        """Write the index to the folder ``path``, published atomically.
 
-        The directory holds ``meta.json``, ``names.json`` and ``vectors.npy`` (exact backend;
-        written in blocks, so saving a memory-mapped index does not load it) or
-        ``faiss.index``. Everything is written to a temporary directory beside ``path`` and
-        renamed into place, so an interrupted save never leaves a half-written index; an
-        existing index at ``path`` is replaced (anything else there is refused).
+        A new version folder ``path/v-<stamp>-<hex>/`` receives ``names.json``, ``vectors.npy``
+        (exact backend; written in blocks, so saving a memory-mapped index does not load it) or
+        ``faiss.index``, ``info`` as ``clustermac.json`` (any JSON-serialisable dict: e.g. the
+        settings the descriptors were made with) and, last, ``meta.json`` with the size and
+        SHA-256 of each of those files; each file is fsynced, then the small pointer file
+        ``path/CURRENT`` is replaced by one rename (:func:`clustermac.files.publish_folder`).
+        A reader sees the old index or the new one, never a mix; a kill at any moment leaves
+        the old one loadable, and the next save removes what the killed one left. The save
+        holds the output lock of ``path`` (a concurrent writer gets
+        :class:`~clustermac.OutputLockedError`). An existing index at ``path`` (of this or the
+        0.1.0 layout) is replaced; anything else there is refused.
         """
         target = Path(path)
-        if target.exists() and not (target.is_dir() and (target / "meta.json").is_file()):
+        if target.exists() and not _is_index_folder(target):
             raise ValueError(f"path: {target} exists and is not a clustermac index directory; refusing to overwrite it")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        temporary = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o777 & ~umask)  # the permissions of a plain mkdir, not mkdtemp's 0700
-        try:
-            meta = {
-                "format": _FORMAT,
-                "version": _FORMAT_VERSION,
-                "dim": self._dim,
-                "count": len(self),
-                "backend": self._backend,
-                "faiss_factory": self._faiss_factory,
-                "faiss_nprobe": self._faiss_nprobe,
-            }
-            if self._backend == "faiss":
-                faiss = _import_faiss()
-                faiss.write_index(self._faiss_index, str(temporary / "faiss.index"))
-            else:
-                self._write_vectors(temporary / "vectors.npy")
-            with open(temporary / "names.json", "w", encoding="utf-8") as f:
-                json.dump(self._names, f, ensure_ascii=False)
-                f.flush()
-                os.fsync(f.fileno())
-            with open(temporary / "meta.json", "w", encoding="utf-8") as f:
-                json.dump(meta, f, indent=1)
-                f.flush()
-                os.fsync(f.fileno())
-            if target.exists():
-                # Directories cannot be renamed over one another: move the old one aside first.
-                backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-                backup.rmdir()
-                os.rename(target, backup)
-                os.rename(temporary, target)
-                shutil.rmtree(backup, ignore_errors=True)
-            else:
-                os.rename(temporary, target)
-        except BaseException:
-            shutil.rmtree(temporary, ignore_errors=True)
-            raise
+        info_bytes = None
+        if info is not None:
+            if not isinstance(info, Mapping):
+                raise ValueError(f"info: expected a dict (saved as {INFO_FILE}), got {type(info).__name__}")
+            try:
+                info_bytes = json.dumps(dict(info), indent=1, ensure_ascii=False, allow_nan=False).encode("utf-8")
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"info: cannot be written as JSON ({error})") from error
+        with files.output_lock(target, "Index.save"):
+            files.remove_stale_temporaries(target)  # `.NAME.tmp-*` folders of killed 0.1.0 saves
+            if target.exists() and not _is_index_folder(target):  # re-checked under the lock
+                raise ValueError(f"path: {target} exists and is not a clustermac index directory")
+
+            def write(staging: Path) -> None:
+                data_files = {}
+                if self._backend == "faiss":
+                    faiss = _import_faiss()
+                    faiss.write_index(self._faiss_index, str(staging / FAISS_FILE))
+                    _fsync_file(staging / FAISS_FILE)
+                    data_files[FAISS_FILE] = staging / FAISS_FILE
+                else:
+                    self._write_vectors(staging / VECTORS_FILE)
+                    data_files[VECTORS_FILE] = staging / VECTORS_FILE
+                files.crash_point("index_save_data")
+                _write_synced(staging / NAMES_FILE, json.dumps(self._names, ensure_ascii=False).encode("utf-8"))
+                data_files[NAMES_FILE] = staging / NAMES_FILE
+                if info_bytes is not None:
+                    _write_synced(staging / INFO_FILE, info_bytes)
+                    data_files[INFO_FILE] = staging / INFO_FILE
+                meta = {
+                    "format": _FORMAT,
+                    "version": _FORMAT_VERSION,
+                    "dim": self._dim,
+                    "count": len(self),
+                    "backend": self._backend,
+                    "faiss_factory": self._faiss_factory,
+                    "faiss_nprobe": self._faiss_nprobe,
+                    "files": {
+                        name: {"size": file.stat().st_size, "sha256": files.file_sha256(file)}
+                        for name, file in data_files.items()
+                    },
+                }
+                files.crash_point("index_save_meta")
+                _write_synced(staging / META_FILE, json.dumps(meta, indent=1).encode("utf-8"))
+
+            files.publish_folder(target, write)
+            # The 0.1.0 layout kept the files at the top of the folder: CURRENT supersedes them.
+            for legacy in _LEGACY_FILES:
+                if (target / legacy).is_file():
+                    (target / legacy).unlink()
+        self._info = dict(info) if info is not None else {}
 
     def _write_vectors(self, file: Path) -> None:
         header = {
@@ -298,54 +323,287 @@ class Index:
             f.flush()
             os.fsync(f.fileno())
 
+    @property
+    def info(self) -> dict:
+        """What was saved with the index (``Index.save(..., info=...)``; for 0.1.0 indexes the
+        ``clustermac.json`` that ``clustermac index`` wrote beside it): {} when nothing."""
+        return getattr(self, "_info", {})
+
     @classmethod
-    def load(cls, path: PathLike, mmap: bool = True, n_threads: int = 0) -> Index:
-        """Open an index written by :meth:`save`. With ``mmap=True`` (exact backend) the vectors
-        stay on disk and are paged in by the search; adding to such an index appends new
-        vectors in memory (save again to persist them)."""
+    def load(cls, path: PathLike, mmap: bool = True, n_threads: int = 0, *, verify: bool = True) -> Index:
+        """Open an index written by :meth:`save` (or by clustermac 0.1.0).
+
+        With ``mmap=True`` (exact backend) the vectors stay on disk and are paged in by the
+        search; adding to such an index appends new vectors in memory (save again to persist
+        them). Every file is validated before use: a malformed one raises
+        :class:`~clustermac.CorruptFileError` naming it. ``verify=True`` (default) also reads
+        the data once to check its SHA-256 (format 2) and that every vector is finite;
+        ``verify=False`` skips that read for a trusted, very large exact index (sizes, shapes
+        and the header are still checked; a FAISS file is always checked in full before FAISS
+        reads it).
+        """
         directory = Path(path)
-        meta_file = directory / "meta.json"
+        if not directory.is_dir():
+            # clustermac 0.1.0 replaced an index by two renames; killed between them, it left the
+            # previous index in `.NAME.old-*` and nothing at the path.
+            hidden = sorted(directory.parent.glob(f".{glob.escape(directory.name)}.old-*/{META_FILE}"))
+            if hidden and not directory.exists():
+                raise CorruptFileError(
+                    directory,
+                    "no index here, but an interrupted save of clustermac 0.1.0 left the previous index in "
+                    f"{hidden[-1].parent}; rename that folder to {directory.name} to use it",
+                )
+            raise CorruptFileError(directory, "not a clustermac index directory (no such folder)")
+        version_folder = files.current_version(directory)
+        root = version_folder if version_folder is not None else directory
+        meta_file = root / META_FILE
         if not meta_file.is_file():
-            raise ValueError(f"path: {directory} is not a clustermac index directory (no meta.json)")
-        try:
-            meta = json.loads(meta_file.read_text(encoding="utf-8"))
-            names = json.loads((directory / "names.json").read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as error:
-            raise ValueError(f"path: cannot read the index in {directory}: {error}") from error
-        if meta.get("format") != _FORMAT or meta.get("version") != _FORMAT_VERSION:
-            raise ValueError(f"{meta_file}: not a clustermac index of version {_FORMAT_VERSION}")
+            raise CorruptFileError(directory, "not a clustermac index directory (no CURRENT and no meta.json)")
+        meta = _checked_meta(meta_file, layout_v2=version_folder is not None)
+        checked = meta.get("files", {})
+
+        def verified(name: str, full: bool = True) -> Path:
+            file = root / name
+            if not file.is_file():
+                raise CorruptFileError(file, "missing")
+            expected = checked.get(name)
+            if expected is not None:
+                size = file.stat().st_size
+                if size != expected["size"]:
+                    raise CorruptFileError(file, f"has {size} bytes; meta.json records {expected['size']}")
+                if full and files.file_sha256(file) != expected["sha256"]:
+                    raise CorruptFileError(file, "its SHA-256 differs from the one meta.json records (damaged)")
+            return file
+
+        names_file = verified(NAMES_FILE)
+        names = _read_json(names_file)
         if not isinstance(names, list) or len(names) != meta["count"]:
-            raise ValueError(f"{directory / 'names.json'}: expected {meta['count']} names")
+            found = f"{len(names)} names" if isinstance(names, list) else f"a JSON {type(names).__name__}"
+            raise CorruptFileError(names_file, f"expected a list of {meta['count']} names, found {found}")
+        for i, name in enumerate(names):
+            if not isinstance(name, str):
+                raise CorruptFileError(names_file, f"entry {i} is {type(name).__name__} {name!r}, not a string")
+        info: dict = {}
+        if INFO_FILE in checked or (root / INFO_FILE).is_file():
+            info_file = verified(INFO_FILE)
+            info = _read_json(info_file)
+            if not isinstance(info, dict):
+                raise CorruptFileError(info_file, f"expected a JSON object, found a JSON {type(info).__name__}")
         index = cls.__new__(cls)
-        index._dim = int(meta["dim"])
+        index._dim = meta["dim"]
         index._backend = meta["backend"]
         index._n_threads = int(n_threads)
-        index._faiss_factory = meta.get("faiss_factory", "SQ8")
-        index._faiss_nprobe = int(meta.get("faiss_nprobe", 16))
+        index._faiss_factory = meta["faiss_factory"]
+        index._faiss_nprobe = meta["faiss_nprobe"]
         index._faiss_index = None
         index._names = names
         index._chunks = []
+        index._info = info
         if index._backend == "faiss":
+            faiss_file = verified(FAISS_FILE)  # size and SHA-256 before FAISS sees a byte
+            _check_faiss_file(faiss_file, index._dim, len(names))
             faiss = _import_faiss()
-            index._faiss_index = faiss.read_index(str(directory / "faiss.index"))
-            if index._faiss_index.ntotal != len(names):
-                raise ValueError(
-                    f"{directory}: faiss.index holds {index._faiss_index.ntotal} vectors, names.json {len(names)}"
+            try:
+                index._faiss_index = faiss.read_index(str(faiss_file))
+            except (RuntimeError, MemoryError) as error:
+                raise CorruptFileError(faiss_file, f"FAISS cannot read it ({str(error).splitlines()[0]})") from error
+            if index._faiss_index.ntotal != len(names) or index._faiss_index.d != index._dim:
+                raise CorruptFileError(
+                    faiss_file,
+                    f"holds {index._faiss_index.ntotal} vectors of dimension {index._faiss_index.d}; "
+                    f"meta.json says {len(names)} of dimension {index._dim}",
                 )
         else:
-            vectors = np.load(directory / "vectors.npy", mmap_mode="r" if mmap else None, allow_pickle=False)
-            if (
-                vectors.dtype != np.float32
-                or vectors.shape != (len(names), index._dim)
-                or not vectors.flags.c_contiguous
-            ):
-                raise ValueError(
-                    f"{directory / 'vectors.npy'}: expected C-contiguous float32 of shape "
-                    f"({len(names)}, {index._dim}), got {vectors.dtype} {vectors.shape}"
-                )
+            vectors_file = verified(VECTORS_FILE, full=verify)
+            offset = _check_npy_header(vectors_file, (len(names), index._dim))
             if len(names):
-                index._chunks.append(vectors)
+                vectors = np.memmap(
+                    vectors_file, dtype=np.float32, mode="r", offset=offset, shape=(len(names), index._dim)
+                )
+                if verify:
+                    for row in range(0, len(names), _WRITE_ROWS):
+                        if not np.isfinite(vectors[row : row + _WRITE_ROWS]).all():
+                            bad = row + int(np.argmin(np.isfinite(vectors[row : row + _WRITE_ROWS]).all(axis=1)))
+                            raise CorruptFileError(vectors_file, f"vector {bad} holds NaN or Inf")
+                index._chunks.append(vectors if mmap else np.array(vectors))
         return index
+
+
+FAISS_FILE = "faiss.index"
+VECTORS_FILE = "vectors.npy"
+NAMES_FILE = "names.json"
+META_FILE = "meta.json"
+INFO_FILE = "clustermac.json"
+_LEGACY_FILES = (META_FILE, NAMES_FILE, VECTORS_FILE, FAISS_FILE, INFO_FILE)
+# Upper bound on the vectors an index may declare (2**40 float32 values is 4 TB): a forged
+# count or dim is refused before anything is allocated or mapped.
+_MAX_VALUES = 1 << 40
+
+
+def _is_index_folder(path: Path) -> bool:
+    return path.is_dir() and (
+        (path / files.POINTER_FILE).is_file() or (path / META_FILE).is_file() or not any(path.iterdir())
+    )
+
+
+def _write_synced(file: Path, data: bytes) -> None:
+    with open(file, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_file(file: Path) -> None:
+    fd = os.open(file, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _read_json(file: Path) -> Any:
+    try:
+        return json.loads(file.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as error:
+        raise CorruptFileError(file, f"not readable JSON ({type(error).__name__}: {error})") from None
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _checked_meta(meta_file: Path, layout_v2: bool) -> dict:
+    meta = _read_json(meta_file)
+    if not isinstance(meta, dict):
+        raise CorruptFileError(meta_file, f"expected a JSON object, found a JSON {type(meta).__name__}")
+    if meta.get("format") != _FORMAT:
+        raise CorruptFileError(meta_file, f"not a clustermac index (format {str(meta.get('format'))[:40]!r})")
+    version = meta.get("version")
+    if version not in _READABLE_VERSIONS or isinstance(version, bool):
+        raise CorruptFileError(
+            meta_file,
+            f"not a clustermac index of version {' or '.join(map(str, _READABLE_VERSIONS))} "
+            f"(version {str(version)[:40]!r}; a newer clustermac may read it)",
+        )
+    if layout_v2 != (version >= 2):
+        raise CorruptFileError(
+            meta_file, f"version {version} in a {'version folder' if layout_v2 else 'top-level'} layout"
+        )
+    dim, count = meta.get("dim"), meta.get("count")
+    if not _positive_int(dim):
+        raise CorruptFileError(meta_file, f"'dim' is {str(dim)[:40]!r}; expected a positive integer")
+    if not (isinstance(count, int) and not isinstance(count, bool) and count >= 0):
+        raise CorruptFileError(meta_file, f"'count' is {str(count)[:40]!r}; expected an integer >= 0")
+    if count * dim > _MAX_VALUES:
+        raise CorruptFileError(meta_file, f"declares {count} vectors of dimension {dim}, beyond any real index")
+    if meta.get("backend") not in ("exact", "faiss"):
+        raise CorruptFileError(
+            meta_file, f"'backend' is {str(meta.get('backend'))[:40]!r}; expected 'exact' or 'faiss'"
+        )
+    meta.setdefault("faiss_factory", "SQ8")
+    meta.setdefault("faiss_nprobe", 16)
+    if not isinstance(meta["faiss_factory"], str) or not _positive_int(meta["faiss_nprobe"]):
+        raise CorruptFileError(meta_file, "'faiss_factory' must be a string and 'faiss_nprobe' a positive integer")
+    if version >= 2:
+        recorded = meta.get("files")
+        data = FAISS_FILE if meta["backend"] == "faiss" else VECTORS_FILE
+        if not isinstance(recorded, dict) or NAMES_FILE not in recorded or data not in recorded:
+            raise CorruptFileError(meta_file, f"'files' must record the size and SHA-256 of {NAMES_FILE} and {data}")
+        for name, entry in recorded.items():
+            if (
+                name not in (FAISS_FILE, VECTORS_FILE, NAMES_FILE, INFO_FILE)
+                or not isinstance(entry, dict)
+                or not isinstance(entry.get("size"), int)
+                or isinstance(entry.get("size"), bool)
+                or entry["size"] < 0
+                or not isinstance(entry.get("sha256"), str)
+                or len(entry["sha256"]) != 64
+            ):
+                raise CorruptFileError(
+                    meta_file, f"'files' entry {str(name)[:40]!r} is not {{size, sha256}} of a known file"
+                )
+    else:
+        meta.pop("files", None)
+    return meta
+
+
+def _check_npy_header(file: Path, shape: tuple[int, int]) -> int:
+    """Validate a ``.npy`` header (float32, C order, ``shape``, and exactly the bytes that
+    shape needs) without trusting it; returns the offset of the data."""
+    size = file.stat().st_size
+    try:
+        with open(file, "rb") as f:
+            major, minor = np.lib.format.read_magic(f)
+            if (major, minor) == (1, 0):
+                found, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+            elif (major, minor) == (2, 0):
+                found, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+            else:
+                raise ValueError(f"unsupported .npy version {major}.{minor}")
+            offset = f.tell()
+    except Exception as error:  # NumPy's header parser on untrusted bytes: any failure means a bad file
+        raise CorruptFileError(file, f"not a readable .npy file ({type(error).__name__}: {error})") from None
+    if dtype != np.dtype("<f4") or fortran or tuple(found) != shape:
+        raise CorruptFileError(
+            file,
+            f"expected C-contiguous float32 of shape {shape}, got {dtype} {tuple(found)}"
+            + (" in Fortran order" if fortran else ""),
+        )
+    needed = offset + shape[0] * shape[1] * 4
+    if size != needed:
+        raise CorruptFileError(
+            file, f"has {size} bytes; its header and shape {shape} need {needed} (truncated or padded)"
+        )
+    return offset
+
+
+_FAISS_HEADER = struct.Struct("<4siqqq?i")  # fourcc, d, ntotal, two dummies, is_trained, metric
+
+
+def _check_faiss_file(file: Path, dim: int, count: int) -> None:
+    """Check a FAISS file before FAISS reads it: the common header must match ``meta.json``
+    and, for the flat and scalar-quantizer indexes, every length field must add up to exactly
+    the file's size (a forged length would make FAISS allocate whatever it says)."""
+    data = file.read_bytes()
+    if len(data) < _FAISS_HEADER.size:
+        raise CorruptFileError(file, f"has {len(data)} bytes, shorter than a FAISS header")
+    fourcc, d, ntotal, _, _, trained, metric = _FAISS_HEADER.unpack_from(data)
+    if d != dim or ntotal != count:
+        raise CorruptFileError(file, f"its header says {ntotal} vectors of dimension {d}; meta.json {count} of {dim}")
+    if not trained or metric != 0:
+        raise CorruptFileError(file, "its header is not a trained inner-product index")
+    position = _FAISS_HEADER.size
+
+    def take(fmt: str) -> tuple:
+        nonlocal position
+        unit = struct.Struct(fmt)
+        if position + unit.size > len(data):
+            raise CorruptFileError(file, f"truncated at byte {position}")
+        values = unit.unpack_from(data, position)
+        position += unit.size
+        return values
+
+    def skip_vector(item: int, expected: int | None) -> None:
+        nonlocal position
+        (n,) = take("<Q")
+        if expected is not None and n != expected:
+            raise CorruptFileError(file, f"a vector at byte {position - 8} holds {n} items; expected {expected}")
+        if n * item > len(data) - position:
+            raise CorruptFileError(file, f"a vector at byte {position - 8} claims {n * item} bytes; the file has fewer")
+        position += n * item
+
+    if fourcc in (b"IxFI", b"IxF2"):
+        skip_vector(4, count * dim)
+    elif fourcc == b"IxSQ":
+        _, _, _, sq_dim, code_size = take("<iifQQ")
+        if sq_dim != dim or not 1 <= code_size <= 4 * dim:
+            raise CorruptFileError(file, f"scalar quantizer of dimension {sq_dim} with {code_size}-byte codes")
+        skip_vector(4, None)
+        skip_vector(1, count * code_size)
+    else:
+        return  # other index types: the header only (format 2 files are also covered by SHA-256)
+    if position != len(data):
+        raise CorruptFileError(file, f"has {len(data)} bytes; its contents end at byte {position}")
 
 
 def _import_faiss() -> Any:

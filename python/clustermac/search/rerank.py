@@ -103,6 +103,9 @@ def aml_rerank(
     Returns
     -------
     :class:`RerankResult`.
+
+    Raises ``ValueError`` naming the candidate when ``descriptor_fn`` returns NaN or Inf (never
+    NaN scores).
     """
     query_mac = np.ascontiguousarray(query_mac, dtype=np.float32)
     query_descriptor = np.ascontiguousarray(query_descriptor, dtype=np.float32)
@@ -159,6 +162,11 @@ def aml_rerank(
             raise ValueError(
                 f"descriptor_fn: returned a vector of shape {descriptor.shape}, expected "
                 f"{query_descriptor.shape} like query_descriptor"
+            )
+        if not np.isfinite(descriptor).all():
+            raise ValueError(
+                f"descriptor_fn: returned NaN or Inf for candidate {candidates_head[row]} (position {row} of "
+                "candidates); expected a finite vector (is the feature map or the whitening damaged?)"
             )
         boxes[row] = box
         descriptors[row] = descriptor
