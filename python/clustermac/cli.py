@@ -22,13 +22,13 @@ from typing import Any
 
 from .descriptors import CLUSTER_POOLINGS, CROP_MODES, METHODS
 
-INDEX_INFO = "clustermac.json"
-
 #: Exit codes: 0 done, 2 usage error or bad input (one line on stderr), 3 another process is
 #: writing the same output, 130 interrupted (Ctrl-C).
 EXIT_ERROR = 2
 EXIT_LOCKED = 3
 EXIT_INTERRUPTED = 130
+#: The file of an index folder that records how its descriptors were made (kept for 0.1.0 callers).
+INDEX_INFO = "clustermac.json"
 
 
 def _int_at_least(minimum: int):
