@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
+import textwrap
 
 import numpy as np
 import pytest
@@ -231,3 +234,20 @@ def _reference_classic_map(ranks, gnd_file):
 def reference_classic_map():
     """``reference_classic_map(ranks, gnd_pickle) -> (mAP %, per-query APs)``, plain Python."""
     return _reference_classic_map
+
+
+def _run_python(code: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run ``code`` (dedented) in a fresh interpreter with extra environment variables; bounded in time."""
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+@pytest.fixture
+def run_python():
+    """``run_python(code, env=None)``: a child interpreter's CompletedProcess (for kills and crash points)."""
+    return _run_python

@@ -3,11 +3,9 @@ out-of-bounds read later; one writer per file; a killed writer leaves the previo
 
 from __future__ import annotations
 
-import os
 import struct
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -85,17 +83,7 @@ def test_a_label_below_minus_one_is_reported_when_read(tmp_path):
         FeatureMapStore(bad).labels(0)
 
 
-def run_python(code: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-        env={**os.environ, **(env or {})},
-    )
-
-
-def test_kill_while_writing_keeps_the_previous_store_and_the_next_writer_cleans_up(tmp_path):
+def test_kill_while_writing_keeps_the_previous_store_and_the_next_writer_cleans_up(tmp_path, run_python):
     path = tmp_path / "maps.cmfm"
     write_store(path, n=2, seed=1)
     before = path.read_bytes()

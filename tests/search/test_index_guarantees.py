@@ -12,7 +12,6 @@ import os
 import shutil
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -34,16 +33,6 @@ def small_index(n: int = 5, dim: int = 4, seed: int = 0, backend: str = "exact",
 
 def version_folder(path: Path) -> Path:
     return path / (path / "CURRENT").read_text().strip()
-
-
-def run_python(code: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-        env={**os.environ, **(env or {})},
-    )
 
 
 def test_save_publishes_one_version_folder_with_sizes_and_checksums(tmp_path):
@@ -79,7 +68,7 @@ def test_save_publishes_one_version_folder_with_sizes_and_checksums(tmp_path):
 
 
 @pytest.mark.parametrize("step", ["index_save_data", "index_save_meta", "publish_folder"])
-def test_kill_during_save_leaves_the_previous_index_and_the_next_save_cleans_up(tmp_path, step):
+def test_kill_during_save_leaves_the_previous_index_and_the_next_save_cleans_up(tmp_path, step, run_python):
     path = tmp_path / "idx"
     small_index(n=5, seed=1).save(path, info={"round": 1})
     before = Index.load(path)
