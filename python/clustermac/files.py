@@ -61,6 +61,27 @@ def atomic_save_npy(path: Path, array: np.ndarray) -> None:
     _atomic_write(path, lambda f: np.save(f, array))
 
 
+def read_npy_header(
+    file: BinaryIO, path: str | os.PathLike, what: str = ""
+) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+    """Parse the header of an untrusted ``.npy`` stream positioned at its start: ``(shape,
+    fortran_order, dtype, data_offset)``. Any failure of NumPy's parser (it raises several types,
+    e.g. tokenize errors on forged headers) becomes a :class:`~clustermac.CorruptFileError` naming
+    ``path`` (and ``what``, e.g. a member of an archive)."""
+    try:
+        version = np.lib.format.read_magic(file)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(file)
+        elif version in ((2, 0), (3, 0)):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(file)
+        else:
+            raise ValueError(f"unsupported .npy version {version[0]}.{version[1]}")
+    except Exception as error:  # any failure to parse untrusted bytes means a bad file
+        prefix = f"{what}: " if what else ""
+        raise CorruptFileError(path, f"{prefix}not a readable .npy file ({type(error).__name__}: {error})") from None
+    return tuple(int(n) for n in shape), bool(fortran), dtype, file.tell()
+
+
 def file_sha256(path: Path) -> str:
     """Hex SHA-256 of a file, read in 4 MB chunks."""
     digest = hashlib.sha256()

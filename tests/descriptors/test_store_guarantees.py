@@ -167,7 +167,7 @@ CORRUPTIONS = {
     "zero-byte npy": (lambda out, m: out.write_bytes(b""), "empty file"),
     "truncated npy": (lambda out, m: out.write_bytes(out.read_bytes()[:-5]), "truncated"),
     "padded npy": (lambda out, m: out.write_bytes(out.read_bytes() + b"\0" * 4), "too long"),
-    "not an npy": (lambda out, m: out.write_bytes(b"hello world" * 30), "not a valid .npy"),
+    "not an npy": (lambda out, m: out.write_bytes(b"hello world" * 30), "not a readable .npy"),
     "float64 npy": (lambda out, m: np.save(out, np.zeros((3, 512))), "float64"),
     "1-D npy": (lambda out, m: np.save(out, np.zeros(3 * 512, np.float32)), "shape"),
     "fortran npy": (lambda out, m: np.save(out, np.asfortranarray(np.ones((3, 512), np.float32))), "Fortran"),

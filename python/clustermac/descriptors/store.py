@@ -45,6 +45,7 @@ from ..files import (
     file_sha256,
     fsync_directory,
     output_lock,
+    read_npy_header,
     remove_stale_temporaries,
     temporary_file_beside,
 )
@@ -590,23 +591,14 @@ def _read_header(out: Path, file: Any, size: int) -> tuple[tuple[int, int], int]
     """The shape and data offset of a .npy file, refusing anything but 2-D little-endian float32 in C order."""
     if size == 0:
         raise CorruptFileError(out, "empty file (0 bytes)")
-    try:
-        version = np.lib.format.read_magic(file)
-        if version == (1, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_1_0(file)
-        elif version in ((2, 0), (3, 0)):
-            shape, fortran, dtype = np.lib.format.read_array_header_2_0(file)
-        else:
-            raise ValueError(f"unknown .npy version {version}")
-    except Exception as error:  # any failure to parse the untrusted header (numpy raises several types)
-        raise CorruptFileError(out, f"not a valid .npy file ({error})") from None
+    shape, fortran, dtype, offset = read_npy_header(file, out)
     if dtype != _DTYPE:
         raise CorruptFileError(out, f"values of type {dtype}, expected little-endian float32")
     if fortran:
         raise CorruptFileError(out, "a Fortran-ordered array, expected C order")
     if len(shape) != 2 or shape[1] < 1:
         raise CorruptFileError(out, f"an array of shape {shape}, expected rows × dim (dim >= 1)")
-    return (int(shape[0]), int(shape[1])), file.tell()
+    return (shape[0], shape[1]), offset
 
 
 def _verify(out: Path, file: Any, offset: int, dim: int, sha256: str | None) -> None:

@@ -22,7 +22,7 @@ import numpy as np
 from .. import _core
 from .._typing import PathLike
 from ..errors import CorruptFileError
-from ..files import atomic_write_bytes, output_lock, remove_stale_temporaries
+from ..files import atomic_write_bytes, output_lock, read_npy_header, remove_stale_temporaries
 
 __all__ = [
     "WHITENING_FORMAT_VERSION",
@@ -125,21 +125,15 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
                     raise CorruptFileError(path, f"member {info.filename!r} declares impossible sizes")
                 data = archive.read(info)  # checks the CRC-32
                 buffer = io.BytesIO(data)
-                version = np.lib.format.read_magic(buffer)
-                if version == (1, 0):
-                    shape, fortran, dtype = np.lib.format.read_array_header_1_0(buffer)
-                elif version == (2, 0):
-                    shape, fortran, dtype = np.lib.format.read_array_header_2_0(buffer)
-                else:
-                    raise CorruptFileError(path, f"member {info.filename!r}: .npy version {version}")
+                shape, fortran, dtype, offset = read_npy_header(buffer, path, f"member {info.filename!r}")
                 if dtype.hasobject or fortran:
                     raise CorruptFileError(path, f"member {info.filename!r} holds {dtype} (Fortran order: {fortran})")
-                needed = buffer.tell() + math.prod(shape) * dtype.itemsize
+                needed = offset + math.prod(shape) * dtype.itemsize
                 if needed != len(data):
                     raise CorruptFileError(
                         path, f"member {info.filename!r} has {len(data)} bytes; its header says {needed}"
                     )
-                array = np.frombuffer(data, dtype=dtype, offset=buffer.tell()).reshape(shape)
+                array = np.frombuffer(data, dtype=dtype, offset=offset).reshape(shape)
                 arrays[info.filename[:-4]] = array
     except CorruptFileError:
         raise
