@@ -74,10 +74,11 @@ class Index:
     faiss_factory:
         FAISS factory string, e.g. ``"SQ8"`` (8-bit scalar quantisation, 4× smaller, the
         default), ``"IVF1024,PQ64"`` (inverted file with product quantisation) or ``"Flat"``.
-        Indexes that need training are trained on the first ``add()`` batch, which must then
-        be large enough for them (FAISS says how large).
+        Indexes that need training are trained by :meth:`train` on a sample, or else on the
+        first ``add()`` batch, which must then be large enough for them (FAISS says how large).
     faiss_nprobe:
-        Inverted lists visited per query for IVF indexes.
+        Inverted lists visited per query for IVF indexes (saved with the index; ``search(...,
+        nprobe=...)`` overrides it for one call).
     n_threads:
         Threads of the exact search (``<= 0``: every core).
 
