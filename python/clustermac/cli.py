@@ -203,23 +203,54 @@ def cmd_fit_whitening(args: argparse.Namespace) -> int:
 
 
 def cmd_index(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from .descriptors import load_descriptors
     from .files import output_lock
     from .search import Index
 
+    # --backend faiss: rows added per step; at most this many float vectors are copied out of the
+    # memory-mapped descriptors at a time (besides the training sample, which is freed first).
+    add_rows = 65536
     # One writer per index folder for the whole run; Index.save takes the same lock again.
     with output_lock(args.out, "clustermac index"):
-        vectors, manifest = load_descriptors(args.descriptors)
-        index = Index(vectors.shape[1])
-        index.add(vectors, manifest["images"])
+        vectors, manifest = load_descriptors(args.descriptors)  # memory-mapped
+        count, dim = vectors.shape
+        faiss_info = None
+        if args.backend == "faiss":
+            index = Index(dim, "faiss", faiss_factory=args.factory, faiss_nprobe=args.nprobe)
+            if count == 0:
+                raise ValueError(f"{args.descriptors}: no descriptors to train the FAISS index {args.factory!r} on")
+            # The training sample: --train-size rows drawn without replacement with --seed, in
+            # file order (every row when there are not more).
+            if count <= args.train_size:
+                rows = np.arange(count, dtype=np.int64)
+            else:
+                rows = np.sort(np.random.default_rng(args.seed).choice(count, size=args.train_size, replace=False))
+            index.train(vectors[rows])  # a copy of the sample only, dropped after training
+            for start in range(0, count, add_rows):
+                stop = min(start + add_rows, count)
+                index.add(vectors[start:stop], manifest["images"][start:stop])
+            faiss_info = {
+                "factory": args.factory,
+                "nprobe": args.nprobe,
+                "train_size": int(rows.size),
+                "train_seed": args.seed,
+            }
+        else:
+            index = Index(dim)
+            index.add(vectors, manifest["images"])
         # The settings the descriptors were made with, so `search` extracts queries the same way;
         # saved inside the index's version folder, published with it.
         info = {
             "settings": manifest["settings"],
             "image_root": str(Path(args.image_root).resolve()) if args.image_root else None,
         }
+        if faiss_info is not None:
+            info["faiss"] = faiss_info
         index.save(args.out, info=info)
-    print(f"index of {len(index)} images written to {args.out}")
+    what = f"FAISS {args.factory} " if args.backend == "faiss" else ""
+    print(f"{what}index of {len(index)} images written to {args.out}")
     return 0
 
 
@@ -242,7 +273,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     if settings and settings.get("whitened") and not ex.is_whitened:
         raise SystemExit("clustermac: the index was built from whitened descriptors: pass the same --whitening file")
     query = ex.extract(args.query, box=args.box)
-    scores, indices = index.search(query[None, :], k=args.k)
+    scores, indices = index.search(query[None, :], k=args.k, nprobe=args.nprobe, efsearch=args.efsearch)
     results = [(index.names[i], float(s)) for i, s in zip(indices[0], scores[0]) if i >= 0]
     for rank, (name, score) in enumerate(results, 1):
         print(f"{rank:4d}  {score:.4f}  {name}")
@@ -363,6 +394,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("descriptors", help="the .npy written by `clustermac extract`")
     p.add_argument("--out", required=True)
     p.add_argument("--image-root", help="folder the image names are relative to (for thumbnails in --html)")
+    p.add_argument(
+        "--backend",
+        default="exact",
+        choices=("exact", "faiss"),
+        help="'exact' (default): float32 vectors, exact search; 'faiss': a compressed FAISS index (needs faiss-cpu)",
+    )
+    p.add_argument(
+        "--factory",
+        default="IVF256,PQ32",
+        help="FAISS factory string for --backend faiss (default IVF256,PQ32; e.g. SQ8, IVF4096,PQ64, "
+        "OPQ64,IVF16384,PQ64, HNSW32)",
+    )
+    p.add_argument(
+        "--train-size",
+        type=_int_at_least(1),
+        default=100000,
+        help="--backend faiss: train on this many randomly drawn descriptors (default 100000; all if fewer)",
+    )
+    p.add_argument(
+        "--nprobe",
+        type=_int_at_least(1),
+        default=16,
+        help="--backend faiss: inverted lists visited per query, stored with the index (default 16)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="--backend faiss: seed of the training sample (default 0)")
     p.set_defaults(func=cmd_index)
 
     p = sub.add_parser("search", help="rank the indexed images for a query image")
@@ -371,6 +427,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--box", type=float, nargs=4, metavar=("X1", "Y1", "X2", "Y2"))
     p.add_argument("-k", type=int, default=20)
     p.add_argument("--html", help="write a page of thumbnails")
+    p.add_argument(
+        "--nprobe",
+        type=_int_at_least(1),
+        default=None,
+        help="FAISS IVF index: inverted lists visited (default: the one stored with the index; exact: ignored)",
+    )
+    p.add_argument(
+        "--efsearch",
+        type=_int_at_least(1),
+        default=None,
+        help="FAISS HNSW index: search depth efSearch (default: FAISS's; exact: ignored)",
+    )
     _add_backbone_options(p)
     _add_method_options(p)
     p.set_defaults(func=cmd_search)

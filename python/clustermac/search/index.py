@@ -15,6 +15,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import struct
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -73,10 +74,11 @@ class Index:
     faiss_factory:
         FAISS factory string, e.g. ``"SQ8"`` (8-bit scalar quantisation, 4× smaller, the
         default), ``"IVF1024,PQ64"`` (inverted file with product quantisation) or ``"Flat"``.
-        Indexes that need training are trained on the first ``add()`` batch, which must then
-        be large enough for them (FAISS says how large).
+        Indexes that need training are trained by :meth:`train` on a sample, or else on the
+        first ``add()`` batch, which must then be large enough for them (FAISS says how large).
     faiss_nprobe:
-        Inverted lists visited per query for IVF indexes.
+        Inverted lists visited per query for IVF indexes (saved with the index; ``search(...,
+        nprobe=...)`` overrides it for one call).
     n_threads:
         Threads of the exact search (``<= 0``: every core).
 
@@ -108,7 +110,19 @@ class Index:
         self._faiss_index: Any = None
         if backend == "faiss":
             faiss = _import_faiss()
-            self._faiss_index = faiss.index_factory(self._dim, faiss_factory, faiss.METRIC_INNER_PRODUCT)
+            if not isinstance(faiss_factory, str) or not faiss_factory.strip():
+                raise ValueError(
+                    f"faiss_factory: expected a FAISS factory string such as 'IVF256,PQ32', got {faiss_factory!r}"
+                )
+            try:
+                self._faiss_index = faiss.index_factory(self._dim, faiss_factory, faiss.METRIC_INNER_PRODUCT)
+            except RuntimeError as error:
+                raise ValueError(
+                    f"faiss_factory: FAISS cannot build {faiss_factory!r} for dimension {self._dim} "
+                    f"({_faiss_reason(error)})"
+                ) from None
+        if not _positive_int(self._faiss_nprobe):
+            raise ValueError(f"faiss_nprobe: expected a positive integer, got {faiss_nprobe!r}")
 
     # ------------------------------------------------------------------ basic properties
     @property
@@ -132,6 +146,42 @@ class Index:
     def __repr__(self) -> str:
         return f"Index(dim={self._dim}, backend={self._backend!r}, size={len(self)})"
 
+    # ------------------------------------------------------------------ training
+    @property
+    def is_trained(self) -> bool:
+        """Whether vectors can be added without training first (always true for ``"exact"``)."""
+        return self._backend == "exact" or bool(self._faiss_index.is_trained)
+
+    def train(self, sample: np.ndarray) -> None:
+        """Train the FAISS index on ``sample`` (n × dim), before any :meth:`add`.
+
+        ``sample`` is validated like the vectors of :meth:`add` (floating point, finite, of
+        dimension ``dim``; copied as float32). Use a random sample of the collection, large
+        enough for the factory: an ``IVFn`` needs at least ``n`` vectors (FAISS recommends 30 to
+        256 × ``n``), a ``PQm`` (8-bit) at least 256; too few raises a ``ValueError`` naming the
+        factory and the counts. Without ``train``, the first :meth:`add` batch trains the index.
+        FAISS's k-means uses a fixed seed, so the same sample gives the same index bytes.
+
+        The ``"exact"`` backend needs no training: ``train`` only validates ``sample`` and does
+        nothing else (so code written for either backend may always call it). Training an index
+        that already holds vectors raises ``ValueError`` (the stored codes would be stale).
+        """
+        matrix = _as_matrix(sample, self._dim, "sample")
+        if matrix.shape[0] == 0:
+            raise ValueError("sample: expected at least one training vector, got 0")
+        if self._backend != "faiss":
+            return
+        if len(self):
+            raise ValueError(f"train(): the index already holds {len(self)} vectors; train before adding")
+        self._train_faiss(matrix, "sample")
+
+    def _train_faiss(self, matrix: np.ndarray, name: str, when: str = "") -> None:
+        try:
+            self._faiss_index.train(matrix)
+        except RuntimeError as error:
+            problem = _training_problem(matrix.shape[0], error)
+            raise ValueError(f"{name}: the FAISS index {self._faiss_factory!r}{when} {problem}") from None
+
     # ------------------------------------------------------------------ adding
     def add(self, vectors: np.ndarray, names: Sequence[str]) -> None:
         """Append ``vectors`` (n × dim, or one vector of length dim) named ``names``.
@@ -151,14 +201,8 @@ class Index:
         if matrix.shape[0] == 0:
             return
         if self._backend == "faiss":
-            if not self._faiss_index.is_trained:
-                try:
-                    self._faiss_index.train(matrix)
-                except RuntimeError as error:
-                    raise ValueError(
-                        f"vectors: the FAISS index {self._faiss_factory!r} must be trained on the first add() batch, "
-                        f"and training on {matrix.shape[0]} vectors failed: {error}"
-                    ) from error
+            if not self._faiss_index.is_trained:  # no train() call: the first batch trains it
+                self._train_faiss(matrix, "vectors", " must be trained on the first add() batch (or by train()) and")
             self._faiss_index.add(matrix)
         else:
             if matrix is vectors or (isinstance(vectors, np.ndarray) and np.may_share_memory(matrix, vectors)):
@@ -202,23 +246,46 @@ class Index:
             start += chunk.shape[0]
 
     # ------------------------------------------------------------------ search
-    def search(self, queries: np.ndarray, k: int = 100) -> tuple[np.ndarray, np.ndarray]:
+    def search(
+        self,
+        queries: np.ndarray,
+        k: int = 100,
+        *,
+        nprobe: int | None = None,
+        efsearch: int | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` database vectors by dot product for each query.
 
         ``queries``: Q × dim (or one vector of length dim). ``k`` is capped at ``len(self)``.
         Returns (scores float32 Q×k sorted descending, indices int64 Q×k); the exact backend
         breaks ties by the smaller index. FAISS indexes may return index -1 (score -inf) when
         they find fewer than k candidates.
+
+        ``nprobe``: inverted lists visited per query, for this call only (default: the
+        ``faiss_nprobe`` the index was built or saved with); it reaches the IVF part of
+        composite factories too (``"OPQ64,IVF16384,PQ64"``, ``"PCA256,IVF4096,PQ32"``).
+        ``efsearch``: the HNSW search depth (``efSearch``) for this call, where the FAISS
+        index (or its IVF quantizer, as in ``"IVF65536_HNSW32,PQ64"``) is an HNSW graph.
+        Larger values find more true neighbours and are slower. Both are ignored by the exact
+        backend (its results are always exact) and by FAISS indexes that have no such
+        parameter (``"SQ8"``, ``"Flat"``). They set the FAISS index's parameters, so do not
+        search one ``Index`` from several threads with different values.
         """
         matrix = _as_matrix(queries, self._dim, "queries")
         if len(self) == 0:
             raise ValueError("search(): the index is empty; add() vectors first")
         if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
             raise ValueError(f"k: expected a positive integer, got {k!r}")
+        for option, value in (("nprobe", nprobe), ("efsearch", efsearch)):
+            if value is not None and not (
+                isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1
+            ):
+                raise ValueError(f"{option}: expected a positive integer or None, got {value!r}")
         k = min(int(k), len(self))
         if self._backend == "faiss":
-            if hasattr(self._faiss_index, "nprobe"):
-                self._faiss_index.nprobe = self._faiss_nprobe
+            _set_search_parameters(
+                self._faiss_index, int(nprobe) if nprobe is not None else self._faiss_nprobe, efsearch
+            )
             scores, indices = self._faiss_index.search(matrix, k)
             scores = np.where(indices < 0, -np.inf, scores).astype(np.float32)
             return scores, indices.astype(np.int64)
@@ -604,6 +671,42 @@ def _check_faiss_file(file: Path, dim: int, count: int) -> None:
         return  # other index types: the header only (format 2 files are also covered by SHA-256)
     if position != len(data):
         raise CorruptFileError(file, f"has {len(data)} bytes; its contents end at byte {position}")
+
+
+def _faiss_reason(error: BaseException) -> str:
+    """FAISS's own words without its C++ location prefix (``Error in ... at file:line: ``)."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    match = re.search(r"(?:Error: )?'[^']*' failed: (.*)$", text) or re.search(r"\.(?:cpp|h):\d+: (.*)$", text)
+    return match.group(1).strip() if match else text
+
+
+def _training_problem(count: int, error: BaseException) -> str:
+    reason = _faiss_reason(error)
+    needed = re.search(r"at least as large as number of clusters \((\d+)\)", reason)
+    if needed:
+        return (
+            f"needs at least {needed.group(1)} training vectors (one per cluster), got {count} vectors; "
+            "give more vectors or choose fewer clusters"
+        )
+    return f"cannot be trained on {count} vectors ({reason})"
+
+
+def _set_search_parameters(index: Any, nprobe: int, efsearch: int | None) -> None:
+    """Set ``nprobe`` on the IVF part of ``index`` and ``efSearch`` on its HNSW part, if any."""
+    faiss = _import_faiss()
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        ivf.nprobe = int(nprobe)
+    if efsearch is None:
+        return
+    for candidate in (index, getattr(ivf, "quantizer", None)):
+        if candidate is None:
+            continue
+        while isinstance(candidate, faiss.IndexPreTransform):
+            candidate = candidate.index
+        candidate = faiss.downcast_index(candidate)
+        if hasattr(candidate, "hnsw"):
+            candidate.hnsw.efSearch = int(efsearch)
 
 
 def _import_faiss() -> Any:
