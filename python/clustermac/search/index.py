@@ -598,18 +598,8 @@ def _check_npy_header(file: Path, shape: tuple[int, int]) -> int:
     """Validate a ``.npy`` header (float32, C order, ``shape``, and exactly the bytes that
     shape needs) without trusting it; returns the offset of the data."""
     size = file.stat().st_size
-    try:
-        with open(file, "rb") as f:
-            major, minor = np.lib.format.read_magic(f)
-            if (major, minor) == (1, 0):
-                found, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-            elif (major, minor) == (2, 0):
-                found, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-            else:
-                raise ValueError(f"unsupported .npy version {major}.{minor}")
-            offset = f.tell()
-    except Exception as error:  # NumPy's header parser on untrusted bytes: any failure means a bad file
-        raise CorruptFileError(file, f"not a readable .npy file ({type(error).__name__}: {error})") from None
+    with open(file, "rb") as f:
+        found, fortran, dtype, offset = files.read_npy_header(f, file)
     if dtype != np.dtype("<f4") or fortran or tuple(found) != shape:
         raise CorruptFileError(
             file,
