@@ -203,15 +203,10 @@ def cmd_fit_whitening(args: argparse.Namespace) -> int:
 
 
 def cmd_index(args: argparse.Namespace) -> int:
-    import numpy as np
-
     from .descriptors import load_descriptors
     from .files import output_lock
     from .search import Index
 
-    # --backend faiss: rows added per step; at most this many float vectors are copied out of the
-    # memory-mapped descriptors at a time (besides the training sample, which is freed first).
-    add_rows = 65536
     # One writer per index folder for the whole run; Index.save takes the same lock again.
     with output_lock(args.out, "clustermac index"):
         vectors, manifest = load_descriptors(args.descriptors)  # memory-mapped
@@ -221,20 +216,11 @@ def cmd_index(args: argparse.Namespace) -> int:
             index = Index(dim, "faiss", faiss_factory=args.factory, faiss_nprobe=args.nprobe)
             if count == 0:
                 raise ValueError(f"{args.descriptors}: no descriptors to train the FAISS index {args.factory!r} on")
-            # The training sample: --train-size rows drawn without replacement with --seed, in
-            # file order (every row when there are not more).
-            if count <= args.train_size:
-                rows = np.arange(count, dtype=np.int64)
-            else:
-                rows = np.sort(np.random.default_rng(args.seed).choice(count, size=args.train_size, replace=False))
-            index.train(vectors[rows])  # a copy of the sample only, dropped after training
-            for start in range(0, count, add_rows):
-                stop = min(start + add_rows, count)
-                index.add(vectors[start:stop], manifest["images"][start:stop])
+            train_size = index.add_trained_on_sample(vectors, manifest["images"], args.train_size, args.seed)
             faiss_info = {
                 "factory": args.factory,
                 "nprobe": args.nprobe,
-                "train_size": int(rows.size),
+                "train_size": train_size,
                 "train_seed": args.seed,
             }
         else:

@@ -183,6 +183,26 @@ class Index:
             raise ValueError(f"{name}: the FAISS index {self._faiss_factory!r}{when} {problem}") from None
 
     # ------------------------------------------------------------------ adding
+    def add_trained_on_sample(
+        self, vectors: np.ndarray, names: Sequence[str], train_size: int, seed: int = 0, chunk_rows: int = 65536
+    ) -> int:
+        """Train on ``train_size`` rows of ``vectors`` drawn without replacement with ``seed`` (in
+        row order; every row when there are not more), then add all of them ``chunk_rows`` at a time,
+        so that a memory-mapped ``vectors`` is never copied whole. Returns the sample size. For a
+        large collection with the faiss backend; with the exact backend training is a no-op."""
+        count = len(vectors)
+        if count == 0:
+            raise ValueError(f"vectors: nothing to train the index {self._faiss_factory!r} on")
+        if count <= train_size:
+            rows = np.arange(count, dtype=np.int64)
+        else:
+            rows = np.sort(np.random.default_rng(seed).choice(count, size=train_size, replace=False))
+        self.train(vectors[rows])  # a copy of the sample only, dropped after training
+        for start in range(0, count, chunk_rows):
+            stop = min(start + chunk_rows, count)
+            self.add(vectors[start:stop], names[start:stop])
+        return int(rows.size)
+
     def add(self, vectors: np.ndarray, names: Sequence[str]) -> None:
         """Append ``vectors`` (n × dim, or one vector of length dim) named ``names``.
 
