@@ -27,6 +27,7 @@ Nothing is downloaded at import.
 from __future__ import annotations
 
 import argparse
+import bz2
 import gzip
 import http.client
 import json
@@ -301,11 +302,37 @@ def fetch_file(
 # ----------------------------------------------------------------------------------------------
 
 
-def _open_archive(path: Path) -> tarfile.TarFile:
-    try:
-        return tarfile.open(path, "r:*")
-    except _ARCHIVE_ERRORS as error:
-        raise CorruptFileError(path, f"not a readable tar archive ({type(error).__name__}: {error})") from None
+class _TrackedReader:
+    """A decompressed archive stream that remembers the last block read: tarfile ends its member
+    loop silently at a damaged header past the first one, so the caller checks that the block it
+    stopped at was the zero block that ends a tar."""
+
+    def __init__(self, raw: Any) -> None:
+        self.raw = raw
+        self.last = b""
+
+    def read(self, size: int = -1) -> bytes:
+        self.last = self.raw.read(size)
+        return self.last
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self.raw.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.raw.tell()
+
+
+def _decompressed(path: Path) -> Any:
+    """The archive's bytes, decompressed by its magic number (gzip, bzip2, xz or a plain tar)."""
+    with open(path, "rb") as file:
+        magic = file.read(6)
+    if magic.startswith(b"\x1f\x8b"):
+        return gzip.open(path, "rb")
+    if magic.startswith(b"BZh"):
+        return bz2.open(path, "rb")
+    if magic.startswith(b"\xfd7zXZ\x00"):
+        return lzma.open(path, "rb")
+    return open(path, "rb")
 
 
 def _copy_member(archive: tarfile.TarFile, member: tarfile.TarInfo, destination: Path, path: Path) -> None:
@@ -341,16 +368,23 @@ def unpack_archive(path: PathLike, destination: PathLike, *, flat: bool, suffixe
     names = []
     wanted = tuple(suffix.lower() for suffix in suffixes)
     try:
-        with _open_archive(path) as archive:
-            for member in archive:
-                if not member.isfile() or not member.name.lower().endswith(wanted):
-                    continue
-                relative = _safe_relative(member.name, path)
-                if relative.name.startswith("."):
-                    continue
-                relative = Path(relative.name) if flat else relative
-                _copy_member(archive, member, destination / relative, path)
-                names.append(relative.as_posix())
+        with _decompressed(path) as raw:
+            reader = _TrackedReader(raw)
+            with tarfile.open(fileobj=reader, mode="r:") as archive:
+                for member in archive:
+                    if not member.isfile() or not member.name.lower().endswith(wanted):
+                        continue
+                    relative = _safe_relative(member.name, path)
+                    if relative.name.startswith("."):
+                        continue
+                    relative = Path(relative.name) if flat else relative
+                    _copy_member(archive, member, destination / relative, path)
+                    names.append(relative.as_posix())
+                stopped_at = reader.last
+            if stopped_at != bytes(tarfile.BLOCKSIZE):
+                raise CorruptFileError(path, f"not a readable tar archive (damaged after member {len(names)})")
+            while raw.read(1 << 20):  # to the end, so that the compressed stream's checksum is checked
+                pass
     except CorruptFileError:
         raise
     except _ARCHIVE_ERRORS as error:
