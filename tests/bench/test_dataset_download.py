@@ -316,6 +316,7 @@ def corrupt_gzip(data: bytes) -> bytes:
         ("truncated", CorruptFileError, r"toy_images\.tgz: not a readable tar archive"),
         ("checksum", download.DownloadError, r"toy_images\.tgz: .*SHA-256 [0-9a-f]{64} differs"),
         ("missing image", CorruptFileError, r"do not fit together.*radcliffe_camera_000005"),
+        ("query count", CorruptFileError, r"gnd_oxtoy\.pkl: 1 queries; expected 2"),
     ],
 )
 def test_a_corrupt_download_is_removed_and_the_previous_copy_kept(host, tmp_path, damage, error, message):
@@ -332,6 +333,10 @@ def test_a_corrupt_download_is_removed_and_the_previous_copy_kept(host, tmp_path
         archive = archive[: len(archive) - 200]
     elif damage == "checksum":
         catalogue = toy_catalogue(host.url, sha256={"toy_images.tgz": "0" * 64})
+    elif damage == "query count":  # the published counts are checked
+        content = pickle.loads(files["gnd_oxtoy.pkl"])
+        content.update(qimlist=content["qimlist"][:1], gnd=content["gnd"][:1])
+        host.files["/official/gnd_oxtoy.pkl"] = pickle.dumps(content)
     else:  # a well-formed archive that lacks an image the ground truth names
         with tarfile.open(fileobj=io.BytesIO(archive)) as source:
             members = {m.name: source.extractfile(m).read() for m in source if m.isfile()}
@@ -431,11 +436,6 @@ def test_cli_downloads_the_real_catalogue_layout_from_a_mirror(host, tmp_path, c
     table = capsys.readouterr().out
     assert re.search(r"roxford5k\s+complete\s+[\d.]+ [KM]iB\s+4996 images", table)
     assert re.search(r"oxford5k\s+absent", table)
-    # The published counts are checked: a ground truth of 69 queries is refused, naming the file.
-    host.files["/m/gnd_roxford5k.pkl"] = pickle.dumps({"imlist": imlist, "qimlist": queries[:-1], "gnd": gnd[:-1]})
-    assert main([*command, "--mirror-only", "--force"]) == 2
-    assert re.search(r"gnd_roxford5k\.pkl: 69 queries; expected 70", capsys.readouterr().err)
-    assert len(load_dataset(root, "roxford5k").queries) == 70  # the good copy stays
     # A folder the command did not make is not replaced without --force.
     (root / "rparis6k").mkdir()
     assert main(["datasets", "download", "rparis6k", "--root", str(root), "--mirror-only", "--mirror", "x"]) == 2
@@ -457,3 +457,62 @@ def test_bad_checksum_files_are_named(tmp_path):
     path.write_text("[1, 2]")
     with pytest.raises(CorruptFileError, match="not a checksum file"):
         download.read_checksums(path)
+
+
+def test_range_edge_cases_sizes_and_kept_files(host, tmp_path):
+    files = toy_files()
+    serve(host, files)
+    data = files["toy_gt.tgz"]
+    remote = RemoteFile("toy_gt.tgz", (f"{host.url}/official/toy_gt.tgz",), "ground_truth", size=len(data))
+    folder = tmp_path / "downloads"
+    folder.mkdir()
+    # A partial file as long as the whole: nothing more to ask; checked and kept.
+    (folder / "toy_gt.tgz.part").write_bytes(data)
+    path, values = download.fetch_file(remote, folder, retries=0, backoff=0.0, progress=False)
+    assert host.requests == [] and path.read_bytes() == data and values["size"] == len(data)
+    # A file already in place is checked and kept (url None): no request.
+    assert download.fetch_file(remote, folder, progress=False)[1]["url"] is None and host.requests == []
+    path.unlink()
+    # A partial file longer than the server's copy (no size known): HTTP 416, then a clean restart.
+    unsized = RemoteFile("toy_gt.tgz", remote.urls, "ground_truth")
+    (folder / "toy_gt.tgz.part").write_bytes(data + b"extra")
+    path, _ = download.fetch_file(unsized, folder, retries=1, backoff=0.0, progress=False)
+    assert path.read_bytes() == data
+    assert [h for _, h in host.requests] == [f"bytes={len(data) + 5}-", None]
+    # A server copy of another size than published is refused, and its bytes are not kept.
+    wrong = RemoteFile("toy_gt.tgz", remote.urls, "ground_truth", size=len(data) + 1)
+    expected = rf"toy_gt\.tgz: .*has {len(data)} bytes; expected {len(data) + 1}"
+    with pytest.raises(download.DownloadError, match=expected):
+        download.fetch_file(wrong, tmp_path / "other", retries=0, progress=False)
+    assert list((tmp_path / "other").iterdir()) == []
+    with pytest.raises(ValueError, match="retries"):
+        download.fetch_file(remote, folder, retries=-1)
+
+
+@pytest.mark.parametrize(
+    "members, flat, message",
+    [
+        ({"a/x.jpg": b"1", "b/x.jpg": b"2"}, True, "two files unpack to x.jpg"),
+        ({"../evil.jpg": b"1"}, False, "points outside"),
+        ({"/abs/evil.jpg": b"1"}, False, "points outside"),
+    ],
+)
+def test_unpack_refuses_ambiguous_or_escaping_members(tmp_path, members, flat, message):
+    archive = tmp_path / "bad.tar.gz"
+    archive.write_bytes(tar_gz(members))
+    with pytest.raises(CorruptFileError, match=rf"bad\.tar\.gz: .*{message}"):
+        download.unpack_archive(archive, tmp_path / "out", flat=flat, suffixes=(".jpg",))
+    assert not (tmp_path / "evil.jpg").exists() and not Path("/abs/evil.jpg").exists()
+
+
+def test_an_interrupted_swap_is_undone_on_the_next_run(host, tmp_path):
+    serve(host, toy_files())
+    catalogue = toy_catalogue(host.url)
+    root = tmp_path / "data"
+    fetch(root, "oxtoy", catalogue)
+    before = tree(root / "oxtoy")
+    # As if killed between the two renames: the good folder set aside, the new one not yet in place.
+    (root / "oxtoy").rename(root / ".oxtoy.old-deadbeef")
+    (root / ".oxtoy.tmp-cafecafe").mkdir()
+    assert "complete already" in fetch(root, "oxtoy", catalogue).message
+    assert tree(root / "oxtoy") == before and sorted(p.name for p in root.iterdir() if "tmp-" in p.name) == []
