@@ -516,3 +516,14 @@ def test_an_interrupted_swap_is_undone_on_the_next_run(host, tmp_path):
     (root / ".oxtoy.tmp-cafecafe").mkdir()
     assert "complete already" in fetch(root, "oxtoy", catalogue).message
     assert tree(root / "oxtoy") == before and sorted(p.name for p in root.iterdir() if "tmp-" in p.name) == []
+
+
+def test_files_placed_by_hand_are_used_without_a_host(tmp_path):
+    root = tmp_path / "data"
+    (root / ".downloads").mkdir(parents=True)
+    for name, data in toy_files().items():
+        (root / ".downloads" / name).write_bytes(data)
+    # No host at all: the catalogue's URLs point at a closed port, and the official hosts are off.
+    catalogue = toy_catalogue("http://127.0.0.1:9")
+    assert fetch(root, "oxtoy", catalogue, official=False).complete
+    assert load_dataset(root, "oxtoy").images == TOY_IMAGES
