@@ -629,6 +629,11 @@ def download_dataset(
     }
     with output_lock(target, f"clustermac datasets download {name}"):
         _recover_interrupted_swap(target)
+        if target.exists() and read_marker(target) is None and not force:
+            raise FileExistsError(
+                f"{target} exists and was not made by `clustermac datasets download`; move it away, or pass "
+                "--force to replace it"
+            )
         if source.per_file:
             result = _download_per_file(source, root, limit, expected, force, options)
         else:
@@ -646,15 +651,11 @@ def _download_whole(
     force: bool,
     options: dict[str, Any],
 ) -> DownloadResult:
+    """Every file fetched and unpacked into one staging folder, checked, then renamed into place."""
     target = root / source.name
     marker = read_marker(target)
     if marker is not None and marker.get("complete") and not force:
         return DownloadResult(target, True, message=f"{target} is complete already (--force downloads it again)")
-    if target.exists() and marker is None and not force:
-        raise FileExistsError(
-            f"{target} exists and was not made by `clustermac datasets download`; move it away, or pass "
-            "--force to replace it"
-        )
     downloads = root / ".downloads"
     staging = root / f".{source.name}.tmp-{secrets.token_hex(4)}"
     staging.mkdir()
@@ -701,11 +702,6 @@ def _download_per_file(
     """The list first, then each archive unpacked, checked against the list and published on its own."""
     target = root / source.name
     marker = read_marker(target)
-    if target.exists() and marker is None and not force:
-        raise FileExistsError(
-            f"{target} exists and was not made by `clustermac datasets download`; move it away, or pass "
-            "--force to replace it"
-        )
     if force or marker is None:
         marker = {"dataset": source.name, "complete": False, "archives": {}, "files": {}}
         if target.exists():
