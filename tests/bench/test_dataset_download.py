@@ -527,3 +527,39 @@ def test_files_placed_by_hand_are_used_without_a_host(tmp_path):
     catalogue = toy_catalogue("http://127.0.0.1:9")
     assert fetch(root, "oxtoy", catalogue, official=False).complete
     assert load_dataset(root, "oxtoy").images == TOY_IMAGES
+
+
+class _Call:
+    """Pickles as a call of os.getcwd: what a hostile ground-truth file could hold."""
+
+    def __reduce__(self):
+        import os
+
+        return (os.getcwd, ())
+
+
+def test_ground_truth_pickles_with_numpy_arrays_are_laid_out_as_plain_data(host, tmp_path):
+    files = toy_files()
+    content = pickle.loads(files["gnd_rtoy.pkl"])
+    for entry in content["gnd"]:  # as files written from NumPy hold them
+        entry.update({key: np.asarray(entry[key], dtype=np.int64) for key in ("easy", "hard", "junk")})
+        entry["bbx"] = np.asarray(entry["bbx"], dtype=np.float64)
+    # Written by NumPy 1 (its module names), as an older file would be.
+    files["gnd_rtoy.pkl"] = pickle.dumps(content, protocol=2).replace(b"numpy._core.", b"numpy.core.")
+    assert b"numpy.core.multiarray\n_reconstruct" in files["gnd_rtoy.pkl"]
+    serve(host, files)
+    catalogue = toy_catalogue(host.url)
+    root = tmp_path / "data"
+    assert fetch(root, "rtoy", catalogue).complete
+    written = (root / "rtoy" / "gnd_rtoy.pkl").read_bytes()
+    assert b"numpy" not in written
+    revisited = load_dataset(root, "rtoy")
+    assert revisited.revisited_gnd()[1] == {"easy": [6, 7, 8, 9], "hard": [], "junk": [10], "bbx": TOY_BOX}
+    # Anything else a pickle names is refused, and the file is named.
+    host.files["/official/gnd_rtoy.pkl"] = pickle.dumps({"imlist": _Call()})
+    with pytest.raises(CorruptFileError, match=r"gnd_rtoy\.pkl: not a readable ground-truth pickle .*refused.*getcwd"):
+        fetch(root, "rtoy", catalogue, force=True)
+    host.files["/official/gnd_rtoy.pkl"] = pickle.dumps({"imlist": np.array(["a", "b"])})
+    with pytest.raises(CorruptFileError, match=r"gnd_rtoy\.pkl: holds a NumPy array of dtype <U1"):
+        fetch(root, "rtoy", catalogue, force=True)
+    assert load_dataset(root, "rtoy").images == TOY_IMAGES  # the good copy stays

@@ -28,11 +28,14 @@ from __future__ import annotations
 
 import argparse
 import bz2
+import codecs
 import gzip
 import http.client
+import io
 import json
 import lzma
 import os
+import pickle
 import re
 import secrets
 import shutil
@@ -46,6 +49,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from .._typing import PathLike
 from ..descriptors.pipeline import progress_bar
@@ -408,11 +413,87 @@ def _unpack_into(remote: RemoteFile, path: Path, folder: Path) -> list[str]:
         names = unpack_archive(path, folder / "jpg", flat=False, suffixes=IMAGE_EXTENSIONS)
         if not names:
             raise CorruptFileError(path, "holds no images; expected an archive of .jpg files")
-    else:  # pickle, list: the file as it is
+    elif remote.kind == "pickle":
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(folder / remote.name, plain_pickle_bytes(path))
+        names = [remote.name]
+    else:  # a list: the file as it is
         folder.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, folder / remote.name)
         names = [remote.name]
     return names
+
+
+# The only globals a pickle of NumPy arrays and scalars needs (NumPy 1 and 2 module names), and
+# ``_codecs.encode`` and ``bytes``, which protocol 2 uses for bytes. Nothing else may be named.
+_NUMPY_RECONSTRUCT = np.zeros(1).__reduce__()[0]
+_NUMPY_SCALAR = np.float64(0).__reduce__()[0]
+_ALLOWED_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"): _NUMPY_RECONSTRUCT,
+    ("numpy._core.multiarray", "_reconstruct"): _NUMPY_RECONSTRUCT,
+    ("numpy.core.multiarray", "scalar"): _NUMPY_SCALAR,
+    ("numpy._core.multiarray", "scalar"): _NUMPY_SCALAR,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("_codecs", "encode"): codecs.encode,
+    ("__builtin__", "bytes"): bytes,
+    ("builtins", "bytes"): bytes,
+}
+
+
+class _NumpyArraysUnpickler(pickle.Unpickler):
+    """Unpickles plain data and numeric NumPy arrays / scalars; any other global is refused."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _ALLOWED_GLOBALS:
+            raise pickle.UnpicklingError(f"refused to load {module}.{name}: only plain data and NumPy arrays are read")
+        return _ALLOWED_GLOBALS[module, name]
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise pickle.UnpicklingError("persistent ids are not supported")
+
+
+def _as_plain(value: Any, path: Path) -> Any:
+    """``value`` with every numeric NumPy array or scalar turned into lists and Python numbers."""
+    if isinstance(value, (np.ndarray, np.generic)):
+        if value.dtype.kind not in "biuf":
+            raise CorruptFileError(path, f"holds a NumPy array of dtype {value.dtype}; expected numbers")
+        return value.tolist()
+    if isinstance(value, dict):
+        return {key: _as_plain(item, path) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_as_plain(item, path) for item in value]
+    return value
+
+
+def plain_pickle_bytes(path: PathLike) -> bytes:
+    """A ground-truth pickle as `clustermac evaluate` reads it: the file's own bytes when it holds
+    only plain data; when it holds NumPy arrays or scalars (as files written from NumPy do), the
+    same content with lists and Python numbers instead, read with an unpickler that names only
+    NumPy's array constructors (any other class or function is refused).
+
+    Raises:
+        CorruptFileError: not a pickle, a reference to anything else, or a non-numeric array.
+    """
+    path = Path(path)
+    data = path.read_bytes()
+    try:
+        content = _NumpyArraysUnpickler(io.BytesIO(data)).load()
+    except Exception as error:  # any failure to read untrusted bytes means a bad file
+        raise CorruptFileError(path, f"not a readable ground-truth pickle ({type(error).__name__}: {error})") from None
+    if not _holds_numpy(content):
+        return data
+    return pickle.dumps(_as_plain(content, path), protocol=4)
+
+
+def _holds_numpy(value: Any) -> bool:
+    if isinstance(value, (np.ndarray, np.generic)):
+        return True
+    if isinstance(value, dict):
+        return any(_holds_numpy(item) for item in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_holds_numpy(item) for item in value)
+    return False
 
 
 # ----------------------------------------------------------------------------------------------
