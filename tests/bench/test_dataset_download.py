@@ -302,6 +302,8 @@ def test_a_failing_host_falls_back_to_the_next_mirror(host, tmp_path):
         fetch(root, "rtoy", catalogue, mirrors=[f"{host.url}/good"], force=True)
     with pytest.raises(ValueError, match="no host to try"):
         fetch(root, "rtoy", catalogue, official=False)
+    with pytest.raises(ValueError, match="mirror: 'ftp://x' is not a URL prefix"):
+        fetch(root, "rtoy", catalogue, mirrors=["ftp://x"])
 
 
 def corrupt_gzip(data: bytes) -> bytes:
@@ -438,7 +440,7 @@ def test_cli_downloads_the_real_catalogue_layout_from_a_mirror(host, tmp_path, c
     assert re.search(r"oxford5k\s+absent", table)
     # A folder the command did not make is not replaced without --force.
     (root / "rparis6k").mkdir()
-    assert main(["datasets", "download", "rparis6k", "--root", str(root), "--mirror-only", "--mirror", "x"]) == 2
+    assert main(["datasets", "download", "rparis6k", "--root", str(root), "--mirror-only", "--mirror", "http://x"]) == 2
     assert "not made by `clustermac datasets download`" in capsys.readouterr().err
 
 

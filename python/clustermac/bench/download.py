@@ -43,6 +43,7 @@ import sys
 import tarfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import zlib
 from collections.abc import Mapping, Sequence
@@ -696,6 +697,9 @@ def download_dataset(
             f"limit: {limit!r} is not allowed here; --limit N (N >= 1) takes the first N archives of a dataset "
             f"published in many archives ({', '.join(n for n, s in catalogue.items() if s.per_file)})"
         )
+    for prefix in mirrors:
+        if urllib.parse.urlsplit(prefix).scheme not in ("http", "https", "file"):
+            raise ValueError(f"mirror: {prefix!r} is not a URL prefix; expected http://, https:// or file://...")
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     target = root / name
