@@ -8,6 +8,7 @@ clustermac search IMAGE --index INDEX [--box x1 y1 x2 y2] [--html page.html]
 clustermac evaluate --dataset oxford5k --data-root DIR ...
 clustermac show-clusters IMAGE --out clusters.png
 clustermac export vgg16 --out vgg16.onnx [--weights FILE]
+clustermac datasets download oxford5k --root DIR   (and `datasets list`)
 """
 
 from __future__ import annotations
@@ -476,6 +477,10 @@ def build_parser() -> argparse.ArgumentParser:
         "cnnimageretrieval's networks) or 'caffe' (BGR, mean subtraction; weights converted straight from Caffe)",
     )
     p.set_defaults(func=cmd_export)
+
+    from .bench import download
+
+    download.add_parser(sub)
     return parser
 
 
