@@ -2,6 +2,7 @@
 
 clustermac demo                      the main job: a small real-photo benchmark, end to end
 clustermac extract DIR --out F.npy   descriptors of a folder (resumable, skips bad files)
+clustermac extract DIR --out OUT --ray [--ray-address ADDR]   the same on Ray, into a folder of shards
 clustermac fit-whitening DIR --out W.npz
 clustermac index F.npy --out INDEX   a searchable index from extracted descriptors
 clustermac search IMAGE --index INDEX [--box x1 y1 x2 y2] [--html page.html]
@@ -170,6 +171,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
     from .images import list_images
 
     names = list_images(args.folder)
+    if args.ray or args.ray_address:
+        return _extract_on_ray(args, names)
     check_output_paths(args.out, args.folder, names, inputs=_input_files(args))
     # The manifest's lock too: d.npy and d.npz share d.json.
     with output_lock(args.out, command=args.command_line), output_lock(manifest_path(args.out), args.command_line):
@@ -177,6 +180,28 @@ def cmd_extract(args: argparse.Namespace) -> int:
             _extractor(args), args.folder, args.out, progress=not args.quiet, names=names, chunk_size=args.chunk_size
         )
     print(f"{len(manifest['images'])} descriptors of dimension {manifest['settings']['dim']} written to {args.out}")
+    for name, reason in manifest["failed"].items():
+        print(f"skipped {name}: {reason}", file=sys.stderr)
+    return 0
+
+
+def _extract_on_ray(args: argparse.Namespace, names: list[str]) -> int:
+    from .distributed import extract_folder_ray
+
+    manifest = extract_folder_ray(
+        _extractor(args),
+        args.folder,
+        args.out,
+        names=names,
+        ray_address=args.ray_address or os.environ.get("RAY_ADDRESS") or None,
+        shard_size=args.shard_size,
+        cpus_per_worker=args.cpus_per_worker,
+        progress=not args.quiet,
+    )
+    print(
+        f"{len(manifest['images'])} descriptors of dimension {manifest['settings']['dim']} written to {args.out} "
+        f"({len(manifest['shards'])} shards)"
+    )
     for name, reason in manifest["failed"].items():
         print(f"skipped {name}: {reason}", file=sys.stderr)
     return 0
@@ -364,6 +389,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="images per finished chunk kept for resuming an interrupted run (default 64)",
     )
+    p.add_argument(
+        "--ray",
+        action="store_true",
+        help="extract on Ray (a local instance, or RAY_ADDRESS / --ray-address); --out is then a folder of shards",
+    )
+    p.add_argument("--ray-address", default=None, help="join this Ray cluster (HOST:PORT, ray://HOST:PORT, auto)")
+    p.add_argument(
+        "--shard-size", type=_int_at_least(1), default=256, help="--ray: images per shard (default 256)"
+    )
+    p.add_argument(
+        "--cpus-per-worker",
+        type=_int_at_least(1),
+        default=1,
+        help="--ray: CPUs (ONNX Runtime threads) of each worker, which holds one extractor (default 1)",
+    )
     _add_backbone_options(p)
     _add_method_options(p)
     p.set_defaults(func=cmd_extract)
@@ -377,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_fit_whitening)
 
     p = sub.add_parser("index", help="build a search index from `clustermac extract` output")
-    p.add_argument("descriptors", help="the .npy written by `clustermac extract`")
+    p.add_argument("descriptors", help="the .npy (or, with --ray, the shard folder) written by `clustermac extract`")
     p.add_argument("--out", required=True)
     p.add_argument("--image-root", help="folder the image names are relative to (for thumbnails in --html)")
     p.add_argument(
