@@ -395,9 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="extract on Ray (a local instance, or RAY_ADDRESS / --ray-address); --out is then a folder of shards",
     )
     p.add_argument("--ray-address", default=None, help="join this Ray cluster (HOST:PORT, ray://HOST:PORT, auto)")
-    p.add_argument(
-        "--shard-size", type=_int_at_least(1), default=256, help="--ray: images per shard (default 256)"
-    )
+    p.add_argument("--shard-size", type=_int_at_least(1), default=256, help="--ray: images per shard (default 256)")
     p.add_argument(
         "--cpus-per-worker",
         type=_int_at_least(1),

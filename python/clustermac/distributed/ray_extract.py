@@ -55,7 +55,7 @@ def import_ray() -> Any:
     """The ``ray`` module, or a RuntimeError saying how to install it."""
     try:
         import ray
-        import ray.data  # noqa: F401
+        import ray.data
     except ImportError as error:
         raise RuntimeError(f"distributed extraction needs Ray: pip install 'clustermac[ray]' ({error})") from None
     return ray

@@ -70,7 +70,7 @@ class ShardedArray:
         self._parts = [p for p in parts if len(p)]
         for part in self._parts:
             if part.ndim != 2 or part.shape[1] != dim or part.dtype != self.dtype:
-                raise ValueError(f"ShardedArray: a part of shape {part.shape} and type {part.dtype}, expected (n, {dim})")
+                raise ValueError(f"ShardedArray: a part {part.dtype} {part.shape}, expected {self.dtype} (n, {dim})")
         self._starts = np.cumsum([0] + [len(p) for p in self._parts])
         self.shape = (int(self._starts[-1]), int(dim))
         self.ndim = 2
@@ -208,6 +208,10 @@ def _differences(old: dict[str, Any], new: dict[str, Any]) -> str:
     return ", ".join(f"{k}: {shown(old, k)} there, {shown(new, k)} now" for k in keys[:4])
 
 
+def _data_fields(record: dict[str, Any]) -> dict[str, Any]:
+    return {key: record[key] for key in ("rows", "bytes", "sha256")}
+
+
 class ShardWriter:
     """Writes one shard folder (see the module doc). Use while holding
     :func:`clustermac.files.output_lock` on the folder.
@@ -341,12 +345,8 @@ class ShardWriter:
             images=images,
             failed=failed,
             data={"dtype": _DTYPE.str, "rows": len(images), "dim": int(self.settings["dim"])},
-            shards=[
-                {"file": shard_files(self.folder, n)[0].name, "rows": r["rows"], "bytes": r["bytes"], "sha256": r["sha256"]}
-                for n, r in enumerate(records)
-            ],
+            shards=[{"file": shard_files(self.folder, n)[0].name, **_data_fields(r)} for n, r in enumerate(records)],
         )
         atomic_write_bytes(self.folder / MANIFEST, json.dumps(manifest, indent=1).encode())
         fsync_directory(self.folder)
         return manifest
-
