@@ -78,6 +78,11 @@ class ShardedArray:
     def __len__(self) -> int:
         return self.shape[0]
 
+    @property
+    def parts(self) -> tuple[np.ndarray, ...]:
+        """The non-empty shards, in order (np.memmap's when loaded memory-mapped)."""
+        return tuple(self._parts)
+
     def __repr__(self) -> str:
         return f"ShardedArray(shape={self.shape}, dtype={self.dtype}, shards={len(self._parts)})"
 
@@ -125,7 +130,7 @@ class ShardedArray:
             if len(key) != 2:
                 raise IndexError(f"too many indices for a 2-D array: {len(key)}")
             rows = self[key[0]]
-            return rows[key[1]] if rows.ndim == 2 else rows[key[1]]
+            return rows[:, key[1]] if rows.ndim == 2 else rows[key[1]]
         if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
             return self._row(int(key))
         if isinstance(key, slice):
@@ -205,7 +210,7 @@ def _differences(old: dict[str, Any], new: dict[str, Any]) -> str:
         return repr(settings[key]) if key in settings else "unset"
 
     keys = sorted(k for k in set(old) | set(new) if old.get(k, shown) != new.get(k, shown))
-    return ", ".join(f"{k}: {shown(old, k)} there, {shown(new, k)} now" for k in keys[:4])
+    return ", ".join(f"{k}: {shown(old, k)} there, {shown(new, k)} now" for k in keys)
 
 
 def _data_fields(record: dict[str, Any]) -> dict[str, Any]:
