@@ -79,7 +79,8 @@ def connect_ray(address: str | None = None) -> bool:
         except Exception as error:  # Ray raises several types (ConnectionError, RuntimeError, …)
             raise ConnectionError(f"Ray address {address!r}: cannot join the cluster ({error})") from error
     else:
-        ray.init(include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+        # "local": a new instance even when RAY_ADDRESS or a `ray start` cluster exists on the machine.
+        ray.init(address="local", include_dashboard=False, logging_level="WARNING", log_to_driver=False)
     return True
 
 
