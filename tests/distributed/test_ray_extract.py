@@ -153,6 +153,19 @@ def test_killed_run_resumes_and_redoes_only_unfinished_shards(ray_address, colle
     assert np.asarray(vectors).tobytes() == reference.tobytes()
 
 
+def test_a_worker_killed_mid_run_costs_only_its_shard(ray_address, collection):
+    reference, single = collection.single_process()
+    out = collection.root / "shards"
+    args = ["extract", str(collection.folder), "--out", str(out), "--ray-address", ray_address, "--shard-size", "1"]
+    # Every worker process is killed (SIGKILL) at its third shard; Ray restarts it and retries the shard.
+    crash = {"CLUSTERMAC_CRASH_AT": "ray.worker_shard:3"}
+    code, stderr = _finish(_cli([*args, "--quiet", *collection.cli_options()], crash))
+    assert code == 0, stderr
+    vectors, manifest = clustermac.load_descriptors(out)
+    assert manifest["images"] == single["images"] and set(manifest["failed"]) == {BAD}
+    assert np.asarray(vectors).tobytes() == reference.tobytes()
+
+
 def test_unreachable_ray_address_is_named(tmp_path, collection):
     with socket.socket() as sock:  # a port that was free a moment ago: nothing listens there
         sock.bind(("127.0.0.1", 0))

@@ -15,6 +15,7 @@ retried by Ray (``max_retries``).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import tempfile
@@ -28,7 +29,7 @@ import numpy as np
 from .._typing import PathLike
 from ..descriptors.extractor import Extractor
 from ..descriptors.store import descriptor_settings, extract_rows, settings_fingerprint
-from ..files import output_lock, remove_stale_temporaries
+from ..files import CRASH_ENVIRONMENT_VARIABLE, crash_point, output_lock, remove_stale_temporaries
 from ..images import list_images
 from .shards import SHARD_SIZE, ShardWriter
 
@@ -130,6 +131,7 @@ class _ShardExtractor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         shards, vectors, failures = [], [], []
         for shard, listing in zip(batch["shard"], batch["images"]):
+            crash_point("ray.worker_shard")  # fault injection: a worker killed mid-run
             paths, names = json.loads(listing)
             rows, failed = extract_rows(self.extractor, paths, names)
             kept = [j for j, name in enumerate(names) if name not in failed]
@@ -218,6 +220,9 @@ def _run_on_ray(
             {"shard": n, "images": json.dumps([[str(folder / name) for name in writer.shards[n]], writer.shards[n]])}
             for n in todo
         ]
+        # The fault-injection setting reaches the workers too (they do not inherit this process's environment).
+        crash = os.environ.get(CRASH_ENVIRONMENT_VARIABLE)
+        runtime_env = {"env_vars": {CRASH_ENVIRONMENT_VARIABLE: crash}} if crash else None
         recipe = ray.put(_extractor_recipe(extractor))  # held here for the whole run (actor restarts need it)
         with warnings.catch_warnings():
             # Ray 2.60 deprecates extra remote args, yet documents them as the way to bound retries.
@@ -227,11 +232,20 @@ def _run_on_ray(
                 batch_size=1,
                 compute=ray.data.ActorPoolStrategy(size=min(workers, len(items))),
                 num_cpus=cpus_per_worker,
+                runtime_env=runtime_env,
                 fn_constructor_kwargs={"recipe": [recipe], "threads": cpus_per_worker},
                 max_restarts=max_retries,
                 max_task_retries=max_retries,
             )
-        _collect(dataset, writer, progress)
+        data_logger = logging.getLogger("ray.data")
+        level = data_logger.level
+        data_logger.setLevel(logging.WARNING)  # our progress bar, not Ray Data's execution log
+        try:
+            _collect(dataset, writer, progress)
+        except ray.exceptions.RayError as error:  # e.g. a worker that cannot build its extractor
+            raise RuntimeError(f"extraction on Ray failed: {error}") from error
+        finally:
+            data_logger.setLevel(level)
     finally:
         if started:
             ray.shutdown()
