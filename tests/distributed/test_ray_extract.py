@@ -153,14 +153,26 @@ def test_killed_run_resumes_and_redoes_only_unfinished_shards(ray_address, colle
     assert np.asarray(vectors).tobytes() == reference.tobytes()
 
 
+def _extractor_actors() -> dict[str, int]:
+    """The extraction actors the cluster knows (GCS's actor table; Ray's internal reader, as the
+    state API needs the dashboard): actor id -> number of restarts."""
+    from ray._private.state import actors
+
+    table = actors().values()
+    return {a["ActorID"]: int(a["NumRestarts"]) for a in table if "_ShardExtractor" in a["ActorClassName"]}
+
+
 def test_a_worker_killed_mid_run_costs_only_its_shard(ray_address, collection):
     reference, single = collection.single_process()
     out = collection.root / "shards"
     args = ["extract", str(collection.folder), "--out", str(out), "--ray-address", ray_address, "--shard-size", "1"]
     # Every worker process is killed (SIGKILL) at its third shard; Ray restarts it and retries the shard.
     crash = {"CLUSTERMAC_CRASH_AT": "ray.worker_shard:3"}
+    before = set(_extractor_actors())
     code, stderr = _finish(_cli([*args, "--quiet", *collection.cli_options()], crash))
     assert code == 0, stderr
+    restarts = {key: count for key, count in _extractor_actors().items() if key not in before}
+    assert restarts and sum(restarts.values()) >= 1  # the workers were killed, and restarted
     vectors, manifest = clustermac.load_descriptors(out)
     assert manifest["images"] == single["images"] and set(manifest["failed"]) == {BAD}
     assert np.asarray(vectors).tobytes() == reference.tobytes()

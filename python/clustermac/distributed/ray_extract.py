@@ -8,8 +8,8 @@ store: the backbone's ONNX bytes and the extractor's state (settings, whitening,
 PCA). No shared filesystem is assumed for them; workers read the images from the paths they
 are given. The descriptors of a shard come back through the object store and only the driver
 writes the output (:class:`~clustermac.distributed.shards.ShardWriter`), shard by shard as they
-arrive, so a killed run resumes where it stopped. A failed actor is restarted and its shard
-retried by Ray (``max_retries``).
+arrive, so a killed run resumes where it stopped. A dead actor is restarted by Ray and its shard
+retried (up to ``max_retries`` times per shard).
 """
 
 from __future__ import annotations
@@ -165,8 +165,8 @@ def extract_folder_ray(
     cluster (``HOST:PORT``, ``ray://…``, ``auto``); None starts a local Ray instance for the call
     (an already initialised Ray is used as is). ``workers`` actors (default: the cluster's CPUs
     divided by ``cpus_per_worker``) each hold one Extractor running ONNX Runtime on
-    ``cpus_per_worker`` threads; Ray restarts a failed actor and retries its shard up to
-    ``max_retries`` times.
+    ``cpus_per_worker`` threads; Ray restarts a dead actor (always) and retries its shard up to
+    ``max_retries`` times (then the run stops with a RuntimeError; the finished shards stay).
 
     The output layout, its resumption and its checks are in :mod:`clustermac.distributed.shards`;
     read it back with :func:`clustermac.load_descriptors`. The descriptors are the bytes
@@ -234,8 +234,8 @@ def _run_on_ray(
                 num_cpus=cpus_per_worker,
                 runtime_env=runtime_env,
                 fn_constructor_kwargs={"recipe": [recipe], "threads": cpus_per_worker},
-                max_restarts=max_retries,
-                max_task_retries=max_retries,
+                max_restarts=-1,  # a dead actor always comes back ...
+                max_task_retries=max_retries,  # ... but a shard that keeps killing its worker ends the run
             )
         data_logger = logging.getLogger("ray.data")
         level = data_logger.level
