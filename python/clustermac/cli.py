@@ -168,9 +168,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
     from .descriptors import extract_folder
     from .descriptors.store import check_output_paths, manifest_path
     from .files import output_lock
-    from .images import list_images
 
-    names = list_images(args.folder)
+    args.folder, names = _images_to_extract(args.folder)
     if args.ray or args.ray_address:
         return _extract_on_ray(args, names)
     check_output_paths(args.out, args.folder, names, inputs=_input_files(args))
@@ -183,6 +182,24 @@ def cmd_extract(args: argparse.Namespace) -> int:
     for name, reason in manifest["failed"].items():
         print(f"skipped {name}: {reason}", file=sys.stderr)
     return 0
+
+
+def _images_to_extract(source: str) -> tuple[str, list[str]]:
+    """(folder, names) of `extract`'s input: a folder (its images, recursively) or a text file
+    listing one image path per line (relative to the file's folder, or absolute; blank lines and
+    lines starting with # are ignored)."""
+    from .images import list_images
+
+    if not Path(source).is_file():
+        return source, list_images(source)
+    try:
+        lines = Path(source).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"{source}: cannot read the list of images ({error})") from None
+    names = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{source}: lists an image more than once")
+    return str(Path(source).parent), names
 
 
 def _extract_on_ray(args: argparse.Namespace, names: list[str]) -> int:
@@ -379,8 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None)
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("extract", help="descriptors of every image in a folder")
-    p.add_argument("folder")
+    p = sub.add_parser("extract", help="descriptors of every image in a folder (or in a list file)")
+    p.add_argument("folder", help="a folder of images, or a text file listing image paths (one per line)")
     p.add_argument("--out", required=True, help="output .npy (a .json manifest is written beside it)")
     p.add_argument("--quiet", action="store_true")
     p.add_argument(

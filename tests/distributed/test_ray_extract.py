@@ -165,7 +165,9 @@ def _extractor_actors() -> dict[str, int]:
 def test_a_worker_killed_mid_run_costs_only_its_shard(ray_address, collection):
     reference, single = collection.single_process()
     out = collection.root / "shards"
-    args = ["extract", str(collection.folder), "--out", str(out), "--ray-address", ray_address, "--shard-size", "1"]
+    listing = collection.folder / "images.txt"  # the input as a list file this time
+    listing.write_text("# the photos\n" + "\n".join(single["images"] + [BAD]) + "\n\n")
+    args = ["extract", str(listing), "--out", str(out), "--ray-address", ray_address, "--shard-size", "1"]
     # Every worker process is killed (SIGKILL) at its third shard; Ray restarts it and retries the shard.
     crash = {"CLUSTERMAC_CRASH_AT": "ray.worker_shard:3"}
     before = set(_extractor_actors())
@@ -220,3 +222,14 @@ def test_folder_of_other_settings_and_missing_or_corrupt_shards_are_refused(ray_
     # The same command repairs it: the damaged shard is extracted again, the others are kept.
     repaired = extract_folder_ray(collection.extractor(), collection.folder, out, shard_size=4, progress=False)
     assert _snapshot(out) == before and repaired == json.loads(before["manifest.json"])
+
+
+def test_list_file_input_is_checked(tmp_path, capsys):
+    listing = tmp_path / "images.txt"
+    listing.write_text("a.jpg\nb.jpg\na.jpg\n")
+    assert main(["extract", str(listing), "--out", str(tmp_path / "out"), "--ray"]) == 2
+    assert "images.txt: lists an image more than once" in capsys.readouterr().err
+    listing.write_bytes(b"\xff\xfe\x00bad")
+    assert main(["extract", str(listing), "--out", str(tmp_path / "out"), "--ray"]) == 2
+    assert "cannot read the list of images" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
