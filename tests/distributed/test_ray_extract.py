@@ -77,10 +77,11 @@ def collection(tmp_path, write_photos, pooling_model):
     return Collection(tmp_path, write_photos, pooling_model)
 
 
-def _cli(args: list[str], env: dict | None = None, timeout: float = 150) -> subprocess.Popen:
-    """The real `clustermac` command in its own session (so its whole process group can be killed)."""
-    environment = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **(env or {})}
-    environment.pop("CLUSTERMAC_CRASH_AT", None) if env is None else None
+def _cli(args: list[str], env: dict | None = None) -> subprocess.Popen:
+    """The real `clustermac` command in its own session (so its whole process group can be killed),
+    with the environment variables ``env`` (no crash point unless given there)."""
+    environment = {k: v for k, v in os.environ.items() if k != "CLUSTERMAC_CRASH_AT"}
+    environment.update(RAY_USAGE_STATS_ENABLED="0", **(env or {}))
     code = "import sys; from clustermac.cli import main; sys.exit(main(sys.argv[1:]))"
     return subprocess.Popen(
         [sys.executable, "-c", code, *args],
@@ -180,6 +181,23 @@ def test_a_worker_killed_mid_run_costs_only_its_shard(ray_address, collection):
     assert np.asarray(vectors).tobytes() == reference.tobytes()
 
 
+def test_worker_extractor_rebuilt_from_the_object_store_equals_the_drivers(ray_address, collection):
+    from clustermac.descriptors.store import extract_rows
+    from clustermac.distributed.ray_extract import _extractor_recipe, _ShardExtractor
+
+    driver = collection.extractor()
+    worker = _ShardExtractor([ray.put(_extractor_recipe(driver))], threads=1)
+    assert worker.extractor.settings() == driver.settings() and worker.extractor.dim == driver.dim
+    assert worker.extractor.backbone.name == driver.backbone.name and worker.extractor.backbone.n_threads == 1
+    names = ["photo1.jpg", BAD, "photo3.jpg"]
+    paths = [str(collection.folder / n) for n in names]
+    batch = {"shard": np.array([5]), "images": np.array([json.dumps([paths, names])], dtype=object)}
+    result = worker(batch)
+    expected, failed = extract_rows(driver, paths, names)
+    assert list(result["shard"]) == [5] and json.loads(result["failed"][0]) == failed and set(failed) == {BAD}
+    assert result["vectors"][0] == expected[[0, 2]].tobytes()
+
+
 def test_unreachable_ray_address_is_named(tmp_path, collection):
     with socket.socket() as sock:  # a port that was free a moment ago: nothing listens there
         sock.bind(("127.0.0.1", 0))
@@ -233,3 +251,15 @@ def test_list_file_input_is_checked(tmp_path, capsys):
     assert main(["extract", str(listing), "--out", str(tmp_path / "out"), "--ray"]) == 2
     assert "cannot read the list of images" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_ray_addresses_are_checked():
+    from clustermac.distributed.ray_extract import _probe
+
+    with pytest.raises(ValueError, match="'nowhere': expected HOST:PORT"):
+        _probe("nowhere")
+    _probe("auto")  # resolved by Ray itself
+    with pytest.raises(ValueError, match="shard_size"):
+        extract_folder_ray(None, "photos", "out", shard_size=0)
+    with pytest.raises(ValueError, match="workers"):
+        extract_folder_ray(None, "photos", "out", workers=0)
