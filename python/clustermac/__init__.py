@@ -43,6 +43,7 @@ from ._core import (  # noqa: E402
 )
 from .backbones import Backbone, default_backbone  # noqa: E402
 from .descriptors import METHODS, Extractor, extract_folder, load_descriptors  # noqa: E402
+from .distributed import ShardedArray, extract_folder_ray  # noqa: E402
 from .errors import CorruptFileError, OutputLockedError  # noqa: E402
 from .images import load_image  # noqa: E402
 from .search import (  # noqa: E402
@@ -97,6 +98,8 @@ __all__ = [
     "Extractor",
     "extract_folder",
     "load_descriptors",
+    "extract_folder_ray",
+    "ShardedArray",
     "CorruptFileError",
     "OutputLockedError",
     "average_precision",

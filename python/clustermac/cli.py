@@ -2,6 +2,7 @@
 
 clustermac demo                      the main job: a small real-photo benchmark, end to end
 clustermac extract DIR --out F.npy   descriptors of a folder (resumable, skips bad files)
+clustermac extract DIR --out OUT --ray [--ray-address ADDR]   the same on Ray, into a folder of shards
 clustermac fit-whitening DIR --out W.npz
 clustermac index F.npy --out INDEX   a searchable index from extracted descriptors
 clustermac search IMAGE --index INDEX [--box x1 y1 x2 y2] [--html page.html]
@@ -168,9 +169,10 @@ def cmd_extract(args: argparse.Namespace) -> int:
     from .descriptors import extract_folder
     from .descriptors.store import check_output_paths, manifest_path
     from .files import output_lock
-    from .images import list_images
 
-    names = list_images(args.folder)
+    args.folder, names = _images_to_extract(args.folder)
+    if args.ray or args.ray_address:
+        return _extract_on_ray(args, names)
     check_output_paths(args.out, args.folder, names, inputs=_input_files(args))
     # The manifest's lock too: d.npy and d.npz share d.json.
     with output_lock(args.out, command=args.command_line), output_lock(manifest_path(args.out), args.command_line):
@@ -178,6 +180,46 @@ def cmd_extract(args: argparse.Namespace) -> int:
             _extractor(args), args.folder, args.out, progress=not args.quiet, names=names, chunk_size=args.chunk_size
         )
     print(f"{len(manifest['images'])} descriptors of dimension {manifest['settings']['dim']} written to {args.out}")
+    for name, reason in manifest["failed"].items():
+        print(f"skipped {name}: {reason}", file=sys.stderr)
+    return 0
+
+
+def _images_to_extract(source: str) -> tuple[str, list[str]]:
+    """(folder, names) of `extract`'s input: a folder (its images, recursively) or a text file
+    listing one image path per line (relative to the file's folder, or absolute; blank lines and
+    lines starting with # are ignored)."""
+    from .images import list_images
+
+    if not Path(source).is_file():
+        return source, list_images(source)
+    try:
+        lines = Path(source).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"{source}: cannot read the list of images ({error})") from None
+    names = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{source}: lists an image more than once")
+    return str(Path(source).parent), names
+
+
+def _extract_on_ray(args: argparse.Namespace, names: list[str]) -> int:
+    from .distributed import extract_folder_ray
+
+    manifest = extract_folder_ray(
+        _extractor(args),
+        args.folder,
+        args.out,
+        names=names,
+        ray_address=args.ray_address or os.environ.get("RAY_ADDRESS") or None,
+        shard_size=args.shard_size,
+        cpus_per_worker=args.cpus_per_worker,
+        progress=not args.quiet,
+    )
+    print(
+        f"{len(manifest['images'])} descriptors of dimension {manifest['settings']['dim']} written to {args.out} "
+        f"({len(manifest['shards'])} shards)"
+    )
     for name, reason in manifest["failed"].items():
         print(f"skipped {name}: {reason}", file=sys.stderr)
     return 0
@@ -355,8 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None)
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("extract", help="descriptors of every image in a folder")
-    p.add_argument("folder")
+    p = sub.add_parser("extract", help="descriptors of every image in a folder (or in a list file)")
+    p.add_argument("folder", help="a folder of images, or a text file listing image paths (one per line)")
     p.add_argument("--out", required=True, help="output .npy (a .json manifest is written beside it)")
     p.add_argument("--quiet", action="store_true")
     p.add_argument(
@@ -364,6 +406,19 @@ def build_parser() -> argparse.ArgumentParser:
         type=_int_at_least(1),
         default=None,
         help="images per finished chunk kept for resuming an interrupted run (default 64)",
+    )
+    p.add_argument(
+        "--ray",
+        action="store_true",
+        help="extract on Ray (a local instance, or RAY_ADDRESS / --ray-address); --out is then a folder of shards",
+    )
+    p.add_argument("--ray-address", default=None, help="join this Ray cluster (HOST:PORT, ray://HOST:PORT, auto)")
+    p.add_argument("--shard-size", type=_int_at_least(1), default=256, help="--ray: images per shard (default 256)")
+    p.add_argument(
+        "--cpus-per-worker",
+        type=_int_at_least(1),
+        default=1,
+        help="--ray: CPUs (ONNX Runtime threads) of each worker, which holds one extractor (default 1)",
     )
     _add_backbone_options(p)
     _add_method_options(p)
@@ -378,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_fit_whitening)
 
     p = sub.add_parser("index", help="build a search index from `clustermac extract` output")
-    p.add_argument("descriptors", help="the .npy written by `clustermac extract`")
+    p.add_argument("descriptors", help="the .npy (or, with --ray, the shard folder) written by `clustermac extract`")
     p.add_argument("--out", required=True)
     p.add_argument("--image-root", help="folder the image names are relative to (for thumbnails in --html)")
     p.add_argument(

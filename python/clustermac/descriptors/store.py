@@ -161,9 +161,7 @@ def extract_folder(
     out = Path(out)
     names = list(names) if names is not None else list_images(folder)
     check_output_paths(out, folder, names)
-    settings = extractor.settings()
-    settings.update(whitened=extractor.is_whitened, dim=extractor.dim)
-    settings = json.loads(json.dumps(settings))  # JSON types (tuples become lists), as saved
+    settings = descriptor_settings(extractor)
     fingerprint = settings_fingerprint(settings, names, chunk_size)
     manifest_file = manifest_path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -197,6 +195,40 @@ def extract_folder(
         return _assemble(parts, out, chunks, infos, settings, fingerprint)
 
 
+def descriptor_settings(extractor: Extractor) -> dict[str, Any]:
+    """The settings saved with descriptors: the extractor's, plus whether it whitens and the
+    dimension, as JSON types (tuples become lists), as saved."""
+    settings = extractor.settings()
+    settings.update(whitened=extractor.is_whitened, dim=extractor.dim)
+    return json.loads(json.dumps(settings))
+
+
+def extract_rows(
+    extractor: Extractor, paths: Sequence[str], names: Sequence[str], bar: Any = None
+) -> tuple[np.ndarray, dict[str, str]]:
+    """The descriptors of ``paths`` (len × dim float32, zero rows for the failures) and the
+    failures ``{name: reason}``: unreadable images, and descriptors of the wrong shape or not
+    finite. ``bar`` (a tqdm bar or None) is advanced per image and told about the failures."""
+    vectors = np.zeros((len(paths), extractor.dim), dtype=_DTYPE)
+    failed: dict[str, str] = {}
+    for j, result in extractor.iter_extract(list(paths), progress=False):
+        if not isinstance(result, Exception):
+            result = np.asarray(result, dtype=_DTYPE)
+            if result.shape != (extractor.dim,):
+                result = ValueError(f"a descriptor of shape {result.shape}, expected ({extractor.dim},)")
+            elif not np.isfinite(result).all():
+                result = ValueError("the descriptor has non-finite values (NaN or inf)")
+        if isinstance(result, Exception):
+            failed[names[j]] = f"{type(result).__name__}: {result}"
+            if bar is not None:
+                bar.write(f"skipped {names[j]}: {result}")
+        else:
+            vectors[j] = result
+        if bar is not None:
+            bar.update(1)
+    return vectors, failed
+
+
 def _warn(message: str) -> None:
     warnings.warn(message, UserWarning, stacklevel=3)
 
@@ -214,23 +246,7 @@ def _extract_chunk(
     fingerprint: str,
     bar: Any,
 ) -> dict[str, Any]:
-    vectors = np.zeros((len(chunk), extractor.dim), dtype=_DTYPE)
-    failed: dict[str, str] = {}
-    for j, result in extractor.iter_extract([str(folder / n) for n in chunk], progress=False):
-        if not isinstance(result, Exception):
-            result = np.asarray(result, dtype=_DTYPE)
-            if result.shape != (extractor.dim,):
-                result = ValueError(f"a descriptor of shape {result.shape}, expected ({extractor.dim},)")
-            elif not np.isfinite(result).all():
-                result = ValueError("the descriptor has non-finite values (NaN or inf)")
-        if isinstance(result, Exception):
-            failed[chunk[j]] = f"{type(result).__name__}: {result}"
-            if bar is not None:
-                bar.write(f"skipped {chunk[j]}: {result}")
-        else:
-            vectors[j] = result
-        if bar is not None:
-            bar.update(1)
+    vectors, failed = extract_rows(extractor, [str(folder / n) for n in chunk], chunk, bar)
     npy, record = _chunk_files(parts, c)
     atomic_save_npy(npy, vectors)
     crash_point("extract.chunk_npy")
@@ -443,6 +459,10 @@ def load_descriptors(out: PathLike, mmap: bool = True, verify: bool = True) -> t
     version, no checksum) load, with the checks that do not need the checksum.
     """
     out = Path(out)
+    if out.is_dir():  # a shard folder written by `clustermac extract --ray`
+        from ..distributed.shards import load_shards
+
+        return load_shards(out, mmap=mmap, verify=verify)
     manifest_file = manifest_path(out)
     if _same_file(out, manifest_file):
         raise CorruptFileError(out, "this is a manifest: pass the .npy descriptor file beside it")
@@ -470,7 +490,9 @@ def _stamp(path: Path) -> tuple[int, int, int] | None:
     return st.st_ino, st.st_mtime_ns, st.st_size
 
 
-def _read_manifest(path: Path) -> tuple[dict[str, Any], tuple[int, int, int] | None]:
+def _read_manifest(
+    path: Path, check: Callable[[Path, Any], None] | None = None
+) -> tuple[dict[str, Any], tuple[int, int, int] | None]:
     try:
         with open(path, "rb") as file:
             st = os.fstat(file.fileno())
@@ -488,7 +510,7 @@ def _read_manifest(path: Path) -> tuple[dict[str, Any], tuple[int, int, int] | N
         raise CorruptFileError(path, f"the manifest is not valid JSON ({error})") from None
     except RecursionError:
         raise CorruptFileError(path, "the manifest is not valid JSON (nested too deeply)") from None
-    _check_manifest(path, manifest)
+    (check or _check_manifest)(path, manifest)
     return manifest, stamp
 
 
@@ -497,6 +519,13 @@ def _is_int(value: Any) -> bool:
 
 
 def _check_manifest(path: Path, manifest: Any) -> None:
+    check_manifest_lists(path, manifest)
+    _check_data_record(path, manifest)
+
+
+def check_manifest_lists(path: Path, manifest: Any) -> None:
+    """Refuse (CorruptFileError naming ``path``) a manifest that is not an object with its
+    ``images`` (names), ``failed`` (name -> reason) and ``settings`` of the right types."""
     if not isinstance(manifest, dict):
         raise CorruptFileError(path, f"the manifest is a JSON {type(manifest).__name__}, expected an object")
     for key, kind in (("images", list), ("failed", dict), ("settings", dict)):
@@ -514,6 +543,9 @@ def _check_manifest(path: Path, manifest: Any) -> None:
         _is_int(manifest["settings"]["dim"]) and manifest["settings"]["dim"] >= 1
     ):
         raise CorruptFileError(path, f"manifest['settings']['dim'] is {manifest['settings']['dim']!r}, not a dimension")
+
+
+def _check_data_record(path: Path, manifest: dict[str, Any]) -> None:
     if "version" not in manifest and "data" not in manifest:
         return  # clustermac 0.1.0: no version, no checksum
     version = manifest.get("version")
@@ -544,6 +576,15 @@ def _check_manifest(path: Path, manifest: Any) -> None:
         raise CorruptFileError(
             path, f"the manifest says dim {data['dim']} but its settings say {manifest['settings']['dim']}"
         )
+
+
+def read_rows_file(
+    path: Path, rows: int, dim: int, size: int, sha256: str, mmap: bool = True, verify: bool = True
+) -> np.ndarray:
+    """A ``rows`` × ``dim`` float32 ``.npy`` file of ``size`` bytes with that SHA-256 (checked with
+    ``verify``, with finite values), memory-mapped with ``mmap``; CorruptFileError naming ``path``."""
+    record = {"images": range(rows), "data": {"dim": dim, "bytes": size, "sha256": sha256}}
+    return _read_data(path, record, mmap, verify)
 
 
 def _read_data(out: Path, manifest: dict[str, Any], mmap: bool, verify: bool) -> np.ndarray:
