@@ -77,7 +77,7 @@ py::array_t<T, py::array::c_style> require_array(const py::handle& obj, const ch
                           std::string(py::str(py::type::of(obj).attr("__name__"))));
   auto a = py::reinterpret_borrow<py::array>(obj);
   const char* dtype_name = std::is_same<T, float>::value ? "float32" : "int32";
-  if (!a.dtype().is(py::dtype::of<T>()))
+  if (!a.dtype().equal(py::dtype::of<T>()))  // equal, not is: unpickled dtypes are equal copies
     throw py::value_error(std::string(name) + ": expected dtype " + dtype_name + " " + expected_shape + ", got " +
                           describe(a) + " (convert with .astype(np." + dtype_name + "))");
   if (a.ndim() != ndim)
@@ -123,7 +123,7 @@ inline py::array_t<std::uint8_t, py::array::c_style> checked_codes(const py::obj
     throw py::value_error("codes: expected a uint8 NumPy array of shape (H, W, D) (channel-last 8-bit codes), got " +
                           std::string(py::str(py::type::of(codes_obj).attr("__name__"))));
   auto as_array = py::reinterpret_borrow<py::array>(codes_obj);
-  if (!as_array.dtype().is(py::dtype::of<std::uint8_t>()))
+  if (!as_array.dtype().equal(py::dtype::of<std::uint8_t>()))
     throw py::value_error("codes: expected dtype uint8 of shape (H, W, D) (channel-last 8-bit codes), got " +
                           describe(as_array));
   if (as_array.ndim() != 3)

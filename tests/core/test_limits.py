@@ -278,3 +278,14 @@ def test_integer_and_number_arguments_give_value_errors():
         cm.aml_localize(fmap, fmap.max(axis=(1, 2)), query_aspect="wide")
     box, _ = cm.aml_localize(fmap, fmap.max(axis=(1, 2)), query_aspect=np.float32(1.0))
     assert box.shape == (4,)
+
+
+def test_an_unpickled_float32_array_is_accepted_and_another_byte_order_refused():
+    """Arrays that crossed a process boundary (pickle, Ray, multiprocessing) carry a dtype object
+    equal to NumPy's float32 but not the same object; the core compares dtypes by equality."""
+    import pickle
+
+    x = pickle.loads(pickle.dumps(np.arange(6, dtype=np.float32).reshape(2, 3) + 1))
+    np.testing.assert_array_equal(cm.l2_normalize(x), cm.l2_normalize(np.ascontiguousarray(x, np.float32)))
+    with pytest.raises(ValueError, match="expected dtype float32"):
+        cm.l2_normalize(x.astype(">f4"))

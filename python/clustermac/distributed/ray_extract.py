@@ -111,10 +111,7 @@ def _rebuild_extractor(recipe: dict[str, Any], threads: int) -> Extractor:
     if backbone.name != recipe["backbone_name"]:
         raise RuntimeError(f"worker backbone {backbone.name!r} differs from the driver's {recipe['backbone_name']!r}")
     extractor = Extractor(backbone, recipe["method"])
-    # Unpickled arrays carry a dtype object equal to, but not the same as, NumPy's float32, which
-    # the core's argument checks refuse (they compare by identity): copy them with the canonical one.
-    state = {k: v.astype(np.dtype(v.dtype.str)) if isinstance(v, np.ndarray) else v for k, v in recipe["state"].items()}
-    extractor.__dict__.update(state)
+    extractor.__dict__.update(recipe["state"])
     extractor.method = recipe["method"]  # its method object again, over the restored state
     return extractor
 
