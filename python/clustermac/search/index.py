@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import _core, files
+from .. import files
 from .._typing import PathLike
 from ..errors import CorruptFileError
 from .exact import exact_topk
