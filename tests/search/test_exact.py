@@ -63,10 +63,11 @@ def test_constant_database_and_a_memory_mapped_one(tmp_path):
     np.testing.assert_array_equal(through_faiss[1], ours[1])
 
 
-def test_index_exact_backend_results_do_not_depend_on_faiss():
+@pytest.mark.parametrize("threads", [1, 2])  # 1: through FAISS's scan, 2: our kernel (the fixed rule)
+def test_index_exact_backend_results_do_not_depend_on_faiss(threads):
     rng = np.random.default_rng(11)
     vectors = unit_rows(rng, 3000, 24)
-    index = Index(24)
+    index = Index(24, n_threads=threads)
     index.add(vectors, [f"image{i}" for i in range(len(vectors))])
     queries = unit_rows(rng, 4, 24)
     scores, indices = index.search(queries, k=15)

@@ -3,9 +3,13 @@
 ``benchmarks/search.py`` measured FAISS's ``IndexFlatIP`` scan faster than clustermac's own
 exact kernel (:func:`clustermac.topk_search`) on an AMD EPYC, 1,000 queries × 1M × 512 (ratio
 0.82× at one thread, same run; see README, "Speed"), and the Xeon figures of issue 17 say the
-same (0.75×). So when ``faiss`` is importable, exact search runs FAISS's brute-force scan
+same (0.75×). With two threads on the same (shared, loaded) machine FAISS's OpenMP scan was 3.0×
+*slower* than ours (76.7 s against 25.5 s), while our thread pool kept its pace. So the rule,
+fixed and measured, is: single-threaded searches (``n_threads == 1``) with ``faiss`` importable
+run FAISS's brute-force scan
 (``faiss.knn``, which reads the database in place: no copy, memory-mapped files work) to find
-candidates, then restores clustermac's results *bit for bit*:
+candidates, then restore clustermac's results *bit for bit*; multi-threaded searches run
+clustermac's kernel. Both give the same bits, so the rule can be revised by measurement alone:
 
 1. FAISS returns the best ``pool = 2k + 16`` rows per query by its own scores.
 2. Every row's score in FAISS and in clustermac differ from the exact dot product by at most
@@ -72,12 +76,12 @@ def exact_topk(
 
     Returns (scores float32 Q×k, descending; indices int64 Q×k), ties broken by the smaller row
     index: exactly what ``clustermac._core.topk_search(database, queries, k, n_threads)``
-    returns. ``use_faiss``: ``None`` = FAISS's scan when faiss is installed, ``False`` =
-    clustermac's kernel only, ``True`` = require faiss. Inputs are validated by the caller
+    returns. ``use_faiss``: ``None`` = FAISS's scan when faiss is installed and ``n_threads == 1``
+    (the module docstring says why), ``False`` = clustermac's kernel only, ``True`` = require faiss. Inputs are validated by the caller
     (:class:`clustermac.Index`): finite float32, C-contiguous, 1 <= k <= N.
     """
     if use_faiss is None:
-        use_faiss = faiss_available()
+        use_faiss = n_threads == 1 and faiss_available()
     n, dim = database.shape
     pool = min(n, 2 * k + 16)
     if not use_faiss or pool == n:  # nothing to prune: one scan of ours
