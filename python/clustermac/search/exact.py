@@ -77,8 +77,9 @@ def exact_topk(
     Returns (scores float32 Q×k, descending; indices int64 Q×k), ties broken by the smaller row
     index: exactly what ``clustermac._core.topk_search(database, queries, k, n_threads)``
     returns. ``use_faiss``: ``None`` = FAISS's scan when faiss is installed and ``n_threads == 1``
-    (the module docstring says why), ``False`` = clustermac's kernel only, ``True`` = require faiss. Inputs are validated by the caller
-    (:class:`clustermac.Index`): finite float32, C-contiguous, 1 <= k <= N.
+    (the module docstring says why), ``False`` = clustermac's kernel only, ``True`` = require
+    faiss. Inputs are validated by the caller (:class:`clustermac.Index`): finite float32,
+    C-contiguous, 1 <= k <= N.
     """
     if use_faiss is None:
         use_faiss = n_threads == 1 and faiss_available()
