@@ -9,7 +9,9 @@ fixed and measured, is: single-threaded searches (``n_threads == 1``) with ``fai
 run FAISS's brute-force scan
 (``faiss.knn``, which reads the database in place: no copy, memory-mapped files work) to find
 candidates, then restore clustermac's results *bit for bit*; multi-threaded searches run
-clustermac's kernel. Both give the same bits, so the rule can be revised by measurement alone:
+clustermac's kernel. Both give the same bits, so the rule can be revised by measurement alone
+(a later single-thread run on the same loaded machine timed this path at 1.04x ours, i.e. no
+measurable gain there: ``faiss.knn`` on a memory-mapped file did not keep ``IndexFlatIP``'s edge):
 
 1. FAISS returns the best ``pool = 2k + 16`` rows per query by its own scores.
 2. Every row's score in FAISS and in clustermac differ from the exact dot product by at most
