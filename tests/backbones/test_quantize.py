@@ -184,3 +184,15 @@ def test_cli_export_int8_with_a_calibration_folder(tmp_path, write_photos):
     bad = ["export", "vgg16", "--out", str(tmp_path / "x.onnx"), "--calibration", str(tmp_path / "calibration")]
     assert main(bad) != 0  # calibration without --int8
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_unwritable_cache_falls_back_with_a_warning(tmp_path, pooling_model, monkeypatch):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache folder should be")
+    monkeypatch.setenv("CLUSTERMAC_CACHE", str(blocker))
+    float_path, _, _ = pooling_model(tmp_path / "float.onnx", dim=512, stride=16, preset="vgg16")
+    with pytest.warns(RuntimeWarning, match="cannot write the int8 model"):
+        backbone = Backbone(float_path, precision="int8")
+    assert backbone.precision == "int8" and not str(backbone.onnx_path).startswith(str(blocker))
+    with pytest.raises(ValueError, match="precision"):
+        default_backbone(precision="int4")
