@@ -64,6 +64,9 @@ def main(argv=None) -> int:
         "--preset-backbone", default=None, help="preprocessing preset for --onnx (vgg16, resnet101, ...)"
     )
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--precision", default="float32", choices=("float32", "int8"), help="backbone precision (int8: quantised)"
+    )
     parser.add_argument("--rerank", action="store_true", help="also AML re-ranking + QE for R-MAC and ClusterMAC")
     parser.add_argument("--ablations", action="store_true", help="also ClusterMAC variants")
     parser.add_argument("--crops", nargs="+", default=["image", "activations"])
@@ -95,9 +98,9 @@ def main(argv=None) -> int:
     )
 
     backbone = (
-        Backbone(args.onnx, preset=args.preset_backbone, n_threads=args.threads)
+        Backbone(args.onnx, preset=args.preset_backbone, n_threads=args.threads, precision=args.precision)
         if args.onnx
-        else default_backbone(n_threads=args.threads)
+        else default_backbone(n_threads=args.threads, precision=args.precision)
     )
     maps = dataset_feature_maps(dataset, backbone, whitening_images, crops=args.crops, max_size=args.max_size)
     methods = list(DEFAULT_METHODS) + (list(ABLATIONS) if args.ablations else [])

@@ -1,12 +1,16 @@
-"""Exact top-k search: clustermac.topk_search against NumPy, same data, same run.
+"""Exact top-k search: clustermac.topk_search against FAISS's IndexFlatIP and NumPy, same data, same run.
 
-    python benchmarks/search.py [--n 1000000] [--queries 1000] [--dim 512] [--k 100] [--repeats 3]
+    python benchmarks/search.py [--n 1000000] [--queries 1000] [--dim 512] [--k 100] [--repeats 3] [--threads 1 2]
 
 The database is N unit vectors (float32, seeded) in a memory-mapped .npy file, so neither side
-needs it in anonymous memory. Each measurement runs in a fresh subprocess (single-threaded:
-OPENBLAS/OMP threads = 1 and n_threads = 1), which reports its wall time and peak RSS:
+needs it in anonymous memory. Each measurement runs in a fresh subprocess (OPENBLAS/OMP threads
+and n_threads = each of ``--threads``), which reports its wall time and peak RSS:
 
 * clustermac: ``topk_search(memmap, queries, k)`` (blocked kernel, threshold selection).
+* index: what ``clustermac.Index``'s exact backend runs (``clustermac.search.exact.exact_topk``:
+  FAISS's scan for candidates, re-scored by clustermac's kernel; results identical to clustermac's).
+* faiss: ``IndexFlatIP`` — the exact index an expert would pick — holding the database (added in
+  blocks from the memory-mapped file; the add is not timed, the search is), ``faiss.omp_set_num_threads``.
 * NumPy: the database in blocks of ``--numpy-block`` rows (default 16384: a 64 MB score block
   for 1,000 queries, more working memory than clustermac's 1 MB), ``queries @ block.T`` (OpenBLAS)
   and ``argpartition`` per block, merging each block's top k into the running top k.
@@ -28,8 +32,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-SINGLE_THREAD = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 def make_data(directory: Path, n: int, dim: int, queries: int) -> tuple[Path, Path]:
@@ -62,13 +64,24 @@ def memory_status(field: str) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def worker(method: str, database_file: str, query_file: str, k: int, numpy_block: int, result_file: str) -> None:
+def worker(
+    method: str, database_file: str, query_file: str, k: int, numpy_block: int, result_file: str, threads: int
+) -> None:
     import numpy as np
 
     if method == "clustermac":
         from clustermac import topk_search
+    if method == "index":
+        from clustermac.search.exact import exact_topk
     database = np.load(database_file, mmap_mode="r")
     queries = np.load(query_file)
+    if method == "faiss":
+        import faiss
+
+        faiss.omp_set_num_threads(threads)
+        flat = faiss.IndexFlatIP(database.shape[1])
+        for first in range(0, database.shape[0], 65536):
+            flat.add(np.ascontiguousarray(database[first : first + 65536]))
     try:  # reset the peak-RSS counter, which a child inherits from its parent across exec
         with open("/proc/self/clear_refs", "w") as clear:
             clear.write("5")
@@ -77,7 +90,11 @@ def worker(method: str, database_file: str, query_file: str, k: int, numpy_block
     baseline = memory_status("VmRSS")
     start = time.perf_counter()
     if method == "clustermac":
-        scores, indices = topk_search(database, queries, k, 1)
+        scores, indices = topk_search(database, queries, k, threads)
+    elif method == "faiss":
+        scores, indices = flat.search(queries, k)
+    elif method == "index":
+        scores, indices = exact_topk(database, queries, k, threads)
     else:
         n = database.shape[0]
         scores = np.full((queries.shape[0], k), -np.inf, dtype=np.float32)
@@ -108,15 +125,17 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--numpy-block", type=int, default=16384)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="thread counts to measure (default 1 2)")
+    parser.add_argument("--methods", nargs="+", default=["clustermac", "index", "faiss", "numpy"])
     parser.add_argument("--data-dir", type=Path, default=None, help="where to keep the generated vectors (reused)")
     parser.add_argument("--worker", nargs=3, metavar=("METHOD", "DATABASE", "RESULT"), help=argparse.SUPPRESS)
     parser.add_argument("--query-file", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(args.worker[0], args.worker[1], args.query_file, args.k, args.numpy_block, args.worker[2])
+        worker(
+            args.worker[0], args.worker[1], args.query_file, args.k, args.numpy_block, args.worker[2], args.threads[0]
+        )
         return
-
-    import numpy as np
 
     directory = args.data_dir or Path(tempfile.gettempdir()) / "clustermac-search-bench"
     directory.mkdir(parents=True, exist_ok=True)
@@ -124,13 +143,21 @@ def main() -> None:
     size = args.n * args.dim * 4
     print(
         f"database {args.n} x {args.dim} float32 ({size / 2**30:.2f} GiB, memory-mapped), "
-        f"{args.queries} queries, exact top-{args.k}, 1 thread, {args.repeats} runs each"
+        f"{args.queries} queries, exact top-{args.k}, {args.repeats} runs each"
     )
-    env = {**os.environ, **SINGLE_THREAD}
-    runs: dict[str, list] = {"clustermac": [], "numpy": []}
+    for threads in args.threads:
+        compare(args, database_file, query_file, directory, threads, size)
+
+
+def compare(args, database_file: Path, query_file: Path, directory: Path, threads: int, size: int) -> None:
+    import numpy as np
+
+    count = str(threads)
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": count, "OMP_NUM_THREADS": count, "MKL_NUM_THREADS": count}
+    runs: dict[str, list] = {method: [] for method in args.methods}
     results = {}
     for _ in range(args.repeats):
-        for method in runs:  # interleaved, so that load changes hit both alike
+        for method in runs:  # interleaved, so that load changes hit all alike
             result_file = directory / f"result_{method}.npy"
             output = subprocess.run(
                 [
@@ -146,6 +173,8 @@ def main() -> None:
                     str(args.k),
                     "--numpy-block",
                     str(args.numpy_block),
+                    "--threads",
+                    count,
                 ],
                 env=env,
                 check=True,
@@ -157,6 +186,7 @@ def main() -> None:
     median = {m: float(np.median([r["seconds"] for r in runs[m]])) for m in runs}
     peak = {m: max(r["peak_bytes"] for r in runs[m]) for m in runs}
     baseline = {m: min(r["baseline_bytes"] for r in runs[m]) for m in runs}
+    print(f"--- {threads} thread(s)")
     for m in runs:
         throughput = args.queries * args.n / median[m]
         print(
@@ -164,9 +194,11 @@ def main() -> None:
             f"runs {[round(r['seconds'], 2) for r in runs[m]]}  peak RSS {peak[m] / 2**30:.2f} GiB "
             f"= {peak[m] / size:.2f}x descriptors (before the search: {baseline[m] / 2**30:.2f} GiB)"
         )
-    print(f"throughput ratio clustermac / numpy: {median['numpy'] / median['clustermac']:.2f}x")
-    difference = float(np.abs(results["clustermac"] - results["numpy"]).max())
-    print(f"max |score difference| between the two top-{args.k} lists: {difference:.2e}")
+    if "clustermac" in runs:
+        for other in (m for m in runs if m != "clustermac"):
+            print(f"throughput ratio clustermac / {other}: {median[other] / median['clustermac']:.2f}x")
+            difference = float(np.abs(results["clustermac"] - results[other]).max())
+            print(f"max |score difference| clustermac vs {other} top-{args.k} lists: {difference:.2e}")
 
 
 if __name__ == "__main__":

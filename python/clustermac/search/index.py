@@ -23,9 +23,10 @@ from typing import Any
 
 import numpy as np
 
-from .. import _core, files
+from .. import files
 from .._typing import PathLike
 from ..errors import CorruptFileError
+from .exact import exact_topk
 
 __all__ = ["Index"]
 
@@ -313,7 +314,7 @@ class Index:
         start = 0
         for chunk in self._chunks:
             chunk_k = min(k, chunk.shape[0])
-            scores, indices = _core.topk_search(chunk, matrix, chunk_k, self._n_threads)
+            scores, indices = exact_topk(chunk, matrix, chunk_k, self._n_threads)
             parts_scores.append(scores)
             parts_indices.append(indices + start)
             start += chunk.shape[0]
