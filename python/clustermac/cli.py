@@ -206,6 +206,7 @@ def cmd_index(args: argparse.Namespace) -> int:
     from .descriptors import load_descriptors
     from .files import output_lock
     from .search import Index
+    from .search.index_info import record_query_setup
 
     # One writer per index folder for the whole run; Index.save takes the same lock again.
     with output_lock(args.out, "clustermac index"):
@@ -234,6 +235,19 @@ def cmd_index(args: argparse.Namespace) -> int:
         }
         if faiss_info is not None:
             info["faiss"] = faiss_info
+        # Everything a server needs to describe queries as these images were (whitening, backbone, store).
+        info.update(
+            record_query_setup(
+                manifest["settings"],
+                manifest["images"],
+                vectors,
+                args.image_root,
+                whitening=args.whitening,
+                onnx=args.onnx,
+                store=args.store,
+                write_store=args.write_store,
+            )
+        )
         index.save(args.out, info=info)
     what = f"FAISS {args.factory} " if args.backend == "faiss" else ""
     print(f"{what}index of {len(index)} images written to {args.out}")
@@ -256,6 +270,10 @@ def cmd_search(args: argparse.Namespace) -> int:
             setattr(args, option, settings.get(option))
     args.grid_regions = args.grid_regions or bool(settings.get("add_grid_regions"))
     ex = _extractor(args)
+    if not ex.is_whitened and info.get("whitening"):  # the whitening recorded by `clustermac index --whitening`
+        from .search.index_info import checked_file
+
+        ex.load_whitening(checked_file(info["whitening"], "whitening"))
     if settings and settings.get("whitened") and not ex.is_whitened:
         raise SystemExit("clustermac: the index was built from whitened descriptors: pass the same --whitening file")
     query = ex.extract(args.query, box=args.box)
@@ -379,7 +397,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("index", help="build a search index from `clustermac extract` output")
     p.add_argument("descriptors", help="the .npy written by `clustermac extract`")
     p.add_argument("--out", required=True)
-    p.add_argument("--image-root", help="folder the image names are relative to (for thumbnails in --html)")
+    p.add_argument(
+        "--image-root", help="folder the image names are relative to (for thumbnails in --html and `clustermac serve`)"
+    )
+    p.add_argument(
+        "--whitening", help="the whitening file the descriptors were extracted with (recorded by path and SHA-256)"
+    )
+    p.add_argument("--onnx", help="the backbone's ONNX file, when the descriptors were not made with the default one")
+    p.add_argument("--store", help="feature-map store (.cmfm) of the indexed images, for AML re-ranking in `serve`")
+    p.add_argument(
+        "--write-store",
+        action="store_true",
+        help="compute the feature-map store at --store from the images under --image-root",
+    )
     p.add_argument(
         "--backend",
         default="exact",
