@@ -7,6 +7,7 @@ clustermac index F.npy --out INDEX   a searchable index from extracted descripto
 clustermac search IMAGE --index INDEX [--box x1 y1 x2 y2] [--html page.html]
 clustermac evaluate --dataset oxford5k --data-root DIR ...
 clustermac show-clusters IMAGE --out clusters.png
+clustermac serve --index INDEX [--host 127.0.0.1] [--port 8000]
 clustermac export vgg16 --out vgg16.onnx [--weights FILE]
 """
 
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .descriptors import CLUSTER_POOLINGS, CROP_MODES, METHODS
+from .serve import command as serve_command
 
 #: Exit codes: 0 done, 2 usage error or bad input (one line on stderr), 3 another process is
 #: writing the same output, 130 interrupted (Ctrl-C).
@@ -506,6 +508,8 @@ def build_parser() -> argparse.ArgumentParser:
         "cnnimageretrieval's networks) or 'caffe' (BGR, mean subtraction; weights converted straight from Caffe)",
     )
     p.set_defaults(func=cmd_export)
+
+    serve_command.add_parser(sub)
     return parser
 
 
