@@ -311,8 +311,9 @@ class SearchEngine:
             if row < 0:
                 continue
             result = {"rank": len(results) + 1, "name": index.names[int(row)], "score": round(float(score), 6)}
-            if boxes is not None and position < len(boxes):
-                result["box"] = self._box_in_pixels(state, extractor, int(row), boxes[position])
+            pixels = None if boxes is None else self._box_in_pixels(state, extractor, int(row), boxes[position])
+            if pixels is not None:
+                result["box"] = pixels
             results.append(result)
         response: dict[str, Any] = {"results": results}
         if clusters:
@@ -362,9 +363,13 @@ class SearchEngine:
         )
         return result.scores, result.indices[: len(result.scores)], result.boxes
 
-    def _box_in_pixels(self, state: _Loaded, extractor, row: int, cells) -> list[float]:
-        """An AML box in feature-map cells of a database image → its original pixels."""
-        width, height = self._original_size(state, row)
+    def _box_in_pixels(self, state: _Loaded, extractor, row: int, cells) -> list[float] | None:
+        """An AML box in feature-map cells of a database image → its original pixels (None when
+        the image cannot be served: missing, or outside the image root)."""
+        try:
+            width, height = self._original_size(state, row)
+        except (UnknownName, ForbiddenName):
+            return None
         scale = min(1.0, extractor.max_size / max(width, height))
         stride = float(extractor.backbone.stride)
         x0, y0, x1, y1 = (float(v) * stride / scale for v in cells)
