@@ -143,6 +143,11 @@ def write_feature_map_store(
 
 def _check_reproduces(extractor, image_root: Path, name: str, stored: np.ndarray) -> None:
     query = extractor.extract(image_root / name)
+    if query.shape != np.shape(stored):
+        raise ValueError(
+            f"the recorded setup gives {query.size}-d descriptors, the index holds {np.size(stored)}-d ones: "
+            "pass the --whitening (and --onnx) the descriptors were extracted with, or none if they were not whitened"
+        )
     cosine = float(np.dot(query, np.asarray(stored, dtype=np.float32)))
     if not math.isfinite(cosine) or cosine < 1.0 - REPRODUCE_TOLERANCE:
         raise ValueError(
