@@ -14,7 +14,6 @@ pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 pytest.importorskip("selenium")
 
-import uvicorn
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.action_chains import ActionChains
@@ -22,7 +21,8 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions as EC
 from selenium.webdriver.support.ui import WebDriverWait
 
-from clustermac.serve.app import create_app
+from clustermac.cli import build_parser
+from clustermac.serve.command import build_server
 
 pytestmark = pytest.mark.network
 
@@ -44,12 +44,11 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(serve_index):
-    """A real uvicorn server on a free loopback port, in a thread; yields its URL."""
+    """``clustermac serve`` (its parser and uvicorn server) on a free loopback port, in a thread."""
     index, _ = serve_index
     port = _free_port()
-    app = create_app(index, host="127.0.0.1", port=port, reload_interval=0)
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
-    uvicorn_server = uvicorn.Server(config)
+    options = ["--port", str(port), "--reload-interval", "0", "--log-level", "warning", "--workers", "2"]
+    uvicorn_server = build_server(build_parser().parse_args(["serve", "--index", str(index), *options]))
     thread = threading.Thread(target=uvicorn_server.run, daemon=True)
     thread.start()
     for _ in range(600):
@@ -68,7 +67,7 @@ def browser():
         pytest.skip("Debian's chromium and chromium-driver are not installed (apt-get install chromium-driver)")
     options = webdriver.ChromeOptions()
     options.binary_location = _browser()
-    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1000"):
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1300"):
         options.add_argument(argument)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)

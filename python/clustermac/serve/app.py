@@ -267,7 +267,6 @@ def create_app(
     engine = engine or SearchEngine(index_path, n_threads=n_threads, max_k=max_k, rerank_top=rerank_top)
     search_lane = Lane(workers, queue_size, "search")
     image_lane = Lane(image_workers, 32, "images")
-    reload_lock = asyncio.Lock()
 
     async def run(lane: Lane, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         return await lane.run(function, *args, **kwargs)
@@ -353,13 +352,13 @@ def create_app(
         return JSONResponse(result)
 
     async def reload(request: Request) -> Response:
-        async with reload_lock:
-            changed = await asyncio.get_running_loop().run_in_executor(None, partial(engine.reload, force=True))
+        # SearchEngine.reload holds its own lock: one reload at a time, searches go on meanwhile.
+        changed = await asyncio.get_running_loop().run_in_executor(None, partial(engine.reload, force=True))
         return JSONResponse({"reloaded": changed, **engine.describe()})
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
-        task = asyncio.create_task(_watch(engine, reload_interval, reload_lock)) if reload_interval > 0 else None
+        task = asyncio.create_task(_watch(engine, reload_interval)) if reload_interval > 0 else None
         try:
             yield
         finally:
@@ -389,14 +388,13 @@ def create_app(
     return app
 
 
-async def _watch(engine: SearchEngine, interval: float, lock: asyncio.Lock) -> None:
+async def _watch(engine: SearchEngine, interval: float) -> None:
     """Reload the engine when the index folder's published version changes."""
     loop = asyncio.get_running_loop()
     while True:
         await asyncio.sleep(interval)
         try:
-            async with lock:
-                if await loop.run_in_executor(None, engine.reload):
-                    LOG.info("reloaded the index: version %s", engine.describe()["version"])
+            if await loop.run_in_executor(None, engine.reload):
+                LOG.info("reloaded the index: version %s", engine.describe()["version"])
         except Exception as error:  # keep serving the old index; say why the new one was refused
             LOG.warning("the index changed but could not be loaded, still serving the old one: %s", error)

@@ -59,7 +59,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_serve)
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
+def build_server(args: argparse.Namespace):
+    """The uvicorn server of ``clustermac serve`` for parsed arguments (the model and index
+    loaded); ``.run()`` serves until interrupted."""
     try:
         import uvicorn
 
@@ -81,6 +83,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         n_threads=args.threads,
         reload_interval=args.reload_interval,
     )
-    print(f"clustermac serve: http://{args.host}:{args.port}/ ({app.state.engine.describe()['images']} images)")
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, server_header=False)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, server_header=False)
+    return uvicorn.Server(config)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    server = build_server(args)
+    images = server.config.app.state.engine.describe()["images"]
+    print(f"clustermac serve: http://{args.host}:{args.port}/ ({images} images)", flush=True)
+    server.run()
     return 0
