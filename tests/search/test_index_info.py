@@ -108,3 +108,13 @@ def test_descriptors_that_the_setup_does_not_reproduce_are_refused(serve_index):
     other = np.roll(np.asarray(vectors), 1, axis=0)  # row 0 is now another image's descriptor
     with pytest.raises(ValueError, match="does not reproduce the indexed descriptor"):
         record_query_setup(manifest["settings"], manifest["images"], other, photos, **record)
+
+
+def test_whitened_descriptors_indexed_without_whitening_are_indexed_as_before(tmp_path, serve_index):
+    base, photos = _base(serve_index)
+    out = tmp_path / "idx"
+    assert main(["index", str(base / "d.npy"), "--out", str(out), "--image-root", str(photos)]) == 0
+    info = Index.load(out).info
+    assert info["whitening"] is None and info["settings"]["whitened"] is True
+    with pytest.raises(ValueError, match="records no whitening"):
+        extractor_from_info(info)

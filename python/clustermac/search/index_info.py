@@ -172,18 +172,23 @@ def record_query_setup(
 
     With an ``image_root``, the first indexed image is described again with the recorded setup
     and must reproduce its stored descriptor (a wrong whitening or backbone fails here, not in
-    the server). ``write_store`` writes the store at ``store`` from the images (needs
-    ``image_root``); otherwise an existing ``store`` is recorded after checking that its names
-    are the index's."""
+    the server); whitened descriptors given no ``whitening`` are not checked (an index made the
+    0.1.0 way: it is written, and a server asks for the whitening). ``write_store`` writes the
+    store at ``store`` from the images (needs ``image_root``); otherwise an existing ``store`` is
+    recorded after checking that its names are the index's."""
     info: dict[str, Any] = {
         "whitening": file_record(whitening) if whitening else None,
         "backbone": {"name": settings.get("backbone"), "onnx": file_record(onnx) if onnx else None},
         "feature_map_store": None,
     }
-    if not (image_root or store):
+    # Whitened descriptors indexed without --whitening (as before 0.2): nothing to check them
+    # against; the index is written, and `serve` asks for the whitening.
+    unchecked = bool(settings.get("whitened")) and not whitening
+    if not store and (unchecked or not image_root):
         return info
-    extractor = extractor_from_info({"settings": dict(settings), **info})
-    if image_root and len(names):
+    checked_settings = {**settings, "whitened": bool(settings.get("whitened")) and not unchecked}
+    extractor = extractor_from_info({**info, "settings": checked_settings})
+    if image_root and len(names) and not unchecked:
         _check_reproduces(extractor, Path(image_root), names[0], vectors[0])
     if store:
         if write_store:
