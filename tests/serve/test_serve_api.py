@@ -348,3 +348,42 @@ def test_the_index_records_the_query_setup(serve_index):
     for key in ("whitening", "feature_map_store"):
         assert set(info[key]) == {"path", "size", "sha256"} and Path(info[key]["path"]).is_file()
     assert info["backbone"]["onnx"] is None
+
+
+# ---------------------------------------------------------------------- the command
+def test_clustermac_serve_starts_a_real_server(serve_index):
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+
+    from clustermac import serve
+
+    assert serve.create_app is create_app and serve.SearchEngine.__name__ == "SearchEngine"
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    index, _ = serve_index
+    command = [sys.executable, "-m", "clustermac.cli", "serve", "--index", str(index), "--port", str(port)]
+    process = subprocess.Popen([*command, "--log-level", "warning"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert f"http://127.0.0.1:{port}/ (10 images)" in process.stdout.readline()
+        for _ in range(300):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as answer:
+                    assert json.loads(answer.read())["images"] == 10
+                break
+            except OSError:
+                time.sleep(0.1)
+        else:
+            pytest.fail("clustermac serve did not answer /healthz")
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def test_clustermac_serve_refuses_a_folder_that_is_not_an_index(tmp_path, capsys):
+    from clustermac.cli import main
+
+    assert main(["serve", "--index", str(tmp_path)]) == 2
+    assert "not a clustermac index" in capsys.readouterr().err
