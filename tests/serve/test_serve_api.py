@@ -387,3 +387,20 @@ def test_clustermac_serve_refuses_a_folder_that_is_not_an_index(tmp_path, capsys
 
     assert main(["serve", "--index", str(tmp_path)]) == 2
     assert "not a clustermac index" in capsys.readouterr().err
+
+
+def test_a_faiss_index_is_served_without_query_expansion(serve_index, tmp_path):
+    pytest.importorskip("faiss")
+    from clustermac.cli import main
+
+    index, photos = serve_index
+    base = index.parent
+    command = ["index", str(base / "d.npy"), "--out", str(tmp_path / "faiss"), "--backend", "faiss"]
+    command += ["--factory", "Flat", "--image-root", str(photos), "--whitening", str(base / "w.npz")]
+    assert main([*command, "--store", str(base / "db.cmfm")]) == 0
+    with make_client(tmp_path / "faiss") as served:
+        results = search(served, name="photo3.jpg", k=3).json()["results"]
+        assert results[0]["name"] == "photo3.jpg" and len(results) == 3
+        assert len(search(served, name="photo3.jpg", k=3, rerank=1).json()["results"]) == 3
+        answer = search(served, name="photo3.jpg", qe="aqe")
+        assert answer.status_code == 400 and "FAISS" in answer.json()["error"]
