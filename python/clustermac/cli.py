@@ -9,6 +9,7 @@ clustermac evaluate --dataset oxford5k --data-root DIR ...
 clustermac show-clusters IMAGE --out clusters.png
 clustermac serve --index INDEX [--host 127.0.0.1] [--port 8000]
 clustermac export vgg16 --out vgg16.onnx [--weights FILE]
+clustermac datasets download oxford5k --root DIR   (and `datasets list`)
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 from .descriptors import CLUSTER_POOLINGS, CROP_MODES, METHODS
-from .serve import command as serve_command
 
 #: Exit codes: 0 done, 2 usage error or bad input (one line on stderr), 3 another process is
 #: writing the same output, 130 interrupted (Ctrl-C).
@@ -509,6 +509,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_export)
 
+    from .bench import download
+    from .serve import command as serve_command
+
+    download.add_parser(sub)
     serve_command.add_parser(sub)
     return parser
 

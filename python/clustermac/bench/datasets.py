@@ -790,7 +790,25 @@ def _holds_ground_truth(folder: Path) -> bool:
     )
 
 
+def _download_hint(root: Path, name: str | None) -> str:
+    """The `clustermac datasets download` command that lays out a known dataset at ``root``."""
+    name = name if name is not None else root.name
+    if name not in _DATASET_REQUIREMENTS:
+        return ""
+    parent = root.parent if root.name == name else root
+    return f" To download it: clustermac datasets download {name} --root {parent}"
+
+
 def load_dataset(data_root: PathLike, name: str | None = None) -> RetrievalDataset:
+    """Load a dataset folder, detecting its layout (see :func:`_load_dataset`); a missing or
+    incomplete known dataset's error ends with the `clustermac datasets download` command to run."""
+    try:
+        return _load_dataset(data_root, name)
+    except DatasetNotFoundError as error:
+        raise DatasetNotFoundError(f"{error}{_download_hint(Path(data_root), name)}") from None
+
+
+def _load_dataset(data_root: PathLike, name: str | None = None) -> RetrievalDataset:
     """Load a dataset folder, detecting its layout.
 
     * Revisited (revisitop layout): ``DATA_ROOT/gnd_<name>.pkl`` and images in ``DATA_ROOT/jpg/``.

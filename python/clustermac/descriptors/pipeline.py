@@ -100,13 +100,15 @@ class _NoProgress:
         pass
 
 
-def progress_bar(total: int, description: str, enabled: bool) -> Any:
-    """A tqdm bar of ``total`` images, or a silent stand-in when not ``enabled``."""
+def progress_bar(total: int | None, description: str, enabled: bool, unit: str = "img") -> Any:
+    """A tqdm bar of ``total`` items (images by default; ``unit="B"`` shows bytes in KiB/MiB/GiB
+    and the rate), or a silent stand-in when not ``enabled``."""
     if not enabled:
         return _NoProgress()
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=description, unit="img", dynamic_ncols=True, leave=False)
+    scale = {"unit_scale": True, "unit_divisor": 1024} if unit == "B" else {}
+    return tqdm(total=total, desc=description, unit=unit, dynamic_ncols=True, leave=False, **scale)
 
 
 def _name_of(image: Any) -> str:
