@@ -404,3 +404,22 @@ def test_a_faiss_index_is_served_without_query_expansion(serve_index, tmp_path):
         assert len(search(served, name="photo3.jpg", k=3, rerank=1).json()["results"]) == 3
         answer = search(served, name="photo3.jpg", qe="aqe")
         assert answer.status_code == 400 and "FAISS" in answer.json()["error"]
+
+
+def test_the_image_caches_are_bounded_in_bytes():
+    from clustermac.serve.engine import _LRU
+
+    cache, made = _LRU(10), []
+
+    def make(value: bytes):
+        return lambda: made.append(value) or value
+
+    cache.get_or_make("a", make(b"12345"))
+    cache.get_or_make("b", make(b"67890"))
+    assert cache.get_or_make("a", make(b"other")) == b"12345"  # a hit, and now the most recent
+    cache.get_or_make("c", make(b"abc"))  # 13 bytes > 10: the least recent (b) goes
+    assert cache.get_or_make("a", make(b"other")) == b"12345"
+    assert cache.get_or_make("b", make(b"again")) == b"again"
+    assert cache.get_or_make("big", make(b"x" * 11)) == b"x" * 11  # larger than the cache: not kept
+    assert cache.get_or_make("big", make(b"y" * 11)) == b"y" * 11
+    assert made == [b"12345", b"67890", b"abc", b"again", b"x" * 11, b"y" * 11]

@@ -52,11 +52,12 @@ class ForbiddenName(PermissionError):
 
 
 class _LRU:
-    """A small thread-safe least-recently-used cache of bytes."""
+    """A small thread-safe least-recently-used cache of bytes, bounded in total size."""
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity_bytes: int) -> None:
         self._items: OrderedDict[Any, bytes] = OrderedDict()
-        self._capacity = capacity
+        self._capacity = capacity_bytes
+        self._size = 0
         self._lock = threading.Lock()
 
     def get_or_make(self, key: Any, make: Callable[[], bytes]) -> bytes:
@@ -66,9 +67,12 @@ class _LRU:
                 return self._items[key]
         value = make()
         with self._lock:
-            self._items[key] = value
-            while len(self._items) > self._capacity:
-                self._items.popitem(last=False)
+            if key not in self._items and len(value) <= self._capacity:
+                self._items[key] = value
+                self._size += len(value)
+                while self._size > self._capacity:
+                    _, dropped = self._items.popitem(last=False)
+                    self._size -= len(dropped)
         return value
 
 
@@ -129,8 +133,8 @@ class SearchEngine:
         self.max_k = int(max_k)
         self.rerank_top = max(int(rerank_top), self.max_k)
         self._reload_lock = threading.Lock()
-        self._thumbnails = _LRU(512)
-        self._clusters = _LRU(64)
+        self._thumbnails = _LRU(64 << 20)  # bytes
+        self._clusters = _LRU(32 << 20)
         self._state = self._load()
 
     # ------------------------------------------------------------------ loading
