@@ -367,19 +367,21 @@ def test_clustermac_serve_starts_a_real_server(serve_index):
     command = [sys.executable, "-m", "clustermac.cli", "serve", "--index", str(index), "--port", str(port)]
     process = subprocess.Popen([*command, "--log-level", "warning"], stdout=subprocess.PIPE, text=True)
     try:
-        assert f"http://127.0.0.1:{port}/ (10 images)" in process.stdout.readline()
-        for _ in range(300):
+        health = None
+        for _ in range(600):  # bounded: at most about a minute
+            if process.poll() is not None:
+                break
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as answer:
-                    assert json.loads(answer.read())["images"] == 10
+                    health = json.loads(answer.read())
                 break
             except OSError:
                 time.sleep(0.1)
-        else:
-            pytest.fail("clustermac serve did not answer /healthz")
     finally:
         process.terminate()
-        process.wait(timeout=30)
+        output, _ = process.communicate(timeout=30)
+    assert health is not None and health["images"] == 10, output
+    assert f"http://127.0.0.1:{port}/ (10 images)" in output
 
 
 def test_clustermac_serve_refuses_a_folder_that_is_not_an_index(tmp_path, capsys):
