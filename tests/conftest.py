@@ -251,3 +251,30 @@ def _run_python(code: str, env: dict | None = None, timeout: float = 120) -> sub
 def run_python():
     """``run_python(code, env=None)``: a child interpreter's CompletedProcess (for kills and crash points)."""
     return _run_python
+
+
+# --- an index as `clustermac serve` needs it ----------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def serve_index(tmp_path_factory):
+    """``(index folder, image root)``: 8 photos, a copy named with HTML markup and a symbolic link
+    to a photo outside the root, indexed by ``clustermac index … --whitening --store --write-store``
+    (embedded backbone at max size 192; whitening learned on 5 other photos)."""
+    from clustermac.cli import main
+
+    base = tmp_path_factory.mktemp("serve")
+    photos = base / "photos"
+    names = _photos(photos, n=8, size=160)
+    _photos(base / "outside", n=1, size=150)
+    (photos / "link-out.jpg").symlink_to(base / "outside" / "photo0.jpg")
+    shutil.copy(photos / names[1], photos / "<img src=x onerror=alert(1)>.jpg")
+    _photos(base / "whitening", n=5, size=176)
+    size = ["--max-size", "192"]
+    whitening, descriptors, index = base / "w.npz", base / "d.npy", base / "idx"
+    assert main(["fit-whitening", str(base / "whitening"), "--out", str(whitening), "--quiet", *size]) == 0
+    extract = ["extract", str(photos), "--out", str(descriptors), "--whitening", str(whitening), "--quiet"]
+    assert main([*extract, *size]) == 0
+    command = ["index", str(descriptors), "--out", str(index), "--image-root", str(photos), "--whitening"]
+    assert main([*command, str(whitening), "--store", str(base / "db.cmfm"), "--write-store"]) == 0
+    return index, photos

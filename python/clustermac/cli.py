@@ -9,6 +9,7 @@ clustermac search IMAGE --index INDEX [--box x1 y1 x2 y2] [--html page.html]
 clustermac evaluate --dataset oxford5k --data-root DIR ...
 clustermac show-clusters IMAGE --out clusters.png
 clustermac export vgg16 --out vgg16.onnx [--weights FILE] [--int8 [--calibration DIR]]
+clustermac serve --index INDEX [--host 127.0.0.1] [--port 8000]
 clustermac datasets download oxford5k --root DIR   (and `datasets list`)
 """
 
@@ -258,6 +259,7 @@ def cmd_index(args: argparse.Namespace) -> int:
     from .descriptors import load_descriptors
     from .files import output_lock
     from .search import Index
+    from .search.index_info import record_query_setup
 
     # One writer per index folder for the whole run; Index.save takes the same lock again.
     with output_lock(args.out, "clustermac index"):
@@ -286,6 +288,19 @@ def cmd_index(args: argparse.Namespace) -> int:
         }
         if faiss_info is not None:
             info["faiss"] = faiss_info
+        # Everything a server needs to describe queries as these images were (whitening, backbone, store).
+        info.update(
+            record_query_setup(
+                manifest["settings"],
+                manifest["images"],
+                vectors,
+                args.image_root,
+                whitening=args.whitening,
+                onnx=args.onnx,
+                store=args.store,
+                write_store=args.write_store,
+            )
+        )
         index.save(args.out, info=info)
     what = f"FAISS {args.factory} " if args.backend == "faiss" else ""
     print(f"{what}index of {len(index)} images written to {args.out}")
@@ -316,6 +331,10 @@ def cmd_search(args: argparse.Namespace) -> int:
             "would mix precisions"
         )
     ex = _extractor(args)
+    if not ex.is_whitened and info.get("whitening"):  # the whitening recorded by `clustermac index --whitening`
+        from .search.index_info import checked_file
+
+        ex.load_whitening(checked_file(info["whitening"], "whitening"))
     if settings and settings.get("whitened") and not ex.is_whitened:
         raise SystemExit("clustermac: the index was built from whitened descriptors: pass the same --whitening file")
     query = ex.extract(args.query, box=args.box)
@@ -459,7 +478,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("index", help="build a search index from `clustermac extract` output")
     p.add_argument("descriptors", help="the .npy (or, with --ray, the shard folder) written by `clustermac extract`")
     p.add_argument("--out", required=True)
-    p.add_argument("--image-root", help="folder the image names are relative to (for thumbnails in --html)")
+    p.add_argument(
+        "--image-root", help="folder the image names are relative to (for thumbnails in --html and `clustermac serve`)"
+    )
+    p.add_argument(
+        "--whitening", help="the whitening file the descriptors were extracted with (recorded by path and SHA-256)"
+    )
+    p.add_argument("--onnx", help="the backbone's ONNX file, when the descriptors were not made with the default one")
+    p.add_argument("--store", help="feature-map store (.cmfm) of the indexed images, for AML re-ranking in `serve`")
+    p.add_argument(
+        "--write-store",
+        action="store_true",
+        help="compute the feature-map store at --store from the images under --image-root",
+    )
     p.add_argument(
         "--backend",
         default="exact",
@@ -569,8 +600,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     from .bench import download
+    from .serve import command as serve_command
 
     download.add_parser(sub)
+    serve_command.add_parser(sub)
     return parser
 
 

@@ -68,7 +68,7 @@ def test_demo_report_holds_the_table_and_the_figures(demo):
         # Each row of the table: the label, then mAP, Easy, Medium, Hard to one decimal.
         i = cells.index(row["label"].replace("&", "&amp;"))
         assert cells[i + 1 : i + 5] == [f"{row[c]:.1f}" for c in ("mAP", "Easy", "Medium", "Hard")]
-    for figure in ("Fig. 7", "Fig. 6", "Fig. 5", "Fig. 4", "Fig. 3"):
+    for figure in ("Results gallery", "Fig. 7", "Fig. 6", "Fig. 5", "Fig. 4", "Fig. 3"):
         assert figure in report
     assert report.count("data:image/png;base64,") >= 5  # Figs. 7 (three), 6, 5 as embedded PNGs
     assert report.count("<svg") >= 2  # Figs. 4 and 3 as inline SVG

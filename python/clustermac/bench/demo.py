@@ -89,7 +89,7 @@ def run_demo(out: PathLike = "clustermac-demo", seed: int = 0, quick: bool = Fal
     print(table, flush=True)
 
     _say("3/4 the paper's figures")
-    figure_list = _figures(dataset, backbone, maps, figures)
+    figure_list = _results_gallery(dataset, result["ranks"], figures) + _figures(dataset, backbone, maps, figures)
 
     _say("4/4 writing the report")
     elapsed = time.perf_counter() - started
@@ -109,6 +109,35 @@ def run_demo(out: PathLike = "clustermac-demo", seed: int = 0, quick: bool = Fal
     atomic_write_bytes(out / "results.json", json.dumps(summary, indent=1).encode())
     _say(f"done in {elapsed:.0f} s: {out / 'report.html'}")
     return 0
+
+
+GALLERY_RANKING = "ClusterMAC, crop I"  # the ranking the results gallery shows
+GALLERY_QUERIES = 3
+GALLERY_TOP = 10
+
+
+def _results_gallery(dataset, ranks: dict, figures) -> list:
+    """A few queries of the benchmark (spread over the list), each with its box and its top 10
+    of ClusterMAC crop I, framed correct / junk / wrong by the ground truth."""
+    from ..images import load_image
+
+    order = ranks[GALLERY_RANKING]  # database × queries
+    gnd = dataset.classic_gnd()
+    count = len(dataset.queries)
+    chosen = sorted({q * count // GALLERY_QUERIES for q in range(min(GALLERY_QUERIES, count))})
+    rows = []
+    for q in chosen:
+        positives, junk = set(gnd[q]["ok"]), set(gnd[q]["junk"])
+        results = []
+        for i in order[:GALLERY_TOP, q]:
+            status = "correct" if i in positives else "junk" if i in junk else "wrong"
+            results.append((load_image(dataset.image_path(int(i))), status))
+        rows.append(figures.results_gallery_figure(load_image(dataset.query_path(q)), dataset.query_boxes[q], results))
+    caption = (
+        f"Results gallery: {GALLERY_RANKING}, top {GALLERY_TOP} of {len(chosen)} queries (query box in red; "
+        "frame green = correct, orange = junk, red = wrong)"
+    )
+    return [(caption, figures.stack_figures(rows))] if rows else []
 
 
 def _figures(dataset, backbone, maps: DatasetFeatureMaps, figures) -> list:

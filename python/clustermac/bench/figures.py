@@ -812,3 +812,51 @@ def line_plot_svg(
     parts.append("</g>")
     parts.append("</svg>")
     return "\n".join(parts)
+
+
+#: Frame colours of the results gallery: a true positive, a junk image (ignored by the score), a miss.
+RESULT_COLOURS = {"correct": (30, 150, 60), "junk": (235, 160, 0), "wrong": (200, 30, 30)}
+QUERY_BOX_COLOUR = (230, 30, 30)
+
+
+def results_gallery_figure(
+    query: Image.Image | np.ndarray,
+    box: Sequence[float] | None,
+    results: Sequence[tuple[Image.Image | np.ndarray, str]],
+    *,
+    thumbnail_size: int = 128,
+    frame: int = 5,
+) -> Image.Image:
+    """One row of the demo report's results gallery: the query (its box drawn in red) and the
+    ranked results, each framed by its status, ``"correct"`` (green), ``"junk"`` (orange) or
+    ``"wrong"`` (red), captioned with its rank. ``box`` is (x1, y1, x2, y2) in the query's
+    pixels or None. ``info["statuses"]`` keeps the statuses in rank order."""
+    picture = _as_rgb_image(query, "query").copy()
+    cell = thumbnail_size + 2 * frame
+    original_width = picture.width
+    picture.thumbnail((cell, cell), Image.BICUBIC)
+    if box is not None:
+        values = [float(v) for v in box]
+        if len(values) != 4 or not (values[0] < values[2] and values[1] < values[3]):
+            raise ValueError(f"box: expected (x1, y1, x2, y2) with x1 < x2 and y1 < y2, got {box!r}")
+        scale = picture.width / original_width  # drawn on the thumbnail: a crisp 2-pixel line
+        ImageDraw.Draw(picture).rectangle([v * scale for v in values], outline=QUERY_BOX_COLOUR, width=2)
+    panels = []
+    query_panel = Image.new("RGB", (cell, cell), BACKGROUND)
+    query_panel.paste(picture, ((cell - picture.width) // 2, (cell - picture.height) // 2))
+    panels.append((query_panel, "query"))
+    statuses = []
+    for rank, (image, status) in enumerate(results, 1):
+        if status not in RESULT_COLOURS:
+            raise ValueError(f"results[{rank - 1}]: expected a status in {sorted(RESULT_COLOURS)}, got {status!r}")
+        panel = Image.new("RGB", (cell, cell), RESULT_COLOURS[status])
+        thumbnail = _as_rgb_image(image, f"results[{rank - 1}]").copy()
+        thumbnail.thumbnail((thumbnail_size, thumbnail_size), Image.BICUBIC)
+        inner = Image.new("RGB", (thumbnail_size, thumbnail_size), BACKGROUND)
+        inner.paste(thumbnail, ((thumbnail_size - thumbnail.width) // 2, (thumbnail_size - thumbnail.height) // 2))
+        panel.paste(inner, (frame, frame))
+        panels.append((panel, f"{rank} {status}"))
+        statuses.append(status)
+    figure = compose_panels(panels)
+    figure.info["statuses"] = statuses
+    return figure
