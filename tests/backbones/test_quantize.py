@@ -63,8 +63,8 @@ def test_calibration_folder(tmp_path, write_photos):
 def test_quantized_small_model_is_close_deterministic_and_labelled(tmp_path, pooling_model):
     float_path, weight, bias = pooling_model(tmp_path / "float.onnx", dim=512, stride=16, preset="vgg16")
     images = calibration_images(count=4, size=(96, 64), seed=5)
-    first = quantize_backbone(float_path, tmp_path / "a.onnx", images=images)
-    second = quantize_backbone(float_path, tmp_path / "b.onnx", images=images)
+    first = quantize_backbone(Backbone(float_path, n_threads=1), tmp_path / "a.onnx", images=images)
+    second = quantize_backbone(Backbone(float_path, n_threads=1), tmp_path / "b.onnx", images=images)
     assert first.read_bytes() == second.read_bytes()  # same model and images, same file
     meta = metadata(first)
     assert meta[METADATA_PRECISION] == "int8" and meta[METADATA_CALIBRATION].startswith("images-")
@@ -83,13 +83,13 @@ def test_quantized_small_model_is_close_deterministic_and_labelled(tmp_path, poo
     assert not np.array_equal(quantized, reference)
 
     with pytest.raises(ValueError, match="already quantised"):
-        quantize_backbone(first, tmp_path / "c.onnx")
+        quantize_backbone(Backbone(first, n_threads=1), tmp_path / "c.onnx")
     with pytest.raises(ValueError, match="int8 model"):
         Backbone(first, precision="float32")
     with pytest.raises(ValueError, match="precision"):
         Backbone(float_path, precision="int4")
     with pytest.raises(ValueError, match="empty"):
-        quantize_backbone(float_path, tmp_path / "d.onnx", images=[])
+        quantize_backbone(Backbone(float_path, n_threads=1), tmp_path / "d.onnx", images=[])
 
 
 def test_float_file_asked_for_in_int8_is_quantised_once_and_cached(tmp_path, pooling_model, monkeypatch):

@@ -41,7 +41,9 @@ import numpy as np
 
 from .._typing import PathLike
 from ..files import atomic_write_bytes, file_sha256
-from .quantize import PRECISIONS, load_calibration_folder, quantize_backbone
+from .metadata import PRECISIONS
+from .onnx import Backbone
+from .quantize import load_calibration_folder, quantize_backbone
 
 __all__ = ["export_backbone", "build_torch_backbone", "load_backbone_weights", "ARCHITECTURES", "CONVENTIONS"]
 
@@ -368,7 +370,7 @@ def export_backbone(
     with tempfile.TemporaryDirectory(prefix="clustermac-export-") as work:
         float_path = Path(work) / "float32.onnx"
         float_path.write_bytes(data)
-        return quantize_backbone(float_path, out, images=images)
+        return quantize_backbone(Backbone(float_path, n_threads=1), out, images=images)
 
 
 def _torchvision_imagenet(model, arch: str) -> str | None:

@@ -41,7 +41,7 @@ from PIL import Image
 from .._typing import PathLike
 from ..files import file_sha256
 from ..images import load_image
-from .quantize import METADATA_CALIBRATION, METADATA_PRECISION, PRECISIONS
+from .metadata import METADATA_CALIBRATION, METADATA_PRECISION, METADATA_PRESET, METADATA_WEIGHTS, PRECISIONS
 
 __all__ = ["Backbone", "Preset", "PRESETS", "default_backbone"]
 
@@ -133,10 +133,6 @@ PRESETS: dict[str, Preset] = {
     )
 }
 
-#: ONNX metadata keys written by clustermac's exporters and read here.
-METADATA_PRESET = "clustermac.preset"
-METADATA_WEIGHTS = "clustermac.weights"
-
 
 def _open_session(path: Path, threads: int):
     import onnxruntime
@@ -170,7 +166,7 @@ def quantized_backbone_path(float_path: PathLike, preset: str | None = None, reb
     if path.is_file() and not rebuild:
         return path
     try:
-        return quantize_backbone(source, path, preset=preset)
+        return quantize_backbone(Backbone(source, preset=preset, n_threads=1), path)
     except OSError as error:
         fallback = _fallback_directory() / path.name
         warnings.warn(
@@ -179,7 +175,7 @@ def quantized_backbone_path(float_path: PathLike, preset: str | None = None, reb
             RuntimeWarning,
             stacklevel=2,
         )
-        return quantize_backbone(source, fallback, preset=preset)
+        return quantize_backbone(Backbone(source, preset=preset, n_threads=1), fallback)
 
 
 def _check_threads(n_threads: int | None) -> int:

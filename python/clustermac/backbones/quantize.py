@@ -28,11 +28,16 @@ import logging
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .._typing import PathLike
 from ..files import atomic_write_bytes
+from .metadata import METADATA_CALIBRATION, METADATA_PRECISION, METADATA_PRESET, METADATA_WEIGHTS, PRECISIONS
+
+if TYPE_CHECKING:  # the backbone imports this module, not the other way round
+    from .onnx import Backbone
 
 __all__ = [
     "PRECISIONS",
@@ -44,12 +49,6 @@ __all__ = [
     "quantize_backbone",
 ]
 
-#: Precisions a backbone can run in. float32 is the default.
-PRECISIONS = ("float32", "int8")
-#: ONNX metadata key of a quantised graph's precision.
-METADATA_PRECISION = "clustermac.precision"
-#: ONNX metadata key naming the calibration set of a quantised graph.
-METADATA_CALIBRATION = "clustermac.calibration"
 #: Bump when :func:`calibration_images` or the quantisation settings change (cache files are keyed by it).
 CALIBRATION_VERSION = 1
 _CALIBRATION_COUNT = 32
@@ -155,18 +154,16 @@ class _CalibrationReader:
 
 
 def quantize_backbone(
-    float_path: PathLike,
+    float_backbone: Backbone,
     out_path: PathLike,
-    preset: str | None = None,
     images: Sequence[np.ndarray] | None = None,
     calibration_name: str | None = None,
 ) -> Path:
     """Write the int8 (QDQ, per-channel) version of the float32 backbone ``float_path`` to ``out_path``.
 
     Args:
-        float_path: a float32 ONNX backbone (see :class:`clustermac.Backbone`).
+        float_backbone: a float32 :class:`clustermac.Backbone` (its file, preset and preprocessing).
         out_path: the ``.onnx`` file to write (atomically).
-        preset: its preprocessing preset; ``None`` reads it from the model's metadata.
         images: RGB uint8 calibration images; ``None`` = :func:`calibration_images`.
         calibration_name: what is recorded as ``clustermac.calibration``; default
             ``"generated-v<version>"`` for the default images, else ``"images-<hash>"``.
@@ -177,11 +174,8 @@ def quantize_backbone(
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    from .onnx import METADATA_PRESET, METADATA_WEIGHTS, Backbone
-
-    float_backbone = Backbone(float_path, preset=preset, n_threads=1)
     if float_backbone.precision != "float32":
-        raise ValueError(f"float_path {str(float_path)!r} is already quantised ({float_backbone.precision})")
+        raise ValueError(f"{str(float_backbone.onnx_path)!r} is already quantised ({float_backbone.precision})")
     if images is None:
         images = calibration_images()
         calibration_name = calibration_name or f"generated-v{CALIBRATION_VERSION}"

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from .._typing import PathLike
-from ..descriptors.store import (
+from ..descriptors.descriptor_file import (
     FORMAT_NAME,
     FORMAT_VERSION,
     _read_manifest,
