@@ -172,16 +172,6 @@ class MixtureRows:
         return out
 
 
-def perturbed_rows(rows: MixtureRows, count: int, sigma: float, rng: np.random.Generator) -> np.ndarray:
-    """``count`` random rows of the collection, each plus Gaussian noise of norm about ``sigma`` (cosine to its
-    row about 1 / sqrt(1 + sigma²)), l2-normalised: "another photo of the same object"."""
-    picked = np.sort(rng.choice(rows.n, size=count, replace=False))
-    noisy = rows[picked] + rng.standard_normal((count, rows.shape[1]), dtype=np.float32) * (
-        sigma / rows.shape[1] ** 0.5
-    )
-    return (noisy / np.linalg.norm(noisy, axis=1, keepdims=True))[rng.permutation(count)]
-
-
 class RowNames:
     """Names ``"000000000"``, ``"000000001"``, ... made when asked (a slice gives a list)."""
 
@@ -248,8 +238,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=10_000_000, help="collection size (default 10,000,000)")
     parser.add_argument("--dim", type=int, default=256)
-    parser.add_argument("--factory", default="IVF4096,PQ32")
-    parser.add_argument("--train-size", type=int, default=200_000)
+    parser.add_argument("--factory", default="IVF4096_HNSW32,PQ32")
+    parser.add_argument("--train-size", type=int, default=100_000)
     parser.add_argument("--nprobes", type=int, nargs="+", default=[8, 16, 32, 64])
     parser.add_argument("--efsearch", type=int, default=None, help="HNSW quantizer efSearch (default: 2 × nprobe)")
     parser.add_argument("--rescore", type=int, nargs="+", default=[0], help="0: none; R: re-score the top R exactly")
@@ -263,6 +253,12 @@ def main(argv=None) -> int:
     parser.add_argument("--preset", default="demo", help="photo benchmark preset the mixture is fitted to")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="/tmp/cm-scale")
+    parser.add_argument(
+        "--write-vectors", action="store_true", help="also write the float vectors (for --rescore; 1 KB per row)"
+    )
+    parser.add_argument(
+        "--search-only", action="store_true", help="reuse the index, queries and exact neighbours in --out"
+    )
     parser.add_argument("--cache", default=None, help="default: clustermac's cache folder")
     args = parser.parse_args(argv)
 
@@ -293,57 +289,22 @@ def main(argv=None) -> int:
     result["mixture"] = mixture["meta"]
     log(f"mixture: {mixture['meta']}")
     rows = MixtureRows(mixture, args.n, args.chunk_rows, args.seed)
-    query_sets = {
-        "held-out": draw(mixture, args.queries, np.random.default_rng([args.seed, 1])),
-        "perturbed": perturbed_rows(rows, args.queries, args.perturbation, np.random.default_rng([args.seed, 2])),
-    }
+    vectors_file = out / "vectors.npy"
+    if not args.search_only:
+        result.update(build(rows, args, out, log))
+        (out / "results.json").write_text(json.dumps(result, indent=1))
+    else:
+        result.update(json.loads((out / "results.json").read_text())["build_results"])
+    with np.load(out / "queries.npz") as data:
+        query_sets = {kind: data[kind] for kind in ("held-out", "perturbed")}
+        truths = {kind: data[f"truth-{kind}"] for kind in ("held-out", "perturbed")}
 
-    # --- build: the whole process so far is imports, the mixture and the queries.
-    faiss.omp_set_num_threads(2)
-    index = Index(args.dim, "faiss", faiss_factory=args.factory)
-    started = time.perf_counter()
-    sample = rows[np.sort(np.random.default_rng(args.seed).choice(args.n, min(args.train_size, args.n), False))]
-    index.train(sample)
-    del sample
-    train_s = time.perf_counter() - started
-    log(f"trained in {train_s:.0f} s")
-    started = time.perf_counter()
-    for start, chunk in rows.iter_chunks():
-        index.add(chunk, RowNames(args.n)[start : start + chunk.shape[0]])
-        if (start // args.chunk_rows) % 16 == 0:
-            log(f"added {start + chunk.shape[0]:,} rows")
-    add_s = time.perf_counter() - started
-    result["build"] = {
-        "train_size": min(args.train_size, args.n),
-        "train_s": train_s,
-        "add_s": add_s,
-        "peak_memory_bytes": memory_status("VmHWM"),
-    }
-    log(f"built: {result['build']}")
-    index.save(out / "index")
-    result["index_bytes"] = folder_bytes(out / "index")
-    del index
     started = time.perf_counter()
     index = Index.load(out / "index")
     result["load_s"] = time.perf_counter() - started
     result["rss_after_load_bytes"] = memory_status("VmRSS")
-    log(f"index {result['index_bytes'] / 1e9:.2f} GB, loaded in {result['load_s']:.1f} s")
-
-    started = time.perf_counter()
-    both = np.concatenate(list(query_sets.values()))
-    _, truth_both = exact_neighbours(rows, both, RECALL_K, 2)
-    truths = dict(zip(query_sets, np.split(truth_both, len(query_sets))))
-    result["exact_s"] = time.perf_counter() - started
-    log(f"exact neighbours in {result['exact_s']:.0f} s")
-
+    log(f"index {result['index_bytes'] / 1e9:.2f} GB, loaded (memory-mapped) in {result['load_s']:.1f} s")
     if max(args.rescore) > 0:
-        log("writing the float vectors for re-scoring")
-        vectors_file = out / "vectors.npy"
-        stored = np.lib.format.open_memmap(vectors_file, mode="w+", dtype=np.float32, shape=rows.shape)
-        for start, chunk in rows.iter_chunks():
-            stored[start : start + chunk.shape[0]] = chunk
-        stored.flush()
-        del stored
         index.attach_vectors(vectors_file)
 
     result["curve"] = []
@@ -362,9 +323,76 @@ def main(argv=None) -> int:
                 point.update(recalls(found, truths[kind]))
                 result["curve"].append(point)
                 log(json.dumps(point))
-                (out / "results.json").write_text(json.dumps(result, indent=1))
+                (out / ("results-search.json" if args.search_only else "results.json")).write_text(
+                    json.dumps(result, indent=1)
+                )
     print(format_curve(result["curve"]))
     return 0
+
+
+def build(rows: MixtureRows, args: argparse.Namespace, out: Path, log) -> dict:
+    """Train, add chunk by chunk (writing the float vectors beside, for re-scoring, with ``--write-vectors``),
+    save; then the exact neighbours of both query sets. Returns the figures (also under "build_results")."""
+    import faiss
+
+    from clustermac import Index
+
+    faiss.omp_set_num_threads(2)
+    rng = np.random.default_rng([args.seed, 2])
+    perturbed_from = np.sort(rng.choice(rows.n, size=args.queries, replace=False))
+    index = Index(args.dim, "faiss", faiss_factory=args.factory)
+    started = time.perf_counter()
+    # The rows are independent draws of the mixture, so a fresh draw is distributed as a random sample of them
+    # (and costs no pass over the collection).
+    index.train(draw(rows.mixture, min(args.train_size, rows.n), np.random.default_rng([args.seed, 3])))
+    train_s = time.perf_counter() - started
+    log(f"trained in {train_s:.0f} s")
+    stored = None
+    if args.write_vectors:  # written, not memory-mapped: mapped pages would count in the peak memory
+        stored = open(out / "vectors.npy", "wb")
+        header = {"descr": "<f4", "fortran_order": False, "shape": rows.shape}
+        np.lib.format.write_array_header_1_0(stored, header)
+    picked = []
+    started = time.perf_counter()
+    for start, chunk in rows.iter_chunks():
+        index.add(chunk, RowNames(rows.n)[start : start + chunk.shape[0]])
+        inside = perturbed_from[(perturbed_from >= start) & (perturbed_from < start + chunk.shape[0])]
+        picked.append(chunk[inside - start])
+        if stored is not None:
+            stored.write(chunk.tobytes())
+        if (start // rows.chunk_rows) % 16 == 0:
+            log(f"added {start + chunk.shape[0]:,} rows")
+    if stored is not None:
+        stored.close()
+    add_s = time.perf_counter() - started
+    figures: dict = {
+        "build": {
+            "train_size": min(args.train_size, rows.n),
+            "train_s": train_s,
+            "add_s": add_s,
+            "peak_memory_bytes": memory_status("VmHWM"),
+            "vectors_written": bool(args.write_vectors),
+        }
+    }
+    log(f"built: {figures['build']}")
+    index.save(out / "index")
+    figures["index_bytes"] = folder_bytes(out / "index")
+    del index
+    noisy = np.concatenate(picked)
+    noisy += rng.standard_normal(noisy.shape, dtype=np.float32) * (args.perturbation / rows.shape[1] ** 0.5)
+    query_sets = {
+        "held-out": draw(rows.mixture, args.queries, np.random.default_rng([args.seed, 1])),
+        "perturbed": (noisy / np.linalg.norm(noisy, axis=1, keepdims=True))[rng.permutation(args.queries)],
+    }
+    started = time.perf_counter()
+    both = np.concatenate(list(query_sets.values()))
+    _, truth = exact_neighbours(rows, both, RECALL_K, 2)
+    figures["exact_s"] = time.perf_counter() - started
+    log(f"exact neighbours of {len(both)} queries in {figures['exact_s']:.0f} s")
+    truths = dict(zip(query_sets, np.split(truth, len(query_sets))))
+    np.savez(out / "queries.npz", **query_sets, **{f"truth-{k}": v for k, v in truths.items()})
+    figures["build_results"] = dict(figures)
+    return figures
 
 
 def format_curve(curve: list[dict]) -> str:
