@@ -193,6 +193,7 @@ def cmd_fit_whitening(args: argparse.Namespace) -> int:
         raise SystemExit(f"clustermac: no images in {args.folder}")
     with output_lock(args.out, command=args.command_line):
         ex = _extractor(args)
+        ex.whitening_dim = args.dim
         ex.fit_whitening(names, progress=not args.quiet)
         ex.save_whitening(args.out)
     print(
@@ -428,6 +429,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fit-whitening", help="learn PCA-whitening on a folder of images (not the ones you search)")
     p.add_argument("folder")
     p.add_argument("--out", required=True)
+    p.add_argument(
+        "--dim",
+        type=_int_at_least(1),
+        default=None,
+        help="output dimension of the whitening, e.g. 256 or 512 for a large index (default: as many as the "
+        "features; recorded in the file, and queries and descriptors extracted with it have this dimension)",
+    )
     p.add_argument("--quiet", action="store_true")
     _add_backbone_options(p)
     _add_method_options(p)
