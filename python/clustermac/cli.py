@@ -221,7 +221,9 @@ def cmd_index(args: argparse.Namespace) -> int:
             index = Index(dim, "faiss", faiss_factory=args.factory, faiss_nprobe=args.nprobe)
             if count == 0:
                 raise ValueError(f"{args.descriptors}: no descriptors to train the FAISS index {args.factory!r} on")
-            train_size = index.add_trained_on_sample(vectors, manifest["images"], args.train_size, args.seed)
+            train_size = index.add_trained_on_sample(
+                vectors, manifest["images"], args.train_size, args.seed, progress=sys.stderr.isatty()
+            )
             faiss_info = {
                 "factory": args.factory,
                 "nprobe": args.nprobe,

@@ -25,6 +25,7 @@ import numpy as np
 
 from .. import _core, files
 from .._typing import PathLike
+from ..descriptors.pipeline import progress_bar
 from ..errors import CorruptFileError
 from .names import BLOB_FILE, OFFSETS_FILE, NameList, read_names
 from .rescore import VectorSources, rescore_candidates
@@ -191,12 +192,22 @@ class Index:
 
     # ------------------------------------------------------------------ adding
     def add_trained_on_sample(
-        self, vectors: np.ndarray, names: Sequence[str], train_size: int, seed: int = 0, chunk_rows: int = 65536
+        self,
+        vectors: np.ndarray,
+        names: Sequence[str],
+        train_size: int,
+        seed: int = 0,
+        chunk_rows: int = 65536,
+        progress: bool = False,
     ) -> int:
         """Train on ``train_size`` rows of ``vectors`` drawn without replacement with ``seed`` (in
         row order; every row when there are not more), then add all of them ``chunk_rows`` at a time,
         so that a memory-mapped ``vectors`` is never copied whole. Returns the sample size. For a
-        large collection with the faiss backend; with the exact backend training is a no-op."""
+        large collection with the faiss backend; with the exact backend training is a no-op.
+
+        ``vectors`` may be any array-like with ``len``, ``shape`` and rows by slice and by sorted
+        integer array (a ``np.memmap``, the sharded descriptors of :func:`clustermac.load_descriptors`).
+        ``progress``: a progress bar of the rows added."""
         count = len(vectors)
         if count == 0:
             raise ValueError(f"vectors: nothing to train the index {self._faiss_factory!r} on")
@@ -205,9 +216,12 @@ class Index:
         else:
             rows = np.sort(np.random.default_rng(seed).choice(count, size=train_size, replace=False))
         self.train(vectors[rows])  # a copy of the sample only, dropped after training
+        bar = progress_bar(count, "adding to the index", progress)
         for start in range(0, count, chunk_rows):
             stop = min(start + chunk_rows, count)
             self.add(vectors[start:stop], names[start:stop])
+            bar.update(stop - start)
+        bar.close()
         return int(rows.size)
 
     def add(self, vectors: np.ndarray, names: Sequence[str]) -> None:
