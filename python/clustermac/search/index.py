@@ -393,7 +393,7 @@ class Index:
                         "rescore: no float vectors recorded for this index; call attach_vectors() "
                         "(clustermac index records its input)"
                     )
-                return rescore_candidates(matrix, indices, self._sources.row_map(len(self)), self._sources, k)
+                return rescore_candidates(matrix, indices, self._sources, k)
             scores = np.where(indices < 0, -np.inf, scores).astype(np.float32)
             return scores, indices.astype(np.int64)
         parts_scores, parts_indices = [], []

@@ -84,6 +84,12 @@ class VectorSources:
         out[:covered] = np.arange(covered)
         return out
 
+    def source_rows(self, index_rows: np.ndarray) -> np.ndarray:
+        """The source row of each of ``index_rows`` (all >= 0); -1 where there is none."""
+        if self.rows is not None:
+            return self.rows[index_rows]
+        return np.where(index_rows < self.total, index_rows, -1)
+
     def attach(self, path: PathLike, first_row: int, count: int, dim: int) -> None:
         """Record that index rows ``first_row ...`` (as many as the source has) are the rows of ``path``."""
         vectors = open_vectors(path)
@@ -143,17 +149,17 @@ class VectorSources:
 
 
 def rescore_candidates(
-    queries: np.ndarray, candidates: np.ndarray, source_rows: np.ndarray, sources: VectorSources, k: int
+    queries: np.ndarray, candidates: np.ndarray, sources: VectorSources, k: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Re-rank each query's ``candidates`` (Q × R index rows, -1 = none) by exact float32 dot products with
-    their vectors; returns the top ``k`` (scores descending, ties by the smaller index row; -inf / -1
-    where a query has fewer than ``k`` candidates). ``source_rows`` maps index rows to source rows."""
+    their vectors in ``sources``; returns the top ``k`` (scores descending, ties by the smaller index row;
+    -inf / -1 where a query has fewer than ``k`` candidates)."""
     scores_out = np.full((len(queries), k), -np.inf, dtype=np.float32)
     indices_out = np.full((len(queries), k), -1, dtype=np.int64)
     for first in range(0, len(queries), _QUERIES_PER_STEP):
         block = candidates[first : first + _QUERIES_PER_STEP]
         valid = block >= 0
-        rows = np.where(valid, source_rows[np.where(valid, block, 0)], -1)
+        rows = np.where(valid, sources.source_rows(np.where(valid, block, 0)), -1)
         if (valid & (rows < 0)).any():
             bad = int(block[valid & (rows < 0)][0])
             raise ValueError(f"rescore: index row {bad} has no float vector (added without a source to re-score from)")
