@@ -259,6 +259,12 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--search-only", action="store_true", help="reuse the index, queries and exact neighbours in --out"
     )
+    parser.add_argument(
+        "--reuse",
+        default=None,
+        metavar="DIR",
+        help="take the queries, exact neighbours and float vectors of an earlier run (same --n, --seed) from DIR",
+    )
     parser.add_argument("--cache", default=None, help="default: clustermac's cache folder")
     args = parser.parse_args(argv)
 
@@ -289,13 +295,13 @@ def main(argv=None) -> int:
     result["mixture"] = mixture["meta"]
     log(f"mixture: {mixture['meta']}")
     rows = MixtureRows(mixture, args.n, args.chunk_rows, args.seed)
-    vectors_file = out / "vectors.npy"
+    vectors_file = (Path(args.reuse) if args.reuse else out) / "vectors.npy"
     if not args.search_only:
         result.update(build(rows, args, out, log))
         (out / "results.json").write_text(json.dumps(result, indent=1))
     else:
         result.update(json.loads((out / "results.json").read_text())["build_results"])
-    with np.load(out / "queries.npz") as data:
+    with np.load((Path(args.reuse) if args.reuse else out) / "queries.npz") as data:
         query_sets = {kind: data[kind] for kind in ("held-out", "perturbed")}
         truths = {kind: data[f"truth-{kind}"] for kind in ("held-out", "perturbed")}
 
@@ -378,6 +384,9 @@ def build(rows: MixtureRows, args: argparse.Namespace, out: Path, log) -> dict:
     index.save(out / "index")
     figures["index_bytes"] = folder_bytes(out / "index")
     del index
+    if args.reuse:  # the same collection (--n, --seed, --chunk-rows): its queries and exact neighbours
+        figures["build_results"] = dict(figures)
+        return figures
     noisy = np.concatenate(picked)
     noisy += rng.standard_normal(noisy.shape, dtype=np.float32) * (args.perturbation / rows.shape[1] ** 0.5)
     query_sets = {
