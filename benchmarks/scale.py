@@ -1,7 +1,7 @@
 """A compressed FAISS index at 10 million images: build time, peak memory, size, queries/s, recall.
 
-    python benchmarks/scale.py [--n 10000000] [--dim 256] [--factory "IVF4096,PQ32"]
-        [--train-size 200000] [--nprobes 8 16 32 64] [--rescore 0 200] [--out /tmp/cm-scale]
+    python benchmarks/scale.py [--n 10000000] [--dim 256] [--factory "IVF4096_HNSW32,PQ32"]
+        [--train-size 100000] [--nprobes 8 16 32 64] [--rescore 0 200] [--write-vectors] [--out /tmp/cm-scale]
 
 Kept out of CI (minutes to an hour). The descriptors are not near-copies of a few real ones
 (every top-100 would then be a set of copies) but draws from a Gaussian mixture (diagonal
@@ -16,21 +16,28 @@ covariances) fitted to real descriptors of our photo benchmark:
    dimension reduction (ClusterMAC, crop I, no QE: full whitening, 512 and ``--dim``) and stores it.
 2. Collection: row chunks of ``--chunk-rows`` drawn from the mixture with the seed
    ``(seed, 0, chunk number)`` and l2-normalised, so any chunk can be made again on its own and the
-   collection is never held in memory: :class:`MixtureRows` is an array-like over it, which
-   :meth:`clustermac.Index.add_trained_on_sample` trains on (a seeded sample of rows) and adds chunk by
-   chunk, exactly as it reads memory-mapped descriptor shards.
+   collection is never held in memory (:class:`MixtureRows`, an array-like over it). The index is trained
+   on ``--train-size`` fresh draws (seed ``(seed, 3)``: the rows are independent draws, so this is
+   distributed as a random sample of them and costs no pass over the collection), then
+   :meth:`clustermac.Index.add` receives the chunks one by one (with ``--write-vectors`` they are also
+   written to ``--out/vectors.npy``, for ``--rescore``).
 3. Queries, two sets measured separately: ``held-out``: ``--queries`` new draws from the same mixture
    (seed ``(seed, 1)``), not rows of the collection (the hard case: the mixture's components are broad, so a
    query's true neighbours are barely closer than its 100th); ``perturbed``: random rows of the collection
    plus Gaussian noise of norm ``--perturbation`` (cosine about 0.71 to their row: "another photo of an
    indexed object").
 4. Exact neighbours: the chunks made again and streamed through the exact kernel
-   (``clustermac._core.topk_search``), top-100 merged across chunks (ties by the smaller row).
-5. Measures: train and add time, peak memory of the build (VmHWM of this process, which does nothing
-   else before), the saved index's size, load time (memory-mapped), and for each nprobe: queries/s of
-   the 1,000 queries batched and one at a time at 1 and 2 FAISS threads, 1-recall@100 (the true nearest
-   neighbour in the top 100), 10-recall@10 and 100-recall@100. With ``--rescore R`` the top R are also
-   re-scored exactly from the float vectors (written to ``--out`` once; 1 KB per row at 256 dims).
+   (``clustermac._core.topk_search``), top-100 merged across chunks (ties by the smaller row), for both
+   query sets at once; saved in ``--out/queries.npz``.
+5. Measures: train and add time, peak memory of the build (VmHWM of this process: imports, mixture, the
+   index being built, one chunk), the saved index's size, its load time (memory-mapped), and for each
+   nprobe (and ``--rescore R``: the top R re-scored exactly from the float vectors): queries/s of the
+   queries batched and ``--single-queries`` of them one at a time, at 1 and 2 FAISS threads,
+   1-recall@100 (the true nearest neighbour in the top 100), 10-recall@10 and 100-recall@100.
+
+``--search-only`` measures again with the index, queries and exact neighbours already in ``--out``;
+``--reuse DIR`` builds another factory over the same collection and takes the queries, exact neighbours
+and float vectors of the run in DIR.
 
 Writes ``results.json`` in ``--out`` and prints a table.
 """
