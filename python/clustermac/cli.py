@@ -246,6 +246,7 @@ def cmd_fit_whitening(args: argparse.Namespace) -> int:
         raise SystemExit(f"clustermac: no images in {args.folder}")
     with output_lock(args.out, command=args.command_line):
         ex = _extractor(args)
+        ex.whitening_dim = args.dim
         ex.fit_whitening(names, progress=not args.quiet)
         ex.save_whitening(args.out)
     print(
@@ -261,6 +262,10 @@ def cmd_index(args: argparse.Namespace) -> int:
     from .search import Index
     from .search.index_info import record_query_setup
 
+    if args.append or args.remove:
+        return _update_index(args)
+    if args.descriptors is None:
+        raise SystemExit("clustermac index: give the descriptors to index (or --append / --remove with --out INDEX)")
     # One writer per index folder for the whole run; Index.save takes the same lock again.
     with output_lock(args.out, "clustermac index"):
         vectors, manifest = load_descriptors(args.descriptors)  # memory-mapped
@@ -270,13 +275,16 @@ def cmd_index(args: argparse.Namespace) -> int:
             index = Index(dim, "faiss", faiss_factory=args.factory, faiss_nprobe=args.nprobe)
             if count == 0:
                 raise ValueError(f"{args.descriptors}: no descriptors to train the FAISS index {args.factory!r} on")
-            train_size = index.add_trained_on_sample(vectors, manifest["images"], args.train_size, args.seed)
+            train_size = index.add_trained_on_sample(
+                vectors, manifest["images"], args.train_size, args.seed, progress=sys.stderr.isatty()
+            )
             faiss_info = {
                 "factory": args.factory,
                 "nprobe": args.nprobe,
                 "train_size": train_size,
                 "train_seed": args.seed,
             }
+            index.attach_vectors(args.descriptors)  # for `clustermac search --rescore`
         else:
             index = Index(dim)
             index.add(vectors, manifest["images"])
@@ -305,6 +313,56 @@ def cmd_index(args: argparse.Namespace) -> int:
     what = f"FAISS {args.factory} " if args.backend == "faiss" else ""
     print(f"{what}index of {len(index)} images written to {args.out}")
     return 0
+
+
+def _update_index(args: argparse.Namespace) -> int:
+    """`clustermac index --remove NAMES_FILE` and/or `clustermac index DESC --append`: change the index at
+    --out in place (removals first), then save it (a new version, published atomically)."""
+    from .descriptors import load_descriptors
+    from .files import output_lock
+    from .search import Index
+
+    with output_lock(args.out, "clustermac index"):
+        index = Index.load(args.out)
+        removed = added = 0
+        if args.remove:
+            try:
+                gone = [line for line in Path(args.remove).read_text(encoding="utf-8").splitlines() if line]
+            except (OSError, UnicodeDecodeError) as error:
+                raise ValueError(f"--remove {args.remove}: cannot read it ({error})") from None
+            try:
+                removed = index.remove(gone)
+            except ValueError as error:
+                raise ValueError(f"--remove {args.remove}: {error}") from None
+        if args.append:
+            if args.descriptors is None:
+                raise ValueError("--append: give the descriptors to add")
+            vectors, manifest = load_descriptors(args.descriptors)  # memory-mapped
+            settings = index.info.get("settings")
+            if settings is not None and manifest["settings"] != settings:
+                raise ValueError(
+                    f"{args.descriptors} was extracted with other settings than the index "
+                    f"{args.out}: {_settings_difference(settings, manifest['settings'])}"
+                )
+            if vectors.shape[1] != index.dim:
+                raise ValueError(
+                    f"{args.descriptors} holds {vectors.shape[1]}-dimensional descriptors; "
+                    f"the index {args.out} has dimension {index.dim}"
+                )
+            first = len(index)
+            for start in range(0, len(vectors), 65536):
+                index.add(vectors[start : start + 65536], manifest["images"][start : start + 65536])
+            if index.backend == "faiss" and len(vectors):
+                index.attach_vectors(args.descriptors, first_row=first)
+            added = len(vectors)
+        index.save(args.out, info=index.info)
+    print(f"index {args.out}: {removed} images removed, {added} added, {len(index)} now")
+    return 0
+
+
+def _settings_difference(old: dict, new: dict) -> str:
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    return ", ".join(f"{k}: {old.get(k)!r} in the index, {new.get(k)!r} here" for k in keys[:4])
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -338,7 +396,9 @@ def cmd_search(args: argparse.Namespace) -> int:
     if settings and settings.get("whitened") and not ex.is_whitened:
         raise SystemExit("clustermac: the index was built from whitened descriptors: pass the same --whitening file")
     query = ex.extract(args.query, box=args.box)
-    scores, indices = index.search(query[None, :], k=args.k, nprobe=args.nprobe, efsearch=args.efsearch)
+    scores, indices = index.search(
+        query[None, :], k=args.k, nprobe=args.nprobe, efsearch=args.efsearch, rescore=args.rescore
+    )
     results = [(index.names[i], float(s)) for i, s in zip(indices[0], scores[0]) if i >= 0]
     for rank, (name, score) in enumerate(results, 1):
         print(f"{rank:4d}  {score:.4f}  {name}")
@@ -470,14 +530,33 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fit-whitening", help="learn PCA-whitening on a folder of images (not the ones you search)")
     p.add_argument("folder")
     p.add_argument("--out", required=True)
+    p.add_argument(
+        "--dim",
+        type=_int_at_least(1),
+        default=None,
+        help="output dimension of the whitening, e.g. 256 or 512 for a large index (default: as many as the "
+        "features; recorded in the file, and queries and descriptors extracted with it have this dimension)",
+    )
     p.add_argument("--quiet", action="store_true")
     _add_backbone_options(p)
     _add_method_options(p)
     p.set_defaults(func=cmd_fit_whitening)
 
     p = sub.add_parser("index", help="build a search index from `clustermac extract` output")
-    p.add_argument("descriptors", help="the .npy (or, with --ray, the shard folder) written by `clustermac extract`")
-    p.add_argument("--out", required=True)
+    p.add_argument(
+        "descriptors", nargs="?", help="the .npy (or, with --ray, the shard folder) written by `clustermac extract`"
+    )
+    p.add_argument("--out", required=True, help="the index folder (built, or changed with --append / --remove)")
+    p.add_argument(
+        "--append",
+        action="store_true",
+        help="add the descriptors to the existing index at --out (same extraction settings) instead of building",
+    )
+    p.add_argument(
+        "--remove",
+        metavar="NAMES_FILE",
+        help="remove the images named in this UTF-8 file (one name per line) from the index at --out",
+    )
     p.add_argument(
         "--image-root", help="folder the image names are relative to (for thumbnails in --html and `clustermac serve`)"
     )
@@ -535,6 +614,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=_int_at_least(1),
         default=None,
         help="FAISS HNSW index: search depth efSearch (default: FAISS's; exact: ignored)",
+    )
+    p.add_argument(
+        "--rescore",
+        type=_int_at_least(1),
+        default=None,
+        metavar="R",
+        help="FAISS index: re-score its top R candidates exactly from the indexed descriptor file (exact: ignored)",
     )
     _add_backbone_options(p)
     _add_method_options(p)

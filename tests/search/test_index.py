@@ -303,7 +303,9 @@ def test_faiss_backend_refusals(tmp_path):
     (version / "names.json").write_bytes(names)
     meta = json.loads((version / "meta.json").read_text())
     meta["files"]["names.json"] = {"size": len(names), "sha256": hashlib.sha256(names).hexdigest()}
-    (version / "meta.json").write_text(json.dumps({**meta, "count": 19}))
+    for compact in ("names.utf8", "names.offsets.npy"):  # as a format-2 index with JSON names
+        del meta["files"][compact]
+    (version / "meta.json").write_text(json.dumps({**meta, "count": 19, "version": 2}))
     with pytest.raises(ValueError, match="faiss.index: its header says 20 vectors of dimension 8; meta.json 19"):
         Index.load(tmp_path / "f")
     assert faiss.read_index(str(version / "faiss.index")).ntotal == 20

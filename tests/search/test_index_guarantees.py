@@ -44,16 +44,22 @@ def test_save_publishes_one_version_folder_with_sizes_and_checksums(tmp_path):
         version_folder(path).name,
     ]
     folder = version_folder(path)
-    assert sorted(p.name for p in folder.iterdir()) == ["clustermac.json", "meta.json", "names.json", "vectors.npy"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "clustermac.json",
+        "meta.json",
+        "names.offsets.npy",
+        "names.utf8",
+        "vectors.npy",
+    ]
     meta = json.loads((folder / "meta.json").read_text())
     assert (meta["format"], meta["version"], meta["dim"], meta["count"], meta["backend"]) == (
         "clustermac-index",
-        2,
+        3,
         4,
         5,
         "exact",
     )
-    for name in ("names.json", "vectors.npy", "clustermac.json"):
+    for name in ("names.utf8", "names.offsets.npy", "vectors.npy", "clustermac.json"):
         data = (folder / name).read_bytes()
         assert meta["files"][name] == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     loaded = Index.load(path)
@@ -184,10 +190,10 @@ def test_damaged_exact_index_files_are_corrupt_file_errors_naming_the_file(tmp_p
     cases = [
         (lambda f: edit_json(f / v / "meta.json", count=KeyError), "meta.json", "'count'"),
         (lambda f: edit_json(f / v / "meta.json", count=10**15), "meta.json", "beyond any real index"),
-        (lambda f: edit_json(f / v / "meta.json", count=7), "names.json", "list of 7 names"),
+        (lambda f: edit_json(f / v / "meta.json", count=7), "names.offsets.npy", "expected 8 little-endian uint64"),
         (lambda f: edit_json(f / v / "meta.json", dim="4"), "meta.json", "'dim'"),
         (lambda f: edit_json(f / v / "meta.json", files=KeyError), "meta.json", "SHA-256"),
-        (lambda f: (f / v / "names.json").write_text('{"a": 1}'), "names.json", "bytes; meta.json records"),
+        (lambda f: (f / v / "names.utf8").write_text('{"a": 1}'), "names.utf8", "bytes; meta.json records"),
         (lambda f: (f / v / "meta.json").write_bytes(b"\xff\xfe"), "meta.json", "not readable JSON"),
         (lambda f: (f / "CURRENT").write_text("../../etc"), "CURRENT", "not a version folder"),
         (lambda f: (f / "CURRENT").write_text("v-gone"), "CURRENT", "missing"),

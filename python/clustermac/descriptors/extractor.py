@@ -415,8 +415,13 @@ class Extractor:
 
     def load_whitening(self, path: PathLike) -> Extractor:
         """Load a whitening saved by :meth:`save_whitening`. Refuses one learned with another
-        backbone, method or setting that changes the regional vectors."""
-        arrays = whitening.load_whitening_file(path, self._whitening_settings())
+        backbone, method or setting that changes the regional vectors. An extractor made without
+        ``whitening_dim`` takes the file's output dimension (``fit-whitening --dim 256``)."""
+        settings, recorded = self._whitening_settings(), {}
+        if self.whitening_dim is None:  # no output dimension asked for: the file's (e.g. 256) is used
+            del settings["whitening_dim"]
+        arrays = whitening.load_whitening_file(path, settings, recorded)
+        self.whitening_dim = recorded.get("whitening_dim")
         self.whitening_mean, self.whitening_projection = arrays["mean"], arrays["projection"]
         self.pca_mean, self.pca_basis = arrays.get("pca_mean"), arrays.get("pca_basis")
         return self

@@ -182,12 +182,15 @@ def _check_arrays(path: Path, arrays: dict[str, np.ndarray], error=CorruptFileEr
         )
 
 
-def load_whitening_file(path: PathLike, settings: dict[str, Any]) -> dict[str, np.ndarray]:
+def load_whitening_file(
+    path: PathLike, settings: dict[str, Any], recorded_out: dict[str, Any] | None = None
+) -> dict[str, np.ndarray]:
     """The arrays of a whitening file, validated: :class:`~clustermac.CorruptFileError` (a
     ``ValueError``) naming the file and the problem if it is not a readable whitening file of a
     known version, or holds arrays of the wrong shape or dtype, NaN, Inf or an all-zero
     projection; ``ValueError`` if it was learned for settings other than ``settings`` (a setting
-    missing from an older file takes the value of :data:`SETTINGS_BEFORE_THEY_WERE_SAVED`)."""
+    missing from an older file takes the value of :data:`SETTINGS_BEFORE_THEY_WERE_SAVED`).
+    ``recorded_out`` (a dict), if given, receives the settings the file records."""
     path = Path(path)
     arrays = _read_npz(path)
     if "meta" not in arrays:
@@ -215,4 +218,6 @@ def load_whitening_file(path: PathLike, settings: dict[str, Any]) -> dict[str, n
         raise ValueError(
             f"{path}: whitening was learned for other settings ({detail}); learn a new one with fit_whitening()"
         )
+    if recorded_out is not None:
+        recorded_out.update(saved)
     return arrays

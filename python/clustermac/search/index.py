@@ -25,15 +25,21 @@ import numpy as np
 
 from .. import files
 from .._typing import PathLike
+from ..descriptors.pipeline import progress_bar
 from ..errors import CorruptFileError
 from .exact import exact_topk
+from .names import BLOB_FILE, OFFSETS_FILE, NameList, read_names
+from .rescore import VectorSources, rescore_candidates
 
 __all__ = ["Index"]
 
 
 _FORMAT = "clustermac-index"
-_FORMAT_VERSION = 2  # 2: a version folder behind CURRENT, sizes and SHA-256 in meta.json
-_READABLE_VERSIONS = (1, 2)  # 1: clustermac 0.1.0, the files at the top of the folder
+# 3: names as one UTF-8 blob + uint64 offsets (names.utf8, names.offsets.npy), optional re-scoring sources;
+# 2: a version folder behind CURRENT, sizes and SHA-256 in meta.json, names.json;
+# 1: clustermac 0.1.0, the files at the top of the folder.
+_FORMAT_VERSION = 3
+_READABLE_VERSIONS = (1, 2, 3)
 # Trailing in-memory chunks smaller than this are merged with the next add(), so that many
 # small add() calls do not turn every search into many tiny searches.
 _MERGE_ROWS = 65536
@@ -104,8 +110,10 @@ class Index:
         self._backend = backend
         self._n_threads = int(n_threads)
         self._chunks: list[np.ndarray] = []
-        self._names: list[str] = []
+        self._names = NameList()
         self._info: dict = {}
+        self._sources = VectorSources()
+        self._faiss_mapped: Path | None = None  # the file a memory-mapped FAISS index reads
         self._faiss_factory = faiss_factory
         self._faiss_nprobe = int(faiss_nprobe)
         self._faiss_index: Any = None
@@ -137,8 +145,8 @@ class Index:
         return self._backend
 
     @property
-    def names(self) -> list[str]:
-        """Image names in insertion order (the list itself: do not modify it)."""
+    def names(self) -> NameList:
+        """Image names in row order: a compact read-only sequence (index, slice, iterate, ``==`` a list)."""
         return self._names
 
     def __len__(self) -> int:
@@ -185,12 +193,22 @@ class Index:
 
     # ------------------------------------------------------------------ adding
     def add_trained_on_sample(
-        self, vectors: np.ndarray, names: Sequence[str], train_size: int, seed: int = 0, chunk_rows: int = 65536
+        self,
+        vectors: np.ndarray,
+        names: Sequence[str],
+        train_size: int,
+        seed: int = 0,
+        chunk_rows: int = 65536,
+        progress: bool = False,
     ) -> int:
         """Train on ``train_size`` rows of ``vectors`` drawn without replacement with ``seed`` (in
         row order; every row when there are not more), then add all of them ``chunk_rows`` at a time,
         so that a memory-mapped ``vectors`` is never copied whole. Returns the sample size. For a
-        large collection with the faiss backend; with the exact backend training is a no-op."""
+        large collection with the faiss backend; with the exact backend training is a no-op.
+
+        ``vectors`` may be any array-like with ``len``, ``shape`` and rows by slice and by sorted
+        integer array (a ``np.memmap``, the sharded descriptors of :func:`clustermac.load_descriptors`).
+        ``progress``: a progress bar of the rows added."""
         count = len(vectors)
         if count == 0:
             raise ValueError(f"vectors: nothing to train the index {self._faiss_factory!r} on")
@@ -199,9 +217,12 @@ class Index:
         else:
             rows = np.sort(np.random.default_rng(seed).choice(count, size=train_size, replace=False))
         self.train(vectors[rows])  # a copy of the sample only, dropped after training
+        bar = progress_bar(count, "adding to the index", progress)
         for start in range(0, count, chunk_rows):
             stop = min(start + chunk_rows, count)
             self.add(vectors[start:stop], names[start:stop])
+            bar.update(stop - start)
+        bar.close()
         return int(rows.size)
 
     def add(self, vectors: np.ndarray, names: Sequence[str]) -> None:
@@ -213,18 +234,15 @@ class Index:
         matrix = _as_matrix(vectors, self._dim, "vectors")
         if isinstance(names, str):
             names = [names]
-        names = list(names)
+        names = NameList(names)  # checks every name (a string UTF-8 can encode)
         if len(names) != matrix.shape[0]:
             raise ValueError(f"names: expected {matrix.shape[0]} names (one per vector), got {len(names)}")
-        for name in names:
-            if not isinstance(name, str):
-                raise ValueError(f"names: expected strings, got {type(name).__name__} {name!r}")
         if matrix.shape[0] == 0:
             return
         if self._backend == "faiss":
             if not self._faiss_index.is_trained:  # no train() call: the first batch trains it
                 self._train_faiss(matrix, "vectors", " must be trained on the first add() batch (or by train()) and")
-            self._faiss_index.add(matrix)
+            self._writable_faiss().add(matrix)
         else:
             if matrix is vectors or (isinstance(vectors, np.ndarray) and np.may_share_memory(matrix, vectors)):
                 matrix = matrix.copy()
@@ -233,7 +251,62 @@ class Index:
                 self._chunks[-1] = np.concatenate([last, matrix], axis=0)
             else:
                 self._chunks.append(matrix)
+        self._sources.grown(len(self), matrix.shape[0])
         self._names.extend(names)
+
+    def remove(self, names: Sequence[str]) -> int:
+        """Remove every row named in ``names`` (all rows of a repeated name); returns how many rows went.
+
+        Rows after a removed one move up (row numbers stay 0 .. len-1, as after a rebuild). A name that
+        is not in the index raises ``ValueError`` naming it, and nothing is removed. FAISS indexes
+        without removal (``HNSW``) raise ``ValueError``. Save the index to persist the change."""
+        if isinstance(names, str):
+            names = [names]
+        wanted = set(names)
+        keep = np.fromiter((name not in wanted for name in self._names), dtype=bool, count=len(self))
+        found = {self._names[i] for i in np.flatnonzero(~keep)}
+        missing = sorted(wanted - found)
+        if missing:
+            shown = ", ".join(repr(m) for m in missing[:5]) + (
+                f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+            )
+            raise ValueError(f"names: {len(missing)} not in the index: {shown}")
+        if keep.all():
+            return 0
+        if self._backend == "faiss":
+            _remove_faiss_rows(self._writable_faiss(), keep, self._faiss_factory)
+        else:
+            kept_chunks, start = [], 0
+            for chunk in self._chunks:
+                part = chunk[keep[start : start + chunk.shape[0]]]
+                if part.shape[0]:
+                    kept_chunks.append(np.ascontiguousarray(part))
+                start += chunk.shape[0]
+            self._chunks = kept_chunks
+        self._sources.kept(keep)
+        self._names = self._names.kept(keep)
+        return int((~keep).sum())
+
+    def attach_vectors(self, path: PathLike, first_row: int = 0) -> None:
+        """Record that index rows ``first_row``, ``first_row + 1``, ... are the float vectors at ``path``, for
+        ``search(..., rescore=R)``: a descriptor file or folder of ``clustermac extract`` or a 2-D float32
+        ``.npy``. The absolute path and a fingerprint (:func:`~clustermac.search.rescore.vectors_fingerprint`)
+        are saved with the index; searching with ``rescore`` after the file has moved or changed raises
+        :class:`~clustermac.CorruptFileError` naming it. ``clustermac index`` attaches its input."""
+        self._sources.attach(path, int(first_row), len(self), self._dim)
+
+    def _writable_faiss(self) -> Any:
+        """The FAISS index, first read into memory if it was loaded memory-mapped (read-only lists)."""
+        if self._faiss_mapped is not None:
+            faiss = _import_faiss()
+            try:
+                self._faiss_index = faiss.read_index(str(self._faiss_mapped))
+            except RuntimeError as error:
+                raise CorruptFileError(
+                    self._faiss_mapped, f"cannot be read again to change the index ({error})"
+                ) from None
+            self._faiss_mapped = None
+        return self._faiss_index
 
     # ------------------------------------------------------------------ access
     def vectors(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
@@ -274,6 +347,7 @@ class Index:
         *,
         nprobe: int | None = None,
         efsearch: int | None = None,
+        rescore: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` database vectors by dot product for each query.
 
@@ -291,13 +365,18 @@ class Index:
         backend (its results are always exact) and by FAISS indexes that have no such
         parameter (``"SQ8"``, ``"Flat"``). They set the FAISS index's parameters, so do not
         search one ``Index`` from several threads with different values.
+
+        ``rescore``: FAISS backend: take the top ``max(rescore, k)`` candidates of the compressed index and
+        re-rank them by exact float32 dot products with the vectors :meth:`attach_vectors` recorded (read
+        memory-mapped; ties by the smaller index). The scores are then exact and the order exact among the
+        candidates. Ignored by the exact backend.
         """
         matrix = _as_matrix(queries, self._dim, "queries")
         if len(self) == 0:
             raise ValueError("search(): the index is empty; add() vectors first")
         if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
             raise ValueError(f"k: expected a positive integer, got {k!r}")
-        for option, value in (("nprobe", nprobe), ("efsearch", efsearch)):
+        for option, value in (("nprobe", nprobe), ("efsearch", efsearch), ("rescore", rescore)):
             if value is not None and not (
                 isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1
             ):
@@ -307,7 +386,15 @@ class Index:
             _set_search_parameters(
                 self._faiss_index, int(nprobe) if nprobe is not None else self._faiss_nprobe, efsearch
             )
-            scores, indices = self._faiss_index.search(matrix, k)
+            candidates = min(max(int(rescore or 0), k), len(self))
+            scores, indices = self._faiss_index.search(matrix, candidates)
+            if rescore:
+                if not self._sources.sources:
+                    raise ValueError(
+                        "rescore: no float vectors recorded for this index; call attach_vectors() "
+                        "(clustermac index records its input)"
+                    )
+                return rescore_candidates(matrix, indices, self._sources, k)
             scores = np.where(indices < 0, -np.inf, scores).astype(np.float32)
             return scores, indices.astype(np.int64)
         parts_scores, parts_indices = [], []
@@ -362,15 +449,20 @@ class Index:
                 data_files = {}
                 if self._backend == "faiss":
                     faiss = _import_faiss()
-                    faiss.write_index(self._faiss_index, str(staging / FAISS_FILE))
+                    faiss.write_index(self._writable_faiss(), str(staging / FAISS_FILE))
                     _fsync_file(staging / FAISS_FILE)
                     data_files[FAISS_FILE] = staging / FAISS_FILE
                 else:
                     self._write_vectors(staging / VECTORS_FILE)
                     data_files[VECTORS_FILE] = staging / VECTORS_FILE
                 files.crash_point("index_save_data")
-                _write_synced(staging / NAMES_FILE, json.dumps(self._names, ensure_ascii=False).encode("utf-8"))
-                data_files[NAMES_FILE] = staging / NAMES_FILE
+                for file in self._names.write(staging):
+                    data_files[file.name] = file
+                if self._sources.rows is not None:
+                    with open(staging / RESCORE_ROWS_FILE, "wb") as f:
+                        np.save(f, self._sources.rows.astype("<i8"))
+                    _fsync_file(staging / RESCORE_ROWS_FILE)
+                    data_files[RESCORE_ROWS_FILE] = staging / RESCORE_ROWS_FILE
                 if info_bytes is not None:
                     _write_synced(staging / INFO_FILE, info_bytes)
                     data_files[INFO_FILE] = staging / INFO_FILE
@@ -382,6 +474,7 @@ class Index:
                     "backend": self._backend,
                     "faiss_factory": self._faiss_factory,
                     "faiss_nprobe": self._faiss_nprobe,
+                    "rescore_sources": self._sources.sources,
                     "files": {
                         name: {"size": file.stat().st_size, "sha256": files.file_sha256(file)}
                         for name, file in data_files.items()
@@ -423,9 +516,13 @@ class Index:
 
         With ``mmap=True`` (exact backend) the vectors stay on disk and are paged in by the
         search; adding to such an index appends new vectors in memory (save again to persist
-        them). Every file is validated before use: a malformed one raises
+        them). A FAISS index is read with ``faiss.IO_FLAG_MMAP``: the inverted lists of IVF indexes
+        (``IVF…,PQ…``, ``IVF…,SQ8``, ``OPQ…,IVF…``) stay on disk and are paged in by the search; other
+        types (``Flat``, ``SQ8``, ``HNSW``) are read into memory. The first ``add``, ``remove`` or
+        ``save`` reads a memory-mapped FAISS index into memory (its lists are read-only).
+        Every file is validated before use: a malformed one raises
         :class:`~clustermac.CorruptFileError` naming it. ``verify=True`` (default) also reads
-        the data once to check its SHA-256 (format 2) and that every vector is finite;
+        the data once to check its SHA-256 (format 2 and 3) and that every vector is finite;
         ``verify=False`` skips that read for a trusted, very large exact index (sizes, shapes
         and the header are still checked; a FAISS file is always checked in full before FAISS
         reads it).
@@ -463,14 +560,13 @@ class Index:
                     raise CorruptFileError(file, "its SHA-256 differs from the one meta.json records (damaged)")
             return file
 
-        names_file = verified(NAMES_FILE)
-        names = _read_json(names_file)
-        if not isinstance(names, list) or len(names) != meta["count"]:
-            found = f"{len(names)} names" if isinstance(names, list) else f"a JSON {type(names).__name__}"
-            raise CorruptFileError(names_file, f"expected a list of {meta['count']} names, found {found}")
-        for i, name in enumerate(names):
-            if not isinstance(name, str):
-                raise CorruptFileError(names_file, f"entry {i} is {type(name).__name__} {name!r}, not a string")
+        if meta["version"] >= 3:
+            names = read_names(verified(BLOB_FILE), verified(OFFSETS_FILE), meta["count"])
+        else:
+            names = _read_json_names(verified(NAMES_FILE), meta["count"])
+        sources = VectorSources(meta.get("rescore_sources"))
+        if RESCORE_ROWS_FILE in checked:
+            sources.rows = _read_rescore_rows(verified(RESCORE_ROWS_FILE), meta["count"], sources.total)
         info: dict = {}
         if INFO_FILE in checked or (root / INFO_FILE).is_file():
             info_file = verified(INFO_FILE)
@@ -484,7 +580,9 @@ class Index:
         index._faiss_factory = meta["faiss_factory"]
         index._faiss_nprobe = meta["faiss_nprobe"]
         index._faiss_index = None
+        index._faiss_mapped = None
         index._names = names
+        index._sources = sources
         index._chunks = []
         index._info = info
         if index._backend == "faiss":
@@ -492,7 +590,8 @@ class Index:
             _check_faiss_file(faiss_file, index._dim, len(names))
             faiss = _import_faiss()
             try:
-                index._faiss_index = faiss.read_index(str(faiss_file))
+                index._faiss_index = faiss.read_index(str(faiss_file), faiss.IO_FLAG_MMAP if mmap else 0)
+                index._faiss_mapped = faiss_file if mmap else None
             except (RuntimeError, MemoryError) as error:
                 raise CorruptFileError(faiss_file, f"FAISS cannot read it ({str(error).splitlines()[0]})") from error
             if index._faiss_index.ntotal != len(names) or index._faiss_index.d != index._dim:
@@ -519,7 +618,8 @@ class Index:
 
 FAISS_FILE = "faiss.index"
 VECTORS_FILE = "vectors.npy"
-NAMES_FILE = "names.json"
+NAMES_FILE = "names.json"  # format 1 and 2; format 3: names.utf8 + names.offsets.npy
+RESCORE_ROWS_FILE = "rescore_rows.npy"
 META_FILE = "meta.json"
 INFO_FILE = "clustermac.json"
 _LEGACY_FILES = (META_FILE, NAMES_FILE, VECTORS_FILE, FAISS_FILE, INFO_FILE)
@@ -554,6 +654,61 @@ def _read_json(file: Path) -> Any:
         return json.loads(file.read_bytes().decode("utf-8"))
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as error:
         raise CorruptFileError(file, f"not readable JSON ({type(error).__name__}: {error})") from None
+
+
+def _read_json_names(names_file: Path, count: int) -> NameList:
+    """The names of a format 1 or 2 index: a JSON list of ``count`` strings."""
+    names = _read_json(names_file)
+    if not isinstance(names, list) or len(names) != count:
+        found = f"{len(names)} names" if isinstance(names, list) else f"a JSON {type(names).__name__}"
+        raise CorruptFileError(names_file, f"expected a list of {count} names, found {found}")
+    for i, name in enumerate(names):
+        if not isinstance(name, str):
+            raise CorruptFileError(names_file, f"entry {i} is {type(name).__name__} {name!r}, not a string")
+    try:
+        return NameList(names)
+    except ValueError as error:
+        raise CorruptFileError(names_file, str(error)) from None
+
+
+def _read_rescore_rows(file: Path, count: int, total: int) -> np.ndarray:
+    """The source row of each index row (int64, -1 = none), checked against the sources' size."""
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        shape, fortran, dtype, offset = files.read_npy_header(f, file)
+        if dtype != np.dtype("<i8") or fortran or tuple(shape) != (count,) or size != offset + 8 * count:
+            raise CorruptFileError(file, f"expected {count} little-endian int64 rows, got {dtype} {tuple(shape)}")
+        rows = np.fromfile(f, dtype="<i8", count=count)
+    if rows.size and (rows.min() < -1 or rows.max() >= total):
+        raise CorruptFileError(file, f"rows must lie in [-1, {total}), the rows of the recorded sources")
+    return rows.astype(np.int64)
+
+
+def _remove_faiss_rows(index: Any, keep: np.ndarray, factory: str) -> None:
+    """Remove the rows where ``keep`` is false from a FAISS index and number the rest 0, 1, ... again.
+
+    Flat-code indexes (``Flat``, ``SQ8``, ``PQ``) renumber themselves; IVF indexes keep each entry's id,
+    so the ids in every inverted list are mapped to their new row numbers."""
+    faiss = _import_faiss()
+    removed = np.flatnonzero(~keep).astype(np.int64)
+    try:
+        count = index.remove_ids(faiss.IDSelectorBatch(removed.size, faiss.swig_ptr(removed)))
+    except RuntimeError as error:
+        raise ValueError(
+            f"remove: the FAISS index {factory!r} cannot remove vectors ({_faiss_reason(error)})"
+        ) from None
+    if count != removed.size:
+        raise ValueError(f"remove: FAISS removed {count} vectors of {factory!r}, expected {removed.size}")
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is None:
+        return
+    new_row = np.cumsum(keep, dtype=np.int64) - 1
+    lists = ivf.invlists
+    for list_no in range(ivf.nlist):
+        size = lists.list_size(list_no)
+        if size:
+            ids = faiss.rev_swig_ptr(lists.get_ids(list_no), size)
+            ids[:] = new_row[ids]
 
 
 def _positive_int(value: Any) -> bool:
@@ -595,11 +750,15 @@ def _checked_meta(meta_file: Path, layout_v2: bool) -> dict:
     if version >= 2:
         recorded = meta.get("files")
         data = FAISS_FILE if meta["backend"] == "faiss" else VECTORS_FILE
-        if not isinstance(recorded, dict) or NAMES_FILE not in recorded or data not in recorded:
-            raise CorruptFileError(meta_file, f"'files' must record the size and SHA-256 of {NAMES_FILE} and {data}")
+        needed = [BLOB_FILE, OFFSETS_FILE, data] if version >= 3 else [NAMES_FILE, data]
+        if not isinstance(recorded, dict) or any(name not in recorded for name in needed):
+            raise CorruptFileError(meta_file, f"'files' must record the size and SHA-256 of {', '.join(needed)}")
+        known = (FAISS_FILE, VECTORS_FILE, INFO_FILE) + (
+            (BLOB_FILE, OFFSETS_FILE, RESCORE_ROWS_FILE) if version >= 3 else (NAMES_FILE,)
+        )
         for name, entry in recorded.items():
             if (
-                name not in (FAISS_FILE, VECTORS_FILE, NAMES_FILE, INFO_FILE)
+                name not in known
                 or not isinstance(entry, dict)
                 or not isinstance(entry.get("size"), int)
                 or isinstance(entry.get("size"), bool)
@@ -612,6 +771,15 @@ def _checked_meta(meta_file: Path, layout_v2: bool) -> dict:
                 )
     else:
         meta.pop("files", None)
+    sources = meta.setdefault("rescore_sources", [])
+    if not isinstance(sources, list) or not all(
+        isinstance(x, dict)
+        and isinstance(x.get("path"), str)
+        and isinstance(x.get("fingerprint"), str)
+        and _positive_int(x.get("rows"))
+        for x in sources
+    ):
+        raise CorruptFileError(meta_file, "'rescore_sources' must be a list of {path, fingerprint, rows}")
     return meta
 
 
@@ -642,7 +810,10 @@ def _check_faiss_file(file: Path, dim: int, count: int) -> None:
     """Check a FAISS file before FAISS reads it: the common header must match ``meta.json``
     and, for the flat and scalar-quantizer indexes, every length field must add up to exactly
     the file's size (a forged length would make FAISS allocate whatever it says)."""
-    data = file.read_bytes()
+    with open(file, "rb") as f:
+        data = f.read(_FAISS_HEADER.size)
+        if data[:4] in (b"IxFI", b"IxF2", b"IxSQ"):  # the length fields are checked below: read it all
+            data += f.read()
     if len(data) < _FAISS_HEADER.size:
         raise CorruptFileError(file, f"has {len(data)} bytes, shorter than a FAISS header")
     fourcc, d, ntotal, _, _, trained, metric = _FAISS_HEADER.unpack_from(data)
@@ -670,7 +841,7 @@ def _check_faiss_file(file: Path, dim: int, count: int) -> None:
             raise CorruptFileError(file, f"a vector at byte {position - 8} claims {n * item} bytes; the file has fewer")
         position += n * item
 
-    if fourcc in (b"IxFI", b"IxF2"):
+    if fourcc in (b"IxFI", b"IxF2"):  # (other types: only the header was read)
         skip_vector(4, count * dim)
     elif fourcc == b"IxSQ":
         _, _, _, sq_dim, code_size = take("<iifQQ")
