@@ -73,6 +73,8 @@ VARIANTS: dict[str, tuple[str, str, str, str]] = {
     "relu GeM-grid+box20": ("relu", "grid+box20", "gem", "uniform"),
     "relu GeM-grid+clusters": ("relu", "grid+clusters", "gem", "uniform"),
     "relu GeM-grid+box20 mass": ("relu", "grid+box20", "gem", "mass"),
+    "relu GeM-grid+boxall": ("relu", "grid+boxall", "gem", "uniform"),
+    "relu GeM-grid mass": ("relu", "grid", "gem", "mass"),
 }
 GEM_P = 3.0
 

@@ -160,7 +160,7 @@ class Extractor:
         whitening_shrinkage: float = 1e-3,
         seed: int = 0,
     ) -> None:
-        method_class(method)  # checks the name
+        chosen = method_class(method)  # checks the name
         if crop not in CROP_MODES:
             raise ValueError(f"crop: expected one of {CROP_MODES}, got {crop!r}")
         if cluster_pooling not in CLUSTER_POOLINGS:
@@ -186,7 +186,7 @@ class Extractor:
         spatial_weight = _number("spatial_weight", spatial_weight)
         gem_p = _number("gem_p", gem_p, positive=True)
         whitening_shrinkage = _number("whitening_shrinkage", whitening_shrinkage)
-        self.backbone = backbone if backbone is not None else default_backbone()
+        self.backbone = backbone if backbone is not None else default_backbone(head=chosen.backbone_head)
         if pca_dim is not None and pca_dim > int(self.backbone.dim):
             raise ValueError(
                 f"pca_dim: {pca_dim} is more than the backbone's {int(self.backbone.dim)} feature dimensions"
