@@ -56,25 +56,23 @@ SETS = ("database", "whitening", "image", "activations")  # the last two: querie
 # each over its bounding box), "boxall" (all 30 clusters over their boxes); joined with "+".
 VARIANTS: dict[str, tuple[str, str, str, str]] = {
     "R-MAC": ("relu6", "grid", "max", "uniform"),
-    "ClusterMAC (paper)": ("relu6", "clusters", "max", "uniform"),
-    "box20+grid": ("relu6", "grid+box20", "max", "uniform"),
-    "clusters+grid": ("relu6", "grid+clusters", "max", "uniform"),
-    "GeM-grid": ("relu6", "grid", "gem", "uniform"),
-    "GeM-clusters": ("relu6", "clusters", "gem", "uniform"),
-    "GeM-grid+box20": ("relu6", "grid+box20", "gem", "uniform"),
-    "GeM-grid+clusters": ("relu6", "grid+clusters", "gem", "uniform"),
-    "R-MAC mass": ("relu6", "grid", "max", "mass"),
-    "box20+grid mass": ("relu6", "grid+box20", "max", "mass"),
     "relu R-MAC": ("relu", "grid", "max", "uniform"),
-    "relu ClusterMAC": ("relu", "clusters", "max", "uniform"),
-    "relu box20+grid": ("relu", "grid+box20", "max", "uniform"),
-    "relu clusters+grid": ("relu", "grid+clusters", "max", "uniform"),
     "relu GeM-grid": ("relu", "grid", "gem", "uniform"),
     "relu GeM-grid+box20": ("relu", "grid+box20", "gem", "uniform"),
+    "relu GeM-grid+boxall": ("relu", "grid+boxall", "gem", "uniform"),
     "relu GeM-grid+clusters": ("relu", "grid+clusters", "gem", "uniform"),
     "relu GeM-grid+box20 mass": ("relu", "grid+box20", "gem", "mass"),
-    "relu GeM-grid+boxall": ("relu", "grid+boxall", "gem", "uniform"),
     "relu GeM-grid mass": ("relu", "grid", "gem", "mass"),
+    "ClusterMAC (paper)": ("relu6", "clusters", "max", "uniform"),
+    "relu ClusterMAC": ("relu", "clusters", "max", "uniform"),
+    "box20+grid": ("relu6", "grid+box20", "max", "uniform"),
+    "relu box20+grid": ("relu", "grid+box20", "max", "uniform"),
+    "GeM-grid": ("relu6", "grid", "gem", "uniform"),
+    "GeM-grid+box20": ("relu6", "grid+box20", "gem", "uniform"),
+    "R-MAC mass": ("relu6", "grid", "max", "mass"),
+    "clusters+grid": ("relu6", "grid+clusters", "max", "uniform"),
+    "GeM-clusters": ("relu6", "clusters", "gem", "uniform"),
+    "relu clusters+grid": ("relu", "grid+clusters", "max", "uniform"),
 }
 GEM_P = 3.0
 
@@ -174,7 +172,7 @@ def region_boxes_of(part: str, height: int, width: int, partitions) -> np.ndarra
 def part_vectors(fmap: np.ndarray, partitions, part: str, pooling: str) -> tuple[np.ndarray, np.ndarray]:
     """Un-normalised R×D vectors of one kind of region (max or GeM p = 3 inside each), and each
     region's activation mass (sum of its activations)."""
-    source = np.maximum(fmap, 1e-6) ** GEM_P if pooling == "gem" else fmap
+    source = np.maximum(fmap, np.float32(1e-6)) ** np.float32(GEM_P) if pooling == "gem" else fmap
     vectors, mass = [], []
     if part == "clusters":
         flat, flat_source = fmap.reshape(fmap.shape[0], -1), source.reshape(fmap.shape[0], -1)
@@ -293,6 +291,7 @@ def main(argv=None) -> int:
     parser.add_argument("--scales", type=float, nargs="+", default=[1.0])
     parser.add_argument("--variants", nargs="+", default=None, help=f"some of {list(VARIANTS)}")
     parser.add_argument("--qe", action="store_true", help="also query expansion and re-ranking rows")
+    parser.add_argument("--report", action="store_true", help="only tabulate the rows saved by earlier runs")
     args = parser.parse_args(argv)
 
     started = time.perf_counter()
@@ -303,12 +302,21 @@ def main(argv=None) -> int:
     names = args.variants or list(VARIANTS)
     heads = sorted({VARIANTS[n][0] for n in names} | {"relu6"})
     scale_data = []
-    for scale in args.scales:
+    for scale in [] if args.report else args.scales:
         maps = cached_maps(out, dataset, whitening_images, args.max_size, scale)
         labels = {head: cached_partitions(out, maps, args.max_size, scale, head) for head in heads}
         scale_data.append((maps, labels))
 
     rows, per_query = [], {}
+    scales_tag = "-".join(f"{s:.2f}" for s in args.scales)
+    saved_path = out / f"per-query-{args.max_size}-{scales_tag}.pkl"
+    saved = pickle.loads(saved_path.read_bytes()) if saved_path.is_file() else {}
+    if args.report:  # tabulate every row saved by earlier runs, in the order of VARIANTS
+        names = []
+        order = {name: i for i, name in enumerate(VARIANTS)}
+        for label, entry in sorted(saved.items(), key=lambda kv: (order.get(kv[1]["row"]["variant"], 99), kv[0])):
+            rows.append(dict(entry["row"]))
+            per_query[label] = entry["aps"]
     for name in names:
         t = time.perf_counter()
         d = variant_descriptors(VARIANTS[name], scale_data)
@@ -329,7 +337,13 @@ def main(argv=None) -> int:
                 label = f"{name}{suffix}, crop {tag}"
                 per_query[label] = per_query_scores(dataset, r)
                 rows.append({"label": label, "variant": name, "crop": tag, "extra": suffix.strip()})
-        print(f"  {name}: {time.perf_counter() - t:.0f} s", flush=True)
+                saved[label] = {"row": rows[-1], "aps": per_query[label]}
+        # Per-query APs of every row so far, so that --report can tabulate runs done in pieces.
+        with open(saved_path, "wb") as f:
+            pickle.dump(saved, f)
+        done = [r["label"] for r in rows if r["variant"] == name and not r["extra"]]
+        summary = ", ".join(f"{lab.split(', ')[-1]} {np.nanmean(per_query[lab]['mAP']):.1f}" for lab in done)
+        print(f"  {name}: {summary} ({time.perf_counter() - t:.0f} s)", flush=True)
 
     for row in rows:
         scores = per_query[row["label"]]
@@ -360,8 +374,7 @@ def main(argv=None) -> int:
         "rows": rows,
         "seconds": time.perf_counter() - started,
     }
-    scales = "-".join(f"{s:.2f}" for s in args.scales)
-    path = out / f"quality-{args.max_size}-{scales}{'-qe' if args.qe else ''}.json"
+    path = out / f"quality-{args.max_size}-{scales_tag}{'-report' if args.report else '-qe' if args.qe else ''}.json"
     path.write_text(json.dumps(summary, indent=1))
     print(f"wrote {path} ({summary['seconds']:.0f} s)")
     return 0
