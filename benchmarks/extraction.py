@@ -3,7 +3,7 @@
     python benchmarks/extraction.py                        # embedded EfficientNet-Lite0, 1024 px
     python benchmarks/extraction.py --backbone vgg16       # VGG16 conv5_3 (random weights, exported with torch)
     python benchmarks/extraction.py --memory 100 500 1000  # peak RSS of `extract_folder` for growing folders
-    python benchmarks/extraction.py --method clustermac-gem --compare rmac   # two methods in one run
+    python benchmarks/extraction.py --method clustermac-box --compare rmac   # two methods in one run
 
 Timing: the same images, in the same run, alternating the two measurements over --repeats rounds;
 "bare" = decode + resize + the network on every image, sequentially; "full" = Extractor.extract_many

@@ -299,7 +299,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             "(the paper learns it on Paris6k to test on Oxford5k and vice versa)"
         )
     methods = [MethodSpec(m, m, _method_options(args, m) if m == "clustermac" else {}) for m in args.methods]
-    # With the embedded backbone each method runs on its own head (clustermac-gem: uncapped), so
+    # With the embedded backbone each method runs on its own head (clustermac-box: uncapped), so
     # the methods are grouped by head, one backbone pass per group.
     embedded = args.backbone in ("default", "efficientnet-lite0") and not args.onnx
     groups: dict[str | None, list] = {}

@@ -91,9 +91,12 @@ class Extractor:
     Parameters
     ----------
     backbone:
-        A :class:`~clustermac.Backbone`; ``None`` means the embedded EfficientNet-Lite0.
+        A :class:`~clustermac.Backbone`; ``None`` means the embedded EfficientNet-Lite0 with the
+        method's head (``backbone_head`` of its class: ReLU6 as trained, the uncapped ReLU for
+        ``"clustermac-box"``).
     method:
-        ``"clustermac"`` (default), ``"rmac"``, ``"mac"``, ``"spoc"``, ``"gem"`` or ``"crow"``.
+        ``"clustermac"`` (default, the paper's), ``"clustermac-box"`` (ours: R-MAC's grid +
+        the boxes of 20 clusters, uncapped head), ``"rmac"``, ``"mac"``, ``"spoc"``, ``"gem"`` or ``"crow"``.
     crop:
         How a query box is applied: ``"image"`` (the paper's *crop I*: crop the image to the
         box, then extract) or ``"activations"`` (*crop X*: extract on the whole image, keep

@@ -1,5 +1,5 @@
-"""ClusterMAC-GeM (grid + 20 cluster boxes, GeM inside each, uncapped head) against a plain
-NumPy reference, and the paper's ClusterMAC unchanged beside it."""
+"""ClusterMAC-box (grid + 20 cluster boxes, max inside each, uncapped head) against a plain
+NumPy reference, and the paper's ClusterMAC and R-MAC unchanged beside it."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ DATA = Path(__file__).resolve().parents[1] / "data" / "v0.1.0"
 IMAGES = [str(DATA / "images" / f"img{i}.png") for i in range(10)]
 
 
-def _reference_regions(fmap, labels, levels, p):
-    """Grid boxes, then each present cluster's bounding box (by label), GeM per box, with loops."""
+def _reference_regions(fmap, labels, levels):
+    """Grid boxes, then each present cluster's bounding box (by label), max per box, with loops."""
     boxes = [tuple(int(v) for v in b) for b in _core.rmac_regions(fmap.shape[1], fmap.shape[2], levels)]
     for k in range(int(labels.max()) + 1):
         ys, xs = np.nonzero(labels == k)
@@ -27,8 +27,7 @@ def _reference_regions(fmap, labels, levels, p):
             boxes.append((xs.min(), ys.min(), xs.max() + 1, ys.max() + 1))
     rows = []
     for x0, y0, x1, y1 in boxes:
-        cells = np.maximum(fmap[:, y0:y1, x0:x1].astype(np.float64), 1e-6) ** p
-        rows.append(cells.reshape(fmap.shape[0], -1).mean(axis=1) ** (1.0 / p))
+        rows.append([max(float(v) for v in channel[y0:y1, x0:x1].ravel()) for channel in fmap])
     return np.array(rows)
 
 
@@ -38,41 +37,43 @@ def backbone():
 
 
 def test_registered_with_its_own_name():
-    assert "clustermac-gem" in METHODS and "clustermac" in METHODS
+    assert "clustermac-box" in METHODS and "clustermac" in METHODS
 
 
 def test_regional_vectors_match_reference(planted_map, backbone):
     fmap = planted_map()[0]  # 48 × 20 × 28 with planted regions: the pooling does not need 1280 channels
-    ex = Extractor(backbone, "clustermac-gem")
+    ex = Extractor(backbone, "clustermac-box")
     labels = ex._method.cluster_labels(fmap)
     assert len(labels) == 1 and labels[0].max() <= 19
     got = ex.regional_vectors(fmap, None)
-    np.testing.assert_allclose(got, _reference_regions(fmap, labels[0], 3, 3.0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(got, _reference_regions(fmap, labels[0], 3))
     # the given labels are used instead of clustering again
     np.testing.assert_array_equal(ex.regional_vectors(fmap, None, labels), got)
-    ex.gem_p = 5.0
-    np.testing.assert_allclose(
-        ex.regional_vectors(fmap, None, labels), _reference_regions(fmap, labels[0], 3, 5.0), rtol=1e-5, atol=1e-6
-    )
+    ex.rmac_levels = 2
+    np.testing.assert_array_equal(ex.regional_vectors(fmap, None, labels), _reference_regions(fmap, labels[0], 2))
+    # a map of one cell: one grid region and one cluster, both the cell itself
+    cell = np.ascontiguousarray(fmap[:, :1, :1])
+    np.testing.assert_array_equal(ex.regional_vectors(cell, None), np.repeat(cell[:, 0, 0][None], 2, axis=0))
 
 
 def test_extractor_uses_the_uncapped_head_and_records_it():
-    ex = Extractor(method="clustermac-gem", max_size=192)
+    ex = Extractor(method="clustermac-box", max_size=192)
     assert ex.backbone.name.endswith("-relu")
     settings = ex.settings()
-    assert settings["method"] == "clustermac-gem" and settings["n_clusters"] == [20] and settings["gem_p"] == 3.0
+    assert settings["method"] == "clustermac-box" and settings["n_clusters"] == [20]
+    assert settings["cluster_pooling"] == "box" and settings["rmac_levels"] == 3
     assert not Extractor(method="clustermac", max_size=192).backbone.name.endswith("-relu")
     assert not Extractor(method="rmac", max_size=192).backbone.name.endswith("-relu")
 
 
 def test_whitening_refused_across_methods(tmp_path):
-    ex = Extractor(method="clustermac-gem", max_size=192).fit_whitening(IMAGES[:4], progress=False)
+    ex = Extractor(method="clustermac-box", max_size=192).fit_whitening(IMAGES[:4], progress=False)
     descriptors = ex.extract_many(IMAGES[6:8], progress=False)
     assert descriptors.shape == (2, ex.dim) and np.allclose(np.linalg.norm(descriptors, axis=1), 1.0, atol=1e-5)
     ex.save_whitening(tmp_path / "w.npz")
     with pytest.raises(ValueError, match="method|backbone"):
         Extractor(method="clustermac", max_size=192).load_whitening(tmp_path / "w.npz")
-    again = Extractor(method="clustermac-gem", max_size=192).load_whitening(tmp_path / "w.npz")
+    again = Extractor(method="clustermac-box", max_size=192).load_whitening(tmp_path / "w.npz")
     np.testing.assert_array_equal(again.extract_many(IMAGES[6:8], progress=False), descriptors)
 
 
