@@ -292,6 +292,7 @@ def main(argv=None) -> int:
     parser.add_argument("--variants", nargs="+", default=None, help=f"some of {list(VARIANTS)}")
     parser.add_argument("--qe", action="store_true", help="also query expansion and re-ranking rows")
     parser.add_argument("--report", action="store_true", help="only tabulate the rows saved by earlier runs")
+    parser.add_argument("--reference", help="compare every row with this variant (default: R-MAC on the row's head)")
     args = parser.parse_args(argv)
 
     started = time.perf_counter()
@@ -349,6 +350,8 @@ def main(argv=None) -> int:
         scores = per_query[row["label"]]
         reference = f"{'relu ' if VARIANTS[row['variant']][0] == 'relu' else ''}R-MAC, crop {row['crop']}"
         reference = reference if reference in per_query else f"R-MAC, crop {row['crop']}"
+        if args.reference:
+            reference = f"{args.reference}, crop {row['crop']}"
         row["reference"] = reference
         for key, aps in scores.items():
             row[key] = float(np.nanmean(aps))
@@ -374,7 +377,9 @@ def main(argv=None) -> int:
         "rows": rows,
         "seconds": time.perf_counter() - started,
     }
-    path = out / f"quality-{args.max_size}-{scales_tag}{'-report' if args.report else '-qe' if args.qe else ''}.json"
+    kind = "-report" if args.report else "-qe" if args.qe else ""
+    kind += f"-vs-{args.reference.replace(' ', '_')}" if args.reference else ""
+    path = out / f"quality-{args.max_size}-{scales_tag}{kind}.json"
     path.write_text(json.dumps(summary, indent=1))
     print(f"wrote {path} ({summary['seconds']:.0f} s)")
     return 0
