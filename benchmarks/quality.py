@@ -301,7 +301,7 @@ def main(argv=None) -> int:
     dataset, whitening_images = load_or_build(out, args)
     print(f"{out}: {len(dataset.queries)} queries, {len(dataset.images)} database images", flush=True)
     names = args.variants or list(VARIANTS)
-    heads = sorted({VARIANTS[n][0] for n in names} | {"relu6"})
+    heads = sorted({VARIANTS[n][0] for n in names})
     scale_data = []
     for scale in [] if args.report else args.scales:
         maps = cached_maps(out, dataset, whitening_images, args.max_size, scale)
