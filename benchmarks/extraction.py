@@ -3,10 +3,13 @@
     python benchmarks/extraction.py                        # embedded EfficientNet-Lite0, 1024 px
     python benchmarks/extraction.py --backbone vgg16       # VGG16 conv5_3 (random weights, exported with torch)
     python benchmarks/extraction.py --memory 100 500 1000  # peak RSS of `extract_folder` for growing folders
+    python benchmarks/extraction.py --method clustermac-box --compare rmac   # two methods in one run
 
 Timing: the same images, in the same run, alternating the two measurements over --repeats rounds;
 "bare" = decode + resize + the network on every image, sequentially; "full" = Extractor.extract_many
 (decode, network and pooling/clustering overlapped). Prints medians and the overhead ratio.
+With --compare METHOD, that method's "full" time is measured in the same rounds (its own
+embedded-backbone head, see DescriptorMethod.backbone_head) and the ratio of the two is printed.
 """
 
 from __future__ import annotations
@@ -44,11 +47,12 @@ def photos(n: int, size: int, seed: int = 0) -> list[Image.Image]:
     return out
 
 
-def make_backbone(name: str, threads: int, onnx: str | None):
+def make_backbone(name: str, threads: int, onnx: str | None, method: str = "clustermac"):
     from clustermac.backbones import Backbone, default_backbone
+    from clustermac.descriptors.registry import method_class
 
     if name == "default":
-        return default_backbone(n_threads=threads)
+        return default_backbone(n_threads=threads, head=method_class(method).backbone_head)
     if onnx is None:
         from clustermac.backbones.export import export_backbone
 
@@ -62,12 +66,21 @@ def make_backbone(name: str, threads: int, onnx: str | None):
 def time_extraction(args) -> dict:
     from clustermac.descriptors import Extractor
 
-    backbone = make_backbone(args.backbone, args.threads, args.onnx)
+    backbone = make_backbone(args.backbone, args.threads, args.onnx, args.method)
     images = photos(args.n_images, args.max_size)
     extractor = Extractor(backbone, args.method, max_size=args.max_size)
-    bare_times, full_times = [], []
+    bare_times, full_times, compare_times = [], [], []
     extractor.extract_many(images[:1], progress=False)  # warm-up (session, caches)
+    other = None
+    if args.compare:
+        other_backbone = make_backbone(args.backbone, args.threads, args.onnx, args.compare)
+        other = Extractor(other_backbone, args.compare, max_size=args.max_size)
+        other.extract_many(images[:1], progress=False)
     for _ in range(args.repeats):
+        if other is not None:
+            t0 = time.perf_counter()
+            other.extract_many(images, progress=False)
+            compare_times.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         for img in images:
             backbone.features(extractor.prepare(img).image)
@@ -76,6 +89,15 @@ def time_extraction(args) -> dict:
         extractor.extract_many(images, progress=False)
         full_times.append(time.perf_counter() - t0)
     bare, full = statistics.median(bare_times), statistics.median(full_times)
+    compared = {}
+    if other is not None:
+        other_full = statistics.median(compare_times)
+        compared = {
+            "compare_method": args.compare,
+            "compare_full_s_per_image": other_full / len(images),
+            "full_over_compare": full / other_full,
+            "compare_runs_s": compare_times,
+        }
     return {
         "backbone": backbone.name,
         "method": args.method,
@@ -87,6 +109,7 @@ def time_extraction(args) -> dict:
         "overhead_percent": 100.0 * (full / bare - 1.0),
         "bare_runs_s": bare_times,
         "full_runs_s": full_times,
+        **compared,
     }
 
 
@@ -116,6 +139,7 @@ def main(argv=None) -> int:
     parser.add_argument("--backbone", default="default", choices=("default", "vgg16", "resnet101"))
     parser.add_argument("--onnx", help="use this ONNX file for --backbone vgg16/resnet101 instead of a random export")
     parser.add_argument("--method", default="clustermac")
+    parser.add_argument("--compare", help="also time this method's full extraction in the same rounds")
     parser.add_argument("--n-images", type=int, default=12)
     parser.add_argument("--max-size", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=2)
@@ -157,6 +181,11 @@ def main(argv=None) -> int:
         f"full {args.method} {1000 * result['full_s_per_image']:.0f} ms/image, "
         f"overhead {result['overhead_percent']:+.1f} %"
     )
+    if args.compare:
+        print(
+            f"full {args.compare} {1000 * result['compare_full_s_per_image']:.0f} ms/image; "
+            f"{args.method} / {args.compare} = {result['full_over_compare']:.2f}"
+        )
     return 0
 
 

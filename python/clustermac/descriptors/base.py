@@ -37,6 +37,9 @@ class DescriptorMethod:
     name: ClassVar[str]
     #: True: regional vectors → l2 → whiten → l2 → sum → l2; False: one pooled vector → l2 → whiten → l2.
     regional: ClassVar[bool] = False
+    #: The head activation of the embedded backbone this method uses when the extractor is given
+    #: no backbone (:func:`clustermac.backbones.default_backbone`'s ``head``).
+    backbone_head: ClassVar[str] = "relu6"
 
     def __init__(self, extractor: Extractor) -> None:
         # A weak proxy: the extractor owns its method, and no reference cycle keeps it alive.

@@ -91,9 +91,12 @@ class Extractor:
     Parameters
     ----------
     backbone:
-        A :class:`~clustermac.Backbone`; ``None`` means the embedded EfficientNet-Lite0.
+        A :class:`~clustermac.Backbone`; ``None`` means the embedded EfficientNet-Lite0 with the
+        method's head (``backbone_head`` of its class: ReLU6 as trained, the uncapped ReLU for
+        ``"clustermac-box"``).
     method:
-        ``"clustermac"`` (default), ``"rmac"``, ``"mac"``, ``"spoc"``, ``"gem"`` or ``"crow"``.
+        ``"clustermac"`` (default, the paper's), ``"clustermac-box"`` (ours: R-MAC's grid +
+        the boxes of 20 clusters, uncapped head), ``"rmac"``, ``"mac"``, ``"spoc"``, ``"gem"`` or ``"crow"``.
     crop:
         How a query box is applied: ``"image"`` (the paper's *crop I*: crop the image to the
         box, then extract) or ``"activations"`` (*crop X*: extract on the whole image, keep
@@ -160,7 +163,7 @@ class Extractor:
         whitening_shrinkage: float = 1e-3,
         seed: int = 0,
     ) -> None:
-        method_class(method)  # checks the name
+        chosen = method_class(method)  # checks the name
         if crop not in CROP_MODES:
             raise ValueError(f"crop: expected one of {CROP_MODES}, got {crop!r}")
         if cluster_pooling not in CLUSTER_POOLINGS:
@@ -186,7 +189,7 @@ class Extractor:
         spatial_weight = _number("spatial_weight", spatial_weight)
         gem_p = _number("gem_p", gem_p, positive=True)
         whitening_shrinkage = _number("whitening_shrinkage", whitening_shrinkage)
-        self.backbone = backbone if backbone is not None else default_backbone()
+        self.backbone = backbone if backbone is not None else default_backbone(head=chosen.backbone_head)
         if pca_dim is not None and pca_dim > int(self.backbone.dim):
             raise ValueError(
                 f"pca_dim: {pca_dim} is more than the backbone's {int(self.backbone.dim)} feature dimensions"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .base import DescriptorMethod
 from .clustermac import ClusterMAC
+from .clustermac_box import ClusterMACBox
 from .global_pooling import MAC, CroW, GeM, SPoC
 from .rmac import RMAC
 
@@ -16,6 +17,7 @@ METHOD_CLASSES: dict[str, type[DescriptorMethod]] = {
     "crow": CroW,
     "rmac": RMAC,
     "clustermac": ClusterMAC,
+    "clustermac-box": ClusterMACBox,
 }
 #: Every method's name, in the registry's order.
 METHODS = tuple(METHOD_CLASSES)

@@ -74,8 +74,12 @@ def backbone_from_info(info: Mapping[str, Any], n_threads: int | None = None):
     settings = info.get("settings") or {}
     record = (info.get("backbone") or {}).get("onnx")
     max_size = int(settings.get("max_size") or 1024)
-    if record is None:
-        backbone = default_backbone(n_threads=n_threads, max_size=max_size)
+    if record is None:  # the embedded network, with the head of the indexed method and the recorded precision
+        from ..descriptors.registry import method_class
+
+        head = method_class(settings["method"]).backbone_head if settings.get("method") else "relu6"
+        precision = settings.get("backbone_precision", "float32")
+        backbone = default_backbone(n_threads=n_threads, max_size=max_size, precision=precision, head=head)
     else:
         backbone = Backbone(checked_file(record, "backbone ONNX file"), n_threads=n_threads, max_size=max_size)
     if settings.get("backbone") and settings["backbone"] != backbone.name:
