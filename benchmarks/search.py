@@ -7,8 +7,6 @@ needs it in anonymous memory. Each measurement runs in a fresh subprocess (OPENB
 and n_threads = each of ``--threads``), which reports its wall time and peak RSS:
 
 * clustermac: ``topk_search(memmap, queries, k)`` (blocked kernel, threshold selection).
-* index: what ``clustermac.Index``'s exact backend runs (``clustermac.search.exact.exact_topk``:
-  FAISS's scan for candidates, re-scored by clustermac's kernel; results identical to clustermac's).
 * faiss: ``IndexFlatIP`` — the exact index an expert would pick — holding the database (added in
   blocks from the memory-mapped file; the add is not timed, the search is), ``faiss.omp_set_num_threads``.
 * NumPy: the database in blocks of ``--numpy-block`` rows (default 16384: a 64 MB score block
@@ -71,8 +69,6 @@ def worker(
 
     if method == "clustermac":
         from clustermac import topk_search
-    if method == "index":
-        from clustermac.search.exact import exact_topk
     database = np.load(database_file, mmap_mode="r")
     queries = np.load(query_file)
     if method == "faiss":
@@ -93,8 +89,6 @@ def worker(
         scores, indices = topk_search(database, queries, k, threads)
     elif method == "faiss":
         scores, indices = flat.search(queries, k)
-    elif method == "index":
-        scores, indices = exact_topk(database, queries, k, threads)
     else:
         n = database.shape[0]
         scores = np.full((queries.shape[0], k), -np.inf, dtype=np.float32)
@@ -126,7 +120,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--numpy-block", type=int, default=16384)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="thread counts to measure (default 1 2)")
-    parser.add_argument("--methods", nargs="+", default=["clustermac", "index", "faiss", "numpy"])
+    parser.add_argument("--methods", nargs="+", default=["clustermac", "faiss", "numpy"])
     parser.add_argument("--data-dir", type=Path, default=None, help="where to keep the generated vectors (reused)")
     parser.add_argument("--worker", nargs=3, metavar=("METHOD", "DATABASE", "RESULT"), help=argparse.SUPPRESS)
     parser.add_argument("--query-file", help=argparse.SUPPRESS)

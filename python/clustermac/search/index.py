@@ -23,11 +23,10 @@ from typing import Any
 
 import numpy as np
 
-from .. import files
+from .. import _core, files
 from .._typing import PathLike
 from ..descriptors.pipeline import progress_bar
 from ..errors import CorruptFileError
-from .exact import exact_topk
 from .names import BLOB_FILE, OFFSETS_FILE, NameList, read_names
 from .rescore import VectorSources, rescore_candidates
 
@@ -401,7 +400,7 @@ class Index:
         start = 0
         for chunk in self._chunks:
             chunk_k = min(k, chunk.shape[0])
-            scores, indices = exact_topk(chunk, matrix, chunk_k, self._n_threads)
+            scores, indices = _core.topk_search(chunk, matrix, chunk_k, self._n_threads)
             parts_scores.append(scores)
             parts_indices.append(indices + start)
             start += chunk.shape[0]
