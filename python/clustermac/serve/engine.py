@@ -289,9 +289,10 @@ class SearchEngine:
         if qe != "none" and not rerank and state.index.backend != "exact":
             raise BadRequest("qe: query expansion needs the database vectors, which a FAISS index does not keep")
         query_image = load_image(self.resolve(name)) if name is not None else image
-        prepared = extractor.prepare(query_image, box)
-        fmap, rgb = extractor.feature_map(prepared)
-        query = extractor.descriptor_from_feature_map(fmap, rgb)
+        prepared_scales = extractor.prepare_scales(query_image, box)
+        maps = extractor.feature_maps(prepared_scales)
+        query = extractor.descriptor_from_feature_maps(maps)
+        prepared, fmap = prepared_scales[0], maps[0][0]  # scale 1: re-ranking and the figure
         timing["extract"] = _milliseconds(started)
 
         step = time.perf_counter()
