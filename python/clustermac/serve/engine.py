@@ -284,6 +284,8 @@ class SearchEngine:
             raise BadRequest(f"crop: expected one of {', '.join(CROP_MODES)}, got {crop!r}")
         if rerank and state.store is None:
             raise BadRequest("rerank: this index has no feature-map store (index with --store DB.cmfm --write-store)")
+        if rerank and extractor.scales != (1.0,):
+            raise BadRequest("rerank: AML re-ranking is single-scale; this index's descriptors are multi-scale")
         if rerank and qe == "alpha":
             raise BadRequest("qe=alpha is not combined with re-ranking (it expands with the localised top 5): use aqe")
         if qe != "none" and not rerank and state.index.backend != "exact":
