@@ -229,3 +229,37 @@ def test_cli_scales_reach_the_files_and_search_refuses_to_mix(backbone, tmp_path
     assert "img2.png" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="would mix them"):
         main([*search, "--scales", "1", "0.5"])
+
+
+def test_the_evaluation_pipeline_gives_the_extractor_descriptors(backbone, tmp_path):
+    """`clustermac evaluate` keeps every scale's map per image (float16) and pools them as the extractor does."""
+    from clustermac.bench.pipeline import (
+        DatasetFeatureMaps,
+        MethodSpec,
+        compute_feature_maps,
+        descriptors_from_maps,
+        evaluate_methods,
+        fitted_extractor,
+    )
+
+    paths = []
+    for i in range(6):
+        paths.append(str(tmp_path / f"img{i}.png"))
+        Image.fromarray(photo(i)).save(paths[-1])
+    ex = clustermac.Extractor(backbone, "mac", max_size=MAX_SIZE, scales=SCALES)
+    database = compute_feature_maps(ex, paths[:3], progress=False)
+    whitening = compute_feature_maps(ex, paths[3:], progress=False)
+    assert [len(item) for item in database] == [3, 3, 3]
+    maps = DatasetFeatureMaps(database, whitening, {"image": database}, 0.0)
+    spec = MethodSpec("rmac", "rmac", {"scales": SCALES})
+    direct = clustermac.Extractor(backbone, "rmac", max_size=MAX_SIZE, scales=SCALES)
+    pooled = descriptors_from_maps(direct, database)  # float16 maps: close, not bit-identical
+    np.testing.assert_allclose(pooled, direct.extract_many(paths[:3], progress=False), atol=2e-3)
+    # The whitening is learned on every scale of the whitening images (3 images, few vectors: its
+    # mean is stable, its projection's trailing directions are not, so the mean is compared).
+    fitted = fitted_extractor(backbone, spec, maps, MAX_SIZE)
+    direct.fit_whitening(paths[3:], progress=False)
+    np.testing.assert_allclose(fitted.whitening_mean, direct.whitening_mean, atol=2e-3)
+    assert fitted.whitening_projection.shape == direct.whitening_projection.shape
+    with pytest.raises(ValueError, match="rerank: AML re-ranking works on single-scale"):
+        evaluate_methods(None, backbone, maps, [spec], rerank=True, progress=False)
