@@ -107,6 +107,15 @@ def _add_method_options(p: argparse.ArgumentParser) -> None:
         help="ClusterMAC: max-pool each cluster over its own cells ('mask', the paper's, default) or over "
         "its bounding box ('box', our variant)",
     )
+    p.add_argument(
+        "--scales",
+        type=float,
+        nargs="+",
+        default=None,
+        metavar="S",
+        help="multi-scale extraction, e.g. 1 0.7071 0.5 (every method; first 1, decreasing; default: 1, "
+        "single-scale); recorded in the files' settings",
+    )
 
 
 def _backbone_head(method: str) -> str:
@@ -145,6 +154,8 @@ def _method_options(args: argparse.Namespace, method: str) -> dict[str, Any]:
     }
     if getattr(args, "pca_dim", None) is not None:
         options["pca_dim"] = args.pca_dim
+    if getattr(args, "scales", None):
+        options["scales"] = tuple(args.scales)
     return options
 
 
@@ -386,7 +397,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     # Queries are extracted with the settings the indexed descriptors were made with, unless given.
     if not args.method_given and settings.get("method"):
         args.method = settings["method"]
-    for option in ("max_size", "pca_dim", "cluster_pooling", "n_clusters"):
+    for option in ("max_size", "pca_dim", "cluster_pooling", "n_clusters", "scales"):
         if getattr(args, option) is None:
             setattr(args, option, settings.get(option))
     args.grid_regions = args.grid_regions or bool(settings.get("add_grid_regions"))
@@ -399,6 +410,11 @@ def cmd_search(args: argparse.Namespace) -> int:
             "would mix precisions"
         )
     ex = _extractor(args)
+    if settings and list(ex.scales) != list(settings.get("scales", [1.0])):
+        raise SystemExit(
+            f"clustermac: the index holds descriptors of scales {settings.get('scales', [1.0])}; "
+            f"--scales {' '.join(f'{s:g}' for s in ex.scales)} would mix them"
+        )
     if not ex.is_whitened and info.get("whitening"):  # the whitening recorded by `clustermac index --whitening`
         from .search.index_info import checked_file
 
@@ -437,7 +453,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             "clustermac: --whitening-root DIR is needed: whitening is learned on a different image set "
             "(the paper learns it on Paris6k to test on Oxford5k and vice versa)"
         )
-    methods = [MethodSpec(m, m, _method_options(args, m) if m == "clustermac" else {}) for m in args.methods]
+    scales = {"scales": tuple(args.scales)} if args.scales else {}  # every method, one backbone pass per scale
+    methods = [MethodSpec(m, m, _method_options(args, m) if m == "clustermac" else scales) for m in args.methods]
     # With the embedded backbone each method runs on its own head (clustermac-box: uncapped), so
     # the methods are grouped by head, one backbone pass per group.
     embedded = args.backbone in ("default", "efficientnet-lite0") and not args.onnx
@@ -448,7 +465,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for head, specs in groups.items():
         backbone = _backbone(args, head)
         maps = dataset_feature_maps(
-            dataset, backbone, whitening, crops=args.crops, max_size=args.max_size, progress=not args.quiet
+            dataset,
+            backbone,
+            whitening,
+            crops=args.crops,
+            max_size=args.max_size,
+            progress=not args.quiet,
+            scales=tuple(args.scales or (1.0,)),
         )
         part = evaluate_methods(
             dataset,

@@ -26,7 +26,9 @@ from ..search.query_expansion import average_query_expansion
 from .datasets import RetrievalDataset
 from .evaluate import compute_map, revisited_map
 
-FeatureMaps = list  # list of (float16 D×H×W, uint8 H×W×3) or None for an unreadable image
+# list of (float16 D×H×W, uint8 H×W×3) or None for an unreadable image; with multi-scale
+# extraction, a list of such pairs (one per scale) per image.
+FeatureMaps = list
 
 
 @dataclass
@@ -55,16 +57,15 @@ def compute_feature_maps(
     progress: bool = True,
     description: str = "features",
 ) -> FeatureMaps:
-    """Backbone feature maps of many images, kept compactly (float16 maps, uint8 RGB)."""
+    """Backbone feature maps of many images, kept compactly (float16 maps, uint8 RGB); a list of
+    them per image (one per scale) when ``extractor`` is multi-scale."""
     boxes = list(boxes) if boxes is not None else [None] * len(images)
     bar = progress_bar(len(images), description, progress)
     out: FeatureMaps = []
     for image, box in zip(images, boxes):
         try:
-            fmap, rgb = extractor.feature_map(extractor.prepare(image, box))
-            # float16 halves the memory; activations beyond its range (rare) stay float32.
-            compact = fmap.astype(np.float16) if float(fmap.max(initial=0.0)) < 6.0e4 else fmap
-            out.append((compact, np.clip(rgb, 0, 255).astype(np.uint8)))
+            scaled = [_compact(fmap, rgb) for fmap, rgb in extractor.feature_maps(extractor.prepare_scales(image, box))]
+            out.append(scaled[0] if extractor.scales == (1.0,) else scaled)
         except (ValueError, OSError) as error:
             if bar is not None and hasattr(bar, "write"):
                 bar.write(f"skipped {image}: {error}")
@@ -72,6 +73,12 @@ def compute_feature_maps(
         bar.update(1)
     bar.close()
     return out
+
+
+def _compact(fmap: np.ndarray, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    # float16 halves the memory; activations beyond its range (rare) stay float32.
+    compact = fmap.astype(np.float16) if float(fmap.max(initial=0.0)) < 6.0e4 else fmap
+    return compact, np.clip(rgb, 0, 255).astype(np.uint8)
 
 
 def descriptors_from_maps(
@@ -88,7 +95,9 @@ def descriptors_from_maps(
     bar = progress_bar(len(maps), description, progress)
     for i, item in enumerate(maps):
         labels = None
-        if item is not None:
+        if isinstance(item, list):  # multi-scale: no labels kept (AML re-ranking is single-scale)
+            out[i] = extractor.descriptor_from_feature_maps(item)
+        elif item is not None:
             if labels_out is not None and extractor.method == "clustermac":
                 labels = extractor.cluster_labels(np.ascontiguousarray(item[0], dtype=np.float32), item[1])
             out[i] = extractor.descriptor_from_feature_map(item[0], item[1], labels)
@@ -136,11 +145,12 @@ def dataset_feature_maps(
     crops: Sequence[str] = ("image",),
     max_size: int | None = None,
     progress: bool = True,
+    scales: Sequence[float] = (1.0,),
 ) -> DatasetFeatureMaps:
     """One backbone pass over the database, the whitening images and the queries (once per
-    crop mode: crop I runs the network on the cropped query)."""
+    crop mode: crop I runs the network on the cropped query), at each of ``scales``."""
     started = time.perf_counter()
-    base = Extractor(backbone, "mac", max_size=max_size)
+    base = Extractor(backbone, "mac", max_size=max_size, scales=scales)
     database = compute_feature_maps(
         base,
         [str(dataset.image_path(i)) for i in range(len(dataset.images))],
@@ -158,7 +168,7 @@ def dataset_feature_maps(
         raise ValueError("none of the whitening images could be read")
     queries = {}
     for crop in crops:
-        ex = Extractor(backbone, "mac", crop=crop, max_size=max_size)
+        ex = Extractor(backbone, "mac", crop=crop, max_size=max_size, scales=scales)
         paths = [str(dataset.query_path(i)) for i in range(len(dataset.queries))]
         queries[crop] = compute_feature_maps(
             ex, paths, dataset.query_boxes, progress=progress, description=f"queries (crop {crop})"
@@ -172,9 +182,10 @@ def fitted_extractor(
     """An Extractor for ``spec`` with its whitening (and dataset PCA, if asked) learned on the
     whitening set's feature maps."""
     extractor = Extractor(backbone, spec.method, max_size=max_size, **spec.params)
+    scaled = [item if isinstance(item, list) else [item] for item in maps.whitening]
     if extractor.clustering_pca == "dataset":
-        extractor.fit_clustering_pca(maps.whitening[:100])
-    return extractor.fit_whitening_from_maps(maps.whitening)
+        extractor.fit_clustering_pca(pair for item in scaled[:100] for pair in item)
+    return extractor.fit_whitening_from_scaled_maps(scaled)
 
 
 def evaluate_methods(
@@ -197,6 +208,8 @@ def evaluate_methods(
     ClusterMAC are also AML re-ranked (top ``rerank_top``) then QE'd; ``rerank_clusters`` says
     how ClusterMAC is described inside a box (see :func:`_rerank_then_qe`).
     """
+    if rerank and any(isinstance(item, list) for item in maps.database):
+        raise ValueError("rerank: AML re-ranking works on single-scale feature maps, not with multi-scale scales")
     timings: dict[str, float] = {"backbone_s": maps.seconds}
     rows: list[dict[str, Any]] = []
     all_ranks: dict[str, np.ndarray] = {}

@@ -19,7 +19,9 @@ Where each part lives: :mod:`.extractor` (the :class:`Extractor`: preparing imag
 backbone, method dispatch), :mod:`.registry` (name → method class), one module per family of
 methods (:mod:`.global_pooling`, :mod:`.rmac`, :mod:`.clustermac`) on the interface of
 :mod:`.base`, :mod:`.whitening` (learning, saving and loading the whitening), :mod:`.pipeline`
-(threaded extraction of many images) and :mod:`.store` (descriptors of a folder on disk).
+(threaded extraction of many images), :mod:`.multiscale` (the opt-in multi-scale extraction of
+every method, ``Extractor(scales=...)``: the scale loop) and :mod:`.store` (descriptors of a folder
+on disk).
 """
 
 from __future__ import annotations

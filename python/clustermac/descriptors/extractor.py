@@ -22,7 +22,7 @@ from .. import _core
 from .._typing import Box, ImageInput, PathLike
 from ..backbones import Backbone, default_backbone
 from ..images import crop_box, load_image, map_box, resize_max
-from . import pipeline, whitening
+from . import multiscale, pipeline, whitening
 from .base import BoxDescriptor, DescriptorMethod
 from .clustermac import CLUSTER_POOLINGS, cluster_labels, default_pca_dim
 from .registry import method_class
@@ -77,6 +77,16 @@ def _activation_box(box: Box, stride: int, height: int, width: int) -> tuple[int
     x0, y0 = min(max(x0, 0), width - 1), min(max(y0, 0), height - 1)
     x1, y1 = max(min(x1, width), x0 + 1), max(min(y1, height), y0 + 1)
     return x0, y0, x1, y1
+
+
+def _check_finite(descriptor: np.ndarray, maps: Sequence[np.ndarray]) -> None:
+    """Never a NaN or inf descriptor: it would rank arbitrarily and poison an index."""
+    if not np.isfinite(descriptor).all():
+        bad = sum(int(fmap.size - np.count_nonzero(np.isfinite(fmap))) for fmap in maps)
+        raise ValueError(
+            "the descriptor has non-finite values (NaN or inf)"
+            + (f"; the backbone's feature map has {bad} non-finite values" if bad else "")
+        )
 
 
 def rgb_at_feature_resolution(image: Image.Image, height: int, width: int) -> np.ndarray:
@@ -139,6 +149,20 @@ class Extractor:
         inverting. See :func:`clustermac.fit_pca_whitening`.
     seed:
         Seed of the NCut discretisation.
+    scales:
+        Multi-scale extraction (opt-in; default ``(1.0,)``, single-scale, bit-identical to before).
+        Scales must start with 1.0 and strictly decrease, each in (0, 1], e.g. ``(1.0, 0.7071, 0.5)``
+        (cnnimageretrieval's 1, 1/√2, 1/2). At scale s the ORIGINAL image is resized (bicubic, as
+        :func:`clustermac.resize_max`) so that its longer side is ``round(s · min(longer side,
+        max_size))``: s relative to the max_size-resized image, the resize of
+        ``benchmarks/quality.py --scales``. Every scale's regional vectors (a global method: its
+        pooled vector, one "region" per scale) are aggregated together: each l2 → whitening → l2,
+        all summed, l2 (:func:`clustermac.descriptors.multiscale.aggregate_scales`); whitening is
+        learned on the vectors of every scale. Crop I: each scale's resized image is cropped to the
+        box; crop X: the box is mapped into each scale's feature map. A scale < 1 whose image (or
+        crop) has a side shorter than the backbone's stride is skipped for that image (its feature
+        map would be under one cell); scale 1.0 is always kept. Recorded in :meth:`settings` only
+        when not ``(1.0,)``.
     """
 
     def __init__(
@@ -162,6 +186,7 @@ class Extractor:
         whitening_dim: int | None = None,
         whitening_shrinkage: float = 1e-3,
         seed: int = 0,
+        scales: Sequence[float] = (1.0,),
     ) -> None:
         chosen = method_class(method)  # checks the name
         if crop not in CROP_MODES:
@@ -185,6 +210,7 @@ class Extractor:
         rmac_levels = _integer("rmac_levels", rmac_levels, 1)
         whitening_dim = _integer("whitening_dim", whitening_dim, 1, optional=True)
         seed = _integer("seed", seed, 0)
+        scales = multiscale.check_scales(scales)
         z_ratio = _number("z_ratio", z_ratio, positive=True)
         spatial_weight = _number("spatial_weight", spatial_weight)
         gem_p = _number("gem_p", gem_p, positive=True)
@@ -211,6 +237,7 @@ class Extractor:
         self.whitening_dim = whitening_dim
         self.whitening_shrinkage = float(whitening_shrinkage)
         self.seed = int(seed)
+        self.scales = scales
         # Learned state (fit_whitening / load_whitening).
         self.whitening_mean: np.ndarray | None = None
         self.whitening_projection: np.ndarray | None = None
@@ -243,6 +270,8 @@ class Extractor:
         if precision != "float32":
             s["backbone_precision"] = precision
         s.update(self._method.settings())
+        if self.scales != (1.0,):  # recorded only when multi-scale: single-scale fingerprints unchanged
+            s["scales"] = list(self.scales)
         s.update(whitening_shrinkage=self.whitening_shrinkage, whitening_dim=self.whitening_dim)
         return s
 
@@ -259,16 +288,28 @@ class Extractor:
         return int(self.backbone.dim)
 
     # ------------------------------------------------------------------ stages
-    def prepare(self, image: ImageInput, box: Box | None = None) -> PreparedImage:
-        """Load, resize to ``max_size`` and apply the query box according to ``crop``."""
+    def prepare(self, image: ImageInput, box: Box | None = None, max_size: int | None = None) -> PreparedImage:
+        """Load, resize to ``max_size`` (default: the extractor's; another for one scale of a
+        multi-scale extraction) and apply the query box according to ``crop``."""
         pil = load_image(image)
-        resized, scale = resize_max(pil, self.max_size)
+        resized, scale = resize_max(pil, self.max_size if max_size is None else max_size)
         if box is None:
             return PreparedImage(resized, None)
         mapped = map_box(box, scale, pil.size)
         if self.crop == "image":
             return PreparedImage(crop_box(resized, mapped), None)
         return PreparedImage(resized, tuple(float(v) for v in mapped))
+
+    def prepare_scales(self, image: ImageInput, box: Box | None = None) -> list[PreparedImage]:
+        """The image prepared at each of :attr:`scales` (:func:`multiscale.prepare_scales`);
+        ``[prepare(image, box)]`` when single-scale."""
+        if self.scales == (1.0,):
+            return [self.prepare(image, box)]
+        return multiscale.prepare_scales(self, image, box)
+
+    def feature_maps(self, prepared: Sequence[PreparedImage]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """:meth:`feature_map` of every scale's prepared image."""
+        return [self.feature_map(p) for p in prepared]
 
     def feature_map(self, prepared: PreparedImage) -> tuple[np.ndarray, np.ndarray]:
         """Run the backbone; returns the D×H×W map (cropped for crop X) and the H×W×3 RGB."""
@@ -313,13 +354,18 @@ class Extractor:
             if self.whitening_projection is not None:
                 whitened = _core.apply_whitening(descriptor[None, :], self.whitening_mean, self.whitening_projection)
                 descriptor = _core.l2_normalize(whitened[0])
-        if not np.isfinite(descriptor).all():
-            # Never a NaN or inf descriptor: it would rank arbitrarily and poison an index.
-            bad = int(fmap.size - np.count_nonzero(np.isfinite(fmap)))
-            raise ValueError(
-                "the descriptor has non-finite values (NaN or inf)"
-                + (f"; the backbone's feature map has {bad} non-finite values" if bad else "")
-            )
+        _check_finite(descriptor, [fmap])
+        return descriptor
+
+    def descriptor_from_feature_maps(self, maps: Sequence[tuple[np.ndarray, np.ndarray | None]]) -> np.ndarray:
+        """The descriptor of one image from its (feature map, rgb) at every scale
+        (:meth:`feature_maps`). One map: :meth:`descriptor_from_feature_map`, bit for bit. Several:
+        the rows of every scale aggregated together (see :mod:`clustermac.descriptors.multiscale`)."""
+        if len(maps) == 1:
+            return self.descriptor_from_feature_map(*maps[0])
+        vectors = multiscale.all_scale_vectors(self, maps)
+        descriptor = _core.aggregate_regions(vectors, self.whitening_mean, self.whitening_projection)
+        _check_finite(descriptor, [fmap for fmap, _ in maps])
         return descriptor
 
     def box_descriptor(self) -> BoxDescriptor:
@@ -327,7 +373,12 @@ class Extractor:
         AML box, computed on a :class:`clustermac.FeatureMapStore`'s 8-bit codes for R-MAC
         (:class:`clustermac.RMACInBox`) and ClusterMAC (:class:`clustermac.ClusterMACInBox`,
         which needs the database's cluster labels in the store: :meth:`cluster_labels`), else
-        on the dequantised crop."""
+        on the dequantised crop. Not available with multi-scale :attr:`scales` (the stored maps
+        are of one scale): a ValueError."""
+        if self.scales != (1.0,):
+            raise ValueError(
+                f"AML re-ranking describes boxes on single-scale feature maps; not available with scales={self.scales}"
+            )
         return self._method.box_descriptor()
 
     # ------------------------------------------------------------------ public API
@@ -337,8 +388,7 @@ class Extractor:
         ``box`` = (x1, y1, x2, y2) in the original image's pixels makes it a query, applied
         according to ``crop``. Returns a 1-D float32 unit vector of length :attr:`dim`.
         """
-        fmap, rgb = self.feature_map(self.prepare(image, box))
-        return self.descriptor_from_feature_map(fmap, rgb)
+        return self.descriptor_from_feature_maps(self.feature_maps(self.prepare_scales(image, box)))
 
     def extract_many(
         self,
@@ -381,8 +431,9 @@ class Extractor:
             # The clustering PCA first, from the first images; the regional vectors depend on
             # it, so they come in a second pass.
             first = images[: whitening.PCA_IMAGES]
-            self.fit_clustering_pca(pipeline.iter_feature_maps(self, first, progress, "clustering PCA"))
-        return self.fit_whitening_from_maps(pipeline.iter_feature_maps(self, images, progress, "whitening"))
+            scaled = pipeline.iter_feature_maps(self, first, progress, "clustering PCA")
+            self.fit_clustering_pca(pair for maps in scaled for pair in maps)
+        return self.fit_whitening_from_scaled_maps(pipeline.iter_feature_maps(self, images, progress, "whitening"))
 
     def fit_clustering_pca(self, maps: Iterable[tuple[np.ndarray, np.ndarray]]) -> Extractor:
         """Learn the dataset PCA of the clustering step from (feature map, rgb) pairs."""
@@ -393,8 +444,13 @@ class Extractor:
     def fit_whitening_from_maps(self, maps: Iterable[tuple[np.ndarray, np.ndarray]]) -> Extractor:
         """Learn the PCA-whitening from (feature map, rgb) pairs of a separate image set:
         on regional vectors for R-MAC/ClusterMAC, on global vectors for the others."""
+        return self.fit_whitening_from_scaled_maps([pair] for pair in maps)
+
+    def fit_whitening_from_scaled_maps(self, images: Iterable[Sequence[tuple[np.ndarray, np.ndarray]]]) -> Extractor:
+        """:meth:`fit_whitening_from_maps` for multi-scale extraction: one sequence of (feature map,
+        rgb) per image, one pair per scale (:meth:`feature_maps`); learned on the vectors of every scale."""
         self.whitening_mean = self.whitening_projection = None
-        vectors = [self.training_vectors(fmap, rgb) for fmap, rgb in maps]
+        vectors = [np.concatenate([self.training_vectors(fmap, rgb) for fmap, rgb in maps]) for maps in images]
         self.whitening_mean, self.whitening_projection = whitening.fit_whitening_on_vectors(
             vectors, self.whitening_dim, self.whitening_shrinkage
         )
@@ -421,6 +477,7 @@ class Extractor:
         backbone, method or setting that changes the regional vectors. An extractor made without
         ``whitening_dim`` takes the file's output dimension (``fit-whitening --dim 256``)."""
         settings, recorded = self._whitening_settings(), {}
+        settings["scales"] = list(self.scales)  # checked both ways: a single-scale extractor refuses a multi-scale file
         if self.whitening_dim is None:  # no output dimension asked for: the file's (e.g. 256) is used
             del settings["whitening_dim"]
         arrays = whitening.load_whitening_file(path, settings, recorded)

@@ -42,14 +42,14 @@ def iter_descriptors(
     boxes = list(boxes) if boxes is not None else [None] * len(images)
     bar = progress_bar(len(images), description, progress)
 
-    def prepare(i: int) -> PreparedImage | Exception:
+    def prepare(i: int) -> list[PreparedImage] | Exception:
         try:
-            return extractor.prepare(images[i], boxes[i])
+            return extractor.prepare_scales(images[i], boxes[i])
         except Exception as error:  # reported to the caller, per image
             return _named_error(images[i], error)
 
-    def pool(fmap: np.ndarray, rgb: np.ndarray) -> np.ndarray:
-        return extractor.descriptor_from_feature_map(fmap, rgb)
+    def pool(maps: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+        return extractor.descriptor_from_feature_maps(maps)
 
     with ThreadPoolExecutor(max_workers=1) as decoder, ThreadPoolExecutor(max_workers=1) as pooler:
         pending = {i: decoder.submit(prepare, i) for i in range(min(_LOOKAHEAD, len(images)))}
@@ -63,8 +63,7 @@ def iter_descriptors(
                 current = (i, prepared)
             else:
                 try:
-                    fmap, rgb = extractor.feature_map(prepared)
-                    current = (i, pooler.submit(pool, fmap, rgb))
+                    current = (i, pooler.submit(pool, extractor.feature_maps(prepared)))
                 except Exception as error:
                     current = (i, _named_error(images[i], error))
             if pooled is not None:
@@ -79,12 +78,13 @@ def iter_descriptors(
 
 def iter_feature_maps(
     extractor: Extractor, images: Sequence[ImageInput], progress: bool, description: str
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(feature map, rgb) of each readable image; unreadable ones are skipped with a warning."""
+) -> Iterator[list[tuple[np.ndarray, np.ndarray]]]:
+    """[(feature map, rgb) at each scale] of each readable image (:meth:`Extractor.feature_maps`);
+    unreadable ones are skipped with a warning."""
     bar = progress_bar(len(images), description, progress)
     for image in images:
         try:
-            yield extractor.feature_map(extractor.prepare(image))
+            yield extractor.feature_maps(extractor.prepare_scales(image))
         except (ValueError, OSError) as error:
             warnings.warn(f"skipping {_name_of(image)}: {error}", stacklevel=2)
         finally:

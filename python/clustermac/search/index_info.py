@@ -97,6 +97,8 @@ def _extractor_keywords(settings: Mapping[str, Any]) -> dict[str, Any]:
     keywords = {key: value for key, value in settings.items() if key in accepted}
     if "n_clusters" in keywords:
         keywords["n_clusters"] = tuple(keywords["n_clusters"])
+    if "scales" in keywords:  # a JSON list in the settings
+        keywords["scales"] = tuple(keywords["scales"])
     return keywords
 
 

@@ -284,14 +284,17 @@ class SearchEngine:
             raise BadRequest(f"crop: expected one of {', '.join(CROP_MODES)}, got {crop!r}")
         if rerank and state.store is None:
             raise BadRequest("rerank: this index has no feature-map store (index with --store DB.cmfm --write-store)")
+        if rerank and extractor.scales != (1.0,):
+            raise BadRequest("rerank: AML re-ranking is single-scale; this index's descriptors are multi-scale")
         if rerank and qe == "alpha":
             raise BadRequest("qe=alpha is not combined with re-ranking (it expands with the localised top 5): use aqe")
         if qe != "none" and not rerank and state.index.backend != "exact":
             raise BadRequest("qe: query expansion needs the database vectors, which a FAISS index does not keep")
         query_image = load_image(self.resolve(name)) if name is not None else image
-        prepared = extractor.prepare(query_image, box)
-        fmap, rgb = extractor.feature_map(prepared)
-        query = extractor.descriptor_from_feature_map(fmap, rgb)
+        prepared_scales = extractor.prepare_scales(query_image, box)
+        maps = extractor.feature_maps(prepared_scales)
+        query = extractor.descriptor_from_feature_maps(maps)
+        prepared, fmap = prepared_scales[0], maps[0][0]  # scale 1: re-ranking and the figure
         timing["extract"] = _milliseconds(started)
 
         step = time.perf_counter()
