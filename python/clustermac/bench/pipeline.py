@@ -19,6 +19,7 @@ import numpy as np
 from .. import _core
 from ..backbones import Backbone
 from ..descriptors import REGIONAL_METHODS, Extractor
+from ..descriptors.global_pooling import mac_vector
 from ..descriptors.pipeline import progress_bar
 from ..search import rerank
 from ..search.feature_map_store import FeatureMapStore, FeatureMapStoreWriter
@@ -310,7 +311,7 @@ def _rerank_then_qe(
             if item is None:
                 continue
             fmap = np.ascontiguousarray(item[0], dtype=np.float32)
-            query_mac = _core.region_mac(fmap, np.zeros(fmap.shape[1:], dtype=np.int32))[0]
+            query_mac = mac_vector(fmap)
             result = rerank.aml_rerank(
                 query_mac,
                 queries[q],

@@ -157,7 +157,7 @@ class Extractor:
         max_size))``: s relative to the max_size-resized image, the resize of
         ``benchmarks/quality.py --scales``. Every scale's regional vectors (a global method: its
         pooled vector, one "region" per scale) are aggregated together: each l2 → whitening → l2,
-        all summed, l2 (:func:`clustermac.descriptors.multiscale.aggregate_scales`); whitening is
+        all summed, l2 (:func:`clustermac.descriptors.multiscale.all_scale_vectors`); whitening is
         learned on the vectors of every scale. Crop I: each scale's resized image is cropped to the
         box; crop X: the box is mapped into each scale's feature map. A scale < 1 whose image (or
         crop) has a side shorter than the backbone's stride is skipped for that image (its feature
@@ -456,12 +456,17 @@ class Extractor:
         )
         return self
 
-    def training_vectors(self, fmap: np.ndarray, rgb: np.ndarray | None) -> np.ndarray:
-        """The l2-normalised vectors of one image that whitening is learned on."""
+    def aggregation_rows(self, fmap: np.ndarray, rgb: np.ndarray | None) -> np.ndarray:
+        """The un-normalised rows one feature map contributes to the descriptor and to the
+        whitening: its regional vectors (K×D), or a global method's pooled vector (1×D)."""
         fmap = np.ascontiguousarray(fmap, dtype=np.float32)
         if self._method.regional:
-            return _core.l2_normalize(self.regional_vectors(fmap, rgb))
-        return _core.l2_normalize(self.pooled_vector(fmap))[None, :]
+            return self.regional_vectors(fmap, rgb)
+        return self.pooled_vector(fmap)[None, :]
+
+    def training_vectors(self, fmap: np.ndarray, rgb: np.ndarray | None) -> np.ndarray:
+        """The l2-normalised vectors of one image that whitening is learned on."""
+        return _core.l2_normalize(self.aggregation_rows(fmap, rgb))
 
     def save_whitening(self, path: PathLike) -> None:
         """Save the learned whitening with the settings it was learned for (atomic write)."""

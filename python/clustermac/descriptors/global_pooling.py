@@ -17,7 +17,13 @@ import numpy as np
 from .. import _core
 from .base import DescriptorMethod
 
-__all__ = ["MAC", "SPoC", "GeM", "CroW"]
+__all__ = ["MAC", "SPoC", "GeM", "CroW", "mac_vector"]
+
+
+def mac_vector(fmap: np.ndarray) -> np.ndarray:
+    """The MAC vector of a whole D×H×W float32 feature map (max over all locations), length D;
+    also the query side of AML re-ranking."""
+    return _core.region_mac(fmap, np.zeros(fmap.shape[1:], dtype=np.int32))[0]
 
 
 class MAC(DescriptorMethod):
@@ -26,7 +32,7 @@ class MAC(DescriptorMethod):
     name = "mac"
 
     def pooled_vector(self, fmap: np.ndarray) -> np.ndarray:
-        return _core.region_mac(fmap, np.zeros(fmap.shape[1:], dtype=np.int32))[0]
+        return mac_vector(fmap)
 
 
 class SPoC(DescriptorMethod):

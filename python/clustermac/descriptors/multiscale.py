@@ -24,7 +24,7 @@ from ..images import load_image
 if TYPE_CHECKING:  # the extractor imports this module, not the other way round
     from .extractor import Extractor, PreparedImage
 
-__all__ = ["check_scales", "scaled_size", "prepare_scales", "scale_vectors", "all_scale_vectors"]
+__all__ = ["check_scales", "scaled_size", "prepare_scales", "all_scale_vectors"]
 
 FeatureMapPair = tuple[np.ndarray, np.ndarray]
 
@@ -70,15 +70,7 @@ def prepare_scales(extractor: Extractor, image: ImageInput, box: Box | None = No
     return prepared
 
 
-def scale_vectors(extractor: Extractor, fmap: np.ndarray, rgb: np.ndarray | None) -> np.ndarray:
-    """The un-normalised rows one scale adds to the aggregation: its regional vectors (K×D), or a
-    global method's pooled vector (1×D)."""
-    fmap = np.ascontiguousarray(fmap, dtype=np.float32)
-    if extractor._method.regional:
-        return extractor.regional_vectors(fmap, rgb)
-    return extractor.pooled_vector(fmap)[None, :]
-
-
 def all_scale_vectors(extractor: Extractor, maps: Sequence[FeatureMapPair]) -> np.ndarray:
-    """The rows of every scale, stacked (scale 1 first)."""
-    return np.ascontiguousarray(np.concatenate([scale_vectors(extractor, f, r) for f, r in maps]), dtype=np.float32)
+    """The rows of every scale (:meth:`Extractor.aggregation_rows`), stacked (scale 1 first)."""
+    rows = [extractor.aggregation_rows(fmap, rgb) for fmap, rgb in maps]
+    return np.ascontiguousarray(np.concatenate(rows), dtype=np.float32)

@@ -23,7 +23,6 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image
 
-from .. import _core
 from .._typing import PathLike
 from ..descriptors import CROP_MODES
 from ..files import current_version
@@ -344,17 +343,11 @@ class SearchEngine:
         return alpha_query_expansion(query, top_vectors, ranks, k=len(top_vectors))[0]
 
     def _rerank(self, state: _Loaded, extractor, fmap: np.ndarray, query: np.ndarray, rows, box, qe: str):
-        from ..descriptors import REGIONAL_METHODS
+        from ..descriptors.global_pooling import mac_vector
         from ..search import aml_rerank
 
-        if extractor.method in REGIONAL_METHODS:
-            descriptor_fn = extractor.box_descriptor()
-        else:
-
-            def descriptor_fn(crop: np.ndarray) -> np.ndarray:
-                return extractor.descriptor_from_feature_map(crop, None)
-
-        query_mac = _core.region_mac(fmap, np.zeros(fmap.shape[1:], dtype=np.int32))[0]
+        descriptor_fn = extractor.box_descriptor()  # a global method: itself on the dequantised crop
+        query_mac = mac_vector(fmap)
         aspect = None if box is None else (box[2] - box[0]) / (box[3] - box[1])
         candidates = rows[rows >= 0]
         result = aml_rerank(
