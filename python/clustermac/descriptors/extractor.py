@@ -91,7 +91,8 @@ def _check_finite(descriptor: np.ndarray, maps: Sequence[np.ndarray]) -> None:
 
 def rgb_at_feature_resolution(image: Image.Image, height: int, width: int) -> np.ndarray:
     """The image resized to the feature map's H×W, as float32 H×W×3 (for the RGB NCut)."""
-    small = image.convert("RGB").resize((width, height), Image.BILINEAR)
+    rgb = image if image.mode == "RGB" else image.convert("RGB")  # convert() copies even an RGB image
+    small = rgb.resize((width, height), Image.BILINEAR)
     return np.asarray(small, dtype=np.float32)
 
 
