@@ -53,12 +53,12 @@ def photos(n: int, size: int, seed: int = 0) -> list[Image.Image]:
     return out
 
 
-def make_backbone(name: str, threads: int, onnx: str | None, method: str = "clustermac"):
+def make_backbone(name: str, threads: int, onnx: str | None, method: str = "clustermac", precision: str = "float32"):
     from clustermac.backbones import Backbone, default_backbone
     from clustermac.descriptors.registry import method_class
 
     if name == "default":
-        return default_backbone(n_threads=threads, head=method_class(method).backbone_head)
+        return default_backbone(n_threads=threads, head=method_class(method).backbone_head, precision=precision)
     if onnx is None:
         from clustermac.backbones.export import export_backbone
 
@@ -66,7 +66,7 @@ def make_backbone(name: str, threads: int, onnx: str | None, method: str = "clus
         if not os.path.exists(onnx):
             print(f"exporting {name} with random weights to {onnx}", flush=True)
             export_backbone(name, onnx, weights=None)
-    return Backbone(onnx, preset=name, n_threads=threads)
+    return Backbone(onnx, preset=name, n_threads=threads, precision=precision)
 
 
 def spinning_backbone(backbone):
@@ -79,18 +79,22 @@ def spinning_backbone(backbone):
     return copy
 
 
-def time_bare(extractor, images) -> float:
-    """Seconds for decode + resize + network on every image, sequentially."""
-    t0 = time.perf_counter()
+def time_bare(extractor, images, cpu: list[float] | None = None) -> float:
+    """Seconds for decode + resize + network on every image, sequentially (CPU seconds appended to ``cpu``)."""
+    t0, c0 = time.perf_counter(), time.process_time()
     for img in images:
         extractor.backbone.features(extractor.prepare(img).image)
+    if cpu is not None:
+        cpu.append(time.process_time() - c0)
     return time.perf_counter() - t0
 
 
-def time_full(extractor, images) -> float:
-    """Seconds for Extractor.extract_many on the images (the overlapped pipeline)."""
-    t0 = time.perf_counter()
+def time_full(extractor, images, cpu: list[float] | None = None) -> float:
+    """Seconds for Extractor.extract_many on the images, the overlapped pipeline (CPU seconds appended to ``cpu``)."""
+    t0, c0 = time.perf_counter(), time.process_time()
     extractor.extract_many(images, progress=False)
+    if cpu is not None:
+        cpu.append(time.process_time() - c0)
     return time.perf_counter() - t0
 
 
@@ -123,14 +127,14 @@ def time_steps(extractor, images) -> dict[str, float]:
 def time_extraction(args) -> dict:
     from clustermac.descriptors import Extractor
 
-    backbone = make_backbone(args.backbone, args.threads, args.onnx, args.method)
+    backbone = make_backbone(args.backbone, args.threads, args.onnx, args.method, args.precision)
     images = photos(args.n_images, args.max_size)
     extractor = Extractor(backbone, args.method, max_size=args.max_size)
-    bare_times, full_times, compare_times = [], [], []
+    bare_times, full_times, compare_times, bare_cpu, full_cpu = [], [], [], [], []
     extractor.extract_many(images[:1], progress=False)  # warm-up (session, caches)
     other = None
     if args.compare:
-        other_backbone = make_backbone(args.backbone, args.threads, args.onnx, args.compare)
+        other_backbone = make_backbone(args.backbone, args.threads, args.onnx, args.compare, args.precision)
         other = Extractor(other_backbone, args.compare, max_size=args.max_size)
         other.extract_many(images[:1], progress=False)
     spinning = None
@@ -144,8 +148,8 @@ def time_extraction(args) -> dict:
         if spinning is not None:
             spinning_times["bare"].append(time_bare(spinning, images))
             spinning_times["full"].append(time_full(spinning, images))
-        bare_times.append(time_bare(extractor, images))
-        full_times.append(time_full(extractor, images))
+        bare_times.append(time_bare(extractor, images, bare_cpu))
+        full_times.append(time_full(extractor, images, full_cpu))
     bare, full = statistics.median(bare_times), statistics.median(full_times)
     if spinning is not None:
         compared = {
@@ -172,6 +176,10 @@ def time_extraction(args) -> dict:
         "bare_s_per_image": bare / len(images),
         "full_s_per_image": full / len(images),
         "overhead_percent": 100.0 * (full / bare - 1.0),
+        # CPU seconds of the process (all threads): the work added, less sensitive to other jobs than wall time.
+        "bare_cpu_s_per_image": statistics.median(bare_cpu) / len(images),
+        "full_cpu_s_per_image": statistics.median(full_cpu) / len(images),
+        "load_average": os.getloadavg()[0],
         "bare_runs_s": bare_times,
         "full_runs_s": full_times,
         **compared,
@@ -212,6 +220,7 @@ def main(argv=None) -> int:
     parser.add_argument("--backbone", default="default", choices=("default", "vgg16", "resnet101"))
     parser.add_argument("--onnx", help="use this ONNX file for --backbone vgg16/resnet101 instead of a random export")
     parser.add_argument("--method", default="clustermac")
+    parser.add_argument("--precision", default="float32", choices=("float32", "int8"), help="the backbone's precision")
     parser.add_argument("--compare", help="also time this method's full extraction in the same rounds")
     parser.add_argument("--n-images", type=int, default=12)
     parser.add_argument("--max-size", type=int, default=1024)
@@ -254,7 +263,9 @@ def main(argv=None) -> int:
         f"{result['backbone']} at {args.max_size} px, {args.threads} threads, median of {args.repeats}: "
         f"bare {1000 * result['bare_s_per_image']:.0f} ms/image, "
         f"full {args.method} {1000 * result['full_s_per_image']:.0f} ms/image, "
-        f"overhead {result['overhead_percent']:+.1f} %"
+        f"overhead {result['overhead_percent']:+.1f} %; CPU time bare {1000 * result['bare_cpu_s_per_image']:.0f} "
+        f"ms/image, full {1000 * result['full_cpu_s_per_image']:.0f} ms/image; "
+        f"load average {result['load_average']:.1f}"
     )
     if args.spinning_reference:
         bare_spin, full_spin = result["spinning_bare_s_per_image"], result["spinning_full_s_per_image"]
