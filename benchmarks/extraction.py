@@ -185,8 +185,7 @@ def time_extraction(args) -> dict:
         **compared,
     }
     if args.breakdown:
-        if extractor._method.regional:  # a whitening, so that the aggregation step does its real work
-            extractor.fit_whitening(images, progress=False)
+        extractor.fit_whitening(images, progress=False)  # so that the aggregation step does its real work
         rounds = [time_steps(extractor, images) for _ in range(args.repeats)]
         result["steps_ms_per_image"] = {
             step: 1000 * statistics.median(r[step] for r in rounds) / len(images) for step in rounds[0]
@@ -231,6 +230,11 @@ def main(argv=None) -> int:
     parser.add_argument("--memory", type=int, nargs="*", help="peak-memory mode: folder sizes to extract")
     parser.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.breakdown:
+        from clustermac.descriptors.registry import method_class
+
+        if not method_class(args.method).regional:
+            parser.error(f"--breakdown times the steps of a regional method (R-MAC, ClusterMAC), not {args.method}")
 
     if args.memory_child is not None:
         peak_memory_child(args.memory_child, args.backbone, args.method, args.max_size)
