@@ -147,8 +147,10 @@ def main(argv=None) -> int:
                 session.run(None, x)
             times[name].append(1000 * (time.perf_counter() - t0) / len(inputs))
     reference = statistics.median(times["float32"])
-    print(f"bare network, {args.max_size} px, {args.threads} threads, median of {args.repeats}; load average "
-          f"{os.getloadavg()[0]:.1f}")
+    print(
+        f"bare network, {args.max_size} px, {args.threads} threads, median of {args.repeats}; load average "
+        f"{os.getloadavg()[0]:.1f}"
+    )
     for name, runs in times.items():
         median = statistics.median(runs)
         print(f"  {name:22s} {median:7.1f} ms/image   float32 / this {reference / median:.2f}x")
