@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import clustermac
-from clustermac.search.index_info import _extractor_keywords
+from clustermac.search.index_info import _extractor_keywords, extractor_from_info
 
 MAX_SIZE = 128
 
@@ -84,3 +84,30 @@ def test_bfloat16_extractor_clusters_with_the_bf16_similarity(tiny_backbone, tmp
     expected = clustermac.cluster_feature_map(fmap, rgb, pca_dim=ex.pca_dim, similarity_precision="bfloat16")
     for got, want in zip(ex.cluster_labels(fmap, rgb), expected, strict=True):
         np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.bf16
+def test_cli_records_bfloat16_and_search_describes_queries_the_same_way(tmp_path, pooling_model, write_photos, capsys):
+    from clustermac.cli import main
+
+    model, _, _ = pooling_model(tmp_path / "tiny.onnx", 512, 16, preset="vgg16")
+    photos = tmp_path / "photos"
+    names = write_photos(photos, n=3, size=MAX_SIZE)
+    backbone = ["--backbone", str(model), "--threads", "1"]
+    out = tmp_path / "d.npy"
+    extract = ["extract", str(photos), "--out", str(out), "--max-size", str(MAX_SIZE), "--quiet", *backbone]
+    assert main([*extract, "--similarity-precision", "bfloat16"]) == 0
+    vectors, manifest = clustermac.load_descriptors(out)
+    assert manifest["settings"]["similarity_precision"] == "bfloat16"
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    assert main(["index", str(out), "--out", str(tmp_path / "idx")]) == 0
+    capsys.readouterr()
+    # No --similarity-precision: the query is described as the index's images were (bfloat16), so
+    # the indexed photo finds itself with a score of 1.
+    assert main(["search", str(photos / names[1]), "--index", str(tmp_path / "idx"), "-k", "1", *backbone]) == 0
+    _, score, name = capsys.readouterr().out.split()[:3]
+    assert name == names[1] and float(score) == pytest.approx(1.0, abs=1e-5)
+    # The server's path: the extractor rebuilt from the index's recorded settings.
+    info = clustermac.Index.load(tmp_path / "idx").info
+    rebuilt = extractor_from_info(info, backbone=clustermac.Backbone(model, n_threads=1))
+    assert rebuilt.similarity_precision == "bfloat16"
