@@ -22,8 +22,9 @@ from clustermac import _core
 
 rng = np.random.default_rng(3)
 out = {}
-# N = 768 (24 x 32, D = 96 > N / 8: both PCA operators' widths) and N = 3072 (48 x 64), planted regions.
-for h, w, c in ((24, 32, 7), (48, 64, 4)):
+# N = 768 (24 x 32) and N = 3072 (48 x 64), the paper's sizes, and N = 667 (23 x 29, C = 5: rows and
+# columns that leave partial tiles), planted regions.
+for h, w, c in ((24, 32, 7), (48, 64, 4), (23, 29, 5)):
     d = 96
     yy, xx = np.mgrid[:h, :w]
     truth = ((yy // (h // 3)) * 3 + xx // (w // 3)).clip(0, 8)
@@ -66,7 +67,7 @@ def test_avx512_products_give_the_bits_of_the_avx2_ones(tmp_path):
             np.testing.assert_array_equal(capped[key], default[key], err_msg=key)
 
     # And the results are right: the PCA against NumPy's SVD, the embedding against eigh.
-    for n in (768, 3072):
+    for n in (768, 3072, 667):
         flat = default[f"flat_{n}"].astype(np.float64)
         projected, variances = default[f"pca_{n}"], default[f"variances_{n}"]
         singular = np.linalg.svd(flat - flat.mean(axis=0), compute_uv=False)
