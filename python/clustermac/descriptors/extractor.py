@@ -134,7 +134,7 @@ class Extractor:
         AVX512-BF16, else :func:`clustermac.cluster_feature_map` raises ``ValueError``). The two
         give different partitions, so the choice is a fixed setting, never the CPU's: bfloat16
         is recorded in :meth:`settings` (float32, the default, is not, so the settings of files
-        written before the option existed are unchanged). See the README, "Similarity precision".
+        written before the option existed are unchanged). See the README, "Similarity precision and clustering speed".
     clustering_pca:
         ``"image"`` (the paper: PCA per image) or ``"dataset"`` (learned by
         :meth:`fit_whitening` on the whitening images).

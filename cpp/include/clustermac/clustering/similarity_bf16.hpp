@@ -26,7 +26,7 @@ namespace clustermac {
 // different partitions (and so different descriptors) and a choice made from the CPU would make
 // the same image give different descriptors on different machines. bfloat16 is recorded in the
 // settings that travel with the files (Extractor(similarity_precision=...)); on the machines
-// measured it is not even reliably faster (README, "Similarity precision").
+// measured it is not even reliably faster (README, "Similarity precision and clustering speed").
 enum class SimilarityPrecision { float32, bfloat16 };
 
 inline SimilarityPrecision parse_similarity_precision(const std::string& name) {
