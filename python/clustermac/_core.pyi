@@ -54,7 +54,7 @@ def apply_whitening(vectors: numpy.typing.NDArray[numpy.float32], mean: numpy.ty
     """
     (vectors − mean)·projectionᵀ → float32 N×dim. No normalisation: l2-normalise the result yourself. NaN or Inf in any argument, or a result that overflows float32, raises ValueError.
     """
-def cluster_feature_map(feature_map: numpy.typing.NDArray[numpy.float32], rgb: numpy.typing.NDArray[numpy.float32] | None = None, n_clusters: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex] = [5, 20], rgb_clusters: typing.SupportsInt | typing.SupportsIndex = 5, pca_dim: typing.SupportsInt | typing.SupportsIndex = 4, z_ratio: typing.SupportsFloat | typing.SupportsIndex = 0.05000000074505806, spatial_weight: typing.SupportsFloat | typing.SupportsIndex = 0.0, seed: typing.SupportsInt | typing.SupportsIndex = 0, normalization: str = 'sym', pca_mean: numpy.typing.NDArray[numpy.float32] | None = None, pca_basis: numpy.typing.NDArray[numpy.float32] | None = None, similarity_precision: str = 'auto') -> list[numpy.typing.NDArray[numpy.int32]]:
+def cluster_feature_map(feature_map: numpy.typing.NDArray[numpy.float32], rgb: numpy.typing.NDArray[numpy.float32] | None = None, n_clusters: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex] = [5, 20], rgb_clusters: typing.SupportsInt | typing.SupportsIndex = 5, pca_dim: typing.SupportsInt | typing.SupportsIndex = 4, z_ratio: typing.SupportsFloat | typing.SupportsIndex = 0.05000000074505806, spatial_weight: typing.SupportsFloat | typing.SupportsIndex = 0.0, seed: typing.SupportsInt | typing.SupportsIndex = 0, normalization: str = 'sym', pca_mean: numpy.typing.NDArray[numpy.float32] | None = None, pca_basis: numpy.typing.NDArray[numpy.float32] | None = None, similarity_precision: str = 'float32') -> list[numpy.typing.NDArray[numpy.int32]]:
     """
     The paper's per-image clustering: list of int32 H x W label maps.
     
@@ -71,14 +71,15 @@ def cluster_feature_map(feature_map: numpy.typing.NDArray[numpy.float32], rgb: n
     deviation (the ablation of the paper's Fig. 6). normalization: "sym" (default) or "shi", see
     ncut_embedding. The N x N similarity workspace is kept per thread between calls when
     N <= 4096, to avoid page-faulting a fresh one for every image.
-    similarity_precision: how that similarity is stored for the eigensolver. "float32"; "bfloat16"
-    (CPUs with AVX512-BF16: the eigensolver's products at about half the cost, 8 significant bits
-    per similarity); "auto" (default) takes bfloat16 for N >= 2048 locations when the CPU has it,
-    float32 otherwise. The environment variable CLUSTERMAC_NO_BF16 makes "auto" always float32.
+    similarity_precision: how that similarity is stored for the eigensolver: "float32" (default,
+    on every CPU) or "bfloat16" (only when asked for; CPUs with AVX512-BF16, else ValueError: the
+    eigensolver's products with VDPBF16PS, 8 significant bits per similarity). The two give
+    different partitions, so the choice never depends on the CPU; Extractor records "bfloat16" in
+    its settings.
     Limits (ValueError): N = H*W <= 65,536 locations (the N x N float32 similarity takes 16 GiB
     there); z_ratio >= 1e-8 (see affinity).
     """
-def cluster_feature_maps(feature_maps: list[numpy.typing.NDArray[numpy.float32]], rgbs: collections.abc.Sequence[numpy.typing.NDArray[numpy.float32] | None] | None = None, n_clusters: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex] = [5, 20], rgb_clusters: typing.SupportsInt | typing.SupportsIndex = 5, pca_dim: typing.SupportsInt | typing.SupportsIndex = 4, z_ratio: typing.SupportsFloat | typing.SupportsIndex = 0.05000000074505806, spatial_weight: typing.SupportsFloat | typing.SupportsIndex = 0.0, seed: typing.SupportsInt | typing.SupportsIndex = 0, normalization: str = 'sym', pca_mean: numpy.typing.NDArray[numpy.float32] | None = None, pca_basis: numpy.typing.NDArray[numpy.float32] | None = None, n_threads: typing.SupportsInt | typing.SupportsIndex = 0, similarity_precision: str = 'auto') -> list[list[numpy.typing.NDArray[numpy.int32]]]:
+def cluster_feature_maps(feature_maps: list[numpy.typing.NDArray[numpy.float32]], rgbs: collections.abc.Sequence[numpy.typing.NDArray[numpy.float32] | None] | None = None, n_clusters: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex] = [5, 20], rgb_clusters: typing.SupportsInt | typing.SupportsIndex = 5, pca_dim: typing.SupportsInt | typing.SupportsIndex = 4, z_ratio: typing.SupportsFloat | typing.SupportsIndex = 0.05000000074505806, spatial_weight: typing.SupportsFloat | typing.SupportsIndex = 0.0, seed: typing.SupportsInt | typing.SupportsIndex = 0, normalization: str = 'sym', pca_mean: numpy.typing.NDArray[numpy.float32] | None = None, pca_basis: numpy.typing.NDArray[numpy.float32] | None = None, n_threads: typing.SupportsInt | typing.SupportsIndex = 0, similarity_precision: str = 'float32') -> list[list[numpy.typing.NDArray[numpy.int32]]]:
     """
     cluster_feature_map for a list of feature maps on a thread pool (GIL released).
     
@@ -157,8 +158,7 @@ def ncut_embedding(affinity: numpy.typing.NDArray[numpy.float32], n_vectors: typ
     not for eigenvectors to many digits when eigenvalues are close. Returned columns are
     D^-1/2 u scaled to unit l2 norm, signed so that each column's largest-magnitude entry is positive.
     similarity_precision="bfloat16" rounds the affinity to bf16 first and runs the eigensolver's
-    products with AVX512-BF16 (see cluster_feature_map); "float32" (default) or "auto" keep it as
-    given. N <= 65,536 (ValueError above).
+    products with AVX512-BF16 (see cluster_feature_map); "float32" (default) keeps it as given. N <= 65,536 (ValueError above).
     """
 def pca_project(features: numpy.typing.NDArray[numpy.float32], n_components: typing.SupportsInt | typing.SupportsIndex) -> tuple[numpy.typing.NDArray[numpy.float32], numpy.typing.NDArray[numpy.float32]]:
     """
