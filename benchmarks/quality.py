@@ -74,9 +74,9 @@ VARIANTS: dict[str, tuple[str, str, str, str]] = {
     "GeM-clusters": ("relu6", "clusters", "gem", "uniform"),
     "relu clusters+grid": ("relu", "grid+clusters", "max", "uniform"),
     # Session 7: boxes grown about their centre, boxes at two sizes, more partitions, part weights.
-    "relu box20x1.5+grid": ("relu", "grid+box20x1.5", "max", "uniform"),
-    "relu box20x2+grid": ("relu", "grid+box20x2", "max", "uniform"),
-    "relu box20+box20x2+grid": ("relu", "grid+box20+box20x2", "max", "uniform"),
+    "relu box20@1.5+grid": ("relu", "grid+box20@1.5", "max", "uniform"),
+    "relu box20@2+grid": ("relu", "grid+box20@2", "max", "uniform"),
+    "relu box20+box20@2+grid": ("relu", "grid+box20+box20@2", "max", "uniform"),
     "relu box5+box20+grid": ("relu", "grid+box5+box20", "max", "uniform"),
     "relu box20 w0.5+grid": ("relu", "grid+box20", "max", "box20=0.5"),
     "relu box20 w2+grid": ("relu", "grid+box20", "max", "box20=2"),
@@ -178,10 +178,10 @@ def cached_partitions(out: Path, maps: dict[str, list], max_size: int, scale: fl
 def region_boxes_of(part: str, height: int, width: int, partitions) -> np.ndarray:
     """[x0, y0, x1, y1) boxes of a box-shaped part: R-MAC's grid or the bounding boxes of clusters
     ("box20": of the 20-cluster partition, "box5": of the 5-cluster one, "boxall": of all three;
-    a suffix "x1.5" grows each box about its centre by that factor, clipped to the map)."""
+    a suffix "@1.5" grows each box about its centre by that factor, clipped to the map)."""
     if part == "grid":
         return np.asarray(_core.rmac_regions(height, width, 3))
-    name, _, factor = part.partition("x")
+    name, _, factor = part.partition("@")
     chosen = {"box20": [partitions[1]], "box5": [partitions[0]], "boxall": list(partitions)}[name]
     boxes = np.concatenate([cluster_boxes(np.ascontiguousarray(p, dtype=np.int32)) for p in chosen])
     if factor:

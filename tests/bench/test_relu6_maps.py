@@ -9,6 +9,8 @@ import clustermac
 from clustermac.bench.pipeline import DatasetFeatureMaps, compute_feature_maps, relu6_feature_maps
 from clustermac.descriptors import Extractor
 
+pytestmark = pytest.mark.network  # runs the embedded backbone
+
 
 @pytest.fixture
 def photos(tmp_path, write_photos):
