@@ -81,6 +81,9 @@ VARIANTS: dict[str, tuple[str, str, str, str]] = {
     "relu box20 w0.5+grid": ("relu", "grid+box20", "max", "box20=0.5"),
     "relu box20 w2+grid": ("relu", "grid+box20", "max", "box20=2"),
     "relu grid w0.5+box20": ("relu", "grid+box20", "max", "grid=0.5"),
+    "relu box10+grid": ("relu", "grid+box10", "max", "uniform"),
+    "relu box40+grid": ("relu", "grid+box40", "max", "uniform"),
+    "relu box10+box20+box40+grid": ("relu", "grid+box10+box20+box40", "max", "uniform"),
 }
 GEM_P = 3.0
 
@@ -140,9 +143,17 @@ def head_map(item, head: str) -> np.ndarray:
     return np.minimum(fmap, RELU6_CAP) if head == "relu6" else fmap
 
 
-def cached_partitions(out: Path, maps: dict[str, list], max_size: int, scale: float, head: str) -> dict[str, list]:
-    """The paper's partitions (5 and 20 feature clusters, 5 RGB clusters; C = 7, z = 0.05, seed 0)."""
-    path = out / f"labels-{max_size}-s{scale:.3f}-{head}.pkl"
+EXTRA_CLUSTERS = (10, 40)  # the partitions of the parts "box10" and "box40" (no RGB partition)
+
+
+def cached_partitions(
+    out: Path, maps: dict[str, list], max_size: int, scale: float, head: str, extra: bool = False
+) -> dict[str, list]:
+    """The paper's partitions (5 and 20 feature clusters, 5 RGB clusters; C = 7, z = 0.05, seed 0);
+    with ``extra``, the partitions into EXTRA_CLUSTERS feature clusters instead."""
+    counts, rgb_clusters = (EXTRA_CLUSTERS, 0) if extra else ((5, 20), 5)
+    tag = "-k" + "-".join(map(str, EXTRA_CLUSTERS)) if extra else ""
+    path = out / f"labels-{max_size}-s{scale:.3f}-{head}{tag}.pkl"
     if path.is_file():
         with open(path, "rb") as f:
             return pickle.load(f)
@@ -154,8 +165,8 @@ def cached_partitions(out: Path, maps: dict[str, list], max_size: int, scale: fl
             else _core.cluster_feature_map(
                 np.ascontiguousarray(head_map(item, head)),
                 rgb=np.ascontiguousarray(item[1], dtype=np.float32),
-                n_clusters=(5, 20),
-                rgb_clusters=5,
+                n_clusters=counts,
+                rgb_clusters=rgb_clusters,
                 pca_dim=7,
                 z_ratio=0.05,
                 spatial_weight=0.0,
@@ -182,7 +193,14 @@ def region_boxes_of(part: str, height: int, width: int, partitions) -> np.ndarra
     if part == "grid":
         return np.asarray(_core.rmac_regions(height, width, 3))
     name, _, factor = part.partition("@")
-    chosen = {"box20": [partitions[1]], "box5": [partitions[0]], "boxall": list(partitions)}[name]
+    # partitions: 5, 20 and RGB clusters, then (with box10 / box40 variants) EXTRA_CLUSTERS.
+    chosen = {
+        "box20": [partitions[1]],
+        "box5": [partitions[0]],
+        "boxall": list(partitions[:3]),
+        "box10": [partitions[3]],
+        "box40": [partitions[4]],
+    }[name]
     boxes = np.concatenate([cluster_boxes(np.ascontiguousarray(p, dtype=np.int32)) for p in chosen])
     if factor:
         grow = float(factor)
@@ -385,6 +403,12 @@ def main(argv=None) -> int:
     for scale in [] if args.report else args.scales:
         maps = cached_maps(out, dataset, whitening_images, args.max_size, scale)
         labels = {head: cached_partitions(out, maps, args.max_size, scale, head) for head in heads}
+        for head in {VARIANTS[n][0] for n in names if "box10" in VARIANTS[n][1] or "box40" in VARIANTS[n][1]}:
+            extra = cached_partitions(out, maps, args.max_size, scale, head, extra=True)
+            for name in SETS:
+                labels[head][name] = [
+                    None if p is None else list(p) + list(e) for p, e in zip(labels[head][name], extra[name])
+                ]
         scale_data.append((maps, labels))
 
     rows, per_query = [], {}
