@@ -106,10 +106,16 @@ def load_or_build(out: Path, args) -> tuple:
             progress=False,
             allow_smaller=args.allow_smaller or args.pip_only,
         )
+    dataset = load_dataset(bench_dir)
+    shortfall = photo_benchmark.preset_shortfall(len(dataset.queries), args.preset)
+    if shortfall and not (args.allow_smaller or args.pip_only):
+        raise SystemExit(f"quality.py: {shortfall} (or pass --allow-smaller)")
+    if shortfall:
+        print(f"WARNING: {shortfall}", flush=True)
     whitening_images = photo_benchmark.make_whitening_set(
         whitening_dir, preset=args.preset, size=args.size, seed=args.seed + 1, sources=sources
     )
-    return load_dataset(bench_dir), whitening_images
+    return dataset, whitening_images
 
 
 def cached_maps(out: Path, dataset, whitening_images, max_size: int, scale: float) -> dict[str, list]:
@@ -391,11 +397,6 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     dataset, whitening_images = load_or_build(out, args)
-    shortfall = photo_benchmark.preset_shortfall(len(dataset.queries), args.preset)
-    if shortfall and not (args.allow_smaller or args.pip_only):
-        raise SystemExit(f"quality.py: {shortfall} (or pass --allow-smaller)")
-    if shortfall:
-        print(f"WARNING: {shortfall}", flush=True)
     print(f"{out}: {len(dataset.queries)} queries, {len(dataset.images)} database images", flush=True)
     names = args.variants or list(VARIANTS)
     heads = sorted({VARIANTS[n][0] for n in names})

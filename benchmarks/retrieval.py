@@ -95,15 +95,15 @@ def main(argv=None) -> int:
         photo_benchmark.make_benchmark(
             bench_dir, preset=args.preset, size=args.size, seed=args.seed, allow_smaller=args.allow_smaller
         )
-    whitening_images = photo_benchmark.make_whitening_set(
-        whitening_dir, preset=args.preset, size=args.size, seed=args.seed + 1
-    )
     dataset = load_dataset(bench_dir)
     shortfall = photo_benchmark.preset_shortfall(len(dataset.queries), args.preset)
     if shortfall and not args.allow_smaller:
         raise SystemExit(f"retrieval.py: {shortfall} (or pass --allow-smaller)")
     if shortfall:
         print(f"WARNING: {shortfall}", flush=True)
+    whitening_images = photo_benchmark.make_whitening_set(
+        whitening_dir, preset=args.preset, size=args.size, seed=args.seed + 1
+    )
     print(
         f"{dataset.name}: {len(dataset.queries)} queries, {len(dataset.images)} database images, "
         f"{len(whitening_images)} whitening images",
