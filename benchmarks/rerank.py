@@ -149,11 +149,9 @@ def main() -> None:
     parser.add_argument("--store", type=Path, default=None, help="store file (default: in the temp directory)")
     args = parser.parse_args()
     shape = (args.channels, args.height, args.width)
-    path = (
-        args.store
-        or Path(tempfile.gettempdir())
-        / f"clustermac-rerank-bench-{args.maps}-{'x'.join(map(str, shape))}{'' if args.kind == 'noise' else '-blobs'}.cmfm"
-    )
+    suffix = "-blobs" if args.kind == "blobs" else ""
+    default_name = f"clustermac-rerank-bench-{args.maps}-{'x'.join(map(str, shape))}{suffix}.cmfm"
+    path = args.store or Path(tempfile.gettempdir()) / default_name
     start = time.perf_counter()
     make_store(path, args.maps, shape, args.kind)
     store = cm.FeatureMapStore(path)

@@ -399,7 +399,8 @@ def test_aml_rerank_in_groups_is_independent_of_threads_and_checks_from_store_ma
         for i in range(count):
             writer.add(np.maximum(rng.standard_normal((channels, 9, 7)), 0).astype(np.float32), f"im{i}")
     store = cm.FeatureMapStore(path)
-    mean, projection = cm.fit_pca_whitening(np.abs(rng.standard_normal((60, channels))).astype(np.float32), shrinkage=1e-2)
+    training = np.abs(rng.standard_normal((60, channels))).astype(np.float32)
+    mean, projection = cm.fit_pca_whitening(training, shrinkage=1e-2)
     rmac = cm.RMACInBox(mean, projection)
     query_mac = np.abs(rng.standard_normal(channels)).astype(np.float32)
     query_descriptor = rmac(np.maximum(rng.standard_normal((channels, 4, 3)), 0).astype(np.float32))

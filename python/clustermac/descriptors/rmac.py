@@ -89,9 +89,7 @@ class RMACInBox:
         (what :func:`clustermac.aml_rerank` calls)."""
         return self.from_codes(store.codes(index), box, store.scale(index))
 
-    def from_store_many(
-        self, store: Any, indices: Sequence[int], boxes: Sequence[Sequence[int] | None]
-    ) -> np.ndarray:
+    def from_store_many(self, store: Any, indices: Sequence[int], boxes: Sequence[Sequence[int] | None]) -> np.ndarray:
         """The descriptors (N×D', one row per map) of the boxes of maps ``indices`` of a
         :class:`clustermac.FeatureMapStore`, aggregated together: the regional vectors of all the
         boxes are whitened by one matrix product (:func:`clustermac.aggregate_region_groups`).
