@@ -385,9 +385,9 @@ def test_aml_rerank_with_rmac_in_box_equals_float_crop_path(tmp_path):
     np.testing.assert_array_equal(plain.scores, results[0].scores)
 
 
-def test_aml_rerank_in_groups_is_independent_of_threads_and_checks_from_store_many(tmp_path):
+def test_aml_rerank_in_groups_is_independent_of_threads_and_checks_aggregate_many(tmp_path):
     """More candidates than one group (rerank.BATCH): the groups are fixed, so any n_threads gives
-    the same bytes; each row equals the map's own descriptor up to rounding; a from_store_many
+    the same bytes; each row equals the map's own descriptor up to rounding; an aggregate_many
     returning the wrong number of rows is refused."""
     from clustermac.search import rerank
 
@@ -413,15 +413,15 @@ def test_aml_rerank_in_groups_is_independent_of_threads_and_checks_from_store_ma
         for field in ("indices", "scores", "boxes", "expanded_query"):
             assert getattr(run, field).tobytes() == getattr(runs[0], field).tobytes(), field
     singles = np.array([rmac.from_store(store, int(i), box) for i, box in zip(runs[0].indices, runs[0].boxes)])
-    np.testing.assert_allclose(
-        rmac.from_store_many(store, runs[0].indices[: count - 1], runs[0].boxes), singles, atol=1e-6
-    )
+    vectors = [rmac.regional_vectors_from_store(store, int(i), box) for i, box in zip(runs[0].indices, runs[0].boxes)]
+    np.testing.assert_allclose(rmac.aggregate_many(vectors), singles, atol=1e-6)
+    assert rmac.aggregate_many([]).shape == (0, len(query_descriptor))
 
     class WrongRows(cm.RMACInBox):
-        def from_store_many(self, store, indices, boxes):
-            return super().from_store_many(store, indices, boxes)[:-1]
+        def aggregate_many(self, regional_vectors):
+            return super().aggregate_many(regional_vectors)[:-1]
 
-    with pytest.raises(ValueError, match="from_store_many: returned shape"):
+    with pytest.raises(ValueError, match="aggregate_many: returned shape"):
         cm.aml_rerank(query_mac, query_descriptor, candidates, store, WrongRows(mean, projection), top_n=5)
 
 

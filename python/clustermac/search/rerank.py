@@ -89,10 +89,12 @@ def aml_rerank(
         of a float32 D×h×w feature-map crop, the dequantised activations inside the AML box.
         If it has a method ``from_store(store, index, box) -> vector`` (as :class:`RMACInBox`
         and :class:`ClusterMACInBox` do), that is called instead, and no dequantised crop is
-        made; for :class:`RMACInBox` it returns what ``descriptor_fn(crop)`` would. If it has a
-        method ``from_store_many(store, indices, boxes) -> N×D' array`` (as :class:`RMACInBox`
-        does), that is called on fixed groups of ``BATCH`` consecutive candidates instead (one
-        whitening product per group), so that results do not depend on ``n_threads``.
+        made; for :class:`RMACInBox` it returns what ``descriptor_fn(crop)`` would. If it has the
+        methods ``regional_vectors_from_store(store, index, box) -> R×D`` and
+        ``aggregate_many(list of R×D) -> N×D'`` (as :class:`RMACInBox` does), each candidate's
+        regional vectors are taken right after its localisation (its map still in the cache) and
+        the descriptors of fixed groups of ``BATCH`` consecutive candidates are aggregated together
+        (one whitening product per group), so that results do not depend on ``n_threads``.
     top_n:
         How many of the leading candidates to localise and re-score (Tolias: 1000).
     query_aspect:
@@ -126,9 +128,9 @@ def aml_rerank(
     if not isinstance(qe_k, (int, np.integer)) or qe_k < 0:
         raise ValueError(f"qe_k: expected an integer >= 0, got {qe_k!r}")
     head = order[:top_n]
-    from_store_many = getattr(descriptor_fn, "from_store_many", None)
-    if from_store_many is not None and not callable(from_store_many):
-        from_store_many = None
+    regional_vectors_from_store = getattr(descriptor_fn, "regional_vectors_from_store", None)
+    aggregate_many = getattr(descriptor_fn, "aggregate_many", None)
+    grouped = callable(regional_vectors_from_store) and callable(aggregate_many)
     from_store = getattr(descriptor_fn, "from_store", None)
     if from_store is not None and not callable(from_store):
         from_store = None
@@ -158,16 +160,19 @@ def aml_rerank(
         return np.asarray(raw, dtype=np.float32).reshape(-1)
 
     def localise_and_describe(group: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
-        group_boxes = [localise(index) for index in group]
-        if from_store_many is not None:
-            described = np.asarray(from_store_many(store, group, group_boxes), dtype=np.float32)
-            if described.ndim != 2 or described.shape[0] != len(group):
-                raise ValueError(
-                    f"descriptor_fn.from_store_many: returned shape {described.shape}, expected one row per candidate "
-                    f"({len(group)} rows)"
-                )
-            return list(zip(group_boxes, described))
-        return [(box, describe(index, box)) for index, box in zip(group, group_boxes)]
+        if not grouped:
+            return [(box, describe(index, box)) for index, box in ((i, localise(i)) for i in group)]
+        group_boxes, vectors = [], []
+        for index in group:
+            group_boxes.append(localise(index))
+            vectors.append(regional_vectors_from_store(store, index, group_boxes[-1]))
+        described = np.asarray(aggregate_many(vectors), dtype=np.float32)
+        if described.ndim != 2 or described.shape[0] != len(group):
+            raise ValueError(
+                f"descriptor_fn.aggregate_many: returned shape {described.shape}, expected one row per candidate "
+                f"({len(group)} rows)"
+            )
+        return list(zip(group_boxes, described))
 
     # Fixed groups of consecutive candidates (the same whatever n_threads is); the C++ steps
     # release the GIL, so groups are processed on a thread pool.
