@@ -6,7 +6,7 @@ import collections.abc
 import numpy
 import numpy.typing
 import typing
-__all__: list[str] = ['affinity', 'aggregate_regions', 'aml_localize', 'aml_localize_codes', 'apply_whitening', 'cluster_feature_map', 'cluster_feature_maps', 'crow_pool', 'dequantize_codes', 'fit_pca_whitening', 'gem_pool', 'grid_mac', 'grid_mac_codes', 'l2_normalize', 'ncut', 'ncut_embedding', 'pca_project', 'region_boxes', 'region_mac', 'region_mac_codes', 'rmac_regions', 'simd_level', 'spoc_pool', 'topk_search']
+__all__: list[str] = ['affinity', 'aggregate_region_groups', 'aggregate_regions', 'aml_localize', 'aml_localize_codes', 'apply_whitening', 'cluster_feature_map', 'cluster_feature_maps', 'crow_pool', 'dequantize_codes', 'fit_pca_whitening', 'gem_pool', 'grid_mac', 'grid_mac_codes', 'l2_normalize', 'ncut', 'ncut_embedding', 'pca_project', 'region_boxes', 'region_mac', 'region_mac_codes', 'rmac_regions', 'simd_level', 'spoc_pool', 'topk_search']
 def _discretize(embedding: numpy.typing.NDArray[numpy.float32], seed: typing.SupportsInt | typing.SupportsIndex = 0) -> numpy.typing.NDArray[numpy.int32]:
     """
     Yu & Shi 2003 discretisation of an N x K embedding (not public API; used by the tests).
@@ -25,6 +25,13 @@ def affinity(features: numpy.typing.NDArray[numpy.float32], z_ratio: typing.Supp
     result is all ones. Limits (ValueError): N <= 65,536 locations (the N x N result takes 16 GiB
     there); z_ratio >= 1e-8 (below it exp(-2 d / z) underflows float32 for all but near-identical
     locations).
+    """
+def aggregate_region_groups(region_vectors: numpy.typing.NDArray[numpy.float32], group_sizes: typing.Annotated[numpy.typing.ArrayLike, numpy.int64], mean: numpy.typing.NDArray[numpy.float32] | None = None, projection: numpy.typing.NDArray[numpy.float32] | None = None) -> numpy.typing.NDArray[numpy.float32]:
+    """
+    aggregate_regions of G groups at once: region_vectors holds the groups' rows one group after
+    the other (group_sizes[g] rows for group g, adding up to K). Returns float32 G×dim (or G×D without
+    whitening), row g the descriptor of group g (zero if all its rows are zero). The rows of all groups
+    are whitened by one matrix product, faster than one aggregate_regions call per group.
     """
 def aggregate_regions(region_vectors: numpy.typing.NDArray[numpy.float32], mean: numpy.typing.NDArray[numpy.float32] | None = None, projection: numpy.typing.NDArray[numpy.float32] | None = None) -> numpy.typing.NDArray[numpy.float32]:
     """
