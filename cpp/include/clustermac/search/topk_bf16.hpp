@@ -25,8 +25,8 @@
 // Outside the bound's reach: a row whose norm bound is ≥ 2^50 is never pruned (its bf16 columns
 // are zero and its ε is +∞, so it is re-scored exactly, overflow and NaN included); a chunk with
 // a query of norm ≥ 2^50 runs on the float32 path. When the candidates of a thread's share grow
-// past 1/8 of its scores (many ties, duplicates), the rest of that share is scanned in float32
-// (exact scores need no candidates). Neither changes the results, only the time.
+// past 1/8 of its scores plus 2k + 1024 per query (many ties, duplicates), the rest of that share
+// is scanned in float32 (exact scores need no candidates). Neither changes the results, only the time.
 #pragma once
 
 #include <cmath>
@@ -300,7 +300,7 @@ inline bool topk_search_chunk_bf16(const float* database, std::ptrdiff_t n_datab
                                  buffers.block_t.data(), tile_scores.data(), hits[q]);
       }
       scanned += rows;
-      exact = collected > n_queries * (k + scanned / 8);
+      exact = collected > n_queries * (2 * k + 1024 + scanned / 8);
     }
   });
 
