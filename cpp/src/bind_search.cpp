@@ -1,5 +1,6 @@
 // Bindings of search/: exact top-k search and AML localisation (on float maps and on 8-bit codes).
 #include <tuple>
+#include <variant>
 
 #include "bind_helpers.hpp"
 #include "clustermac/search/aml.hpp"
@@ -53,11 +54,15 @@ void def_aml(py::module_& m, const char* name, const char* map_name, Convert con
 
 }  // namespace
 
+// topk_search's result: (scores, indices), and the details when asked for.
+using SearchArrays = std::tuple<py::array_t<float>, py::array_t<std::int64_t>>;
+using SearchOutput = std::variant<SearchArrays, std::tuple<py::array_t<float>, py::array_t<std::int64_t>, py::dict>>;
+
 void bind_search(py::module_& m) {
   m.def(
       "topk_search",
       [](const FloatArrayArg& database_obj, const FloatArrayArg& queries_obj, std::int64_t k, std::int64_t n_threads,
-         const std::string& path, bool return_details) -> py::object {
+         const std::string& path, bool return_details) -> SearchOutput {
         auto database = require_array<float>(database_obj, "database", 2, "of shape (N, D)");
         auto queries = require_array<float>(queries_obj, "queries", 2, "of shape (Q, D)");
         if (queries.shape(1) != database.shape(1))
@@ -76,13 +81,13 @@ void bind_search(py::module_& m) {
           result = topk_search(database.data(), database.shape(0), queries.data(), queries.shape(0), database.shape(1),
                                k, n_threads, search_path);
         }
-        const std::int64_t bf16_chunks = result.bf16_chunks, rescored = result.candidates_rescored;
-        auto arrays = py::make_tuple(to_numpy(std::move(result.scores)), to_numpy(std::move(result.indices)));
-        if (!return_details) return std::move(arrays);
+        auto scores = to_numpy(std::move(result.scores));
+        auto indices = to_numpy(std::move(result.indices));
+        if (!return_details) return std::make_tuple(scores, indices);
         py::dict details;
-        details["path"] = bf16_chunks > 0 ? "bf16" : "float32";
-        details["candidates_rescored"] = rescored;
-        return py::make_tuple(arrays[0], arrays[1], details);
+        details["path"] = result.bf16_chunks > 0 ? "bf16" : "float32";
+        details["candidates_rescored"] = result.candidates_rescored;
+        return std::make_tuple(scores, indices, details);
       },
       py::arg("database"), py::arg("queries"), py::arg("k"), py::arg("n_threads") = 0, py::arg("path") = "auto",
       py::arg("return_details") = false,
@@ -95,8 +100,8 @@ n_threads. Returns (scores float32 Q×k sorted descending, indices int64 Q×k), 
 smaller database index. Memory beyond the inputs is O(threads·Q·256) floats. The GIL is released.
 path: "float32" scores every row in float32; "bf16" (CPUs with AVX512-BF16 only, else ValueError)
 scans in bfloat16 with a rigorous error bound and re-scores the candidates with the float32
-kernel, so it returns the same bits as "float32"; "auto" (default) picks bf16 for batches of at
-least 16 queries when k <= N/8 and a one-off timing in this process found it faster.
+kernel, so it returns the same bits as "float32"; "auto" (default) picks bf16 when k <= N/8 and a
+one-off timing in this process (about 30 ms, at the first such search) found it faster.
 return_details=True adds a third item: {"path": "bf16" or "float32" (the path used; "bf16" if any
 query chunk used it), "candidates_rescored": rows re-scored in float32, summed over queries}.
 Errors: NaN or Inf in database or queries → ValueError naming the row; a returned score that

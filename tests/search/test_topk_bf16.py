@@ -136,6 +136,20 @@ def test_bf16_path_on_all_duplicate_rows_switches_to_float32_and_agrees():
 
 
 @pytest.mark.bf16
+def test_bf16_path_with_a_tenth_of_rows_tied_at_the_top_rescores_early_and_agrees():
+    # Every 10th row copies the query: thousands of candidates tie at the top score, more than a
+    # query keeps pending (2k + 2048) but too few to switch a share to float32: early re-scores.
+    rng = np.random.default_rng(12)
+    database = unit(rng, 40000, 8)
+    database[::10] = database[3]
+    queries = np.concatenate([database[3:4], unit(rng, 2, 8)])
+    scores, indices, details = search_both_paths(database, queries, 5)
+    assert details["candidates_rescored"] > 4000
+    assert list(indices[0]) == [0, 3, 10, 20, 30]
+    np.testing.assert_allclose(scores, brute_force(database, queries, 5)[0], rtol=1e-6)
+
+
+@pytest.mark.bf16
 def test_bf16_bound_prunes_random_unit_vectors():
     # The bound must be tight enough to be useful: few candidates beyond k per query.
     rng = np.random.default_rng(9)

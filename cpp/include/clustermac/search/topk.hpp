@@ -20,10 +20,6 @@ enum class SearchPath { kAuto, kFloat32, kBf16 };
 
 namespace detail {
 
-// "auto" uses the bf16 path only for at least this many queries at once: below, converting each
-// database block to bf16 costs more than the scan saves (benchmarks/search.py, small batches).
-constexpr std::ptrdiff_t kBf16MinQueries = 16;
-
 // Seconds for one single-threaded search of `queries` against `database` on one path.
 inline double time_path(const std::vector<float>& database, const std::vector<float>& queries, std::ptrdiff_t dim,
                         bool bf16) {
@@ -66,13 +62,13 @@ inline bool bf16_measured_faster() {
   return faster;
 }
 
-// The path of one chunk of n_queries queries: "auto" takes bf16 where the CPU has it, the batch
-// is large enough, k is small against N (else most rows are candidates) and the timing above
-// found it faster; otherwise float32.
-inline bool use_bf16(SearchPath path, std::ptrdiff_t n_queries, std::ptrdiff_t n_database, std::ptrdiff_t k) {
+// The path of a search: "auto" takes bf16 where the CPU has it, k is small against N (else most
+// rows are candidates) and the timing above found it faster; otherwise float32. The batch size is
+// not a criterion: on the AMD EPYC the bf16 path also won for 1 and 8 queries (benchmarks/search.py).
+inline bool use_bf16(SearchPath path, std::ptrdiff_t n_database, std::ptrdiff_t k) {
   if (path == SearchPath::kFloat32) return false;
   if (path == SearchPath::kBf16) return true;
-  return simd_has_avx512_bf16() && n_queries >= kBf16MinQueries && 8 * k <= n_database && bf16_measured_faster();
+  return simd_has_avx512_bf16() && 8 * k <= n_database && bf16_measured_faster();
 }
 
 }  // namespace detail
@@ -103,7 +99,7 @@ inline SearchResult topk_search(const float* database, std::ptrdiff_t n_database
   const std::ptrdiff_t chunk = std::max<std::ptrdiff_t>(kQueryTile, std::min(kQueryChunk, kHitsPerChunk / k));
   for (std::ptrdiff_t first = 0; first < n_queries; first += chunk) {
     const std::ptrdiff_t count = std::min(chunk, n_queries - first);
-    if (use_bf16(path, count, n_database, k))
+    if (use_bf16(path, n_database, k))
       result.bf16_chunks += topk_search_chunk_bf16(database, n_database, queries + first * dim, count, dim, k,
                                                    n_threads, result, first, &result.candidates_rescored);
     else

@@ -24,9 +24,12 @@
 //
 // Outside the bound's reach: a row whose norm bound is ≥ 2^50 is never pruned (its bf16 columns
 // are zero and its ε is +∞, so it is re-scored exactly, overflow and NaN included); a chunk with
-// a query of norm ≥ 2^50 runs on the float32 path. When the candidates of a thread's share grow
-// past 1/8 of its scores plus 2k + 1024 per query (many ties, duplicates), the rest of that share
-// is scanned in float32 (exact scores need no candidates). Neither changes the results, only the time.
+// a query of norm ≥ 2^50 runs on the float32 path. A query's pending candidates are pruned
+// against the current L when they reach 2k + 2048, and re-scored at once if k + 1024 remain
+// (their exact scores join the query's top k as the float32 path's would). When the candidates
+// of a thread's share grow past 1/8 of its scores plus 2k + 1024 per query (many ties,
+// duplicates), the rest of that share is scanned in float32 (exact scores need no candidates).
+// None of this changes the results, only the time.
 #pragma once
 
 #include <cmath>
@@ -82,6 +85,12 @@ struct QueryCandidates {
   std::vector<float> lowers;
   std::size_t k = 0;
   float bound() const { return lowers.size() < k ? -std::numeric_limits<float>::infinity() : lowers.front(); }
+  // Drops the candidates whose upper bound fell below L as L grew.
+  void drop_below_bound() {
+    const float b = bound();
+    pending.erase(std::remove_if(pending.begin(), pending.end(), [b](const Candidate& c) { return c.upper < b; }),
+                  pending.end());
+  }
   void add(std::int64_t index, float lower, float upper) {
     pending.push_back({index, upper});
     if (lowers.size() < k) {
@@ -252,7 +261,7 @@ inline bool topk_search_chunk_bf16(const float* database, std::ptrdiff_t n_datab
   std::vector<std::vector<QueryCandidates>> share_candidates(shares.n_shares);
   std::vector<std::int64_t> share_rescored(shares.n_shares, 0);
   const std::ptrdiff_t width_max = padded_width(kBlockRows);
-  const std::ptrdiff_t cap = k + 1024;  // pending candidates of a query before an early re-score
+  const std::ptrdiff_t cap = 2 * k + 2048;  // pending candidates of a query before they are pruned
   parallel_for(shares.n_shares, static_cast<int>(shares.n_shares), [&](std::ptrdiff_t share) {
     std::vector<TopK>& hits = share_hits[share] = empty_heaps(n_queries, k);
     std::vector<QueryCandidates>& candidates = share_candidates[share];
@@ -294,7 +303,8 @@ inline bool topk_search_chunk_bf16(const float* database, std::ptrdiff_t n_datab
         collect_candidates(buffers.scores.data() + q * width, rounded_norms.data(), residual_norms.data(), rows, row0,
                            coefficients[q], query);
         collected += static_cast<std::int64_t>(query.pending.size() - before);
-        if (static_cast<std::ptrdiff_t>(query.pending.size()) >= cap)
+        if (static_cast<std::ptrdiff_t>(query.pending.size()) >= cap) query.drop_below_bound();
+        if (static_cast<std::ptrdiff_t>(query.pending.size()) >= cap / 2)  // still many: re-score them now
           share_rescored[share] +=
               rescore_candidates(database, query_buffer.data(), q, dim, query.bound(), query.pending,
                                  buffers.block_t.data(), tile_scores.data(), hits[q]);
