@@ -65,14 +65,15 @@ def test_bf16_path_equals_numpy_on_integers_with_many_ties(n, q, d, k):
 
 
 @pytest.mark.bf16
-def test_bf16_path_resolves_scores_bf16_cannot_tell_apart():
+@pytest.mark.parametrize("n_queries", [1, 9, 16, 17])  # up to 16: rows scored one by one; above: tiles
+def test_bf16_path_resolves_scores_bf16_cannot_tell_apart(n_queries):
     # Entries 256..259 all round to 256 or 260 in bf16 (8-bit significand), so the bf16 scan sees
     # masses of ties; the float32 scores (exact: integers below 2^24) differ, and only the
     # re-score can order them. Queries with entries 0..3 keep every product and sum exact.
     rng = np.random.default_rng(3)
     database = rng.integers(256, 260, size=(2000, 24)).astype(np.float32)
     database[1000:1500] = database[0]  # exact duplicates too: ties go to the smaller index
-    queries = rng.integers(0, 4, size=(9, 24)).astype(np.float32)
+    queries = rng.integers(0, 4, size=(n_queries, 24)).astype(np.float32)
     scores, indices, _ = search_both_paths(database, queries, 40)
     ref_scores, ref_indices = brute_force(database, queries, 40)
     np.testing.assert_array_equal(indices, ref_indices)

@@ -3,9 +3,9 @@
 // re-score of the candidates with the float32 path's own kernel. It returns the float32 path's
 // results bit for bit: same scores, same indices, same tie rule, same errors.
 //
-// Why the candidates hold the exact top k (u = 2^-24, γ = (D'+2)·u / (1 − (D'+2)·u), D' = D
-// rounded up to even). For a query q and a row x, let q̃, x̃ be their bf16 roundings, s = the
-// float32 path's score fl32(q·x) and a = the bf16 scan's score fl(q̃·x̃) (vdpbf16ps: exact
+// Why the candidates hold the exact top k (u = 2^-24, γ = (D'+8)·u / (1 − (D'+8)·u), D' = D
+// rounded up to even: no sum below has more than D' + 8 additions in a row). For a query q and a row x, let q̃, x̃ be
+// their bf16 roundings, s = the float32 path's score fl32(q·x) and a = the bf16 scan's score fl(q̃·x̃) (vdpbf16ps: exact
 // bf16 products, float32 sums). Then
 //   |q·x − q̃·x̃| = |q·(x − x̃) + (q − q̃)·x̃| ≤ ‖q‖·‖x − x̃‖ + ‖q − q̃‖·‖x̃‖       (Cauchy–Schwarz)
 //   |a − q̃·x̃|  ≤ γ·‖q̃‖·‖x̃‖ + τ,  |s − q·x| ≤ γ·‖q‖·‖x‖ + τ        (Higham, dot products)
@@ -32,10 +32,12 @@
 // None of this changes the results, only the time.
 #pragma once
 
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <functional>
 #include <limits>
+#include <utility>
 #include <vector>
 
 #include "clustermac/search/topk_float32.hpp"
@@ -63,7 +65,7 @@ struct BoundCoefficients {
 
 // rounded, residual: upper bounds of ‖q̃‖ and ‖q − q̃‖; query_norm: of ‖q‖.
 inline BoundCoefficients bound_coefficients(double rounded, double residual, double query_norm, std::ptrdiff_t dim) {
-  const double padded = static_cast<double>((dim + 1) / 2 * 2) + 2.0;
+  const double padded = static_cast<double>((dim + 1) / 2 * 2) + 8.0;
   const double gamma = padded * 0x1p-24 / (1.0 - padded * 0x1p-24);
   const double tiny = 0x1p-120 * std::sqrt(static_cast<double>(dim));
   const double alpha = query_norm * (1.0 + gamma) + tiny;
@@ -135,10 +137,29 @@ inline std::int64_t rescore_candidates(const float* database, const float* query
 
 #ifdef CLUSTERMAC_SIMD_X86
 
-// The bf16 rounding (round to nearest even; denormals become 0) of `dim` floats, written as
-// dim/2 pairs (element 2p in the low half of word p; an odd dim padded with 0) to
-// out[p·stride], and the float32 sums of squares of v̄ and v − v̄ (the difference is exact).
-// Returns false if v has a NaN or an infinity.
+// The bf16 rounding (round to nearest even; denormals become 0) of v[0 .. n), n <= 32, as 16
+// words of pairs (element 2p in the low half of word p; zeros past n), adding the squares of v̄
+// and of v − v̄ (exact) to the sums and clearing `finite` lanes where v has a NaN or infinity.
+CLUSTERMAC_TARGET_AVX512_BF16 inline __m512i round_chunk_to_bf16(const float* v, std::ptrdiff_t n, __m512& rounded_sum,
+                                                                 __m512& residual_sum, __mmask16& finite) {
+  const __mmask16 low = n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1);
+  const __mmask16 high = n >= 32 ? 0xFFFF : n > 16 ? static_cast<__mmask16>((1u << (n - 16)) - 1) : 0;
+  const __m512 halves[2] = {_mm512_maskz_loadu_ps(low, v), _mm512_maskz_loadu_ps(high, v + 16)};
+  __m256i bits[2];
+  for (int h = 0; h < 2; ++h) {
+    const __m512 x = halves[h];
+    finite &= _mm512_cmp_ps_mask(_mm512_sub_ps(x, x), _mm512_setzero_ps(), _CMP_EQ_OQ);
+    bits[h] = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(x));
+    const __m512 back = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits[h]), 16));
+    const __m512 residual = _mm512_sub_ps(x, back);
+    rounded_sum = _mm512_fmadd_ps(back, back, rounded_sum);
+    residual_sum = _mm512_fmadd_ps(residual, residual, residual_sum);
+  }
+  return _mm512_inserti64x4(_mm512_castsi256_si512(bits[0]), bits[1], 1);
+}
+
+// The bf16 rounding of `dim` floats written as (dim + 1) / 2 pair words to out[p·stride], and the
+// float32 sums of squares of v̄ and v − v̄. Returns false if v has a NaN or an infinity.
 CLUSTERMAC_TARGET_AVX512_BF16 inline bool round_to_bf16_pairs(const float* v, std::ptrdiff_t dim, std::uint32_t* out,
                                                               std::ptrdiff_t stride, float& rounded_squares,
                                                               float& residual_squares) {
@@ -147,26 +168,54 @@ CLUSTERMAC_TARGET_AVX512_BF16 inline bool round_to_bf16_pairs(const float* v, st
   alignas(64) std::uint32_t words[16];
   for (std::ptrdiff_t d0 = 0; d0 < dim; d0 += 32) {
     const std::ptrdiff_t n = std::min<std::ptrdiff_t>(32, dim - d0);
-    const __mmask16 low = n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1);
-    const __mmask16 high = n >= 32 ? 0xFFFF : n > 16 ? static_cast<__mmask16>((1u << (n - 16)) - 1) : 0;
-    __m512 halves[2] = {_mm512_maskz_loadu_ps(low, v + d0), _mm512_maskz_loadu_ps(high, v + d0 + 16)};
-    __m256i bits[2];
-    for (int h = 0; h < 2; ++h) {
-      const __m512 x = halves[h];
-      finite &= _mm512_cmp_ps_mask(_mm512_sub_ps(x, x), _mm512_setzero_ps(), _CMP_EQ_OQ);
-      bits[h] = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(x));
-      const __m512 back = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits[h]), 16));
-      const __m512 residual = _mm512_sub_ps(x, back);
-      rounded_sum = _mm512_fmadd_ps(back, back, rounded_sum);
-      residual_sum = _mm512_fmadd_ps(residual, residual, residual_sum);
-    }
-    _mm512_store_si512(words, _mm512_inserti64x4(_mm512_castsi256_si512(bits[0]), bits[1], 1));
-    const std::ptrdiff_t pair0 = d0 / 2, n_pairs = (n + 1) / 2;
-    for (std::ptrdiff_t p = 0; p < n_pairs; ++p) out[(pair0 + p) * stride] = words[p];
+    _mm512_store_si512(words, round_chunk_to_bf16(v + d0, n, rounded_sum, residual_sum, finite));
+    for (std::ptrdiff_t p = 0; p < (n + 1) / 2; ++p) out[(d0 / 2 + p) * stride] = words[p];
   }
   rounded_squares = _mm512_reduce_add_ps(rounded_sum);
   residual_squares = _mm512_reduce_add_ps(residual_sum);
   return finite == 0xFFFF;
+}
+
+// Few queries: each row is rounded and scored in registers, with no transposed block (whose
+// scattered writes cost more than the scores when there is little to score). Writes the Queries
+// approximate scores of the row to approx[t·width] and the sums of squares as above.
+template <int Queries>
+CLUSTERMAC_TARGET_AVX512_BF16 inline bool score_row_bf16(const float* v, std::ptrdiff_t dim,
+                                                         const std::uint32_t* query_pairs, std::ptrdiff_t pairs,
+                                                         float* approx, std::ptrdiff_t width, float& rounded_squares,
+                                                         float& residual_squares) {
+  __m512 rounded_sum = _mm512_setzero_ps(), residual_sum = _mm512_setzero_ps();
+  __mmask16 finite = 0xFFFF;
+  __m512 acc[Queries];
+  for (int t = 0; t < Queries; ++t) acc[t] = _mm512_setzero_ps();
+  for (std::ptrdiff_t d0 = 0; d0 < dim; d0 += 32) {
+    const std::ptrdiff_t n = std::min<std::ptrdiff_t>(32, dim - d0), n_pairs = (n + 1) / 2;
+    const __m512bh x = reinterpret_cast<__m512bh>(round_chunk_to_bf16(v + d0, n, rounded_sum, residual_sum, finite));
+    const __mmask16 words = n_pairs >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << n_pairs) - 1);
+    for (int t = 0; t < Queries; ++t) {
+      const __m512i q = _mm512_maskz_loadu_epi32(words, query_pairs + t * pairs + d0 / 2);
+      acc[t] = _mm512_dpbf16_ps(acc[t], reinterpret_cast<__m512bh>(q), x);
+    }
+  }
+  for (int t = 0; t < Queries; ++t) approx[t * width] = _mm512_reduce_add_ps(acc[t]);
+  rounded_squares = _mm512_reduce_add_ps(rounded_sum);
+  residual_squares = _mm512_reduce_add_ps(residual_sum);
+  return finite == 0xFFFF;
+}
+
+// score_row_bf16 for 1 .. kRowScanQueries queries.
+constexpr std::ptrdiff_t kRowScanQueries = 16;
+template <std::size_t... Counts>
+constexpr auto row_scorers(std::index_sequence<Counts...>) {
+  using Scorer = bool (*)(const float*, std::ptrdiff_t, const std::uint32_t*, std::ptrdiff_t, float*, std::ptrdiff_t,
+                          float&, float&);
+  return std::array<Scorer, sizeof...(Counts)>{&score_row_bf16<static_cast<int>(Counts) + 1>...};
+}
+inline bool score_row_bf16(std::ptrdiff_t n_queries, const float* v, std::ptrdiff_t dim,
+                           const std::uint32_t* query_pairs, std::ptrdiff_t pairs, float* approx, std::ptrdiff_t width,
+                           float& rounded_squares, float& residual_squares) {
+  static constexpr auto scorers = row_scorers(std::make_index_sequence<kRowScanQueries>());
+  return scorers[n_queries - 1](v, dim, query_pairs, pairs, approx, width, rounded_squares, residual_squares);
 }
 
 // Approximate scores (padded_queries × width) = queries (padded_queries × pairs, bf16 pairs) ·
@@ -281,22 +330,29 @@ inline bool topk_search_chunk_bf16(const float* database, std::ptrdiff_t n_datab
         continue;
       }
       const std::ptrdiff_t width = padded_width(rows);
-      std::fill(block.begin(), block.begin() + pairs * width, 0u);
+      const bool by_rows = n_queries <= kRowScanQueries;
+      if (!by_rows) std::fill(block.begin(), block.begin() + pairs * width, 0u);
       for (std::ptrdiff_t r = 0; r < rows; ++r) {
         float rounded_squares, residual_squares;
-        if (!round_to_bf16_pairs(database + (row0 + r) * dim, dim, block.data() + r, width, rounded_squares,
-                                 residual_squares))
+        const float* row = database + (row0 + r) * dim;
+        const bool finite =
+            by_rows ? score_row_bf16(n_queries, row, dim, query_pairs.data(), pairs, buffers.scores.data() + r, width,
+                                     rounded_squares, residual_squares)
+                    : round_to_bf16_pairs(row, dim, block.data() + r, width, rounded_squares, residual_squares);
+        if (!finite)
           fail("database: row " + std::to_string(row0 + r) + " contains NaN or Inf; expected only finite numbers");
         rounded_norms[r] = norm_upper_bound(rounded_squares, dim);
         residual_norms[r] = norm_upper_bound(residual_squares, dim);
         if (!(static_cast<double>(rounded_norms[r]) + residual_norms[r] < kMaxBoundedNorm)) {
           // Never pruned: approximate score 0 and ε = +∞ (residual 0: no ∞·0 in ε).
-          for (std::ptrdiff_t p = 0; p < pairs; ++p) block[p * width + r] = 0u;
+          for (std::ptrdiff_t p = 0; p < pairs && !by_rows; ++p) block[p * width + r] = 0u;
+          for (std::ptrdiff_t q = 0; q < n_queries && by_rows; ++q) buffers.scores[q * width + r] = 0.0f;
           rounded_norms[r] = std::numeric_limits<float>::infinity();
           residual_norms[r] = 0.0f;
         }
       }
-      score_block_bf16(query_pairs.data(), padded_queries, pairs, block.data(), width, buffers.scores.data());
+      if (!by_rows)
+        score_block_bf16(query_pairs.data(), padded_queries, pairs, block.data(), width, buffers.scores.data());
       for (std::ptrdiff_t q = 0; q < n_queries; ++q) {
         QueryCandidates& query = candidates[q];
         const std::size_t before = query.pending.size();
