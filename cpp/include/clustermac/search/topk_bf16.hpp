@@ -359,11 +359,13 @@ inline bool topk_search_chunk_bf16(const float* database, std::ptrdiff_t n_datab
         collect_candidates(buffers.scores.data() + q * width, rounded_norms.data(), residual_norms.data(), rows, row0,
                            coefficients[q], query);
         collected += static_cast<std::int64_t>(query.pending.size() - before);
-        if (static_cast<std::ptrdiff_t>(query.pending.size()) >= cap) query.drop_below_bound();
-        if (static_cast<std::ptrdiff_t>(query.pending.size()) >= cap / 2)  // still many: re-score them now
-          share_rescored[share] +=
-              rescore_candidates(database, query_buffer.data(), q, dim, query.bound(), query.pending,
-                                 buffers.block_t.data(), tile_scores.data(), hits[q]);
+        if (static_cast<std::ptrdiff_t>(query.pending.size()) >= cap) {
+          query.drop_below_bound();
+          if (static_cast<std::ptrdiff_t>(query.pending.size()) >= cap / 2)  // still many: re-score them now
+            share_rescored[share] +=
+                rescore_candidates(database, query_buffer.data(), q, dim, query.bound(), query.pending,
+                                   buffers.block_t.data(), tile_scores.data(), hits[q]);
+        }
       }
       scanned += rows;
       exact = collected > n_queries * (2 * k + 1024 + scanned / 8);
