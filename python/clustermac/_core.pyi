@@ -236,7 +236,8 @@ def topk_search(database: numpy.typing.NDArray[numpy.float32], queries: numpy.ty
     path: "float32" scores every row in float32; "bf16" (CPUs with AVX512-BF16 only, else ValueError)
     scans in bfloat16 with a rigorous error bound and re-scores the candidates with the float32
     kernel, so it returns the same bits as "float32"; "auto" (default) picks bf16 when k <= N/8 and a
-    one-off timing in this process (about 30 ms, at the first such search) found it faster.
+    one-off timing in this process (tens of ms of thread CPU time, at the first such search) found
+    it faster.
     return_details=True adds a third item: {"path": "bf16" or "float32" (the path used; "bf16" if any
     query chunk used it), "candidates_rescored": rows re-scored in float32, summed over queries}.
     Errors: NaN or Inf in database or queries → ValueError naming the row; a returned score that
