@@ -1,22 +1,27 @@
 """Exact top-k search: clustermac.topk_search against FAISS's IndexFlatIP and NumPy, same data, same run.
 
     python benchmarks/search.py [--n 1000000] [--queries 1000] [--dim 512] [--k 100] [--repeats 3] [--threads 1 2]
+        [--methods clustermac-float32 clustermac-bf16 clustermac faiss numpy] [--small-batches 1 8]
 
 The database is N unit vectors (float32, seeded) in a memory-mapped .npy file, so neither side
 needs it in anonymous memory. Each measurement runs in a fresh subprocess (OPENBLAS/OMP threads
 and n_threads = each of ``--threads``), which reports its wall time and peak RSS:
 
-* clustermac: ``topk_search(memmap, queries, k)`` (blocked kernel, threshold selection).
+* clustermac: ``topk_search(memmap, queries, k)`` with ``path="auto"`` (what ``clustermac.Index``
+  uses); clustermac-float32 / clustermac-bf16 force one path: the float32 kernel on every row, or
+  the bf16 candidate scan (AVX512-BF16) with the candidates re-scored by the float32 kernel. All
+  three return the same bits (checked); the bf16 runs report the mean candidates re-scored per query.
 * faiss: ``IndexFlatIP`` — the exact index an expert would pick — holding the database (added in
   blocks from the memory-mapped file; the add is not timed, the search is), ``faiss.omp_set_num_threads``.
 * NumPy: the database in blocks of ``--numpy-block`` rows (default 16384: a 64 MB score block
   for 1,000 queries, more working memory than clustermac's 1 MB), ``queries @ block.T`` (OpenBLAS)
   and ``argpartition`` per block, merging each block's top k into the running top k.
 
-Prints the median times, the throughput ratio (queries·database rows per second), each side's
-peak RSS during the search (Linux VmHWM, reset at the start; mapped pages count, interpreter and
-imports included) relative to the descriptors' size, and checks that both return the same
-top-k scores.
+Prints the median times, the throughput ratios (queries·database rows per second) of each
+clustermac path against FAISS and against the float32 path, each side's peak RSS during the
+search (Linux VmHWM, reset at the start; mapped pages count, interpreter and imports included)
+relative to the descriptors' size, and checks the top-k scores. ``--small-batches`` repeats the
+comparison with only the first B queries (B = 1, 8, …), where converting the database costs most.
 """
 
 from __future__ import annotations
@@ -62,15 +67,26 @@ def memory_status(field: str) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+CLUSTERMAC_PATHS = {"clustermac": "auto", "clustermac-float32": "float32", "clustermac-bf16": "bf16"}
+
+
 def worker(
-    method: str, database_file: str, query_file: str, k: int, numpy_block: int, result_file: str, threads: int
+    method: str,
+    database_file: str,
+    query_file: str,
+    k: int,
+    numpy_block: int,
+    result_file: str,
+    threads: int,
+    batch: int | None,
 ) -> None:
     import numpy as np
 
-    if method == "clustermac":
+    if method in CLUSTERMAC_PATHS:
         from clustermac import topk_search
     database = np.load(database_file, mmap_mode="r")
-    queries = np.load(query_file)
+    queries = np.load(query_file)[:batch]
+    details = {}
     if method == "faiss":
         import faiss
 
@@ -85,8 +101,10 @@ def worker(
         pass
     baseline = memory_status("VmRSS")
     start = time.perf_counter()
-    if method == "clustermac":
-        scores, indices = topk_search(database, queries, k, threads)
+    if method in CLUSTERMAC_PATHS:
+        scores, indices, details = topk_search(
+            database, queries, k, threads, path=CLUSTERMAC_PATHS[method], return_details=True
+        )
     elif method == "faiss":
         scores, indices = flat.search(queries, k)
     else:
@@ -108,7 +126,7 @@ def worker(
     elapsed = time.perf_counter() - start
     peak = memory_status("VmHWM")
     np.save(result_file, scores)
-    print(json.dumps({"seconds": elapsed, "peak_bytes": peak, "baseline_bytes": baseline}))
+    print(json.dumps({"seconds": elapsed, "peak_bytes": peak, "baseline_bytes": baseline, **details}))
 
 
 def main() -> None:
@@ -120,14 +138,30 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--numpy-block", type=int, default=16384)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="thread counts to measure (default 1 2)")
-    parser.add_argument("--methods", nargs="+", default=["clustermac", "faiss", "numpy"])
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=["clustermac-float32", "clustermac-bf16", "clustermac", "faiss", "numpy"],
+        choices=[*CLUSTERMAC_PATHS, "faiss", "numpy"],
+    )
+    parser.add_argument(
+        "--small-batches", type=int, nargs="*", default=[], help="also compare with only the first B queries"
+    )
+    parser.add_argument("--batch", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--data-dir", type=Path, default=None, help="where to keep the generated vectors (reused)")
     parser.add_argument("--worker", nargs=3, metavar=("METHOD", "DATABASE", "RESULT"), help=argparse.SUPPRESS)
     parser.add_argument("--query-file", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(
-            args.worker[0], args.worker[1], args.query_file, args.k, args.numpy_block, args.worker[2], args.threads[0]
+            args.worker[0],
+            args.worker[1],
+            args.query_file,
+            args.k,
+            args.numpy_block,
+            args.worker[2],
+            args.threads[0],
+            args.batch,
         )
         return
 
@@ -139,11 +173,27 @@ def main() -> None:
         f"database {args.n} x {args.dim} float32 ({size / 2**30:.2f} GiB, memory-mapped), "
         f"{args.queries} queries, exact top-{args.k}, {args.repeats} runs each"
     )
+    print(f"CPU: {cpu_name()}")
     for threads in args.threads:
-        compare(args, database_file, query_file, directory, threads, size)
+        for batch in [args.queries, *args.small_batches]:
+            compare(args, database_file, query_file, directory, threads, size, batch)
 
 
-def compare(args, database_file: Path, query_file: Path, directory: Path, threads: int, size: int) -> None:
+def cpu_name() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), for the record beside the figures."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown"
+
+
+def compare(args, database_file: Path, query_file: Path, directory: Path, threads: int, size: int, batch: int) -> None:
     import numpy as np
 
     count = str(threads)
@@ -169,6 +219,8 @@ def compare(args, database_file: Path, query_file: Path, directory: Path, thread
                     str(args.numpy_block),
                     "--threads",
                     count,
+                    "--batch",
+                    str(batch),
                 ],
                 env=env,
                 check=True,
@@ -180,19 +232,29 @@ def compare(args, database_file: Path, query_file: Path, directory: Path, thread
     median = {m: float(np.median([r["seconds"] for r in runs[m]])) for m in runs}
     peak = {m: max(r["peak_bytes"] for r in runs[m]) for m in runs}
     baseline = {m: min(r["baseline_bytes"] for r in runs[m]) for m in runs}
-    print(f"--- {threads} thread(s)")
+    print(f"--- {threads} thread(s), {batch} queries")
     for m in runs:
-        throughput = args.queries * args.n / median[m]
+        throughput = batch * args.n / median[m]
+        rescored = [r["candidates_rescored"] / batch for r in runs[m] if r.get("path") == "bf16"]
+        note = f"  path {runs[m][0]['path']}" if "path" in runs[m][0] else ""
+        if rescored:
+            note += f", {np.mean(rescored):.1f} candidates re-scored per query"
         print(
-            f"{m:>10}: median {median[m]:8.2f} s  ({throughput / 1e9:6.2f} G query-rows/s)  "
-            f"runs {[round(r['seconds'], 2) for r in runs[m]]}  peak RSS {peak[m] / 2**30:.2f} GiB "
-            f"= {peak[m] / size:.2f}x descriptors (before the search: {baseline[m] / 2**30:.2f} GiB)"
+            f"{m:>18}: median {median[m]:8.3f} s  ({throughput / 1e9:6.2f} G query-rows/s)  "
+            f"runs {[round(r['seconds'], 3) for r in runs[m]]}  peak RSS {peak[m] / 2**30:.2f} GiB "
+            f"= {peak[m] / size:.2f}x descriptors (before the search: {baseline[m] / 2**30:.2f} GiB){note}"
         )
-    if "clustermac" in runs:
-        for other in (m for m in runs if m != "clustermac"):
-            print(f"throughput ratio clustermac / {other}: {median[other] / median['clustermac']:.2f}x")
-            difference = float(np.abs(results["clustermac"] - results[other]).max())
-            print(f"max |score difference| clustermac vs {other} top-{args.k} lists: {difference:.2e}")
+    ours = [m for m in runs if m in CLUSTERMAC_PATHS]
+    for mine in ours:
+        for other in (m for m in runs if m != mine and (m not in CLUSTERMAC_PATHS or m == "clustermac-float32")):
+            print(f"throughput ratio {mine} / {other}: {median[other] / median[mine]:.2f}x")
+    for mine in ours[1:]:
+        same = np.array_equal(results[mine], results[ours[0]])
+        print(f"{mine} scores identical to {ours[0]}'s: {same}")
+    for other in (m for m in runs if m not in CLUSTERMAC_PATHS):
+        if ours:
+            difference = float(np.abs(results[ours[0]] - results[other]).max())
+            print(f"max |score difference| {ours[0]} vs {other} top-{args.k} lists: {difference:.2e}")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 // Bindings of search/: exact top-k search and AML localisation (on float maps and on 8-bit codes).
 #include <tuple>
+#include <variant>
 
 #include "bind_helpers.hpp"
 #include "clustermac/search/aml.hpp"
@@ -53,10 +54,15 @@ void def_aml(py::module_& m, const char* name, const char* map_name, Convert con
 
 }  // namespace
 
+// topk_search's result: (scores, indices), and the details when asked for.
+using SearchArrays = std::tuple<py::array_t<float>, py::array_t<std::int64_t>>;
+using SearchOutput = std::variant<SearchArrays, std::tuple<py::array_t<float>, py::array_t<std::int64_t>, py::dict>>;
+
 void bind_search(py::module_& m) {
   m.def(
       "topk_search",
-      [](const FloatArrayArg& database_obj, const FloatArrayArg& queries_obj, std::int64_t k, std::int64_t n_threads) {
+      [](const FloatArrayArg& database_obj, const FloatArrayArg& queries_obj, std::int64_t k, std::int64_t n_threads,
+         const std::string& path, bool return_details) -> SearchOutput {
         auto database = require_array<float>(database_obj, "database", 2, "of shape (N, D)");
         auto queries = require_array<float>(queries_obj, "queries", 2, "of shape (Q, D)");
         if (queries.shape(1) != database.shape(1))
@@ -64,15 +70,27 @@ void bind_search(py::module_& m) {
                                 " columns (the database's), got " + describe(queries));
         if (database.shape(0) < 1)
           throw py::value_error("database: expected at least one row, got " + describe(database));
+        if (path != "auto" && path != "float32" && path != "bf16")
+          throw py::value_error("path: expected \"auto\", \"float32\" or \"bf16\", got \"" + path + "\"");
+        const SearchPath search_path = path == "float32" ? SearchPath::kFloat32
+                                       : path == "bf16"  ? SearchPath::kBf16
+                                                         : SearchPath::kAuto;
         SearchResult result;
         {
           py::gil_scoped_release release;
           result = topk_search(database.data(), database.shape(0), queries.data(), queries.shape(0), database.shape(1),
-                               k, n_threads);
+                               k, n_threads, search_path);
         }
-        return std::make_tuple(to_numpy(std::move(result.scores)), to_numpy(std::move(result.indices)));
+        auto scores = to_numpy(std::move(result.scores));
+        auto indices = to_numpy(std::move(result.indices));
+        if (!return_details) return std::make_tuple(scores, indices);
+        py::dict details;
+        details["path"] = result.bf16_chunks > 0 ? "bf16" : "float32";
+        details["candidates_rescored"] = result.candidates_rescored;
+        return std::make_tuple(scores, indices, details);
       },
-      py::arg("database"), py::arg("queries"), py::arg("k"), py::arg("n_threads") = 0,
+      py::arg("database"), py::arg("queries"), py::arg("k"), py::arg("n_threads") = 0, py::arg("path") = "auto",
+      py::arg("return_details") = false,
       R"doc(Exact top-k dot-product search (cosine similarity for l2-normalised vectors).
 
 database: float32 N×D, C-contiguous (a np.memmap works and is streamed block by block);
@@ -80,6 +98,13 @@ queries: float32 Q×D; 1 <= k <= N; n_threads <= 0 uses every core, and more thr
 hardware has (os.cpu_count()) are capped at that number; the result does not depend on
 n_threads. Returns (scores float32 Q×k sorted descending, indices int64 Q×k), ties broken by the
 smaller database index. Memory beyond the inputs is O(threads·Q·256) floats. The GIL is released.
+path: "float32" scores every row in float32; "bf16" (CPUs with AVX512-BF16 only, else ValueError)
+scans in bfloat16 with a rigorous error bound and re-scores the candidates with the float32
+kernel, so it returns the same bits as "float32"; "auto" (default) picks bf16 when k <= N/8 and a
+one-off timing in this process (tens of ms of thread CPU time, at the first such search) found
+it faster.
+return_details=True adds a third item: {"path": "bf16" or "float32" (the path used; "bf16" if any
+query chunk used it), "candidates_rescored": rows re-scored in float32, summed over queries}.
 Errors: NaN or Inf in database or queries → ValueError naming the row; a returned score that
 overflows float32 (vectors far from unit norm) → ValueError (only the k returned scores of each
 query are checked, so a NaN score outside them is skipped silently); the system refusing to

@@ -231,7 +231,7 @@ def spoc_pool(feature_map: numpy.typing.NDArray[numpy.float32]) -> numpy.typing.
     """
     SPoC (Babenko & Lempitsky 2015): sum pooling with a Gaussian centre prior (sigma = min(H, W)/6, one third of the centre-to-closest-border distance). Returns the raw float32 D vector; a channel whose sum overflows float32 (values too large) raises ValueError.
     """
-def topk_search(database: numpy.typing.NDArray[numpy.float32], queries: numpy.typing.NDArray[numpy.float32], k: typing.SupportsInt | typing.SupportsIndex, n_threads: typing.SupportsInt | typing.SupportsIndex = 0) -> tuple[numpy.typing.NDArray[numpy.float32], numpy.typing.NDArray[numpy.int64]]:
+def topk_search(database: numpy.typing.NDArray[numpy.float32], queries: numpy.typing.NDArray[numpy.float32], k: typing.SupportsInt | typing.SupportsIndex, n_threads: typing.SupportsInt | typing.SupportsIndex = 0, path: str = 'auto', return_details: bool = False) -> tuple[numpy.typing.NDArray[numpy.float32], numpy.typing.NDArray[numpy.int64]] | tuple[numpy.typing.NDArray[numpy.float32], numpy.typing.NDArray[numpy.int64], dict]:
     """
     Exact top-k dot-product search (cosine similarity for l2-normalised vectors).
     
@@ -240,6 +240,13 @@ def topk_search(database: numpy.typing.NDArray[numpy.float32], queries: numpy.ty
     hardware has (os.cpu_count()) are capped at that number; the result does not depend on
     n_threads. Returns (scores float32 Q×k sorted descending, indices int64 Q×k), ties broken by the
     smaller database index. Memory beyond the inputs is O(threads·Q·256) floats. The GIL is released.
+    path: "float32" scores every row in float32; "bf16" (CPUs with AVX512-BF16 only, else ValueError)
+    scans in bfloat16 with a rigorous error bound and re-scores the candidates with the float32
+    kernel, so it returns the same bits as "float32"; "auto" (default) picks bf16 when k <= N/8 and a
+    one-off timing in this process (tens of ms of thread CPU time, at the first such search) found
+    it faster.
+    return_details=True adds a third item: {"path": "bf16" or "float32" (the path used; "bf16" if any
+    query chunk used it), "candidates_rescored": rows re-scored in float32, summed over queries}.
     Errors: NaN or Inf in database or queries → ValueError naming the row; a returned score that
     overflows float32 (vectors far from unit norm) → ValueError (only the k returned scores of each
     query are checked, so a NaN score outside them is skipped silently); the system refusing to

@@ -3,11 +3,13 @@
 :class:`Index` keeps float32 vectors (normally the l2-normalised descriptors of
 :class:`clustermac.Extractor`, so that the dot product is the cosine similarity) and runs
 exact top-k search in the C++ core (:func:`clustermac.topk_search`: blocked matrix
-products, partial selection, threads, GIL released). Vectors are held as a list of chunks:
-``add`` appends a chunk (small trailing chunks are merged), ``load(mmap=True)`` maps the
-saved vectors from disk, so a 1M × 512 index (2 GB) is searched without ever holding two
-copies of it. An optional FAISS backend (``backend="faiss"``, compressed / IVF storage)
-offers the same interface for collections that do not fit in memory as float32.
+products, partial selection, threads, GIL released; ``path="auto"``, so on CPUs with
+AVX512-BF16 a bfloat16 candidate scan with an exact float32 re-score that returns the same
+bits). Vectors are held as a list of chunks: ``add`` appends a chunk (small trailing
+chunks are merged), ``load(mmap=True)`` maps the saved vectors from disk, so a 1M × 512
+index (2 GB) is searched without ever holding two copies of it. An optional FAISS backend
+(``backend="faiss"``, compressed / IVF storage) offers the same interface for collections
+that do not fit in memory as float32.
 """
 
 from __future__ import annotations
