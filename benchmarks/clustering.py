@@ -190,6 +190,51 @@ def peak_memory_mb(feature_map, rgb, pca_dim) -> tuple[float, float]:
     return float(out[1]) / 1024, float(out[0]) / 1024
 
 
+def cpu_model() -> str:
+    """The CPU's model name (lscpu), for the printed note."""
+    out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+    return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "?")
+
+
+TIMING_CHILD = """
+import sys, time, numpy as np, clustermac
+maps = np.load(sys.argv[1]); pca_dim = int(sys.argv[2]); count = len(maps.files) // 2
+clustermac.cluster_feature_map(maps["f0"], maps["r0"], pca_dim=pca_dim)  # warm-up
+for i in range(count):
+    start = time.perf_counter()
+    clustermac.cluster_feature_map(maps[f"f{i}"], maps[f"r{i}"], pca_dim=pca_dim, similarity_precision="float32")
+    print(time.perf_counter() - start)
+"""
+
+
+def compare_builds(maps, pca_dim: int, baseline_python: str, repeats: int) -> None:
+    """cluster_feature_map (float32, single-threaded) per map in three processes run in turn, `repeats`
+    rounds: this build, this build capped at AVX2, and `baseline_python`'s build (main's). Medians."""
+    runs = {
+        "this build": (sys.executable, {}),
+        "this build, AVX2 cap": (sys.executable, {"CLUSTERMAC_NO_AVX512": "1"}),
+        "baseline build": (baseline_python, {}),
+    }
+    times: dict[str, list[list[float]]] = {name: [] for name in runs}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "maps.npz")
+        np.savez(path, **{f"f{i}": f for i, (f, _) in enumerate(maps)}, **{f"r{i}": r for i, (_, r) in enumerate(maps)})
+        for _ in range(repeats):
+            for name, (python, extra) in runs.items():
+                env = dict(os.environ, OMP_NUM_THREADS="1", **extra)
+                if python == baseline_python:  # its own installed clustermac, not a worktree's
+                    env.pop("PYTHONPATH", None)
+                command = [python, "-c", TIMING_CHILD, path, str(pca_dim)]
+                out = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout.split()
+                times[name].append([float(t) for t in out])
+    medians = {name: float(np.median(np.array(t))) for name, t in times.items()}
+    base = medians["baseline build"]
+    print(
+        "  same-run comparison (float32, medians of every map x round): "
+        + ", ".join(f"{name} {m * 1e3:.1f} ms ({base / m:.2f}x of the baseline)" for name, m in medians.items())
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="48x64:4,24x32:7", help="HxW:C list (default: %(default)s)")
@@ -200,16 +245,21 @@ def main() -> None:
     parser.add_argument("--normalization", default="sym", choices=["shi", "sym"])
     parser.add_argument(
         "--precision",
-        default="auto",
-        choices=["auto", "float32", "bfloat16"],
-        help="similarity_precision of cluster_feature_map (default: %(default)s)",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="similarity_precision of cluster_feature_map (default: %(default)s; the other one is timed too "
+        "when the CPU has AVX512-BF16)",
+    )
+    parser.add_argument(
+        "--baseline-python",
+        default=None,
+        help="also time cluster_feature_map in this interpreter (e.g. one with main's build installed), "
+        "interleaved with this build and with this build capped at AVX2 (CLUSTERMAC_NO_AVX512=1)",
     )
     args = parser.parse_args()
     bf16 = bf16_available()
-    print(
-        f"similarity_precision={args.precision}; this CPU {'has' if bf16 else 'lacks'} AVX512-BF16 "
-        '("auto" stores the similarity in bfloat16 for N >= 2048 when it has)'
-    )
+    print(f"similarity_precision={args.precision}; this CPU {'has' if bf16 else 'lacks'} AVX512-BF16")
+    print(f"CPU: {cpu_model()}; simd level {_core.simd_level()}; load average {os.getloadavg()[0]:.1f}")
 
     with threadpool_limits(1):
         # Warm-up (imports, first-call set-up) so that neither side is timed cold.
@@ -238,9 +288,10 @@ def main() -> None:
                     )
                     times.append(time.perf_counter() - start)
                 ours_t.append(np.median(times))
-                # The float32 similarity too, when the chosen precision may be bfloat16.
+                # The other similarity precision too, when the CPU has bfloat16.
+                other = "float32" if args.precision == "bfloat16" else "bfloat16"
                 float_note = ""
-                if bf16 and args.precision != "float32":
+                if bf16:
                     times = []
                     for _ in range(args.repeats):
                         start = time.perf_counter()
@@ -249,11 +300,11 @@ def main() -> None:
                             rgb,
                             pca_dim=pca_dim,
                             normalization=args.normalization,
-                            similarity_precision="float32",
+                            similarity_precision=other,
                         )
                         times.append(time.perf_counter() - start)
                     float32_t.append(np.median(times))
-                    float_note = f", float32 similarity {float32_t[-1] * 1e3:.1f} ms"
+                    float_note = f", {other} similarity {float32_t[-1] * 1e3:.1f} ms"
                 # The same with a given PCA (as with a dataset-learned one): clustering alone.
                 d = feature_map.shape[0]
                 flat = np.ascontiguousarray(feature_map.reshape(d, -1).T)
@@ -308,7 +359,7 @@ def main() -> None:
                 f"  median per image: clustermac {ours_median * 1e3:.1f} ms, NumPy + scikit-learn "
                 f"{ref_median * 1e3:.1f} ms, ratio {ref_median / ours_median:.1f}x; clustermac with a given "
                 f"PCA (clustering only) {np.median(given_pca_t) * 1e3:.1f} ms"
-                + (f"; with a float32 similarity {np.median(float32_t) * 1e3:.1f} ms" if float32_t else "")
+                + (f"; with a {other} similarity {np.median(float32_t) * 1e3:.1f} ms" if float32_t else "")
             )
             eig = np.median(np.array(eig_t), axis=0)
             print(
@@ -320,6 +371,8 @@ def main() -> None:
                     f"  mean NCut objective {name}: clustermac {objectives[:, j, 0].mean():.3f}, "
                     f"scikit-learn {objectives[:, j, 1].mean():.3f}"
                 )
+            if args.baseline_python:
+                compare_builds(maps, pca_dim, args.baseline_python, args.repeats)
             peak, before = peak_memory_mb(*maps[0], pca_dim)
             print(
                 f"  peak RSS of one cluster_feature_map call: {peak:.0f} MB (process before the call: {before:.0f} MB)"

@@ -10,6 +10,12 @@ Timing: the same images, in the same run, alternating the two measurements over 
 (decode, network and pooling/clustering overlapped). Prints medians and the overhead ratio.
 With --compare METHOD, that method's "full" time is measured in the same rounds (its own
 embedded-backbone head, see DescriptorMethod.backbone_head) and the ratio of the two is printed.
+With --spinning-reference, the same backbone with ONNX Runtime's busy-waiting threads (its default,
+which clustermac turns off) is timed too, bare and full, in the same rounds.
+With --breakdown, each step of the full extraction is also timed on its own, sequentially (median over
+the rounds, ms/image): decode, resize, network input, network, RGB at feature resolution, clustering,
+pooling, aggregation (l2, a whitening learned on the same images, sum); the network's share and the
+rest are what the overlapped pipeline has to hide.
 """
 
 from __future__ import annotations
@@ -47,12 +53,12 @@ def photos(n: int, size: int, seed: int = 0) -> list[Image.Image]:
     return out
 
 
-def make_backbone(name: str, threads: int, onnx: str | None, method: str = "clustermac"):
+def make_backbone(name: str, threads: int, onnx: str | None, method: str = "clustermac", precision: str = "float32"):
     from clustermac.backbones import Backbone, default_backbone
     from clustermac.descriptors.registry import method_class
 
     if name == "default":
-        return default_backbone(n_threads=threads, head=method_class(method).backbone_head)
+        return default_backbone(n_threads=threads, head=method_class(method).backbone_head, precision=precision)
     if onnx is None:
         from clustermac.backbones.export import export_backbone
 
@@ -60,36 +66,99 @@ def make_backbone(name: str, threads: int, onnx: str | None, method: str = "clus
         if not os.path.exists(onnx):
             print(f"exporting {name} with random weights to {onnx}", flush=True)
             export_backbone(name, onnx, weights=None)
-    return Backbone(onnx, preset=name, n_threads=threads)
+    return Backbone(onnx, preset=name, n_threads=threads, precision=precision)
+
+
+def spinning_backbone(backbone):
+    """A copy of ``backbone`` whose session lets ONNX Runtime's threads busy-wait (ORT's default)."""
+    from clustermac.backbones import Backbone
+    from clustermac.backbones.onnx import _open_session
+
+    copy = Backbone(backbone.onnx_path, preset=backbone.preset.name, n_threads=backbone.n_threads)
+    copy._session = _open_session(copy.onnx_path, backbone.n_threads or 0, spinning=True)
+    return copy
+
+
+def time_bare(extractor, images, cpu: list[float] | None = None) -> float:
+    """Seconds for decode + resize + network on every image, sequentially (CPU seconds appended to ``cpu``)."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    for img in images:
+        extractor.backbone.features(extractor.prepare(img).image)
+    if cpu is not None:
+        cpu.append(time.process_time() - c0)
+    return time.perf_counter() - t0
+
+
+def time_full(extractor, images, cpu: list[float] | None = None) -> float:
+    """Seconds for Extractor.extract_many on the images, the overlapped pipeline (CPU seconds appended to ``cpu``)."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    extractor.extract_many(images, progress=False)
+    if cpu is not None:
+        cpu.append(time.process_time() - c0)
+    return time.perf_counter() - t0
+
+
+def time_steps(extractor, images) -> dict[str, float]:
+    """Seconds spent in each step of a regional method's extraction, sequentially, over the images."""
+    from clustermac import _core
+    from clustermac.descriptors.extractor import rgb_at_feature_resolution
+    from clustermac.images import load_image, resize_max
+
+    backbone, steps = extractor.backbone, {}
+
+    def timed(step, function, *arguments):
+        t0 = time.perf_counter()
+        result = function(*arguments)
+        steps[step] = steps.get(step, 0.0) + time.perf_counter() - t0
+        return result
+
+    for img in images:
+        decoded = timed("decode", load_image, img)
+        resized, _ = timed("resize", resize_max, decoded, extractor.max_size)
+        network_input = timed("network input", backbone.preprocess, resized)
+        fmap = timed("network", lambda x: backbone._run(x)[0], network_input)
+        rgb = timed("rgb at feature resolution", rgb_at_feature_resolution, resized, *fmap.shape[1:])
+        labels = timed("clustering", extractor.cluster_labels, fmap, rgb) if extractor.method == "clustermac" else None
+        vectors = timed("pooling", extractor.regional_vectors, fmap, rgb, labels)
+        timed("aggregation", _core.aggregate_regions, vectors, extractor.whitening_mean, extractor.whitening_projection)
+    return steps
 
 
 def time_extraction(args) -> dict:
     from clustermac.descriptors import Extractor
 
-    backbone = make_backbone(args.backbone, args.threads, args.onnx, args.method)
+    backbone = make_backbone(args.backbone, args.threads, args.onnx, args.method, args.precision)
     images = photos(args.n_images, args.max_size)
     extractor = Extractor(backbone, args.method, max_size=args.max_size)
-    bare_times, full_times, compare_times = [], [], []
+    bare_times, full_times, compare_times, bare_cpu, full_cpu = [], [], [], [], []
     extractor.extract_many(images[:1], progress=False)  # warm-up (session, caches)
     other = None
     if args.compare:
-        other_backbone = make_backbone(args.backbone, args.threads, args.onnx, args.compare)
+        other_backbone = make_backbone(args.backbone, args.threads, args.onnx, args.compare, args.precision)
         other = Extractor(other_backbone, args.compare, max_size=args.max_size)
         other.extract_many(images[:1], progress=False)
+    spinning = None
+    spinning_times: dict[str, list[float]] = {"bare": [], "full": []}
+    if args.spinning_reference:
+        spinning = Extractor(spinning_backbone(backbone), args.method, max_size=args.max_size)
+        spinning.extract_many(images[:1], progress=False)
     for _ in range(args.repeats):
         if other is not None:
-            t0 = time.perf_counter()
-            other.extract_many(images, progress=False)
-            compare_times.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        for img in images:
-            backbone.features(extractor.prepare(img).image)
-        bare_times.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        extractor.extract_many(images, progress=False)
-        full_times.append(time.perf_counter() - t0)
+            compare_times.append(time_full(other, images))
+        if spinning is not None:
+            spinning_times["bare"].append(time_bare(spinning, images))
+            spinning_times["full"].append(time_full(spinning, images))
+        bare_times.append(time_bare(extractor, images, bare_cpu))
+        full_times.append(time_full(extractor, images, full_cpu))
     bare, full = statistics.median(bare_times), statistics.median(full_times)
-    compared = {}
+    if spinning is not None:
+        compared = {
+            "spinning_bare_s_per_image": statistics.median(spinning_times["bare"]) / len(images),
+            "spinning_full_s_per_image": statistics.median(spinning_times["full"]) / len(images),
+            "spinning_runs_s": spinning_times,
+        }
+    else:
+        compared = {}
     if other is not None:
         other_full = statistics.median(compare_times)
         compared = {
@@ -98,7 +167,7 @@ def time_extraction(args) -> dict:
             "full_over_compare": full / other_full,
             "compare_runs_s": compare_times,
         }
-    return {
+    result = {
         "backbone": backbone.name,
         "method": args.method,
         "max_size": args.max_size,
@@ -107,10 +176,21 @@ def time_extraction(args) -> dict:
         "bare_s_per_image": bare / len(images),
         "full_s_per_image": full / len(images),
         "overhead_percent": 100.0 * (full / bare - 1.0),
+        # CPU seconds of the process (all threads): the work added, less sensitive to other jobs than wall time.
+        "bare_cpu_s_per_image": statistics.median(bare_cpu) / len(images),
+        "full_cpu_s_per_image": statistics.median(full_cpu) / len(images),
+        "load_average": os.getloadavg()[0],
         "bare_runs_s": bare_times,
         "full_runs_s": full_times,
         **compared,
     }
+    if args.breakdown:
+        extractor.fit_whitening(images, progress=False)  # so that the aggregation step does its real work
+        rounds = [time_steps(extractor, images) for _ in range(args.repeats)]
+        result["steps_ms_per_image"] = {
+            step: 1000 * statistics.median(r[step] for r in rounds) / len(images) for step in rounds[0]
+        }
+    return result
 
 
 def peak_memory_child(n: int, backbone: str, method: str, max_size: int) -> None:
@@ -139,14 +219,22 @@ def main(argv=None) -> int:
     parser.add_argument("--backbone", default="default", choices=("default", "vgg16", "resnet101"))
     parser.add_argument("--onnx", help="use this ONNX file for --backbone vgg16/resnet101 instead of a random export")
     parser.add_argument("--method", default="clustermac")
+    parser.add_argument("--precision", default="float32", choices=("float32", "int8"), help="the backbone's precision")
     parser.add_argument("--compare", help="also time this method's full extraction in the same rounds")
     parser.add_argument("--n-images", type=int, default=12)
     parser.add_argument("--max-size", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--spinning-reference", action="store_true", help="also time busy-waiting ORT threads")
+    parser.add_argument("--breakdown", action="store_true", help="also time each step on its own")
     parser.add_argument("--memory", type=int, nargs="*", help="peak-memory mode: folder sizes to extract")
     parser.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.breakdown:
+        from clustermac.descriptors.registry import method_class
+
+        if not method_class(args.method).regional:
+            parser.error(f"--breakdown times the steps of a regional method (R-MAC, ClusterMAC), not {args.method}")
 
     if args.memory_child is not None:
         peak_memory_child(args.memory_child, args.backbone, args.method, args.max_size)
@@ -179,8 +267,19 @@ def main(argv=None) -> int:
         f"{result['backbone']} at {args.max_size} px, {args.threads} threads, median of {args.repeats}: "
         f"bare {1000 * result['bare_s_per_image']:.0f} ms/image, "
         f"full {args.method} {1000 * result['full_s_per_image']:.0f} ms/image, "
-        f"overhead {result['overhead_percent']:+.1f} %"
+        f"overhead {result['overhead_percent']:+.1f} %; CPU time bare {1000 * result['bare_cpu_s_per_image']:.0f} "
+        f"ms/image, full {1000 * result['full_cpu_s_per_image']:.0f} ms/image; "
+        f"load average {result['load_average']:.1f}"
     )
+    if args.spinning_reference:
+        bare_spin, full_spin = result["spinning_bare_s_per_image"], result["spinning_full_s_per_image"]
+        print(
+            f"with busy-waiting ONNX Runtime threads: bare {1000 * bare_spin:.0f} ms/image, full "
+            f"{1000 * full_spin:.0f} ms/image, overhead {100 * (full_spin / bare_spin - 1):+.1f} %; "
+            f"full without / with spinning {result['full_s_per_image'] / full_spin:.2f}"
+        )
+    if args.breakdown:
+        print(", ".join(f"{step} {ms:.1f}" for step, ms in result["steps_ms_per_image"].items()), "(ms/image)")
     if args.compare:
         print(
             f"full {args.compare} {1000 * result['compare_full_s_per_image']:.0f} ms/image; "

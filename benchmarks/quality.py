@@ -36,8 +36,8 @@ from clustermac import _core
 from clustermac.backbones import default_backbone
 from clustermac.bench import photo_benchmark
 from clustermac.bench.datasets import load_dataset
-from clustermac.bench.evaluate import compute_map, revisited_map
-from clustermac.bench.pipeline import compute_feature_maps
+from clustermac.bench.evaluate import paired_bootstrap_interval
+from clustermac.bench.pipeline import compute_feature_maps, per_query_scores
 from clustermac.descriptors import Extractor
 from clustermac.descriptors.base import cluster_boxes
 from clustermac.descriptors.whitening import fit_whitening_on_vectors
@@ -73,6 +73,17 @@ VARIANTS: dict[str, tuple[str, str, str, str]] = {
     "clusters+grid": ("relu6", "grid+clusters", "max", "uniform"),
     "GeM-clusters": ("relu6", "clusters", "gem", "uniform"),
     "relu clusters+grid": ("relu", "grid+clusters", "max", "uniform"),
+    # Session 7: boxes grown about their centre, boxes at two sizes, more partitions, part weights.
+    "relu box20@1.5+grid": ("relu", "grid+box20@1.5", "max", "uniform"),
+    "relu box20@2+grid": ("relu", "grid+box20@2", "max", "uniform"),
+    "relu box20+box20@2+grid": ("relu", "grid+box20+box20@2", "max", "uniform"),
+    "relu box5+box20+grid": ("relu", "grid+box5+box20", "max", "uniform"),
+    "relu box20 w0.5+grid": ("relu", "grid+box20", "max", "box20=0.5"),
+    "relu box20 w2+grid": ("relu", "grid+box20", "max", "box20=2"),
+    "relu grid w0.5+box20": ("relu", "grid+box20", "max", "grid=0.5"),
+    "relu box10+grid": ("relu", "grid+box10", "max", "uniform"),
+    "relu box40+grid": ("relu", "grid+box40", "max", "uniform"),
+    "relu box10+box20+box40+grid": ("relu", "grid+box10+box20+box40", "max", "uniform"),
 }
 GEM_P = 3.0
 
@@ -87,12 +98,24 @@ def load_or_build(out: Path, args) -> tuple:
     sources = photo_benchmark.find_photo_sources(include_debian=not args.pip_only)
     if not (bench_dir / "jpg").is_dir():
         photo_benchmark.make_benchmark(
-            bench_dir, preset=args.preset, size=args.size, seed=args.seed, sources=sources, progress=False
+            bench_dir,
+            preset=args.preset,
+            size=args.size,
+            seed=args.seed,
+            sources=sources,
+            progress=False,
+            allow_smaller=args.allow_smaller or args.pip_only,
         )
+    dataset = load_dataset(bench_dir)
+    shortfall = photo_benchmark.preset_shortfall(len(dataset.queries), args.preset)
+    if shortfall and not (args.allow_smaller or args.pip_only):
+        raise SystemExit(f"quality.py: {shortfall} (or pass --allow-smaller)")
+    if shortfall:
+        print(f"WARNING: {shortfall}", flush=True)
     whitening_images = photo_benchmark.make_whitening_set(
         whitening_dir, preset=args.preset, size=args.size, seed=args.seed + 1, sources=sources
     )
-    return load_dataset(bench_dir), whitening_images
+    return dataset, whitening_images
 
 
 def cached_maps(out: Path, dataset, whitening_images, max_size: int, scale: float) -> dict[str, list]:
@@ -126,9 +149,17 @@ def head_map(item, head: str) -> np.ndarray:
     return np.minimum(fmap, RELU6_CAP) if head == "relu6" else fmap
 
 
-def cached_partitions(out: Path, maps: dict[str, list], max_size: int, scale: float, head: str) -> dict[str, list]:
-    """The paper's partitions (5 and 20 feature clusters, 5 RGB clusters; C = 7, z = 0.05, seed 0)."""
-    path = out / f"labels-{max_size}-s{scale:.3f}-{head}.pkl"
+EXTRA_CLUSTERS = (10, 40)  # the partitions of the parts "box10" and "box40" (no RGB partition)
+
+
+def cached_partitions(
+    out: Path, maps: dict[str, list], max_size: int, scale: float, head: str, extra: bool = False
+) -> dict[str, list]:
+    """The paper's partitions (5 and 20 feature clusters, 5 RGB clusters; C = 7, z = 0.05, seed 0);
+    with ``extra``, the partitions into EXTRA_CLUSTERS feature clusters instead."""
+    counts, rgb_clusters = (EXTRA_CLUSTERS, 0) if extra else ((5, 20), 5)
+    tag = "-k" + "-".join(map(str, EXTRA_CLUSTERS)) if extra else ""
+    path = out / f"labels-{max_size}-s{scale:.3f}-{head}{tag}.pkl"
     if path.is_file():
         with open(path, "rb") as f:
             return pickle.load(f)
@@ -140,8 +171,8 @@ def cached_partitions(out: Path, maps: dict[str, list], max_size: int, scale: fl
             else _core.cluster_feature_map(
                 np.ascontiguousarray(head_map(item, head)),
                 rgb=np.ascontiguousarray(item[1], dtype=np.float32),
-                n_clusters=(5, 20),
-                rgb_clusters=5,
+                n_clusters=counts,
+                rgb_clusters=rgb_clusters,
                 pca_dim=7,
                 z_ratio=0.05,
                 spatial_weight=0.0,
@@ -162,11 +193,35 @@ def cached_partitions(out: Path, maps: dict[str, list], max_size: int, scale: fl
 
 
 def region_boxes_of(part: str, height: int, width: int, partitions) -> np.ndarray:
-    """[x0, y0, x1, y1) boxes of a box-shaped part: R-MAC's grid or the bounding boxes of clusters."""
+    """[x0, y0, x1, y1) boxes of a box-shaped part: R-MAC's grid or the bounding boxes of clusters
+    ("box20": of the 20-cluster partition, "box5": of the 5-cluster one, "boxall": of all three;
+    a suffix "@1.5" grows each box about its centre by that factor, clipped to the map)."""
     if part == "grid":
         return np.asarray(_core.rmac_regions(height, width, 3))
-    chosen = [partitions[1]] if part == "box20" else list(partitions)
-    return np.concatenate([cluster_boxes(np.ascontiguousarray(p, dtype=np.int32)) for p in chosen])
+    name, _, factor = part.partition("@")
+    # partitions: 5, 20 and RGB clusters, then (with box10 / box40 variants) EXTRA_CLUSTERS.
+    chosen = {
+        "box20": [partitions[1]],
+        "box5": [partitions[0]],
+        "boxall": list(partitions[:3]),
+        "box10": [partitions[3]],
+        "box40": [partitions[4]],
+    }[name]
+    boxes = np.concatenate([cluster_boxes(np.ascontiguousarray(p, dtype=np.int32)) for p in chosen])
+    if factor:
+        grow = float(factor)
+        centre_x, centre_y = (boxes[:, 0] + boxes[:, 2]) / 2.0, (boxes[:, 1] + boxes[:, 3]) / 2.0
+        half_w, half_h = grow * (boxes[:, 2] - boxes[:, 0]) / 2.0, grow * (boxes[:, 3] - boxes[:, 1]) / 2.0
+        boxes = np.stack(
+            [
+                np.clip(np.floor(centre_x - half_w), 0, width - 1),
+                np.clip(np.floor(centre_y - half_h), 0, height - 1),
+                np.clip(np.ceil(centre_x + half_w), 1, width),
+                np.clip(np.ceil(centre_y + half_h), 1, height),
+            ],
+            axis=1,
+        ).astype(np.int64)
+    return boxes
 
 
 def part_vectors(fmap: np.ndarray, partitions, part: str, pooling: str) -> tuple[np.ndarray, np.ndarray]:
@@ -212,6 +267,11 @@ def image_regions(scale_index, set_name, i, item, partitions, variant) -> tuple[
     vectors, mass = np.concatenate(vectors), np.concatenate(masses)
     if weighting == "uniform":
         return vectors, np.ones(len(vectors))
+    if "=" in weighting:  # "box20=0.5": the regions of that part count with that weight
+        part_name, _, value = weighting.partition("=")
+        parts = zip(regions.split("+"), masses)
+        weights = [np.full(len(m), float(value) if part == part_name else 1.0) for part, m in parts]
+        return vectors, np.concatenate(weights)
     return vectors, np.sqrt(mass / max(mass.max(), 1e-12))
 
 
@@ -219,6 +279,42 @@ def describe(vectors: np.ndarray, weights: np.ndarray, mean, projection) -> np.n
     unit = _core.l2_normalize(np.ascontiguousarray(vectors, dtype=np.float32))
     white = _core.l2_normalize(_core.apply_whitening(unit, mean, projection))
     return (weights[:, None] * white).sum(axis=0)
+
+
+def parse_whitening(spec: str) -> dict:
+    """A whitening setting of --whitening: "/"-joined "r<shrinkage>" (r·λmax added to every
+    eigenvalue, the library's whitening_shrinkage; default 1e-3), "d<dim>" (output dimension,
+    the library's whitening_dim), "lw" (Ledoit–Wolf: the shrinkage toward μ·I that
+    sklearn.covariance.ledoit_wolf_shrinkage estimates, turned into the same r), "n<k>" (learn
+    it on the first k whitening images only)."""
+    config = {"shrinkage": 1e-3, "dim": None, "ledoit_wolf": False, "n_images": None}
+    for item in spec.split("/"):
+        if item == "lw":
+            config["ledoit_wolf"] = True
+        elif item[:1] == "r":
+            config["shrinkage"] = float(item[1:])
+        elif item[:1] == "d":
+            config["dim"] = int(item[1:])
+        elif item[:1] == "n":
+            config["n_images"] = int(item[1:])
+        else:
+            raise SystemExit(f"--whitening: cannot read {item!r} in {spec!r}")
+    return config
+
+
+def ledoit_wolf_ratio(training: np.ndarray) -> float:
+    """Ledoit–Wolf's shrinkage of the covariance toward μ·I (μ = mean eigenvalue) as the library's
+    r: ((1 − α)Σ + αμI) has the eigenvalues of Σ + (α/(1 − α))μI up to a scale, and the
+    whitening adds r·λmax."""
+    from sklearn.covariance import ledoit_wolf_shrinkage
+
+    alpha = float(ledoit_wolf_shrinkage(training))
+    centred = training - training.mean(axis=0)
+    eigenvalues = np.linalg.eigvalsh((centred.T @ centred) / len(training))
+    return alpha / max(1.0 - alpha, 1e-12) * float(eigenvalues.mean()) / float(eigenvalues[-1])
+
+
+WHITENING = parse_whitening("r1e-3")  # set from --whitening in main, one setting at a time
 
 
 def variant_descriptors(variant, scale_data) -> dict[str, np.ndarray]:
@@ -235,9 +331,15 @@ def variant_descriptors(variant, scale_data) -> dict[str, np.ndarray]:
             ]
             for name in SETS
         }
-        training += [_core.l2_normalize(np.ascontiguousarray(r[0])) for r in regions["whitening"] if r is not None]
+        kept = [r for r in regions["whitening"] if r is not None][: WHITENING["n_images"]]
+        training += [_core.l2_normalize(np.ascontiguousarray(r[0])) for r in kept]
         per_scale.append(regions)
-    mean, projection = fit_whitening_on_vectors(training, None, 1e-3)
+    shrinkage = WHITENING["shrinkage"]
+    if WHITENING["ledoit_wolf"]:
+        stacked = np.concatenate(training).astype(np.float64)
+        shrinkage = ledoit_wolf_ratio(stacked[np.linalg.norm(stacked, axis=1) > 0])
+        print(f"    Ledoit-Wolf shrinkage as r: {shrinkage:.3g}", flush=True)
+    mean, projection = fit_whitening_on_vectors(training, WHITENING["dim"], shrinkage)
     out = {}
     for name in SETS:
         n = len(per_scale[0][name])
@@ -265,21 +367,6 @@ def superglobal_ranks(queries, database, ranks, top=400, k=9, beta=0.15):
     return np.ascontiguousarray(superglobal_rerank(queries, database, ranks.T, top=top, k=k, beta=beta).T)
 
 
-def per_query_scores(dataset, ranks) -> dict[str, np.ndarray]:
-    scores = {"mAP": 100.0 * compute_map(ranks, dataset.classic_gnd())[1]}
-    if dataset.has_revisited:
-        scores["Hard"] = 100.0 * revisited_map(ranks, dataset.revisited_gnd())["hard"]["aps"]
-    return scores
-
-
-def bootstrap(diff: np.ndarray, resamples: int = 10000, seed: int = 0) -> tuple[float, float]:
-    """95 % interval of the mean of ``diff`` (per-query AP differences; NaN queries left out)."""
-    diff = diff[~np.isnan(diff)]
-    rng = np.random.default_rng(seed)
-    means = diff[rng.integers(0, len(diff), size=(resamples, len(diff)))].mean(axis=1)
-    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
@@ -288,9 +375,20 @@ def main(argv=None) -> int:
     parser.add_argument("--size", type=int, default=None)
     parser.add_argument("--max-size", type=int, default=640)
     parser.add_argument("--pip-only", action="store_true", help="photos of the pip packages only (a fresh machine)")
+    parser.add_argument(
+        "--allow-smaller",
+        action="store_true",
+        help="build the preset smaller when photo packages are missing (else refused; benchmarks/install-photos.sh)",
+    )
     parser.add_argument("--scales", type=float, nargs="+", default=[1.0])
     parser.add_argument("--variants", nargs="+", default=None, help=f"some of {list(VARIANTS)}")
     parser.add_argument("--qe", action="store_true", help="also query expansion and re-ranking rows")
+    parser.add_argument(
+        "--whitening",
+        nargs="+",
+        default=["r1e-3"],
+        help="whitening settings, each applied to every variant (see parse_whitening): e.g. r1e-2 r1e-2/d512 lw",
+    )
     parser.add_argument("--report", action="store_true", help="only tabulate the rows saved by earlier runs")
     parser.add_argument("--reference", help="compare every row with this variant (default: R-MAC on the row's head)")
     args = parser.parse_args(argv)
@@ -306,6 +404,12 @@ def main(argv=None) -> int:
     for scale in [] if args.report else args.scales:
         maps = cached_maps(out, dataset, whitening_images, args.max_size, scale)
         labels = {head: cached_partitions(out, maps, args.max_size, scale, head) for head in heads}
+        for head in {VARIANTS[n][0] for n in names if "box10" in VARIANTS[n][1] or "box40" in VARIANTS[n][1]}:
+            extra = cached_partitions(out, maps, args.max_size, scale, head, extra=True)
+            for name in SETS:
+                labels[head][name] = [
+                    None if p is None else list(p) + list(e) for p, e in zip(labels[head][name], extra[name])
+                ]
         scale_data.append((maps, labels))
 
     rows, per_query = [], {}
@@ -318,7 +422,10 @@ def main(argv=None) -> int:
         for label, entry in sorted(saved.items(), key=lambda kv: (order.get(kv[1]["row"]["variant"], 99), kv[0])):
             rows.append(dict(entry["row"]))
             per_query[label] = entry["aps"]
-    for name in names:
+    jobs = [(spec, name) for spec in ([] if args.report else args.whitening) for name in names]
+    for spec, name in jobs:
+        WHITENING.update(parse_whitening(spec))
+        wtag = "" if spec == "r1e-3" else f" [{spec}]"
         t = time.perf_counter()
         d = variant_descriptors(VARIANTS[name], scale_data)
         for crop in ("image", "activations"):
@@ -335,36 +442,37 @@ def main(argv=None) -> int:
                 variants.append((" +DBA+aQE3", ranks_of(alpha_query_expansion(q, dba, dba_ranks.T, 3.0, 10), dba)))
                 variants.append((" +SG", superglobal_ranks(q, db, ranks)))
             for suffix, r in variants:
-                label = f"{name}{suffix}, crop {tag}"
+                label = f"{name}{wtag}{suffix}, crop {tag}"
                 per_query[label] = per_query_scores(dataset, r)
-                rows.append({"label": label, "variant": name, "crop": tag, "extra": suffix.strip()})
+                rows.append({"label": label, "variant": name, "crop": tag, "extra": suffix.strip(), "whitening": wtag})
                 saved[label] = {"row": rows[-1], "aps": per_query[label]}
         # Per-query APs of every row so far, so that --report can tabulate runs done in pieces.
         with open(saved_path, "wb") as f:
             pickle.dump(saved, f)
-        done = [r["label"] for r in rows if r["variant"] == name and not r["extra"]]
+        done = [r["label"] for r in rows if r["variant"] == name and not r["extra"] and r["whitening"] == wtag]
         summary = ", ".join(f"{lab.split(', ')[-1]} {np.nanmean(per_query[lab]['mAP']):.1f}" for lab in done)
-        print(f"  {name}: {summary} ({time.perf_counter() - t:.0f} s)", flush=True)
+        print(f"  {name}{wtag}: {summary} ({time.perf_counter() - t:.0f} s)", flush=True)
 
     for row in rows:
         scores = per_query[row["label"]]
-        reference = f"{'relu ' if VARIANTS[row['variant']][0] == 'relu' else ''}R-MAC, crop {row['crop']}"
-        reference = reference if reference in per_query else f"R-MAC, crop {row['crop']}"
+        wtag = row.get("whitening", "")  # the reference has the row's whitening
+        reference = f"{'relu ' if VARIANTS[row['variant']][0] == 'relu' else ''}R-MAC{wtag}, crop {row['crop']}"
+        reference = reference if reference in per_query else f"R-MAC{wtag}, crop {row['crop']}"
         if args.reference:
-            reference = f"{args.reference}, crop {row['crop']}"
+            reference = f"{args.reference}{wtag}, crop {row['crop']}"
         row["reference"] = reference
         for key, aps in scores.items():
             row[key] = float(np.nanmean(aps))
             if reference in per_query and reference != row["label"]:
                 diff = aps - per_query[reference][key]
                 row[f"{key} diff"] = float(np.nanmean(diff))
-                row[f"{key} CI"] = bootstrap(diff)
-    header = f"{'variant':42s} {'mAP':>6s} {'Δ':>6s} {'95% CI':>15s} {'Hard':>6s} {'ΔHard':>6s}"
+                row[f"{key} CI"] = paired_bootstrap_interval(diff)
+    header = f"{'variant':56s} {'mAP':>6s} {'Δ':>6s} {'95% CI':>15s} {'Hard':>6s} {'ΔHard':>6s}"
     print(f"\n{out} max_size {args.max_size} scales {args.scales}\n{header}")
     for row in rows:
         ci = row.get("mAP CI")
         print(
-            f"{row['label']:42s} {row['mAP']:6.1f} {row.get('mAP diff', 0):+6.1f} "
+            f"{row['label']:56s} {row['mAP']:6.1f} {row.get('mAP diff', 0):+6.1f} "
             f"{'' if ci is None else f'[{ci[0]:+.1f}, {ci[1]:+.1f}]':>15s} "
             f"{row.get('Hard', float('nan')):6.1f} {row.get('Hard diff', 0):+6.1f}"
         )
@@ -378,6 +486,7 @@ def main(argv=None) -> int:
         "seconds": time.perf_counter() - started,
     }
     kind = "-report" if args.report else "-qe" if args.qe else ""
+    kind += "" if args.whitening == ["r1e-3"] else "-w" + "_".join(args.whitening).replace("/", "")
     kind += f"-vs-{args.reference.replace(' ', '_')}" if args.reference else ""
     path = out / f"quality-{args.max_size}-{scales_tag}{kind}.json"
     path.write_text(json.dumps(summary, indent=1))

@@ -59,6 +59,12 @@ def main(argv=None) -> int:
         "--size", type=int, default=None, help="long side of the benchmark's images (default: the preset's)"
     )
     parser.add_argument("--max-size", type=int, default=640)
+    parser.add_argument(
+        "--allow-smaller",
+        action="store_true",
+        help="when photo packages are missing, build a smaller benchmark than the preset (whose figures then differ "
+        "from the README's) instead of stopping with the command that installs them (benchmarks/install-photos.sh)",
+    )
     parser.add_argument("--onnx", help="another backbone (.onnx) instead of the embedded EfficientNet-Lite0")
     parser.add_argument(
         "--preset-backbone", default=None, help="preprocessing preset for --onnx (vgg16, resnet101, ...)"
@@ -86,11 +92,18 @@ def main(argv=None) -> int:
     bench_dir, whitening_dir = out / "benchmark", out / "whitening"
     if not (bench_dir / "jpg").is_dir():
         print(f"building the {args.preset} benchmark in {bench_dir}", flush=True)
-        photo_benchmark.make_benchmark(bench_dir, preset=args.preset, size=args.size, seed=args.seed)
+        photo_benchmark.make_benchmark(
+            bench_dir, preset=args.preset, size=args.size, seed=args.seed, allow_smaller=args.allow_smaller
+        )
+    dataset = load_dataset(bench_dir)
+    shortfall = photo_benchmark.preset_shortfall(len(dataset.queries), args.preset)
+    if shortfall and not args.allow_smaller:
+        raise SystemExit(f"retrieval.py: {shortfall} (or pass --allow-smaller)")
+    if shortfall:
+        print(f"WARNING: {shortfall}", flush=True)
     whitening_images = photo_benchmark.make_whitening_set(
         whitening_dir, preset=args.preset, size=args.size, seed=args.seed + 1
     )
-    dataset = load_dataset(bench_dir)
     print(
         f"{dataset.name}: {len(dataset.queries)} queries, {len(dataset.images)} database images, "
         f"{len(whitening_images)} whitening images",

@@ -183,8 +183,7 @@ tolerance (1e-2): enough for partitions whose NCut objective matches converged e
 not for eigenvectors to many digits when eigenvalues are close. Returned columns are
 D^-1/2 u scaled to unit l2 norm, signed so that each column's largest-magnitude entry is positive.
 similarity_precision="bfloat16" rounds the affinity to bf16 first and runs the eigensolver's
-products with AVX512-BF16 (see cluster_feature_map); "float32" (default) or "auto" keep it as
-given. N <= 65,536 (ValueError above).)doc");
+products with AVX512-BF16 (see cluster_feature_map); "float32" (default) keeps it as given. N <= 65,536 (ValueError above).)doc");
 
   m.def(
       "ncut",
@@ -279,7 +278,8 @@ N <= 65,536 (ValueError above).)doc");
               const std::vector<FeatureMapInput> inputs{args.input(arrays[0], "")};
               return LabelMaps(cluster_maps(arrays, inputs, args.options, 1)[0]);
             },
-            py::arg("feature_map"), py::arg("rgb") = py::none(), keywords..., py::arg("similarity_precision") = "auto",
+            py::arg("feature_map"), py::arg("rgb") = py::none(), keywords...,
+            py::arg("similarity_precision") = "float32",
             R"doc(The paper's per-image clustering: list of int32 H x W label maps.
 
 feature_map: float32 D x H x W activations; rgb: float32 H x W x 3 image resized to H x W, or None.
@@ -295,10 +295,11 @@ spatial_weight = 1 makes crossing the whole map cost about one weighted feature 
 deviation (the ablation of the paper's Fig. 6). normalization: "sym" (default) or "shi", see
 ncut_embedding. The N x N similarity workspace is kept per thread between calls when
 N <= 4096, to avoid page-faulting a fresh one for every image.
-similarity_precision: how that similarity is stored for the eigensolver. "float32"; "bfloat16"
-(CPUs with AVX512-BF16: the eigensolver's products at about half the cost, 8 significant bits
-per similarity); "auto" (default) takes bfloat16 for N >= 2048 locations when the CPU has it,
-float32 otherwise. The environment variable CLUSTERMAC_NO_BF16 makes "auto" always float32.
+similarity_precision: how that similarity is stored for the eigensolver: "float32" (default,
+on every CPU) or "bfloat16" (only when asked for; CPUs with AVX512-BF16, else ValueError: the
+eigensolver's products with VDPBF16PS, 8 significant bits per similarity). The two give
+different partitions, so the choice never depends on the CPU; Extractor records "bfloat16" in
+its settings.
 Limits (ValueError): N = H*W <= 65,536 locations (the N x N float32 similarity takes 16 GiB
 there); z_ratio >= 1e-8 (see affinity).)doc");
 
@@ -334,7 +335,7 @@ there); z_ratio >= 1e-8 (see affinity).)doc");
               return cluster_maps(arrays, inputs, args.options, n_threads);
             },
             py::arg("feature_maps"), py::arg("rgbs") = py::none(), keywords..., py::arg("n_threads") = 0,
-            py::arg("similarity_precision") = "auto",
+            py::arg("similarity_precision") = "float32",
             R"doc(cluster_feature_map for a list of feature maps on a thread pool (GIL released).
 
 rgbs: None or a list with one H x W x 3 array (or None) per map. n_threads <= 0 uses all

@@ -255,6 +255,30 @@ that. Returns (mean float32 D, projection float32 dim×D). dim must be an intege
 Each row → l2 → PCA-whiten (if mean and projection are given) → l2; the rows are summed and the
 sum l2-normalised. Zero rows (empty regions) are skipped, not whitened into noise. Returns float32
 of length dim (or D without whitening); a zero vector if every row is zero.)doc");
+
+  m.def(
+      "aggregate_region_groups",
+      [](const FloatArrayArg& region_obj,
+         const py::array_t<std::int64_t, py::array::c_style | py::array::forcecast>& sizes_obj,
+         const OptionalFloatArrayArg& mean_obj, const OptionalFloatArrayArg& projection_obj) {
+        auto regions = require_array<float>(region_obj, "region_vectors", 2, "of shape (K, D)");
+        if (sizes_obj.ndim() != 1) throw py::value_error("group_sizes: expected a 1-D array of row counts");
+        auto w = checked_whitening(mean_obj, projection_obj, regions.shape(1));
+        MatrixRM out;
+        {
+          py::gil_scoped_release release;
+          ConstMatrixRef projection = w.present ? as_matrix(w.projection) : as_matrix(regions);
+          out = aggregate_region_groups(as_matrix(regions), sizes_obj.data(), sizes_obj.shape(0),
+                                        w.present ? w.mean.data() : nullptr, w.present ? &projection : nullptr);
+        }
+        return to_numpy(std::move(out));
+      },
+      py::arg("region_vectors"), py::arg("group_sizes"), py::arg("mean") = py::none(),
+      py::arg("projection") = py::none(),
+      R"doc(aggregate_regions of G groups at once: region_vectors holds the groups' rows one group after
+the other (group_sizes[g] rows for group g, adding up to K). Returns float32 G×dim (or G×D without
+whitening), row g the descriptor of group g (zero if all its rows are zero). The rows of all groups
+are whitened by one matrix product, faster than one aggregate_regions call per group.)doc");
 }
 
 }  // namespace clustermac::bind

@@ -22,6 +22,7 @@ _compat.install()
 # The public API: the C++ core's functions, then the library's classes (see __all__).
 from ._core import (  # noqa: E402
     affinity,
+    aggregate_region_groups,
     aggregate_regions,
     aml_localize,
     apply_whitening,
@@ -68,6 +69,7 @@ __all__ = [
     "ncut_embedding",
     "pca_project",
     "aggregate_regions",
+    "aggregate_region_groups",
     "aml_localize",
     "apply_whitening",
     "crow_pool",

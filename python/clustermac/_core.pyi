@@ -6,7 +6,7 @@ import collections.abc
 import numpy
 import numpy.typing
 import typing
-__all__: list[str] = ['affinity', 'aggregate_regions', 'aml_localize', 'aml_localize_codes', 'apply_whitening', 'cluster_feature_map', 'cluster_feature_maps', 'crow_pool', 'dequantize_codes', 'fit_pca_whitening', 'gem_pool', 'grid_mac', 'grid_mac_codes', 'l2_normalize', 'ncut', 'ncut_embedding', 'pca_project', 'region_boxes', 'region_mac', 'region_mac_codes', 'rmac_regions', 'simd_level', 'spoc_pool', 'topk_search']
+__all__: list[str] = ['affinity', 'aggregate_region_groups', 'aggregate_regions', 'aml_localize', 'aml_localize_codes', 'apply_whitening', 'cluster_feature_map', 'cluster_feature_maps', 'crow_pool', 'dequantize_codes', 'fit_pca_whitening', 'gem_pool', 'grid_mac', 'grid_mac_codes', 'l2_normalize', 'ncut', 'ncut_embedding', 'pca_project', 'region_boxes', 'region_mac', 'region_mac_codes', 'rmac_regions', 'simd_level', 'spoc_pool', 'topk_search']
 def _discretize(embedding: numpy.typing.NDArray[numpy.float32], seed: typing.SupportsInt | typing.SupportsIndex = 0) -> numpy.typing.NDArray[numpy.int32]:
     """
     Yu & Shi 2003 discretisation of an N x K embedding (not public API; used by the tests).
@@ -25,6 +25,13 @@ def affinity(features: numpy.typing.NDArray[numpy.float32], z_ratio: typing.Supp
     result is all ones. Limits (ValueError): N <= 65,536 locations (the N x N result takes 16 GiB
     there); z_ratio >= 1e-8 (below it exp(-2 d / z) underflows float32 for all but near-identical
     locations).
+    """
+def aggregate_region_groups(region_vectors: numpy.typing.NDArray[numpy.float32], group_sizes: typing.Annotated[numpy.typing.ArrayLike, numpy.int64], mean: numpy.typing.NDArray[numpy.float32] | None = None, projection: numpy.typing.NDArray[numpy.float32] | None = None) -> numpy.typing.NDArray[numpy.float32]:
+    """
+    aggregate_regions of G groups at once: region_vectors holds the groups' rows one group after
+    the other (group_sizes[g] rows for group g, adding up to K). Returns float32 G×dim (or G×D without
+    whitening), row g the descriptor of group g (zero if all its rows are zero). The rows of all groups
+    are whitened by one matrix product, faster than one aggregate_regions call per group.
     """
 def aggregate_regions(region_vectors: numpy.typing.NDArray[numpy.float32], mean: numpy.typing.NDArray[numpy.float32] | None = None, projection: numpy.typing.NDArray[numpy.float32] | None = None) -> numpy.typing.NDArray[numpy.float32]:
     """
@@ -54,7 +61,7 @@ def apply_whitening(vectors: numpy.typing.NDArray[numpy.float32], mean: numpy.ty
     """
     (vectors − mean)·projectionᵀ → float32 N×dim. No normalisation: l2-normalise the result yourself. NaN or Inf in any argument, or a result that overflows float32, raises ValueError.
     """
-def cluster_feature_map(feature_map: numpy.typing.NDArray[numpy.float32], rgb: numpy.typing.NDArray[numpy.float32] | None = None, n_clusters: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex] = [5, 20], rgb_clusters: typing.SupportsInt | typing.SupportsIndex = 5, pca_dim: typing.SupportsInt | typing.SupportsIndex = 4, z_ratio: typing.SupportsFloat | typing.SupportsIndex = 0.05000000074505806, spatial_weight: typing.SupportsFloat | typing.SupportsIndex = 0.0, seed: typing.SupportsInt | typing.SupportsIndex = 0, normalization: str = 'sym', pca_mean: numpy.typing.NDArray[numpy.float32] | None = None, pca_basis: numpy.typing.NDArray[numpy.float32] | None = None, similarity_precision: str = 'auto') -> list[numpy.typing.NDArray[numpy.int32]]:
+def cluster_feature_map(feature_map: numpy.typing.NDArray[numpy.float32], rgb: numpy.typing.NDArray[numpy.float32] | None = None, n_clusters: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex] = [5, 20], rgb_clusters: typing.SupportsInt | typing.SupportsIndex = 5, pca_dim: typing.SupportsInt | typing.SupportsIndex = 4, z_ratio: typing.SupportsFloat | typing.SupportsIndex = 0.05000000074505806, spatial_weight: typing.SupportsFloat | typing.SupportsIndex = 0.0, seed: typing.SupportsInt | typing.SupportsIndex = 0, normalization: str = 'sym', pca_mean: numpy.typing.NDArray[numpy.float32] | None = None, pca_basis: numpy.typing.NDArray[numpy.float32] | None = None, similarity_precision: str = 'float32') -> list[numpy.typing.NDArray[numpy.int32]]:
     """
     The paper's per-image clustering: list of int32 H x W label maps.
     
@@ -71,14 +78,15 @@ def cluster_feature_map(feature_map: numpy.typing.NDArray[numpy.float32], rgb: n
     deviation (the ablation of the paper's Fig. 6). normalization: "sym" (default) or "shi", see
     ncut_embedding. The N x N similarity workspace is kept per thread between calls when
     N <= 4096, to avoid page-faulting a fresh one for every image.
-    similarity_precision: how that similarity is stored for the eigensolver. "float32"; "bfloat16"
-    (CPUs with AVX512-BF16: the eigensolver's products at about half the cost, 8 significant bits
-    per similarity); "auto" (default) takes bfloat16 for N >= 2048 locations when the CPU has it,
-    float32 otherwise. The environment variable CLUSTERMAC_NO_BF16 makes "auto" always float32.
+    similarity_precision: how that similarity is stored for the eigensolver: "float32" (default,
+    on every CPU) or "bfloat16" (only when asked for; CPUs with AVX512-BF16, else ValueError: the
+    eigensolver's products with VDPBF16PS, 8 significant bits per similarity). The two give
+    different partitions, so the choice never depends on the CPU; Extractor records "bfloat16" in
+    its settings.
     Limits (ValueError): N = H*W <= 65,536 locations (the N x N float32 similarity takes 16 GiB
     there); z_ratio >= 1e-8 (see affinity).
     """
-def cluster_feature_maps(feature_maps: list[numpy.typing.NDArray[numpy.float32]], rgbs: collections.abc.Sequence[numpy.typing.NDArray[numpy.float32] | None] | None = None, n_clusters: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex] = [5, 20], rgb_clusters: typing.SupportsInt | typing.SupportsIndex = 5, pca_dim: typing.SupportsInt | typing.SupportsIndex = 4, z_ratio: typing.SupportsFloat | typing.SupportsIndex = 0.05000000074505806, spatial_weight: typing.SupportsFloat | typing.SupportsIndex = 0.0, seed: typing.SupportsInt | typing.SupportsIndex = 0, normalization: str = 'sym', pca_mean: numpy.typing.NDArray[numpy.float32] | None = None, pca_basis: numpy.typing.NDArray[numpy.float32] | None = None, n_threads: typing.SupportsInt | typing.SupportsIndex = 0, similarity_precision: str = 'auto') -> list[list[numpy.typing.NDArray[numpy.int32]]]:
+def cluster_feature_maps(feature_maps: list[numpy.typing.NDArray[numpy.float32]], rgbs: collections.abc.Sequence[numpy.typing.NDArray[numpy.float32] | None] | None = None, n_clusters: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex] = [5, 20], rgb_clusters: typing.SupportsInt | typing.SupportsIndex = 5, pca_dim: typing.SupportsInt | typing.SupportsIndex = 4, z_ratio: typing.SupportsFloat | typing.SupportsIndex = 0.05000000074505806, spatial_weight: typing.SupportsFloat | typing.SupportsIndex = 0.0, seed: typing.SupportsInt | typing.SupportsIndex = 0, normalization: str = 'sym', pca_mean: numpy.typing.NDArray[numpy.float32] | None = None, pca_basis: numpy.typing.NDArray[numpy.float32] | None = None, n_threads: typing.SupportsInt | typing.SupportsIndex = 0, similarity_precision: str = 'float32') -> list[list[numpy.typing.NDArray[numpy.int32]]]:
     """
     cluster_feature_map for a list of feature maps on a thread pool (GIL released).
     
@@ -157,8 +165,7 @@ def ncut_embedding(affinity: numpy.typing.NDArray[numpy.float32], n_vectors: typ
     not for eigenvectors to many digits when eigenvalues are close. Returned columns are
     D^-1/2 u scaled to unit l2 norm, signed so that each column's largest-magnitude entry is positive.
     similarity_precision="bfloat16" rounds the affinity to bf16 first and runs the eigensolver's
-    products with AVX512-BF16 (see cluster_feature_map); "float32" (default) or "auto" keep it as
-    given. N <= 65,536 (ValueError above).
+    products with AVX512-BF16 (see cluster_feature_map); "float32" (default) keeps it as given. N <= 65,536 (ValueError above).
     """
 def pca_project(features: numpy.typing.NDArray[numpy.float32], n_components: typing.SupportsInt | typing.SupportsIndex) -> tuple[numpy.typing.NDArray[numpy.float32], numpy.typing.NDArray[numpy.float32]]:
     """

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .backbones.quantize import PRECISIONS
-from .descriptors import CLUSTER_POOLINGS, CROP_MODES, METHODS
+from .descriptors import CLUSTER_POOLINGS, CROP_MODES, METHODS, SIMILARITY_PRECISIONS
 
 #: Exit codes: 0 done, 2 usage error or bad input (one line on stderr), 3 another process is
 #: writing the same output, 130 interrupted (Ctrl-C).
@@ -87,6 +87,13 @@ def _add_method_options(p: argparse.ArgumentParser) -> None:
         help="C of the clustering PCA (default: 4 for 512-d maps, 7 otherwise)",
     )
     p.add_argument("--whitening", help="whitening file (.npz) from `clustermac fit-whitening`")
+    p.add_argument(
+        "--similarity-precision",
+        default=None,
+        choices=SIMILARITY_PRECISIONS,
+        help="ClusterMAC: how the NCut similarity is stored (default: float32 on every CPU; bfloat16 needs "
+        "AVX512-BF16, gives other partitions and is recorded in the settings)",
+    )
     p.add_argument(
         "--grid-regions",
         action="store_true",
@@ -156,6 +163,8 @@ def _method_options(args: argparse.Namespace, method: str) -> dict[str, Any]:
         options["pca_dim"] = args.pca_dim
     if getattr(args, "scales", None):
         options["scales"] = tuple(args.scales)
+    if getattr(args, "similarity_precision", None):
+        options["similarity_precision"] = args.similarity_precision
     return options
 
 
@@ -397,8 +406,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     # Queries are extracted with the settings the indexed descriptors were made with, unless given.
     if not args.method_given and settings.get("method"):
         args.method = settings["method"]
-    for option in ("max_size", "pca_dim", "cluster_pooling", "n_clusters", "scales"):
-        if getattr(args, option) is None:
+    for option in ("max_size", "pca_dim", "cluster_pooling", "n_clusters", "scales", "similarity_precision"):
+        if getattr(args, option, None) is None:
             setattr(args, option, settings.get(option))
     args.grid_regions = args.grid_regions or bool(settings.get("add_grid_regions"))
     indexed_precision = settings.get("backbone_precision", "float32") if settings else None

@@ -221,6 +221,21 @@ def test_thread_count_reaches_the_session(tmp_path, pooling_model):
     assert Backbone(path, preset="vgg16", n_threads=2)._session.get_session_options().intra_op_num_threads == 2
 
 
+def test_session_threads_sleep_instead_of_spinning(tmp_path, pooling_model):
+    from clustermac.backbones.onnx import _open_session
+
+    path, _, _ = pooling_model(tmp_path / "m.onnx", 512, 16)
+    backbone = Backbone(path, preset="vgg16", n_threads=2)
+    options = backbone._session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    # Busy-waiting is a scheduling choice only: the same model gives the same bits either way.
+    spinning = _open_session(path, 2, spinning=True)
+    assert spinning.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    network_input = backbone.preprocess(random_image(96, 128))
+    (expected,) = spinning.run(None, {backbone.input_name: network_input})
+    np.testing.assert_array_equal(backbone.features(random_image(96, 128)), expected[0])
+
+
 def test_features_are_repeatable_and_follow_the_image(tmp_path, pooling_model):
     path, weight, bias = pooling_model(tmp_path / "m.onnx", 512, 16)
     backbone = Backbone(path, preset="vgg16", n_threads=1)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from clustermac import average_precision, compute_map, revisited_map
+from clustermac.bench.evaluate import paired_bootstrap_interval
 
 # --- plain references -----------------------------------------------------------------------
 
@@ -235,3 +236,50 @@ def test_revisited_map_matches_reference_protocols():
 def test_revisited_map_requires_easy_hard_split():
     with pytest.raises(ValueError, match="no Easy/Hard split"):
         revisited_map(np.array([[0], [1]]), [{"ok": [0], "junk": []}])
+
+
+# --- paired bootstrap ---------------------------------------------------------------------------
+
+
+def reference_bootstrap(differences, resamples, seed, level=0.95):
+    """The percentile bootstrap written out: the same resampled query indices, each mean summed by
+    hand, the percentiles by linear interpolation between sorted means."""
+    kept = [float(d) for d in differences if not math.isnan(d)]
+    picks = np.random.default_rng(seed).integers(0, len(kept), size=(resamples, len(kept)))
+    means = sorted(sum(kept[j] for j in row) / len(kept) for row in picks.tolist())
+
+    def percentile(q):
+        position = q / 100.0 * (len(means) - 1)
+        low = math.floor(position)
+        high = min(low + 1, len(means) - 1)
+        return means[low] + (means[high] - means[low]) * (position - low)
+
+    tail = 100.0 * (1.0 - level) / 2.0
+    return percentile(tail), percentile(100.0 - tail)
+
+
+def test_paired_bootstrap_matches_the_written_out_reference():
+    rng = np.random.default_rng(3)
+    differences = rng.normal(3.0, 4.0, size=40)
+    differences[[3, 17]] = np.nan  # queries without positives are left out
+    for level in (0.95, 0.8):
+        got = paired_bootstrap_interval(differences, resamples=500, seed=7, level=level)
+        assert got == pytest.approx(reference_bootstrap(differences, 500, 7, level), abs=1e-12)
+    low, high = paired_bootstrap_interval(differences, resamples=2000)
+    kept = differences[~np.isnan(differences)]
+    assert low < kept.mean() < high and low > 0.0  # a clear gain lies above 0
+    assert paired_bootstrap_interval(differences, resamples=2000) == (low, high)  # same seed, same interval
+    assert paired_bootstrap_interval(-differences, resamples=2000) == pytest.approx((-high, -low), abs=1e-12)
+
+
+def test_paired_bootstrap_edge_cases():
+    assert paired_bootstrap_interval(np.full(5, 2.0), resamples=50) == pytest.approx((2.0, 2.0))
+    assert paired_bootstrap_interval([0.5], resamples=10) == pytest.approx((0.5, 0.5))
+    with pytest.raises(ValueError, match="differences"):
+        paired_bootstrap_interval([math.nan, math.nan])
+    with pytest.raises(ValueError, match="differences"):
+        paired_bootstrap_interval([1.0, math.inf])
+    with pytest.raises(ValueError, match="resamples"):
+        paired_bootstrap_interval([1.0, 2.0], resamples=0)
+    with pytest.raises(ValueError, match="level"):
+        paired_bootstrap_interval([1.0, 2.0], level=1.0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+import re
 from pathlib import Path
 
 import numpy as np
@@ -292,6 +293,30 @@ def test_pip_photos_only(tmp_path):
     assert used and all(name.split("/")[0] in ("skimage", "sklearn") for name in used)
     assert len(result.queries) == 6
     assert datasets.load_dataset(result.out_dir).queries == result.queries
+
+
+def test_a_preset_the_photos_cannot_meet_is_refused_or_reduced_loudly(tmp_path):
+    # A fresh machine: the pip photographs only, every Debian photo package missing.
+    pip_sources = pb.find_photo_sources(include_debian=False)
+    assert pb.missing_photo_packages(pip_sources) == list(pb.PHOTO_PACKAGES)
+    assert pb.INSTALL_PHOTOS_COMMAND.startswith("apt-get install -y opencv-doc ")
+    small = {"preset": "large", "n_positives": 1, "n_junk": 0, "n_distractors": 1, "size": 128, "progress": False}
+    with pytest.raises(ValueError, match=re.escape(pb.INSTALL_PHOTOS_COMMAND)) as error:
+        pb.make_benchmark(tmp_path / "strict", sources=pip_sources, allow_smaller=False, **small)
+    assert "'large' preset asks for 60 queries" in str(error.value) and "--allow-smaller" in str(error.value)
+    assert not (tmp_path / "strict" / "jpg").exists()  # refused before writing anything
+    with pytest.warns(UserWarning, match=re.escape(pb.INSTALL_PHOTOS_COMMAND)):
+        smaller = pb.make_benchmark(tmp_path / "loose", sources=pip_sources, **small)
+    assert 0 < len(smaller.queries) < pb.PRESETS["large"]["n_queries"]
+    # A script reusing such a benchmark is told so (benchmarks/retrieval.py and quality.py stop on it).
+    message = pb.preset_shortfall(len(smaller.queries), "large")
+    assert message is not None and f"{len(smaller.queries)} queries" in message and "NOT reproduced" in message
+    assert pb.preset_shortfall(60, "large") is None and pb.preset_shortfall(30, "demo") is None
+
+
+def test_the_install_script_installs_the_photo_packages():
+    script = Path(__file__).parents[2] / "benchmarks" / "install-photos.sh"
+    assert pb.INSTALL_PHOTOS_COMMAND in script.read_text()  # the command the errors print, as the script runs it
 
 
 @pytest.mark.parametrize("tiers", [("pasted",), ("multiview",)])

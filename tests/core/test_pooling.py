@@ -289,6 +289,37 @@ def test_aggregate_regions_matches_numpy_and_skips_empty_regions():
     np.testing.assert_array_equal(cm.aggregate_regions(np.zeros((3, 8), dtype=np.float32)), 0.0)
 
 
+def test_aggregate_region_groups_matches_numpy_per_group():
+    rng = np.random.default_rng(8)
+    sizes = np.array([3, 0, 20, 1, 2, 7], dtype=np.int64)  # an empty group too
+    regions = np.abs(rng.standard_normal((int(sizes.sum()), 24))).astype(np.float32)
+    regions[[0, 5, 23]] = 0.0  # empty regions
+    regions[24:26] = 0.0  # group 4: every region empty -> a zero row
+    mean, projection = cm.fit_pca_whitening(np.abs(rng.standard_normal((80, 24))).astype(np.float32), 16)
+    groups = np.split(regions, np.cumsum(sizes)[:-1])
+    for whitening in ((None, None), (mean, projection)):
+        got = cm.aggregate_region_groups(regions, sizes, *whitening)
+        assert got.shape == (len(sizes), 16 if whitening[0] is not None else 24) and got.dtype == np.float32
+        for g, rows in enumerate(groups):
+            np.testing.assert_allclose(got[g], reference_aggregate(rows, *whitening), atol=1e-5, err_msg=str(g))
+            np.testing.assert_allclose(got[g], cm.aggregate_regions(rows, *whitening), atol=1e-6, err_msg=str(g))
+        np.testing.assert_array_equal(got[1], 0.0)
+        np.testing.assert_array_equal(got[4], 0.0)
+    assert cm.aggregate_region_groups(np.zeros((0, 4), np.float32), np.zeros(0, np.int64)).shape == (0, 4)
+
+
+def test_aggregate_region_groups_errors():
+    regions = np.ones((4, 3), dtype=np.float32)
+    with pytest.raises(ValueError, match="group_sizes: expected counts adding up to the 4 rows"):
+        cm.aggregate_region_groups(regions, np.array([1, 2]))
+    with pytest.raises(ValueError, match="group_sizes: expected counts >= 0"):
+        cm.aggregate_region_groups(regions, np.array([5, -1]))
+    with pytest.raises(ValueError, match="group_sizes: expected a 1-D array"):
+        cm.aggregate_region_groups(regions, np.array([[4]]))
+    with pytest.raises(ValueError, match="NaN"):
+        cm.aggregate_region_groups(np.full((2, 3), np.nan, dtype=np.float32), np.array([2]))
+
+
 def test_aggregate_regions_errors():
     regions = np.ones((2, 4), dtype=np.float32)
     mean, projection = np.zeros(4, np.float32), np.eye(4, dtype=np.float32)

@@ -278,3 +278,16 @@ def test_bad_arguments():
         Extractor(bb, "mac", crop="both")
     with pytest.raises(ValueError, match="boxes"):
         Extractor(bb, "mac").extract_many([scene(1)], boxes=[None, None], progress=False)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA"])
+def test_rgb_at_feature_resolution_matches_a_plain_resize(mode):
+    from clustermac.descriptors.extractor import rgb_at_feature_resolution
+
+    pixels = np.random.default_rng(3).integers(0, 256, (70, 90, 4), dtype=np.uint8)
+    image = Image.fromarray(pixels, "RGBA").convert(mode)
+    expected = np.asarray(image.convert("RGB").resize((9, 7), Image.BILINEAR)).astype(np.float32)
+    result = rgb_at_feature_resolution(image, 7, 9)
+    assert result.dtype == np.float32 and result.shape == (7, 9, 3)
+    np.testing.assert_array_equal(result, expected)
+    assert image.mode == mode  # the caller's image is left as it was

@@ -336,16 +336,16 @@ def test_aml_rerank_with_rmac_in_box_equals_float_crop_path(tmp_path):
     mean, projection = cm.fit_pca_whitening(
         np.abs(rng.standard_normal((100, channels))).astype(np.float32), shrinkage=1e-2
     )
-    used = {"from_codes": 0, "crop": 0}
+    used = {"regional_vectors_from_codes": 0, "crop": 0}
 
     class CountingRMACInBox(cm.RMACInBox):
         def __call__(self, crop):
             used["crop"] += 1
             return super().__call__(crop)
 
-        def from_codes(self, codes, box, scale):
-            used["from_codes"] += 1
-            return super().from_codes(codes, box, scale)
+        def regional_vectors_from_codes(self, codes, box, scale):
+            used["regional_vectors_from_codes"] += 1
+            return super().regional_vectors_from_codes(codes, box, scale)
 
     rmac = CountingRMACInBox(mean, projection)
     calls = []
@@ -367,12 +367,14 @@ def test_aml_rerank_with_rmac_in_box_equals_float_crop_path(tmp_path):
         got = cm.aml_rerank(
             query_mac, query_descriptor, candidates, store, rmac, top_n=8, qe_k=qe_k, query_aspect=5 / 4
         )
+        # RMACInBox aggregates the boxes together (one whitening product): equal up to rounding.
         np.testing.assert_array_equal(got.indices, expected.indices)
-        np.testing.assert_array_equal(got.scores, expected.scores)
+        np.testing.assert_allclose(got.scores, expected.scores, atol=1e-6)
         np.testing.assert_array_equal(got.boxes, expected.boxes)
-        np.testing.assert_array_equal(got.expanded_query, expected.expanded_query)
+        np.testing.assert_allclose(got.expanded_query, expected.expanded_query, atol=1e-6)
         results[qe_k] = expected
-    assert len(calls) == 16 and used == {"from_codes": 16, "crop": 0}  # RMACInBox never made a float crop
+    # RMACInBox never made a float crop
+    assert len(calls) == 16 and used == {"regional_vectors_from_codes": 16, "crop": 0}
     # A callable whose from_store attribute is not callable is used as a plain callable.
     float_path.from_store = None
     plain = cm.aml_rerank(
@@ -381,6 +383,46 @@ def test_aml_rerank_with_rmac_in_box_equals_float_crop_path(tmp_path):
     assert len(calls) == 24
     np.testing.assert_array_equal(plain.indices, results[0].indices)
     np.testing.assert_array_equal(plain.scores, results[0].scores)
+
+
+def test_aml_rerank_in_groups_is_independent_of_threads_and_checks_aggregate_many(tmp_path):
+    """More candidates than one group (rerank.BATCH): the groups are fixed, so any n_threads gives
+    the same bytes; each row equals the map's own descriptor up to rounding; an aggregate_many
+    returning the wrong number of rows is refused."""
+    from clustermac.search import rerank
+
+    rng = np.random.default_rng(23)
+    channels = 24
+    path = tmp_path / "db.cmfm"
+    count = 2 * rerank.BATCH + 3
+    with cm.FeatureMapStoreWriter(path) as writer:
+        for i in range(count):
+            writer.add(np.maximum(rng.standard_normal((channels, 9, 7)), 0).astype(np.float32), f"im{i}")
+    store = cm.FeatureMapStore(path)
+    training = np.abs(rng.standard_normal((60, channels))).astype(np.float32)
+    mean, projection = cm.fit_pca_whitening(training, shrinkage=1e-2)
+    rmac = cm.RMACInBox(mean, projection)
+    query_mac = np.abs(rng.standard_normal(channels)).astype(np.float32)
+    query_descriptor = rmac(np.maximum(rng.standard_normal((channels, 4, 3)), 0).astype(np.float32))
+    candidates = rng.permutation(count)
+    runs = [
+        cm.aml_rerank(query_mac, query_descriptor, candidates, store, rmac, top_n=count - 1, n_threads=threads)
+        for threads in (1, 2, 3)
+    ]
+    for run in runs[1:]:
+        for field in ("indices", "scores", "boxes", "expanded_query"):
+            assert getattr(run, field).tobytes() == getattr(runs[0], field).tobytes(), field
+    singles = np.array([rmac.from_store(store, int(i), box) for i, box in zip(runs[0].indices, runs[0].boxes)])
+    vectors = [rmac.regional_vectors_from_store(store, int(i), box) for i, box in zip(runs[0].indices, runs[0].boxes)]
+    np.testing.assert_allclose(rmac.aggregate_many(vectors), singles, atol=1e-6)
+    assert rmac.aggregate_many([]).shape == (0, len(query_descriptor))
+
+    class WrongRows(cm.RMACInBox):
+        def aggregate_many(self, regional_vectors):
+            return super().aggregate_many(regional_vectors)[:-1]
+
+    with pytest.raises(ValueError, match="aggregate_many: returned shape"):
+        cm.aml_rerank(query_mac, query_descriptor, candidates, store, WrongRows(mean, projection), top_n=5)
 
 
 def test_pipeline_rerank_of_rmac_uses_the_codes_and_matches_the_float_path(monkeypatch):

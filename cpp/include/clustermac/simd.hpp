@@ -27,6 +27,7 @@
 #define CLUSTERMAC_ALWAYS_INLINE inline __attribute__((always_inline))
 #define CLUSTERMAC_TARGET_AVX2 __attribute__((target("avx2,fma")))
 #define CLUSTERMAC_TARGET_AVX512 __attribute__((target("avx512f")))
+#define CLUSTERMAC_TARGET_AVX512_FMA __attribute__((target("avx512f,avx2,fma")))
 #define CLUSTERMAC_TARGET_AVX512_BF16 __attribute__((target("avx512f,avx512bf16,avx512vl")))
 
 namespace clustermac {

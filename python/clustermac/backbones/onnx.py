@@ -134,7 +134,15 @@ PRESETS: dict[str, Preset] = {
 }
 
 
-def _open_session(path: Path, threads: int):
+def _open_session(path: Path, threads: int, spinning: bool = False):
+    """An ONNX Runtime CPU session on ``path`` with ``threads`` intra-op threads (0: one per core).
+
+    ``spinning=False`` (the default) lets the pool's threads sleep between parallel sections
+    instead of busy-waiting: the extractor runs the clustering and pooling of the previous image,
+    and the decoding of the next ones, on threads of its own beside the network, and spinning
+    threads took the cores they need (benchmarks/extraction.py --spinning-reference). The
+    setting does not change the results (same thread count, same work split).
+    """
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
@@ -143,6 +151,7 @@ def _open_session(path: Path, threads: int):
     options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     try:
         return onnxruntime.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
     except Exception as error:  # ORT raises its own exception types

@@ -10,6 +10,9 @@ Three entry points:
   conventions of the revisited Oxford/Paris evaluation (Radenovic et al., CVPR 2018): a
   query without positives gets AP = NaN and is left out of the mean.
 * :func:`revisited_map` -- the Easy / Medium / Hard protocols of the revisited datasets.
+
+:func:`paired_bootstrap_interval` says whether one method's per-query APs beat another's by more
+than chance: the 95 % interval of the mean difference, resampling queries.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["average_precision", "compute_map", "revisited_map"]
+__all__ = ["average_precision", "compute_map", "paired_bootstrap_interval", "revisited_map"]
 
 
 def _trapezoid_ap(positive_ranks: np.ndarray, n_positives: int) -> float:
@@ -273,3 +276,30 @@ def revisited_map(
         mean_ap, aps, mean_precision, precisions = compute_map(ranks, protocol_gnd, kappas)
         results[protocol] = {"map": mean_ap, "aps": aps, "mp@k": mean_precision, "pr@k": precisions}
     return results
+
+
+def paired_bootstrap_interval(
+    differences: np.ndarray, resamples: int = 10000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
+    """Percentile-bootstrap interval of the mean of paired per-query differences.
+
+    ``differences`` holds, per query, one method's AP minus another's on the same query (NaN for
+    a query without positives: left out). Queries are resampled with replacement ``resamples``
+    times (NumPy ``default_rng(seed)``: same input and seed, same interval); the interval is the
+    central ``level`` share of the resampled means. An interval above 0 means the first method
+    is better beyond what the choice of queries explains.
+
+    Raises ``ValueError`` when no difference is finite, ``resamples`` < 1 or ``level`` is not in (0, 1).
+    """
+    diff = np.asarray(differences, dtype=np.float64).reshape(-1)
+    diff = diff[~np.isnan(diff)]
+    if diff.size == 0 or not np.isfinite(diff).all():
+        raise ValueError("differences: expected at least one finite per-query difference (NaN ones are left out)")
+    if isinstance(resamples, bool) or int(resamples) != resamples or resamples < 1:
+        raise ValueError(f"resamples: expected a positive int, got {resamples!r}")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level: expected a share in (0, 1), got {level!r}")
+    rng = np.random.default_rng(seed)
+    means = diff[rng.integers(0, diff.size, size=(int(resamples), diff.size))].mean(axis=1)
+    tail = 100.0 * (1.0 - level) / 2.0
+    return float(np.percentile(means, tail)), float(np.percentile(means, 100.0 - tail))

@@ -83,8 +83,12 @@ __all__ = [
     "MultiviewGroup",
     "PhotoBenchmark",
     "PRESETS",
+    "PHOTO_PACKAGES",
+    "INSTALL_PHOTOS_COMMAND",
     "WHITENING_PRESET_IMAGES",
     "find_photo_sources",
+    "missing_photo_packages",
+    "preset_shortfall",
     "make_benchmark",
     "make_whitening_set",
 ]
@@ -92,6 +96,18 @@ __all__ = [
 OPENCV_DATA_DIR = Path("/usr/share/doc/opencv-doc/examples/data")
 BACKGROUNDS_DIR = Path("/usr/share/backgrounds")  # lomiri-wallpapers-16.04, mate-backgrounds
 PLASMA_WALLPAPERS_DIR = Path("/usr/share/wallpapers")  # plasma-workspace-wallpapers
+
+#: The Debian packages whose photographs the benchmark uses beyond the pip ones (package: the
+#: collection of :class:`PhotoSource` it provides). Without them the presets cannot be met: the
+#: large preset then builds about 29 queries instead of 60 and the README's figures do not hold.
+PHOTO_PACKAGES: dict[str, str] = {
+    "opencv-doc": "opencv-doc",
+    "lomiri-wallpapers-16.04": "lomiri",
+    "mate-backgrounds": "mate",
+    "plasma-workspace-wallpapers": "plasma",
+}
+#: The documented way to install them (Debian/Ubuntu, as root; also benchmarks/install-photos.sh).
+INSTALL_PHOTOS_COMMAND = "apt-get install -y " + " ".join(PHOTO_PACKAGES)
 
 # Sources are decoded once, downscaled so their longer side is at most this (speed; the
 # benchmark images are ~512-1024 px).
@@ -722,6 +738,29 @@ def _check_choices(argument: str, values: Sequence[str], allowed: Sequence[str])
     return values
 
 
+def missing_photo_packages(sources: dict[str, list] | None = None) -> list[str]:
+    """The packages of :data:`PHOTO_PACKAGES` none of whose photographs are among ``sources``
+    (default: :func:`find_photo_sources`), in the order of :data:`PHOTO_PACKAGES`."""
+    sources = find_photo_sources() if sources is None else sources
+    found = {photo.collection for role in ("object", "background", "training") for photo in sources.get(role, [])}
+    return [package for package, collection in PHOTO_PACKAGES.items() if collection not in found]
+
+
+def preset_shortfall(n_queries: int, preset: str) -> str | None:
+    """``None`` when a benchmark of ``n_queries`` queries is the full ``preset``; otherwise a
+    message saying it is smaller, that figures quoted for the preset do not apply to it, and
+    which photo packages to install (for scripts that reuse a benchmark built earlier)."""
+    wanted = PRESETS[preset]["n_queries"]
+    if n_queries >= wanted:
+        return None
+    missing = missing_photo_packages()
+    remedy = f"install {missing} ({INSTALL_PHOTOS_COMMAND}) and rebuild it" if missing else "rebuild it"
+    return (
+        f"the benchmark has {n_queries} queries, not the {preset!r} preset's {wanted}: the README's figures for "
+        f"this preset are NOT reproduced by this run; {remedy}"
+    )
+
+
 def make_benchmark(
     out_dir: PathLike,
     *,
@@ -737,6 +776,7 @@ def make_benchmark(
     name: str = "photobench",
     sources: dict[str, list] | None = None,
     progress: bool = True,
+    allow_smaller: bool = True,
 ) -> PhotoBenchmark:
     """Generate an instance-retrieval benchmark from the installed photographs.
 
@@ -761,6 +801,10 @@ def make_benchmark(
         name: dataset name; the revisited ground truth is ``gnd_<name>.pkl``.
         sources: output of :func:`find_photo_sources` (default: call it).
         progress: show a tqdm progress bar.
+        allow_smaller: when the installed photographs cannot give the preset's number of
+            queries, build fewer with a warning naming the missing photo packages (``True``,
+            the demo's choice on a fresh machine) or raise ``ValueError`` with the command that
+            installs them (``False``: the benchmarks whose figures the README quotes).
 
     Returns:
         A :class:`PhotoBenchmark` describing the written files.
@@ -780,6 +824,9 @@ def make_benchmark(
     cache = _SourceCache()
     image_size = sizes["size"]
 
+    def shortfall(reason: str) -> None:
+        _too_many(reason, preset, n_queries is not None, allow_smaller, sources)
+
     # --- how many queries of each tier -----------------------------------------------------
     groups = list(sources.get("multiview", [])) if "multiview" in tiers else []
     n_total = sizes["n_queries"]
@@ -788,7 +835,7 @@ def make_benchmark(
     elif "multiview" in tiers:
         n_multiview = n_total
         if n_total > len(groups):
-            _too_many("n_queries", n_queries is not None, f"only {len(groups)} multi-view groups are installed")
+            shortfall(f"only {len(groups)} multi-view groups are installed")
             n_multiview = len(groups)
     else:
         n_multiview = 0
@@ -808,9 +855,7 @@ def make_benchmark(
     clutter: list[_Cutout] = []
     if n_pasted > _MAX_CELLS_PER_PHOTO * len(object_sources):
         # Cheap bound before decoding anything: each photo gives at most 16 cut-outs.
-        _too_many(
-            "n_queries",
-            n_queries is not None,
+        shortfall(
             f"{len(object_sources)} object photographs give at most "
             f"{_MAX_CELLS_PER_PHOTO * len(object_sources)} pasted instances",
         )
@@ -818,9 +863,7 @@ def make_benchmark(
     if "pasted" in tiers or sizes["n_distractors"] > 0:
         instances, clutter = _choose_cutouts(object_sources, background_sources, n_pasted, rng, cache)
         if len(instances) < n_pasted:
-            _too_many(
-                "n_queries",
-                n_queries is not None,
+            shortfall(
                 f"the installed object photographs give only {len(instances)} pasted instances "
                 f"(plus {n_multiview} multi-view queries)",
             )
@@ -893,13 +936,27 @@ def make_benchmark(
     return benchmark
 
 
-def _too_many(argument: str, explicit: bool, reason: str) -> None:
+def _too_many(reason: str, preset: str, explicit: bool, allow_smaller: bool, sources: dict[str, list]) -> None:
+    """An explicit ``n_queries`` that cannot be met is an error; a preset's is reduced with a
+    warning when ``allow_smaller``, else an error that says how to install the photographs."""
     if explicit:
         raise ValueError(
-            f"{argument}: more queries requested than can be made: {reason}; "
+            f"n_queries: more queries requested than can be made: {reason}; "
             "ask for fewer or install more photographs (see find_photo_sources)"
         )
-    warnings.warn(f"photo benchmark: fewer queries than the preset asks: {reason}", stacklevel=3)
+    missing = missing_photo_packages(sources)
+    remedy = (
+        f"the photo packages {missing} are not installed; install them with: {INSTALL_PHOTOS_COMMAND}"
+        if missing
+        else "every photo package is installed; ask for fewer queries"
+    )
+    if not allow_smaller:
+        raise ValueError(
+            f"photo benchmark: the {preset!r} preset asks for {PRESETS[preset]['n_queries']} queries but {reason}: "
+            f"{remedy} (or build a smaller benchmark on purpose, whose figures differ from the README's: "
+            "allow_smaller=True, --allow-smaller)"
+        )
+    warnings.warn(f"photo benchmark: fewer queries than the {preset!r} preset asks: {reason}; {remedy}", stacklevel=4)
 
 
 def _choose_cutouts(

@@ -129,6 +129,16 @@ def score_ranks(dataset: RetrievalDataset, ranks: np.ndarray) -> dict[str, float
     return result
 
 
+def per_query_scores(dataset: RetrievalDataset, ranks: np.ndarray) -> dict[str, np.ndarray]:
+    """AP of every query in percent (NaN for a query without positives): ``"mAP"`` in the classic
+    protocol, and ``"Hard"`` when the ground truth has the revisited split; the per-query
+    values behind :func:`score_ranks`, for paired comparisons of two methods."""
+    scores = {"mAP": 100.0 * compute_map(ranks, dataset.classic_gnd())[1]}
+    if dataset.has_revisited:
+        scores["Hard"] = 100.0 * revisited_map(ranks, dataset.revisited_gnd())["hard"]["aps"]
+    return scores
+
+
 @dataclass
 class DatasetFeatureMaps:
     """Backbone output for a whole evaluation: database, whitening set, queries per crop mode."""
@@ -175,6 +185,35 @@ def dataset_feature_maps(
             ex, paths, dataset.query_boxes, progress=progress, description=f"queries (crop {crop})"
         )
     return DatasetFeatureMaps(database, whitening, queries, time.perf_counter() - started)
+
+
+RELU6_CAP = 6.0  # the cap of the embedded backbone's last activation as trained
+
+
+def relu6_feature_maps(maps: DatasetFeatureMaps) -> DatasetFeatureMaps:
+    """The ReLU6 maps of the embedded backbone from its uncapped ones: ``min(map, 6)`` of every
+    map (RGB unchanged).
+
+    The embedded EfficientNet-Lite0 with ``head="relu"`` differs from the network as trained
+    (``head="relu6"``) only in its last activation, so capping its maps at 6 gives the ReLU6 maps
+    bit for bit (6 is exact in float16, and rounding to float16 is monotone): one backbone pass
+    serves the methods of both heads (``clustermac demo`` compares ``rmac`` and ``clustermac`` on
+    ReLU6 with ``clustermac-box`` on the uncapped head)."""
+
+    def capped(item):
+        if item is None:
+            return None
+        if isinstance(item, list):  # multi-scale: one pair per scale
+            return [capped(pair) for pair in item]
+        fmap, rgb = item
+        return np.minimum(fmap, fmap.dtype.type(RELU6_CAP)), rgb
+
+    return DatasetFeatureMaps(
+        [capped(m) for m in maps.database],
+        [capped(m) for m in maps.whitening],
+        {crop: [capped(m) for m in query_maps] for crop, query_maps in maps.queries.items()},
+        maps.seconds,
+    )
 
 
 def fitted_extractor(

@@ -31,6 +31,7 @@ from .base import DescriptorMethod, cluster_boxes
 from .clustermac import CLUSTER_POOLINGS, ClusterMAC, ClusterMACInBox, default_pca_dim
 from .extractor import (
     CROP_MODES,
+    SIMILARITY_PRECISIONS,
     Extractor,
     PreparedImage,
     _activation_box,  # noqa: F401  (private; older code imported it from here)
@@ -55,6 +56,7 @@ __all__ = [
     "REGIONAL_METHODS",
     "CROP_MODES",
     "CLUSTER_POOLINGS",
+    "SIMILARITY_PRECISIONS",
     "SETTINGS_BEFORE_THEY_WERE_SAVED",
     "WHITENING_FORMAT_VERSION",
     "PCA_IMAGES",

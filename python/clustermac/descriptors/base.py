@@ -37,6 +37,9 @@ class DescriptorMethod:
     name: ClassVar[str]
     #: True: regional vectors → l2 → whiten → l2 → sum → l2; False: one pooled vector → l2 → whiten → l2.
     regional: ClassVar[bool] = False
+    #: True for the methods whose regions come from the NCut clustering (their settings carry the
+    #: clustering's, e.g. ``similarity_precision``).
+    clustering: ClassVar[bool] = False
     #: The head activation of the embedded backbone this method uses when the extractor is given
     #: no backbone (:func:`clustermac.backbones.default_backbone`'s ``head``).
     backbone_head: ClassVar[str] = "relu6"

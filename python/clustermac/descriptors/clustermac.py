@@ -27,6 +27,7 @@ __all__ = [
     "cluster_labels",
     "cluster_region_vectors",
     "default_pca_dim",
+    "similarity_settings",
 ]
 
 #: How a cluster is max-pooled: over its own cells (the paper's Eq. 4) or over their bounding box.
@@ -38,6 +39,15 @@ def default_pca_dim(feature_dim: int) -> int:
     C = 7 for ResNet101's 2048 (section 4.1). Wider maps (EfficientNet-Lite0, 1280) get 7,
     as good as or better than 4 on them (see the design notes)."""
     return 4 if feature_dim <= 512 else 7
+
+
+def similarity_settings(extractor: Extractor) -> dict[str, Any]:
+    """``{"similarity_precision": "bfloat16"}`` when the clustering stores its similarity in
+    bfloat16 (which changes the partitions), else nothing: float32, the default, is not
+    recorded, so the settings of files written before the option existed are unchanged."""
+    if extractor.similarity_precision == "float32":
+        return {}
+    return {"similarity_precision": extractor.similarity_precision}
 
 
 def cluster_labels(
@@ -70,6 +80,7 @@ def cluster_labels(
         spatial_weight=extractor.spatial_weight if spatial_weight is None else float(spatial_weight),
         seed=extractor.seed,
         normalization=extractor.normalization,
+        similarity_precision=extractor.similarity_precision,
         pca_mean=extractor.pca_mean if dataset_pca else None,
         pca_basis=extractor.pca_basis if dataset_pca else None,
     )
@@ -97,6 +108,7 @@ class ClusterMAC(DescriptorMethod):
 
     name = "clustermac"
     regional = True
+    clustering = True
 
     def settings(self) -> dict[str, Any]:
         ex = self.extractor
@@ -114,6 +126,7 @@ class ClusterMAC(DescriptorMethod):
         }
         if ex.add_grid_regions:
             s["rmac_levels"] = ex.rmac_levels
+        s.update(similarity_settings(ex))
         return s
 
     def regional_vectors(

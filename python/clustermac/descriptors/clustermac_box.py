@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from .base import DescriptorMethod, FloatMap
-from .clustermac import cluster_labels, cluster_region_vectors
+from .clustermac import cluster_labels, cluster_region_vectors, similarity_settings
 
 __all__ = ["ClusterMACBox", "CLUSTERMAC_BOX_CLUSTERS"]
 
@@ -29,11 +29,12 @@ CLUSTERMAC_BOX_CLUSTERS = (20,)
 class ClusterMACBox(DescriptorMethod):
     """R-MAC grid + the boxes of 20 clusters, max inside each (the extractor's ``rmac_levels``
     and clustering settings ``pca_dim``, ``z_ratio``, ``spatial_weight``, ``normalization``,
-    ``clustering_pca``, ``seed``; its ``n_clusters``, ``rgb_clusters``, ``cluster_pooling`` and
-    ``add_grid_regions`` are the paper's method's and do not apply)."""
+    ``clustering_pca``, ``seed``, ``similarity_precision``; its ``n_clusters``, ``rgb_clusters``,
+    ``cluster_pooling`` and ``add_grid_regions`` are the paper's method's and do not apply)."""
 
     name = "clustermac-box"
     regional = True
+    clustering = True
     backbone_head: ClassVar[str] = "relu"
 
     def settings(self) -> dict[str, Any]:
@@ -49,6 +50,7 @@ class ClusterMACBox(DescriptorMethod):
             "seed": ex.seed,
             "cluster_pooling": "box",
             "rmac_levels": ex.rmac_levels,
+            **similarity_settings(ex),
         }
 
     def cluster_labels(self, fmap: np.ndarray) -> list[np.ndarray]:

@@ -33,6 +33,8 @@ __all__ = ["Extractor", "PreparedImage", "CROP_MODES", "rgb_at_feature_resolutio
 CROP_MODES = ("image", "activations")
 _CLUSTERING_PCAS = ("image", "dataset")
 _NORMALIZATIONS = ("sym", "shi")
+#: How the clustering stores its N×N similarity: float32 (default, every CPU) or bfloat16 (asked for).
+SIMILARITY_PRECISIONS = ("float32", "bfloat16")
 
 
 def _integer(name: str, value: Any, minimum: int, optional: bool = False) -> int | None:
@@ -91,7 +93,8 @@ def _check_finite(descriptor: np.ndarray, maps: Sequence[np.ndarray]) -> None:
 
 def rgb_at_feature_resolution(image: Image.Image, height: int, width: int) -> np.ndarray:
     """The image resized to the feature map's H×W, as float32 H×W×3 (for the RGB NCut)."""
-    small = image.convert("RGB").resize((width, height), Image.BILINEAR)
+    rgb = image if image.mode == "RGB" else image.convert("RGB")  # convert() copies even an RGB image
+    small = rgb.resize((width, height), Image.BILINEAR)
     return np.asarray(small, dtype=np.float32)
 
 
@@ -126,6 +129,13 @@ class Extractor:
         NCut graph normalisation passed to :func:`clustermac.cluster_feature_map`: ``"sym"``
         (default; no self-loops, as scikit-learn) or ``"shi"`` (Shi's released Ncut code, which
         the paper ran).
+    similarity_precision:
+        How the clustering stores the N×N similarity for the NCut eigensolver: ``"float32"``
+        (default, on every CPU) or ``"bfloat16"`` (only when asked for; needs a CPU with
+        AVX512-BF16, else :func:`clustermac.cluster_feature_map` raises ``ValueError``). The two
+        give different partitions, so the choice is a fixed setting, never the CPU's: bfloat16
+        is recorded in :meth:`settings` (float32, the default, is not, so the settings of files
+        written before the option existed are unchanged). See the README, "Similarity precision and clustering speed".
     clustering_pca:
         ``"image"`` (the paper: PCA per image) or ``"dataset"`` (learned by
         :meth:`fit_whitening` on the whitening images).
@@ -178,6 +188,7 @@ class Extractor:
         z_ratio: float = 0.05,
         spatial_weight: float = 0.0,
         normalization: str = "sym",
+        similarity_precision: str = "float32",
         clustering_pca: str = "image",
         rmac_levels: int = 3,
         add_grid_regions: bool = False,
@@ -197,6 +208,10 @@ class Extractor:
             raise ValueError(f"clustering_pca: expected 'image' or 'dataset', got {clustering_pca!r}")
         if normalization not in _NORMALIZATIONS:
             raise ValueError(f"normalization: expected one of {_NORMALIZATIONS}, got {normalization!r}")
+        if similarity_precision not in SIMILARITY_PRECISIONS:
+            raise ValueError(
+                f"similarity_precision: expected one of {SIMILARITY_PRECISIONS}, got {similarity_precision!r}"
+            )
         # Every setting is checked here, before a backbone is loaded or an image touched: a bad
         # global setting is one clear error, not a failure of every image.
         max_size = _integer("max_size", max_size, 1, optional=True)
@@ -229,6 +244,7 @@ class Extractor:
         self.z_ratio = float(z_ratio)
         self.spatial_weight = float(spatial_weight)
         self.normalization = normalization
+        self.similarity_precision = similarity_precision
         self.clustering_pca = clustering_pca
         self.rmac_levels = int(rmac_levels)
         self.add_grid_regions = bool(add_grid_regions)
@@ -483,6 +499,8 @@ class Extractor:
         ``whitening_dim`` takes the file's output dimension (``fit-whitening --dim 256``)."""
         settings, recorded = self._whitening_settings(), {}
         settings["scales"] = list(self.scales)  # checked both ways: a single-scale extractor refuses a multi-scale file
+        if self._method.clustering:  # checked both ways too: a float32 extractor refuses a bfloat16 file
+            settings["similarity_precision"] = self.similarity_precision
         if self.whitening_dim is None:  # no output dimension asked for: the file's (e.g. 256) is used
             del settings["whitening_dim"]
         arrays = whitening.load_whitening_file(path, settings, recorded)

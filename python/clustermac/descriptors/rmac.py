@@ -89,5 +89,23 @@ class RMACInBox:
         (what :func:`clustermac.aml_rerank` calls)."""
         return self.from_codes(store.codes(index), box, store.scale(index))
 
+    def regional_vectors_from_store(self, store: Any, index: int, box: Sequence[int] | None) -> np.ndarray:
+        """The regional MAC vectors (R×D) of the box of map ``index`` of a
+        :class:`clustermac.FeatureMapStore`, for :meth:`aggregate_many`."""
+        return self.regional_vectors_from_codes(store.codes(index), box, store.scale(index))
+
+    def aggregate_many(self, regional_vectors: Sequence[np.ndarray]) -> np.ndarray:
+        """The descriptors (N×D', one row per box) of N boxes' regional vectors, aggregated
+        together: the regional vectors of all the boxes are whitened by one matrix product
+        (:func:`clustermac.aggregate_region_groups`). Row i equals :meth:`from_store` of box i up
+        to float rounding of the product (bit for bit on the benchmark of ``benchmarks/rerank.py``)."""
+        if not regional_vectors:
+            dim = self.whitening_projection.shape[0] if self.whitening_projection is not None else 0
+            return np.zeros((0, dim), dtype=np.float32)
+        sizes = np.array([len(v) for v in regional_vectors], dtype=np.int64)
+        return _core.aggregate_region_groups(
+            np.concatenate(regional_vectors), sizes, self.whitening_mean, self.whitening_projection
+        )
+
     def _aggregate(self, vectors: np.ndarray) -> np.ndarray:
         return _core.aggregate_regions(vectors, self.whitening_mean, self.whitening_projection)

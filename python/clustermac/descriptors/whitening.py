@@ -39,7 +39,8 @@ __all__ = [
 WHITENING_FORMAT_VERSION = 1
 # Settings added after whitening files were first written, with the value older files imply.
 # ("scales" is recorded only when multi-scale, so a file without it is single-scale.)
-SETTINGS_BEFORE_THEY_WERE_SAVED = {"cluster_pooling": "mask", "scales": [1.0]}
+# ("similarity_precision" is recorded only when bfloat16, so a file without it is float32.)
+SETTINGS_BEFORE_THEY_WERE_SAVED = {"cluster_pooling": "mask", "scales": [1.0], "similarity_precision": "float32"}
 # Dataset-learned clustering PCA: how many images and local features per image it sees.
 PCA_IMAGES = 100
 PCA_LOCATIONS_PER_IMAGE = 200

@@ -30,6 +30,10 @@ from .query_expansion import average_of_neighbours
 
 __all__ = ["RerankResult", "aml_rerank"]
 
+#: Candidates localised and described together (one whitening product per group): fixed, so that
+#: results do not depend on the number of threads.
+BATCH = 25
+
 
 @dataclass
 class RerankResult:
@@ -85,7 +89,12 @@ def aml_rerank(
         of a float32 D×h×w feature-map crop, the dequantised activations inside the AML box.
         If it has a method ``from_store(store, index, box) -> vector`` (as :class:`RMACInBox`
         and :class:`ClusterMACInBox` do), that is called instead, and no dequantised crop is
-        made; for :class:`RMACInBox` it returns what ``descriptor_fn(crop)`` would.
+        made; for :class:`RMACInBox` it returns what ``descriptor_fn(crop)`` would. If it has the
+        methods ``regional_vectors_from_store(store, index, box) -> R×D`` and
+        ``aggregate_many(list of R×D) -> N×D'`` (as :class:`RMACInBox` does), each candidate's
+        regional vectors are taken right after its localisation (its map still in the cache) and
+        the descriptors of fixed groups of ``BATCH`` consecutive candidates are aggregated together
+        (one whitening product per group), so that results do not depend on ``n_threads``.
     top_n:
         How many of the leading candidates to localise and re-score (Tolias: 1000).
     query_aspect:
@@ -119,6 +128,9 @@ def aml_rerank(
     if not isinstance(qe_k, (int, np.integer)) or qe_k < 0:
         raise ValueError(f"qe_k: expected an integer >= 0, got {qe_k!r}")
     head = order[:top_n]
+    regional_vectors_from_store = getattr(descriptor_fn, "regional_vectors_from_store", None)
+    aggregate_many = getattr(descriptor_fn, "aggregate_many", None)
+    grouped = callable(regional_vectors_from_store) and callable(aggregate_many)
     from_store = getattr(descriptor_fn, "from_store", None)
     if from_store is not None and not callable(from_store):
         from_store = None
@@ -131,10 +143,9 @@ def aml_rerank(
         raise ValueError(f"n_threads: expected an integer (<= 0: every core), got {n_threads!r}")
     workers = (os.cpu_count() or 1) if n_threads <= 0 else int(n_threads)
 
-    def localise_and_describe(index: int) -> tuple[np.ndarray, np.ndarray]:
-        codes = store.codes(index)
+    def localise(index: int) -> np.ndarray:
         box, _ = _core.aml_localize_codes(
-            codes,
+            store.codes(index),
             query_mac,
             p=p,
             step=step,
@@ -142,19 +153,36 @@ def aml_rerank(
             refine_iterations=refine_iterations,
             query_aspect=query_aspect,
         )
-        if from_store is not None:
-            raw = from_store(store, index, box)
-        else:
-            raw = descriptor_fn(store.feature_map(index, box))
-        return box, np.asarray(raw, dtype=np.float32).reshape(-1)
+        return box
 
-    # The C++ steps release the GIL, so candidates are processed on a thread pool.
+    def describe(index: int, box: np.ndarray) -> np.ndarray:
+        raw = from_store(store, index, box) if from_store is not None else descriptor_fn(store.feature_map(index, box))
+        return np.asarray(raw, dtype=np.float32).reshape(-1)
+
+    def localise_and_describe(group: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
+        if not grouped:
+            return [(box, describe(index, box)) for index, box in ((i, localise(i)) for i in group)]
+        group_boxes, vectors = [], []
+        for index in group:
+            group_boxes.append(localise(index))
+            vectors.append(regional_vectors_from_store(store, index, group_boxes[-1]))
+        described = np.asarray(aggregate_many(vectors), dtype=np.float32)
+        if described.ndim != 2 or described.shape[0] != len(group):
+            raise ValueError(
+                f"descriptor_fn.aggregate_many: returned shape {described.shape}, expected one row per candidate "
+                f"({len(group)} rows)"
+            )
+        return list(zip(group_boxes, described))
+
+    # Fixed groups of consecutive candidates (the same whatever n_threads is); the C++ steps
+    # release the GIL, so groups are processed on a thread pool.
     candidates_head = [int(index) for index in head]
-    if workers > 1 and len(candidates_head) > 1:
-        with ThreadPoolExecutor(max_workers=min(workers, len(candidates_head))) as pool:
-            outcomes = list(pool.map(localise_and_describe, candidates_head))
+    groups = [candidates_head[start : start + BATCH] for start in range(0, len(candidates_head), BATCH)]
+    if workers > 1 and len(groups) > 1:
+        with ThreadPoolExecutor(max_workers=min(workers, len(groups))) as pool:
+            outcomes = [outcome for done in pool.map(localise_and_describe, groups) for outcome in done]
     else:
-        outcomes = [localise_and_describe(index) for index in candidates_head]
+        outcomes = [outcome for group in groups for outcome in localise_and_describe(group)]
     boxes = np.zeros((head.size, 4), dtype=np.int32)
     descriptors = np.zeros((head.size, query_descriptor.size), dtype=np.float32)
     for row, (box, descriptor) in enumerate(outcomes):

@@ -29,7 +29,7 @@ struct FeatureClusteringOptions {
   float spatial_weight = 0.0f;
   std::uint64_t seed = 0;
   Normalization normalization = Normalization::sym;  // see ncut.hpp for why
-  SimilarityPrecision similarity_precision = SimilarityPrecision::automatic;
+  SimilarityPrecision similarity_precision = SimilarityPrecision::float32;
   const float* pca_mean = nullptr;   // D, or null for the per-image PCA
   const float* pca_basis = nullptr;  // D x pca_basis_columns row-major, or null
   int pca_basis_columns = 0;
@@ -49,13 +49,7 @@ inline void check_feature_clustering_options(const FeatureClusteringOptions& o, 
           "spatial_weight: expected a finite number >= 0, got " + std::to_string(o.spatial_weight));
   require(o.similarity_precision != SimilarityPrecision::bfloat16 || simd_has_avx512_bf16(),
           "similarity_precision=\"bfloat16\" needs a CPU with AVX512-BF16 (and the environment variable "
-          "CLUSTERMAC_NO_BF16 unset); use \"auto\" or \"float32\"");
-}
-
-// Whether the similarity of N locations is stored in bf16 (see SimilarityPrecision).
-inline bool use_bf16_similarity(SimilarityPrecision precision, Eigen::Index n) {
-  if (precision == SimilarityPrecision::automatic) return n >= kBf16MinLocations && simd_has_avx512_bf16();
-  return precision == SimilarityPrecision::bfloat16;
+          "CLUSTERMAC_NO_BF16 unset); use \"float32\"");
 }
 
 namespace detail {
@@ -101,9 +95,9 @@ inline MatrixRM weighted_features(const MatrixRM& features, Eigen::Index height,
   return out;
 }
 
-// The N x N similarity workspace, reused across calls: float, or bf16 on CPUs with AVX512-BF16
-// (similarity_bf16.hpp: the eigensolver's products at half the cost); only the one in use is
-// kept.
+// The N x N similarity workspace, reused across calls: float, or bf16 when asked for
+// (similarity_precision "bfloat16", CPUs with AVX512-BF16; similarity_bf16.hpp); only the one in
+// use is kept.
 struct SimilarityWorkspace {
   bool use_bf16 = false;
   MatrixRM dense;
@@ -217,7 +211,7 @@ inline std::vector<VectorI> cluster_checked_feature_map(const float* feature_map
   const bool keep_workspace = n * n <= Index{16} * 1024 * 1024;
   detail::SimilarityWorkspace& buffer = keep_workspace ? kept_buffer : local_buffer;
   if (!keep_workspace) kept_buffer.release();
-  buffer.use_bf16 = use_bf16_similarity(options.similarity_precision, n);
+  buffer.use_bf16 = options.similarity_precision == SimilarityPrecision::bfloat16;
   std::vector<VectorI> labels =
       detail::partitions_of(detail::weighted_features(projected, height, width, options.spatial_weight),
                             options.n_clusters, options.z_ratio, options.seed, options.normalization, buffer);

@@ -47,7 +47,7 @@ inline void similarity_times_block(const Eigen::Ref<const MatrixRM>& s, const Ei
     MatrixRM packed = MatrixRM::Zero(n, width);
     packed.leftCols(b) = scale.asDiagonal() * v;
     MatrixRM product(n, width);
-    dense_times_block_avx2(s.data(), n, n, packed.data(), width, width, product.data());
+    dense_times_block(ProductOperands{s.data(), n, n, packed.data(), width, product.data(), width, false}, n, width);
     result = product.leftCols(b);
     return;
   }

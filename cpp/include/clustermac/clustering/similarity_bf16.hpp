@@ -22,17 +22,21 @@
 namespace clustermac {
 
 // How cluster_feature_map stores the N x N similarity for the eigensolver (similarity_bf16.hpp).
-// "auto" picks bfloat16 where it pays and is safe: CPUs with AVX512-BF16 and N >= 2048, where S
-// (16 MB or more in float) streams from memory; smaller maps gain little and keep float
-// (figures in the README).
-enum class SimilarityPrecision { automatic, float32, bfloat16 };
-constexpr Eigen::Index kBf16MinLocations = 2048;
+// A fixed rule, never the CPU's flags: float32 unless bfloat16 is asked for, because the two give
+// different partitions (and so different descriptors) and a choice made from the CPU would make
+// the same image give different descriptors on different machines. bfloat16 is recorded in the
+// settings that travel with the files (Extractor(similarity_precision=...)); on the machines
+// measured it is not even reliably faster (README, "Similarity precision and clustering speed").
+enum class SimilarityPrecision { float32, bfloat16 };
 
 inline SimilarityPrecision parse_similarity_precision(const std::string& name) {
-  if (name == "auto") return SimilarityPrecision::automatic;
   if (name == "float32") return SimilarityPrecision::float32;
   if (name == "bfloat16") return SimilarityPrecision::bfloat16;
-  fail("similarity_precision: expected \"auto\", \"float32\" or \"bfloat16\", got \"" + name + "\"");
+  if (name == "auto")
+    fail(
+        "similarity_precision: \"auto\" was removed (it chose bfloat16 from the CPU's flags, which changed "
+        "the partitions from one CPU to another); pass \"float32\" (the default) or \"bfloat16\"");
+  fail("similarity_precision: expected \"float32\" or \"bfloat16\", got \"" + name + "\"");
 }
 
 // An n x n similarity, row-major bf16 bits with rows ld (even) values apart; columns

@@ -11,9 +11,11 @@
 // Cost: re-ranking scans ~1000 maps per query, so the work per map is kept near one pass
 // over its activations plus one 1/p-th root per channel and box:
 //  - The map is summed once into blocks of step×step cells (the grid's cells), in float (sums
-//    of non-negative values: relative error ~1e-7).
+//    of non-negative values: relative error ~1e-7), in its memory order, 16 channels per
+//    512-bit register on AVX-512 (the same sums as earlier versions: boxes and scores unchanged).
 //  - For a pair of grid rows, the band of blocks between them is a running sum over the lower
-//    row; along the band, prefix sums in double give every box as a difference of two. A
+//    row; along the band, prefix sums in double (in the same pass over the band) give every box
+//    as a difference of two. A
 //    channel that is 0 in a box adds exact zeros to the prefix, so its difference is exactly
 //    0. (A 2-D integral image, as in Tolias' code, mixes the rows' rounding: the residue of a
 //    sum that should be 0, lifted by the 1/p-th root, becomes a few percent of the channel.)
@@ -34,6 +36,7 @@
 #include <cstring>
 #include <optional>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "clustermac/codes/codes.hpp"
@@ -128,6 +131,37 @@ CLUSTERMAC_ALWAYS_INLINE typename Vectors<Lanes>::F tenth_root(typename Vectors<
   return s > 0.0f ? bit_cast<VecF>(result) : VecF{};
 }
 
+// dot += f·query and squares += f·f for f = S^(1/p) of Lanes sums S (tenth_root for p = 10).
+template <int Lanes, bool Tenth>
+CLUSTERMAC_ALWAYS_INLINE void add_roots(typename Vectors<Lanes>::F sums, const float* __restrict query, float inverse_p,
+                                        typename Vectors<Lanes>::F& dot, typename Vectors<Lanes>::F& squares) {
+  typedef typename Vectors<Lanes>::F VecF;
+  const VecF f = Tenth ? tenth_root<Lanes>(sums) : root<Lanes>(sums, inverse_p);
+  dot += f * load<VecF>(query);
+  squares += f * f;
+}
+
+// The cosine from the lane sums of add_roots over channels 0 .. first - 1, and the channels
+// first .. n - 1 one by one (`sum(i)` gives channel i's sum).
+template <int Lanes, typename ScalarSum>
+CLUSTERMAC_ALWAYS_INLINE double finish_cosine(const typename Vectors<Lanes>::F& dot,
+                                              const typename Vectors<Lanes>::F& squares, ScalarSum sum,
+                                              const float* __restrict query, std::ptrdiff_t first, std::ptrdiff_t n,
+                                              float inverse_p) {
+  double total_dot = 0.0, total_squares = 0.0;
+  for (int l = 0; l < Lanes; ++l) {
+    total_dot += dot[l];
+    total_squares += squares[l];
+  }
+  for (std::ptrdiff_t i = first; i < n; ++i) {
+    const double s = sum(i);
+    const double f = s > 0.0 ? std::pow(s, static_cast<double>(inverse_p)) : 0.0;
+    total_dot += f * query[i];
+    total_squares += f * f;
+  }
+  return total_squares > 0.0 ? total_dot / std::sqrt(total_squares) : 0.0;
+}
+
 // Cosine between the unit query and f = S^(1/p), S[i] = sums(i) for i = 0 .. n-1: `sums(i)`
 // gives Lanes values from i on (a vector), `sum(i)` one value.
 template <int Lanes, typename VectorSums, typename ScalarSum>
@@ -137,30 +171,11 @@ CLUSTERMAC_ALWAYS_INLINE double cosine_of_roots(VectorSums sums, ScalarSum sum, 
   VecF dot{}, squares{};
   std::ptrdiff_t i = 0;
   if (inverse_p == 0.1f) {
-    for (; i + Lanes <= n; i += Lanes) {
-      const VecF f = tenth_root<Lanes>(sums(i));
-      dot += f * load<VecF>(query + i);
-      squares += f * f;
-    }
+    for (; i + Lanes <= n; i += Lanes) add_roots<Lanes, true>(sums(i), query + i, inverse_p, dot, squares);
   } else {
-    for (; i + Lanes <= n; i += Lanes) {
-      const VecF f = root<Lanes>(sums(i), inverse_p);
-      dot += f * load<VecF>(query + i);
-      squares += f * f;
-    }
+    for (; i + Lanes <= n; i += Lanes) add_roots<Lanes, false>(sums(i), query + i, inverse_p, dot, squares);
   }
-  double total_dot = 0.0, total_squares = 0.0;
-  for (int l = 0; l < Lanes; ++l) {
-    total_dot += dot[l];
-    total_squares += squares[l];
-  }
-  for (; i < n; ++i) {
-    const double s = sum(i);
-    const double f = s > 0.0 ? std::pow(s, static_cast<double>(inverse_p)) : 0.0;
-    total_dot += f * query[i];
-    total_squares += f * f;
-  }
-  return total_squares > 0.0 ? total_dot / std::sqrt(total_squares) : 0.0;
+  return finish_cosine<Lanes>(dot, squares, sum, query, i, n, inverse_p);
 }
 
 // The cosine of a box whose sums are given in float.
@@ -191,13 +206,31 @@ CLUSTERMAC_ALWAYS_INLINE void add_into(float* __restrict acc, const float* __res
   for (; i < n; ++i) acc[i] += values[i];
 }
 
-// prefix[(i + 1)·D + d] = sum of values[k·D + d] for k <= i, in double; prefix[d] = 0.
-CLUSTERMAC_ALWAYS_INLINE void prefix_sums(const float* __restrict values, std::ptrdiff_t count, std::ptrdiff_t channels,
-                                          double* __restrict prefix) {
+// One pass over a band of `count` blocks of D channels: band[k·D + d] += row[k·D + d] (float), and
+// prefix[(k + 1)·D + d] = prefix[k·D + d] + band[k·D + d] in double, prefix[d] = 0.
+template <int Lanes>
+CLUSTERMAC_ALWAYS_INLINE void add_row_and_prefix_sums(float* __restrict band, const float* __restrict row,
+                                                      std::ptrdiff_t count, std::ptrdiff_t channels,
+                                                      double* __restrict prefix) {
+  typedef typename Vectors<Lanes>::F VecF;
+  typedef typename Vectors<Lanes>::D VecD;
   std::fill(prefix, prefix + channels, 0.0);
-  for (std::ptrdiff_t k = 0; k < count; ++k)
-    for (std::ptrdiff_t d = 0; d < channels; ++d)
-      prefix[(k + 1) * channels + d] = prefix[k * channels + d] + static_cast<double>(values[k * channels + d]);
+  for (std::ptrdiff_t k = 0; k < count; ++k) {
+    float* __restrict b = band + k * channels;
+    const float* __restrict r = row + k * channels;
+    const double* __restrict before = prefix + k * channels;
+    double* __restrict after = prefix + (k + 1) * channels;
+    std::ptrdiff_t d = 0;
+    for (; d + Lanes <= channels; d += Lanes) {
+      const VecF sum = load<VecF>(b + d) + load<VecF>(r + d);
+      store(b + d, sum);
+      store(after + d, load<VecD>(before + d) + __builtin_convertvector(sum, VecD));
+    }
+    for (; d < channels; ++d) {
+      b[d] += r[d];
+      after[d] = before[d] + static_cast<double>(b[d]);
+    }
+  }
 }
 
 // out = float(a - b), computed in double.
@@ -206,9 +239,13 @@ CLUSTERMAC_ALWAYS_INLINE void difference(const double* __restrict a, const doubl
   for (std::ptrdiff_t i = 0; i < n; ++i) out[i] = static_cast<float>(a[i] - b[i]);
 }
 
-// Powered activations of a map, channel-last: either 8-bit codes H×W×D (code^10 by
+// How the activations of a map are powered: a float map already powered, 8-bit codes to the
+// 10th power by multiplication (Tolias' p), or 8-bit codes through a 256-entry table.
+enum class Powering { floats, codes_power_ten, codes_table };
+
+// Powered activations of a map, channel-last (H×W×D): either 8-bit codes (code^10 by
 // multiplication for Tolias' p = 10, else (code/255)^p from a 256-entry table) or a float map
-// already powered (H×W×D).
+// already powered. Cells are addressed by the offset of their first channel, (y·W + x)·D.
 struct PoweredCells {
   std::ptrdiff_t channels = 0, height = 0, width = 0;
   const std::uint8_t* codes = nullptr;
@@ -216,30 +253,102 @@ struct PoweredCells {
   bool power_ten = false;
   std::array<float, 256> table{};
 
-  // acc[d] += sum of the powered values of channel d over cells (y, x) .. (y, x + count - 1).
-  // Plain loops: GCC vectorises the byte-to-float conversion in these, not in vector-extension
-  // code.
-  CLUSTERMAC_ALWAYS_INLINE void add_cells(float* __restrict acc, std::ptrdiff_t y, std::ptrdiff_t x,
-                                          std::ptrdiff_t count) const {
-    const std::ptrdiff_t first = (y * width + x) * channels;
-    for (std::ptrdiff_t c = 0; c < count; ++c) {
-      if (powered) {
-        const float* __restrict values = powered + first + c * channels;
-        for (std::ptrdiff_t d = 0; d < channels; ++d) acc[d] += values[d];
-      } else if (power_ten) {  // Tolias' p: code^10 = ((c^2)^2)^2 · c^2 <= 1.2e24; sums of 12k cells fit a float
-        const std::uint8_t* __restrict cell = codes + first + c * channels;
-        for (std::ptrdiff_t d = 0; d < channels; ++d) {
-          const float v = static_cast<float>(cell[d]);
-          const float v2 = v * v, v4 = v2 * v2, v8 = v4 * v4;
-          acc[d] += v8 * v2;
-        }
-      } else {
-        const std::uint8_t* __restrict cell = codes + first + c * channels;
-        for (std::ptrdiff_t d = 0; d < channels; ++d) acc[d] += table[cell[d]];
-      }
-    }
+  Powering powering() const {
+    return powered ? Powering::floats : power_ten ? Powering::codes_power_ten : Powering::codes_table;
   }
+  std::ptrdiff_t offset(std::ptrdiff_t y, std::ptrdiff_t x) const { return (y * width + x) * channels; }
 };
+
+// The powered value at `index` (a cell's offset plus a channel).
+template <Powering Mode>
+CLUSTERMAC_ALWAYS_INLINE float powered_value(const PoweredCells& cells, std::ptrdiff_t index) {
+  if constexpr (Mode == Powering::floats) {
+    return cells.powered[index];
+  } else if constexpr (Mode == Powering::codes_power_ten) {  // code^10 = ((c^2)^2)^2 · c^2 <= 1.2e24
+    const float v = static_cast<float>(cells.codes[index]);
+    const float v2 = v * v, v4 = v2 * v2, v8 = v4 * v4;
+    return v8 * v2;
+  } else {
+    return cells.table[cells.codes[index]];
+  }
+}
+
+// Lanes 8-bit codes from p on, as floats. GCC turns __builtin_convertvector from bytes into
+// element-by-element code, so the 256- and 512-bit levels use the zero-extending conversion
+// instructions directly (this code runs only on CPUs of that level).
+template <int Lanes>
+CLUSTERMAC_ALWAYS_INLINE typename Vectors<Lanes>::F codes_to_floats(const std::uint8_t* p) {
+  typedef typename Vectors<Lanes>::F VecF;
+  VecF v;
+#ifdef CLUSTERMAC_SIMD_X86
+  if constexpr (Lanes == 16) {
+    asm("vpmovzxbd %1, %0\n\tvcvtdq2ps %0, %0" : "=v"(v) : "m"(*reinterpret_cast<const char (*)[16]>(p)));
+    return v;
+  } else if constexpr (Lanes == 8) {
+    asm("vpmovzxbd %1, %0\n\tvcvtdq2ps %0, %0" : "=x"(v) : "m"(*reinterpret_cast<const char (*)[8]>(p)));
+    return v;
+  }
+#endif
+  for (int l = 0; l < Lanes; ++l) v[l] = static_cast<float>(p[l]);
+  return v;
+}
+
+// The Lanes powered values from `index` on, with the same arithmetic as powered_value.
+template <int Lanes, Powering Mode>
+CLUSTERMAC_ALWAYS_INLINE typename Vectors<Lanes>::F powered_values(const PoweredCells& cells, std::ptrdiff_t index) {
+  typedef typename Vectors<Lanes>::F VecF;
+  if constexpr (Mode == Powering::floats) {
+    return load<VecF>(cells.powered + index);
+  } else if constexpr (Mode == Powering::codes_power_ten) {
+    const VecF v = codes_to_floats<Lanes>(cells.codes + index);
+    const VecF v2 = v * v, v4 = v2 * v2, v8 = v4 * v4;
+    VecF power = v8 * v2;
+#ifdef CLUSTERMAC_SIMD_X86
+    // The AVX-512 level is compiled without GCC's "fma" flag, so this sum was never fused with the
+    // product (earlier versions summed in 256-bit registers, which cannot fuse without it); 512-bit
+    // code would fuse it. Kept apart: the same sums, the same boxes and scores as before.
+    if constexpr (Lanes == 16) asm("" : "+v"(power));
+#endif
+    return power;
+  } else {
+    VecF out;
+    for (int l = 0; l < Lanes; ++l) out[l] = cells.table[cells.codes[index + l]];
+    return out;
+  }
+}
+
+// acc[d] += the powered value of channel d of the cell at `offset`, for every channel.
+template <int Lanes, Powering Mode>
+CLUSTERMAC_ALWAYS_INLINE void add_cell(float* __restrict acc, const PoweredCells& cells, std::ptrdiff_t offset) {
+  typedef typename Vectors<Lanes>::F VecF;
+  const std::ptrdiff_t channels = cells.channels;
+  if (Lanes == 16 && channels % Lanes != 0) {
+    // A plain loop, which the compiler vectorises (and fuses) as in earlier versions: the same
+    // sums for any D. (With D a multiple of 16, the 512-bit code below gives those sums too.)
+    for (std::ptrdiff_t d = 0; d < channels; ++d) acc[d] += powered_value<Mode>(cells, offset + d);
+    return;
+  }
+  std::ptrdiff_t d = 0;
+  for (; d + Lanes <= channels; d += Lanes)
+    store(acc + d, load<VecF>(acc + d) + powered_values<Lanes, Mode>(cells, offset + d));
+  for (; d < channels; ++d) acc[d] += powered_value<Mode>(cells, offset + d);
+}
+
+// Block sums: blocks[(by·blocks_x + bx)·D + d] = sum of channel d over the cells of block
+// (bx, by), [xs[bx], xs[bx+1]) × [ys[by], ys[by+1]), added row by row, left to right (the map
+// is read once, in its memory order).
+template <int Lanes, Powering Mode>
+CLUSTERMAC_ALWAYS_INLINE void block_sums(const PoweredCells& cells, const std::vector<std::ptrdiff_t>& xs,
+                                         const std::vector<std::ptrdiff_t>& ys, float* __restrict blocks) {
+  const std::ptrdiff_t channels = cells.channels;
+  const std::ptrdiff_t blocks_x = static_cast<std::ptrdiff_t>(xs.size()) - 1;
+  std::fill(blocks, blocks + (static_cast<std::ptrdiff_t>(ys.size()) - 1) * blocks_x * channels, 0.0f);
+  for (std::ptrdiff_t by = 0; by + 1 < static_cast<std::ptrdiff_t>(ys.size()); ++by)
+    for (std::ptrdiff_t y = ys[by]; y < ys[by + 1]; ++y)
+      for (std::ptrdiff_t bx = 0; bx < blocks_x; ++bx)
+        for (std::ptrdiff_t x = xs[bx]; x < xs[bx + 1]; ++x)
+          add_cell<Lanes, Mode>(blocks + (by * blocks_x + bx) * channels, cells, cells.offset(y, x));
+}
 
 inline std::vector<std::ptrdiff_t> grid_positions(std::ptrdiff_t extent, int step) {
   std::vector<std::ptrdiff_t> positions;
@@ -248,7 +357,7 @@ inline std::vector<std::ptrdiff_t> grid_positions(std::ptrdiff_t extent, int ste
   return positions;
 }
 
-template <int Lanes>
+template <int Lanes, Powering Mode>
 CLUSTERMAC_ALWAYS_INLINE AmlResult localize(const PoweredCells& cells, const float* unit_query,
                                             const AmlParams& params) {
   const std::ptrdiff_t channels = cells.channels, height = cells.height, width = cells.width;
@@ -257,13 +366,8 @@ CLUSTERMAC_ALWAYS_INLINE AmlResult localize(const PoweredCells& cells, const flo
   const std::ptrdiff_t blocks_x = static_cast<std::ptrdiff_t>(xs.size()) - 1,
                        blocks_y = static_cast<std::ptrdiff_t>(ys.size()) - 1;
 
-  // Block sums: blocks[(by·blocks_x + bx)·D + d] = sum of channel d over the cells of block
-  // (bx, by), [xs[bx], xs[bx+1]) × [ys[by], ys[by+1]).
-  std::vector<float> blocks(blocks_y * blocks_x * channels, 0.0f);
-  for (std::ptrdiff_t by = 0; by < blocks_y; ++by)
-    for (std::ptrdiff_t y = ys[by]; y < ys[by + 1]; ++y)
-      for (std::ptrdiff_t bx = 0; bx < blocks_x; ++bx)
-        cells.add_cells(blocks.data() + (by * blocks_x + bx) * channels, y, xs[bx], xs[bx + 1] - xs[bx]);
+  std::vector<float> blocks(blocks_y * blocks_x * channels);
+  block_sums<Lanes, Mode>(cells, xs, ys, blocks.data());
 
   // Aspect constraint query_aspect/t <= w/h <= query_aspect·t, tested by multiplication.
   const bool constrained = params.query_aspect.has_value();
@@ -281,20 +385,23 @@ CLUSTERMAC_ALWAYS_INLINE AmlResult localize(const PoweredCells& cells, const flo
   // prefix[i1] - prefix[i0]. A channel that is 0 in the box adds exact zeros to the prefix,
   // so its difference is exactly 0.
   std::vector<double> prefix((blocks_x + 1) * channels);
+  auto aspect_ok = [&](std::ptrdiff_t w, std::ptrdiff_t h) { return !too_narrow(w, h) && !too_wide(w, h); };
   for (std::ptrdiff_t j0 = 0; j0 < blocks_y; ++j0) {
     std::fill(band.begin(), band.end(), 0.0f);
     for (std::ptrdiff_t j1 = j0 + 1; j1 <= blocks_y; ++j1) {
-      add_into<Lanes>(band.data(), blocks.data() + (j1 - 1) * blocks_x * channels, blocks_x * channels);
+      const float* row = blocks.data() + (j1 - 1) * blocks_x * channels;
       const std::ptrdiff_t h = ys[j1] - ys[j0];
-      if (too_narrow(width, h)) continue;
-      bool prefix_ready = false;
+      bool any_box = false;  // a grid box of this band within the aspect tolerance
+      for (std::ptrdiff_t i0 = 0; i0 < blocks_x && !any_box; ++i0)
+        for (std::ptrdiff_t i1 = i0 + 1; i1 <= blocks_x && !any_box; ++i1) any_box = aspect_ok(xs[i1] - xs[i0], h);
+      if (!any_box) {
+        add_into<Lanes>(band.data(), row, blocks_x * channels);
+        continue;
+      }
+      add_row_and_prefix_sums<Lanes>(band.data(), row, blocks_x, channels, prefix.data());
       for (std::ptrdiff_t i0 = 0; i0 < blocks_x; ++i0)
         for (std::ptrdiff_t i1 = i0 + 1; i1 <= blocks_x && !too_wide(xs[i1] - xs[i0], h); ++i1) {
           if (too_narrow(xs[i1] - xs[i0], h)) continue;
-          if (!prefix_ready) {
-            prefix_sums(band.data(), blocks_x, channels, prefix.data());
-            prefix_ready = true;
-          }
           const double* right = prefix.data() + i1 * channels;
           const double* left = prefix.data() + i0 * channels;
           const double s = box_cosine<Lanes>(right, left, unit_query, channels, inverse_p);
@@ -318,7 +425,6 @@ CLUSTERMAC_ALWAYS_INLINE AmlResult localize(const PoweredCells& cells, const flo
   // Refinement: a move of one edge by delta adds (or removes) |delta| whole columns or rows of
   // the current box's extent; their sums, accumulated line by line, give every candidate.
   const int step = params.step;
-  auto aspect_ok = [&](std::ptrdiff_t w, std::ptrdiff_t h) { return !too_narrow(w, h) && !too_wide(w, h); };
   std::vector<float> strip(channels), candidate_sums(channels), best_candidate_sums(channels);
   for (int iteration = 0; iteration < params.refine_iterations; ++iteration) {
     AmlResult candidate = best;
@@ -339,9 +445,11 @@ CLUSTERMAC_ALWAYS_INLINE AmlResult localize(const PoweredCells& cells, const flo
           const std::int32_t line = edge < 2 ? (grows ? box[edge] - delta : box[edge] + delta - 1)
                                              : (grows ? box[edge] + delta - 1 : box[edge] - delta);
           if (vertical) {
-            for (std::int32_t y = box[1]; y < box[3]; ++y) cells.add_cells(strip.data(), y, line, 1);
+            for (std::int32_t y = box[1]; y < box[3]; ++y)
+              add_cell<Lanes, Mode>(strip.data(), cells, cells.offset(y, line));
           } else {
-            cells.add_cells(strip.data(), line, box[0], box[2] - box[0]);
+            for (std::int32_t x = box[0]; x < box[2]; ++x)
+              add_cell<Lanes, Mode>(strip.data(), cells, cells.offset(line, x));
           }
           if (!aspect_ok(moved[2] - moved[0], moved[3] - moved[1])) continue;
           for (std::ptrdiff_t d = 0; d < channels; ++d)
@@ -366,7 +474,14 @@ struct LocalizeKernel {
   template <SimdLevel L>
   static CLUSTERMAC_ALWAYS_INLINE AmlResult run(const PoweredCells& cells, const float* unit_query,
                                                 const AmlParams& params) {
-    return localize<lanes<L>()>(cells, unit_query, params);
+    switch (cells.powering()) {
+      case Powering::floats:
+        return localize<lanes<L>(), Powering::floats>(cells, unit_query, params);
+      case Powering::codes_power_ten:
+        return localize<lanes<L>(), Powering::codes_power_ten>(cells, unit_query, params);
+      default:
+        return localize<lanes<L>(), Powering::codes_table>(cells, unit_query, params);
+    }
   }
 };
 
