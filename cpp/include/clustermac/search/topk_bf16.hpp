@@ -45,7 +45,8 @@
 namespace clustermac {
 namespace detail {
 
-constexpr double kMaxBoundedNorm = 0x1p50;  // larger norms are not pruned (see above)
+constexpr double kMaxBoundedNorm = 0x1p50;   // larger norms are not pruned (see above)
+constexpr std::ptrdiff_t kPrefetchRows = 8;  // rows ahead that the row scan prefetches
 
 // Upper bound of √(Σ t²) from its float32 evaluation `sum` over `terms` squares (any order,
 // FMA or not: relative error ≤ γ_terms; squares flushed to zero: ≤ 2^-126 each), rounded up to float.
@@ -335,6 +336,9 @@ inline bool topk_search_chunk_bf16(const float* database, std::ptrdiff_t n_datab
       for (std::ptrdiff_t r = 0; r < rows; ++r) {
         float rounded_squares, residual_squares;
         const float* row = database + (row0 + r) * dim;
+        if (by_rows &&
+            row0 + r + kPrefetchRows < n_database)  // the row scan reads too little per row for the prefetcher
+          for (std::ptrdiff_t d = 0; d < dim; d += 16) __builtin_prefetch(row + kPrefetchRows * dim + d);
         const bool finite =
             by_rows ? score_row_bf16(n_queries, row, dim, query_pairs.data(), pairs, buffers.scores.data() + r, width,
                                      rounded_squares, residual_squares)
