@@ -101,20 +101,28 @@ struct TopK {
 };
 
 // Rows row0 .. row0 + rows of the database, transposed into block_t (dim × width, zero-padded
-// columns), checking that they are finite.
+// columns), checking that they are finite. The copy goes kTransposeDims dimensions at a time
+// over all the rows, so that it writes a few lines of block_t in sequence rather than one
+// float to each of dim lines per row (which left the search of a few queries waiting on stores).
+constexpr std::ptrdiff_t kTransposeDims = 8;
 inline void transpose_block(const float* database, std::ptrdiff_t row0, std::ptrdiff_t rows, std::ptrdiff_t dim,
                             std::ptrdiff_t width, float* block_t) {
-  std::fill(block_t, block_t + dim * width, 0.0f);
-  for (std::ptrdiff_t r = 0; r < rows; ++r) {
-    const float* row = database + (row0 + r) * dim;
-    bool finite = true;
-    for (std::ptrdiff_t d = 0; d < dim; ++d) {
-      finite &= std::isfinite(row[d]);
-      block_t[d * width + r] = row[d];
-    }
-    if (!finite)
-      fail("database: row " + std::to_string(row0 + r) + " contains NaN or Inf; expected only finite numbers");
+  const float* block = database + row0 * dim;
+  for (std::ptrdiff_t d0 = 0; d0 < dim; d0 += kTransposeDims) {
+    const std::ptrdiff_t d1 = std::min(dim, d0 + kTransposeDims);
+    for (std::ptrdiff_t r = 0; r < rows; ++r)
+      for (std::ptrdiff_t d = d0; d < d1; ++d) block_t[d * width + r] = block[r * dim + d];
   }
+  bool finite = true;
+  for (std::ptrdiff_t d = 0; d < dim; ++d) {
+    std::fill(block_t + d * width + rows, block_t + (d + 1) * width, 0.0f);
+    for (std::ptrdiff_t r = 0; r < rows; ++r) finite &= std::isfinite(block_t[d * width + r]);
+  }
+  if (finite) return;
+  for (std::ptrdiff_t r = 0; r < rows; ++r)
+    for (std::ptrdiff_t d = 0; d < dim; ++d)
+      if (!std::isfinite(block[r * dim + d]))
+        fail("database: row " + std::to_string(row0 + r) + " contains NaN or Inf; expected only finite numbers");
 }
 
 inline std::ptrdiff_t padded_width(std::ptrdiff_t rows) {
