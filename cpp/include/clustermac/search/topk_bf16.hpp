@@ -177,6 +177,19 @@ CLUSTERMAC_TARGET_AVX512_BF16 inline bool round_to_bf16_pairs(const float* v, st
   return finite == 0xFFFF;
 }
 
+// Row-major bf16 pair words (rows × pairs) into the block layout (pairs × width, zero-padded
+// columns), kTransposeDims pair columns at a time over all the rows: sequential writes, as in
+// transpose_block (rounding each row straight into the block wrote one word per line).
+inline void transpose_pairs(const std::uint32_t* row_pairs, std::ptrdiff_t rows, std::ptrdiff_t pairs,
+                            std::ptrdiff_t width, std::uint32_t* block) {
+  for (std::ptrdiff_t p0 = 0; p0 < pairs; p0 += kTransposeDims) {
+    const std::ptrdiff_t p1 = std::min(pairs, p0 + kTransposeDims);
+    for (std::ptrdiff_t r = 0; r < rows; ++r)
+      for (std::ptrdiff_t p = p0; p < p1; ++p) block[p * width + r] = row_pairs[r * pairs + p];
+  }
+  for (std::ptrdiff_t p = 0; p < pairs; ++p) std::fill(block + p * width + rows, block + (p + 1) * width, 0u);
+}
+
 // Few queries: each row is rounded and scored in registers, with no transposed block (whose
 // scattered writes cost more than the scores when there is little to score). Writes the Queries
 // approximate scores of the row to approx[t·width] and the sums of squares as above.
@@ -319,7 +332,7 @@ inline bool topk_search_chunk_bf16(const float* database, std::ptrdiff_t n_datab
     for (auto& c : candidates) c.k = static_cast<std::size_t>(k);
     BlockBuffers buffers(n_queries, dim);
     std::vector<float> tile_scores(kQueryTile * width_max);
-    std::vector<std::uint32_t> block(pairs * width_max);
+    std::vector<std::uint32_t> block(pairs * width_max), row_pairs(kBlockRows * pairs);
     std::vector<float> rounded_norms(width_max), residual_norms(width_max);
     std::int64_t collected = 0, scanned = 0;
     bool exact = false;  // too many candidates: the rest of the share in float32
@@ -332,7 +345,6 @@ inline bool topk_search_chunk_bf16(const float* database, std::ptrdiff_t n_datab
       }
       const std::ptrdiff_t width = padded_width(rows);
       const bool by_rows = n_queries <= kRowScanQueries;
-      if (!by_rows) std::fill(block.begin(), block.begin() + pairs * width, 0u);
       for (std::ptrdiff_t r = 0; r < rows; ++r) {
         float rounded_squares, residual_squares;
         const float* row = database + (row0 + r) * dim;
@@ -342,21 +354,23 @@ inline bool topk_search_chunk_bf16(const float* database, std::ptrdiff_t n_datab
         const bool finite =
             by_rows ? score_row_bf16(n_queries, row, dim, query_pairs.data(), pairs, buffers.scores.data() + r, width,
                                      rounded_squares, residual_squares)
-                    : round_to_bf16_pairs(row, dim, block.data() + r, width, rounded_squares, residual_squares);
+                    : round_to_bf16_pairs(row, dim, row_pairs.data() + r * pairs, 1, rounded_squares, residual_squares);
         if (!finite)
           fail("database: row " + std::to_string(row0 + r) + " contains NaN or Inf; expected only finite numbers");
         rounded_norms[r] = norm_upper_bound(rounded_squares, dim);
         residual_norms[r] = norm_upper_bound(residual_squares, dim);
         if (!(static_cast<double>(rounded_norms[r]) + residual_norms[r] < kMaxBoundedNorm)) {
           // Never pruned: approximate score 0 and ε = +∞ (residual 0: no ∞·0 in ε).
-          for (std::ptrdiff_t p = 0; p < pairs && !by_rows; ++p) block[p * width + r] = 0u;
+          for (std::ptrdiff_t p = 0; p < pairs && !by_rows; ++p) row_pairs[r * pairs + p] = 0u;
           for (std::ptrdiff_t q = 0; q < n_queries && by_rows; ++q) buffers.scores[q * width + r] = 0.0f;
           rounded_norms[r] = std::numeric_limits<float>::infinity();
           residual_norms[r] = 0.0f;
         }
       }
-      if (!by_rows)
+      if (!by_rows) {
+        transpose_pairs(row_pairs.data(), rows, pairs, width, block.data());
         score_block_bf16(query_pairs.data(), padded_queries, pairs, block.data(), width, buffers.scores.data());
+      }
       for (std::ptrdiff_t q = 0; q < n_queries; ++q) {
         QueryCandidates& query = candidates[q];
         const std::size_t before = query.pending.size();
