@@ -13,24 +13,13 @@ figures compare the scans alone: `clustermac.topk_search` with `path="float32"`,
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 
 import numpy as np
+from search import cpu_name  # benchmarks/search.py, beside this script
 
 from clustermac import _core
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def median_seconds(run, repeats: int) -> float:
