@@ -177,19 +177,6 @@ CLUSTERMAC_TARGET_AVX512_BF16 inline bool round_to_bf16_pairs(const float* v, st
   return finite == 0xFFFF;
 }
 
-// Row-major bf16 pair words (rows × pairs) into the block layout (pairs × width, zero-padded
-// columns), kTransposeDims pair columns at a time over all the rows: sequential writes, as in
-// transpose_block (rounding each row straight into the block wrote one word per line).
-inline void transpose_pairs(const std::uint32_t* row_pairs, std::ptrdiff_t rows, std::ptrdiff_t pairs,
-                            std::ptrdiff_t width, std::uint32_t* block) {
-  for (std::ptrdiff_t p0 = 0; p0 < pairs; p0 += kTransposeDims) {
-    const std::ptrdiff_t p1 = std::min(pairs, p0 + kTransposeDims);
-    for (std::ptrdiff_t r = 0; r < rows; ++r)
-      for (std::ptrdiff_t p = p0; p < p1; ++p) block[p * width + r] = row_pairs[r * pairs + p];
-  }
-  for (std::ptrdiff_t p = 0; p < pairs; ++p) std::fill(block + p * width + rows, block + (p + 1) * width, 0u);
-}
-
 // Few queries: each row is rounded and scored in registers, with no transposed block (whose
 // scattered writes cost more than the scores when there is little to score). Writes the Queries
 // approximate scores of the row to approx[t·width] and the sums of squares as above.
@@ -368,7 +355,7 @@ inline bool topk_search_chunk_bf16(const float* database, std::ptrdiff_t n_datab
         }
       }
       if (!by_rows) {
-        transpose_pairs(row_pairs.data(), rows, pairs, width, block.data());
+        transpose_rows(row_pairs.data(), rows, pairs, width, block.data());  // sequential writes
         score_block_bf16(query_pairs.data(), padded_queries, pairs, block.data(), width, buffers.scores.data());
       }
       for (std::ptrdiff_t q = 0; q < n_queries; ++q) {

@@ -100,24 +100,29 @@ struct TopK {
   float threshold() const { return heap.size() < k ? -std::numeric_limits<float>::infinity() : heap.front().score; }
 };
 
-// Rows row0 .. row0 + rows of the database, transposed into block_t (dim × width, zero-padded
-// columns), checking that they are finite. The copy goes kTransposeDims dimensions at a time
-// over all the rows, so that it writes a few lines of block_t in sequence rather than one
-// float to each of dim lines per row (which left the search of a few queries waiting on stores).
+// A row-major rows × cols matrix transposed into out (cols × width, columns rows .. width zero).
+// The copy goes kTransposeDims columns at a time over all the rows, so that it writes a few
+// lines of out in sequence rather than one value to each of cols lines per row (which left the
+// search of a few queries waiting on stores).
 constexpr std::ptrdiff_t kTransposeDims = 8;
+template <typename T>
+inline void transpose_rows(const T* in, std::ptrdiff_t rows, std::ptrdiff_t cols, std::ptrdiff_t width, T* out) {
+  for (std::ptrdiff_t c0 = 0; c0 < cols; c0 += kTransposeDims) {
+    const std::ptrdiff_t c1 = std::min(cols, c0 + kTransposeDims);
+    for (std::ptrdiff_t r = 0; r < rows; ++r)
+      for (std::ptrdiff_t c = c0; c < c1; ++c) out[c * width + r] = in[r * cols + c];
+  }
+  for (std::ptrdiff_t c = 0; c < cols; ++c) std::fill(out + c * width + rows, out + (c + 1) * width, T{});
+}
+
+// Rows row0 .. row0 + rows of the database, transposed into block_t (dim × width, zero-padded
+// columns), checking that they are finite.
 inline void transpose_block(const float* database, std::ptrdiff_t row0, std::ptrdiff_t rows, std::ptrdiff_t dim,
                             std::ptrdiff_t width, float* block_t) {
   const float* block = database + row0 * dim;
-  for (std::ptrdiff_t d0 = 0; d0 < dim; d0 += kTransposeDims) {
-    const std::ptrdiff_t d1 = std::min(dim, d0 + kTransposeDims);
-    for (std::ptrdiff_t r = 0; r < rows; ++r)
-      for (std::ptrdiff_t d = d0; d < d1; ++d) block_t[d * width + r] = block[r * dim + d];
-  }
+  transpose_rows(block, rows, dim, width, block_t);
   bool finite = true;
-  for (std::ptrdiff_t d = 0; d < dim; ++d) {
-    std::fill(block_t + d * width + rows, block_t + (d + 1) * width, 0.0f);
-    for (std::ptrdiff_t r = 0; r < rows; ++r) finite &= std::isfinite(block_t[d * width + r]);
-  }
+  for (std::ptrdiff_t i = 0; i < dim * width; ++i) finite &= std::isfinite(block_t[i]);
   if (finite) return;
   for (std::ptrdiff_t r = 0; r < rows; ++r)
     for (std::ptrdiff_t d = 0; d < dim; ++d)
