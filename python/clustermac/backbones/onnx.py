@@ -30,6 +30,7 @@ padding would silently describe the padding rather than the image.
 
 from __future__ import annotations
 
+import os
 import threading
 import warnings
 from dataclasses import dataclass
@@ -290,6 +291,9 @@ class Backbone:
         self.preset: Preset = PRESETS[preset]
 
         self._session = session
+        # The one-thread session of features(..., one_thread=True), opened on first use.
+        self._one_thread_session = None
+        self._one_thread_lock = threading.Lock()
         self._input_name = inputs[0].name
         self._output_name = output.name
         self.onnx_path = path
@@ -335,8 +339,28 @@ class Backbone:
             f"stride={self.stride})"
         )
 
-    def _run(self, batch: np.ndarray) -> np.ndarray:
-        (result,) = self._session.run([self._output_name], {self._input_name: batch})
+    @property
+    def parallel_images(self) -> int:
+        """How many images :meth:`features` with ``one_thread=True`` should run at once to use the
+        cores this backbone was given: ``n_threads``, or the CPUs this process may use when None."""
+        if self.n_threads is not None:
+            return int(self.n_threads)
+        try:
+            return max(1, len(os.sched_getaffinity(0)))
+        except AttributeError:  # not on Linux
+            return max(1, os.cpu_count() or 1)
+
+    def _session_for(self, one_thread: bool):
+        if not one_thread or self.n_threads == 1:
+            return self._session
+        with self._one_thread_lock:
+            if self._one_thread_session is None:
+                self._one_thread_session = _open_session(self.onnx_path, 1)
+            return self._one_thread_session
+
+    def _run(self, batch: np.ndarray, one_thread: bool = False) -> np.ndarray:
+        session = self._session_for(one_thread)
+        (result,) = session.run([self._output_name], {self._input_name: batch})
         result = np.asarray(result)
         if result.ndim != 4 or result.shape[0] != 1:
             raise RuntimeError(f"the model returned shape {result.shape}, expected 1×D×H×W")
@@ -364,9 +388,17 @@ class Backbone:
             np.take(self._lookup[channel], rgb[:, :, source], out=network_input[0, channel])
         return network_input
 
-    def features(self, image: Image.Image | np.ndarray) -> np.ndarray:
-        """The feature map of ``image`` (already resized; see :attr:`max_size`): float32 D×H×W."""
-        result = self._run(self.preprocess(image))
+    def features(self, image: Image.Image | np.ndarray, one_thread: bool = False) -> np.ndarray:
+        """The feature map of ``image`` (already resized; see :attr:`max_size`): float32 D×H×W.
+
+        ``one_thread=True`` runs the network on a second, one-thread ONNX Runtime session (opened
+        on first use) that several threads may call at once: the extractor runs
+        :attr:`parallel_images` images side by side this way, which keeps every core busy without
+        the pool's hand-overs between layers. The values are the same bits as the
+        ``n_threads`` session's (ONNX Runtime splits each layer's outputs between threads, not
+        its sums; ``tests/backbones/test_one_thread_session.py``).
+        """
+        result = self._run(self.preprocess(image), one_thread)
         if result.shape[1] != self.dim:
             raise RuntimeError(f"the model returned {result.shape[1]} channels, expected {self.dim}")
         return np.ascontiguousarray(result[0], dtype=np.float32)

@@ -20,7 +20,7 @@ from .. import _core
 from ..backbones import Backbone
 from ..descriptors import REGIONAL_METHODS, Extractor
 from ..descriptors.global_pooling import mac_vector
-from ..descriptors.pipeline import progress_bar
+from ..descriptors.pipeline import per_image_in_order, progress_bar
 from ..search import rerank
 from ..search.feature_map_store import FeatureMapStore, FeatureMapStoreWriter
 from ..search.query_expansion import average_query_expansion
@@ -62,15 +62,21 @@ def compute_feature_maps(
     them per image (one per scale) when ``extractor`` is multi-scale."""
     boxes = list(boxes) if boxes is not None else [None] * len(images)
     bar = progress_bar(len(images), description, progress)
+
+    def compact_maps(i: int, one_thread: bool) -> list[tuple[np.ndarray, np.ndarray]]:
+        prepared = extractor.prepare_scales(images[i], boxes[i])
+        return [_compact(fmap, rgb) for fmap, rgb in extractor.feature_maps(prepared, one_thread)]
+
     out: FeatureMaps = []
-    for image, box in zip(images, boxes):
-        try:
-            scaled = [_compact(fmap, rgb) for fmap, rgb in extractor.feature_maps(extractor.prepare_scales(image, box))]
-            out.append(scaled[0] if extractor.scales == (1.0,) else scaled)
-        except (ValueError, OSError) as error:
-            if bar is not None and hasattr(bar, "write"):
-                bar.write(f"skipped {image}: {error}")
+    for i, scaled in per_image_in_order(extractor, len(images), compact_maps):
+        if isinstance(scaled, (ValueError, OSError)):
+            if hasattr(bar, "write"):
+                bar.write(f"skipped {images[i]}: {scaled}")
             out.append(None)
+        elif isinstance(scaled, Exception):
+            raise scaled
+        else:
+            out.append(scaled[0] if extractor.scales == (1.0,) else scaled)
         bar.update(1)
     bar.close()
     return out

@@ -323,13 +323,18 @@ class Extractor:
             return [self.prepare(image, box)]
         return multiscale.prepare_scales(self, image, box)
 
-    def feature_maps(self, prepared: Sequence[PreparedImage]) -> list[tuple[np.ndarray, np.ndarray]]:
+    def feature_maps(
+        self, prepared: Sequence[PreparedImage], one_thread: bool = False
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
         """:meth:`feature_map` of every scale's prepared image."""
-        return [self.feature_map(p) for p in prepared]
+        return [self.feature_map(p, one_thread) for p in prepared]
 
-    def feature_map(self, prepared: PreparedImage) -> tuple[np.ndarray, np.ndarray]:
-        """Run the backbone; returns the D×H×W map (cropped for crop X) and the H×W×3 RGB."""
-        fmap = self.backbone.features(prepared.image)
+    def feature_map(self, prepared: PreparedImage, one_thread: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Run the backbone; returns the D×H×W map (cropped for crop X) and the H×W×3 RGB.
+        ``one_thread``: on the backbone's one-thread session (:meth:`Backbone.features`), for
+        running several images at once; same values. Other backbone objects need only ``features(image)``."""
+        image = prepared.image
+        fmap = self.backbone.features(image, one_thread=True) if one_thread else self.backbone.features(image)
         _, height, width = fmap.shape
         rgb = rgb_at_feature_resolution(prepared.image, height, width)
         if prepared.activation_box is not None:

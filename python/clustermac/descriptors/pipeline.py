@@ -5,21 +5,55 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
 from .._typing import Box, ImageInput
 
 if TYPE_CHECKING:  # the extractor imports this module, not the other way round
-    from .extractor import Extractor, PreparedImage
+    from .extractor import Extractor
 
-__all__ = ["iter_descriptors", "iter_feature_maps", "progress_bar"]
+__all__ = ["iter_descriptors", "iter_feature_maps", "per_image_in_order", "progress_bar"]
 
-# Images decoded ahead of the backbone.
-_LOOKAHEAD = 4
+# Images started beyond those being worked on, so that a worker never waits for the next one.
+_LOOKAHEAD = 2
+
+T = TypeVar("T")
+
+
+def per_image_in_order(
+    extractor: Extractor, count: int, work: Callable[[int, bool], T]
+) -> Iterator[tuple[int, T | Exception]]:
+    """``(i, work(i, one_thread) or its exception)`` for i = 0 … count − 1, in that order.
+
+    One image per core at a time (:attr:`Backbone.parallel_images` workers), each on a worker
+    thread that does all of that image's work (decoding, the network on the backbone's one-thread
+    session, pooling/clustering; ONNX Runtime, Pillow and the C++ core release the GIL). Side by
+    side, images keep the cores busier than one image whose layers are split between threads,
+    which wait for each other at every layer, and give the same values (benchmarks/extraction.py).
+    With one worker (a one-thread backbone, or a backbone object without ``parallel_images``)
+    ``one_thread`` is False: each image runs on the backbone's own session.
+    """
+    workers = max(1, min(getattr(extractor.backbone, "parallel_images", 1), count))
+    one_thread = workers > 1
+
+    def guarded(i: int) -> T | Exception:
+        try:
+            return work(i, one_thread)
+        except Exception as error:  # handed to the caller, per image
+            return error
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        started = {i: pool.submit(guarded, i) for i in range(min(workers + _LOOKAHEAD, count))}
+        for i in range(count):
+            result = started.pop(i).result()
+            following = i + workers + _LOOKAHEAD
+            if following < count:
+                started[following] = pool.submit(guarded, following)
+            yield i, result
 
 
 def iter_descriptors(
@@ -29,12 +63,8 @@ def iter_descriptors(
     progress: bool = True,
     description: str = "extract",
 ) -> Iterator[tuple[int, np.ndarray | Exception]]:
-    """Yields ``(index, descriptor or exception)`` in input order (see :meth:`Extractor.iter_extract`).
-
-    Three stages overlap: image decoding (one thread, a few images ahead), the backbone
-    (ONNX Runtime's own threads) and the pooling/clustering of the previous image (C++,
-    GIL released).
-    """
+    """Yields ``(index, descriptor or exception)`` in input order (see :meth:`Extractor.iter_extract`),
+    several images at once (:func:`per_image_in_order`)."""
     if boxes is not None and len(boxes) != len(images):
         raise ValueError(
             f"boxes: expected one box (or None) per image, got {len(boxes)} boxes for {len(images)} images"
@@ -42,53 +72,34 @@ def iter_descriptors(
     boxes = list(boxes) if boxes is not None else [None] * len(images)
     bar = progress_bar(len(images), description, progress)
 
-    def prepare(i: int) -> list[PreparedImage] | Exception:
-        try:
-            return extractor.prepare_scales(images[i], boxes[i])
-        except Exception as error:  # reported to the caller, per image
-            return _named_error(images[i], error)
+    def describe(i: int, one_thread: bool) -> np.ndarray:
+        prepared = extractor.prepare_scales(images[i], boxes[i])
+        return extractor.descriptor_from_feature_maps(extractor.feature_maps(prepared, one_thread))
 
-    def pool(maps: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
-        return extractor.descriptor_from_feature_maps(maps)
-
-    with ThreadPoolExecutor(max_workers=1) as decoder, ThreadPoolExecutor(max_workers=1) as pooler:
-        pending = {i: decoder.submit(prepare, i) for i in range(min(_LOOKAHEAD, len(images)))}
-        pooled: tuple[int, Any] | None = None
-        for i in range(len(images)):
-            prepared = pending.pop(i).result()
-            if i + _LOOKAHEAD < len(images):
-                pending[i + _LOOKAHEAD] = decoder.submit(prepare, i + _LOOKAHEAD)
-            current: tuple[int, Any]
-            if isinstance(prepared, Exception):
-                current = (i, prepared)
-            else:
-                try:
-                    current = (i, pooler.submit(pool, extractor.feature_maps(prepared)))
-                except Exception as error:
-                    current = (i, _named_error(images[i], error))
-            if pooled is not None:
-                yield _resolve(pooled)
-                bar.update(1)
-            pooled = current
-        if pooled is not None:
-            yield _resolve(pooled)
-            bar.update(1)
+    for i, result in per_image_in_order(extractor, len(images), describe):
+        yield i, (_named_error(images[i], result) if isinstance(result, Exception) else result)
+        bar.update(1)
     bar.close()
 
 
 def iter_feature_maps(
     extractor: Extractor, images: Sequence[ImageInput], progress: bool, description: str
 ) -> Iterator[list[tuple[np.ndarray, np.ndarray]]]:
-    """[(feature map, rgb) at each scale] of each readable image (:meth:`Extractor.feature_maps`);
-    unreadable ones are skipped with a warning."""
+    """[(feature map, rgb) at each scale] of each readable image (:meth:`Extractor.feature_maps`),
+    several images at once (:func:`per_image_in_order`); unreadable ones are skipped with a warning."""
     bar = progress_bar(len(images), description, progress)
-    for image in images:
-        try:
-            yield extractor.feature_maps(extractor.prepare_scales(image))
-        except (ValueError, OSError) as error:
-            warnings.warn(f"skipping {_name_of(image)}: {error}", stacklevel=2)
-        finally:
-            bar.update(1)
+
+    def maps(i: int, one_thread: bool) -> list[tuple[np.ndarray, np.ndarray]]:
+        return extractor.feature_maps(extractor.prepare_scales(images[i]), one_thread)
+
+    for i, result in per_image_in_order(extractor, len(images), maps):
+        bar.update(1)
+        if isinstance(result, (ValueError, OSError)):
+            warnings.warn(f"skipping {_name_of(images[i])}: {result}", stacklevel=2)
+        elif isinstance(result, Exception):
+            raise result
+        else:
+            yield result
     bar.close()
 
 
@@ -119,13 +130,3 @@ def _named_error(image: Any, error: Exception) -> Exception:
     if isinstance(image, (str, os.PathLike)) and str(image) in str(error):
         return error
     return type(error)(f"{_name_of(image)}: {error}") if isinstance(error, (ValueError, OSError)) else error
-
-
-def _resolve(item: tuple[int, Any]) -> tuple[int, np.ndarray | Exception]:
-    i, value = item
-    if isinstance(value, Exception):
-        return i, value
-    try:
-        return i, value.result()
-    except Exception as error:
-        return i, error

@@ -133,16 +133,22 @@ def write_feature_map_store(
     with their cluster label maps for ClusterMAC, to the store ``path`` (atomic; see
     :class:`~clustermac.FeatureMapStoreWriter`). An unreadable image stops the run, naming it
     (the store's maps must line up with the index's rows)."""
-    from ..descriptors.pipeline import progress_bar
+    from ..descriptors.pipeline import per_image_in_order, progress_bar
     from .feature_map_store import FeatureMapStoreWriter
 
     root = Path(image_root)
+
+    def map_and_labels(i: int, one_thread: bool) -> tuple[np.ndarray, Sequence[np.ndarray]]:
+        fmap, rgb = extractor.feature_map(extractor.prepare(root / names[i]), one_thread)
+        return fmap, (extractor.cluster_labels(fmap, rgb) if extractor.method == "clustermac" else ())
+
     bar = progress_bar(len(names), "feature maps", progress)
     with FeatureMapStoreWriter(path) as writer:
-        for name in names:
-            fmap, rgb = extractor.feature_map(extractor.prepare(root / name))
-            labels = extractor.cluster_labels(fmap, rgb) if extractor.method == "clustermac" else ()
-            writer.add(fmap, name, labels=labels)
+        for i, result in per_image_in_order(extractor, len(names), map_and_labels):
+            if isinstance(result, Exception):
+                raise result
+            fmap, labels = result
+            writer.add(fmap, names[i], labels=labels)
             bar.update(1)
     bar.close()
 
