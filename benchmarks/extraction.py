@@ -6,8 +6,10 @@
     python benchmarks/extraction.py --method clustermac-box --compare rmac   # two methods in one run
 
 Timing: the same images, in the same run, alternating the two measurements over --repeats rounds;
-"bare" = decode + resize + the network on every image, sequentially; "full" = Extractor.extract_many
-(decode, network and pooling/clustering overlapped). Prints medians and the overhead ratio.
+"bare" = decode + resize + the network on every image, sequentially, on the backbone's --threads session;
+"bare per core" = the same work one image per core on one-thread sessions, as the extractor runs it (the
+bare network at its fastest over many images); "full" = Extractor.extract_many (one image per core:
+decode, network and pooling/clustering). Prints medians and the overhead over both bare references.
 With --compare METHOD, that method's "full" time is measured in the same rounds (its own
 embedded-backbone head, see DescriptorMethod.backbone_head) and the ratio of the two is printed.
 With --spinning-reference, the same backbone with ONNX Runtime's busy-waiting threads (its default,
@@ -89,6 +91,23 @@ def time_bare(extractor, images, cpu: list[float] | None = None) -> float:
     return time.perf_counter() - t0
 
 
+def time_bare_per_core(extractor, images, cpu: list[float] | None = None) -> float:
+    """Seconds for decode + resize + network on every image, one image per core on one-thread sessions
+    as the extractor runs them (per_image_in_order): the bare network at its fastest over many images."""
+    from clustermac.descriptors.pipeline import per_image_in_order
+
+    def network(i: int, one_thread: bool):
+        return extractor.backbone.features(extractor.prepare(images[i]).image, one_thread=one_thread)
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    for _, result in per_image_in_order(extractor, len(images), network):
+        if isinstance(result, Exception):
+            raise result
+    if cpu is not None:
+        cpu.append(time.process_time() - c0)
+    return time.perf_counter() - t0
+
+
 def time_full(extractor, images, cpu: list[float] | None = None) -> float:
     """Seconds for Extractor.extract_many on the images, the overlapped pipeline (CPU seconds appended to ``cpu``)."""
     t0, c0 = time.perf_counter(), time.process_time()
@@ -131,6 +150,7 @@ def time_extraction(args) -> dict:
     images = photos(args.n_images, args.max_size)
     extractor = Extractor(backbone, args.method, max_size=args.max_size)
     bare_times, full_times, compare_times, bare_cpu, full_cpu = [], [], [], [], []
+    per_core_times, per_core_cpu = [], []
     extractor.extract_many(images[:1], progress=False)  # warm-up (session, caches)
     other = None
     if args.compare:
@@ -149,8 +169,10 @@ def time_extraction(args) -> dict:
             spinning_times["bare"].append(time_bare(spinning, images))
             spinning_times["full"].append(time_full(spinning, images))
         bare_times.append(time_bare(extractor, images, bare_cpu))
+        per_core_times.append(time_bare_per_core(extractor, images, per_core_cpu))
         full_times.append(time_full(extractor, images, full_cpu))
     bare, full = statistics.median(bare_times), statistics.median(full_times)
+    per_core = statistics.median(per_core_times)
     if spinning is not None:
         compared = {
             "spinning_bare_s_per_image": statistics.median(spinning_times["bare"]) / len(images),
@@ -176,12 +198,16 @@ def time_extraction(args) -> dict:
         "bare_s_per_image": bare / len(images),
         "full_s_per_image": full / len(images),
         "overhead_percent": 100.0 * (full / bare - 1.0),
+        "bare_per_core_s_per_image": per_core / len(images),
+        "overhead_over_per_core_percent": 100.0 * (full / per_core - 1.0),
         # CPU seconds of the process (all threads): the work added, less sensitive to other jobs than wall time.
         "bare_cpu_s_per_image": statistics.median(bare_cpu) / len(images),
         "full_cpu_s_per_image": statistics.median(full_cpu) / len(images),
+        "bare_per_core_cpu_s_per_image": statistics.median(per_core_cpu) / len(images),
         "load_average": os.getloadavg()[0],
         "bare_runs_s": bare_times,
         "full_runs_s": full_times,
+        "bare_per_core_runs_s": per_core_times,
         **compared,
     }
     if args.breakdown:
@@ -270,6 +296,12 @@ def main(argv=None) -> int:
         f"overhead {result['overhead_percent']:+.1f} %; CPU time bare {1000 * result['bare_cpu_s_per_image']:.0f} "
         f"ms/image, full {1000 * result['full_cpu_s_per_image']:.0f} ms/image; "
         f"load average {result['load_average']:.1f}"
+    )
+    print(
+        f"bare network one image per core (one-thread sessions, as the extractor runs them): "
+        f"{1000 * result['bare_per_core_s_per_image']:.0f} ms/image, CPU time "
+        f"{1000 * result['bare_per_core_cpu_s_per_image']:.0f} ms/image; full over it "
+        f"{result['overhead_over_per_core_percent']:+.1f} %"
     )
     if args.spinning_reference:
         bare_spin, full_spin = result["spinning_bare_s_per_image"], result["spinning_full_s_per_image"]
