@@ -212,8 +212,11 @@ template <int Lanes>
 CLUSTERMAC_ALWAYS_INLINE void add_row_and_prefix_sums(float* __restrict band, const float* __restrict row,
                                                       std::ptrdiff_t count, std::ptrdiff_t channels,
                                                       double* __restrict prefix) {
-  typedef typename Vectors<Lanes>::F VecF;
-  typedef typename Vectors<Lanes>::D VecD;
+  // Half-width float vectors, so that their doubles fill one register (a double vector of two
+  // registers goes through the stack): the same sums, element by element.
+  constexpr int kWidth = Lanes >= 8 ? Lanes / 2 : Lanes;
+  typedef typename Vectors<kWidth>::F VecF;
+  typedef typename Vectors<kWidth>::D VecD;
   std::fill(prefix, prefix + channels, 0.0);
   for (std::ptrdiff_t k = 0; k < count; ++k) {
     float* __restrict b = band + k * channels;
@@ -221,7 +224,7 @@ CLUSTERMAC_ALWAYS_INLINE void add_row_and_prefix_sums(float* __restrict band, co
     const double* __restrict before = prefix + k * channels;
     double* __restrict after = prefix + (k + 1) * channels;
     std::ptrdiff_t d = 0;
-    for (; d + Lanes <= channels; d += Lanes) {
+    for (; d + kWidth <= channels; d += kWidth) {
       const VecF sum = load<VecF>(b + d) + load<VecF>(r + d);
       store(b + d, sum);
       store(after + d, load<VecD>(before + d) + __builtin_convertvector(sum, VecD));
