@@ -34,6 +34,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <optional>
 #include <string>
 #include <type_traits>
@@ -369,8 +370,8 @@ CLUSTERMAC_ALWAYS_INLINE AmlResult localize(const PoweredCells& cells, const flo
   const std::ptrdiff_t blocks_x = static_cast<std::ptrdiff_t>(xs.size()) - 1,
                        blocks_y = static_cast<std::ptrdiff_t>(ys.size()) - 1;
 
-  std::vector<float> blocks(blocks_y * blocks_x * channels);
-  block_sums<Lanes, Mode>(cells, xs, ys, blocks.data());
+  std::unique_ptr<float[]> blocks(new float[blocks_y * blocks_x * channels]);  // zeroed by block_sums
+  block_sums<Lanes, Mode>(cells, xs, ys, blocks.get());
 
   // Aspect constraint query_aspect/t <= w/h <= query_aspect·t, tested by multiplication.
   const bool constrained = params.query_aspect.has_value();
@@ -392,7 +393,7 @@ CLUSTERMAC_ALWAYS_INLINE AmlResult localize(const PoweredCells& cells, const flo
   for (std::ptrdiff_t j0 = 0; j0 < blocks_y; ++j0) {
     std::fill(band.begin(), band.end(), 0.0f);
     for (std::ptrdiff_t j1 = j0 + 1; j1 <= blocks_y; ++j1) {
-      const float* row = blocks.data() + (j1 - 1) * blocks_x * channels;
+      const float* row = blocks.get() + (j1 - 1) * blocks_x * channels;
       const std::ptrdiff_t h = ys[j1] - ys[j0];
       bool any_box = false;  // a grid box of this band within the aspect tolerance
       for (std::ptrdiff_t i0 = 0; i0 < blocks_x && !any_box; ++i0)
@@ -421,7 +422,7 @@ CLUSTERMAC_ALWAYS_INLINE AmlResult localize(const PoweredCells& cells, const flo
   if (!found) {  // no grid box meets the aspect constraint: start from the whole map
     std::fill(best_sums.begin(), best_sums.end(), 0.0f);
     for (std::ptrdiff_t k = 0; k < blocks_y * blocks_x; ++k)
-      add_into<Lanes>(best_sums.data(), blocks.data() + k * channels, channels);
+      add_into<Lanes>(best_sums.data(), blocks.get() + k * channels, channels);
     best.score = box_cosine<Lanes>(best_sums.data(), unit_query, channels, inverse_p);
   }
 
