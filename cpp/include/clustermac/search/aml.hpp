@@ -321,21 +321,23 @@ CLUSTERMAC_ALWAYS_INLINE typename Vectors<Lanes>::F powered_values(const Powered
   }
 }
 
-// acc[d] += the powered value of channel d of the cell at `offset`, for every channel.
-template <int Lanes, Powering Mode>
+// acc[d] += the powered value of channel d of the cell at `offset`, for every channel; with First,
+// acc[d] = 0 + that value (the same sum as adding it to a zeroed acc, without reading acc).
+template <int Lanes, Powering Mode, bool First = false>
 CLUSTERMAC_ALWAYS_INLINE void add_cell(float* __restrict acc, const PoweredCells& cells, std::ptrdiff_t offset) {
   typedef typename Vectors<Lanes>::F VecF;
   const std::ptrdiff_t channels = cells.channels;
   if (Lanes == 16 && channels % Lanes != 0) {
     // A plain loop, which the compiler vectorises (and fuses) as in earlier versions: the same
     // sums for any D. (With D a multiple of 16, the 512-bit code below gives those sums too.)
-    for (std::ptrdiff_t d = 0; d < channels; ++d) acc[d] += powered_value<Mode>(cells, offset + d);
+    for (std::ptrdiff_t d = 0; d < channels; ++d)
+      acc[d] = (First ? 0.0f : acc[d]) + powered_value<Mode>(cells, offset + d);
     return;
   }
   std::ptrdiff_t d = 0;
   for (; d + Lanes <= channels; d += Lanes)
-    store(acc + d, load<VecF>(acc + d) + powered_values<Lanes, Mode>(cells, offset + d));
-  for (; d < channels; ++d) acc[d] += powered_value<Mode>(cells, offset + d);
+    store(acc + d, (First ? VecF{} : load<VecF>(acc + d)) + powered_values<Lanes, Mode>(cells, offset + d));
+  for (; d < channels; ++d) acc[d] = (First ? 0.0f : acc[d]) + powered_value<Mode>(cells, offset + d);
 }
 
 // Block sums: blocks[(by·blocks_x + bx)·D + d] = sum of channel d over the cells of block
@@ -346,12 +348,14 @@ CLUSTERMAC_ALWAYS_INLINE void block_sums(const PoweredCells& cells, const std::v
                                          const std::vector<std::ptrdiff_t>& ys, float* __restrict blocks) {
   const std::ptrdiff_t channels = cells.channels;
   const std::ptrdiff_t blocks_x = static_cast<std::ptrdiff_t>(xs.size()) - 1;
-  std::fill(blocks, blocks + (static_cast<std::ptrdiff_t>(ys.size()) - 1) * blocks_x * channels, 0.0f);
   for (std::ptrdiff_t by = 0; by + 1 < static_cast<std::ptrdiff_t>(ys.size()); ++by)
     for (std::ptrdiff_t y = ys[by]; y < ys[by + 1]; ++y)
-      for (std::ptrdiff_t bx = 0; bx < blocks_x; ++bx)
-        for (std::ptrdiff_t x = xs[bx]; x < xs[bx + 1]; ++x)
-          add_cell<Lanes, Mode>(blocks + (by * blocks_x + bx) * channels, cells, cells.offset(y, x));
+      for (std::ptrdiff_t bx = 0; bx < blocks_x; ++bx) {
+        float* block = blocks + (by * blocks_x + bx) * channels;
+        std::ptrdiff_t x = xs[bx];
+        if (y == ys[by]) add_cell<Lanes, Mode, true>(block, cells, cells.offset(y, x++));  // the block's first cell
+        for (; x < xs[bx + 1]; ++x) add_cell<Lanes, Mode>(block, cells, cells.offset(y, x));
+      }
 }
 
 inline std::vector<std::ptrdiff_t> grid_positions(std::ptrdiff_t extent, int step) {
@@ -370,7 +374,7 @@ CLUSTERMAC_ALWAYS_INLINE AmlResult localize(const PoweredCells& cells, const flo
   const std::ptrdiff_t blocks_x = static_cast<std::ptrdiff_t>(xs.size()) - 1,
                        blocks_y = static_cast<std::ptrdiff_t>(ys.size()) - 1;
 
-  std::unique_ptr<float[]> blocks(new float[blocks_y * blocks_x * channels]);  // zeroed by block_sums
+  std::unique_ptr<float[]> blocks(new float[blocks_y * blocks_x * channels]);  // every value set by block_sums
   block_sums<Lanes, Mode>(cells, xs, ys, blocks.get());
 
   // Aspect constraint query_aspect/t <= w/h <= query_aspect·t, tested by multiplication.
