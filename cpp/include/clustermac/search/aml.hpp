@@ -34,6 +34,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <optional>
 #include <string>
 #include <type_traits>
@@ -212,8 +213,11 @@ template <int Lanes>
 CLUSTERMAC_ALWAYS_INLINE void add_row_and_prefix_sums(float* __restrict band, const float* __restrict row,
                                                       std::ptrdiff_t count, std::ptrdiff_t channels,
                                                       double* __restrict prefix) {
-  typedef typename Vectors<Lanes>::F VecF;
-  typedef typename Vectors<Lanes>::D VecD;
+  // Half-width float vectors, so that their doubles fill one register (a double vector of two
+  // registers goes through the stack): the same sums, element by element.
+  constexpr int kWidth = Lanes >= 8 ? Lanes / 2 : Lanes;
+  typedef typename Vectors<kWidth>::F VecF;
+  typedef typename Vectors<kWidth>::D VecD;
   std::fill(prefix, prefix + channels, 0.0);
   for (std::ptrdiff_t k = 0; k < count; ++k) {
     float* __restrict b = band + k * channels;
@@ -221,7 +225,7 @@ CLUSTERMAC_ALWAYS_INLINE void add_row_and_prefix_sums(float* __restrict band, co
     const double* __restrict before = prefix + k * channels;
     double* __restrict after = prefix + (k + 1) * channels;
     std::ptrdiff_t d = 0;
-    for (; d + Lanes <= channels; d += Lanes) {
+    for (; d + kWidth <= channels; d += kWidth) {
       const VecF sum = load<VecF>(b + d) + load<VecF>(r + d);
       store(b + d, sum);
       store(after + d, load<VecD>(before + d) + __builtin_convertvector(sum, VecD));
@@ -317,21 +321,23 @@ CLUSTERMAC_ALWAYS_INLINE typename Vectors<Lanes>::F powered_values(const Powered
   }
 }
 
-// acc[d] += the powered value of channel d of the cell at `offset`, for every channel.
-template <int Lanes, Powering Mode>
+// acc[d] += the powered value of channel d of the cell at `offset`, for every channel; with First,
+// acc[d] = 0 + that value (the same sum as adding it to a zeroed acc, without reading acc).
+template <int Lanes, Powering Mode, bool First = false>
 CLUSTERMAC_ALWAYS_INLINE void add_cell(float* __restrict acc, const PoweredCells& cells, std::ptrdiff_t offset) {
   typedef typename Vectors<Lanes>::F VecF;
   const std::ptrdiff_t channels = cells.channels;
   if (Lanes == 16 && channels % Lanes != 0) {
     // A plain loop, which the compiler vectorises (and fuses) as in earlier versions: the same
     // sums for any D. (With D a multiple of 16, the 512-bit code below gives those sums too.)
-    for (std::ptrdiff_t d = 0; d < channels; ++d) acc[d] += powered_value<Mode>(cells, offset + d);
+    for (std::ptrdiff_t d = 0; d < channels; ++d)
+      acc[d] = (First ? 0.0f : acc[d]) + powered_value<Mode>(cells, offset + d);
     return;
   }
   std::ptrdiff_t d = 0;
   for (; d + Lanes <= channels; d += Lanes)
-    store(acc + d, load<VecF>(acc + d) + powered_values<Lanes, Mode>(cells, offset + d));
-  for (; d < channels; ++d) acc[d] += powered_value<Mode>(cells, offset + d);
+    store(acc + d, (First ? VecF{} : load<VecF>(acc + d)) + powered_values<Lanes, Mode>(cells, offset + d));
+  for (; d < channels; ++d) acc[d] = (First ? 0.0f : acc[d]) + powered_value<Mode>(cells, offset + d);
 }
 
 // Block sums: blocks[(by·blocks_x + bx)·D + d] = sum of channel d over the cells of block
@@ -342,12 +348,14 @@ CLUSTERMAC_ALWAYS_INLINE void block_sums(const PoweredCells& cells, const std::v
                                          const std::vector<std::ptrdiff_t>& ys, float* __restrict blocks) {
   const std::ptrdiff_t channels = cells.channels;
   const std::ptrdiff_t blocks_x = static_cast<std::ptrdiff_t>(xs.size()) - 1;
-  std::fill(blocks, blocks + (static_cast<std::ptrdiff_t>(ys.size()) - 1) * blocks_x * channels, 0.0f);
   for (std::ptrdiff_t by = 0; by + 1 < static_cast<std::ptrdiff_t>(ys.size()); ++by)
     for (std::ptrdiff_t y = ys[by]; y < ys[by + 1]; ++y)
-      for (std::ptrdiff_t bx = 0; bx < blocks_x; ++bx)
-        for (std::ptrdiff_t x = xs[bx]; x < xs[bx + 1]; ++x)
-          add_cell<Lanes, Mode>(blocks + (by * blocks_x + bx) * channels, cells, cells.offset(y, x));
+      for (std::ptrdiff_t bx = 0; bx < blocks_x; ++bx) {
+        float* block = blocks + (by * blocks_x + bx) * channels;
+        std::ptrdiff_t x = xs[bx];
+        if (y == ys[by]) add_cell<Lanes, Mode, true>(block, cells, cells.offset(y, x++));  // the block's first cell
+        for (; x < xs[bx + 1]; ++x) add_cell<Lanes, Mode>(block, cells, cells.offset(y, x));
+      }
 }
 
 inline std::vector<std::ptrdiff_t> grid_positions(std::ptrdiff_t extent, int step) {
@@ -366,8 +374,8 @@ CLUSTERMAC_ALWAYS_INLINE AmlResult localize(const PoweredCells& cells, const flo
   const std::ptrdiff_t blocks_x = static_cast<std::ptrdiff_t>(xs.size()) - 1,
                        blocks_y = static_cast<std::ptrdiff_t>(ys.size()) - 1;
 
-  std::vector<float> blocks(blocks_y * blocks_x * channels);
-  block_sums<Lanes, Mode>(cells, xs, ys, blocks.data());
+  std::unique_ptr<float[]> blocks(new float[blocks_y * blocks_x * channels]);  // every value set by block_sums
+  block_sums<Lanes, Mode>(cells, xs, ys, blocks.get());
 
   // Aspect constraint query_aspect/t <= w/h <= query_aspect·t, tested by multiplication.
   const bool constrained = params.query_aspect.has_value();
@@ -389,7 +397,7 @@ CLUSTERMAC_ALWAYS_INLINE AmlResult localize(const PoweredCells& cells, const flo
   for (std::ptrdiff_t j0 = 0; j0 < blocks_y; ++j0) {
     std::fill(band.begin(), band.end(), 0.0f);
     for (std::ptrdiff_t j1 = j0 + 1; j1 <= blocks_y; ++j1) {
-      const float* row = blocks.data() + (j1 - 1) * blocks_x * channels;
+      const float* row = blocks.get() + (j1 - 1) * blocks_x * channels;
       const std::ptrdiff_t h = ys[j1] - ys[j0];
       bool any_box = false;  // a grid box of this band within the aspect tolerance
       for (std::ptrdiff_t i0 = 0; i0 < blocks_x && !any_box; ++i0)
@@ -418,7 +426,7 @@ CLUSTERMAC_ALWAYS_INLINE AmlResult localize(const PoweredCells& cells, const flo
   if (!found) {  // no grid box meets the aspect constraint: start from the whole map
     std::fill(best_sums.begin(), best_sums.end(), 0.0f);
     for (std::ptrdiff_t k = 0; k < blocks_y * blocks_x; ++k)
-      add_into<Lanes>(best_sums.data(), blocks.data() + k * channels, channels);
+      add_into<Lanes>(best_sums.data(), blocks.get() + k * channels, channels);
     best.score = box_cosine<Lanes>(best_sums.data(), unit_query, channels, inverse_p);
   }
 
