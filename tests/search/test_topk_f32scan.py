@@ -185,6 +185,27 @@ def test_f32scan_with_a_huge_query_falls_back_to_float32_and_agrees():
     assert found.tobytes() == scores.tobytes()
 
 
+@pytest.mark.parametrize("d", [16, 32, 48, 40])
+def test_f32scan_path_at_every_alignment_of_the_database(d):
+    # The scan aligns its loads on the rows' first 64-byte boundary when every row has the same
+    # alignment (D a multiple of 16), reading the partial vectors before and after as masked aligned
+    # loads: each of the 16 float offsets of the first row, and the last row, must give the same bits.
+    rng = np.random.default_rng(d)
+    rows, queries = unit(rng, 700, d), unit(rng, 3, d)
+    storage = np.zeros(700 * d + 32, dtype=np.float32)
+    start = (-storage.ctypes.data // 4) % 16  # storage[start] is on a 64-byte boundary
+    for offset in range(16):
+        database = storage[start + offset : start + offset + 700 * d].reshape(700, d)
+        database[:] = rows
+        database[-1] *= 2.0  # the last row ranks first for some queries
+        scores, indices = cm.topk_search(database, queries, 9, 1, path="float32")
+        found, found_indices = cm.topk_search(database, queries, 9, 1, path="f32scan")
+        np.testing.assert_array_equal(found_indices, indices, err_msg=f"offset {offset}")
+        assert found.tobytes() == scores.tobytes(), f"offset {offset}"
+    ref_scores, _ = brute_force(database, queries, 9)
+    np.testing.assert_allclose(scores, ref_scores, rtol=1e-5, atol=1e-6)
+
+
 def test_f32scan_path_on_a_memory_mapped_database(tmp_path):
     rng = np.random.default_rng(13)
     np.save(tmp_path / "db.npy", unit(rng, 5000, 96))

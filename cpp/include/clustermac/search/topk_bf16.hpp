@@ -164,7 +164,7 @@ struct Bf16Scan {
   std::vector<BoundCoefficients> coefficients;
   bool in_reach = true;
 
-  Bf16Scan(const float* queries, std::ptrdiff_t n_queries_, std::ptrdiff_t dim_)
+  Bf16Scan(const float* /*database*/, const float* queries, std::ptrdiff_t n_queries_, std::ptrdiff_t dim_)
       : n_queries(n_queries_),
         dim(dim_),
         pairs((dim_ + 1) / 2),

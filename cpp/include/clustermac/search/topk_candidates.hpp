@@ -158,7 +158,8 @@ struct CollectCandidatesKernel {
   }
 };
 
-// A scan for topk_search_chunk_candidates: constructed from the chunk's queries, it provides
+// A scan for topk_search_chunk_candidates: constructed from (database, queries, n_queries, dim)
+// of the chunk, it provides
 //   bool in_reach;                                    false: a query norm ≥ 2^50 (float32 path)
 //   std::vector<BoundCoefficients> coefficients;      one per query
 //   struct Buffers { explicit Buffers(const Scan&); } one per thread
@@ -176,7 +177,7 @@ inline bool topk_search_chunk_candidates(const float* database, std::ptrdiff_t n
                                          std::ptrdiff_t n_queries, std::ptrdiff_t dim, std::ptrdiff_t k,
                                          std::int64_t n_threads, SearchResult& result, std::ptrdiff_t first_row,
                                          std::int64_t* candidates_rescored) {
-  const Scan scan(queries, n_queries, dim);
+  const Scan scan(database, queries, n_queries, dim);
   if (!scan.in_reach) {
     topk_search_chunk(database, n_database, queries, n_queries, dim, k, n_threads, result, first_row);
     return false;

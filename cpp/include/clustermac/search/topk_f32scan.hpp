@@ -66,101 +66,149 @@ CLUSTERMAC_ALWAYS_INLINE float sum_lanes(const Float16& v) {
   return sum_lanes(low + high);
 }
 
-// Scores of one row against Count queries (rows of `queries`, `stride` floats apart and zero past
-// dim, stride a multiple of 16) written to approx[t·width]; returns the row's float32 sum of squares.
-template <typename Vec, int Lanes, int Count>
-CLUSTERMAC_ALWAYS_INLINE float score_row_float32(const float* row, std::ptrdiff_t dim, const float* queries,
-                                                 std::ptrdiff_t stride, float* approx, std::ptrdiff_t width) {
-  Vec acc[Count];
-  for (int t = 0; t < Count; ++t) acc[t] = Vec{};
-  Vec squares{};
+// Scores of Rows consecutive rows (`dim` floats apart) against Count queries (rows of `queries`,
+// `stride` ≥ dim + 16 floats apart, zero past dim, with 16 zeros before the first) written to
+// approx[t·width + i], and the rows' float32 sums of squares to squares[i]. Each query vector
+// loaded serves every row. head ≥ 0: every row and query has its first 64-byte boundary `head`
+// values in (Float32Scan), so the loads start there, and the partial vectors before and after are
+// aligned loads with the lanes outside the row zeroed: they stay within the row's first and last
+// 64-byte lines, hence within mapped pages (no split cache lines, no copies). head < 0: plain
+// loads and a zero-padded copy of the last values.
+template <typename Vec, int Lanes, int Rows, int Count>
+CLUSTERMAC_ALWAYS_INLINE void score_rows_float32(const float* rows, std::ptrdiff_t dim, std::ptrdiff_t head,
+                                                 const float* queries, std::ptrdiff_t stride, float* approx,
+                                                 std::ptrdiff_t width, float* squares) {
+  typedef typename Vectors<Lanes>::I IVec;
+  Vec acc[Rows][Count], sums[Rows];
+  for (int i = 0; i < Rows; ++i) {
+    sums[i] = Vec{};
+    for (int t = 0; t < Count; ++t) acc[i][t] = Vec{};
+  }
+  auto accumulate = [&](const Vec* x, std::ptrdiff_t d) __attribute__((always_inline)) {
+    for (int i = 0; i < Rows; ++i) sums[i] += x[i] * x[i];
+    for (int t = 0; t < Count; ++t) {
+      const Vec q = load<Vec>(queries + t * stride + d);
+      for (int i = 0; i < Rows; ++i) acc[i][t] += q * x[i];
+    }
+  };
+  // The vectors at rows + i·dim + d with the lanes j where keep[j] == 0 zeroed (finite q · 0 adds 0).
+  auto accumulate_masked = [&](std::ptrdiff_t d, const IVec& keep) __attribute__((always_inline)) {
+    Vec x[Rows];
+    for (int i = 0; i < Rows; ++i) x[i] = bit_cast<Vec>(bit_cast<IVec>(load<Vec>(rows + i * dim + d)) & keep);
+    accumulate(x, d);
+  };
+  IVec lane;
+  for (int j = 0; j < Lanes; ++j) lane[j] = j;
   std::ptrdiff_t d = 0;
+  if (head >= 0 && head % Lanes > 0) {  // the values before the first aligned load
+    d = head % Lanes;
+    accumulate_masked(d - Lanes, lane >= (IVec{} + static_cast<int>(Lanes - d)));
+  }
   for (; d + Lanes <= dim; d += Lanes) {
-    const Vec x = load<Vec>(row + d);
-    squares += x * x;
-    for (int t = 0; t < Count; ++t) acc[t] += load<Vec>(queries + t * stride + d) * x;
+    Vec x[Rows];
+    for (int i = 0; i < Rows; ++i) x[i] = load<Vec>(rows + i * dim + d);
+    accumulate(x, d);
   }
-  if (d < dim) {  // the row's last dim − d values, zero-padded
-    Vec x{};
-    std::memcpy(&x, row + d, static_cast<std::size_t>(dim - d) * sizeof(float));
-    squares += x * x;
-    for (int t = 0; t < Count; ++t) acc[t] += load<Vec>(queries + t * stride + d) * x;
+  if (d < dim && head >= 0) {
+    accumulate_masked(d, lane < (IVec{} + static_cast<int>(dim - d)));
+  } else if (d < dim) {
+    Vec x[Rows];  // the last dim − d values, zero-padded
+    for (int i = 0; i < Rows; ++i) {
+      x[i] = Vec{};
+      std::memcpy(&x[i], rows + i * dim + d, static_cast<std::size_t>(dim - d) * sizeof(float));
+    }
+    accumulate(x, d);
   }
-  for (int t = 0; t < Count; ++t) approx[t * width] = sum_lanes(acc[t]);
-  return sum_lanes(squares);
+  for (int i = 0; i < Rows; ++i) {
+    for (int t = 0; t < Count; ++t) approx[t * width + i] = sum_lanes(acc[i][t]);
+    squares[i] = sum_lanes(sums[i]);
+  }
 }
 
-// score_row_float32 for Remaining queries, Group at a time (as many accumulators as the registers
-// hold); the row stays in L1 between groups.
-template <typename Vec, int Lanes, int Group, int Remaining>
-CLUSTERMAC_ALWAYS_INLINE float score_row_groups(const float* row, std::ptrdiff_t dim, const float* queries,
-                                                std::ptrdiff_t stride, float* approx, std::ptrdiff_t width) {
+// score_rows_float32 for Remaining queries, Group at a time (as many accumulators as the
+// registers hold); the rows stay in L1 between groups.
+template <typename Vec, int Lanes, int Rows, int Group, int Remaining>
+CLUSTERMAC_ALWAYS_INLINE void score_rows_groups(const float* rows, std::ptrdiff_t dim, std::ptrdiff_t head,
+                                                const float* queries, std::ptrdiff_t stride, float* approx,
+                                                std::ptrdiff_t width, float* squares) {
   constexpr int Count = Remaining < Group ? Remaining : Group;
-  const float squares = score_row_float32<Vec, Lanes, Count>(row, dim, queries, stride, approx, width);
+  score_rows_float32<Vec, Lanes, Rows, Count>(rows, dim, head, queries, stride, approx, width, squares);
   if constexpr (Remaining > Count)
-    return score_row_groups<Vec, Lanes, Group, Remaining - Count>(row, dim, queries + Count * stride, stride,
-                                                                  approx + Count * width, width);
-  return squares;
+    score_rows_groups<Vec, Lanes, Rows, Group, Remaining - Count>(rows, dim, head, queries + Count * stride, stride,
+                                                                  approx + Count * width, width, squares);
 }
 
 // Approximate scores of `rows` consecutive rows (from `first`) against Queries queries, to
 // approx[t·width + r], and the rows' sums of squares to squares[r]; rows up to `available` from
-// `first` exist and may be prefetched.
+// `first` exist and may be prefetched. Two rows at a time: each query vector loaded serves both.
 template <int Queries>
 struct ScoreRowsFloat32Kernel {
   static constexpr SimdLevel widest = kSimdAvx512;
   template <SimdLevel L>
   static CLUSTERMAC_ALWAYS_INLINE void run(const float* first, std::ptrdiff_t rows, std::ptrdiff_t available,
-                                           std::ptrdiff_t dim, const float* queries, std::ptrdiff_t stride,
-                                           float* approx, std::ptrdiff_t width, float* squares) {
+                                           std::ptrdiff_t dim, std::ptrdiff_t head, const float* queries,
+                                           std::ptrdiff_t stride, float* approx, std::ptrdiff_t width, float* squares) {
     constexpr int Lanes = lanes<L>();
-    constexpr int Group = L == kSimdAvx512 ? 16 : 8;  // accumulators + 3 of the 32 or 16 registers
+    constexpr int Group = L == kSimdAvx512 ? 8 : 4;  // 2 × Group accumulators + 5 of the 32 or 16 registers
     typedef typename Vectors<Lanes>::F Vec;
-    for (std::ptrdiff_t r = 0; r < rows; ++r) {
+    std::ptrdiff_t r = 0;
+    for (; r + 2 <= rows; r += 2) {
       const float* row = first + r * dim;
-      if (r + kPrefetchRows < available)  // one row per query is too little reading for the hardware prefetcher
-        for (std::ptrdiff_t d = 0; d < dim; d += 16) __builtin_prefetch(row + kPrefetchRows * dim + d);
-      squares[r] = score_row_groups<Vec, Lanes, Group, Queries>(row, dim, queries, stride, approx + r, width);
+      if (r + kPrefetchRows + 2 <= available)  // one pass per row is too little reading for the hardware prefetcher
+        for (std::ptrdiff_t d = 0; d < 2 * dim; d += 16) __builtin_prefetch(row + kPrefetchRows * dim + d);
+      score_rows_groups<Vec, Lanes, 2, Group, Queries>(row, dim, head, queries, stride, approx + r, width, squares + r);
     }
+    if (r < rows)
+      score_rows_groups<Vec, Lanes, 1, Group, Queries>(first + r * dim, dim, head, queries, stride, approx + r, width,
+                                                       squares + r);
   }
 };
 
 // ScoreRowsFloat32Kernel<Queries> at the active SIMD level, for 1 .. kRowScanQueries queries.
 template <int Queries>
 void score_rows_float32(const float* first, std::ptrdiff_t rows, std::ptrdiff_t available, std::ptrdiff_t dim,
-                        const float* queries, std::ptrdiff_t stride, float* approx, std::ptrdiff_t width,
-                        float* squares) {
-  dispatch<ScoreRowsFloat32Kernel<Queries>>(first, rows, available, dim, queries, stride, approx, width, squares);
+                        std::ptrdiff_t head, const float* queries, std::ptrdiff_t stride, float* approx,
+                        std::ptrdiff_t width, float* squares) {
+  dispatch<ScoreRowsFloat32Kernel<Queries>>(first, rows, available, dim, head, queries, stride, approx, width, squares);
 }
 template <std::size_t... Counts>
 constexpr auto float32_row_scorers(std::index_sequence<Counts...>) {
-  using Scorer = void (*)(const float*, std::ptrdiff_t, std::ptrdiff_t, std::ptrdiff_t, const float*, std::ptrdiff_t,
-                          float*, std::ptrdiff_t, float*);
+  using Scorer = void (*)(const float*, std::ptrdiff_t, std::ptrdiff_t, std::ptrdiff_t, std::ptrdiff_t, const float*,
+                          std::ptrdiff_t, float*, std::ptrdiff_t, float*);
   return std::array<Scorer, sizeof...(Counts)>{&score_rows_float32<static_cast<int>(Counts) + 1>...};
 }
 
 // The float32 scan of topk_search_chunk_candidates, for 1 .. kRowScanQueries queries (topk.hpp
 // splits larger batches): approximate scores in another summation order and ‖x‖ (beta).
 struct Float32Scan {
-  std::ptrdiff_t n_queries, dim, stride;
-  std::vector<float> query_rows;  // n_queries × stride, zero past dim
+  std::ptrdiff_t n_queries, dim, stride, head;
+  std::vector<float> query_buffer;  // holds query_rows
+  const float* query_rows;          // n_queries × stride, zero past dim, aligned as the database rows
   std::vector<BoundCoefficients> coefficients;
   bool in_reach = true;
 
-  Float32Scan(const float* queries, std::ptrdiff_t n_queries_, std::ptrdiff_t dim_)
-      : n_queries(n_queries_),
-        dim(dim_),
-        stride((dim_ + 15) / 16 * 16),
-        query_rows(n_queries_ * stride, 0.0f),
-        coefficients(n_queries_) {
+  // head: the values of every database row before its first 64-byte boundary when all rows have
+  // the same alignment (D a multiple of 16, float-aligned data), else −1; the query rows are copied
+  // with that alignment, after 16 zeros.
+  Float32Scan(const float* database, const float* queries, std::ptrdiff_t n_queries_, std::ptrdiff_t dim_)
+      : n_queries(n_queries_), dim(dim_), stride((dim_ + 15) / 16 * 16 + 16), coefficients(n_queries_) {
     require(n_queries >= 1 && n_queries <= kRowScanQueries, "Float32Scan: 1 .. 16 queries at a time");
+    const auto address = reinterpret_cast<std::uintptr_t>(database);
+    const bool alike = dim % 16 == 0 && address % 4 == 0;
+    const std::ptrdiff_t offset = alike ? address / 4 % 16 : 0;  // floats past a 64-byte boundary
+    head = alike ? (16 - offset) % 16 : -1;
+    query_buffer.assign(n_queries * stride + 48, 0.0f);
+    const auto buffer = reinterpret_cast<std::uintptr_t>(query_buffer.data());
+    float* rows = query_buffer.data() + (16 - buffer / 4 % 16) % 16 + 16 + offset;
+    query_rows = rows;
     for (std::ptrdiff_t q = 0; q < n_queries && in_reach; ++q) {
       const double query_norm = norm_upper_bound(queries + q * dim, dim);
       in_reach = query_norm < kMaxBoundedNorm;
-      std::copy(queries + q * dim, queries + (q + 1) * dim, query_rows.begin() + q * stride);
+      std::copy(queries + q * dim, queries + (q + 1) * dim, rows + q * stride);
       coefficients[q] = f32scan_bound_coefficients(query_norm, dim);
     }
   }
+  Float32Scan(const Float32Scan&) = delete;  // query_rows points into query_buffer
 
   struct Buffers {
     std::vector<float> squares;
@@ -170,8 +218,8 @@ struct Float32Scan {
   void score_block(const float* database, std::ptrdiff_t n_database, std::ptrdiff_t row0, std::ptrdiff_t rows,
                    std::ptrdiff_t width, Buffers& buffers, float* approx, float* zero_norms, float* row_norms) const {
     static constexpr auto scorers = float32_row_scorers(std::make_index_sequence<kRowScanQueries>());
-    scorers[n_queries - 1](database + row0 * dim, rows, n_database - row0, dim, query_rows.data(), stride, approx,
-                           width, buffers.squares.data());
+    scorers[n_queries - 1](database + row0 * dim, rows, n_database - row0, dim, head, query_rows, stride, approx, width,
+                           buffers.squares.data());
     for (std::ptrdiff_t r = 0; r < rows; ++r) {
       const float sum = buffers.squares[r];
       if (!std::isfinite(sum)) {  // a NaN or an infinity in the row, or only squares beyond float32
