@@ -150,7 +150,10 @@ struct CollectCandidatesKernel {
       const Vec eps = alpha * load<Vec>(alpha_norms + r0) + (beta * load<Vec>(beta_norms + r0) + constant);
       const Vec a = load<Vec>(approx + r0);
       const Vec upper = a + eps;
-      const IVec hits = upper >= query.bound();
+      const IVec hits = upper >= (Vec{} + query.bound());
+      std::int32_t any = 0;  // most blocks of rows have no candidate at all
+      for (int lane = 0; lane < Lanes; ++lane) any |= hits[lane];
+      if (!any) continue;
       const std::ptrdiff_t n = std::min<std::ptrdiff_t>(Lanes, rows - r0);
       for (int lane = 0; lane < n; ++lane)
         if (hits[lane] && upper[lane] >= query.bound()) query.add(row0 + r0 + lane, a[lane] - eps[lane], upper[lane]);

@@ -13,7 +13,9 @@
 // partial sum is rounded once (a fused multiply-add rounds once for both), |fl(q·x) − q·x| ≤
 // γ_n·Σ|q_d·x_d| with n the largest number of roundings on the way from one product to the
 // result (Higham, Accuracy and Stability of Numerical Algorithms, 2nd ed., §3.1 and (3.5));
-// n ≤ D for s and n ≤ ⌈D/L⌉ + log2(L) + 2 ≤ D + 8 for a. By Cauchy–Schwarz Σ|q_d·x_d| ≤ ‖q‖·‖x‖.
+// n ≤ D for s and n ≤ (⌈D/L⌉ + 1) + log2(L) ≤ D + 8 for a (at most ⌈D/L⌉ + 1 vectors per lane
+// when a partial first vector aligns the loads; lanes masked to zero add exact zeros). By
+// Cauchy–Schwarz Σ|q_d·x_d| ≤ ‖q‖·‖x‖.
 // Denormals: with gradual underflow a product adds at most 2^-150 (a sum that underflows is
 // exact); if the thread flushes denormals (FTZ/DAZ), an input flushed to zero costs at most
 // |q_d|·2^-126 or |x_d|·2^-126 and a flushed product or sum at most 2^-126, each carried by at
@@ -53,7 +55,7 @@ inline BoundCoefficients f32scan_bound_coefficients(double query_norm, std::ptrd
   return {0.0f, static_cast<float>(beta * inflate), static_cast<float>(constant * inflate)};
 }
 
-// The sum of a vector's lanes (a tree of additions: the proof above counts log2(L) + 1 levels).
+// The sum of a vector's lanes (a tree of log2(L) levels of additions, as the proof above counts).
 CLUSTERMAC_ALWAYS_INLINE float sum_lanes(const Float4& v) { return (v[0] + v[2]) + (v[1] + v[3]); }
 CLUSTERMAC_ALWAYS_INLINE float sum_lanes(const Float8& v) {
   const Float4 low = load<Float4>(reinterpret_cast<const float*>(&v)),
