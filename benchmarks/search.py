@@ -1,16 +1,17 @@
 """Exact top-k search: clustermac.topk_search against FAISS's IndexFlatIP and NumPy, same data, same run.
 
     python benchmarks/search.py [--n 1000000] [--queries 1000] [--dim 512] [--k 100] [--repeats 3] [--threads 1 2]
-        [--methods clustermac-float32 clustermac-bf16 clustermac faiss numpy] [--small-batches 1 8]
+        [--methods clustermac-float32 clustermac-bf16 clustermac-f32scan clustermac faiss numpy] [--small-batches 1 8]
 
 The database is N unit vectors (float32, seeded) in a memory-mapped .npy file, so neither side
 needs it in anonymous memory. Each measurement runs in a fresh subprocess (OPENBLAS/OMP threads
 and n_threads = each of ``--threads``), which reports its wall time and peak RSS:
 
 * clustermac: ``topk_search(memmap, queries, k)`` with ``path="auto"`` (what ``clustermac.Index``
-  uses); clustermac-float32 / clustermac-bf16 force one path: the float32 kernel on every row, or
-  the bf16 candidate scan (AVX512-BF16) with the candidates re-scored by the float32 kernel. All
-  three return the same bits (checked); the bf16 runs report the mean candidates re-scored per query.
+  uses); clustermac-float32 / clustermac-bf16 / clustermac-f32scan force one path: the float32 kernel
+  on every row, or the bf16 candidate scan (AVX512-BF16) or the float32 row scan (16 queries at a
+  time) with the candidates re-scored by the float32 kernel. All return the same bits (checked); the
+  scan runs report the mean candidates re-scored per query.
 * faiss: ``IndexFlatIP`` — the exact index an expert would pick — holding the database (added in
   blocks from the memory-mapped file; the add is not timed, the search is), ``faiss.omp_set_num_threads``.
 * NumPy: the database in blocks of ``--numpy-block`` rows (default 16384: a 64 MB score block
@@ -67,7 +68,12 @@ def memory_status(field: str) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-CLUSTERMAC_PATHS = {"clustermac": "auto", "clustermac-float32": "float32", "clustermac-bf16": "bf16"}
+CLUSTERMAC_PATHS = {
+    "clustermac": "auto",
+    "clustermac-float32": "float32",
+    "clustermac-bf16": "bf16",
+    "clustermac-f32scan": "f32scan",
+}
 
 
 def worker(
@@ -235,7 +241,7 @@ def compare(args, database_file: Path, query_file: Path, directory: Path, thread
     print(f"--- {threads} thread(s), {batch} queries")
     for m in runs:
         throughput = batch * args.n / median[m]
-        rescored = [r["candidates_rescored"] / batch for r in runs[m] if r.get("path") == "bf16"]
+        rescored = [r["candidates_rescored"] / batch for r in runs[m] if r.get("path") in ("bf16", "f32scan")]
         note = f"  path {runs[m][0]['path']}" if "path" in runs[m][0] else ""
         if rescored:
             note += f", {np.mean(rescored):.1f} candidates re-scored per query"

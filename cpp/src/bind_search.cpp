@@ -1,4 +1,7 @@
 // Bindings of search/: exact top-k search and AML localisation (on float maps and on 8-bit codes).
+#include <algorithm>
+#include <array>
+#include <string>
 #include <tuple>
 #include <variant>
 
@@ -54,6 +57,9 @@ void def_aml(py::module_& m, const char* name, const char* map_name, Convert con
 
 }  // namespace
 
+// The values of topk_search's `path`, in the order of SearchPath.
+const std::array<std::string, 4> kPathNames = {"auto", "float32", "bf16", "f32scan"};
+
 // topk_search's result: (scores, indices), and the details when asked for.
 using SearchArrays = std::tuple<py::array_t<float>, py::array_t<std::int64_t>>;
 using SearchOutput = std::variant<SearchArrays, std::tuple<py::array_t<float>, py::array_t<std::int64_t>, py::dict>>;
@@ -70,11 +76,10 @@ void bind_search(py::module_& m) {
                                 " columns (the database's), got " + describe(queries));
         if (database.shape(0) < 1)
           throw py::value_error("database: expected at least one row, got " + describe(database));
-        if (path != "auto" && path != "float32" && path != "bf16")
-          throw py::value_error("path: expected \"auto\", \"float32\" or \"bf16\", got \"" + path + "\"");
-        const SearchPath search_path = path == "float32" ? SearchPath::kFloat32
-                                       : path == "bf16"  ? SearchPath::kBf16
-                                                         : SearchPath::kAuto;
+        const auto named = std::find(kPathNames.begin(), kPathNames.end(), path);
+        if (named == kPathNames.end())
+          throw py::value_error("path: expected \"auto\", \"float32\", \"bf16\" or \"f32scan\", got \"" + path + "\"");
+        const auto search_path = static_cast<SearchPath>(named - kPathNames.begin());
         SearchResult result;
         {
           py::gil_scoped_release release;
@@ -85,7 +90,10 @@ void bind_search(py::module_& m) {
         auto indices = to_numpy(std::move(result.indices));
         if (!return_details) return std::make_tuple(scores, indices);
         py::dict details;
-        details["path"] = result.bf16_chunks > 0 ? "bf16" : "float32";
+        std::string used;  // the paths that searched the query chunks, e.g. "bf16" or "bf16+f32scan"
+        for (std::size_t p = 1; p < kPathNames.size(); ++p)
+          if (result.chunks[p] > 0) used += (used.empty() ? "" : "+") + kPathNames[p];
+        details["path"] = used.empty() ? kPathNames[1] : used;
         details["candidates_rescored"] = result.candidates_rescored;
         return std::make_tuple(scores, indices, details);
       },
@@ -98,13 +106,16 @@ queries: float32 Q×D; 1 <= k <= N; n_threads <= 0 uses every core, and more thr
 hardware has (os.cpu_count()) are capped at that number; the result does not depend on
 n_threads. Returns (scores float32 Q×k sorted descending, indices int64 Q×k), ties broken by the
 smaller database index. Memory beyond the inputs is O(threads·Q·256) floats. The GIL is released.
-path: "float32" scores every row in float32; "bf16" (CPUs with AVX512-BF16 only, else ValueError)
-scans in bfloat16 with a rigorous error bound and re-scores the candidates with the float32
-kernel, so it returns the same bits as "float32"; "auto" (default) picks bf16 when k <= N/8 and a
-one-off timing in this process (tens of ms of thread CPU time, at the first such search) found
-it faster.
-return_details=True adds a third item: {"path": "bf16" or "float32" (the path used; "bf16" if any
-query chunk used it), "candidates_rescored": rows re-scored in float32, summed over queries}.
+path: "float32" scores every row in float32 (a register-tiled kernel over transposed blocks);
+"f32scan" scans the rows in place in float32, up to 16 queries at a time, with a rigorous bound on
+the gap to the float32 kernel's score; "bf16" (CPUs with AVX512-BF16 only, else ValueError) scans
+in bfloat16 with a rigorous error bound; both scans re-score their candidates with the float32
+kernel, so every path returns the same bits as "float32". "auto" (default) picks, when k <= N/8,
+the path that a one-off timing in this process (tens of ms of thread CPU time, at the first
+search of each batch size up to 16 and at the first larger one) found fastest; else float32.
+return_details=True adds a third item: {"path": the path used ("float32", "bf16", "f32scan", or
+several joined by "+" when query chunks used different ones), "candidates_rescored": rows the scan
+paths re-scored in float32, summed over queries}.
 Errors: NaN or Inf in database or queries → ValueError naming the row; a returned score that
 overflows float32 (vectors far from unit norm) → ValueError (only the k returned scores of each
 query are checked, so a NaN score outside them is skipped silently); the system refusing to

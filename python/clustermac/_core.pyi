@@ -240,13 +240,16 @@ def topk_search(database: numpy.typing.NDArray[numpy.float32], queries: numpy.ty
     hardware has (os.cpu_count()) are capped at that number; the result does not depend on
     n_threads. Returns (scores float32 Q×k sorted descending, indices int64 Q×k), ties broken by the
     smaller database index. Memory beyond the inputs is O(threads·Q·256) floats. The GIL is released.
-    path: "float32" scores every row in float32; "bf16" (CPUs with AVX512-BF16 only, else ValueError)
-    scans in bfloat16 with a rigorous error bound and re-scores the candidates with the float32
-    kernel, so it returns the same bits as "float32"; "auto" (default) picks bf16 when k <= N/8 and a
-    one-off timing in this process (tens of ms of thread CPU time, at the first such search) found
-    it faster.
-    return_details=True adds a third item: {"path": "bf16" or "float32" (the path used; "bf16" if any
-    query chunk used it), "candidates_rescored": rows re-scored in float32, summed over queries}.
+    path: "float32" scores every row in float32 (a register-tiled kernel over transposed blocks);
+    "f32scan" scans the rows in place in float32, up to 16 queries at a time, with a rigorous bound on
+    the gap to the float32 kernel's score; "bf16" (CPUs with AVX512-BF16 only, else ValueError) scans
+    in bfloat16 with a rigorous error bound; both scans re-score their candidates with the float32
+    kernel, so every path returns the same bits as "float32". "auto" (default) picks, when k <= N/8,
+    the path that a one-off timing in this process (tens of ms of thread CPU time, at the first
+    search of each batch size up to 16 and at the first larger one) found fastest; else float32.
+    return_details=True adds a third item: {"path": the path used ("float32", "bf16", "f32scan", or
+    several joined by "+" when query chunks used different ones), "candidates_rescored": rows the scan
+    paths re-scored in float32, summed over queries}.
     Errors: NaN or Inf in database or queries → ValueError naming the row; a returned score that
     overflows float32 (vectors far from unit norm) → ValueError (only the k returned scores of each
     query are checked, so a NaN score outside them is skipped silently); the system refusing to

@@ -180,7 +180,7 @@ def test_bf16_path_raises_the_float32_path_errors():
             cm.topk_search(large, queries * np.float32(1e20), 4, 1, path=path)
         messages.append(str(error.value))
     assert messages[0] == messages[1]
-    with pytest.raises(ValueError, match='path: expected "auto", "float32" or "bf16"'):
+    with pytest.raises(ValueError, match='path: expected "auto", "float32", "bf16" or "f32scan"'):
         cm.topk_search(database, queries, 4, path="int8")
 
 

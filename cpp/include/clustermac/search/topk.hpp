@@ -1,23 +1,27 @@
 // Exact top-k dot-product (cosine, for l2-normalised vectors) search, blocked over database
 // rows so that memory stays bounded whatever the database size (it may be memory-mapped).
 //
-// Two paths give the same bits: float32 (topk_float32.hpp: a register-tiled float32 kernel) and,
-// on CPUs with AVX512-BF16, bf16 (topk_bf16.hpp: a bfloat16 candidate scan with a rigorous error
-// bound, then the candidates re-scored by the float32 kernel). Because their results are
-// identical, "auto" may choose by timing: see choose_path.
+// Three paths give the same bits: float32 (topk_float32.hpp: a register-tiled float32 kernel over
+// transposed blocks); f32scan (topk_f32scan.hpp: for up to 16 queries at a time, a float32 scan of
+// the rows in place, in another summation order, with a rigorous error bound) and, on CPUs with
+// AVX512-BF16, bf16 (topk_bf16.hpp: a bfloat16 candidate scan with a rigorous error bound); both
+// scans keep every row that can be in the exact top k and re-score those candidates with the
+// float32 kernel (topk_candidates.hpp). Because their results are identical, "auto" may choose
+// by timing: see auto_path.
 #pragma once
 
+#include <array>
 #include <chrono>
 #include <cstdint>
 #include <ctime>
+#include <mutex>
 #include <string>
 #include <vector>
 
 #include "clustermac/search/topk_bf16.hpp"
+#include "clustermac/search/topk_f32scan.hpp"
 
 namespace clustermac {
-
-enum class SearchPath { kAuto, kFloat32, kBf16 };
 
 namespace detail {
 
@@ -32,34 +36,27 @@ inline double thread_seconds() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
-// Seconds for one single-threaded search of `queries` against `database` on one path.
-inline double time_path(const std::vector<float>& database, const std::vector<float>& queries, std::ptrdiff_t dim,
-                        bool bf16) {
-  const std::ptrdiff_t n = static_cast<std::ptrdiff_t>(database.size()) / dim;
-  const std::ptrdiff_t q = static_cast<std::ptrdiff_t>(queries.size()) / dim, k = 10;
-  SearchResult result;
-  result.scores.resize(q, k);
-  result.indices.resize(q, k);
-  std::int64_t rescored = 0;
-  const double start = thread_seconds();
-  if (bf16)
-    topk_search_chunk_bf16(database.data(), n, queries.data(), q, dim, k, 1, result, 0, &rescored);
-  else
-    topk_search_chunk(database.data(), n, queries.data(), q, dim, k, 1, result, 0);
-  return thread_seconds() - start;
+// One chunk of queries on one path (not kAuto); returns whether it ran on that path (a scan
+// path runs a chunk whose query norms are beyond its bound's reach on the float32 path).
+inline bool search_chunk_on(SearchPath path, const float* database, std::ptrdiff_t n_database, const float* queries,
+                            std::ptrdiff_t n_queries, std::ptrdiff_t dim, std::ptrdiff_t k, std::int64_t n_threads,
+                            SearchResult& result, std::ptrdiff_t first_row) {
+  if (path == SearchPath::kBf16)
+    return topk_search_chunk_bf16(database, n_database, queries, n_queries, dim, k, n_threads, result, first_row,
+                                  &result.candidates_rescored);
+  if (path == SearchPath::kFloat32Scan)
+    return topk_search_chunk_f32scan(database, n_database, queries, n_queries, dim, k, n_threads, result, first_row,
+                                     &result.candidates_rescored);
+  topk_search_chunk(database, n_database, queries, n_queries, dim, k, n_threads, result, first_row);
+  return true;
 }
 
-// Whether the bf16 path searches faster than the float32 path on this CPU: timed once per
-// process at first use (48 queries × 16384 rows × 512 dims, 32 MB, more than the caches hold,
-// as a search database is; the two paths alternating, best of 3 each in thread CPU time, about
-// 0.1 s in all), on pseudo-random vectors. Both paths give the same results, so the timing
-// changes only speed. (With 4096 rows × 256 dims the data stayed in cache and the timing picked
-// float32, which searches 1M rows 1.6× slower on the AMD EPYC.)
-inline bool bf16_measured_faster() {
-  static const bool faster = [] {
-    if (!simd_has_avx512_bf16()) return false;
-    const std::ptrdiff_t dim = 512;
-    std::vector<float> database(16384 * dim), queries(48 * dim);
+// Pseudo-random vectors for the timings below: 16384 rows × 512 dims (32 MB, more than the
+// caches hold but the L3 of some CPUs, as a search database is) and 48 queries.
+struct CalibrationData {
+  static constexpr std::ptrdiff_t kDim = 512;
+  std::vector<float> database, queries;
+  CalibrationData() : database(16384 * kDim), queries(48 * kDim) {
     std::uint32_t state = 12345u;
     auto uniform = [&state] {
       state = state * 1664525u + 1013904223u;
@@ -67,23 +64,48 @@ inline bool bf16_measured_faster() {
     };
     for (float& v : database) v = uniform();
     for (float& v : queries) v = uniform();
-    double float32 = 1e30, bf16 = 1e30;
-    for (int repeat = 0; repeat < 3; ++repeat) {
-      float32 = std::min(float32, time_path(database, queries, dim, false));
-      bf16 = std::min(bf16, time_path(database, queries, dim, true));
+  }
+};
+
+// The fastest of `paths` for a single-threaded search of the first n_queries calibration queries
+// (top 10): the paths alternating, best of 3 each in thread CPU time.
+inline SearchPath fastest_path(const std::vector<SearchPath>& paths, std::ptrdiff_t n_queries) {
+  const CalibrationData data;  // 32 MB, freed after the timing
+  const std::ptrdiff_t dim = CalibrationData::kDim, n = static_cast<std::ptrdiff_t>(data.database.size()) / dim;
+  std::vector<double> best(paths.size(), 1e30);
+  SearchResult result;
+  result.scores.resize(n_queries, 10);
+  result.indices.resize(n_queries, 10);
+  for (int repeat = 0; repeat < 3; ++repeat)
+    for (std::size_t i = 0; i < paths.size(); ++i) {
+      const double start = thread_seconds();
+      search_chunk_on(paths[i], data.database.data(), n, data.queries.data(), n_queries, dim, 10, 1, result, 0);
+      best[i] = std::min(best[i], thread_seconds() - start);
     }
-    return bf16 < float32;
-  }();
-  return faster;
+  return paths[std::min_element(best.begin(), best.end()) - best.begin()];
 }
 
-// The path of a search: "auto" takes bf16 where the CPU has it, k is small against N (else most
-// rows are candidates) and the timing above found it faster; otherwise float32. The batch size is
-// not a criterion: on the AMD EPYC the bf16 path also won for 1 and 8 queries (benchmarks/search.py).
-inline bool use_bf16(SearchPath path, std::ptrdiff_t n_database, std::ptrdiff_t k) {
-  if (path == SearchPath::kFloat32) return false;
-  if (path == SearchPath::kBf16) return true;
-  return simd_has_avx512_bf16() && 8 * k <= n_database && bf16_measured_faster();
+// The path "auto" takes for a chunk of n_queries queries, from timings on this CPU made once per
+// process at first use, all paths giving the same results (so the timing changes only speed):
+//  - more than kRowScanQueries queries: bf16 where the CPU has it and it times faster than float32
+//    at 48 queries (≈ 0.1–0.2 s once; with 4096 rows × 256 dims the data stayed in cache and the
+//    timing picked float32, which searches 1M rows 1.6× slower on the AMD EPYC), else float32;
+//  - 1 .. kRowScanQueries queries: the fastest of float32, f32scan and bf16 (where the CPU has
+//    it) timed at that many queries (each count timed once, ≈ 20–60 ms).
+// The scan paths need k small against N (else most rows are candidates): k ≤ N/8.
+inline SearchPath auto_path(std::ptrdiff_t n_queries, std::ptrdiff_t n_database, std::ptrdiff_t k) {
+  if (8 * k > n_database) return SearchPath::kFloat32;
+  static std::mutex mutex;
+  static std::array<SearchPath, kRowScanQueries + 2> chosen{};  // kAuto: not timed yet; last: many queries
+  const std::size_t slot = n_queries <= kRowScanQueries ? static_cast<std::size_t>(n_queries) : chosen.size() - 1;
+  const std::lock_guard<std::mutex> lock(mutex);
+  if (chosen[slot] == SearchPath::kAuto) {
+    std::vector<SearchPath> paths = {SearchPath::kFloat32};
+    if (simd_has_avx512_bf16()) paths.push_back(SearchPath::kBf16);
+    if (n_queries <= kRowScanQueries) paths.push_back(SearchPath::kFloat32Scan);
+    chosen[slot] = paths.size() == 1 ? paths[0] : fastest_path(paths, std::min<std::ptrdiff_t>(n_queries, 48));
+  }
+  return chosen[slot];
 }
 
 }  // namespace detail
@@ -93,7 +115,8 @@ inline bool use_bf16(SearchPath path, std::ptrdiff_t n_database, std::ptrdiff_t 
 // in blocks of kBlockRows rows; each of n_threads threads (<= 0: all cores; capped at max_threads())
 // scans a contiguous share of the rows with its own O(min(Q, kQueryChunk)·kBlockRows) score buffer
 // and per-query heaps, which are merged at the end: the result does not depend on the thread count.
-// path: float32, bf16 (std::invalid_argument without AVX512-BF16) or auto; all give the same bits.
+// path: float32, f32scan (chunks of at most kRowScanQueries queries), bf16 (std::invalid_argument
+// without AVX512-BF16) or auto; all give the same bits.
 // A non-finite database value raises std::invalid_argument naming its row; so does a returned
 // score that overflowed float32 (only the top k are checked).
 inline SearchResult topk_search(const float* database, std::ptrdiff_t n_database, const float* queries,
@@ -111,14 +134,15 @@ inline SearchResult topk_search(const float* database, std::ptrdiff_t n_database
   SearchResult result;
   result.scores.resize(n_queries, k);
   result.indices.resize(n_queries, k);
-  const std::ptrdiff_t chunk = std::max<std::ptrdiff_t>(kQueryTile, std::min(kQueryChunk, kHitsPerChunk / k));
+  std::ptrdiff_t chunk = std::max<std::ptrdiff_t>(kQueryTile, std::min(kQueryChunk, kHitsPerChunk / k));
+  if (path == SearchPath::kFloat32Scan) chunk = std::min(chunk, kRowScanQueries);
   for (std::ptrdiff_t first = 0; first < n_queries; first += chunk) {
     const std::ptrdiff_t count = std::min(chunk, n_queries - first);
-    if (use_bf16(path, n_database, k))
-      result.bf16_chunks += topk_search_chunk_bf16(database, n_database, queries + first * dim, count, dim, k,
-                                                   n_threads, result, first, &result.candidates_rescored);
+    const SearchPath chosen = path == SearchPath::kAuto ? auto_path(count, n_database, k) : path;
+    if (search_chunk_on(chosen, database, n_database, queries + first * dim, count, dim, k, n_threads, result, first))
+      ++result.chunks[static_cast<int>(chosen)];
     else
-      topk_search_chunk(database, n_database, queries + first * dim, count, dim, k, n_threads, result, first);
+      ++result.chunks[static_cast<int>(SearchPath::kFloat32)];
   }
   return result;
 }

@@ -6,6 +6,7 @@
 #pragma once
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -19,11 +20,14 @@
 
 namespace clustermac {
 
+// The paths of the exact search (topk.hpp); kAuto chooses among the others.
+enum class SearchPath { kAuto, kFloat32, kBf16, kFloat32Scan };
+
 struct SearchResult {
   MatrixRM scores;                                                                       // Q × k, descending
   Eigen::Matrix<std::int64_t, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> indices;  // Q × k
-  std::int64_t bf16_chunks = 0;          // query chunks searched on the bf16 path (topk.hpp)
-  std::int64_t candidates_rescored = 0;  // rows the bf16 path re-scored in float32, all queries
+  std::array<std::int64_t, 4> chunks{};  // query chunks searched on each path, indexed by SearchPath
+  std::int64_t candidates_rescored = 0;  // rows the scan paths re-scored in float32, all queries
 };
 
 namespace detail {
