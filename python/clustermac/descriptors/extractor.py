@@ -418,9 +418,8 @@ class Extractor:
         progress: bool = True,
         description: str = "extract",
     ) -> np.ndarray:
-        """Descriptors of many images, N×dim float32. Decoding, the backbone and the
-        clustering of successive images overlap on threads. Raises on the first bad image;
-        use :meth:`iter_extract` to skip bad ones."""
+        """Descriptors of many images, N×dim float32, one image per core at a time
+        (:meth:`iter_extract`). Raises on the first bad image; use :meth:`iter_extract` to skip bad ones."""
         out = np.zeros((len(images), self.dim), dtype=np.float32)
         for i, result in self.iter_extract(images, boxes, progress=progress, description=description):
             if isinstance(result, Exception):
@@ -437,9 +436,10 @@ class Extractor:
     ) -> Iterator[tuple[int, np.ndarray | Exception]]:
         """Yields ``(index, descriptor or exception)`` in input order.
 
-        Image decoding, the backbone and the pooling of the previous image overlap on threads
-        (:func:`clustermac.descriptors.pipeline.iter_descriptors`). An image that cannot be
-        read yields its exception instead of a vector.
+        :attr:`Backbone.parallel_images` images are worked on at once, each decoded, run through
+        the network on the backbone's one-thread session and pooled on its own thread (same values
+        as :meth:`extract`; :func:`clustermac.descriptors.pipeline.per_image_in_order`). An image
+        that cannot be read yields its exception instead of a vector.
         """
         return pipeline.iter_descriptors(self, images, boxes, progress, description)
 
