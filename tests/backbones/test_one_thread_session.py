@@ -68,7 +68,7 @@ def test_bad_images_come_back_named_and_in_order(tmp_path, write_photos, pooling
     images = [good[0], str(truncated), good[1], str(tiny), good[2], good[3]]
     results = list(extractor.iter_extract(images, progress=False))
     assert [i for i, _ in results] == list(range(len(images)))
-    for (i, result), image in zip(results, images):
+    for (_, result), image in zip(results, images):
         if image in good:
             np.testing.assert_array_equal(result, extractor.extract(image))
         else:
