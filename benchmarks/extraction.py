@@ -7,7 +7,7 @@
 
 Timing: the same images, in the same run, alternating the two measurements over --repeats rounds;
 "bare" = decode + resize + the network on every image, sequentially, on the backbone's --threads session;
-"bare per core" = the same work one image per core on one-thread sessions, as the extractor runs it (the
+"bare per core" = the same work one image per core (side-by-side session), as the extractor runs it (the
 bare network at its fastest over many images); "full" = Extractor.extract_many (one image per core:
 decode, network and pooling/clustering). Prints medians and the overhead over both bare references.
 With --compare METHOD, that method's "full" time is measured in the same rounds (its own
@@ -92,12 +92,12 @@ def time_bare(extractor, images, cpu: list[float] | None = None) -> float:
 
 
 def time_bare_per_core(extractor, images, cpu: list[float] | None = None) -> float:
-    """Seconds for decode + resize + network on every image, one image per core on one-thread sessions
+    """Seconds for decode + resize + network on every image, one image per core (side-by-side session)
     as the extractor runs them (per_image_in_order): the bare network at its fastest over many images."""
     from clustermac.descriptors.pipeline import per_image_in_order
 
-    def network(i: int, one_thread: bool):
-        return extractor.backbone.features(extractor.prepare(images[i]).image, one_thread=one_thread)
+    def network(i: int, side_by_side: bool):
+        return extractor.backbone.features(extractor.prepare(images[i]).image, side_by_side=side_by_side)
 
     t0, c0 = time.perf_counter(), time.process_time()
     for _, result in per_image_in_order(extractor, len(images), network):
@@ -298,7 +298,7 @@ def main(argv=None) -> int:
         f"load average {result['load_average']:.1f}"
     )
     print(
-        f"bare network one image per core (one-thread sessions, as the extractor runs them): "
+        f"bare network one image per core (as the extractor runs them): "
         f"{1000 * result['bare_per_core_s_per_image']:.0f} ms/image, CPU time "
         f"{1000 * result['bare_per_core_cpu_s_per_image']:.0f} ms/image; full over it "
         f"{result['overhead_over_per_core_percent']:+.1f} %"

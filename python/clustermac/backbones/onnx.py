@@ -44,7 +44,11 @@ from ..files import file_sha256
 from ..images import load_image
 from .metadata import METADATA_CALIBRATION, METADATA_PRECISION, METADATA_PRESET, METADATA_WEIGHTS, PRECISIONS
 
-__all__ = ["Backbone", "Preset", "PRESETS", "default_backbone"]
+__all__ = ["Backbone", "MAX_PARALLEL_IMAGES", "Preset", "PRESETS", "default_backbone"]
+
+# At most this many images in flight side by side (Backbone.parallel_images): with more cores, each
+# image's session gets several threads, so memory does not grow with the core count.
+MAX_PARALLEL_IMAGES = 8
 
 
 # ImageNet statistics of torchvision's pretrained models (RGB, on x/255).
@@ -291,9 +295,9 @@ class Backbone:
         self.preset: Preset = PRESETS[preset]
 
         self._session = session
-        # The one-thread session of features(..., one_thread=True), opened on first use.
-        self._one_thread_session = None
-        self._one_thread_lock = threading.Lock()
+        # The session of features(..., side_by_side=True), opened on first use.
+        self._side_by_side_session = None
+        self._side_by_side_lock = threading.Lock()
         self._input_name = inputs[0].name
         self._output_name = output.name
         self.onnx_path = path
@@ -341,8 +345,20 @@ class Backbone:
 
     @property
     def parallel_images(self) -> int:
-        """How many images :meth:`features` with ``one_thread=True`` should run at once to use the
-        cores this backbone was given: ``n_threads``, or the CPUs this process may use when None."""
+        """How many images :meth:`features` with ``side_by_side=True`` runs at once to use the cores
+        this backbone was given (``n_threads``, else the CPUs this process may use): one per core up
+        to :data:`MAX_PARALLEL_IMAGES` cores; beyond, the cores split into at most that many groups of
+        :attr:`threads_per_image` (each image in flight holds its own activations: about 0.2 GB for
+        EfficientNet-Lite0 and 0.5 GB for VGG16 at 1024 px)."""
+        return self._cores() // self.threads_per_image
+
+    @property
+    def threads_per_image(self) -> int:
+        """ONNX Runtime threads of the session that runs images side by side (1 up to
+        :data:`MAX_PARALLEL_IMAGES` cores)."""
+        return -(-self._cores() // MAX_PARALLEL_IMAGES)
+
+    def _cores(self) -> int:
         if self.n_threads is not None:
             return int(self.n_threads)
         try:
@@ -350,16 +366,16 @@ class Backbone:
         except AttributeError:  # not on Linux
             return max(1, os.cpu_count() or 1)
 
-    def _session_for(self, one_thread: bool):
-        if not one_thread or self.n_threads == 1:
+    def _session_for(self, side_by_side: bool):
+        if not side_by_side or self.parallel_images == 1:
             return self._session
-        with self._one_thread_lock:
-            if self._one_thread_session is None:
-                self._one_thread_session = _open_session(self.onnx_path, 1)
-            return self._one_thread_session
+        with self._side_by_side_lock:
+            if self._side_by_side_session is None:
+                self._side_by_side_session = _open_session(self.onnx_path, self.threads_per_image)
+            return self._side_by_side_session
 
-    def _run(self, batch: np.ndarray, one_thread: bool = False) -> np.ndarray:
-        session = self._session_for(one_thread)
+    def _run(self, batch: np.ndarray, side_by_side: bool = False) -> np.ndarray:
+        session = self._session_for(side_by_side)
         (result,) = session.run([self._output_name], {self._input_name: batch})
         result = np.asarray(result)
         if result.ndim != 4 or result.shape[0] != 1:
@@ -388,17 +404,17 @@ class Backbone:
             np.take(self._lookup[channel], rgb[:, :, source], out=network_input[0, channel])
         return network_input
 
-    def features(self, image: Image.Image | np.ndarray, one_thread: bool = False) -> np.ndarray:
+    def features(self, image: Image.Image | np.ndarray, side_by_side: bool = False) -> np.ndarray:
         """The feature map of ``image`` (already resized; see :attr:`max_size`): float32 D×H×W.
 
-        ``one_thread=True`` runs the network on a second, one-thread ONNX Runtime session (opened
-        on first use) that several threads may call at once: the extractor runs
-        :attr:`parallel_images` images side by side this way, which keeps every core busy without
-        the pool's hand-overs between layers. The values are the same bits as the
-        ``n_threads`` session's (ONNX Runtime splits each layer's outputs between threads, not
-        its sums; ``tests/backbones/test_one_thread_session.py``).
+        ``side_by_side=True`` runs the network on a second ONNX Runtime session of
+        :attr:`threads_per_image` threads (one on up to 8 cores; opened on first use) that several
+        threads may call at once: the extractor runs :attr:`parallel_images` images side by side this
+        way, which keeps every core busy without the pool's hand-overs between layers. The values
+        are the same bits as the ``n_threads`` session's (ONNX Runtime splits each layer's outputs
+        between threads, not its sums; ``tests/backbones/test_images_side_by_side.py``).
         """
-        result = self._run(self.preprocess(image), one_thread)
+        result = self._run(self.preprocess(image), side_by_side)
         if result.shape[1] != self.dim:
             raise RuntimeError(f"the model returned {result.shape[1]} channels, expected {self.dim}")
         return np.ascontiguousarray(result[0], dtype=np.float32)

@@ -63,9 +63,9 @@ def compute_feature_maps(
     boxes = list(boxes) if boxes is not None else [None] * len(images)
     bar = progress_bar(len(images), description, progress)
 
-    def compact_maps(i: int, one_thread: bool) -> list[tuple[np.ndarray, np.ndarray]]:
+    def compact_maps(i: int, side_by_side: bool) -> list[tuple[np.ndarray, np.ndarray]]:
         prepared = extractor.prepare_scales(images[i], boxes[i])
-        return [_compact(fmap, rgb) for fmap, rgb in extractor.feature_maps(prepared, one_thread)]
+        return [_compact(fmap, rgb) for fmap, rgb in extractor.feature_maps(prepared, side_by_side)]
 
     out: FeatureMaps = []
     for i, scaled in per_image_in_order(extractor, len(images), compact_maps):

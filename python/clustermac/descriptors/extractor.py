@@ -324,17 +324,17 @@ class Extractor:
         return multiscale.prepare_scales(self, image, box)
 
     def feature_maps(
-        self, prepared: Sequence[PreparedImage], one_thread: bool = False
+        self, prepared: Sequence[PreparedImage], side_by_side: bool = False
     ) -> list[tuple[np.ndarray, np.ndarray]]:
         """:meth:`feature_map` of every scale's prepared image."""
-        return [self.feature_map(p, one_thread) for p in prepared]
+        return [self.feature_map(p, side_by_side) for p in prepared]
 
-    def feature_map(self, prepared: PreparedImage, one_thread: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    def feature_map(self, prepared: PreparedImage, side_by_side: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Run the backbone; returns the D×H×W map (cropped for crop X) and the H×W×3 RGB.
-        ``one_thread``: on the backbone's one-thread session (:meth:`Backbone.features`), for
-        running several images at once; same values. Other backbone objects need only ``features(image)``."""
+        ``side_by_side``: on the backbone's session for images side by side (:meth:`Backbone.features`),
+        for running several images at once; same values. Other backbone objects need only ``features(image)``."""
         image = prepared.image
-        fmap = self.backbone.features(image, one_thread=True) if one_thread else self.backbone.features(image)
+        fmap = self.backbone.features(image, side_by_side=True) if side_by_side else self.backbone.features(image)
         _, height, width = fmap.shape
         rgb = rgb_at_feature_resolution(prepared.image, height, width)
         if prepared.activation_box is not None:
@@ -418,7 +418,7 @@ class Extractor:
         progress: bool = True,
         description: str = "extract",
     ) -> np.ndarray:
-        """Descriptors of many images, N×dim float32, one image per core at a time
+        """Descriptors of many images, N×dim float32, several images at a time
         (:meth:`iter_extract`). Raises on the first bad image; use :meth:`iter_extract` to skip bad ones."""
         out = np.zeros((len(images), self.dim), dtype=np.float32)
         for i, result in self.iter_extract(images, boxes, progress=progress, description=description):
@@ -437,7 +437,7 @@ class Extractor:
         """Yields ``(index, descriptor or exception)`` in input order.
 
         :attr:`Backbone.parallel_images` images are worked on at once, each decoded, run through
-        the network on the backbone's one-thread session and pooled on its own thread (same values
+        the network on the backbone's side-by-side session and pooled on its own thread (same values
         as :meth:`extract`; :func:`clustermac.descriptors.pipeline.per_image_in_order`). An image
         that cannot be read yields its exception instead of a vector.
         """

@@ -27,22 +27,22 @@ T = TypeVar("T")
 def per_image_in_order(
     extractor: Extractor, count: int, work: Callable[[int, bool], T]
 ) -> Iterator[tuple[int, T | Exception]]:
-    """``(i, work(i, one_thread) or its exception)`` for i = 0 … count − 1, in that order.
+    """``(i, work(i, side_by_side) or its exception)`` for i = 0 … count − 1, in that order.
 
-    One image per core at a time (:attr:`Backbone.parallel_images` workers), each on a worker
-    thread that does all of that image's work (decoding, the network on the backbone's one-thread
+    :attr:`Backbone.parallel_images` images at a time (one per core, up to 8), each on a worker
+    thread that does all of that image's work (decoding, the network on the backbone's side-by-side
     session, pooling/clustering; ONNX Runtime, Pillow and the C++ core release the GIL). Side by
     side, images keep the cores busier than one image whose layers are split between threads,
     which wait for each other at every layer, and give the same values (benchmarks/extraction.py).
-    With one worker (a one-thread backbone, or a backbone object without ``parallel_images``)
-    ``one_thread`` is False: each image runs on the backbone's own session.
+    With one worker (a one-core backbone, or a backbone object without ``parallel_images``)
+    ``side_by_side`` is False: each image runs on the backbone's own session.
     """
     workers = max(1, min(getattr(extractor.backbone, "parallel_images", 1), count))
-    one_thread = workers > 1
+    side_by_side = workers > 1
 
     def guarded(i: int) -> T | Exception:
         try:
-            return work(i, one_thread)
+            return work(i, side_by_side)
         except Exception as error:  # handed to the caller, per image
             return error
 
@@ -72,9 +72,9 @@ def iter_descriptors(
     boxes = list(boxes) if boxes is not None else [None] * len(images)
     bar = progress_bar(len(images), description, progress)
 
-    def describe(i: int, one_thread: bool) -> np.ndarray:
+    def describe(i: int, side_by_side: bool) -> np.ndarray:
         prepared = extractor.prepare_scales(images[i], boxes[i])
-        return extractor.descriptor_from_feature_maps(extractor.feature_maps(prepared, one_thread))
+        return extractor.descriptor_from_feature_maps(extractor.feature_maps(prepared, side_by_side))
 
     for i, result in per_image_in_order(extractor, len(images), describe):
         yield i, (_named_error(images[i], result) if isinstance(result, Exception) else result)
@@ -89,8 +89,8 @@ def iter_feature_maps(
     several images at once (:func:`per_image_in_order`); unreadable ones are skipped with a warning."""
     bar = progress_bar(len(images), description, progress)
 
-    def maps(i: int, one_thread: bool) -> list[tuple[np.ndarray, np.ndarray]]:
-        return extractor.feature_maps(extractor.prepare_scales(images[i]), one_thread)
+    def maps(i: int, side_by_side: bool) -> list[tuple[np.ndarray, np.ndarray]]:
+        return extractor.feature_maps(extractor.prepare_scales(images[i]), side_by_side)
 
     for i, result in per_image_in_order(extractor, len(images), maps):
         bar.update(1)

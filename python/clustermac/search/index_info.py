@@ -138,8 +138,8 @@ def write_feature_map_store(
 
     root = Path(image_root)
 
-    def map_and_labels(i: int, one_thread: bool) -> tuple[np.ndarray, Sequence[np.ndarray]]:
-        fmap, rgb = extractor.feature_map(extractor.prepare(root / names[i]), one_thread)
+    def map_and_labels(i: int, side_by_side: bool) -> tuple[np.ndarray, Sequence[np.ndarray]]:
+        fmap, rgb = extractor.feature_map(extractor.prepare(root / names[i]), side_by_side)
         return fmap, (extractor.cluster_labels(fmap, rgb) if extractor.method == "clustermac" else ())
 
     bar = progress_bar(len(names), "feature maps", progress)

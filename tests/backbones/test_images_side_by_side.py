@@ -1,5 +1,5 @@
-"""Many images at once on one-thread sessions (Backbone.features(one_thread=True), the extractor's
-pipeline): the same bits as the backbone's own multi-thread session, in input order, errors named."""
+"""Many images at once (Backbone.features(side_by_side=True), the extractor's pipeline): the same bits
+as the backbone's own multi-thread session, in input order, errors named; images in flight capped."""
 
 from __future__ import annotations
 
@@ -11,32 +11,42 @@ from PIL import Image
 
 import clustermac
 from clustermac.backbones import Backbone, default_backbone
+from clustermac.backbones.onnx import MAX_PARALLEL_IMAGES
 
 
 def photos(folder, write_photos, n=5, size=256):
     return [str(folder / name) for name in write_photos(folder, n=n, size=size)]
 
 
-def test_parallel_images_follows_the_threads(tmp_path, pooling_model):
+@pytest.mark.parametrize(
+    ("threads", "images", "per_image"), [(1, 1, 1), (2, 2, 1), (3, 3, 1), (8, 8, 1), (10, 5, 2), (16, 8, 2), (64, 8, 8)]
+)
+def test_parallel_images_one_per_core_up_to_the_cap(tmp_path, pooling_model, threads, images, per_image):
     path, _, _ = pooling_model(tmp_path / "m.onnx", 512, 16, preset="vgg16")
-    assert Backbone(path, n_threads=3).parallel_images == 3
-    assert Backbone(path, n_threads=1).parallel_images == 1
-    assert Backbone(path).parallel_images == len(os.sched_getaffinity(0))
+    backbone = Backbone(path, n_threads=threads)
+    assert (backbone.parallel_images, backbone.threads_per_image) == (images, per_image)
+    assert images <= MAX_PARALLEL_IMAGES and images * per_image <= threads
 
 
-def test_one_thread_session_is_opened_once_with_one_thread(tmp_path, pooling_model):
+def test_parallel_images_of_all_cores(tmp_path, pooling_model):
     path, _, _ = pooling_model(tmp_path / "m.onnx", 512, 16, preset="vgg16")
-    backbone = Backbone(path, n_threads=2)
+    assert Backbone(path).parallel_images == min(len(os.sched_getaffinity(0)), MAX_PARALLEL_IMAGES)
+
+
+@pytest.mark.parametrize(("threads", "session_threads"), [(2, 1), (16, 2)])
+def test_side_by_side_session_is_opened_once(tmp_path, pooling_model, threads, session_threads):
+    path, _, _ = pooling_model(tmp_path / "m.onnx", 512, 16, preset="vgg16")
+    backbone = Backbone(path, n_threads=threads)
     image = np.random.default_rng(0).integers(0, 256, (64, 80, 3), dtype=np.uint8)
-    np.testing.assert_array_equal(backbone.features(image, one_thread=True), backbone.features(image))
-    session = backbone._one_thread_session
-    assert session.get_session_options().intra_op_num_threads == 1
-    backbone.features(image, one_thread=True)
-    assert backbone._one_thread_session is session
-    # A one-thread backbone has nothing to open: its own session already runs on one thread.
+    np.testing.assert_array_equal(backbone.features(image, side_by_side=True), backbone.features(image))
+    session = backbone._side_by_side_session
+    assert session.get_session_options().intra_op_num_threads == session_threads
+    backbone.features(image, side_by_side=True)
+    assert backbone._side_by_side_session is session
+    # A one-thread backbone has nothing to open: its own session already runs one image on one thread.
     single = Backbone(path, n_threads=1)
-    single.features(image, one_thread=True)
-    assert single._one_thread_session is None
+    single.features(image, side_by_side=True)
+    assert single._side_by_side_session is None
 
 
 @pytest.mark.parametrize("precision", ["float32", "int8"])
@@ -44,7 +54,7 @@ def test_embedded_backbone_same_bits_on_one_and_two_threads(tmp_path, write_phot
     backbone = default_backbone(n_threads=2, precision=precision)
     for path in photos(tmp_path, write_photos, n=3, size=320):
         image = Image.open(path).convert("RGB")
-        np.testing.assert_array_equal(backbone.features(image, one_thread=True), backbone.features(image))
+        np.testing.assert_array_equal(backbone.features(image, side_by_side=True), backbone.features(image))
 
 
 @pytest.mark.parametrize("method", ["clustermac", "rmac"])
