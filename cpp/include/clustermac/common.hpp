@@ -3,6 +3,9 @@
 
 #include <Eigen/Dense>
 
+// Before any use of Eigen's solvers: vectorised float Givens rotations with Eigen's own arithmetic.
+#include "clustermac/linalg/givens_rotations.hpp"
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
