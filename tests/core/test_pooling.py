@@ -56,6 +56,32 @@ def test_region_mac_more_regions_than_locations_and_one_location():
     assert cm.region_mac(fmap, np.array([[-1]], dtype=np.int32)).shape == (0, 2)
 
 
+def first_maximum_region_mac(fmap, labels):
+    """region_mac's rule spelled out: locations in order, a value replaces a region's best only when
+    strictly greater (so the first of equal values, +0 or -0, stays); empty regions give +0 rows."""
+    d = fmap.shape[0]
+    flat, flat_labels = fmap.reshape(d, -1), labels.ravel()
+    k = int(flat_labels.max()) + 1
+    best = np.full((k, d), -np.inf, dtype=np.float32)
+    for i, label in enumerate(flat_labels):
+        if label >= 0:
+            best[label] = np.where(flat[:, i] > best[label], flat[:, i], best[label])
+    best[np.isneginf(best).all(axis=1)] = 0.0
+    return best
+
+
+@pytest.mark.parametrize("channels", [1, 7, 8, 9, 16, 17, 33, 48])
+def test_region_mac_keeps_the_first_of_equal_maxima_bit_for_bit(channels):
+    """Ties between +0 and -0 (and equal values) resolve as in the scalar loop, on every channel
+    block of the SIMD paths and the channels left over after them."""
+    rng = np.random.default_rng(channels)
+    fmap = rng.choice(np.array([-0.0, 0.0, 1.5, -2.0], dtype=np.float32), size=(channels, 6, 9))
+    labels = np.repeat(rng.integers(-1, 5, size=(6, 3)), 3, axis=1).astype(np.int32)  # runs of equal labels
+    labels[0, 0] = 6  # region 5 stays empty
+    out = cm.region_mac(fmap, labels)
+    np.testing.assert_array_equal(out.view(np.uint32), first_maximum_region_mac(fmap, labels).view(np.uint32))
+
+
 def test_region_mac_errors():
     fmap = np.zeros((2, 3, 4), dtype=np.float32)
     labels = np.zeros((3, 4), dtype=np.int32)

@@ -39,6 +39,9 @@ regions = cm.rmac_regions(13, 11)
 labels = rng.integers(-1, 6, (13, 11)).astype(np.int32)
 out["grid_mac"] = cm.grid_mac(fmap, regions)
 out["region_mac"] = cm.region_mac(fmap, labels)
+# Ties between +0 and -0: the bits, on 40 channels (five blocks of 8 on AVX2 and AVX-512, one by one on the baseline).
+zeros = rng.choice(np.array([-0.0, 0.0, 1.0], dtype=np.float32), size=(40, 13, 11))
+out["region_mac_signed_zeros"] = cm.region_mac(zeros, labels).view(np.uint32)
 out["grid_mac_codes"] = _core.grid_mac_codes(codes, [1, 2, 10, 12], cm.rmac_regions(10, 9), scale)
 out["region_mac_codes"] = _core.region_mac_codes(codes, labels, [1, 2, 10, 12], scale)
 # Whitening and aggregation (the dense product kernel).
@@ -83,7 +86,14 @@ def test_capped_instruction_set_gives_the_same_results(tmp_path, cap):
         if key.startswith("aml_"):
             np.testing.assert_array_equal(capped[key][:4], default[key][:4], err_msg=key)  # the same box
             assert capped[key][4] == pytest.approx(default[key][4], abs=2e-5), key
-        elif key in ("grid_mac", "region_mac", "grid_mac_codes", "region_mac_codes", "topk_indices"):
+        elif key in (
+            "grid_mac",
+            "region_mac",
+            "region_mac_signed_zeros",
+            "grid_mac_codes",
+            "region_mac_codes",
+            "topk_indices",
+        ):
             np.testing.assert_array_equal(capped[key], default[key], err_msg=key)  # maxima and ranks: exact
         else:
             np.testing.assert_allclose(capped[key], default[key], rtol=1e-5, atol=1e-6, err_msg=key)

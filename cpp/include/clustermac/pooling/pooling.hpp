@@ -60,10 +60,88 @@ inline void require_pooled_finite(const VectorF& pooled, const char* function) {
            "scale them down");
 }
 
+namespace detail {
+
+// One channel of region_mac: best[s] = max over locations with slot s of that channel, scanning the
+// locations in order; a value replaces the best only when it is strictly greater, so among equal
+// values (+0 and -0) the first one stays. The AVX2 version below follows the same rule lane by lane,
+// so every path gives the same bits.
+inline void region_max_scalar(const FeatureMapView& map, const std::int32_t* slot, std::ptrdiff_t channel,
+                              std::ptrdiff_t slots, float* best) {
+  std::fill(best, best + slots, -std::numeric_limits<float>::infinity());
+  const float* plane = map.channel(channel);
+  // A branch, not a branchless max: a new maximum is rare, so the branch predicts well, whereas an
+  // unconditional store makes every iteration wait for the previous one's store when
+  // neighbouring locations share a label (the usual case for clusters).
+  for (std::ptrdiff_t i = 0; i < map.locations(); ++i) {
+    const std::int32_t s = slot[i];
+    if (plane[i] > best[s]) best[s] = plane[i];
+  }
+}
+
+#ifdef CLUSTERMAC_SIMD_X86
+// r[j] <- column j of the 8 x 8 tile whose rows are r[0..7].
+CLUSTERMAC_TARGET_AVX2 inline void transpose_8x8(__m256* r) {
+  __m256 t[8], u[8];
+  for (int j = 0; j < 8; j += 2) {
+    t[j] = _mm256_unpacklo_ps(r[j], r[j + 1]);
+    t[j + 1] = _mm256_unpackhi_ps(r[j], r[j + 1]);
+  }
+  for (int j = 0; j < 8; j += 4) {
+    u[j] = _mm256_shuffle_ps(t[j], t[j + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    u[j + 1] = _mm256_shuffle_ps(t[j], t[j + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    u[j + 2] = _mm256_shuffle_ps(t[j + 1], t[j + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    u[j + 3] = _mm256_shuffle_ps(t[j + 1], t[j + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int j = 0; j < 4; ++j) {
+    r[j] = _mm256_permute2f128_ps(u[j], u[j + 4], 0x20);
+    r[j + 4] = _mm256_permute2f128_ps(u[j], u[j + 4], 0x31);
+  }
+}
+
+// 8 channels at a time: 8 locations of the 8 channel planes are loaded (contiguous) and transposed
+// in registers, so that each register holds one location's 8 channels; each location then updates
+// its slot's running maxima, kept in a register while consecutive locations share a slot.
+// best is slots x 8.
+CLUSTERMAC_TARGET_AVX2 inline void region_max_avx2(const FeatureMapView& map, const std::int32_t* slot,
+                                                   std::ptrdiff_t first, std::ptrdiff_t slots, float* best) {
+  const std::ptrdiff_t n = map.locations();
+  for (std::ptrdiff_t s = 0; s < slots; ++s) _mm256_storeu_ps(best + 8 * s, _mm256_set1_ps(-INFINITY));
+  const float* plane[8];
+  for (int c = 0; c < 8; ++c) plane[c] = map.channel(first + c);
+  std::int32_t current = slot[0];
+  __m256 running = _mm256_loadu_ps(best + 8 * current);
+  __m256 tile[8];
+  for (std::ptrdiff_t i = 0; i < n; i += 8) {
+    const std::ptrdiff_t count = std::min<std::ptrdiff_t>(8, n - i);
+    if (count == 8) {
+      for (int c = 0; c < 8; ++c) tile[c] = _mm256_loadu_ps(plane[c] + i);
+      transpose_8x8(tile);
+    } else {
+      for (std::ptrdiff_t j = 0; j < count; ++j)
+        tile[j] = _mm256_setr_ps(plane[0][i + j], plane[1][i + j], plane[2][i + j], plane[3][i + j], plane[4][i + j],
+                                 plane[5][i + j], plane[6][i + j], plane[7][i + j]);
+    }
+    for (std::ptrdiff_t j = 0; j < count; ++j) {
+      if (slot[i + j] != current) {
+        _mm256_storeu_ps(best + 8 * current, running);
+        current = slot[i + j];
+        running = _mm256_loadu_ps(best + 8 * current);
+      }
+      running = _mm256_blendv_ps(running, tile[j], _mm256_cmp_ps(tile[j], running, _CMP_GT_OQ));
+    }
+  }
+  _mm256_storeu_ps(best + 8 * current, running);
+}
+#endif
+
+}  // namespace detail
+
 // Per-region MAC (Eq. 4): out[k, d] = max over locations with label k of X[d, location].
 // K = max(labels) + 1; locations with a negative label are ignored (masked out). A label
 // that names no location (an empty region) gives a zero row: after ReLU zero is the smallest
 // activation, and aggregate_regions() skips zero rows instead of whitening them into noise.
+// Channels go 8 at a time on AVX2 (and AVX-512) CPUs, the rest one by one; every path gives the same bits.
 inline MatrixRM region_mac(const FeatureMapView& map, const std::int32_t* labels) {
   require_feature_map(map, "feature_map");
   const std::ptrdiff_t n = map.locations();
@@ -71,27 +149,34 @@ inline MatrixRM region_mac(const FeatureMapView& map, const std::int32_t* labels
   require_region_output(k, map.channels, "region_mac", "labels.max() + 1; use compact labels 0..K-1");
   MatrixRM out = MatrixRM::Zero(k, map.channels);
   if (k == 0) return out;
-  // Masked-out locations go to an extra slot k that is dropped. The update is a branch, not a
-  // branchless max: a new maximum is rare, so the branch predicts well, whereas an
-  // unconditional store makes every iteration wait for the previous one's store when
-  // neighbouring locations share a label (the usual case for clusters).
+  // Masked-out locations go to an extra slot k that is dropped.
   std::vector<std::int32_t> slot(n);
   std::vector<char> seen(k + 1, 0);
   for (std::ptrdiff_t i = 0; i < n; ++i) {
     slot[i] = labels[i] >= 0 ? labels[i] : static_cast<std::int32_t>(k);
     seen[slot[i]] = 1;
   }
-  const float lowest = -std::numeric_limits<float>::infinity();
-  std::vector<float> best(k + 1);
-  // Channel-outer loop: each channel plane is read contiguously once.
-  for (std::ptrdiff_t d = 0; d < map.channels; ++d) {
-    std::fill(best.begin(), best.end(), lowest);
-    const float* plane = map.channel(d);
-    for (std::ptrdiff_t i = 0; i < n; ++i) {
-      const std::int32_t s = slot[i];
-      if (plane[i] > best[s]) best[s] = plane[i];
-    }
-    for (std::ptrdiff_t r = 0; r < k; ++r) out(r, d) = seen[r] ? best[r] : 0.0f;
+  const std::ptrdiff_t slots = k + 1;
+  std::ptrdiff_t lanes = 1;
+#ifdef CLUSTERMAC_SIMD_X86
+  if (simd_at_least(kSimdAvx2)) lanes = 8;
+#endif
+  std::vector<float> best(static_cast<std::size_t>(slots * lanes));
+  auto write = [&](std::ptrdiff_t first, std::ptrdiff_t count) {
+    for (std::ptrdiff_t r = 0; r < k; ++r)
+      if (seen[r])
+        for (std::ptrdiff_t c = 0; c < count; ++c) out(r, first + c) = best[r * count + c];
+  };
+  std::ptrdiff_t d = 0;
+#ifdef CLUSTERMAC_SIMD_X86
+  for (; lanes == 8 && d + 8 <= map.channels; d += 8) {
+    detail::region_max_avx2(map, slot.data(), d, slots, best.data());
+    write(d, 8);
+  }
+#endif
+  for (; d < map.channels; ++d) {
+    detail::region_max_scalar(map, slot.data(), d, slots, best.data());
+    write(d, 1);
   }
   return out;
 }
