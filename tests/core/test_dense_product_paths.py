@@ -1,6 +1,7 @@
-"""The eigensolvers' dense products (linalg/dense_kernels.hpp) give the same bits with AVX-512
-tiles as with AVX2 ones: the PCA, the NCut embedding and the partitions of cluster_feature_map
-at the paper's map sizes are compared bit for bit between a default run and one capped at AVX2
+"""The eigensolvers' dense products (linalg/dense_kernels.hpp) and the affinity of Eq. (3)
+(clustering/affinity.hpp) give the same bits with AVX-512 registers as with AVX2 ones: the
+affinity, the PCA, the NCut embedding and the partitions of cluster_feature_map at the paper's
+map sizes are compared bit for bit between a default run and one capped at AVX2
 (CLUSTERMAC_NO_AVX512), each in its own subprocess, and checked against NumPy references."""
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ from clustermac import _core
 
 rng = np.random.default_rng(3)
 out = {}
-# N = 768 (24 x 32) and N = 3072 (48 x 64), the paper's sizes, and N = 667 (23 x 29, C = 5: rows and
-# columns that leave partial tiles), planted regions.
-for h, w, c in ((24, 32, 7), (48, 64, 4), (23, 29, 5)):
+# N = 768 (24 x 32) and N = 3072 (48 x 64), the paper's sizes, N = 667 (23 x 29, C = 5: rows and
+# columns that leave partial tiles) and N = 247 (13 x 19, C = 3: rows padded to 248 floats, so the
+# affinity's 16-lane steps end on 8 lanes), planted regions.
+for h, w, c in ((24, 32, 7), (48, 64, 4), (23, 29, 5), (13, 19, 3)):
     d = 96
     yy, xx = np.mgrid[:h, :w]
     truth = ((yy // (h // 3)) * 3 + xx // (w // 3)).clip(0, 8)
@@ -67,7 +69,7 @@ def test_avx512_products_give_the_bits_of_the_avx2_ones(tmp_path):
             np.testing.assert_array_equal(capped[key], default[key], err_msg=key)
 
     # And the results are right: the PCA against NumPy's SVD, the embedding against eigh.
-    for n in (768, 3072, 667):
+    for n in (768, 3072, 667, 247):
         flat = default[f"flat_{n}"].astype(np.float64)
         projected, variances = default[f"pca_{n}"], default[f"variances_{n}"]
         singular = np.linalg.svd(flat - flat.mean(axis=0), compute_uv=False)

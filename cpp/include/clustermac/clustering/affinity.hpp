@@ -70,6 +70,67 @@ CLUSTERMAC_TARGET_AVX2 inline __m256 similarity8_avx2(const float* g, Eigen::Ind
   return exp_nonpositive_avx2(_mm256_mul_ps(_mm256_sqrt_ps(distance2_avx2(g, c, stride, i, j)), scale8));
 }
 
+// The same three functions with 16 lanes, for AVX-512 CPUs: every lane does exactly the operations of
+// the 8-lane versions (the same rounding, multiply-adds and polynomial), so the values are the same bits.
+CLUSTERMAC_TARGET_AVX512 inline __m512 exp_nonpositive_avx512(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  const __m512 rr = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
+  p = _mm512_fmadd_ps(p, rr, _mm512_set1_ps(1.0f / 720.0f));
+  p = _mm512_fmadd_ps(p, rr, _mm512_set1_ps(1.0f / 120.0f));
+  p = _mm512_fmadd_ps(p, rr, _mm512_set1_ps(1.0f / 24.0f));
+  p = _mm512_fmadd_ps(p, rr, _mm512_set1_ps(1.0f / 6.0f));
+  p = _mm512_fmadd_ps(p, rr, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, rr, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, rr, _mm512_set1_ps(1.0f));
+  const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
+}
+
+// Squared distances from location i to locations j..j+15, only the lanes in `lanes` loaded (the rest 0).
+CLUSTERMAC_TARGET_AVX512 inline __m512 distance2_avx512(const float* g, Eigen::Index c, Eigen::Index stride,
+                                                        Eigen::Index i, Eigen::Index j, __mmask16 lanes) {
+  __m512 acc = _mm512_setzero_ps();
+  for (Eigen::Index k = 0; k < c; ++k) {
+    const __m512 diff =
+        _mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, g + k * stride + j), _mm512_set1_ps(g[k * stride + i]));
+    acc = _mm512_fmadd_ps(diff, diff, acc);
+  }
+  return acc;
+}
+
+// The lanes of a 16-column step that lie before `stride` (a multiple of 8): all 16, or the first 8.
+inline __mmask16 lanes_before(Eigen::Index j, Eigen::Index stride) {
+  return j + 16 <= stride ? __mmask16(0xFFFF) : __mmask16(0x00FF);
+}
+
+// max_distance2_avx2 16 columns at a time (a maximum: the same value in any order).
+CLUSTERMAC_TARGET_AVX512 inline float max_distance2_avx512(const float* g, Eigen::Index c, Eigen::Index n,
+                                                           Eigen::Index stride) {
+  __m512 best = _mm512_setzero_ps();
+  for (Eigen::Index i = 0; i < n; ++i)
+    for (Eigen::Index j = i / 8 * 8; j < stride; j += 16) {
+      const __mmask16 lanes = lanes_before(j, stride);
+      best = _mm512_mask_max_ps(best, lanes, best, distance2_avx512(g, c, stride, i, j, lanes));
+    }
+  return _mm512_reduce_max_ps(best);
+}
+
+// Row i of Eq. (3) at columns [begin, stride): values[j - begin] = exp(scale * d_ij), 16 at a time.
+CLUSTERMAC_TARGET_AVX512 inline void similarity_row_avx512(const float* g, Eigen::Index c, Eigen::Index stride,
+                                                           Eigen::Index i, Eigen::Index begin, float scale,
+                                                           float* values) {
+  const __m512 scale16 = _mm512_set1_ps(scale);
+  for (Eigen::Index j = begin; j < stride; j += 16) {
+    const __mmask16 lanes = lanes_before(j, stride);
+    const __m512 d = _mm512_sqrt_ps(distance2_avx512(g, c, stride, i, j, lanes));
+    _mm512_mask_storeu_ps(values + j - begin, lanes, exp_nonpositive_avx512(_mm512_mul_ps(d, scale16)));
+  }
+}
+
 // Writes 8 floats at p: non-temporal (16-byte aligned halves) when `stream`, else ordinary.
 CLUSTERMAC_TARGET_AVX2 inline void store8(float* p, __m256 value, bool stream) {
   if (stream) {
@@ -94,25 +155,6 @@ inline void store_values(float* out, const float* values, Eigen::Index count) {
 }
 inline void store_values(std::uint16_t* out, const float* values, Eigen::Index count) {
   for (Eigen::Index i = 0; i < count; ++i) out[i] = bf16_from_float(values[i]);
-}
-
-// r[a] lane b <- r[b] lane a: the transpose of the 8 x 8 block held in r[0..7].
-CLUSTERMAC_TARGET_AVX2 inline void transpose8x8(__m256 r[8]) {
-  __m256 t[8], u[8];
-  for (int q = 0; q < 4; ++q) {
-    t[2 * q] = _mm256_unpacklo_ps(r[2 * q], r[2 * q + 1]);
-    t[2 * q + 1] = _mm256_unpackhi_ps(r[2 * q], r[2 * q + 1]);
-  }
-  for (int h = 0; h < 2; ++h) {
-    u[4 * h + 0] = _mm256_shuffle_ps(t[4 * h + 0], t[4 * h + 2], _MM_SHUFFLE(1, 0, 1, 0));
-    u[4 * h + 1] = _mm256_shuffle_ps(t[4 * h + 0], t[4 * h + 2], _MM_SHUFFLE(3, 2, 3, 2));
-    u[4 * h + 2] = _mm256_shuffle_ps(t[4 * h + 1], t[4 * h + 3], _MM_SHUFFLE(1, 0, 1, 0));
-    u[4 * h + 3] = _mm256_shuffle_ps(t[4 * h + 1], t[4 * h + 3], _MM_SHUFFLE(3, 2, 3, 2));
-  }
-  for (int q = 0; q < 4; ++q) {
-    r[q] = _mm256_permute2f128_ps(u[q], u[q + 4], 0x20);
-    r[q + 4] = _mm256_permute2f128_ps(u[q], u[q + 4], 0x31);
-  }
 }
 
 // All of Eq. (3): out[i * n + j] = exp(scale * d_ij), in panels of rows. A panel's
@@ -141,8 +183,11 @@ CLUSTERMAC_TARGET_AVX2 inline void similarity_avx2(const float* g, Eigen::Index 
     const Index rows = std::min(panel_rows, n - ib), cols = stride - ib;  // columns ib .. stride - 1
     for (Index a = 0; a < rows; ++a) {
       float* values = panel.data() + a * cols;
-      for (Index j = ib; j < stride; j += 8)
-        _mm256_storeu_ps(values + j - ib, similarity8_avx2(g, c, stride, ib + a, j, scale8));
+      if (simd_at_least(kSimdAvx512))
+        similarity_row_avx512(g, c, stride, ib + a, ib, scale, values);
+      else
+        for (Index j = ib; j < stride; j += 8)
+          _mm256_storeu_ps(values + j - ib, similarity8_avx2(g, c, stride, ib + a, j, scale8));
       T* row = out + (ib + a) * ldo + ib;
       Index j = 0;
       for (; j + 8 <= n - ib; j += 8) store8(row + j, _mm256_loadu_ps(values + j), stream);
@@ -231,7 +276,9 @@ inline SimilarityInputs similarity_inputs(const ConstMatrixRef& features, const 
   }
   float max_distance2 = 0.0f;
 #ifdef CLUSTERMAC_SIMD_X86
-  if (vector_padding) max_distance2 = max_distance2_avx2(in.g.data(), c, n, in.stride);
+  if (vector_padding)
+    max_distance2 = simd_at_least(kSimdAvx512) ? max_distance2_avx512(in.g.data(), c, n, in.stride)
+                                               : max_distance2_avx2(in.g.data(), c, n, in.stride);
 #endif
   if (!vector_padding) max_distance2 = scaled_columns_max_distance2(in.g);
   const float max_distance = std::sqrt(max_distance2);

@@ -80,25 +80,6 @@ inline void region_max_scalar(const FeatureMapView& map, const std::int32_t* slo
 }
 
 #ifdef CLUSTERMAC_SIMD_X86
-// r[j] <- column j of the 8 x 8 tile whose rows are r[0..7].
-CLUSTERMAC_TARGET_AVX2 inline void transpose_8x8(__m256* r) {
-  __m256 t[8], u[8];
-  for (int j = 0; j < 8; j += 2) {
-    t[j] = _mm256_unpacklo_ps(r[j], r[j + 1]);
-    t[j + 1] = _mm256_unpackhi_ps(r[j], r[j + 1]);
-  }
-  for (int j = 0; j < 8; j += 4) {
-    u[j] = _mm256_shuffle_ps(t[j], t[j + 2], _MM_SHUFFLE(1, 0, 1, 0));
-    u[j + 1] = _mm256_shuffle_ps(t[j], t[j + 2], _MM_SHUFFLE(3, 2, 3, 2));
-    u[j + 2] = _mm256_shuffle_ps(t[j + 1], t[j + 3], _MM_SHUFFLE(1, 0, 1, 0));
-    u[j + 3] = _mm256_shuffle_ps(t[j + 1], t[j + 3], _MM_SHUFFLE(3, 2, 3, 2));
-  }
-  for (int j = 0; j < 4; ++j) {
-    r[j] = _mm256_permute2f128_ps(u[j], u[j + 4], 0x20);
-    r[j + 4] = _mm256_permute2f128_ps(u[j], u[j + 4], 0x31);
-  }
-}
-
 // 8 channels at a time: 8 locations of the 8 channel planes are loaded (contiguous) and transposed
 // in registers, so that each register holds one location's 8 channels; each location then updates
 // its slot's running maxima, kept in a register while consecutive locations share a slot.
@@ -116,7 +97,7 @@ CLUSTERMAC_TARGET_AVX2 inline void region_max_avx2(const FeatureMapView& map, co
     const std::ptrdiff_t count = std::min<std::ptrdiff_t>(8, n - i);
     if (count == 8) {
       for (int c = 0; c < 8; ++c) tile[c] = _mm256_loadu_ps(plane[c] + i);
-      transpose_8x8(tile);
+      transpose8x8(tile);
     } else {
       for (std::ptrdiff_t j = 0; j < count; ++j)
         tile[j] = _mm256_setr_ps(plane[0][i + j], plane[1][i + j], plane[2][i + j], plane[3][i + j], plane[4][i + j],
