@@ -3,6 +3,8 @@
 
 #include <string>
 
+#include "clustermac/clustering/affinity.hpp"
+#include "clustermac/linalg/dense_kernels.hpp"
 #include "clustermac/simd.hpp"
 
 namespace clustermac::bind {
@@ -22,6 +24,24 @@ PYBIND11_MODULE(_core, m) {
 Chosen once from the CPU's features, capped by the environment variables CLUSTERMAC_NO_AVX512
 (at most "avx2") and CLUSTERMAC_NO_AVX2 ("scalar"); "scalar" also when the module was built
 with CLUSTERMAC_NO_SIMD_DISPATCH or for a CPU other than x86-64.)doc");
+  m.def(
+      "kernel_choices",
+      [] {
+        pybind11::dict out;
+#ifdef CLUSTERMAC_SIMD_X86
+        if (clustermac::simd_at_least(clustermac::kSimdAvx2)) {
+          out["dense_products"] = clustermac::detail::dense_products_use_avx512() ? "avx512" : "avx2";
+          out["affinity"] = clustermac::detail::affinity_uses_avx512() ? "avx512" : "avx2";
+        }
+#endif
+        return out;
+      },
+      R"doc(The registers each kernel with an AVX-512 and an AVX2 version uses in this process, by name.
+
+The two versions give the same bits; which one runs is decided by timing both once per process on
+a small piece of work (at the kernel's first use, or here), not from the CPU flag alone.
+"dense_products": the eigensolvers' and whitening's dense products; "affinity": the similarity of
+Eq. (3). Every value is "avx2" under CLUSTERMAC_NO_AVX512; empty below AVX2.)doc");
   clustermac::bind::bind_linalg(m);
   clustermac::bind::bind_clustering(m);
   clustermac::bind::bind_pooling(m);

@@ -6,7 +6,7 @@ import collections.abc
 import numpy
 import numpy.typing
 import typing
-__all__: list[str] = ['affinity', 'aggregate_region_groups', 'aggregate_regions', 'aml_localize', 'aml_localize_codes', 'apply_whitening', 'cluster_feature_map', 'cluster_feature_maps', 'crow_pool', 'dequantize_codes', 'fit_pca_whitening', 'gem_pool', 'grid_mac', 'grid_mac_codes', 'l2_normalize', 'ncut', 'ncut_embedding', 'pca_project', 'region_boxes', 'region_mac', 'region_mac_codes', 'rmac_regions', 'simd_level', 'spoc_pool', 'topk_search']
+__all__: list[str] = ['affinity', 'aggregate_region_groups', 'aggregate_regions', 'aml_localize', 'aml_localize_codes', 'apply_whitening', 'cluster_feature_map', 'cluster_feature_maps', 'crow_pool', 'dequantize_codes', 'fit_pca_whitening', 'gem_pool', 'grid_mac', 'grid_mac_codes', 'kernel_choices', 'l2_normalize', 'ncut', 'ncut_embedding', 'pca_project', 'region_boxes', 'region_mac', 'region_mac_codes', 'rmac_regions', 'simd_level', 'spoc_pool', 'topk_search']
 def _discretize(embedding: numpy.typing.NDArray[numpy.float32], seed: typing.SupportsInt | typing.SupportsIndex = 0) -> numpy.typing.NDArray[numpy.int32]:
     """
     Yu & Shi 2003 discretisation of an N x K embedding (not public API; used by the tests).
@@ -134,6 +134,15 @@ def grid_mac_codes(codes: numpy.typing.NDArray[numpy.uint8], box: collections.ab
     grid_mac(dequantize_codes(codes, box, scale), regions): the max is taken on the codes (scaling
     by scale >= 0 is monotone) and only the result is converted to float. An R×D output above
     1 GiB (R·D > 2**28) raises ValueError before allocating.
+    """
+def kernel_choices() -> dict:
+    """
+    The registers each kernel with an AVX-512 and an AVX2 version uses in this process, by name.
+    
+    The two versions give the same bits; which one runs is decided by timing both once per process on
+    a small piece of work (at the kernel's first use, or here), not from the CPU flag alone.
+    "dense_products": the eigensolvers' and whitening's dense products; "affinity": the similarity of
+    Eq. (3). Every value is "avx2" under CLUSTERMAC_NO_AVX512; empty below AVX2.
     """
 def l2_normalize(vectors: numpy.typing.NDArray[numpy.float32]) -> numpy.typing.NDArray[numpy.float32]:
     """

@@ -45,6 +45,7 @@ for h, w, c in ((24, 32, 7), (48, 64, 4), (23, 29, 5), (13, 19, 3)):
     for k in (5, 20):
         out[f"embedding_{n}_{k}"] = cm.ncut_embedding(s, k)
 out["simd_level"] = np.array(_core.simd_level())
+out["kernel_choices"] = np.array(sorted(_core.kernel_choices().items()))
 np.savez(sys.argv[1], **out)
 """
 
@@ -64,8 +65,12 @@ def test_avx512_products_give_the_bits_of_the_avx2_ones(tmp_path):
     capped = run_with({"CLUSTERMAC_NO_AVX512": "1"}, str(tmp_path / "capped.npz"))
     assert str(default["simd_level"]) == "avx512" and str(capped["simd_level"]) == "avx2"
     assert default.keys() == capped.keys()
+    # Which width each kernel runs at is timed in each process (the bits are the same either way).
+    assert set(default["kernel_choices"][:, 0]) == {"dense_products", "affinity"}
+    assert set(default["kernel_choices"][:, 1]) <= {"avx512", "avx2"}
+    assert set(capped["kernel_choices"][:, 1]) == {"avx2"}
     for key in default:
-        if key != "simd_level":
+        if key not in ("simd_level", "kernel_choices"):
             np.testing.assert_array_equal(capped[key], default[key], err_msg=key)
 
     # And the results are right: the PCA against NumPy's SVD, the embedding against eigh.

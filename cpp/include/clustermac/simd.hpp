@@ -13,9 +13,12 @@
 // tests can check that every path gives the same results.
 #pragma once
 
+#include <algorithm>
+#include <chrono>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <utility>
 
 #if !defined(CLUSTERMAC_NO_SIMD_DISPATCH) && (defined(__GNUC__) || defined(__clang__)) && \
@@ -167,6 +170,29 @@ decltype(auto) run_baseline(Args&&... args) {
 }
 
 }  // namespace detail
+
+// Whether a kernel's AVX-512 version runs faster than its AVX2 version on this CPU, measured rather
+// than assumed from the CPU flag (some AVX-512 units are two 256-bit halves, some lower the clock):
+// `run(level)` does a small representative piece of the kernel's work at that level; each level is
+// timed 5 times, alternating, and the faster minimum wins. The two versions give the same bits, so
+// the choice changes only the speed. Callers keep the answer in a function-local static (once per
+// kernel and process, ~1 ms); false when the active level is below AVX-512 (CLUSTERMAC_NO_AVX512).
+template <typename Run>
+bool avx512_measured_faster(Run&& run) {
+  if (!simd_at_least(kSimdAvx512)) return false;
+  using Clock = std::chrono::steady_clock;
+  double best_avx512 = std::numeric_limits<double>::infinity(), best_avx2 = best_avx512;
+  for (int round = 0; round < 5; ++round) {
+    const auto start = Clock::now();
+    run(kSimdAvx512);
+    const auto middle = Clock::now();
+    run(kSimdAvx2);
+    const auto end = Clock::now();
+    best_avx512 = std::min(best_avx512, std::chrono::duration<double>(middle - start).count());
+    best_avx2 = std::min(best_avx2, std::chrono::duration<double>(end - middle).count());
+  }
+  return best_avx512 < best_avx2;
+}
 
 // Runs Kernel::run<L>(args...) for L = the active level, at most Kernel::widest.
 template <typename Kernel, typename... Args>

@@ -131,6 +131,33 @@ CLUSTERMAC_TARGET_AVX512 inline void similarity_row_avx512(const float* g, Eigen
   }
 }
 
+// Row i of Eq. (3) at columns [begin, stride) with 8-lane vectors.
+CLUSTERMAC_TARGET_AVX2 inline void similarity_row_avx2(const float* g, Eigen::Index c, Eigen::Index stride,
+                                                       Eigen::Index i, Eigen::Index begin, float scale, float* values) {
+  const __m256 scale8 = _mm256_set1_ps(scale);
+  for (Eigen::Index j = begin; j < stride; j += 8)
+    _mm256_storeu_ps(values + j - begin, similarity8_avx2(g, c, stride, i, j, scale8));
+}
+
+// Whether the 16-lane affinity kernels are faster than the 8-lane ones on this CPU
+// (avx512_measured_faster on 32 rows of a 1024-location, 7-dimensional map; once per process).
+inline bool affinity_uses_avx512() {
+  static const bool faster = [] {
+    constexpr Eigen::Index c = 7, stride = 1024, rows = 32;
+    std::vector<float> g(c * stride), values(stride);
+    for (std::size_t i = 0; i < g.size(); ++i) g[i] = static_cast<float>((i * 7919) % 1009) * 1e-3f;
+    return avx512_measured_faster([&](SimdLevel level) {
+      for (Eigen::Index i = 0; i < rows; ++i) {
+        if (level == kSimdAvx512)
+          similarity_row_avx512(g.data(), c, stride, i, 0, -4.0f, values.data());
+        else
+          similarity_row_avx2(g.data(), c, stride, i, 0, -4.0f, values.data());
+      }
+    });
+  }();
+  return faster;
+}
+
 // Writes 8 floats at p: non-temporal (16-byte aligned halves) when `stream`, else ordinary.
 CLUSTERMAC_TARGET_AVX2 inline void store8(float* p, __m256 value, bool stream) {
   if (stream) {
@@ -169,7 +196,7 @@ template <typename T>
 CLUSTERMAC_TARGET_AVX2 inline void similarity_avx2(const float* g, Eigen::Index c, Eigen::Index n, Eigen::Index stride,
                                                    float scale, T* out, Eigen::Index ldo) {
   using Eigen::Index;
-  const __m256 scale8 = _mm256_set1_ps(scale);
+  const bool avx512 = affinity_uses_avx512();
   // A matrix far larger than the caches is written with non-temporal stores (16-byte aligned
   // pieces): ordinary stores first read every line they write.
   const bool stream = n * ldo * sizeof(T) >= (std::size_t{16} << 20) && (ldo * sizeof(T)) % 16 == 0 &&
@@ -183,11 +210,10 @@ CLUSTERMAC_TARGET_AVX2 inline void similarity_avx2(const float* g, Eigen::Index 
     const Index rows = std::min(panel_rows, n - ib), cols = stride - ib;  // columns ib .. stride - 1
     for (Index a = 0; a < rows; ++a) {
       float* values = panel.data() + a * cols;
-      if (simd_at_least(kSimdAvx512))
+      if (avx512)
         similarity_row_avx512(g, c, stride, ib + a, ib, scale, values);
       else
-        for (Index j = ib; j < stride; j += 8)
-          _mm256_storeu_ps(values + j - ib, similarity8_avx2(g, c, stride, ib + a, j, scale8));
+        similarity_row_avx2(g, c, stride, ib + a, ib, scale, values);
       T* row = out + (ib + a) * ldo + ib;
       Index j = 0;
       for (; j + 8 <= n - ib; j += 8) store8(row + j, _mm256_loadu_ps(values + j), stream);
@@ -277,8 +303,8 @@ inline SimilarityInputs similarity_inputs(const ConstMatrixRef& features, const 
   float max_distance2 = 0.0f;
 #ifdef CLUSTERMAC_SIMD_X86
   if (vector_padding)
-    max_distance2 = simd_at_least(kSimdAvx512) ? max_distance2_avx512(in.g.data(), c, n, in.stride)
-                                               : max_distance2_avx2(in.g.data(), c, n, in.stride);
+    max_distance2 = affinity_uses_avx512() ? max_distance2_avx512(in.g.data(), c, n, in.stride)
+                                           : max_distance2_avx2(in.g.data(), c, n, in.stride);
 #endif
   if (!vector_padding) max_distance2 = scaled_columns_max_distance2(in.g);
   const float max_distance = std::sqrt(max_distance2);

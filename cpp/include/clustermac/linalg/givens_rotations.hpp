@@ -8,7 +8,7 @@
 // specialisation below keeps Eigen's arithmetic exactly,
 //   x' = c x + s y,   y' = (-s) x + c y,
 // a product, a product, a sum, each rounded to float (no fused multiply-add), and only does it
-// 8 or 16 columns' entries at a time. Every result is therefore bit for bit Eigen's own, so the
+// 8 columns' entries at a time. Every result is therefore bit for bit Eigen's own, so the
 // partitions and descriptors do not change (tests/core/test_givens_rotations.py).
 //
 // Two guards keep that promise:
@@ -34,7 +34,9 @@ namespace detail {
 
 // x[i], y[i] <- c x[i] + s y[i], (-s) x[i] + c y[i] for i < size, both arrays contiguous.
 struct RotateColumnPair {
-  static constexpr SimdLevel widest = kSimdAvx512;
+  // AVX2 at most: columns of ~150 floats gain little from wider registers, and no AVX-512 kernel is
+  // picked here from the CPU flag alone.
+  static constexpr SimdLevel widest = kSimdAvx2;
 
   template <typename V>
   CLUSTERMAC_ALWAYS_INLINE static V rounded(V v) {
