@@ -150,7 +150,6 @@ CLUSTERMAC_TARGET_AVX2 inline void transpose8x8(__m256 r[8]) {
     r[q + 4] = _mm256_permute2f128_ps(u[q], u[q + 4], 0x31);
   }
 }
-
 #endif
 
 // Kernel::run<L> compiled for level L (Kernel::run must be always inline).

@@ -70,8 +70,8 @@ CLUSTERMAC_TARGET_AVX2 inline __m256 similarity8_avx2(const float* g, Eigen::Ind
   return exp_nonpositive_avx2(_mm256_mul_ps(_mm256_sqrt_ps(distance2_avx2(g, c, stride, i, j)), scale8));
 }
 
-// The same three functions with 16 lanes, for AVX-512 CPUs: every lane does exactly the operations of
-// the 8-lane versions (the same rounding, multiply-adds and polynomial), so the values are the same bits.
+// The 16-lane versions for AVX-512 CPUs: every lane does exactly the operations of the 8-lane
+// functions above (the same rounding, multiply-adds and polynomial), so the values are the same bits.
 CLUSTERMAC_TARGET_AVX512 inline __m512 exp_nonpositive_avx512(__m512 x) {
   x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),

@@ -2,9 +2,9 @@
 //
 // Eigen 3.4's SelfAdjointEigenSolver<MatrixXf> accumulates its eigenvectors by applying one
 // plane rotation per QR-step position to two columns of Q, and for this Map-based call it picks
-// its non-vectorised path: one float at a time. For the Rayleigh-Ritz step of the NCut
-// eigensolver (a 144 x 144 matrix for 20 clusters) that scalar loop was about a fifth of the whole
-// per-image clustering (perf, N = 768). Eigen lets a user specialise its internal selector; the
+// its non-vectorised path: one float at a time, the hottest loop of the Rayleigh-Ritz step of the
+// NCut eigensolver (a 144 x 144 matrix for 20 clusters; perf, N = 768). Eigen lets a user
+// specialise its internal selector; the
 // specialisation below keeps Eigen's arithmetic exactly,
 //   x' = c x + s y,   y' = (-s) x + c y,
 // a product, a product, a sum, each rounded to float (no fused multiply-add), and only does it
@@ -13,7 +13,7 @@
 //
 // Two guards keep that promise:
 //  - the products go through an empty asm statement before the sum, so that the compiler cannot
-//    fuse them into an FMA inside the AVX2 / AVX-512 functions;
+//    fuse them into an FMA inside the AVX2 (+ FMA) function;
 //  - the specialisation exists only when the build's baseline has no FMA (the portable x86-64
 //    build): with -march=native Eigen's own scalar code may be contracted, and it is then left as is.
 // It must be visible before Eigen instantiates the selector, so common.hpp includes this header
