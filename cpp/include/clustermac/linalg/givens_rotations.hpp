@@ -4,8 +4,7 @@
 // plane rotation per QR-step position to two columns of Q, and for this Map-based call it picks
 // its non-vectorised path: one float at a time, the hottest loop of the Rayleigh-Ritz step of the
 // NCut eigensolver (a 144 x 144 matrix for 20 clusters; perf, N = 768). Eigen lets a user
-// specialise its internal selector; the
-// specialisation below keeps Eigen's arithmetic exactly,
+// specialise its internal selector; the specialisation below keeps Eigen's arithmetic exactly,
 //   x' = c x + s y,   y' = (-s) x + c y,
 // a product, a product, a sum, each rounded to float (no fused multiply-add), and only does it
 // 8 columns' entries at a time. Every result is therefore bit for bit Eigen's own, so the
