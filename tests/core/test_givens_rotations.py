@@ -2,7 +2,7 @@
 
 Eigen's symmetric eigensolver, which the Krylov solver calls for its Rayleigh-Ritz step, applies
 its Givens rotations one float at a time; ``linalg/givens_rotations.hpp`` does the same arithmetic
-8 or 16 floats at a time. The expected digests were computed at commit 1f5e0b0 (Eigen's scalar
+8 floats at a time. The expected digests were computed at commit 1f5e0b0 (Eigen's scalar
 rotations, AVX-512 product kernels) with ``python tests/core/test_givens_rotations.py`` run against
 that build, on matrices made here with IEEE operations only (no library exp), so that any change
 of a single bit in an eigenvector or a label shows up.
