@@ -138,11 +138,7 @@ inline MatrixRM region_mac(const FeatureMapView& map, const std::int32_t* labels
     seen[slot[i]] = 1;
   }
   const std::ptrdiff_t slots = k + 1;
-  std::ptrdiff_t lanes = 1;
-#ifdef CLUSTERMAC_SIMD_X86
-  if (simd_at_least(kSimdAvx2)) lanes = 8;
-#endif
-  std::vector<float> best(static_cast<std::size_t>(slots * lanes));
+  std::vector<float> best(static_cast<std::size_t>(slots * 8));  // slots x 8 channels, or slots x 1
   auto write = [&](std::ptrdiff_t first, std::ptrdiff_t count) {
     for (std::ptrdiff_t r = 0; r < k; ++r)
       if (seen[r])
@@ -150,10 +146,11 @@ inline MatrixRM region_mac(const FeatureMapView& map, const std::int32_t* labels
   };
   std::ptrdiff_t d = 0;
 #ifdef CLUSTERMAC_SIMD_X86
-  for (; lanes == 8 && d + 8 <= map.channels; d += 8) {
-    detail::region_max_avx2(map, slot.data(), d, slots, best.data());
-    write(d, 8);
-  }
+  if (simd_at_least(kSimdAvx2))
+    for (; d + 8 <= map.channels; d += 8) {
+      detail::region_max_avx2(map, slot.data(), d, slots, best.data());
+      write(d, 8);
+    }
 #endif
   for (; d < map.channels; ++d) {
     detail::region_max_scalar(map, slot.data(), d, slots, best.data());
