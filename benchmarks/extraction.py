@@ -139,7 +139,7 @@ def time_steps(extractor, images) -> dict[str, float]:
         network_input = timed("network input", backbone.preprocess, resized)
         fmap = timed("network", lambda x: backbone._run(x)[0], network_input)
         rgb = timed("rgb at feature resolution", rgb_at_feature_resolution, resized, *fmap.shape[1:])
-        labels = timed("clustering", extractor.cluster_labels, fmap, rgb) if extractor.method == "clustermac" else None
+        labels = timed("clustering", extractor.cluster_labels, fmap, rgb) if extractor.clusters else None
         vectors = timed("pooling", extractor.regional_vectors, fmap, rgb, labels)
         timed("aggregation", _core.aggregate_regions, vectors, extractor.whitening_mean, extractor.whitening_projection)
     return steps

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .backbones.quantize import PRECISIONS
-from .descriptors import CLUSTER_POOLINGS, CROP_MODES, METHODS, SIMILARITY_PRECISIONS
+from .descriptors import CLUSTER_POOLINGS, CROP_MODES, DEFAULT_METHOD, METHODS, SIMILARITY_PRECISIONS
 
 #: Exit codes: 0 done, 2 usage error or bad input (one line on stderr), 3 another process is
 #: writing the same output, 130 interrupted (Ctrl-C).
@@ -73,7 +73,13 @@ def _add_backbone_options(p: argparse.ArgumentParser) -> None:
 
 
 def _add_method_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--method", default="clustermac", choices=METHODS)
+    p.add_argument(
+        "--method",
+        default=DEFAULT_METHOD,
+        choices=METHODS,
+        help=f"descriptor (default {DEFAULT_METHOD}: R-MAC's grid + the boxes of 20 clusters, ours; "
+        "clustermac: the paper's ClusterMAC)",
+    )
     p.add_argument(
         "--crop",
         default="image",

@@ -12,7 +12,7 @@ import pytest
 
 import clustermac
 from clustermac import _core
-from clustermac.descriptors import METHODS, Extractor
+from clustermac.descriptors import DEFAULT_METHOD, METHODS, Extractor
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "v0.1.0"
 IMAGES = [str(DATA / "images" / f"img{i}.png") for i in range(10)]
@@ -38,6 +38,39 @@ def backbone():
 
 def test_registered_with_its_own_name():
     assert "clustermac-box" in METHODS and "clustermac" in METHODS
+
+
+def test_it_is_the_default_of_the_extractor_and_the_command_line(tmp_path, write_photos):
+    from clustermac.cli import main
+
+    assert DEFAULT_METHOD == "clustermac-box"
+    ex = Extractor(max_size=64)
+    assert ex.method == "clustermac-box" and ex.backbone.name == clustermac.default_backbone(head="relu").name
+    write_photos(tmp_path / "photos", n=2, size=64)
+    out = tmp_path / "d.npy"
+    assert main(["extract", str(tmp_path / "photos"), "--out", str(out), "--quiet", "--max-size", "64"]) == 0
+    vectors, manifest = clustermac.load_descriptors(out)
+    assert manifest["settings"] == {**ex.settings(), "dim": 1280, "whitened": False}
+    np.testing.assert_array_equal(vectors[0], ex.extract(tmp_path / "photos" / "photo0.jpg"))
+
+
+def test_the_rgb_image_is_made_only_for_the_paper_s_rgb_clustering(tmp_path, write_photos, backbone):
+    write_photos(tmp_path, n=1, size=96)
+    for method, uses_rgb in (("clustermac", True), ("clustermac-box", False), ("rmac", False), ("mac", False)):
+        ex = Extractor(backbone, method, max_size=96)
+        assert ex.uses_rgb is uses_rgb, method
+        prepared = ex.prepare(tmp_path / "photo0.jpg")
+        fmap, rgb = ex.feature_map(prepared)
+        assert (rgb is not None) is uses_rgb, method
+        forced = ex.feature_map(prepared, with_rgb=True)[1]
+        assert forced.shape == (*fmap.shape[1:], 3) and forced.dtype == np.float32
+        # crop X cuts the RGB image with the map, when there is one
+        crop_x = Extractor(backbone, method, "activations", max_size=96).prepare(
+            tmp_path / "photo0.jpg", (0, 0, 64, 64)
+        )
+        fmap_x, rgb_x = ex.feature_map(crop_x, with_rgb=True)
+        assert rgb_x.shape == (*fmap_x.shape[1:], 3)
+    assert not Extractor(backbone, "clustermac", rgb_clusters=0, max_size=96).uses_rgb
 
 
 def test_regional_vectors_match_reference(planted_map, backbone):

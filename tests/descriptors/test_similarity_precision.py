@@ -28,11 +28,17 @@ def test_float32_is_the_default_and_is_not_recorded(tiny_backbone, tmp_path, wri
     for method in ("clustermac", "clustermac-box", "rmac"):
         ex = clustermac.Extractor(tiny_backbone, method, max_size=MAX_SIZE)
         assert ex.similarity_precision == "float32" and "similarity_precision" not in ex.settings()
-    ex = clustermac.Extractor(tiny_backbone, max_size=MAX_SIZE)
+    ex = clustermac.Extractor(tiny_backbone, "clustermac", max_size=MAX_SIZE)
     fmap, rgb = _map_and_rgb(ex, tmp_path / "photos" / names[0])
     expected = clustermac.cluster_feature_map(fmap, rgb, pca_dim=ex.pca_dim, similarity_precision="float32")
     for got, want in zip(ex.cluster_labels(fmap, rgb), expected, strict=True):
         np.testing.assert_array_equal(got, want)
+    # The default, clustermac-box: one 20-cluster partition of the features, no RGB partition.
+    box = clustermac.Extractor(tiny_backbone, max_size=MAX_SIZE)
+    (got,) = box.cluster_labels(fmap, rgb)
+    np.testing.assert_array_equal(got, clustermac.cluster_feature_map(fmap, None, [20], 0, pca_dim=box.pca_dim)[0])
+    with pytest.raises(ValueError, match="does not cluster"):
+        clustermac.Extractor(tiny_backbone, "rmac", max_size=MAX_SIZE).cluster_labels(fmap, rgb)
     with pytest.raises(ValueError, match="similarity_precision: expected one of"):
         clustermac.Extractor(tiny_backbone, similarity_precision="auto")
 
@@ -79,7 +85,7 @@ def test_a_whitening_is_refused_by_an_extractor_of_the_other_precision(tiny_back
 @pytest.mark.bf16
 def test_bfloat16_extractor_clusters_with_the_bf16_similarity(tiny_backbone, tmp_path, write_photos):
     names = write_photos(tmp_path / "photos", n=1, size=MAX_SIZE)
-    ex = clustermac.Extractor(tiny_backbone, max_size=MAX_SIZE, similarity_precision="bfloat16")
+    ex = clustermac.Extractor(tiny_backbone, "clustermac", max_size=MAX_SIZE, similarity_precision="bfloat16")
     fmap, rgb = _map_and_rgb(ex, tmp_path / "photos" / names[0])
     expected = clustermac.cluster_feature_map(fmap, rgb, pca_dim=ex.pca_dim, similarity_precision="bfloat16")
     for got, want in zip(ex.cluster_labels(fmap, rgb), expected, strict=True):

@@ -18,6 +18,7 @@ ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'clus
 import clustermac  # noqa: E402
 from clustermac.backbones import Backbone  # noqa: E402
 from clustermac.cli import main  # noqa: E402
+from clustermac.descriptors import DEFAULT_METHOD  # noqa: E402
 from clustermac.distributed import ShardedArray, extract_folder_ray  # noqa: E402
 
 BAD = "broken.jpg"
@@ -57,10 +58,10 @@ class Collection:
         extractor.fit_whitening([str(p) for p in sorted(self.folder.glob("photo*.jpg"))], progress=False)
         extractor.save_whitening(self.whitening)
 
-    def extractor(self, method: str = "clustermac") -> clustermac.Extractor:
+    def extractor(self, method: str = DEFAULT_METHOD) -> clustermac.Extractor:
         ex = clustermac.Extractor(Backbone(self.onnx, preset="vgg16", n_threads=1), method, max_size=96)
-        # The whitening fits only the settings it was learned with (ClusterMAC).
-        return ex.load_whitening(self.whitening) if self.whitening.exists() and method == "clustermac" else ex
+        # The whitening fits only the settings it was learned with (the default method's, as the CLI's).
+        return ex.load_whitening(self.whitening) if self.whitening.exists() and method == DEFAULT_METHOD else ex
 
     def cli_options(self) -> list[str]:
         return ["--backbone", "vgg16", "--onnx", str(self.onnx), "--whitening", str(self.whitening), "--max-size", "96"]

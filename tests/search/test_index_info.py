@@ -31,7 +31,7 @@ def test_the_recorded_setup_describes_queries_like_the_index(serve_index):
     row = loaded.names.index("photo3.jpg")
     assert float(query @ loaded.vectors([row])[0]) > 0.999
     store = FeatureMapStore(loaded.info["feature_map_store"]["path"])
-    assert store.names == loaded.names and len(store.labels(row)) == 3  # 5 + 20 feature clusters, RGB
+    assert store.names == loaded.names and len(store.labels(row)) == 1  # clustermac-box: 20 feature clusters
 
 
 def test_search_uses_the_recorded_whitening(serve_index, capsys):

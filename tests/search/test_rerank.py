@@ -538,6 +538,10 @@ def test_extractor_box_descriptor_kinds():
     ).box_descriptor()
     assert isinstance(clustermac_in_box, cm.ClusterMACInBox) and clustermac_in_box.add_grid_regions
     assert clustermac_in_box.cluster_pooling == "box"
+    # ClusterMAC-box (the default): the box's grid and the boxes of the stored 20 clusters' cells.
+    box_in_box = cm.Extractor(backbone).box_descriptor()
+    assert isinstance(box_in_box, cm.ClusterMACInBox) and box_in_box.add_grid_regions
+    assert box_in_box.cluster_pooling == "box"
     mac = cm.Extractor(backbone, "mac")
     assert mac.box_descriptor() == mac.descriptor_from_feature_map
 
@@ -578,6 +582,11 @@ def test_pipeline_rerank_of_clustermac_stored_or_reclustered(monkeypatch):
         assert sorted(result[:4, 0]) == sorted(ranks[:4, 0]) and np.array_equal(result[4:], ranks[4:])
     with pytest.raises(ValueError, match="rerank_clusters"):
         pipeline._rerank_then_qe(extractor, maps, queries, query_maps, [1.25], ranks, 4, 2, "both")
+    # ClusterMAC-box stores its one 20-cluster partition and describes boxes from it.
+    box_extractor = cm.Extractor(SimpleNamespace(max_size=1024, dim=channels), "clustermac-box", pca_dim=4)
+    box_queries = np.stack([box_extractor.descriptor_from_feature_map(q.astype(np.float32)) for q, _ in query_maps])
+    pipeline._rerank_then_qe(box_extractor, maps, box_queries, query_maps, [1.25], ranks, 4, 2)
+    assert seen[2] == ("ClusterMACInBox", [1] * 6)
     # Labels kept from computing the database descriptors: the same descriptors and re-ranking,
     # and no clustering of the database a second time.
     labels = []

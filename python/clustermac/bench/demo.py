@@ -50,7 +50,7 @@ DEMO_METHODS = (
 COMPARISON = (
     ("R-MAC", "R-MAC (rmac)"),
     ("ClusterMAC", "ClusterMAC, the paper's (clustermac)"),
-    ("ClusterMAC-box (ours)", "ClusterMAC-box, ours (clustermac-box)"),
+    ("ClusterMAC-box (ours)", "ClusterMAC-box, ours, the default (clustermac-box)"),
 )
 PCA_DIMS_FOR_FIGURE_3 = (1, 2, 4, 7, 16, 64)
 DEMO_MAX_SIZE = 640
@@ -135,8 +135,8 @@ def run_demo(out: PathLike = "clustermac-demo", seed: int = 0, quick: bool = Fal
         ),
         "ClusterMAC (the paper's): NCut on C-dim PCA features into 5 and 20 clusters + NCut on RGB into 5 "
         "(paper section 4.1), each cluster max-pooled over its own cells. ClusterMAC-box (ours, not in the "
-        "paper): R-MAC's square regions plus the bounding boxes of 20 feature clusters, max-pooled, on the "
-        "uncapped head.",
+        "paper; the library's default, Extractor()): R-MAC's square regions plus the bounding boxes of 20 "
+        "feature clusters, max-pooled, on the uncapped head.",
         "Side by side: Δ is the mean per-query AP difference to R-MAC on the same queries, with the 95 % "
         "interval of a paired bootstrap over queries (10,000 resamples); an interval above 0 means better "
         "than R-MAC beyond the choice of queries. On this small benchmark the intervals are wide.",

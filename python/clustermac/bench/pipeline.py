@@ -65,7 +65,8 @@ def compute_feature_maps(
 
     def compact_maps(i: int, side_by_side: bool) -> list[tuple[np.ndarray, np.ndarray]]:
         prepared = extractor.prepare_scales(images[i], boxes[i])
-        return [_compact(fmap, rgb) for fmap, rgb in extractor.feature_maps(prepared, side_by_side)]
+        # With the RGB image whatever the extractor's method: the maps serve every method.
+        return [_compact(fmap, rgb) for fmap, rgb in extractor.feature_maps(prepared, side_by_side, with_rgb=True)]
 
     out: FeatureMaps = []
     for i, scaled in per_image_in_order(extractor, len(images), compact_maps):
@@ -105,7 +106,7 @@ def descriptors_from_maps(
         if isinstance(item, list):  # multi-scale: no labels kept (AML re-ranking is single-scale)
             out[i] = extractor.descriptor_from_feature_maps(item)
         elif item is not None:
-            if labels_out is not None and extractor.method == "clustermac":
+            if labels_out is not None and extractor.clusters:
                 labels = extractor.cluster_labels(np.ascontiguousarray(item[0], dtype=np.float32), item[1])
             out[i] = extractor.descriptor_from_feature_map(item[0], item[1], labels)
         if labels_out is not None:
@@ -328,7 +329,7 @@ def _rerank_then_qe(
 
     if rerank_clusters not in ("stored", "box"):
         raise ValueError(f"rerank_clusters: expected 'stored' or 'box', got {rerank_clusters!r}")
-    reclustering = extractor.method == "clustermac" and rerank_clusters == "box"
+    reclustering = extractor.clusters and rerank_clusters == "box"
     if reclustering or extractor.method not in REGIONAL_METHODS:
 
         def descriptor_fn(crop: np.ndarray) -> np.ndarray:
@@ -336,7 +337,7 @@ def _rerank_then_qe(
             return extractor.descriptor_from_feature_map(crop, None)
     else:
         descriptor_fn = extractor.box_descriptor()
-    store_labels = extractor.method == "clustermac" and not reclustering
+    store_labels = extractor.clusters and not reclustering
 
     out = ranks.copy()
     with tempfile.TemporaryDirectory() as tmp:

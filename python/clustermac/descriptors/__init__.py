@@ -38,7 +38,7 @@ from .extractor import (
     rgb_at_feature_resolution,
 )
 from .global_pooling import MAC, CroW, GeM, SPoC
-from .registry import METHOD_CLASSES, METHODS, REGIONAL_METHODS
+from .registry import DEFAULT_METHOD, METHOD_CLASSES, METHODS, REGIONAL_METHODS
 from .rmac import RMAC, RMACInBox
 from .store import extract_folder, load_descriptors
 from .whitening import (
@@ -51,6 +51,7 @@ from .whitening import (
 __all__ = [
     "Extractor",
     "PreparedImage",
+    "DEFAULT_METHOD",
     "METHODS",
     "METHOD_CLASSES",
     "REGIONAL_METHODS",

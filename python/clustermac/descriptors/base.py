@@ -62,6 +62,14 @@ class DescriptorMethod:
         """The un-normalised regional vectors (R×D) of a regional method."""
         raise ValueError(f"method {self.name!r} pools one global vector: use pooled_vector()")
 
+    def uses_rgb(self) -> bool:
+        """Whether the method needs the image resized to the feature map's H×W (RGB clustering)."""
+        return False
+
+    def cluster_labels(self, fmap: np.ndarray, rgb: np.ndarray | None = None) -> list[np.ndarray]:
+        """The NCut partitions (H×W label maps) the regions of a :attr:`clustering` method come from."""
+        raise ValueError(f"method {self.name!r} does not cluster the feature map")
+
     def box_descriptor(self) -> BoxDescriptor:
         """The descriptor inside an AML box: by default the method run on the dequantised crop."""
         return self.extractor.descriptor_from_feature_map

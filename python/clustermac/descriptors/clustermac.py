@@ -129,11 +129,18 @@ class ClusterMAC(DescriptorMethod):
         s.update(similarity_settings(ex))
         return s
 
+    def uses_rgb(self) -> bool:
+        return self.extractor.rgb_clusters > 0
+
+    def cluster_labels(self, fmap: np.ndarray, rgb: np.ndarray | None = None) -> list[np.ndarray]:
+        """The paper's partitions (section 3.2): one per feature clustering, then the RGB one."""
+        return cluster_labels(self.extractor, fmap, rgb)
+
     def regional_vectors(
         self, fmap: np.ndarray, rgb: np.ndarray | None = None, labels: Sequence[np.ndarray] | None = None
     ) -> np.ndarray:
         ex = self.extractor
-        partitions = ex.cluster_labels(fmap, rgb) if labels is None else labels
+        partitions = self.cluster_labels(fmap, rgb) if labels is None else labels
         return cluster_region_vectors(FloatMap(fmap), partitions, ex.cluster_pooling, self._grid_levels())
 
     def box_descriptor(self) -> ClusterMACInBox:

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from .base import DescriptorMethod, FloatMap
-from .clustermac import cluster_labels, cluster_region_vectors, similarity_settings
+from .clustermac import ClusterMACInBox, cluster_labels, cluster_region_vectors, similarity_settings
 
 __all__ = ["ClusterMACBox", "CLUSTERMAC_BOX_CLUSTERS"]
 
@@ -53,8 +53,9 @@ class ClusterMACBox(DescriptorMethod):
             **similarity_settings(ex),
         }
 
-    def cluster_labels(self, fmap: np.ndarray) -> list[np.ndarray]:
-        """The 20-cluster NCut partition of a feature map (one H×W label map in a list)."""
+    def cluster_labels(self, fmap: np.ndarray, rgb: np.ndarray | None = None) -> list[np.ndarray]:
+        """The 20-cluster NCut partition of a feature map (one H×W label map in a list; no RGB
+        partition, so ``rgb`` is not used)."""
         return cluster_labels(self.extractor, fmap, None, n_clusters=CLUSTERMAC_BOX_CLUSTERS, rgb_clusters=0)
 
     def regional_vectors(
@@ -64,3 +65,8 @@ class ClusterMACBox(DescriptorMethod):
         are used instead of clustering again when given."""
         partitions = self.cluster_labels(fmap) if labels is None else labels
         return cluster_region_vectors(FloatMap(fmap), partitions, "box", self.extractor.rmac_levels)
+
+    def box_descriptor(self) -> ClusterMACInBox:
+        """Inside an AML box: the box's grid and the boxes of the stored clusters' cells in it."""
+        ex = self.extractor
+        return ClusterMACInBox(ex.whitening_mean, ex.whitening_projection, True, ex.rmac_levels, "box")

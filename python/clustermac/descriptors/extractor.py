@@ -24,8 +24,8 @@ from ..backbones import Backbone, default_backbone
 from ..images import crop_box, load_image, map_box, resize_max
 from . import multiscale, pipeline, whitening
 from .base import BoxDescriptor, DescriptorMethod
-from .clustermac import CLUSTER_POOLINGS, cluster_labels, default_pca_dim
-from .registry import method_class
+from .clustermac import CLUSTER_POOLINGS, default_pca_dim
+from .registry import DEFAULT_METHOD, method_class
 
 __all__ = ["Extractor", "PreparedImage", "CROP_MODES", "rgb_at_feature_resolution"]
 
@@ -108,8 +108,9 @@ class Extractor:
         method's head (``backbone_head`` of its class: ReLU6 as trained, the uncapped ReLU for
         ``"clustermac-box"``).
     method:
-        ``"clustermac"`` (default, the paper's), ``"clustermac-box"`` (ours: R-MAC's grid +
-        the boxes of 20 clusters, uncapped head), ``"rmac"``, ``"mac"``, ``"spoc"``, ``"gem"`` or ``"crow"``.
+        ``"clustermac-box"`` (default: ours, R-MAC's grid + the boxes of 20 clusters on the
+        uncapped head, the best descriptor we measured), ``"clustermac"`` (the paper's ClusterMAC,
+        bit-identical to earlier versions), ``"rmac"``, ``"mac"``, ``"spoc"``, ``"gem"`` or ``"crow"``.
     crop:
         How a query box is applied: ``"image"`` (the paper's *crop I*: crop the image to the
         box, then extract) or ``"activations"`` (*crop X*: extract on the whole image, keep
@@ -120,7 +121,8 @@ class Extractor:
     pca_dim:
         C, the PCA dimension for the clustering step (default: :func:`default_pca_dim`).
     n_clusters, rgb_clusters:
-        Cluster counts on the features (default (5, 20)) and on the RGB image (default 5).
+        The paper's ClusterMAC (``"clustermac"``) only: cluster counts on the features (default
+        (5, 20)) and on the RGB image (default 5); ``"clustermac-box"`` always uses 20 and no RGB.
     z_ratio:
         The affinity scale: z = z_ratio · max d (Eq. 3; paper: 0.05).
     spatial_weight:
@@ -178,7 +180,7 @@ class Extractor:
     def __init__(
         self,
         backbone: Backbone | None = None,
-        method: str = "clustermac",
+        method: str = DEFAULT_METHOD,
         crop: str = "image",
         *,
         max_size: int | None = None,
@@ -324,29 +326,47 @@ class Extractor:
         return multiscale.prepare_scales(self, image, box)
 
     def feature_maps(
-        self, prepared: Sequence[PreparedImage], side_by_side: bool = False
-    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        self, prepared: Sequence[PreparedImage], side_by_side: bool = False, with_rgb: bool | None = None
+    ) -> list[tuple[np.ndarray, np.ndarray | None]]:
         """:meth:`feature_map` of every scale's prepared image."""
-        return [self.feature_map(p, side_by_side) for p in prepared]
+        return [self.feature_map(p, side_by_side, with_rgb) for p in prepared]
 
-    def feature_map(self, prepared: PreparedImage, side_by_side: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """Run the backbone; returns the D×H×W map (cropped for crop X) and the H×W×3 RGB.
-        ``side_by_side``: on the backbone's session for images side by side (:meth:`Backbone.features`),
-        for running several images at once; same values. Other backbone objects need only ``features(image)``."""
+    def feature_map(
+        self, prepared: PreparedImage, side_by_side: bool = False, with_rgb: bool | None = None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Run the backbone; returns the D×H×W map (cropped for crop X) and the image resized to
+        H×W×3 for the RGB clustering: by default only when the method uses it (:attr:`uses_rgb`),
+        else None; ``with_rgb`` True or False decides instead. ``side_by_side``: on the backbone's
+        session for images side by side (:meth:`Backbone.features`), for running several images at
+        once; same values. Other backbone objects need only ``features(image)``."""
         image = prepared.image
         fmap = self.backbone.features(image, side_by_side=True) if side_by_side else self.backbone.features(image)
         _, height, width = fmap.shape
-        rgb = rgb_at_feature_resolution(prepared.image, height, width)
+        with_rgb = self.uses_rgb if with_rgb is None else with_rgb
+        rgb = rgb_at_feature_resolution(prepared.image, height, width) if with_rgb else None
         if prepared.activation_box is not None:
             x0, y0, x1, y1 = _activation_box(prepared.activation_box, int(self.backbone.stride), height, width)
             fmap = np.ascontiguousarray(fmap[:, y0:y1, x0:x1])
-            rgb = np.ascontiguousarray(rgb[y0:y1, x0:x1])
+            rgb = np.ascontiguousarray(rgb[y0:y1, x0:x1]) if rgb is not None else None
         return fmap, rgb
 
+    @property
+    def uses_rgb(self) -> bool:
+        """Whether the method clusters the image's colours too (the paper's ClusterMAC with
+        ``rgb_clusters`` > 0), so that :meth:`feature_map` must resize the image to H×W."""
+        return bool(self._method.uses_rgb())
+
+    @property
+    def clusters(self) -> bool:
+        """Whether the method's regions come from NCut partitions (``clustermac``, ``clustermac-box``):
+        then :meth:`cluster_labels` gives them, and AML re-ranking needs them stored."""
+        return bool(self._method.clustering)
+
     def cluster_labels(self, fmap: np.ndarray, rgb: np.ndarray | None) -> list[np.ndarray]:
-        """The paper's partitions of one feature map (section 3.2): one H×W label map per
-        feature clustering, then one for the RGB clustering."""
-        return cluster_labels(self, fmap, rgb)
+        """The method's NCut partitions of one feature map, H×W label maps: for ``clustermac``
+        the paper's (section 3.2; one per feature clustering, then the RGB one), for
+        ``clustermac-box`` its 20 clusters. ValueError for a method that does not cluster."""
+        return self._method.cluster_labels(fmap, rgb)
 
     def regional_vectors(
         self, fmap: np.ndarray, rgb: np.ndarray | None, labels: Sequence[np.ndarray] | None = None

@@ -8,7 +8,7 @@ from .clustermac_box import ClusterMACBox
 from .global_pooling import MAC, CroW, GeM, SPoC
 from .rmac import RMAC
 
-__all__ = ["METHOD_CLASSES", "METHODS", "REGIONAL_METHODS", "method_class"]
+__all__ = ["DEFAULT_METHOD", "METHOD_CLASSES", "METHODS", "REGIONAL_METHODS", "method_class"]
 
 METHOD_CLASSES: dict[str, type[DescriptorMethod]] = {
     "mac": MAC,
@@ -19,6 +19,9 @@ METHOD_CLASSES: dict[str, type[DescriptorMethod]] = {
     "clustermac": ClusterMAC,
     "clustermac-box": ClusterMACBox,
 }
+#: The method of ``Extractor()`` and of the command line without ``--method``: the best descriptor
+#: measured (issue 16; the README's "Beyond the paper"). The paper's ClusterMAC is ``"clustermac"``.
+DEFAULT_METHOD = "clustermac-box"
 #: Every method's name, in the registry's order.
 METHODS = tuple(METHOD_CLASSES)
 #: The methods that aggregate regional vectors (the others pool one global vector).

@@ -140,7 +140,7 @@ def write_feature_map_store(
 
     def map_and_labels(i: int, side_by_side: bool) -> tuple[np.ndarray, Sequence[np.ndarray]]:
         fmap, rgb = extractor.feature_map(extractor.prepare(root / names[i]), side_by_side)
-        return fmap, (extractor.cluster_labels(fmap, rgb) if extractor.method == "clustermac" else ())
+        return fmap, (extractor.cluster_labels(fmap, rgb) if extractor.clusters else ())
 
     bar = progress_bar(len(names), "feature maps", progress)
     with FeatureMapStoreWriter(path) as writer:
