@@ -214,6 +214,36 @@ def test_rmac_regions_errors():
         cm.rmac_regions(5, 5, 0)
 
 
+def first_maximum_grid_mac(fmap, regions):
+    """grid_mac's rule spelled out: each box's columns are maxed down the rows, then across, a value
+    replacing the maximum only when strictly greater (the first of equal values, +0 or -0, stays)."""
+    out = np.zeros((len(regions), fmap.shape[0]), dtype=np.float32)
+    for r, (x0, y0, x1, y1) in enumerate(regions):
+        column = fmap[:, y0, x0:x1].copy()
+        for y in range(y0 + 1, y1):
+            column = np.where(fmap[:, y, x0:x1] > column, fmap[:, y, x0:x1], column)
+        best = column[:, 0].copy()
+        for x in range(1, x1 - x0):
+            best = np.where(column[:, x] > best, column[:, x], best)
+        out[r] = best
+    return out
+
+
+@pytest.mark.parametrize("channels", [1, 7, 8, 9, 16, 17, 33, 48])
+def test_grid_mac_keeps_the_first_of_equal_maxima_bit_for_bit(channels):
+    """Ties between +0 and -0 resolve as in the scalar loop, on the 8-channel blocks of the AVX2
+    path and the channels left over; boxes of one cell, one row, one column and the whole map."""
+    rng = np.random.default_rng(100 + channels)
+    fmap = rng.choice(np.array([-0.0, 0.0, 1.5, -2.0], dtype=np.float32), size=(channels, 7, 11))
+    regions = [[0, 0, 11, 7], [3, 2, 4, 3], [0, 5, 11, 6], [10, 0, 11, 7]]
+    for _ in range(12):
+        x0, y0 = rng.integers(0, 11), rng.integers(0, 7)
+        regions.append([x0, y0, rng.integers(x0 + 1, 12), rng.integers(y0 + 1, 8)])
+    regions = np.array(regions, dtype=np.int32)
+    out = cm.grid_mac(fmap, regions)
+    np.testing.assert_array_equal(out.view(np.uint32), first_maximum_grid_mac(fmap, regions).view(np.uint32))
+
+
 def test_grid_mac_matches_numpy_and_rejects_bad_regions():
     rng = np.random.default_rng(4)
     fmap = random_map(rng, channels=5, height=9, width=12, sparse=False)

@@ -161,16 +161,17 @@ inline MatrixRM region_mac(const FeatureMapView& map, const std::int32_t* labels
 
 namespace detail {
 
-// out(r, d) = max over region r of channel d. Element-wise maxima
-// down the rows (vectorises; a running scalar max would not), then one short reduction
-// across the columns.
+// out(r, d) = max over region r of channel d, for the channels from `first` on. Element-wise
+// maxima down the rows (vectorises; a running scalar max would not), then one short reduction
+// across the columns; both keep the earlier value unless the new one is strictly greater
+// (std::max), so among equal values (+0 and -0) the first stays, as in grid_max_avx2.
 struct GridMacKernel {
   static constexpr SimdLevel widest = kSimdAvx512;
   template <SimdLevel>
   static CLUSTERMAC_ALWAYS_INLINE void run(const FeatureMapView& map, const std::int32_t* regions,
-                                           std::ptrdiff_t n_regions, MatrixRM& out) {
+                                           std::ptrdiff_t n_regions, std::ptrdiff_t first, MatrixRM& out) {
     std::vector<float> column_max(map.width);
-    for (std::ptrdiff_t d = 0; d < map.channels; ++d) {
+    for (std::ptrdiff_t d = first; d < map.channels; ++d) {
       const float* plane = map.channel(d);
       for (std::ptrdiff_t r = 0; r < n_regions; ++r) {
         const std::int32_t* box = regions + 4 * r;
@@ -190,9 +191,49 @@ struct GridMacKernel {
   }
 };
 
+#ifdef CLUSTERMAC_SIMD_X86
+// GridMacKernel for 8 channels at a time (channels first .. first + 7): their planes are transposed
+// once, 8 locations at a time in registers, into `cells` (N x 8, each location's 8 channels
+// together, 8·N floats: L1-sized for the usual maps); each box is then one register per location.
+// Lane by lane it keeps GridMacKernel's order and rule: down each column first, then across the
+// columns, a value replacing the maximum only when strictly greater (_mm256_max_ps(new, old)
+// returns old on equality), so both give the same bits.
+CLUSTERMAC_TARGET_AVX2 inline void grid_max_avx2(const FeatureMapView& map, const std::int32_t* regions,
+                                                 std::ptrdiff_t n_regions, std::ptrdiff_t first, float* cells,
+                                                 MatrixRM& out) {
+  const std::ptrdiff_t n = map.locations(), width = map.width;
+  const float* plane[8];
+  for (int c = 0; c < 8; ++c) plane[c] = map.channel(first + c);
+  std::ptrdiff_t i = 0;
+  __m256 tile[8];
+  for (; i + 8 <= n; i += 8) {
+    for (int c = 0; c < 8; ++c) tile[c] = _mm256_loadu_ps(plane[c] + i);
+    transpose8x8(tile);
+    for (int j = 0; j < 8; ++j) _mm256_storeu_ps(cells + 8 * (i + j), tile[j]);
+  }
+  for (; i < n; ++i)
+    for (int c = 0; c < 8; ++c) cells[8 * i + c] = plane[c][i];
+  for (std::ptrdiff_t r = 0; r < n_regions; ++r) {
+    const std::int32_t* box = regions + 4 * r;
+    __m256 best = _mm256_setzero_ps();
+    for (std::ptrdiff_t x = box[0]; x < box[2]; ++x) {
+      const float* cell = cells + 8 * (static_cast<std::ptrdiff_t>(box[1]) * width + x);
+      __m256 column = _mm256_loadu_ps(cell);
+      for (std::int32_t y = box[1] + 1; y < box[3]; ++y) {
+        cell += 8 * width;
+        column = _mm256_max_ps(_mm256_loadu_ps(cell), column);
+      }
+      best = x == box[0] ? column : _mm256_max_ps(column, best);
+    }
+    _mm256_storeu_ps(&out(r, first), best);
+  }
+}
+#endif
+
 }  // namespace detail
 
-// MAC over each rectangular region [x0, y0, x1, y1) (R-MAC's regional vectors).
+// MAC over each rectangular region [x0, y0, x1, y1) (R-MAC's regional vectors). Channels go 8 at a
+// time on AVX2 (and AVX-512) CPUs, the rest one by one; every path gives the same bits.
 inline MatrixRM grid_mac(const FeatureMapView& map, const std::int32_t* regions, std::ptrdiff_t n_regions) {
   require_feature_map(map, "feature_map");
   for (std::ptrdiff_t r = 0; r < n_regions; ++r) {
@@ -206,7 +247,15 @@ inline MatrixRM grid_mac(const FeatureMapView& map, const std::int32_t* regions,
   }
   require_region_output(n_regions, map.channels, "grid_mac", "one per region");
   MatrixRM out(n_regions, map.channels);
-  dispatch<detail::GridMacKernel>(map, regions, n_regions, out);
+  std::ptrdiff_t first = 0;
+#ifdef CLUSTERMAC_SIMD_X86
+  if (simd_at_least(kSimdAvx2) && map.channels >= 8) {
+    std::vector<float> cells(static_cast<std::size_t>(8 * map.locations()));
+    for (; first + 8 <= map.channels; first += 8)
+      detail::grid_max_avx2(map, regions, n_regions, first, cells.data(), out);
+  }
+#endif
+  if (first < map.channels) dispatch<detail::GridMacKernel>(map, regions, n_regions, first, out);
   return out;
 }
 
