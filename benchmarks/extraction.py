@@ -138,7 +138,11 @@ def time_steps(extractor, images) -> dict[str, float]:
         resized, _ = timed("resize", resize_max, decoded, extractor.max_size)
         network_input = timed("network input", backbone.preprocess, resized)
         fmap = timed("network", lambda x: backbone._run(x)[0], network_input)
-        rgb = timed("rgb at feature resolution", rgb_at_feature_resolution, resized, *fmap.shape[1:])
+        rgb = (
+            timed("rgb at feature resolution", rgb_at_feature_resolution, resized, *fmap.shape[1:])
+            if extractor.uses_rgb
+            else None
+        )
         labels = timed("clustering", extractor.cluster_labels, fmap, rgb) if extractor.clusters else None
         vectors = timed("pooling", extractor.regional_vectors, fmap, rgb, labels)
         timed("aggregation", _core.aggregate_regions, vectors, extractor.whitening_mean, extractor.whitening_projection)
