@@ -84,6 +84,12 @@ VARIANTS: dict[str, tuple[str, str, str, str]] = {
     "relu box10+grid": ("relu", "grid+box10", "max", "uniform"),
     "relu box40+grid": ("relu", "grid+box40", "max", "uniform"),
     "relu box10+box20+box40+grid": ("relu", "grid+box10+box20+box40", "max", "uniform"),
+    # Session 10: spatially coherent regions. "box20sp": the boxes of 20 clusters of an NCut whose
+    # affinity has the spatial term (spatial_weight SPATIAL_WEIGHT); "cc20": the boxes of the
+    # connected pieces (4-neighbours, >= CC_MIN_CELLS cells) of the 20 clusters.
+    "relu box20sp+grid": ("relu", "grid+box20sp", "max", "uniform"),
+    "relu cc20+grid": ("relu", "grid+cc20", "max", "uniform"),
+    "relu box20sp+box20+grid": ("relu", "grid+box20+box20sp", "max", "uniform"),
 }
 GEM_P = 3.0
 
@@ -150,15 +156,24 @@ def head_map(item, head: str) -> np.ndarray:
 
 
 EXTRA_CLUSTERS = (10, 40)  # the partitions of the parts "box10" and "box40" (no RGB partition)
+SPATIAL_WEIGHT = 1.0  # the spatial term of the partition of "box20sp" (crossing the map ~ one feature std)
+CC_MIN_CELLS = 3  # the smallest connected piece of a cluster that "cc20" keeps
 
 
 def cached_partitions(
-    out: Path, maps: dict[str, list], max_size: int, scale: float, head: str, extra: bool = False
+    out: Path,
+    maps: dict[str, list],
+    max_size: int,
+    scale: float,
+    head: str,
+    extra: bool = False,
+    spatial: bool = False,
 ) -> dict[str, list]:
     """The paper's partitions (5 and 20 feature clusters, 5 RGB clusters; C = 7, z = 0.05, seed 0);
-    with ``extra``, the partitions into EXTRA_CLUSTERS feature clusters instead."""
-    counts, rgb_clusters = (EXTRA_CLUSTERS, 0) if extra else ((5, 20), 5)
-    tag = "-k" + "-".join(map(str, EXTRA_CLUSTERS)) if extra else ""
+    with ``extra``, the partitions into EXTRA_CLUSTERS feature clusters instead; with ``spatial``,
+    the 20-cluster partition with the spatial term SPATIAL_WEIGHT."""
+    counts, rgb_clusters = (EXTRA_CLUSTERS, 0) if extra else ((20,), 0) if spatial else ((5, 20), 5)
+    tag = "-k" + "-".join(map(str, EXTRA_CLUSTERS)) if extra else f"-sp{SPATIAL_WEIGHT:g}" if spatial else ""
     path = out / f"labels-{max_size}-s{scale:.3f}-{head}{tag}.pkl"
     if path.is_file():
         with open(path, "rb") as f:
@@ -175,7 +190,7 @@ def cached_partitions(
                 rgb_clusters=rgb_clusters,
                 pca_dim=7,
                 z_ratio=0.05,
-                spatial_weight=0.0,
+                spatial_weight=SPATIAL_WEIGHT if spatial else 0.0,
                 seed=0,
                 normalization="sym",
             )
@@ -198,6 +213,8 @@ def region_boxes_of(part: str, height: int, width: int, partitions) -> np.ndarra
     a suffix "@1.5" grows each box about its centre by that factor, clipped to the map)."""
     if part == "grid":
         return np.asarray(_core.rmac_regions(height, width, 3))
+    if part == "cc20":
+        return connected_piece_boxes(np.asarray(partitions[1]).reshape(height, width))
     name, _, factor = part.partition("@")
     # partitions: 5, 20 and RGB clusters, then (with box10 / box40 variants) EXTRA_CLUSTERS.
     chosen = {
@@ -206,6 +223,7 @@ def region_boxes_of(part: str, height: int, width: int, partitions) -> np.ndarra
         "boxall": list(partitions[:3]),
         "box10": [partitions[3]],
         "box40": [partitions[4]],
+        "box20sp": [partitions[5]] if len(partitions) > 5 else None,
     }[name]
     boxes = np.concatenate([cluster_boxes(np.ascontiguousarray(p, dtype=np.int32)) for p in chosen])
     if factor:
@@ -222,6 +240,22 @@ def region_boxes_of(part: str, height: int, width: int, partitions) -> np.ndarra
             axis=1,
         ).astype(np.int64)
     return boxes
+
+
+def connected_piece_boxes(labels: np.ndarray) -> np.ndarray:
+    """[x0, y0, x1, y1) boxes of the 4-connected pieces of each cluster with >= CC_MIN_CELLS cells
+    (every cluster's largest piece is kept, so no cluster is left without a box)."""
+    from scipy import ndimage
+
+    boxes = []
+    for k in np.unique(labels):
+        pieces, count = ndimage.label(labels == k)
+        sizes = np.bincount(pieces.ravel())[1:]
+        for j, piece in enumerate(ndimage.find_objects(pieces)):
+            if sizes[j] >= CC_MIN_CELLS or j == int(np.argmax(sizes)):
+                rows, cols = piece
+                boxes.append((cols.start, rows.start, cols.stop, rows.stop))
+    return np.asarray(boxes, dtype=np.int64)
 
 
 def part_vectors(fmap: np.ndarray, partitions, part: str, pooling: str) -> tuple[np.ndarray, np.ndarray]:
@@ -404,11 +438,19 @@ def main(argv=None) -> int:
     for scale in [] if args.report else args.scales:
         maps = cached_maps(out, dataset, whitening_images, args.max_size, scale)
         labels = {head: cached_partitions(out, maps, args.max_size, scale, head) for head in heads}
-        for head in {VARIANTS[n][0] for n in names if "box10" in VARIANTS[n][1] or "box40" in VARIANTS[n][1]}:
+        spatial_heads = {VARIANTS[n][0] for n in names if "box20sp" in VARIANTS[n][1]}
+        extra_heads = {VARIANTS[n][0] for n in names if "box10" in VARIANTS[n][1] or "box40" in VARIANTS[n][1]}
+        for head in extra_heads | spatial_heads:
             extra = cached_partitions(out, maps, args.max_size, scale, head, extra=True)
             for name in SETS:
                 labels[head][name] = [
                     None if p is None else list(p) + list(e) for p, e in zip(labels[head][name], extra[name])
+                ]
+        for head in spatial_heads:  # the spatial partition is the sixth (after 5, 20, RGB, 10, 40)
+            spatial = cached_partitions(out, maps, args.max_size, scale, head, spatial=True)
+            for name in SETS:
+                labels[head][name] = [
+                    None if p is None else list(p) + list(e) for p, e in zip(labels[head][name], spatial[name])
                 ]
         scale_data.append((maps, labels))
 
