@@ -54,7 +54,7 @@ SETS = ("database", "whitening", "image", "activations")  # the last two: querie
 # name: (head, regions, pooling, weighting). Regions: "grid" (R-MAC's 3 levels), "clusters" (the
 # paper's 5 + 20 feature clusters + 5 RGB clusters, each over its cells), "box20" (the 20 clusters,
 # each over its bounding box), "boxall" (all 30 clusters over their boxes); joined with "+".
-VARIANTS: dict[str, tuple[str, str, str, str]] = {
+VARIANTS: dict[str, tuple[str, ...]] = {
     "R-MAC": ("relu6", "grid", "max", "uniform"),
     "relu R-MAC": ("relu", "grid", "max", "uniform"),
     "relu GeM-grid": ("relu", "grid", "gem", "uniform"),
@@ -90,6 +90,9 @@ VARIANTS: dict[str, tuple[str, str, str, str]] = {
     "relu box20sp+grid": ("relu", "grid+box20sp", "max", "uniform"),
     "relu cc20+grid": ("relu", "grid+cc20", "max", "uniform"),
     "relu box20sp+box20+grid": ("relu", "grid+box20+box20sp", "max", "uniform"),
+    # Asymmetric: a fifth entry gives the queries' regions (the database and whitening keep the fourth's).
+    "relu box20+grid, queries grid": ("relu", "grid+box20", "max", "uniform", "grid"),
+    "relu grid, queries box20+grid": ("relu", "grid", "max", "uniform", "grid+box20"),
 }
 GEM_P = 3.0
 
@@ -216,15 +219,10 @@ def region_boxes_of(part: str, height: int, width: int, partitions) -> np.ndarra
     if part == "cc20":
         return connected_piece_boxes(np.asarray(partitions[1]).reshape(height, width))
     name, _, factor = part.partition("@")
-    # partitions: 5, 20 and RGB clusters, then (with box10 / box40 variants) EXTRA_CLUSTERS.
-    chosen = {
-        "box20": [partitions[1]],
-        "box5": [partitions[0]],
-        "boxall": list(partitions[:3]),
-        "box10": [partitions[3]],
-        "box40": [partitions[4]],
-        "box20sp": [partitions[5]] if len(partitions) > 5 else None,
-    }[name]
+    # partitions: 5, 20 and RGB clusters, then (with box10 / box40 / box20sp variants) EXTRA_CLUSTERS
+    # and the spatial 20-cluster partition.
+    indices = {"box20": [1], "box5": [0], "boxall": [0, 1, 2], "box10": [3], "box40": [4], "box20sp": [5]}[name]
+    chosen = [partitions[i] for i in indices]
     boxes = np.concatenate([cluster_boxes(np.ascontiguousarray(p, dtype=np.int32)) for p in chosen])
     if factor:
         grow = float(factor)
@@ -351,6 +349,14 @@ def ledoit_wolf_ratio(training: np.ndarray) -> float:
 WHITENING = parse_whitening("r1e-3")  # set from --whitening in main, one setting at a time
 
 
+def set_variant(variant: tuple, set_name: str) -> tuple:
+    """The (head, regions, pooling, weighting) of one set: an asymmetric variant's fifth entry
+    replaces the regions of the query sets."""
+    if len(variant) == 5 and set_name in ("image", "activations"):
+        return (variant[0], variant[4], *variant[2:4])
+    return tuple(variant[:4])
+
+
 def variant_descriptors(variant, scale_data) -> dict[str, np.ndarray]:
     """Descriptors of every set for one variant, summed over scales then l2-normalised. The
     whitening is learned on the regional vectors of the whitening set at all scales."""
@@ -360,7 +366,9 @@ def variant_descriptors(variant, scale_data) -> dict[str, np.ndarray]:
     for scale_index, (maps, labels) in enumerate(scale_data):
         regions = {
             name: [
-                None if item is None else image_regions(scale_index, name, i, item, labels[head][name][i], variant)
+                None
+                if item is None
+                else image_regions(scale_index, name, i, item, labels[head][name][i], set_variant(variant, name))
                 for i, item in enumerate(maps[name])
             ]
             for name in SETS

@@ -715,7 +715,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clusters", type=int, default=10)
     _add_backbone_options(p)
     _add_method_options(p)
-    p.set_defaults(func=cmd_show_clusters)
+    p.set_defaults(func=cmd_show_clusters, method="clustermac")  # the paper's figure, on its network as trained
 
     p = sub.add_parser("export", help="write a VGG16 / ResNet101 feature-map ONNX file (needs torch)")
     p.add_argument("arch", choices=("vgg16", "resnet101"))

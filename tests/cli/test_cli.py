@@ -172,6 +172,14 @@ def test_show_clusters_writes_a_png(tmp_path, write_photos):
         assert img.width > 2 * img.height  # three panels side by side
 
 
+def test_show_clusters_draws_the_paper_s_figure_while_extract_defaults_to_clustermac_box():
+    from clustermac.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["show-clusters", "a.jpg", "--out", "b.png"]).method == "clustermac"
+    assert parser.parse_args(["extract", "photos", "--out", "d.npy"]).method == "clustermac-box"
+
+
 @pytest.mark.network
 def test_evaluate_on_a_generated_benchmark(tmp_path, capsys, reference_classic_map):
     from clustermac.bench import photo_benchmark
