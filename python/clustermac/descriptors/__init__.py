@@ -11,9 +11,10 @@ vector:
 - ``clustermac`` (the paper, section 3): NCut on C-dim PCA features into 5 and 20 clusters
   plus NCut on the RGB image resized to H×W into 5; per region MAC → l2 → whiten → l2;
   sum → l2.
-- ``clustermac-box`` (ours, issue 16): R-MAC's grid + the bounding boxes of 20 NCut clusters;
-  per region MAC → l2 → whiten → l2; sum → l2; on the embedded backbone's uncapped head
-  (``head="relu"``). See the README for what it gains over R-MAC (about 1 mAP at best).
+- ``clustermac-box`` (ours, issue 16; the default, ``DEFAULT_METHOD``): R-MAC's grid + the
+  bounding boxes of 20 NCut clusters; per region MAC → l2 → whiten → l2; sum → l2; on the embedded
+  backbone's uncapped head (``head="relu"``). See the README for what it gains over R-MAC (about
+  1 mAP at best).
 
 Where each part lives: :mod:`.extractor` (the :class:`Extractor`: preparing images, the
 backbone, method dispatch), :mod:`.registry` (name → method class), one module per family of
