@@ -17,9 +17,11 @@ With --spinning-reference, the bare network on the same backbone with ONNX Runti
 images on the side-by-side session, one thread per image up to 8 cores, where spinning changes nothing,
 so it is not timed again.)
 With --breakdown, each step of the full extraction is also timed on its own, sequentially (median over
-the rounds, ms/image): decode, resize, network input, network, RGB at feature resolution, clustering,
-pooling, aggregation (l2, a whitening learned on the same images, sum); the network's share and the
-rest are what the overlapped pipeline has to hide.
+the rounds, ms/image): decode, resize, network input, network, RGB at feature resolution (methods that
+cluster colours only), clustering, pooling, aggregation (l2, a whitening learned on the same images, sum);
+the network's share and the rest are what the overlapped pipeline has to hide. The network input is also
+made the way earlier versions made it (a gather from a 256-entry table per channel), checked equal bit
+for bit: the same-run reference of the current arithmetic.
 """
 
 from __future__ import annotations
@@ -119,6 +121,20 @@ def time_full(extractor, images, cpu: list[float] | None = None) -> float:
     return time.perf_counter() - t0
 
 
+def table_preprocess(backbone, image) -> np.ndarray:
+    """The network input as versions before the tenth session made it: a gather from a 256-entry
+    table per channel (the reference of the "network input (256-entry table)" step)."""
+    preset = backbone.preset
+    scale = (preset.pixel_scale / np.asarray(preset.std, np.float64)).astype(np.float32)
+    offset = (np.asarray(preset.mean, np.float64) / np.asarray(preset.std, np.float64)).astype(np.float32)
+    table = np.arange(256, dtype=np.float32)[None, :] * scale[:, None] - offset[:, None]
+    rgb = np.asarray(image)
+    out = np.empty((1, 3, *rgb.shape[:2]), np.float32)
+    for channel, source in enumerate((2, 1, 0) if preset.channel_order == "BGR" else (0, 1, 2)):
+        np.take(table[channel], rgb[:, :, source], out=out[0, channel])
+    return out
+
+
 def time_steps(extractor, images) -> dict[str, float]:
     """Seconds spent in each step of a regional method's extraction, sequentially, over the images."""
     from clustermac import _core
@@ -137,6 +153,9 @@ def time_steps(extractor, images) -> dict[str, float]:
         decoded = timed("decode", load_image, img)
         resized, _ = timed("resize", resize_max, decoded, extractor.max_size)
         network_input = timed("network input", backbone.preprocess, resized)
+        reference = timed("network input (256-entry table)", table_preprocess, backbone, resized)
+        if not np.array_equal(reference.view(np.uint32), network_input.view(np.uint32)):
+            raise SystemExit("preprocess differs from the 256-entry table")
         fmap = timed("network", lambda x: backbone._run(x)[0], network_input)
         rgb = (
             timed("rgb at feature resolution", rgb_at_feature_resolution, resized, *fmap.shape[1:])

@@ -57,6 +57,26 @@ def test_preprocess_follows_the_preset_convention(tmp_path, preset, pooling_mode
     np.testing.assert_array_equal(backbone.preprocess(rgb), result)  # arrays too
 
 
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_preprocess_gives_the_table_of_earlier_versions_bit_for_bit(tmp_path, preset, pooling_model):
+    """Every uint8 value of every channel maps to float32(x)·scale − offset, rounded after the
+    product and after the difference: the 256-entry tables of earlier versions."""
+    stride, dim = PRESETS[preset].stride, PRESETS[preset].dim
+    path, _, _ = pooling_model(tmp_path / "m.onnx", dim, stride, preset=preset)
+    backbone = Backbone(path, n_threads=1)
+    values = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    rgb = np.stack([values, values.T, np.flipud(values)], axis=2)  # each channel holds all 256 values
+    rgb = np.repeat(np.repeat(rgb, 2, axis=0), 2, axis=1)  # 32 x 32, at least one stride
+    info = PRESETS[preset]
+    scale = (info.pixel_scale / np.asarray(info.std, np.float64)).astype(np.float32)
+    offset = (np.asarray(info.mean, np.float64) / np.asarray(info.std, np.float64)).astype(np.float32)
+    table = np.arange(256, dtype=np.float32)[None, :] * scale[:, None] - offset[:, None]
+    sources = (2, 1, 0) if info.channel_order == "BGR" else (0, 1, 2)
+    expected = np.stack([table[c][rgb[:, :, s]] for c, s in enumerate(sources)])[None]
+    got = backbone.preprocess(rgb)
+    np.testing.assert_array_equal(got.view(np.uint32), expected.view(np.uint32))
+
+
 def test_caffe_input_is_bgr(tmp_path, pooling_model):
     # A pure red image lights up the LAST input channel under the Caffe convention.
     path, _, _ = pooling_model(tmp_path / "m.onnx", 512, 16)
