@@ -152,6 +152,12 @@ def test_whitening_save_load_and_refusal(tmp_path):
     np.testing.assert_array_equal(ex.extract(img), again.extract(img))
     with pytest.raises(ValueError, match="method"):
         Extractor(bb, "rmac").load_whitening(path)
+    # The default extractor (clustermac-box) says how to keep using a whitening of the earlier default.
+    with pytest.raises(ValueError, match=r"or describe with method='clustermac' \(--method clustermac\)"):
+        Extractor(bb).load_whitening(path)
+    with pytest.raises(ValueError, match="pca_dim") as other:
+        Extractor(bb, "clustermac", pca_dim=4).load_whitening(path)
+    assert "describe with method" not in str(other.value)  # only when the method differs
     with pytest.raises(ValueError, match="backbone"):
         Extractor(BlockBackbone(name="other"), "clustermac", pca_dim=3).load_whitening(path)
     with pytest.raises(ValueError, match="pca_dim"):

@@ -217,8 +217,12 @@ def load_whitening_file(
     different = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
     if different:
         detail = ", ".join(f"{k}: file has {a!r}, extractor has {b!r}" for k, (a, b) in different.items())
+        # Since the default method became clustermac-box, a whitening learned with the earlier default
+        # is refused by a default extractor: say how to keep using it.
+        method = saved.get("method")
+        hint = f" or describe with method={method!r} (--method {method})" if "method" in different else ""
         raise ValueError(
-            f"{path}: whitening was learned for other settings ({detail}); learn a new one with fit_whitening()"
+            f"{path}: whitening was learned for other settings ({detail}); learn a new one with fit_whitening()" + hint
         )
     if recorded_out is not None:
         recorded_out.update(saved)
