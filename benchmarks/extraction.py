@@ -124,13 +124,10 @@ def time_full(extractor, images, cpu: list[float] | None = None) -> float:
 def table_preprocess(backbone, image) -> np.ndarray:
     """The network input as versions before the tenth session made it: a gather from a 256-entry
     table per channel (the reference of the "network input (256-entry table)" step)."""
-    preset = backbone.preset
-    scale = (preset.pixel_scale / np.asarray(preset.std, np.float64)).astype(np.float32)
-    offset = (np.asarray(preset.mean, np.float64) / np.asarray(preset.std, np.float64)).astype(np.float32)
-    table = np.arange(256, dtype=np.float32)[None, :] * scale[:, None] - offset[:, None]
+    table = np.arange(256, dtype=np.float32)[None, :] * backbone._scale[:, None] - backbone._offset[:, None]
     rgb = np.asarray(image)
     out = np.empty((1, 3, *rgb.shape[:2]), np.float32)
-    for channel, source in enumerate((2, 1, 0) if preset.channel_order == "BGR" else (0, 1, 2)):
+    for channel, source in enumerate(backbone._source_channels):
         np.take(table[channel], rgb[:, :, source], out=out[0, channel])
     return out
 

@@ -25,6 +25,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 
 import numpy as np
 
@@ -150,8 +151,6 @@ def main() -> None:
 
 def _timed(call, *arguments) -> float:
     """Thread CPU seconds of one call."""
-    import time
-
     start = time.thread_time()
     call(*arguments)
     return time.thread_time() - start

@@ -205,6 +205,12 @@ def cached_partitions(
     return labels
 
 
+def append_partitions(labels: dict[str, list], more: dict[str, list]) -> None:
+    """Append each image's partitions in ``more`` to its partitions in ``labels`` (every set)."""
+    for name in SETS:
+        labels[name] = [None if p is None else list(p) + list(e) for p, e in zip(labels[name], more[name])]
+
+
 # ----------------------------------------------------------------------------------------------
 # Pooling variants (NumPy research code; the shipped ones live in clustermac.descriptors)
 # ----------------------------------------------------------------------------------------------
@@ -449,17 +455,9 @@ def main(argv=None) -> int:
         spatial_heads = {VARIANTS[n][0] for n in names if "box20sp" in VARIANTS[n][1]}
         extra_heads = {VARIANTS[n][0] for n in names if "box10" in VARIANTS[n][1] or "box40" in VARIANTS[n][1]}
         for head in extra_heads | spatial_heads:
-            extra = cached_partitions(out, maps, args.max_size, scale, head, extra=True)
-            for name in SETS:
-                labels[head][name] = [
-                    None if p is None else list(p) + list(e) for p, e in zip(labels[head][name], extra[name])
-                ]
+            append_partitions(labels[head], cached_partitions(out, maps, args.max_size, scale, head, extra=True))
         for head in spatial_heads:  # the spatial partition is the sixth (after 5, 20, RGB, 10, 40)
-            spatial = cached_partitions(out, maps, args.max_size, scale, head, spatial=True)
-            for name in SETS:
-                labels[head][name] = [
-                    None if p is None else list(p) + list(e) for p, e in zip(labels[head][name], spatial[name])
-                ]
+            append_partitions(labels[head], cached_partitions(out, maps, args.max_size, scale, head, spatial=True))
         scale_data.append((maps, labels))
 
     rows, per_query = [], {}
