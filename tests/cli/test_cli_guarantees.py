@@ -24,6 +24,7 @@ import pytest
 from PIL import Image
 
 import clustermac
+from clustermac.descriptors.store import manifest_path
 from clustermac.files import lock_path, output_lock
 
 TIMEOUT = 60
@@ -99,7 +100,10 @@ def test_two_concurrent_extracts_on_one_output(tmp_path, setup):
     first = subprocess.Popen(command(model, folder, out, "mac"), env=environment(), stderr=subprocess.PIPE, text=True)
     try:
         holder = wait_for_holder(out, first)
-        os.kill(first.pid, signal.SIGSTOP)  # it holds the lock while the second one starts
+        # extract takes the manifest's lock just after the descriptors' one: stopping the writer
+        # between the two would let the d.npz writer below in (seen once in CI).
+        wait_for_holder(manifest_path(out), first)
+        os.kill(first.pid, signal.SIGSTOP)  # it holds both locks while the others start
         try:
             second = run(command(model, folder, out, "gem"))
             # d.npz shares the manifest d.json: refused as well.
