@@ -12,19 +12,21 @@ from clustermac import _core
 
 
 def all_box_scores(fmap, query, p=10.0):
-    """Cosine of the query with (sum x^p)^(1/p) for every box [x0, y0, x1, y1), in float64."""
+    """Cosine of the query with (sum x^p)^(1/p) for every box [x0, y0, x1, y1), in float64.
+
+    Each box is summed directly: an integral image's four-corner difference leaves a residue of
+    ~1e-16 of a channel's total where the channel is 0 in the box, which the 1/p-th root lifts to
+    a few hundredths of the channel and which moved these cosines by ~1e-4."""
     d, h, w = fmap.shape
     v = (fmap.astype(np.float64) / fmap.max()) ** p
-    integral = np.zeros((d, h + 1, w + 1))
-    integral[:, 1:, 1:] = v.cumsum(1).cumsum(2)
     q = query.astype(np.float64) / np.linalg.norm(query)
     scores = {}
     for x0 in range(w):
         for x1 in range(x0 + 1, w + 1):
+            columns = v[:, :, x0:x1].sum(axis=2)
             for y0 in range(h):
                 for y1 in range(y0 + 1, h + 1):
-                    s = integral[:, y1, x1] - integral[:, y0, x1] - integral[:, y1, x0] + integral[:, y0, x0]
-                    f = np.maximum(s, 0.0) ** (1.0 / p)
+                    f = columns[:, y0:y1].sum(axis=1) ** (1.0 / p)
                     norm = np.linalg.norm(f)
                     scores[(x0, y0, x1, y1)] = f @ q / norm if norm > 0 else 0.0
     return scores
