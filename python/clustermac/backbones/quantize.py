@@ -71,10 +71,10 @@ def int8_products_saturate(cpuinfo: str | None = None) -> bool:
     exceeds 32767): some sums are clipped, so the int8 feature maps drift further from float32's
     than on a CPU with VNNI (described in ONNX Runtime's quantisation guide,
     https://onnxruntime.ai/docs/performance/model-optimizations/quantization.html, and OpenVINO's
-    https://docs.openvino.ai/latest/pot_saturation_issue.html). Measured with the embedded
-    EfficientNet-Lite0 and the test's photos at 512 px, minimum descriptor cosine int8 vs float32
-    (MAC / R-MAC / ClusterMAC): 0.976 / 0.984 / 0.979 on an AMD EPYC with AVX512-VNNI (11 photos at
-    1024 px), 0.935 / 0.953 / 0.935 on an AMD EPYC with AVX2 only.
+    https://docs.openvino.ai/latest/pot_saturation_issue.html). Minimum descriptor cosine int8 vs
+    float32 with the embedded EfficientNet-Lite0 (MAC / R-MAC / ClusterMAC): on an AMD EPYC with
+    AVX512-VNNI at least 0.98 on the test's 5 photos at 512 px (0.976 / 0.984 / 0.979 over 11 photos
+    at 1024 px); on an AMD EPYC with AVX2 only 0.935 / 0.953 / 0.935 on the test's photos.
     Neither 7-bit weights (``reduce_range``, 0.963-0.976) nor uint8 weights (0.987-0.991 but 5.7x
     slower than float32 there) made a recipe worth switching to, so the quantised file is the same on
     every CPU and this is reported instead (:class:`~clustermac.Backbone` warns).
