@@ -171,6 +171,9 @@ def main() -> None:
         )
         return
 
+    if "clustermac-bf16" in args.methods and not bf16_path_available():
+        args.methods = [m for m in args.methods if m != "clustermac-bf16"]
+        print("clustermac-bf16 left out: this CPU has no AVX512-BF16 (or CLUSTERMAC_NO_BF16 is set)")
     directory = args.data_dir or Path(tempfile.gettempdir()) / "clustermac-search-bench"
     directory.mkdir(parents=True, exist_ok=True)
     database_file, query_file = make_data(directory, args.n, args.dim, args.queries)
@@ -183,6 +186,19 @@ def main() -> None:
     for threads in args.threads:
         for batch in [args.queries, *args.small_batches]:
             compare(args, database_file, query_file, directory, threads, size, batch)
+
+
+def bf16_path_available() -> bool:
+    """Whether topk_search's "bf16" path runs here (it raises ValueError on CPUs without AVX512-BF16)."""
+    import numpy as np
+
+    from clustermac import topk_search
+
+    try:
+        topk_search(np.eye(4, dtype=np.float32), np.eye(4, dtype=np.float32)[:1], 1, path="bf16")
+    except ValueError:
+        return False
+    return True
 
 
 def cpu_name() -> str:
