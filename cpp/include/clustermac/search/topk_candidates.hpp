@@ -120,11 +120,7 @@ inline std::int64_t rescore_candidates(const float* database, const float* query
   for (std::size_t first = 0; first < rows.size(); first += kBlockRows) {
     const std::ptrdiff_t count = std::min<std::ptrdiff_t>(kBlockRows, rows.size() - first);
     const std::ptrdiff_t width = padded_width(count);
-    std::fill(block_t, block_t + dim * width, 0.0f);
-    for (std::ptrdiff_t r = 0; r < count; ++r) {
-      const float* row = database + rows[first + r] * dim;
-      for (std::ptrdiff_t d = 0; d < dim; ++d) block_t[d * width + r] = row[d];
-    }
+    pack_rows([&](std::ptrdiff_t r) { return database + rows[first + r] * dim; }, count, dim, width, block_t);
     dispatch<ScoreBlockKernel>(tile, kQueryTile, dim, block_t, width, tile_scores);
     const float* s = tile_scores + q % kQueryTile * width;
     for (std::ptrdiff_t r = 0; r < count; ++r)

@@ -35,19 +35,33 @@ namespace detail {
 constexpr int kQueryTile = 6;               // queries per register tile
 constexpr std::ptrdiff_t kBlockRows = 256;  // database rows per block (transposed block ~ D KB)
 
-// Scores for a tile of kQueryTile queries × (2·lanes) database columns:
-// out[i][j] = sum_d query[i][d] · block_t[d][j]; block_t is the block transposed (D × width).
+// The packed layouts the scoring kernel reads, both in the order it reads them (so that each tile
+// streams two contiguous arrays, which the hardware prefetches, instead of rows 1-2 KB apart):
+//  - a block of database rows transposed into strips of kStrip rows: strip s holds, for d = 0 ..
+//    dim-1, the d-th value of its kStrip rows (dim × kStrip floats); row r is lane r % kStrip of
+//    strip r / kStrip (pack_rows, pack_block);
+//  - the queries in tiles of kQueryTile: tile t holds, for d = 0 .. dim-1, the d-th value of its
+//    kQueryTile queries (padded_queries_buffer).
+// Only where the operands sit changes, not the arithmetic: each score is the same chain of
+// multiply-adds over d = 0, 1, ... as with the plain layouts, so the scores keep their bits.
+constexpr std::ptrdiff_t kStrip = 16;
+
+// Scores for a tile of kQueryTile queries × (2·lanes) database columns starting at column j:
+// out[i][c] = sum_d query[i][d] · row[j + c][d].
 template <typename Vec, int Lanes>
-CLUSTERMAC_ALWAYS_INLINE void score_tile(const float* queries, std::ptrdiff_t dim, const float* block_t,
-                                         std::ptrdiff_t width, float* out, std::ptrdiff_t out_stride) {
+CLUSTERMAC_ALWAYS_INLINE void score_tile(const float* tile, std::ptrdiff_t dim, const float* block, std::ptrdiff_t j,
+                                         float* out, std::ptrdiff_t out_stride) {
+  static_assert(kStrip % Lanes == 0, "a vector of lanes never straddles two strips");
+  const float* column0 = block + (j / kStrip) * dim * kStrip + j % kStrip;
+  const float* column1 = block + ((j + Lanes) / kStrip) * dim * kStrip + (j + Lanes) % kStrip;
   Vec acc[kQueryTile][2];
   for (int i = 0; i < kQueryTile; ++i) acc[i][0] = acc[i][1] = Vec{};
   for (std::ptrdiff_t d = 0; d < dim; ++d) {
     Vec x0, x1;
-    std::memcpy(&x0, block_t + d * width, sizeof(Vec));
-    std::memcpy(&x1, block_t + d * width + Lanes, sizeof(Vec));
+    std::memcpy(&x0, column0 + d * kStrip, sizeof(Vec));
+    std::memcpy(&x1, column1 + d * kStrip, sizeof(Vec));
     for (int i = 0; i < kQueryTile; ++i) {
-      const float q = queries[i * dim + d];
+      const float q = tile[d * kQueryTile + i];
       acc[i][0] += q * x0;
       acc[i][1] += q * x1;
     }
@@ -58,18 +72,19 @@ CLUSTERMAC_ALWAYS_INLINE void score_tile(const float* queries, std::ptrdiff_t di
   }
 }
 
-// scores (padded_queries × width) = queries (padded_queries × dim) · block_t (dim × width).
+// scores (padded_queries × width, row-major) = queries · block^T, from the packed layouts above.
 // padded_queries is a multiple of kQueryTile, width a multiple of kWidthMultiple.
 struct ScoreBlockKernel {
   static constexpr SimdLevel widest = kSimdAvx512;
   template <SimdLevel L>
-  static CLUSTERMAC_ALWAYS_INLINE void run(const float* queries, std::ptrdiff_t padded_queries, std::ptrdiff_t dim,
-                                           const float* block_t, std::ptrdiff_t width, float* scores) {
+  static CLUSTERMAC_ALWAYS_INLINE void run(const float* packed_queries, std::ptrdiff_t padded_queries,
+                                           std::ptrdiff_t dim, const float* block, std::ptrdiff_t width,
+                                           float* scores) {
     constexpr int Lanes = lanes<L>();
     typedef typename Vectors<Lanes>::F Vec;
     for (std::ptrdiff_t j = 0; j < width; j += 2 * Lanes)
       for (std::ptrdiff_t i = 0; i < padded_queries; i += kQueryTile)
-        score_tile<Vec, Lanes>(queries + i * dim, dim, block_t + j, width, scores + i * width + j, width);
+        score_tile<Vec, Lanes>(packed_queries + i * dim, dim, block, j, scores + i * width + j, width);
   }
 };
 
@@ -119,18 +134,33 @@ inline void transpose_rows(const T* in, std::ptrdiff_t rows, std::ptrdiff_t cols
   for (std::ptrdiff_t c = 0; c < cols; ++c) std::fill(out + c * width + rows, out + (c + 1) * width, T{});
 }
 
-// Rows row0 .. row0 + rows of the database, transposed into block_t (dim × width, zero-padded
-// columns), checking that they are finite.
-inline void transpose_block(const float* database, std::ptrdiff_t row0, std::ptrdiff_t rows, std::ptrdiff_t dim,
-                            std::ptrdiff_t width, float* block_t) {
-  const float* block = database + row0 * dim;
-  transpose_rows(block, rows, dim, width, block_t);
+// `rows` rows of `dim` floats (given by row(r), a pointer to row r) packed into kStrip-row strips
+// (see kStrip), zero rows from `rows` up to `width` (a multiple of kStrip).
+template <typename RowPointer>
+inline void pack_rows(RowPointer row, std::ptrdiff_t rows, std::ptrdiff_t dim, std::ptrdiff_t width, float* block) {
+  for (std::ptrdiff_t first = 0; first < width; first += kStrip) {
+    float* strip = block + first * dim;
+    const std::ptrdiff_t count = std::clamp<std::ptrdiff_t>(rows - first, 0, kStrip);
+    if (count < kStrip) std::fill(strip, strip + dim * kStrip, 0.0f);
+    for (std::ptrdiff_t lane = 0; lane < count; ++lane) {
+      const float* values = row(first + lane);
+      for (std::ptrdiff_t d = 0; d < dim; ++d) strip[d * kStrip + lane] = values[d];
+    }
+  }
+}
+
+// Rows row0 .. row0 + rows of the database packed into block (dim × width floats, see kStrip),
+// checking that they are finite.
+inline void pack_block(const float* database, std::ptrdiff_t row0, std::ptrdiff_t rows, std::ptrdiff_t dim,
+                       std::ptrdiff_t width, float* block) {
+  const float* first = database + row0 * dim;
+  pack_rows([&](std::ptrdiff_t r) { return first + r * dim; }, rows, dim, width, block);
   bool finite = true;
-  for (std::ptrdiff_t i = 0; i < dim * width; ++i) finite &= std::isfinite(block_t[i]);
+  for (std::ptrdiff_t i = 0; i < dim * width; ++i) finite &= std::isfinite(block[i]);
   if (finite) return;
   for (std::ptrdiff_t r = 0; r < rows; ++r)
     for (std::ptrdiff_t d = 0; d < dim; ++d)
-      if (!std::isfinite(block[r * dim + d]))
+      if (!std::isfinite(first[r * dim + d]))
         fail("database: row " + std::to_string(row0 + r) + " contains NaN or Inf; expected only finite numbers");
 }
 
@@ -144,7 +174,7 @@ inline void scan_block_float32(const float* database, std::ptrdiff_t row0, std::
                                float* scores, std::vector<TopK>& hits) {
   const std::ptrdiff_t padded_queries = (n_queries + kQueryTile - 1) / kQueryTile * kQueryTile;
   const std::ptrdiff_t width = padded_width(rows);
-  transpose_block(database, row0, rows, dim, width, block_t);
+  pack_block(database, row0, rows, dim, width, block_t);
   dispatch<ScoreBlockKernel>(query_buffer, padded_queries, dim, block_t, width, scores);
   for (std::ptrdiff_t q = 0; q < n_queries; ++q) {
     const float* s = scores + q * width;
@@ -188,11 +218,15 @@ inline void write_top_k(std::vector<Hit>& merged, std::ptrdiff_t k, SearchResult
   }
 }
 
-// The queries copied into a buffer padded with zero rows to a multiple of kQueryTile.
+// The queries packed in tiles of kQueryTile (see kStrip), padded with zero queries to a multiple of
+// kQueryTile: tile t starts at t·kQueryTile·dim.
 inline std::vector<float> padded_queries_buffer(const float* queries, std::ptrdiff_t n_queries, std::ptrdiff_t dim) {
   const std::ptrdiff_t padded_queries = (n_queries + kQueryTile - 1) / kQueryTile * kQueryTile;
   std::vector<float> buffer(padded_queries * dim, 0.0f);
-  std::copy(queries, queries + n_queries * dim, buffer.begin());
+  for (std::ptrdiff_t q = 0; q < n_queries; ++q) {
+    float* tile = buffer.data() + q / kQueryTile * kQueryTile * dim;
+    for (std::ptrdiff_t d = 0; d < dim; ++d) tile[d * kQueryTile + q % kQueryTile] = queries[q * dim + d];
+  }
   return buffer;
 }
 
