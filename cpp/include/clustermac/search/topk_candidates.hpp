@@ -104,7 +104,7 @@ struct QueryCandidates {
   }
 };
 
-// Re-scores the pending candidates of query q (its row in query_buffer, padded to kQueryTile)
+// Re-scores the pending candidates of query q (in its tile of the packed query_buffer, see kStrip)
 // with upper >= bound, exactly as the float32 path scores them, and offers them to `top`;
 // block_t holds dim × padded_width(kBlockRows) floats, tile_scores kQueryTile times that width.
 // Returns how many rows it re-scored.
