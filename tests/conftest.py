@@ -253,6 +253,49 @@ def run_python():
     return _run_python
 
 
+def _check_aml_golden(script, expected_files: dict, tmp_path) -> None:
+    """Run the golden-box ``script`` (which writes {case: [x0, y0, x1, y1, score]} to the .npz path it
+    is given and prints its SIMD level) at every level of ``expected_files`` ({"avx512" | "avx2":
+    .npz}) that this CPU runs (AVX2 on an AVX-512 CPU through CLUSTERMAC_NO_AVX512), and require
+    the same boxes and scores; skip if it runs none of them."""
+    from clustermac import _core
+
+    native = _core.simd_level()
+    runnable = {"avx512": native == "avx512", "avx2": native in ("avx2", "avx512")}
+    checked = []
+    for level, expected_file in expected_files.items():
+        if not runnable[level]:
+            continue
+        got_file = tmp_path / f"{level}.npz"
+        env = {"CLUSTERMAC_NO_AVX512": "1"} if level == "avx2" else {}
+        run = subprocess.run(
+            [sys.executable, str(script), str(got_file)],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env={**os.environ, **env},
+        )
+        assert run.returncode == 0, run.stderr
+        assert f"at SIMD level {level}" in run.stdout, run.stdout
+        with np.load(expected_file) as expected_data, np.load(got_file) as got_data:
+            expected = {key: expected_data[key] for key in expected_data.files}
+            got = {key: got_data[key] for key in got_data.files}
+        assert sorted(got) == sorted(expected), level
+        for key, value in got.items():
+            np.testing.assert_array_equal(value[:4], expected[key][:4], err_msg=f"{level} {key}")  # the same box
+            assert value[4] == pytest.approx(expected[key][4], rel=0, abs=1e-12), f"{level} {key}"  # the same score
+        checked.append(level)
+    if not checked:
+        levels = sorted(expected_files)
+        pytest.skip(f"the expected boxes are for the SIMD levels {levels}; this CPU or build runs {native}")
+
+
+@pytest.fixture
+def check_aml_golden():
+    """``check_aml_golden(script, {level: expected .npz}, tmp_path)``: AML's boxes against a reference build's."""
+    return _check_aml_golden
+
+
 # --- an index as `clustermac serve` needs it ----------------------------------------------------
 
 

@@ -1,10 +1,12 @@
 """AML returns the boxes and scores of a reference build on maps of many kinds: any later
 speed-up of the localisation must keep every box (and, with the same kernels, every score).
 
-The expected boxes were computed by clustermac 0.1.0 at commit 3466949 (AVX-512 kernels) on the
-maps that :func:`aml_cases` makes, with
-``python tests/search/test_aml_same_boxes.py tests/data/aml/boxes_3466949.npz`` run against that
-build. Both the float path (:func:`clustermac.aml_localize`) and the 8-bit path
+The expected boxes were computed on the maps that :func:`aml_cases` makes, with
+``python tests/search/test_aml_same_boxes.py FILE`` run against a reference build: by clustermac
+0.1.0 at commit 3466949 with the AVX-512 kernels (``boxes_3466949.npz``), and at commit b4541c5
+with the AVX2 kernels (``boxes_b4541c5_avx2.npz``, written with CLUSTERMAC_NO_AVX512=1 on an
+AVX2-only AMD EPYC; the levels round differently). Each level this CPU runs is checked.
+Both the float path (:func:`clustermac.aml_localize`) and the 8-bit path
 (``_core.aml_localize_codes``) are checked, with Tolias' p = 10 (the dedicated 10th root) and
 another p (the general root and the power table), with and without the aspect constraint."""
 
@@ -14,12 +16,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 import clustermac as cm
 from clustermac import _core
 
-EXPECTED = Path(__file__).resolve().parents[1] / "data" / "aml" / "boxes_3466949.npz"
+DATA = Path(__file__).resolve().parents[1] / "data" / "aml"
+EXPECTED = {"avx512": DATA / "boxes_3466949.npz", "avx2": DATA / "boxes_b4541c5_avx2.npz"}
 
 
 def sparse_noise(rng, shape):
@@ -83,28 +85,14 @@ def localise_all():
     return out
 
 
-@pytest.fixture(scope="module")
-def expected():
-    if not EXPECTED.exists():
-        pytest.fail(f"{EXPECTED} is missing (see this module's docstring)")
-    with np.load(EXPECTED) as data:
-        return {key: data[key] for key in data.files}
-
-
-def test_aml_returns_the_boxes_of_the_previous_implementation(expected):
-    # The file was written with the AVX-512 kernels; the AVX2 and scalar kernels round differently
-    # (tests/core/test_simd_paths.py compares the levels with each other).
-    if not hasattr(_core, "simd_level") or _core.simd_level() != "avx512":
-        pytest.skip("the expected boxes were computed with the AVX-512 kernels, which this CPU or build does not use")
-    got = localise_all()
-    assert sorted(got) == sorted(expected)
-    assert len(got) > 200
-    for key, value in got.items():
-        np.testing.assert_array_equal(value[:4], expected[key][:4], err_msg=key)  # the same box
-        assert value[4] == pytest.approx(expected[key][4], rel=0, abs=1e-12), key  # the same score
+def test_aml_returns_the_boxes_of_the_previous_implementation(check_aml_golden, tmp_path):
+    check_aml_golden(Path(__file__), EXPECTED, tmp_path)
 
 
 if __name__ == "__main__":
     values = localise_all()
     np.savez_compressed(sys.argv[1], **values)
-    print(f"{len(values)} cases written to {sys.argv[1]} with clustermac from {cm.__file__}")
+    print(
+        f"{len(values)} cases written to {sys.argv[1]} with clustermac from {cm.__file__} "
+        f"at SIMD level {_core.simd_level()}"
+    )

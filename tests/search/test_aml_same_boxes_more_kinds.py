@@ -3,8 +3,10 @@
 activations, constant maps, maps whose channels are constant over space (every box ties), dense
 uniform maps, at D = 16…512 and VGG16's 512×64×48. A later speed-up must keep every box and score.
 
-The expected values were computed by clustermac at commit c704006 (AVX-512 kernels) with
-``python tests/search/test_aml_same_boxes_more_kinds.py tests/data/aml/boxes_c704006_kinds.npz``."""
+The expected values were computed with ``python tests/search/test_aml_same_boxes_more_kinds.py
+FILE`` by clustermac at commit c704006 with the AVX-512 kernels (``boxes_c704006_kinds.npz``) and
+at commit b4541c5 with the AVX2 kernels (``boxes_b4541c5_kinds_avx2.npz``, CLUSTERMAC_NO_AVX512=1,
+an AVX2-only AMD EPYC). Each level this CPU runs is checked."""
 
 from __future__ import annotations
 
@@ -12,12 +14,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 import clustermac as cm
 from clustermac import _core
 
-EXPECTED = Path(__file__).resolve().parents[1] / "data" / "aml" / "boxes_c704006_kinds.npz"
+DATA = Path(__file__).resolve().parents[1] / "data" / "aml"
+EXPECTED = {"avx512": DATA / "boxes_c704006_kinds.npz", "avx2": DATA / "boxes_b4541c5_kinds_avx2.npz"}
 
 
 def smooth(values: np.ndarray, axis: int, width: int = 4) -> np.ndarray:
@@ -63,22 +65,14 @@ def localise_all() -> dict[str, np.ndarray]:
     return out
 
 
-def test_aml_returns_the_boxes_of_the_reference_build_on_more_kinds_of_maps():
-    if not hasattr(_core, "simd_level") or _core.simd_level() != "avx512":
-        pytest.skip("the expected boxes were computed with the AVX-512 kernels, which this CPU or build does not use")
-    if not EXPECTED.exists():
-        pytest.fail(f"{EXPECTED} is missing (see this module's docstring)")
-    with np.load(EXPECTED) as data:
-        expected = {key: data[key] for key in data.files}
-    got = localise_all()
-    assert sorted(got) == sorted(expected)
-    assert len(got) == 7 * len(KINDS) * (len(SETTINGS) + 1)
-    for key, value in got.items():
-        np.testing.assert_array_equal(value[:4], expected[key][:4], err_msg=key)  # the same box
-        assert value[4] == pytest.approx(expected[key][4], rel=0, abs=1e-12), key  # the same score
+def test_aml_returns_the_boxes_of_the_reference_build_on_more_kinds_of_maps(check_aml_golden, tmp_path):
+    check_aml_golden(Path(__file__), EXPECTED, tmp_path)
 
 
 if __name__ == "__main__":
     values = localise_all()
     np.savez_compressed(sys.argv[1], **values)
-    print(f"{len(values)} cases written to {sys.argv[1]} with clustermac from {cm.__file__}")
+    print(
+        f"{len(values)} cases written to {sys.argv[1]} with clustermac from {cm.__file__} "
+        f"at SIMD level {_core.simd_level()}"
+    )

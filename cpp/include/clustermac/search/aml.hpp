@@ -207,6 +207,21 @@ CLUSTERMAC_ALWAYS_INLINE void add_into(float* __restrict acc, const float* __res
   for (; i < n; ++i) acc[i] += values[i];
 }
 
+// The 4 floats of v as doubles. Inside target("avx2") code GCC 12 turns __builtin_convertvector
+// from 4 floats to 4 doubles into two 128-bit conversions and an insert; the 256-bit level (Lanes
+// == 8, code that runs only on CPUs with AVX2) uses the one 256-bit instruction. Same values.
+template <int Lanes>
+CLUSTERMAC_ALWAYS_INLINE typename Vectors<4>::D widen_to_double(typename Vectors<4>::F v) {
+#ifdef CLUSTERMAC_SIMD_X86
+  if constexpr (Lanes == 8) {
+    typename Vectors<4>::D out;
+    asm("vcvtps2pd %1, %0" : "=x"(out) : "x"(v));
+    return out;
+  }
+#endif
+  return __builtin_convertvector(v, typename Vectors<4>::D);
+}
+
 // One pass over a band of `count` blocks of D channels: band[k·D + d] += row[k·D + d] (float), and
 // prefix[(k + 1)·D + d] = prefix[k·D + d] + band[k·D + d] in double, prefix[d] = 0.
 template <int Lanes>
@@ -225,10 +240,24 @@ CLUSTERMAC_ALWAYS_INLINE void add_row_and_prefix_sums(float* __restrict band, co
     const double* __restrict before = prefix + k * channels;
     double* __restrict after = prefix + (k + 1) * channels;
     std::ptrdiff_t d = 0;
+    if constexpr (Lanes == 8) {  // the 256-bit level: 8 floats per register, their doubles in two
+      typedef typename Vectors<8>::F Vec8;
+      for (; d + 8 <= channels; d += 8) {
+        const Vec8 sum = load<Vec8>(b + d) + load<Vec8>(r + d);
+        store(b + d, sum);
+        store(after + d,
+              load<VecD>(before + d) + widen_to_double<Lanes>(__builtin_shufflevector(sum, sum, 0, 1, 2, 3)));
+        store(after + d + 4,
+              load<VecD>(before + d + 4) + widen_to_double<Lanes>(__builtin_shufflevector(sum, sum, 4, 5, 6, 7)));
+      }
+    }
     for (; d + kWidth <= channels; d += kWidth) {
       const VecF sum = load<VecF>(b + d) + load<VecF>(r + d);
       store(b + d, sum);
-      store(after + d, load<VecD>(before + d) + __builtin_convertvector(sum, VecD));
+      if constexpr (kWidth == 4)
+        store(after + d, load<VecD>(before + d) + widen_to_double<Lanes>(sum));
+      else
+        store(after + d, load<VecD>(before + d) + __builtin_convertvector(sum, VecD));
     }
     for (; d < channels; ++d) {
       b[d] += r[d];
