@@ -131,6 +131,16 @@ CLUSTERMAC_ALWAYS_INLINE To bit_cast(const From& v) {
   return out;
 }
 
+// Whether any lane of a comparison's result (lanes 0 or −1) is set: the lanes OR-ed into 4, then
+// into one (a few instructions at every level, rather than a branch per lane).
+template <typename IVec>
+CLUSTERMAC_ALWAYS_INLINE bool any_lane(const IVec& mask) {
+  constexpr int kLanes = static_cast<int>(sizeof(IVec) / sizeof(std::int32_t));
+  Int4 any = load<Int4>(reinterpret_cast<const std::int32_t*>(&mask));
+  for (int j = 4; j < kLanes; j += 4) any |= load<Int4>(reinterpret_cast<const std::int32_t*>(&mask) + j);
+  return (any[0] | any[1]) | (any[2] | any[3]);
+}
+
 #ifdef CLUSTERMAC_SIMD_X86
 // r[a] lane b <- r[b] lane a: the transpose of the 8 x 8 block held in r[0..7].
 CLUSTERMAC_TARGET_AVX2 inline void transpose8x8(__m256 r[8]) {

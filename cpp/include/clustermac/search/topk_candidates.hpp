@@ -150,9 +150,7 @@ struct CollectCandidatesKernel {
       const Vec a = load<Vec>(approx + r0);
       const Vec upper = a + eps;
       const IVec hits = upper >= (Vec{} + query.bound());
-      Int4 any = load<Int4>(reinterpret_cast<const std::int32_t*>(&hits));  // the lanes OR-ed into 4
-      for (int j = 4; j < Lanes; j += 4) any |= load<Int4>(reinterpret_cast<const std::int32_t*>(&hits) + j);
-      if (!((any[0] | any[1]) | (any[2] | any[3]))) continue;
+      if (!any_lane(hits)) continue;
       const std::ptrdiff_t n = std::min<std::ptrdiff_t>(Lanes, rows - r0);
       for (int lane = 0; lane < n; ++lane)
         if (hits[lane] && upper[lane] >= query.bound()) query.add(row0 + r0 + lane, a[lane] - eps[lane], upper[lane]);

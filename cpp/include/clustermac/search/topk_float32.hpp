@@ -119,6 +119,31 @@ struct TopK {
   float threshold() const { return heap.size() < k ? -std::numeric_limits<float>::infinity() : heap.front().score; }
 };
 
+// One query's scores s[0 .. rows) of database rows row0 .. offered to its top k in row order, each
+// only if it reaches the current threshold. Most scores do not, so they are tested Lanes at a time
+// and only a vector with one at or above the threshold goes score by score. The threshold never
+// falls, so a score below it at the vector's test stays below: the same offers as a test per score.
+struct OfferScoresKernel {
+  static constexpr SimdLevel widest = kSimdAvx2;
+  template <SimdLevel L>
+  static CLUSTERMAC_ALWAYS_INLINE void run(const float* s, std::ptrdiff_t rows, std::int64_t row0, TopK& top) {
+    constexpr int Lanes = lanes<L>();
+    typedef typename Vectors<Lanes>::F Vec;
+    float threshold = top.threshold();
+    auto offer = [&](std::ptrdiff_t r) {
+      if (s[r] >= threshold) {
+        top.offer(s[r], row0 + r);
+        threshold = top.threshold();
+      }
+    };
+    std::ptrdiff_t r0 = 0;
+    for (; r0 + Lanes <= rows; r0 += Lanes)
+      if (any_lane(load<Vec>(s + r0) >= (Vec{} + threshold)))
+        for (int lane = 0; lane < Lanes; ++lane) offer(r0 + lane);
+    for (; r0 < rows; ++r0) offer(r0);
+  }
+};
+
 // A row-major rows × cols matrix transposed into out (cols × width, columns rows .. width zero).
 // The copy goes kTransposeDims columns at a time over all the rows, so that it writes a few
 // lines of out in sequence rather than one value to each of cols lines per row (which left the
@@ -176,17 +201,7 @@ inline void scan_block_float32(const float* database, std::ptrdiff_t row0, std::
   const std::ptrdiff_t width = padded_width(rows);
   pack_block(database, row0, rows, dim, width, block_t);
   dispatch<ScoreBlockKernel>(query_buffer, padded_queries, dim, block_t, width, scores);
-  for (std::ptrdiff_t q = 0; q < n_queries; ++q) {
-    const float* s = scores + q * width;
-    TopK& top = hits[q];
-    float threshold = top.threshold();
-    for (std::ptrdiff_t r = 0; r < rows; ++r) {
-      if (s[r] >= threshold) {
-        top.offer(s[r], row0 + r);
-        threshold = top.threshold();
-      }
-    }
-  }
+  for (std::ptrdiff_t q = 0; q < n_queries; ++q) dispatch<OfferScoresKernel>(scores + q * width, rows, row0, hits[q]);
 }
 
 // Empty heaps of capacity k, one per query.
