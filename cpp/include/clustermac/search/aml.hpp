@@ -132,14 +132,31 @@ CLUSTERMAC_ALWAYS_INLINE typename Vectors<Lanes>::F tenth_root(typename Vectors<
   return s > 0.0f ? bit_cast<VecF>(result) : VecF{};
 }
 
-// dot += f·query and squares += f·f for f = S^(1/p) of Lanes sums S (tenth_root for p = 10).
-template <int Lanes, bool Tenth>
-CLUSTERMAC_ALWAYS_INLINE void add_roots(typename Vectors<Lanes>::F sums, const float* __restrict query, float inverse_p,
-                                        typename Vectors<Lanes>::F& dot, typename Vectors<Lanes>::F& squares) {
+// dot += f·query and squares += f·f for f = S^(1/p) of the sums S(i) of channels 0 .. n − 1, Lanes
+// at a time (tenth_root for p = 10); returns the first channel not added (n rounded down to Lanes).
+// Two vectors' roots are taken per step: each root is a long chain of dependent operations, and two
+// independent chains overlap where one would stall. They are still added in channel order, so dot
+// and squares are the same sums as one vector at a time.
+template <int Lanes, bool Tenth, typename VectorSums>
+CLUSTERMAC_ALWAYS_INLINE std::ptrdiff_t add_roots(VectorSums sums, const float* __restrict query, std::ptrdiff_t n,
+                                                  float inverse_p, typename Vectors<Lanes>::F& dot,
+                                                  typename Vectors<Lanes>::F& squares) {
   typedef typename Vectors<Lanes>::F VecF;
-  const VecF f = Tenth ? tenth_root<Lanes>(sums) : root<Lanes>(sums, inverse_p);
-  dot += f * load<VecF>(query);
-  squares += f * f;
+  auto root_of = [&](std::ptrdiff_t i) __attribute__((always_inline)) {
+    return Tenth ? tenth_root<Lanes>(sums(i)) : root<Lanes>(sums(i), inverse_p);
+  };
+  auto add = [&](const VecF& f, std::ptrdiff_t i) __attribute__((always_inline)) {
+    dot += f * load<VecF>(query + i);
+    squares += f * f;
+  };
+  std::ptrdiff_t i = 0;
+  for (; i + 2 * Lanes <= n; i += 2 * Lanes) {
+    const VecF first = root_of(i), second = root_of(i + Lanes);
+    add(first, i);
+    add(second, i + Lanes);
+  }
+  for (; i + Lanes <= n; i += Lanes) add(root_of(i), i);
+  return i;
 }
 
 // The cosine from the lane sums of add_roots over channels 0 .. first - 1, and the channels
@@ -170,12 +187,8 @@ CLUSTERMAC_ALWAYS_INLINE double cosine_of_roots(VectorSums sums, ScalarSum sum, 
                                                 std::ptrdiff_t n, float inverse_p) {
   typedef typename Vectors<Lanes>::F VecF;
   VecF dot{}, squares{};
-  std::ptrdiff_t i = 0;
-  if (inverse_p == 0.1f) {
-    for (; i + Lanes <= n; i += Lanes) add_roots<Lanes, true>(sums(i), query + i, inverse_p, dot, squares);
-  } else {
-    for (; i + Lanes <= n; i += Lanes) add_roots<Lanes, false>(sums(i), query + i, inverse_p, dot, squares);
-  }
+  const std::ptrdiff_t i = inverse_p == 0.1f ? add_roots<Lanes, true>(sums, query, n, inverse_p, dot, squares)
+                                             : add_roots<Lanes, false>(sums, query, n, inverse_p, dot, squares);
   return finish_cosine<Lanes>(dot, squares, sum, query, i, n, inverse_p);
 }
 
