@@ -220,19 +220,20 @@ CLUSTERMAC_ALWAYS_INLINE void add_into(float* __restrict acc, const float* __res
   for (; i < n; ++i) acc[i] += values[i];
 }
 
-// The 4 floats of v as doubles. Inside target("avx2") code GCC 12 turns __builtin_convertvector
-// from 4 floats to 4 doubles into two 128-bit conversions and an insert; the 256-bit level (Lanes
-// == 8, code that runs only on CPUs with AVX2) uses the one 256-bit instruction. Same values.
-template <int Lanes>
-CLUSTERMAC_ALWAYS_INLINE typename Vectors<4>::D widen_to_double(typename Vectors<4>::F v) {
+// The floats of v as doubles. Inside target("avx2") code GCC 12 turns __builtin_convertvector from
+// 4 floats to 4 doubles into two 128-bit conversions and an insert; the 256-bit level (Lanes == 8,
+// code that runs only on CPUs with AVX2) uses the one 256-bit instruction. Same values.
+template <int Lanes, typename VecF>
+CLUSTERMAC_ALWAYS_INLINE auto widen_to_double(VecF v) {
+  typedef typename Vectors<static_cast<int>(sizeof(VecF) / sizeof(float))>::D VecD;
 #ifdef CLUSTERMAC_SIMD_X86
-  if constexpr (Lanes == 8) {
-    typename Vectors<4>::D out;
+  if constexpr (Lanes == 8 && sizeof(VecF) == 4 * sizeof(float)) {
+    VecD out;
     asm("vcvtps2pd %1, %0" : "=x"(out) : "x"(v));
     return out;
   }
 #endif
-  return __builtin_convertvector(v, typename Vectors<4>::D);
+  return __builtin_convertvector(v, VecD);
 }
 
 // One pass over a band of `count` blocks of D channels: band[k·D + d] += row[k·D + d] (float), and
@@ -267,10 +268,7 @@ CLUSTERMAC_ALWAYS_INLINE void add_row_and_prefix_sums(float* __restrict band, co
     for (; d + kWidth <= channels; d += kWidth) {
       const VecF sum = load<VecF>(b + d) + load<VecF>(r + d);
       store(b + d, sum);
-      if constexpr (kWidth == 4)
-        store(after + d, load<VecD>(before + d) + widen_to_double<Lanes>(sum));
-      else
-        store(after + d, load<VecD>(before + d) + __builtin_convertvector(sum, VecD));
+      store(after + d, load<VecD>(before + d) + widen_to_double<Lanes>(sum));
     }
     for (; d < channels; ++d) {
       b[d] += r[d];
