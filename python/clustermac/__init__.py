@@ -45,8 +45,9 @@ from ._core import (  # noqa: E402
 from .backbones import Backbone, default_backbone  # noqa: E402
 from .descriptors import METHODS, Extractor, extract_folder, load_descriptors  # noqa: E402
 from .distributed import ShardedArray, extract_folder_ray  # noqa: E402
-from .errors import CorruptFileError, OutputLockedError  # noqa: E402
+from .errors import CorruptFileError, MixedKernelsWarning, OutputLockedError  # noqa: E402
 from .images import load_image  # noqa: E402
+from .kernels import kernel_record  # noqa: E402
 from .search import (  # noqa: E402
     ClusterMACInBox,
     FeatureMapStore,
@@ -104,6 +105,8 @@ __all__ = [
     "ShardedArray",
     "CorruptFileError",
     "OutputLockedError",
+    "MixedKernelsWarning",
+    "kernel_record",
     "average_precision",
     "compute_map",
     "revisited_map",

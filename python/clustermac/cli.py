@@ -295,6 +295,7 @@ def cmd_fit_whitening(args: argparse.Namespace) -> int:
 def cmd_index(args: argparse.Namespace) -> int:
     from .descriptors import load_descriptors
     from .files import output_lock
+    from .kernels import recorded_kernels
     from .search import Index
     from .search.index_info import record_query_setup
 
@@ -329,6 +330,7 @@ def cmd_index(args: argparse.Namespace) -> int:
         info = {
             "settings": manifest["settings"],
             "image_root": str(Path(args.image_root).resolve()) if args.image_root else None,
+            "kernels": recorded_kernels(manifest.get("kernels")),  # the code that computed the rows ({}: not recorded)
         }
         if faiss_info is not None:
             info["faiss"] = faiss_info
@@ -356,10 +358,12 @@ def _update_index(args: argparse.Namespace) -> int:
     --out in place (removals first), then save it (a new version, published atomically)."""
     from .descriptors import load_descriptors
     from .files import output_lock
+    from .kernels import distinct_kernels, recorded_kernels, warn_if_mixed
     from .search import Index
 
     with output_lock(args.out, "clustermac index"):
         index = Index.load(args.out)
+        info = dict(index.info)
         removed = added = 0
         if args.remove:
             try:
@@ -374,7 +378,7 @@ def _update_index(args: argparse.Namespace) -> int:
             if args.descriptors is None:
                 raise ValueError("--append: give the descriptors to add")
             vectors, manifest = load_descriptors(args.descriptors)  # memory-mapped
-            settings = index.info.get("settings")
+            settings = info.get("settings")
             if settings is not None and manifest["settings"] != settings:
                 raise ValueError(
                     f"{args.descriptors} was extracted with other settings than the index "
@@ -385,13 +389,17 @@ def _update_index(args: argparse.Namespace) -> int:
                     f"{args.descriptors} holds {vectors.shape[1]}-dimensional descriptors; "
                     f"the index {args.out} has dimension {index.dim}"
                 )
+            info["kernels"] = distinct_kernels(
+                [*recorded_kernels(info.get("kernels")), *recorded_kernels(manifest.get("kernels"))]
+            )
+            warn_if_mixed(info["kernels"], str(args.out))
             first = len(index)
             for start in range(0, len(vectors), 65536):
                 index.add(vectors[start : start + 65536], manifest["images"][start : start + 65536])
             if index.backend == "faiss" and len(vectors):
                 index.attach_vectors(args.descriptors, first_row=first)
             added = len(vectors)
-        index.save(args.out, info=index.info)
+        index.save(args.out, info=info)
     print(f"index {args.out}: {removed} images removed, {added} added, {len(index)} now")
     return 0
 

@@ -44,3 +44,11 @@ class OutputLockedError(RuntimeError):
 
     def __reduce__(self):
         return (type(self), (self.path, self.holder))
+
+
+class MixedKernelsWarning(UserWarning):
+    """The rows of one output were computed by different code (another clustermac or ONNX
+    Runtime version, or another kind of CPU): see :mod:`clustermac.kernels`. Their settings are
+    the same, so the file is usable, but the same image may have descriptors that differ in
+    their last bits between rows. ``warnings.simplefilter("error", MixedKernelsWarning)`` makes
+    it an error."""

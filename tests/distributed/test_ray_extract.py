@@ -116,6 +116,8 @@ def test_ray_extraction_equals_single_process_and_names_the_bad_file(ray_address
     assert manifest["images"] == single["images"] and len(manifest["images"]) == 7, manifest["failed"]
     assert set(manifest["failed"]) == set(single["failed"]) == {BAD}
     assert manifest["settings"] == single["settings"] and manifest["settings"]["whitened"]
+    # The workers' code is recorded as the single process's (same machine: one record).
+    assert manifest["kernels"] == single["kernels"] == [clustermac.kernel_record()]
     assert [s["file"] for s in manifest["shards"]] == ["shard_000000.npy", "shard_000001.npy", "shard_000002.npy"]
 
     vectors, loaded = clustermac.load_descriptors(out)
@@ -197,6 +199,7 @@ def test_worker_extractor_rebuilt_from_the_object_store_equals_the_drivers(ray_a
     expected, failed = extract_rows(driver, paths, names)
     assert list(result["shard"]) == [5] and json.loads(result["failed"][0]) == failed and set(failed) == {BAD}
     assert result["vectors"][0] == expected[[0, 2]].tobytes()
+    assert json.loads(result["kernels"][0]) == clustermac.kernel_record()
 
 
 def test_unreachable_ray_address_is_named(tmp_path, collection):

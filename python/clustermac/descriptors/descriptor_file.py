@@ -82,6 +82,9 @@ def check_manifest_lists(path: Path, manifest: Any) -> None:
         raise CorruptFileError(path, "manifest['images'] holds something other than names (strings)")
     if not all(isinstance(reason, str) for reason in manifest["failed"].values()):
         raise CorruptFileError(path, "manifest['failed'] holds something other than reasons (strings)")
+    kernels = manifest.get("kernels", [])
+    if not isinstance(kernels, list) or not all(isinstance(record, dict) for record in kernels):
+        raise CorruptFileError(path, "manifest['kernels'] is not a list of records (JSON objects)")
     if "dim" in manifest["settings"] and not (
         _is_int(manifest["settings"]["dim"]) and manifest["settings"]["dim"] >= 1
     ):

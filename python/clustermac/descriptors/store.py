@@ -5,7 +5,7 @@ Layout for ``--out desc.npy`` (format version 2; the full specification is in th
 
     desc.npy           N×D little-endian float32 (NumPy .npy 1.0), row i is manifest["images"][i]
     desc.json          {"format", "version": 2, "images", "failed", "settings", "fingerprint",
-                        "data": {"dtype", "rows", "dim", "bytes", "sha256"}}, written LAST
+                        "data": {"dtype", "rows", "dim", "bytes", "sha256"}, "kernels"}, written LAST
     desc.npy.parts/    while running: finished chunks (chunk_NNNNNN.npy, then its .json)
     .desc.npy.lock     the writers' lock (see :func:`clustermac.files.output_lock`)
 
@@ -13,7 +13,10 @@ One writer per output: :func:`extract_folder` holds the lock of ``desc.npy`` and
 ``desc.json`` for the whole run. An interrupted run leaves its finished chunks in ``.parts``,
 each stamped with the run's fingerprint (SHA-256 of the settings, the image list and the chunk
 size); the next run adopts only the chunks with its own fingerprint and discards the others,
-saying so. The data file is written to a temporary file, fsynced and renamed; the manifest,
+saying so. Each chunk also records the code that computed it (:func:`clustermac.kernel_record`);
+the manifest's ``kernels`` lists the different records of its chunks (one, unless the run was
+resumed on another kind of machine, which a :class:`~clustermac.MixedKernelsWarning` then says).
+The data file is written to a temporary file, fsynced and renamed; the manifest,
 which holds the data file's size and SHA-256, is written the same way after it. A crash
 between the two leaves the old manifest, whose checksum no longer matches: the pair is refused
 by :func:`load_descriptors`, never read mixed.
@@ -49,6 +52,7 @@ from ..files import (
     temporary_file_beside,
 )
 from ..images import list_images
+from ..kernels import distinct_kernels, kernel_record, warn_if_mixed
 from .descriptor_file import _DTYPE, FORMAT_NAME, FORMAT_VERSION, _read_data, _read_manifest, _stamp
 from .extractor import Extractor
 
@@ -254,6 +258,7 @@ def _extract_chunk(
         "rows": len(chunk),
         "dim": int(extractor.dim),
         "sha256": file_sha256(npy),
+        "kernels": kernel_record(),
     }
     # The JSON is the chunk's commit mark: written last.
     atomic_write_bytes(record, json.dumps(info).encode())
@@ -344,6 +349,8 @@ def _assemble(
         name: infos[c]["failed"][name] for c, chunk in enumerate(chunks) for name in chunk if name in infos[c]["failed"]
     }
     dim = int(settings["dim"])
+    kernels = distinct_kernels(infos[c].get("kernels") for c in range(len(chunks)))
+    warn_if_mixed(kernels, str(out), stacklevel=3)
     digest = hashlib.sha256()
     header = io.BytesIO()
     np.lib.format.write_array_header_1_0(
@@ -373,6 +380,7 @@ def _assemble(
         "settings": settings,
         "fingerprint": fingerprint,
         "data": {"dtype": _DTYPE.str, "rows": len(images), "dim": dim, "bytes": size, "sha256": digest.hexdigest()},
+        "kernels": kernels,
     }
     manifest_file = manifest_path(out)
     fd, manifest_tmp = temporary_file_beside(manifest_file)

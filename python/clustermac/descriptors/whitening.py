@@ -4,7 +4,9 @@ and the whitening file (``.npz``: the arrays plus the settings they were learned
 Whitening file, format version 1 (clustermac 0.1.0 onwards): an uncompressed NumPy ``.npz`` with
 ``mean`` (float32 D), ``projection`` (float32 k × D), optionally ``pca_mean`` (float32 F) and
 ``pca_basis`` (float32 F × C), and ``meta``: uint8 bytes of the UTF-8 JSON
-``{"format_version": 1, "settings": {...}}``. See :func:`load_whitening_file` for what is checked.
+``{"format_version": 1, "settings": {...}, "kernels": {...}}`` (``kernels``: the
+:func:`~clustermac.kernel_record` of the process that learned it, for the reader; files without
+it load as before). See :func:`load_whitening_file` for what is checked.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from .. import _core
 from .._typing import PathLike
 from ..errors import CorruptFileError
 from ..files import atomic_write_bytes, output_lock, read_npy_header, remove_stale_temporaries
+from ..kernels import kernel_record
 
 __all__ = [
     "WHITENING_FORMAT_VERSION",
@@ -94,7 +97,7 @@ def save_whitening_file(path: PathLike, arrays: dict[str, np.ndarray], settings:
     writer gets :class:`~clustermac.OutputLockedError`). The arrays are checked first, as the
     loader would check them, so a file that cannot be loaded is never written."""
     path = Path(path)
-    meta = {"format_version": WHITENING_FORMAT_VERSION, "settings": settings}
+    meta = {"format_version": WHITENING_FORMAT_VERSION, "settings": settings, "kernels": kernel_record()}
     contents = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
     _check_arrays(path, contents, ValueError)
     contents["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)

@@ -31,6 +31,7 @@ from ..descriptors.extractor import Extractor
 from ..descriptors.store import descriptor_settings, extract_rows, settings_fingerprint
 from ..files import CRASH_ENVIRONMENT_VARIABLE, crash_point, output_lock, remove_stale_temporaries
 from ..images import list_images
+from ..kernels import kernel_record
 from .shards import SHARD_SIZE, ShardWriter
 
 __all__ = ["extract_folder_ray", "connect_ray"]
@@ -139,6 +140,7 @@ class _ShardExtractor:
             "shard": np.asarray(shards, dtype=np.int64),
             "vectors": np.asarray(vectors, dtype=object),
             "failed": np.asarray(failures, dtype=object),
+            "kernels": np.asarray([json.dumps(kernel_record())] * len(shards), dtype=object),  # this worker's code
         }
 
 
@@ -265,7 +267,7 @@ def _collect(dataset: Any, writer: ShardWriter, progress: bool) -> None:
             number = int(row["shard"])
             failed = json.loads(row["failed"])
             vectors = np.frombuffer(row["vectors"], dtype=_DTYPE).reshape(-1, dim)
-            writer.write_shard(number, vectors, failed)
+            writer.write_shard(number, vectors, failed, kernels=json.loads(row["kernels"]))
             failures += len(failed)
             if bar is not None:
                 for name, reason in failed.items():

@@ -8,17 +8,21 @@ README, "File formats"::
                                "shard_size", "images"}: written first, identifies the run
     OUT/shard_NNNNNN.npy      rows × D little-endian float32 (.npy 1.0): the descriptors of the
                               readable images of shard N (its images are names[N·S : (N+1)·S])
-    OUT/shard_NNNNNN.json     the shard's record (fingerprint, names, failed, rows, bytes, sha256),
-                              written after its .npy: the shard's commit mark
+    OUT/shard_NNNNNN.json     the shard's record (fingerprint, names, failed, rows, bytes, sha256,
+                              kernels: the worker's kernel_record()), written after its .npy: the
+                              shard's commit mark
     OUT/manifest.json         {"format", "version", "layout": "shards", "images", "failed",
                                "settings", "fingerprint", "shard_size", "data": {"dtype", "rows",
-                               "dim"}, "shards": [{"file", "rows", "bytes", "sha256"}]}, written LAST
+                               "dim"}, "shards": [{"file", "rows", "bytes", "sha256"}], "kernels"},
+                              written LAST; "kernels" lists the shards' different records
     .OUT.lock                 the writer's lock, beside the folder
 
 Every file is written to a temporary file, fsynced and renamed, so a shard appears only
 complete. A killed run leaves its finished shards; the same command adopts the shards whose
 record carries its fingerprint and matches its data, and extracts only the others. A folder
-made with other settings or another image list is refused, never mixed.
+made with other settings or another image list is refused, never mixed. Shards computed by
+different code (workers of different kinds of CPU, or a run resumed elsewhere) are accepted, and
+:meth:`ShardWriter.publish` says so with a :class:`~clustermac.MixedKernelsWarning`.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from ..descriptors.descriptor_file import (
 )
 from ..errors import CorruptFileError
 from ..files import atomic_save_npy, atomic_write_bytes, crash_point, file_sha256, fsync_directory
+from ..kernels import distinct_kernels, kernel_record, warn_if_mixed
 
 __all__ = ["ShardedArray", "ShardWriter", "load_shards", "SHARD_SIZE", "LAYOUT", "MANIFEST", "RUN_FILE"]
 
@@ -314,9 +319,12 @@ class ShardWriter:
             return None
         return record
 
-    def write_shard(self, number: int, vectors: np.ndarray, failed: dict[str, str]) -> dict[str, Any]:
+    def write_shard(
+        self, number: int, vectors: np.ndarray, failed: dict[str, str], kernels: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         """Publish shard ``number``: ``vectors`` are the rows of its readable images (in order),
-        ``failed`` its unreadable images with reasons. The data first, then its record."""
+        ``failed`` its unreadable images with reasons, ``kernels`` the :func:`~clustermac.kernel_record`
+        of the process that computed them (default: this one's). The data first, then its record."""
         chunk = self.shards[number]
         vectors = np.ascontiguousarray(vectors, dtype=_DTYPE)
         if vectors.shape != (len(chunk) - len(failed), int(self.settings["dim"])) or not set(failed) <= set(chunk):
@@ -331,6 +339,7 @@ class ShardWriter:
             "rows": int(vectors.shape[0]),
             "bytes": npy.stat().st_size,
             "sha256": file_sha256(npy),
+            "kernels": kernel_record() if kernels is None else kernels,
         }
         atomic_write_bytes(record_file, json.dumps(record).encode())
         crash_point("ray.shard_written")
@@ -345,12 +354,15 @@ class ShardWriter:
         records = [self.records[n] for n in range(len(self.shards))]
         failed = {name: r["failed"][name] for r in records for name in r["names"] if name in r["failed"]}
         images = [name for r in records for name in r["names"] if name not in r["failed"]]
+        kernels = distinct_kernels(r.get("kernels") for r in records)
+        warn_if_mixed(kernels, str(self.folder))
         manifest = self._run_state()
         manifest.update(
             images=images,
             failed=failed,
             data={"dtype": _DTYPE.str, "rows": len(images), "dim": int(self.settings["dim"])},
             shards=[{"file": shard_files(self.folder, n)[0].name, **_data_fields(r)} for n, r in enumerate(records)],
+            kernels=kernels,
         )
         atomic_write_bytes(self.folder / MANIFEST, json.dumps(manifest, indent=1).encode())
         fsync_directory(self.folder)
