@@ -150,7 +150,7 @@ def _pooling_model(
     return path, weight, bias
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")  # a plain function: shareable by module-scoped fixtures
 def pooling_model():
     """``pooling_model(path, dim, stride, seed=0, preset=None, dynamic_dim=False, weights_id=None)
     -> (path, weight, bias)``: a tiny ONNX stand-in backbone (average pool, then a 1x1 conv)."""
@@ -176,7 +176,7 @@ def _photos(folder, n=5, size=160):
     return names
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")  # a plain function: shareable by module-scoped fixtures
 def write_photos():
     """``write_photos(folder, n=5, size=160) -> [names]``: small real photographs written to a folder."""
     return _photos

@@ -409,6 +409,14 @@ def _settings_difference(old: dict, new: dict) -> str:
     return ", ".join(f"{k}: {old.get(k)!r} in the index, {new.get(k)!r} here" for k in keys[:4])
 
 
+def cmd_info(args: argparse.Namespace) -> int:
+    from .file_info import describe_file, format_description
+
+    description = describe_file(args.path, verify=args.verify)
+    print(json.dumps(description, indent=1) if args.json else format_description(description))
+    return 0
+
+
 def cmd_search(args: argparse.Namespace) -> int:
     from .search import Index
 
@@ -716,6 +724,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_backbone_options(p)
     _add_method_options(p)
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser(
+        "info", help="what a descriptor file, shard or index folder, whitening file or feature-map store holds"
+    )
+    p.add_argument("path", help="desc.npy (or its .json), a shard or index folder, a whitening .npz, a .cmfm store")
+    p.add_argument("--verify", action="store_true", help="also read the data to check its checksums")
+    p.add_argument("--json", action="store_true", help="print the description as JSON")
+    p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("show-clusters", help="the paper's Fig. 7 for one image")
     p.add_argument("image")
