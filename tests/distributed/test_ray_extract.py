@@ -202,6 +202,16 @@ def test_worker_extractor_rebuilt_from_the_object_store_equals_the_drivers(ray_a
     assert json.loads(result["kernels"][0]) == clustermac.kernel_record()
 
 
+def test_the_drivers_simd_caps_reach_the_workers(ray_address, collection, monkeypatch):
+    if clustermac._core.simd_level() == "scalar":
+        pytest.skip("this CPU runs only the core's scalar level: no cap to pass on")
+    # Set after this process chose its own level: only the workers, started with it, run capped.
+    monkeypatch.setenv("CLUSTERMAC_NO_AVX2", "1")
+    manifest = extract_folder_ray(collection.extractor(), collection.folder, collection.root / "capped", progress=False)
+    assert [record["simd_level"] for record in manifest["kernels"]] == ["scalar"]
+    assert clustermac.kernel_record()["simd_level"] != "scalar"
+
+
 def test_unreachable_ray_address_is_named(tmp_path, collection):
     with socket.socket() as sock:  # a port that was free a moment ago: nothing listens there
         sock.bind(("127.0.0.1", 0))

@@ -39,6 +39,11 @@ __all__ = ["extract_folder_ray", "connect_ray"]
 _DTYPE = np.dtype("<f4")
 
 
+#: Environment variables of the driver that its workers get too: the C++ core's SIMD caps
+#: (``clustermac._core.simd_level``) and the fault-injection point of the tests.
+FORWARDED_VARIABLES = ("CLUSTERMAC_NO_AVX512", "CLUSTERMAC_NO_AVX2", "CLUSTERMAC_NO_BF16", CRASH_ENVIRONMENT_VARIABLE)
+
+
 def _probe(address: str, timeout: float = 5.0) -> None:
     """Fail fast, naming the address, when nothing listens at a ``host:port`` Ray address."""
     target = address.split("://", 1)[-1]
@@ -219,9 +224,11 @@ def _run_on_ray(
             {"shard": n, "images": json.dumps([[str(folder / name) for name in writer.shards[n]], writer.shards[n]])}
             for n in todo
         ]
-        # The fault-injection setting reaches the workers too (they do not inherit this process's environment).
-        crash = os.environ.get(CRASH_ENVIRONMENT_VARIABLE)
-        runtime_env = {"env_vars": {CRASH_ENVIRONMENT_VARIABLE: crash}} if crash else None
+        # The workers do not inherit this process's environment: the core's SIMD caps (so that a
+        # cluster of mixed CPUs can run one level of the core) and the fault-injection setting
+        # reach them this way.
+        forwarded = {name: os.environ[name] for name in FORWARDED_VARIABLES if os.environ.get(name)}
+        runtime_env = {"env_vars": forwarded} if forwarded else None
         recipe = ray.put(_extractor_recipe(extractor))  # held here for the whole run (actor restarts need it)
         with warnings.catch_warnings():
             # Ray 2.60 deprecates extra remote args, yet documents them as the way to bound retries.
