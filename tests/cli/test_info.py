@@ -1,7 +1,9 @@
 """`clustermac info PATH`: what each kind of file holds and which code computed it, on real files
-written by the commands themselves; malformed and unknown paths are named."""
+written by the commands themselves; malformed and unknown paths are named. Also `search
+--no-verify`, which skips the index's checksum read (the same files serve)."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -101,3 +103,23 @@ def test_unknown_missing_and_malformed_paths_are_named(files, tmp_path, capsys):
     with pytest.raises(clustermac.CorruptFileError) as caught:
         describe_file(tmp_path / "w.npz")
     assert caught.value.path == tmp_path / "w.npz"
+
+
+def test_search_no_verify_skips_only_the_checksum_read(files, tmp_path, capsys):
+    index = tmp_path / "index"
+    shutil.copytree(files / "index", index)
+    vectors = index / (index / "CURRENT").read_text().strip() / "vectors.npy"
+    data = bytearray(vectors.read_bytes())
+    data[-1] ^= 1  # one bit of the last vector: same size, same header, another SHA-256
+    vectors.write_bytes(bytes(data))
+    query = sorted((files / "photos").iterdir())[0]
+    args = ["search", str(query), "--index", str(index), "-k", "2", "--whitening", str(files / "w.npz")]
+    args += ["--backbone", "vgg16", "--onnx", str(files / "backbone.onnx"), "--max-size", "96"]
+    assert main(args) == 2
+    assert "SHA-256" in capsys.readouterr().err
+    assert main([*args, "--no-verify"]) == 0
+    ranked = [line.split() for line in capsys.readouterr().out.splitlines() if line.split()[:1] == ["1"]]
+    assert ranked and ranked[0][2] == query.name
+    vectors.write_bytes(bytes(data[:-4]))  # a truncated file is still refused without the read
+    assert main([*args, "--no-verify"]) == 2
+    assert "vectors.npy" in capsys.readouterr().err
