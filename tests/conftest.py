@@ -253,6 +253,28 @@ def run_python():
     return _run_python
 
 
+def _run_cli(*args, env: dict | None = None, crash_at: str | None = None, timeout: float = 120):
+    """The real `clustermac` command in a child interpreter: its CompletedProcess. ``env`` adds
+    environment variables; ``crash_at`` sets CLUSTERMAC_CRASH_AT (otherwise it is removed)."""
+    environment = {k: v for k, v in os.environ.items() if k != "CLUSTERMAC_CRASH_AT"}
+    environment.update(env or {})
+    if crash_at:
+        environment["CLUSTERMAC_CRASH_AT"] = crash_at
+    return subprocess.run(
+        [sys.executable, "-m", "clustermac.cli", *map(str, args)],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture
+def run_cli():
+    """``run_cli(*args, env=None, crash_at=None, timeout=120)``: the `clustermac` command in a child process."""
+    return _run_cli
+
+
 def _check_aml_golden(script, expected_files: dict, tmp_path) -> None:
     """Run the golden-box ``script`` (which writes {case: [x0, y0, x1, y1, score]} to the .npz path it
     is given and prints its SIMD level) at every level of ``expected_files`` ({"avx512" | "avx2":

@@ -52,20 +52,6 @@ def _record_at(env: dict) -> dict:
     return json.loads(run.stdout)
 
 
-def _cli(*args, env: dict | None = None, crash_at: str | None = None) -> subprocess.CompletedProcess:
-    environment = {k: v for k, v in os.environ.items() if k != "CLUSTERMAC_CRASH_AT"}
-    environment.update(env or {})
-    if crash_at:
-        environment["CLUSTERMAC_CRASH_AT"] = crash_at
-    return subprocess.run(
-        [sys.executable, "-m", "clustermac.cli", *map(str, args)],
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-    )
-
-
 def _images(folder, n):
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
@@ -157,25 +143,25 @@ def test_a_descriptor_manifest_records_the_kernels_and_older_manifests_still_loa
 
 
 @needs_simd
-def test_a_run_resumed_with_other_kernels_keeps_its_rows_and_says_so(tmp_path, model):
+def test_a_run_resumed_with_other_kernels_keeps_its_rows_and_says_so(tmp_path, model, run_cli):
     _images(tmp_path / "images", 6)
     out = tmp_path / "d.npy"
     common = ["extract", tmp_path / "images", "--out", out, "--quiet", "--backbone", model, "--method", "clustermac"]
     common += ["--chunk-size", "2"]
     # Started with the core capped at its scalar level, killed (SIGKILL) after its first chunk ...
-    run = _cli(*common, env=SCALAR, crash_at="extract.chunk_json:1")
+    run = run_cli(*common, env=SCALAR, crash_at="extract.chunk_json:1")
     assert run.returncode == -signal.SIGKILL, run.stderr
     first_chunk = json.loads((tmp_path / "d.npy.parts" / "chunk_000000.json").read_text())
     assert first_chunk["kernels"]["simd_level"] == "scalar"
     # ... resumed at this CPU's level: the finished chunk is adopted (same settings), and the mix is said.
-    run = _cli(*common)
+    run = run_cli(*common)
     assert run.returncode == 0, run.stderr
     assert "MixedKernelsWarning" in run.stderr and "computed by 2 kinds of code" in run.stderr, run.stderr
     _, manifest = clustermac.load_descriptors(out)
     assert [r["simd_level"] for r in manifest["kernels"]] == ["scalar", _core.simd_level()]
     # The same command again from scratch, on one kind of code: one record, no warning.
     out.unlink()
-    run = _cli(*common)
+    run = run_cli(*common)
     assert run.returncode == 0 and "MixedKernelsWarning" not in run.stderr, run.stderr
     assert clustermac.load_descriptors(out)[1]["kernels"] == [kernel_record()]
 
@@ -198,17 +184,17 @@ def test_shards_from_workers_with_other_kernels_are_kept_and_said(tmp_path):
 
 
 @needs_simd
-def test_an_index_records_the_kernels_of_its_rows_and_an_append_from_other_code_says_so(tmp_path, model):
+def test_an_index_records_the_kernels_of_its_rows_and_an_append_from_other_code_says_so(tmp_path, model, run_cli):
     _images(tmp_path / "images", 3)
     common = ["--quiet", "--backbone", model, "--method", "mac"]
-    assert _cli("extract", tmp_path / "images", "--out", tmp_path / "here.npy", *common).returncode == 0
-    run = _cli("extract", tmp_path / "images", "--out", tmp_path / "there.npy", *common, env=SCALAR)
+    assert run_cli("extract", tmp_path / "images", "--out", tmp_path / "here.npy", *common).returncode == 0
+    run = run_cli("extract", tmp_path / "images", "--out", tmp_path / "there.npy", *common, env=SCALAR)
     assert run.returncode == 0, run.stderr
     index = tmp_path / "index"
-    run = _cli("index", tmp_path / "here.npy", "--out", index)
+    run = run_cli("index", tmp_path / "here.npy", "--out", index)
     assert run.returncode == 0, run.stderr
     assert clustermac.Index.load(index).info["kernels"] == [kernel_record()]
-    run = _cli("index", tmp_path / "there.npy", "--out", index, "--append")
+    run = run_cli("index", tmp_path / "there.npy", "--out", index, "--append")
     assert run.returncode == 0 and "MixedKernelsWarning" in run.stderr, run.stderr
     loaded = clustermac.Index.load(index)
     assert len(loaded) == 6 and [r["simd_level"] for r in loaded.info["kernels"]] == [_core.simd_level(), "scalar"]

@@ -26,7 +26,6 @@ from clustermac.descriptors.store import manifest_path
 FORMAT_VERSION = 2
 
 LEGACY = Path(__file__).resolve().parents[1] / "data" / "v0.1.0"
-TIMEOUT = 60
 
 
 @pytest.fixture
@@ -47,28 +46,14 @@ def write_images(folder, n=6, seed=0):
     return [f"img{i}.png" for i in range(n)]
 
 
-def cli(*args, crash_at=None, timeout=TIMEOUT):
-    env = dict(os.environ)
-    env.pop("CLUSTERMAC_CRASH_AT", None)
-    if crash_at:
-        env["CLUSTERMAC_CRASH_AT"] = crash_at
-    return subprocess.run(
-        [sys.executable, "-m", "clustermac.cli", *map(str, args)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
 # --- 2. resume only what matches ----------------------------------------------------------------
 
 
-def test_chunks_of_a_run_with_other_settings_are_discarded_even_without_run_json(tmp_path, model):
+def test_chunks_of_a_run_with_other_settings_are_discarded_even_without_run_json(tmp_path, model, run_cli):
     names = write_images(tmp_path / "images")
     out = tmp_path / "d.npy"
     # A GeM run killed after its second finished chunk (the loser of issue 12, item 1).
-    run = cli(
+    run = run_cli(
         "extract", tmp_path / "images", "--out", out, "--quiet", "--backbone", model, "--method", "gem",
         "--chunk-size", "2", crash_at="extract.chunk_json:2",
     )  # fmt: skip
@@ -117,18 +102,18 @@ def test_the_fingerprint_covers_settings_images_and_chunk_size(tmp_path, model):
 # --- 4. data first, manifest last; a mixed pair is refused --------------------------------------
 
 
-def test_a_crash_between_data_and_manifest_is_refused_then_repaired(tmp_path, model):
+def test_a_crash_between_data_and_manifest_is_refused_then_repaired(tmp_path, model, run_cli):
     write_images(tmp_path / "images")
     out = tmp_path / "d.npy"
     clustermac.extract_folder(extractor(model, "mac"), tmp_path / "images", out, progress=False)
     common = ["extract", tmp_path / "images", "--out", out, "--quiet", "--backbone", model, "--method", "gem"]
-    run = cli(*common, crash_at="extract.after_npy_rename:1")
+    run = run_cli(*common, crash_at="extract.after_npy_rename:1")
     assert run.returncode == -signal.SIGKILL, run.stderr
     # GeM rows under the MAC manifest: refused, naming the file and the problem.
     with pytest.raises(clustermac.CorruptFileError, match=r"d\.npy: its SHA-256 does not match") as caught:
         clustermac.load_descriptors(out)
     assert caught.value.path == out
-    assert cli(*common).returncode == 0  # the same command again repairs it
+    assert run_cli(*common).returncode == 0  # the same command again repairs it
     vectors, manifest = clustermac.load_descriptors(out)
     assert manifest["settings"]["method"] == "gem" and vectors.shape == (6, 512)
 
