@@ -20,6 +20,7 @@ from clustermac.backbones import Backbone  # noqa: E402
 from clustermac.cli import main  # noqa: E402
 from clustermac.descriptors import DEFAULT_METHOD  # noqa: E402
 from clustermac.distributed import ShardedArray, extract_folder_ray  # noqa: E402
+from clustermac.file_info import describe_file  # noqa: E402
 
 BAD = "broken.jpg"
 
@@ -118,6 +119,8 @@ def test_ray_extraction_equals_single_process_and_names_the_bad_file(ray_address
     assert manifest["settings"] == single["settings"] and manifest["settings"]["whitened"]
     # The workers' code is recorded as the single process's (same machine: one record).
     assert manifest["kernels"] == single["kernels"] == [clustermac.kernel_record()]
+    described = describe_file(out)  # `clustermac info` on the shard folder
+    assert described["kind"] == "descriptor shards" and described["count"] == 7 and described["same_kernels_here"]
     assert [s["file"] for s in manifest["shards"]] == ["shard_000000.npy", "shard_000001.npy", "shard_000002.npy"]
 
     vectors, loaded = clustermac.load_descriptors(out)
