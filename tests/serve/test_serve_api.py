@@ -21,6 +21,7 @@ with warnings.catch_warnings():  # Starlette asks for httpx2; httpx is what is i
     warnings.simplefilter("ignore")
     from starlette.testclient import TestClient
 
+from clustermac.kernels import kernel_record
 from clustermac.search import Index
 from clustermac.serve.app import Lane, allowed_hosts, create_app
 
@@ -57,7 +58,21 @@ def test_healthz_and_info_describe_the_index(client):
     body = health.json()
     assert body["status"] == "ok" and body["images"] == 10 and body["rerank"] is True
     assert body["method"] == "clustermac-box" and body["max_k"] == 6
-    assert client.get("/api/info").json()["version"] == body["version"]
+    info = client.get("/api/info").json()
+    assert info["version"] == body["version"]
+    # Built by `clustermac index` on this machine: one record, this process's code.
+    assert info["kernels"] == [kernel_record()] and info["same_kernels"] is True
+
+
+def test_an_index_made_by_other_code_is_said_at_start(serve_index, tmp_path, caplog):
+    index_path, _ = serve_index
+    index = Index.load(index_path)
+    other = {**kernel_record(), "onnxruntime": "0.0.1"}  # as an index built elsewhere records it
+    index.save(tmp_path / "elsewhere", info={**index.info, "kernels": [other]})
+    with caplog.at_level("WARNING", logger="clustermac.serve"), make_client(tmp_path / "elsewhere") as elsewhere:
+        info = elsewhere.get("/api/info").json()
+    assert info["kernels"] == [other] and info["same_kernels"] is False
+    assert "computed by other code than this server runs" in caplog.text
 
 
 def test_the_page_and_its_assets_are_served_locally_without_docs(client):

@@ -358,6 +358,11 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
+        if engine.describe()["same_kernels"] is False:
+            LOG.warning(
+                "the index's descriptors were computed by other code than this server runs (clustermac.kernels): "
+                "query descriptors made here may differ from the indexed ones in their last bits"
+            )
         task = asyncio.create_task(_watch(engine, reload_interval)) if reload_interval > 0 else None
         try:
             yield

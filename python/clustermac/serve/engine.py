@@ -27,6 +27,7 @@ from .._typing import PathLike
 from ..descriptors import CROP_MODES
 from ..files import current_version
 from ..images import load_image
+from ..kernels import kernel_record, recorded_kernels, same_kernels
 
 __all__ = ["SearchEngine", "BadRequest", "UnknownName", "ForbiddenName", "QE_MODES"]
 
@@ -187,9 +188,14 @@ class SearchEngine:
 
     # ------------------------------------------------------------------ facts
     def describe(self) -> dict[str, Any]:
-        """What the page needs to know: size, method, whether re-ranking is available, limits."""
+        """What the page needs to know: size, method, whether re-ranking is available, limits; and
+        the code that computed the index's rows (``kernels``, :mod:`clustermac.kernels`) with
+        whether this server runs the same (``same_kernels``; None when the index records none)."""
         state = self._state
         extractor = next(iter(state.extractors.values()))
+        kernels = recorded_kernels(state.index.info.get("kernels"))
+        known = [record for record in kernels if record]
+        here = kernel_record()
         return {
             "images": len(state.index),
             "version": state.version,
@@ -199,6 +205,8 @@ class SearchEngine:
             "rerank": state.store is not None,
             "qe": list(QE_MODES),
             "max_k": self.max_k,
+            "kernels": kernels,
+            "same_kernels": all(same_kernels(record, here) for record in known) if known else None,
         }
 
     def list_names(self, offset: int = 0, limit: int = 50, prefix: str = "") -> dict[str, Any]:
