@@ -1,9 +1,12 @@
 // Bindings of search/: exact top-k search and AML localisation (on float maps and on 8-bit codes).
 #include <algorithm>
 #include <array>
+#include <map>
+#include <mutex>
 #include <string>
 #include <tuple>
 #include <variant>
+#include <vector>
 
 #include "bind_helpers.hpp"
 #include "clustermac/search/aml.hpp"
@@ -64,7 +67,47 @@ const std::array<std::string, 4> kPathNames = {"auto", "float32", "bf16", "f32sc
 using SearchArrays = std::tuple<py::array_t<float>, py::array_t<std::int64_t>>;
 using SearchOutput = std::variant<SearchArrays, std::tuple<py::array_t<float>, py::array_t<std::int64_t>, py::dict>>;
 
+// The name of an "auto" slot: the query count "1" .. "16", or "more".
+std::string slot_name(std::size_t slot) {
+  return slot == detail::AutoSearchPaths::kManyQueries ? "more" : std::to_string(slot);
+}
+
 void bind_search(py::module_& m) {
+  m.def(
+      "auto_search_paths",
+      [] {
+        py::dict out;
+        detail::AutoSearchPaths& state = detail::auto_search_paths();
+        const std::lock_guard<std::mutex> lock(state.mutex);
+        for (std::size_t slot = 1; slot < state.chosen.size(); ++slot)
+          if (state.chosen[slot] != SearchPath::kAuto)
+            out[py::str(slot_name(slot))] = kPathNames[static_cast<std::size_t>(state.chosen[slot])];
+        return out;
+      },
+      R"doc(The paths topk_search's "auto" has chosen in this process: {slot: path}, slot "1" .. "16"
+(that many queries in a chunk) or "more", path "float32", "f32scan" or "bf16". Slots not searched
+yet (or searched only with k > N/8, which always takes float32) are absent.)doc");
+  m.def(
+      "preset_auto_search_paths",
+      [](const std::map<std::string, std::string>& choices) {
+        std::vector<std::string> accepted;
+        for (const auto& [slot_text, path_text] : choices) {
+          std::size_t slot = 0;
+          for (std::size_t s = 1; s <= detail::AutoSearchPaths::kManyQueries; ++s)
+            if (slot_name(s) == slot_text) slot = s;
+          const auto named = std::find(kPathNames.begin() + 1, kPathNames.end(), path_text);
+          if (slot == 0 || named == kPathNames.end()) continue;
+          if (detail::preset_auto_search_path(slot, static_cast<SearchPath>(named - kPathNames.begin())))
+            accepted.push_back(slot_text);
+        }
+        return accepted;
+      },
+      py::arg("choices"),
+      R"doc(Take "auto" choices timed by an earlier process on this kind of CPU ({slot: path}, as
+auto_search_paths gives them) instead of timing again: every path gives the same results, so this
+changes only how long the first search of each batch size takes. A slot already chosen in this
+process keeps its choice; an unknown slot or path, or one this CPU cannot take there (bf16 without
+AVX512-BF16, f32scan for "more"), is skipped. Returns the slots taken.)doc");
   m.def(
       "topk_search",
       [](const FloatArrayArg& database_obj, const FloatArrayArg& queries_obj, std::int64_t k, std::int64_t n_threads,
@@ -113,6 +156,8 @@ in bfloat16 with a rigorous error bound; both scans re-score their candidates wi
 kernel, so every path returns the same bits as "float32". "auto" (default) picks, when k <= N/8,
 the path that a one-off timing in this process (tens of ms of thread CPU time, at the first
 search of each batch size up to 16 and at the first larger one) found fastest; else float32.
+clustermac.Index.search keeps those choices on disk per kind of CPU (clustermac.search.path_cache),
+so that later processes take them without timing (preset_auto_search_paths).
 return_details=True adds a third item: {"path": the path used ("float32", "bf16", "f32scan", or
 several joined by "+" when query chunks used different ones), "candidates_rescored": rows the scan
 paths re-scored in float32, summed over queries}.

@@ -6,7 +6,7 @@ import collections.abc
 import numpy
 import numpy.typing
 import typing
-__all__: list[str] = ['affinity', 'aggregate_region_groups', 'aggregate_regions', 'aml_localize', 'aml_localize_codes', 'apply_whitening', 'cluster_feature_map', 'cluster_feature_maps', 'crow_pool', 'dequantize_codes', 'fit_pca_whitening', 'gem_pool', 'grid_mac', 'grid_mac_codes', 'kernel_choices', 'l2_normalize', 'ncut', 'ncut_embedding', 'pca_project', 'region_boxes', 'region_mac', 'region_mac_codes', 'rmac_regions', 'simd_level', 'spoc_pool', 'topk_search']
+__all__: list[str] = ['affinity', 'aggregate_region_groups', 'aggregate_regions', 'aml_localize', 'aml_localize_codes', 'apply_whitening', 'auto_search_paths', 'cluster_feature_map', 'cluster_feature_maps', 'crow_pool', 'dequantize_codes', 'fit_pca_whitening', 'gem_pool', 'grid_mac', 'grid_mac_codes', 'kernel_choices', 'l2_normalize', 'ncut', 'ncut_embedding', 'pca_project', 'preset_auto_search_paths', 'region_boxes', 'region_mac', 'region_mac_codes', 'rmac_regions', 'simd_level', 'spoc_pool', 'topk_search']
 def _discretize(embedding: numpy.typing.NDArray[numpy.float32], seed: typing.SupportsInt | typing.SupportsIndex = 0) -> numpy.typing.NDArray[numpy.int32]:
     """
     Yu & Shi 2003 discretisation of an N x K embedding (not public API; used by the tests).
@@ -60,6 +60,12 @@ def aml_localize_codes(codes: numpy.typing.NDArray[numpy.uint8], query_vector: n
 def apply_whitening(vectors: numpy.typing.NDArray[numpy.float32], mean: numpy.typing.NDArray[numpy.float32], projection: numpy.typing.NDArray[numpy.float32]) -> numpy.typing.NDArray[numpy.float32]:
     """
     (vectors − mean)·projectionᵀ → float32 N×dim. No normalisation: l2-normalise the result yourself. NaN or Inf in any argument, or a result that overflows float32, raises ValueError.
+    """
+def auto_search_paths() -> dict:
+    """
+    The paths topk_search's "auto" has chosen in this process: {slot: path}, slot "1" .. "16"
+    (that many queries in a chunk) or "more", path "float32", "f32scan" or "bf16". Slots not searched
+    yet (or searched only with k > N/8, which always takes float32) are absent.
     """
 def cluster_feature_map(feature_map: numpy.typing.NDArray[numpy.float32], rgb: numpy.typing.NDArray[numpy.float32] | None = None, n_clusters: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex] = [5, 20], rgb_clusters: typing.SupportsInt | typing.SupportsIndex = 5, pca_dim: typing.SupportsInt | typing.SupportsIndex = 4, z_ratio: typing.SupportsFloat | typing.SupportsIndex = 0.05000000074505806, spatial_weight: typing.SupportsFloat | typing.SupportsIndex = 0.0, seed: typing.SupportsInt | typing.SupportsIndex = 0, normalization: str = 'sym', pca_mean: numpy.typing.NDArray[numpy.float32] | None = None, pca_basis: numpy.typing.NDArray[numpy.float32] | None = None, similarity_precision: str = 'float32') -> list[numpy.typing.NDArray[numpy.int32]]:
     """
@@ -189,6 +195,14 @@ def pca_project(features: numpy.typing.NDArray[numpy.float32], n_components: typ
     eigendecomposition is formed: accurate for leading components separated by clear variance gaps
     (as in CNN activations); within a flat part of the spectrum the directions are approximate.
     """
+def preset_auto_search_paths(choices: collections.abc.Mapping[str, str]) -> list[str]:
+    """
+    Take "auto" choices timed by an earlier process on this kind of CPU ({slot: path}, as
+    auto_search_paths gives them) instead of timing again: every path gives the same results, so this
+    changes only how long the first search of each batch size takes. A slot already chosen in this
+    process keeps its choice; an unknown slot or path, or one this CPU cannot take there (bf16 without
+    AVX512-BF16, f32scan for "more"), is skipped. Returns the slots taken.
+    """
 def region_boxes(labels: numpy.typing.NDArray[numpy.int32]) -> numpy.typing.NDArray[numpy.int32]:
     """
     Bounding box of each labelled region, for ClusterMAC's "box" pooling (not in the paper).
@@ -256,6 +270,8 @@ def topk_search(database: numpy.typing.NDArray[numpy.float32], queries: numpy.ty
     kernel, so every path returns the same bits as "float32". "auto" (default) picks, when k <= N/8,
     the path that a one-off timing in this process (tens of ms of thread CPU time, at the first
     search of each batch size up to 16 and at the first larger one) found fastest; else float32.
+    clustermac.Index.search keeps those choices on disk per kind of CPU (clustermac.search.path_cache),
+    so that later processes take them without timing (preset_auto_search_paths).
     return_details=True adds a third item: {"path": the path used ("float32", "bf16", "f32scan", or
     several joined by "+" when query chunks used different ones), "candidates_rescored": rows the scan
     paths re-scored in float32, summed over queries}.

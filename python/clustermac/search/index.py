@@ -29,6 +29,7 @@ from .. import _core, files
 from .._typing import PathLike
 from ..descriptors.pipeline import progress_bar
 from ..errors import CorruptFileError
+from . import path_cache
 from .names import BLOB_FILE, OFFSETS_FILE, NameList, read_names
 from .rescore import VectorSources, rescore_candidates
 
@@ -400,12 +401,14 @@ class Index:
             return scores, indices.astype(np.int64)
         parts_scores, parts_indices = [], []
         start = 0
+        path_cache.use_cached_choices()  # "auto"'s timings from earlier processes on this kind of CPU
         for chunk in self._chunks:
             chunk_k = min(k, chunk.shape[0])
             scores, indices = _core.topk_search(chunk, matrix, chunk_k, self._n_threads)
             parts_scores.append(scores)
             parts_indices.append(indices + start)
             start += chunk.shape[0]
+        path_cache.remember_choices()
         if len(parts_scores) == 1:
             return parts_scores[0], parts_indices[0]
         all_scores = np.concatenate(parts_scores, axis=1)

@@ -10,6 +10,7 @@
 // by timing: see auto_path.
 #pragma once
 
+#include <algorithm>
 #include <array>
 #include <chrono>
 #include <cstdint>
@@ -85,8 +86,30 @@ inline SearchPath fastest_path(const std::vector<SearchPath>& paths, std::ptrdif
   return paths[std::min_element(best.begin(), best.end()) - best.begin()];
 }
 
+// The choices of "auto": slot n (1 .. kRowScanQueries) for a chunk of n queries, the last slot for
+// more; kAuto until timed (or preset from a cache, preset_auto_search_path).
+struct AutoSearchPaths {
+  std::mutex mutex;
+  std::array<SearchPath, kRowScanQueries + 2> chosen{};
+  static constexpr std::size_t kManyQueries = kRowScanQueries + 1;
+};
+
+inline AutoSearchPaths& auto_search_paths() {
+  static AutoSearchPaths paths;
+  return paths;
+}
+
+// The paths "auto" may choose among for a slot on this CPU.
+inline std::vector<SearchPath> auto_path_candidates(std::size_t slot) {
+  std::vector<SearchPath> paths = {SearchPath::kFloat32};
+  if (simd_has_avx512_bf16()) paths.push_back(SearchPath::kBf16);
+  if (slot != AutoSearchPaths::kManyQueries) paths.push_back(SearchPath::kFloat32Scan);
+  return paths;
+}
+
 // The path "auto" takes for a chunk of n_queries queries, from timings on this CPU made once per
-// process at first use, all paths giving the same results (so the timing changes only speed):
+// process at first use (or preset from an earlier process's timings on this kind of CPU), all
+// paths giving the same results (so the timing, and the cache, change only speed):
 //  - more than kRowScanQueries queries: bf16 where the CPU has it and it times faster than float32
 //    at 48 queries (≈ 0.1–0.2 s once; with 4096 rows × 256 dims the data stayed in cache and the
 //    timing picked float32, which searches 1M rows 1.6× slower on the AMD EPYC), else float32;
@@ -95,17 +118,28 @@ inline SearchPath fastest_path(const std::vector<SearchPath>& paths, std::ptrdif
 // The scan paths need k small against N (else most rows are candidates): k ≤ N/8.
 inline SearchPath auto_path(std::ptrdiff_t n_queries, std::ptrdiff_t n_database, std::ptrdiff_t k) {
   if (8 * k > n_database) return SearchPath::kFloat32;
-  static std::mutex mutex;
-  static std::array<SearchPath, kRowScanQueries + 2> chosen{};  // kAuto: not timed yet; last: many queries
-  const std::size_t slot = n_queries <= kRowScanQueries ? static_cast<std::size_t>(n_queries) : chosen.size() - 1;
-  const std::lock_guard<std::mutex> lock(mutex);
-  if (chosen[slot] == SearchPath::kAuto) {
-    std::vector<SearchPath> paths = {SearchPath::kFloat32};
-    if (simd_has_avx512_bf16()) paths.push_back(SearchPath::kBf16);
-    if (n_queries <= kRowScanQueries) paths.push_back(SearchPath::kFloat32Scan);
-    chosen[slot] = paths.size() == 1 ? paths[0] : fastest_path(paths, std::min<std::ptrdiff_t>(n_queries, 48));
+  AutoSearchPaths& state = auto_search_paths();
+  const std::size_t slot =
+      n_queries <= kRowScanQueries ? static_cast<std::size_t>(n_queries) : AutoSearchPaths::kManyQueries;
+  const std::lock_guard<std::mutex> lock(state.mutex);
+  if (state.chosen[slot] == SearchPath::kAuto) {
+    const std::vector<SearchPath> paths = auto_path_candidates(slot);
+    state.chosen[slot] = paths.size() == 1 ? paths[0] : fastest_path(paths, std::min<std::ptrdiff_t>(n_queries, 48));
   }
-  return chosen[slot];
+  return state.chosen[slot];
+}
+
+// Takes `path` for `slot` (see AutoSearchPaths) instead of timing it, unless the slot is already
+// chosen in this process. Returns false, changing nothing, when `path` is not one "auto" may choose
+// there on this CPU (bf16 without AVX512-BF16, f32scan for more than kRowScanQueries queries).
+inline bool preset_auto_search_path(std::size_t slot, SearchPath path) {
+  if (slot < 1 || slot > AutoSearchPaths::kManyQueries) return false;
+  const std::vector<SearchPath> paths = auto_path_candidates(slot);
+  if (std::find(paths.begin(), paths.end(), path) == paths.end()) return false;
+  AutoSearchPaths& state = auto_search_paths();
+  const std::lock_guard<std::mutex> lock(state.mutex);
+  if (state.chosen[slot] == SearchPath::kAuto) state.chosen[slot] = path;
+  return true;
 }
 
 }  // namespace detail
