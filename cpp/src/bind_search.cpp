@@ -2,7 +2,6 @@
 #include <algorithm>
 #include <array>
 #include <map>
-#include <mutex>
 #include <string>
 #include <tuple>
 #include <variant>
@@ -77,11 +76,10 @@ void bind_search(py::module_& m) {
       "auto_search_paths",
       [] {
         py::dict out;
-        detail::AutoSearchPaths& state = detail::auto_search_paths();
-        const std::lock_guard<std::mutex> lock(state.mutex);
-        for (std::size_t slot = 1; slot < state.chosen.size(); ++slot)
-          if (state.chosen[slot] != SearchPath::kAuto)
-            out[py::str(slot_name(slot))] = kPathNames[static_cast<std::size_t>(state.chosen[slot])];
+        const auto chosen = detail::chosen_auto_search_paths();
+        for (std::size_t slot = 1; slot < chosen.size(); ++slot)
+          if (chosen[slot] != SearchPath::kAuto)
+            out[py::str(slot_name(slot))] = kPathNames[static_cast<int>(chosen[slot])];
         return out;
       },
       R"doc(The paths topk_search's "auto" has chosen in this process: {slot: path}, slot "1" .. "16"

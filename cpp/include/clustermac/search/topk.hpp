@@ -129,6 +129,13 @@ inline SearchPath auto_path(std::ptrdiff_t n_queries, std::ptrdiff_t n_database,
   return state.chosen[slot];
 }
 
+// A copy of the choices of "auto" so far (kAuto where a slot is not chosen yet).
+inline std::array<SearchPath, kRowScanQueries + 2> chosen_auto_search_paths() {
+  AutoSearchPaths& state = auto_search_paths();
+  const std::lock_guard<std::mutex> lock(state.mutex);
+  return state.chosen;
+}
+
 // Takes `path` for `slot` (see AutoSearchPaths) instead of timing it, unless the slot is already
 // chosen in this process. Returns false, changing nothing, when `path` is not one "auto" may choose
 // there on this CPU (bf16 without AVX512-BF16, f32scan for more than kRowScanQueries queries).
