@@ -76,7 +76,11 @@ void bind_search(py::module_& m) {
       "auto_search_paths",
       [] {
         py::dict out;
-        const auto chosen = detail::chosen_auto_search_paths();
+        decltype(detail::chosen_auto_search_paths()) chosen;
+        {
+          py::gil_scoped_release release;  // another thread may hold the choices' lock while it times
+          chosen = detail::chosen_auto_search_paths();
+        }
         for (std::size_t slot = 1; slot < chosen.size(); ++slot)
           if (chosen[slot] != SearchPath::kAuto)
             out[py::str(slot_name(slot))] = kPathNames[static_cast<int>(chosen[slot])];
@@ -89,6 +93,7 @@ yet (or searched only with k > N/8, which always takes float32) are absent.)doc"
       "preset_auto_search_paths",
       [](const std::map<std::string, std::string>& choices) {
         std::vector<std::string> accepted;
+        py::gil_scoped_release release;  // as in auto_search_paths
         for (const auto& [slot_text, path_text] : choices) {
           std::size_t slot = 0;
           for (std::size_t s = 1; s <= detail::AutoSearchPaths::kManyQueries; ++s)
