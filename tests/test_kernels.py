@@ -14,6 +14,7 @@ import warnings
 from importlib import metadata
 
 import numpy as np
+import onnxruntime
 import pytest
 from PIL import Image
 
@@ -72,7 +73,7 @@ def test_the_record_describes_this_process():
     record = kernel_record()
     assert set(record) == {*KERNEL_KEYS, "cpu"}
     assert record["clustermac"] == clustermac.__version__ and record["simd_level"] == _core.simd_level()
-    assert record["onnxruntime"] == metadata.version("onnxruntime")
+    assert record["onnxruntime"] == onnxruntime.__version__ == metadata.version("onnxruntime")
     if os.path.exists("/proc/cpuinfo"):
         flags = set()
         for line in open("/proc/cpuinfo", encoding="utf-8", errors="replace"):

@@ -24,7 +24,6 @@ import functools
 import platform
 import warnings
 from collections.abc import Iterable, Mapping
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -84,15 +83,17 @@ def _cpuinfo() -> tuple[list[str] | None, str | None]:
 def _record() -> tuple[tuple[str, Any], ...]:
     from . import __version__, _core
 
-    try:
-        onnxruntime = metadata.version("onnxruntime")
-    except metadata.PackageNotFoundError:
-        onnxruntime = None
+    try:  # the module's own version: also right for onnxruntime-gpu and the other builds of it
+        import onnxruntime
+
+        runtime_version = str(onnxruntime.__version__)
+    except ImportError:
+        runtime_version = None
     features, model = _cpuinfo()
     return (
         ("clustermac", __version__),
         ("simd_level", _core.simd_level()),
-        ("onnxruntime", onnxruntime),
+        ("onnxruntime", runtime_version),
         ("cpu_features", features),
         ("cpu", model or platform.processor() or platform.machine() or None),
     )
