@@ -123,3 +123,13 @@ def test_search_no_verify_skips_only_the_checksum_read(files, tmp_path, capsys):
     vectors.write_bytes(bytes(data[:-4]))  # a truncated file is still refused without the read
     assert main([*args, "--no-verify"]) == 2
     assert "vectors.npy" in capsys.readouterr().err
+
+
+def test_a_faiss_index(files, tmp_path):
+    pytest.importorskip("faiss", reason="FAISS is not installed (pip install 'clustermac[faiss]')")
+    out = tmp_path / "faiss-index"
+    assert main(["index", str(files / "desc.npy"), "--out", str(out), "--backend", "faiss", "--factory", "Flat"]) == 0
+    description = describe_file(out)
+    assert description["backend"] == "faiss" and description["count"] == 5
+    assert description["faiss"]["factory"] == "Flat" and description["same_kernels_here"] is True
+    assert "backend faiss" in format_description(description)
