@@ -8,8 +8,6 @@ the similarity, the eigenvectors and the whitening products (README), as another
 import json
 import os
 import signal
-import subprocess
-import sys
 import warnings
 from importlib import metadata
 
@@ -40,15 +38,9 @@ needs_simd = pytest.mark.skipif(
 )
 
 
-def _record_at(env: dict) -> dict:
+def _record_at(run_python, env: dict) -> dict:
     """kernel_record() of a child interpreter with the extra environment ``env``."""
-    run = subprocess.run(
-        [sys.executable, "-c", "import json, clustermac; print(json.dumps(clustermac.kernel_record()))"],
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-        env={**os.environ, **env},
-    )
+    run = run_python("import json, clustermac; print(json.dumps(clustermac.kernel_record()))", env=env)
     assert run.returncode == 0, run.stderr
     return json.loads(run.stdout)
 
@@ -88,8 +80,8 @@ def test_the_record_describes_this_process():
 
 
 @needs_simd
-def test_the_record_follows_the_simd_cap():
-    capped = _record_at(SCALAR)
+def test_the_record_follows_the_simd_cap(run_python):
+    capped = _record_at(run_python, SCALAR)
     assert capped["simd_level"] == "scalar"
     assert not same_kernels(capped, kernel_record())
     assert same_kernels({**capped, "simd_level": _core.simd_level()}, kernel_record())
@@ -168,8 +160,8 @@ def test_a_run_resumed_with_other_kernels_keeps_its_rows_and_says_so(tmp_path, m
 
 
 @needs_simd
-def test_shards_from_workers_with_other_kernels_are_kept_and_said(tmp_path):
-    other = _record_at(SCALAR)
+def test_shards_from_workers_with_other_kernels_are_kept_and_said(tmp_path, run_python):
+    other = _record_at(run_python, SCALAR)
     names = ["a.jpg", "b.jpg", "c.jpg"]
     settings = {"method": "mac", "dim": 4}
     writer = ShardWriter(tmp_path / "shards", names, settings, 2, "f" * 64)

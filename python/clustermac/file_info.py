@@ -7,12 +7,11 @@ Each file is opened by its own loader, so a malformed one is refused with the lo
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from ._typing import PathLike
-from .kernels import describe_kernels, kernel_record, recorded_kernels, same_kernels
+from .kernels import describe_kernels, kernel_record, recorded_kernels, runs_here
 
 __all__ = ["describe_file", "format_description"]
 
@@ -40,9 +39,7 @@ def describe_file(path: PathLike, verify: bool = False) -> dict[str, Any]:
             f"{path}: not a file clustermac writes (expected desc.npy / desc.json, a shard or index folder, "
             "a whitening .npz or a feature-map store .cmfm)"
         )
-    known = [record for record in out["kernels"] if record]
-    here = kernel_record()
-    out["same_kernels_here"] = all(same_kernels(record, here) for record in known) if known else None
+    out["same_kernels_here"] = runs_here(out["kernels"])
     return {"path": str(path), **out}
 
 
@@ -87,11 +84,9 @@ def _index(folder: Path, verify: bool) -> dict[str, Any]:
 
 
 def _whitening(path: Path) -> dict[str, Any]:
-    from .descriptors.whitening import _read_npz, load_whitening_file
+    from .descriptors.whitening import read_whitening_file
 
-    settings: dict[str, Any] = {}
-    arrays = load_whitening_file(path, {}, recorded_out=settings)  # every check of the loader
-    meta = json.loads(_read_npz(path)["meta"].tobytes().decode("utf-8"))
+    arrays, meta = read_whitening_file(path)
     kernels = meta.get("kernels")
     return {
         "kind": "whitening",
@@ -99,7 +94,7 @@ def _whitening(path: Path) -> dict[str, Any]:
         "dim": int(arrays["projection"].shape[0]),
         "input_dim": int(arrays["projection"].shape[1]),
         "clustering_pca": "pca_basis" in arrays,
-        "settings": settings,
+        "settings": meta["settings"],
         "kernels": recorded_kernels([kernels] if isinstance(kernels, dict) else None),
     }
 

@@ -34,6 +34,7 @@ __all__ = [
     "same_kernels",
     "distinct_kernels",
     "recorded_kernels",
+    "runs_here",
     "describe_kernels",
     "warn_if_mixed",
     "KERNEL_KEYS",
@@ -130,6 +131,14 @@ def recorded_kernels(value: Any) -> list[dict[str, Any]]:
     """The list of records a file keeps under ``"kernels"`` (:func:`distinct_kernels` of it);
     ``[{}]`` (not recorded) when the file has none or holds something else there."""
     return distinct_kernels(value) if isinstance(value, list) and value else [{}]
+
+
+def runs_here(records: list[dict[str, Any]]) -> bool | None:
+    """Whether this process runs the code of every known record in ``records`` (None when none
+    is known: nothing to compare)."""
+    known = [record for record in records if record]
+    here = kernel_record()
+    return all(same_kernels(record, here) for record in known) if known else None
 
 
 def describe_kernels(record: Mapping[str, Any]) -> str:

@@ -37,6 +37,7 @@ __all__ = [
     "fit_whitening_on_vectors",
     "save_whitening_file",
     "load_whitening_file",
+    "read_whitening_file",
 ]
 
 WHITENING_FORMAT_VERSION = 1
@@ -187,15 +188,12 @@ def _check_arrays(path: Path, arrays: dict[str, np.ndarray], error=CorruptFileEr
         )
 
 
-def load_whitening_file(
-    path: PathLike, settings: dict[str, Any], recorded_out: dict[str, Any] | None = None
-) -> dict[str, np.ndarray]:
-    """The arrays of a whitening file, validated: :class:`~clustermac.CorruptFileError` (a
-    ``ValueError``) naming the file and the problem if it is not a readable whitening file of a
-    known version, or holds arrays of the wrong shape or dtype, NaN, Inf or an all-zero
-    projection; ``ValueError`` if it was learned for settings other than ``settings`` (a setting
-    missing from an older file takes the value of :data:`SETTINGS_BEFORE_THEY_WERE_SAVED`).
-    ``recorded_out`` (a dict), if given, receives the settings the file records."""
+def read_whitening_file(path: PathLike) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """The arrays and the ``meta`` object of a whitening file, validated:
+    :class:`~clustermac.CorruptFileError` (a ``ValueError``) naming the file and the problem if it
+    is not a readable whitening file of a known version, or holds arrays of the wrong shape or
+    dtype, NaN, Inf or an all-zero projection. ``meta["settings"]`` is completed with
+    :data:`SETTINGS_BEFORE_THEY_WERE_SAVED` for the settings an older file does not record."""
     path = Path(path)
     arrays = _read_npz(path)
     if "meta" not in arrays:
@@ -213,10 +211,21 @@ def load_whitening_file(
             f"whitening file format version {str(version)[:40]}; this clustermac reads versions 1 to "
             f"{WHITENING_FORMAT_VERSION} (a newer clustermac may read it)",
         )
-    recorded = meta.get("settings", {})
     arrays = {k: np.array(v) for k, v in arrays.items() if k in _WHITENING_ARRAYS}  # writable copies
     _check_arrays(path, arrays)
-    saved = {**SETTINGS_BEFORE_THEY_WERE_SAVED, **recorded}
+    meta["settings"] = {**SETTINGS_BEFORE_THEY_WERE_SAVED, **meta.get("settings", {})}
+    return arrays, meta
+
+
+def load_whitening_file(
+    path: PathLike, settings: dict[str, Any], recorded_out: dict[str, Any] | None = None
+) -> dict[str, np.ndarray]:
+    """The arrays of a whitening file, checked by :func:`read_whitening_file`; ``ValueError`` if it
+    was learned for settings other than ``settings`` (a setting missing from an older file takes
+    the value of :data:`SETTINGS_BEFORE_THEY_WERE_SAVED`). ``recorded_out`` (a dict), if given,
+    receives the settings the file records."""
+    arrays, meta = read_whitening_file(path)
+    saved = meta["settings"]
     different = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
     if different:
         detail = ", ".join(f"{k}: file has {a!r}, extractor has {b!r}" for k, (a, b) in different.items())

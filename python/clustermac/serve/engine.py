@@ -27,7 +27,7 @@ from .._typing import PathLike
 from ..descriptors import CROP_MODES
 from ..files import current_version
 from ..images import load_image
-from ..kernels import kernel_record, recorded_kernels, same_kernels
+from ..kernels import recorded_kernels, runs_here
 
 __all__ = ["SearchEngine", "BadRequest", "UnknownName", "ForbiddenName", "QE_MODES"]
 
@@ -194,8 +194,6 @@ class SearchEngine:
         state = self._state
         extractor = next(iter(state.extractors.values()))
         kernels = recorded_kernels(state.index.info.get("kernels"))
-        known = [record for record in kernels if record]
-        here = kernel_record()
         return {
             "images": len(state.index),
             "version": state.version,
@@ -206,7 +204,7 @@ class SearchEngine:
             "qe": list(QE_MODES),
             "max_k": self.max_k,
             "kernels": kernels,
-            "same_kernels": all(same_kernels(record, here) for record in known) if known else None,
+            "same_kernels": runs_here(kernels),
         }
 
     def list_names(self, offset: int = 0, limit: int = 50, prefix: str = "") -> dict[str, Any]:
